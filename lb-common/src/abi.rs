@@ -1,0 +1,339 @@
+//! Map keys and values, `#[repr(C)]`, no implicit padding, no bool/enum/Option, locked by
+//! compile-time size and offset asserts.
+//!
+//! Addresses: one 16-byte form for both families — IPv6 as is, IPv4 as the IPv4-mapped IPv6
+//! address `::ffff:a.b.c.d`. This deviates from "separate v4 and v6 maps" in DESIGN.md §3 on
+//! purpose: one map set and one code path in the kernel (half the maps to pin, reconcile and
+//! verify), for 12 extra key bytes. Addresses and ports are kept exactly as they sit in the
+//! packet (network byte order); `Addr` words are raw memory words, not numbers.
+
+/// An address in packet byte order, IPv4 mapped into IPv6.
+pub type Addr = [u32; 4];
+
+/// `IPPROTO_TCP`.
+pub const PROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP`.
+pub const PROTO_UDP: u8 = 17;
+
+/// Third word of an IPv4-mapped address (`00 00 ff ff` in memory).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Maps a raw IPv4 address word (as read from the packet) to the 16-byte form.
+#[inline(always)]
+pub const fn v4_mapped(raw: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, raw]
+}
+
+/// True for an IPv4-mapped address.
+#[inline(always)]
+pub const fn is_v4(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// Frontend key: virtual address, port, protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Service flag: `sessionAffinity: ClientIP`.
+pub const SVC_F_AFFINITY: u32 = 1 << 0;
+/// Service flag: with no backend, drop instead of rejecting (ETP/ITP Local with no local
+/// endpoint, as kube-proxy does).
+pub const SVC_F_DROP_NO_BACKEND: u32 = 1 << 1;
+
+/// Frontend value: which service it is and where its Maglev table lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Stable id (index of the per-service counters).
+    pub service_id: u32,
+    /// Usable backends; 0 means reject (or drop with `SVC_F_DROP_NO_BACKEND`).
+    pub backend_count: u32,
+    /// First slot of this service's range in the Maglev array.
+    pub maglev_offset: u32,
+    /// Slots in the range (a prime, or 0 with no backend).
+    pub maglev_size: u32,
+    /// `SVC_F_*`.
+    pub flags: u32,
+    /// ClientIP affinity idle timeout, seconds.
+    pub affinity_timeout: u32,
+}
+
+/// Backend flag: the entry is in use (an ARRAY slot always exists).
+pub const BE_F_PRESENT: u8 = 1 << 0;
+/// Backend flag: terminating (serving, not ready): kept for existing flows.
+pub const BE_F_TERMINATING: u8 = 1 << 1;
+/// Backend flag: on this node.
+pub const BE_F_LOCAL: u8 = 1 << 2;
+
+/// Backend value, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendValue {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    /// `BE_F_*`.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// A flow as seen in the packet: source, destination, ports, protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Flow direction: client -> frontend; rewrite the destination.
+pub const FLOW_FORWARD: u8 = 1;
+/// Flow direction: backend -> client; rewrite the source back to the frontend.
+pub const FLOW_REPLY: u8 = 2;
+
+/// Flow table value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    /// New destination (forward) or new source (reply).
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    /// `FLOW_FORWARD` or `FLOW_REPLY`.
+    pub direction: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub _pad2: u32,
+}
+
+/// Key of the fragment table: an IPv4 datagram being fragmented.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentKey {
+    pub src: u32,
+    pub dst: u32,
+    /// IPv4 identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What later fragments get: the same L3 rewrite as the first one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentValue {
+    /// Raw IPv4 address to write.
+    pub addr: u32,
+    /// `FLOW_FORWARD` (rewrite destination) or `FLOW_REPLY` (rewrite source).
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    pub service_id: u32,
+}
+
+/// Affinity key: service and client address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityKey {
+    pub client: Addr,
+    pub service_id: u32,
+}
+
+/// Affinity value: the backend chosen and when the client was last seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` at the last new flow of this client.
+    pub last_seen_ns: u64,
+}
+
+/// Config flag: pick a random slot of the service's range instead of the flow-hash slot.
+pub const CFG_F_RANDOM: u32 = 1 << 0;
+/// Config flag: frontends without backends drop instead of rejecting.
+pub const CFG_F_NO_BACKEND_DROP: u32 = 1 << 1;
+
+/// Datapath-wide settings, slot 0 of `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// `CFG_F_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// A per-CPU packet and byte counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// The ABI lock: the kernel and the agent must agree on every size and offset.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<ServiceKey>() == 20);
+    assert!(offset_of!(ServiceKey, port) == 16);
+    assert!(offset_of!(ServiceKey, proto) == 18);
+    assert!(size_of::<ServiceValue>() == 24);
+    assert!(offset_of!(ServiceValue, affinity_timeout) == 20);
+    assert!(size_of::<BackendValue>() == 20);
+    assert!(offset_of!(BackendValue, flags) == 18);
+    assert!(size_of::<FlowKey>() == 40);
+    assert!(offset_of!(FlowKey, sport) == 32);
+    assert!(offset_of!(FlowKey, proto) == 36);
+    assert!(size_of::<FlowValue>() == 32);
+    assert!(offset_of!(FlowValue, backend_id) == 20);
+    assert!(size_of::<FragmentKey>() == 12);
+    assert!(size_of::<FragmentValue>() == 12);
+    assert!(size_of::<AffinityKey>() == 20);
+    assert!(size_of::<AffinityValue>() == 16);
+    assert!(offset_of!(AffinityValue, last_seen_ns) == 8);
+    assert!(size_of::<Config>() == 8);
+    assert!(size_of::<Counter>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and have no padding (see the asserts above), so
+    // every byte pattern is a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::BackendValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(any(feature = "user", test))]
+mod host {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    /// Host `IpAddr` -> 16-byte packet-order form.
+    pub fn addr_from_ip(ip: IpAddr) -> Addr {
+        let b = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        [w(0), w(4), w(8), w(12)]
+    }
+
+    /// 16-byte packet-order form -> host `IpAddr` (IPv4-mapped comes back as IPv4).
+    pub fn ip_from_addr(addr: &Addr) -> IpAddr {
+        let mut b = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let v6 = Ipv6Addr::from(b);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    }
+
+    /// Raw IPv4 word as the packet holds it.
+    pub fn raw_v4(ip: Ipv4Addr) -> u32 {
+        u32::from_ne_bytes(ip.octets())
+    }
+
+    impl ServiceKey {
+        pub fn new(ip: IpAddr, port: u16, proto: u8) -> Self {
+            ServiceKey { addr: addr_from_ip(ip), port: port.to_be(), proto, _pad: 0 }
+        }
+        pub fn ip(&self) -> IpAddr {
+            ip_from_addr(&self.addr)
+        }
+        pub fn port(&self) -> u16 {
+            u16::from_be(self.port)
+        }
+    }
+
+    impl BackendValue {
+        pub fn new(ip: IpAddr, port: u16, flags: u8) -> Self {
+            BackendValue { addr: addr_from_ip(ip), port: port.to_be(), flags, _pad: 0 }
+        }
+        pub fn ip(&self) -> IpAddr {
+            ip_from_addr(&self.addr)
+        }
+        pub fn port(&self) -> u16 {
+            u16::from_be(self.port)
+        }
+    }
+
+    impl FlowKey {
+        pub fn new(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> Self {
+            FlowKey {
+                src: addr_from_ip(src),
+                dst: addr_from_ip(dst),
+                sport: sport.to_be(),
+                dport: dport.to_be(),
+                proto,
+                _pad: [0; 3],
+            }
+        }
+    }
+
+    /// Protocol name for display.
+    pub fn proto_name(proto: u8) -> &'static str {
+        match proto {
+            PROTO_TCP => "TCP",
+            PROTO_UDP => "UDP",
+            _ => "?",
+        }
+    }
+}
+
+#[cfg(any(feature = "user", test))]
+pub use host::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn v4_round_trips_through_mapped_form() {
+        let ip: IpAddr = "198.19.0.10".parse().unwrap();
+        let a = addr_from_ip(ip);
+        assert!(is_v4(&a));
+        assert_eq!(a[3], u32::from_ne_bytes([198, 19, 0, 10]));
+        assert_eq!(a, v4_mapped(a[3]));
+        assert_eq!(ip_from_addr(&a), ip);
+    }
+
+    #[test]
+    fn v6_round_trips() {
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        let a = addr_from_ip(ip);
+        assert!(!is_v4(&a));
+        assert_eq!(ip_from_addr(&a), ip);
+    }
+
+    #[test]
+    fn ports_are_network_order() {
+        let k = ServiceKey::new("198.19.0.1".parse().unwrap(), 80, PROTO_TCP);
+        assert_eq!(k.port.to_ne_bytes(), [0, 80]);
+        assert_eq!(k.port(), 80);
+    }
+}

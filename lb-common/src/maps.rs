@@ -1,0 +1,52 @@
+//! Map names (the pin file names under the pin dir) and default capacities.
+//!
+//! Both sides use these constants, so a rename cannot leave the agent opening a map the
+//! program no longer has.
+
+/// Frontends: `ServiceKey -> ServiceValue` (HASH).
+pub const SERVICES: &str = "lb_services";
+/// Backends: `backend_id -> BackendValue` (ARRAY, id 0 is never used).
+pub const BACKENDS: &str = "lb_backends";
+/// Maglev lookup tables of all services, one contiguous range each (ARRAY of backend ids).
+pub const MAGLEV: &str = "lb_maglev";
+/// Flow table: forward and reverse entries (LRU_HASH `FlowKey -> FlowValue`).
+pub const CONNTRACK: &str = "lb_conntrack";
+/// Non-first IPv4 fragments follow their first fragment's translation (LRU_HASH).
+pub const FRAGMENTS: &str = "lb_fragments";
+/// `sessionAffinity: ClientIP` (LRU_HASH `AffinityKey -> AffinityValue`).
+pub const AFFINITY: &str = "lb_affinity";
+/// Datapath-wide settings (ARRAY of one `Config`).
+pub const CONFIG: &str = "lb_config";
+/// Per-CPU counters per verdict reason (PERCPU_ARRAY of `Counter`).
+pub const STATS_REASON: &str = "lb_stats_reason";
+/// Per-CPU counters per service id.
+pub const STATS_SERVICE: &str = "lb_stats_service";
+/// Per-CPU counters per backend id.
+pub const STATS_BACKEND: &str = "lb_stats_backend";
+
+/// Every pinned map, in the order the agent opens them.
+pub const ALL: [&str; 10] = [
+    SERVICES,
+    BACKENDS,
+    MAGLEV,
+    CONNTRACK,
+    FRAGMENTS,
+    AFFINITY,
+    CONFIG,
+    STATS_REASON,
+    STATS_SERVICE,
+    STATS_BACKEND,
+];
+
+/// Frontend entries (VIP, port, proto); the loader can raise it.
+pub const DEFAULT_MAX_FRONTENDS: u32 = 262_144;
+/// Service ids (also the size of the per-service counters).
+pub const DEFAULT_MAX_SERVICES: u32 = 131_072;
+/// Backend ids (also the size of the per-backend counters).
+pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
+/// Maglev slots shared by all services (4 bytes each).
+pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;
+/// Flow entries (forward and reverse count separately).
+pub const DEFAULT_MAX_FLOWS: u32 = 524_288;
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 16_384;
+pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;

@@ -1,0 +1,113 @@
+//! Why the datapath did what it did to a packet. One enum, used as the index of the
+//! per-reason counters, so the agent and `lb stats` name exactly what the program counted.
+
+/// The reason behind every verdict. `repr(u32)`: the value is the counter index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
+    NotIp = 0,
+    /// IP but neither TCP nor UDP: passed untouched.
+    NotTcpUdp = 1,
+    /// TCP/UDP to an address:port that is no frontend: passed untouched.
+    NoFrontend = 2,
+    /// New flow translated to a backend.
+    NewFlow = 3,
+    /// Packet of a known flow translated (flow table hit).
+    FlowHit = 4,
+    /// Reply from a backend translated back to the frontend address.
+    Reply = 5,
+    /// Frontend without usable backend: TCP RST / ICMP port unreachable sent back.
+    RejectNoBackend = 6,
+    /// Frontend without usable backend, configured or required to drop.
+    DropNoBackend = 7,
+    /// Ethernet header cut short: dropped.
+    TruncatedEth = 8,
+    /// IPv4/IPv6 header cut short or invalid (IHL < 5, bad version): dropped.
+    MalformedIp = 9,
+    /// TCP/UDP header cut short in a packet for a frontend: dropped.
+    TruncatedL4 = 10,
+    /// Non-first IPv4 fragment of a translated datagram: translated like its first fragment.
+    FragmentFollowed = 11,
+    /// Non-first IPv4 fragment whose first fragment was not seen (or not ours): passed.
+    FragmentUnknown = 12,
+    /// IPv6 with extension headers (fragments included): passed untouched, not translated.
+    Ipv6ExtHeader = 13,
+    /// A map update failed (flow table full of pinned entries...): packet dropped.
+    MapError = 14,
+    /// Backend id from the Maglev table had no backend entry (should never happen): dropped.
+    BackendMissing = 15,
+    /// Reject could not be built (packet too short to quote): dropped instead.
+    RejectFailed = 16,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 17;
+
+    /// Every reason, in counter order.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::NotIp,
+        Reason::NotTcpUdp,
+        Reason::NoFrontend,
+        Reason::NewFlow,
+        Reason::FlowHit,
+        Reason::Reply,
+        Reason::RejectNoBackend,
+        Reason::DropNoBackend,
+        Reason::TruncatedEth,
+        Reason::MalformedIp,
+        Reason::TruncatedL4,
+        Reason::FragmentFollowed,
+        Reason::FragmentUnknown,
+        Reason::Ipv6ExtHeader,
+        Reason::MapError,
+        Reason::BackendMissing,
+        Reason::RejectFailed,
+    ];
+
+    /// Stable snake_case name used in metrics labels and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::NotIp => "not_ip",
+            Reason::NotTcpUdp => "not_tcp_udp",
+            Reason::NoFrontend => "no_frontend",
+            Reason::NewFlow => "new_flow",
+            Reason::FlowHit => "flow_hit",
+            Reason::Reply => "reply",
+            Reason::RejectNoBackend => "reject_no_backend",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::TruncatedEth => "truncated_eth",
+            Reason::MalformedIp => "malformed_ip",
+            Reason::TruncatedL4 => "truncated_l4",
+            Reason::FragmentFollowed => "fragment_followed",
+            Reason::FragmentUnknown => "fragment_unknown",
+            Reason::Ipv6ExtHeader => "ipv6_ext_header",
+            Reason::MapError => "map_error",
+            Reason::BackendMissing => "backend_missing",
+            Reason::RejectFailed => "reject_failed",
+        }
+    }
+}
+
+/// What happens to the packet; each program maps it to its own return code in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Continue into the kernel stack (possibly rewritten).
+    Pass,
+    /// Drop.
+    Drop,
+    /// Send the (rewritten) packet back out of the interface it came in on.
+    Bounce,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_counter_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.name());
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Entry points of the datapath. `lb_xdp` runs on node interfaces (external clients, replies
+//! from remote backends), `lb_tc_pod` on the host side of pod interfaces (pod clients,
+//! replies from local backends). Both run the same decision (`datapath::process`); this file
+//! only maps verdicts to each hook's return codes, in one place.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod datapath;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod select;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    helpers::bpf_redirect,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::verdict::Action;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let mut ctx = ctx;
+    match datapath::process(&mut ctx).0 {
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Bounce => xdp_action::XDP_TX,
+    }
+}
+
+/// Headers we may touch must be in the linear part of the skb for direct access.
+const TC_PULL_LEN: u32 = 128;
+
+#[classifier]
+pub fn lb_tc_pod(ctx: TcContext) -> i32 {
+    let mut ctx = ctx;
+    let want = if ctx.len() < TC_PULL_LEN { ctx.len() } else { TC_PULL_LEN };
+    if ctx.data_end() - ctx.data() < want as usize {
+        let _ = ctx.pull_data(want);
+    }
+    match datapath::process(&mut ctx).0 {
+        // UNSPEC (tcx: "next"): let other programs on the hook see the packet too.
+        Action::Pass => TC_ACT_UNSPEC,
+        Action::Drop => TC_ACT_SHOT as i32,
+        Action::Bounce => {
+            // SAFETY: reading our own skb's ifindex; redirect back out of the same device.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            // SAFETY: helper call.
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,42 @@
+//! Every map of the datapath. Names must equal `lb_common::maps` (the attribute needs a
+//! literal; `tests/` checks the loaded object against the constants). All are pinned by name,
+//! so a restarted agent reopens the same maps and no flow is lost. Capacities here are
+//! defaults; the loader resizes them before load.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{abi::*, maps::*};
+
+#[map(name = "lb_services")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT_MAX_FRONTENDS, 0);
+
+#[map(name = "lb_backends")]
+pub static BACKENDS: Array<BackendValue> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "lb_maglev")]
+pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_SLOTS, 0);
+
+#[map(name = "lb_conntrack")]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+
+#[map(name = "lb_fragments")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
+    LruHashMap::pinned(DEFAULT_MAX_FRAGMENTS, 0);
+
+#[map(name = "lb_affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
+
+#[map(name = "lb_config")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "lb_stats_reason")]
+pub static STATS_REASON: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::verdict::Reason::COUNT, 0);
+
+#[map(name = "lb_stats_service")]
+pub static STATS_SERVICE: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "lb_stats_backend")]
+pub static STATS_BACKEND: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);

@@ -1,0 +1,226 @@
+//! Packet rewriting, per hook. The decision logic is shared and generic over `Packet`; only
+//! the primitives differ:
+//!
+//! * XDP writes the packet directly and updates checksums with `lb_common::csum` (RFC 1624).
+//!   XDP cannot see `ip_summed`; frames from real NICs carry complete checksums.
+//! * TC uses `bpf_l3/l4_csum_replace`, which know whether the skb is CHECKSUM_PARTIAL (only
+//!   the pseudo-header sum in the field, as sent by a veth peer with TX offload): with
+//!   `BPF_F_PSEUDO_HDR` they update it correctly, and port changes leave it alone.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::{bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{
+    abi::{Addr, PROTO_UDP},
+    csum,
+};
+
+use crate::parse::{FRAG_LATER, Headers, ptr_at};
+
+/// Which side of the packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Destination (client -> frontend becomes client -> backend).
+    Dst,
+    /// Source (backend -> client becomes frontend -> client).
+    Src,
+}
+
+/// The per-hook primitives the shared logic needs.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Length of the whole packet (for byte counters).
+    fn len(&self) -> u32;
+    /// Rewrites address and port on one side, checksums included.
+    fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), ()>;
+    /// Rewrites only the IPv4 address on one side (non-first fragments carry no L4 header).
+    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), ()>;
+    /// Inserts `n` bytes right after the `l2_len`-byte link header.
+    fn grow_after_l2(&mut self, l2_len: usize, n: u32) -> Result<(), ()>;
+    /// Cuts the packet to `len` bytes.
+    fn truncate(&mut self, len: u32) -> Result<(), ()>;
+}
+
+#[inline(always)]
+fn addr_off(h: &Headers, side: Side) -> usize {
+    match (h.v6, side) {
+        (false, Side::Src) => h.l3_off + 12,
+        (false, Side::Dst) => h.l3_off + 16,
+        (true, Side::Src) => h.l3_off + 8,
+        (true, Side::Dst) => h.l3_off + 24,
+    }
+}
+
+#[inline(always)]
+fn port_off(h: &Headers, side: Side) -> usize {
+    h.l4_off + if side == Side::Src { 0 } else { 2 }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+
+    #[inline(always)]
+    fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), ()> {
+        let (data, end) = (Packet::data(self), Packet::data_end(self));
+        let old_addr: Addr;
+        // SAFETY (all derefs below): pointers come from ptr_at, bounds-checked.
+        unsafe {
+            if h.v6 {
+                let a = ptr_at::<Addr>(data, end, addr_off(h, side)).ok_or(())?;
+                old_addr = a.read_unaligned();
+                a.write_unaligned(*addr);
+            } else {
+                let a = ptr_at::<u32>(data, end, addr_off(h, side)).ok_or(())?;
+                let old = a.read_unaligned();
+                old_addr = lb_common::abi::v4_mapped(old);
+                a.write_unaligned(addr[3]);
+                let c = ptr_at::<u16>(data, end, h.l3_off + 10).ok_or(())?;
+                c.write_unaligned(csum::update32(c.read_unaligned(), old, addr[3]));
+            }
+            let p = ptr_at::<u16>(data, end, port_off(h, side)).ok_or(())?;
+            let old_port = p.read_unaligned();
+            p.write_unaligned(port);
+            let c = ptr_at::<u16>(data, end, h.l4_csum_off()).ok_or(())?;
+            let udp = h.proto == PROTO_UDP;
+            c.write_unaligned(csum::l4_rewrite(c.read_unaligned(), &old_addr, addr, old_port, port, udp));
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), ()> {
+        let (data, end) = (Packet::data(self), Packet::data_end(self));
+        // SAFETY: bounds-checked pointers.
+        unsafe {
+            let a = ptr_at::<u32>(data, end, addr_off(h, side)).ok_or(())?;
+            let old = a.read_unaligned();
+            a.write_unaligned(addr);
+            let c = ptr_at::<u16>(data, end, h.l3_off + 10).ok_or(())?;
+            c.write_unaligned(csum::update32(c.read_unaligned(), old, addr));
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn grow_after_l2(&mut self, l2_len: usize, n: u32) -> Result<(), ()> {
+        // SAFETY: helper call on our own context.
+        if unsafe { bpf_xdp_adjust_head(self.ctx, -(n as i32)) } != 0 {
+            return Err(());
+        }
+        // Move the link header to the new front; the gap is then right after it.
+        let (data, end) = (Packet::data(self), Packet::data_end(self));
+        let n = n as usize;
+        // Link header is 14 or 18 bytes: copy two words of 2 bytes at a time to stay simple.
+        let mut i = 0;
+        while i < 18 {
+            if i >= l2_len {
+                break;
+            }
+            let from = ptr_at::<u16>(data, end, n + i).ok_or(())?;
+            let to = ptr_at::<u16>(data, end, i).ok_or(())?;
+            // SAFETY: bounds-checked pointers.
+            unsafe { to.write_unaligned(from.read_unaligned()) };
+            i += 2;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: u32) -> Result<(), ()> {
+        let cur = Packet::len(self) as i32;
+        // SAFETY: helper call on our own context.
+        match unsafe { bpf_xdp_adjust_tail(self.ctx, len as i32 - cur) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+
+    #[inline(always)]
+    fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), ()> {
+        let csum_off = h.l4_csum_off();
+        let mangled = if h.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+        let a_off = addr_off(h, side);
+        if h.v6 {
+            let old: Addr = self.load(a_off).map_err(|_| ())?;
+            let mut i = 0;
+            while i < 4 {
+                self.l4_csum_replace(csum_off, old[i] as u64, addr[i] as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
+                    .map_err(|_| ())?;
+                i += 1;
+            }
+            self.store(a_off, addr, 0).map_err(|_| ())?;
+        } else {
+            let old: u32 = self.load(a_off).map_err(|_| ())?;
+            self.l3_csum_replace(h.l3_off + 10, old as u64, addr[3] as u64, 4).map_err(|_| ())?;
+            self.l4_csum_replace(csum_off, old as u64, addr[3] as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
+                .map_err(|_| ())?;
+            self.store(a_off, &addr[3], 0).map_err(|_| ())?;
+        }
+        let p_off = port_off(h, side);
+        let old_port: u16 = self.load(p_off).map_err(|_| ())?;
+        self.l4_csum_replace(csum_off, old_port as u64, port as u64, mangled | 2).map_err(|_| ())?;
+        self.store(p_off, &port, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), ()> {
+        let a_off = addr_off(h, side);
+        let old: u32 = self.load(a_off).map_err(|_| ())?;
+        self.l3_csum_replace(h.l3_off + 10, old as u64, addr as u64, 4).map_err(|_| ())?;
+        self.store(a_off, &addr, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn grow_after_l2(&mut self, _l2_len: usize, n: u32) -> Result<(), ()> {
+        self.adjust_room(n as i32, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: u32) -> Result<(), ()> {
+        // SAFETY: helper call on our own skb.
+        match unsafe { bpf_skb_change_tail(self.skb.skb, len, 0) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Applies a translation to whatever kind of packet this is: full L3+L4 rewrite, or just the
+/// IPv4 address for a non-first fragment.
+#[inline(always)]
+pub fn apply<P: Packet>(pkt: &mut P, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), ()> {
+    if h.frag == FRAG_LATER {
+        pkt.rewrite_v4_l3(h, side, addr[3])
+    } else {
+        pkt.rewrite(h, side, addr, port)
+    }
+}

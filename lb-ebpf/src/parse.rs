@@ -1,0 +1,233 @@
+//! Header parsing: Ethernet (one optional 802.1Q tag), IPv4 (any IHL), IPv6 (no extension
+//! headers), TCP and UDP. Every read is bounds-checked against `data_end`; the outcome for
+//! a packet we cannot or must not handle is a verdict and a reason, never a fault.
+
+use lb_common::{
+    abi::{Addr, PROTO_TCP, PROTO_UDP, v4_mapped},
+    verdict::{Action, Reason},
+};
+
+/// A verdict with its reason: what to do and which counter says why.
+pub type Outcome = (Action, Reason);
+
+const ETH_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+/// Not a fragment, or the first fragment (carries the L4 header).
+pub const FRAG_NONE: u8 = 0;
+pub const FRAG_FIRST: u8 = 1;
+/// A non-first IPv4 fragment: no L4 header, follows the first fragment's translation.
+pub const FRAG_LATER: u8 = 2;
+
+/// TCP flags we look at.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// IPv4 header without options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub csum: u16,
+    pub src: u32,
+    pub dst: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub next: u8,
+    pub hop: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+/// TCP header without options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TcpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub doff: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub csum: u16,
+    pub urg: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub len: u16,
+    pub csum: u16,
+}
+
+/// Where the headers are and what they say.
+pub struct Headers {
+    pub l3_off: usize,
+    pub l4_off: usize,
+    pub v6: bool,
+    pub proto: u8,
+    pub frag: u8,
+    /// IPv4 identification (raw), for fragment tracking.
+    pub ip_id: u16,
+    pub tcp_flags: u8,
+    pub src: Addr,
+    pub dst: Addr,
+    /// Raw (network order).
+    pub sport: u16,
+    /// Raw (network order).
+    pub dport: u16,
+}
+
+impl Headers {
+    /// Offset of the TCP/UDP checksum field.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        self.l4_off + if self.proto == PROTO_TCP { 16 } else { 6 }
+    }
+}
+
+/// A bounds-checked pointer to a `T` at `off` bytes into the packet.
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, end: usize, off: usize) -> Option<*mut T> {
+    let start = data + off;
+    if start + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some(start as *mut T)
+}
+
+/// Reads a `T` at `off`, if it is inside the packet.
+///
+/// Whole headers are read with one bounds check each: the verifier does not follow LLVM
+/// when it merges per-field checks. Plain (not byte-wise) loads: BPF on the JITs we run
+/// allows unaligned packet access, and IP headers sit at offset 14.
+#[inline(always)]
+pub fn read<T: Copy>(data: usize, end: usize, off: usize) -> Option<T> {
+    // SAFETY: bounds checked by ptr_at; packet memory is readable.
+    ptr_at::<T>(data, end, off).map(|p| unsafe { p.read() })
+}
+
+#[inline(always)]
+pub fn parse(data: usize, end: usize) -> Result<Headers, Outcome> {
+    const TRUNC_ETH: Outcome = (Action::Drop, Reason::TruncatedEth);
+    const BAD_IP: Outcome = (Action::Drop, Reason::MalformedIp);
+
+    let mut l3_off = ETH_LEN;
+    let mut proto_be: u16 = read(data, end, 12).ok_or(TRUNC_ETH)?;
+    if proto_be == ETH_P_8021Q.to_be() || proto_be == ETH_P_8021AD.to_be() {
+        proto_be = read(data, end, 16).ok_or(TRUNC_ETH)?;
+        l3_off = ETH_LEN + 4;
+    }
+    let ethertype = u16::from_be(proto_be);
+    if ethertype == ETH_P_IP {
+        parse_v4(data, end, l3_off).ok_or(BAD_IP)?
+    } else if ethertype == ETH_P_IPV6 {
+        parse_v6(data, end, l3_off).ok_or(BAD_IP)?
+    } else {
+        Err((Action::Pass, Reason::NotIp))
+    }
+}
+
+/// `None`: malformed IP header (dropped by the caller). `Some(Err)`: a verdict decided here.
+#[inline(always)]
+fn parse_v4(data: usize, end: usize, l3: usize) -> Option<Result<Headers, Outcome>> {
+    let ip: Ipv4Hdr = read(data, end, l3)?;
+    if ip.vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ihl < 20 || data + l3 + ihl > end || (u16::from_be(ip.tot_len) as usize) < ihl {
+        return None;
+    }
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+        return Some(Err((Action::Pass, Reason::NotTcpUdp)));
+    }
+    let frag_field = u16::from_be(ip.frag);
+    let frag = if frag_field & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frag_field & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    let mut h = Headers {
+        l3_off: l3,
+        l4_off: l3 + ihl,
+        v6: false,
+        proto: ip.proto,
+        frag,
+        ip_id: ip.id,
+        tcp_flags: 0,
+        src: v4_mapped(ip.src),
+        dst: v4_mapped(ip.dst),
+        sport: 0,
+        dport: 0,
+    };
+    if frag == FRAG_LATER {
+        return Some(Ok(h));
+    }
+    Some(parse_l4(data, end, &mut h).map(|()| h))
+}
+
+#[inline(always)]
+fn parse_v6(data: usize, end: usize, l3: usize) -> Option<Result<Headers, Outcome>> {
+    let ip: Ipv6Hdr = read(data, end, l3)?;
+    if (ip.vtc_flow as u8) >> 4 != 6 {
+        return None;
+    }
+    if ip.next != PROTO_TCP && ip.next != PROTO_UDP {
+        // Hop-by-hop, routing, fragment, destination options: not translated (documented).
+        let r = if matches!(ip.next, 0 | 43 | 44 | 60) { Reason::Ipv6ExtHeader } else { Reason::NotTcpUdp };
+        return Some(Err((Action::Pass, r)));
+    }
+    let mut h = Headers {
+        l3_off: l3,
+        l4_off: l3 + 40,
+        v6: true,
+        proto: ip.next,
+        frag: FRAG_NONE,
+        ip_id: 0,
+        tcp_flags: 0,
+        src: ip.src,
+        dst: ip.dst,
+        sport: 0,
+        dport: 0,
+    };
+    Some(parse_l4(data, end, &mut h).map(|()| h))
+}
+
+/// Ports (and TCP flags); the whole fixed L4 header must be present, checksum included.
+#[inline(always)]
+fn parse_l4(data: usize, end: usize, h: &mut Headers) -> Result<(), Outcome> {
+    const TRUNC: Outcome = (Action::Drop, Reason::TruncatedL4);
+    if h.proto == PROTO_TCP {
+        let t: TcpHdr = read(data, end, h.l4_off).ok_or(TRUNC)?;
+        h.sport = t.sport;
+        h.dport = t.dport;
+        h.tcp_flags = t.flags;
+    } else {
+        let u: UdpHdr = read(data, end, h.l4_off).ok_or(TRUNC)?;
+        h.sport = u.sport;
+        h.dport = u.dport;
+    }
+    Ok(())
+}

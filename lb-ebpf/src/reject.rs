@@ -1,0 +1,213 @@
+//! Answers for a frontend with no usable backend, like kube-proxy's REJECT: a TCP RST, or an
+//! ICMP / ICMPv6 port unreachable quoting the offending datagram. The packet is turned into
+//! the answer in place and sent back where it came from.
+//!
+//! Layout of the ICMP answer, the same for both hooks (only "make room" differs):
+//! `[link header][new IP header][ICMP header][original IP header][first 8 bytes of L4]`.
+
+use lb_common::{abi::PROTO_TCP, csum};
+
+use crate::{
+    nat::Packet,
+    parse::{Headers, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr, ptr_at, read},
+};
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// Turns the packet into its rejection. `Err`: the caller drops it instead.
+#[inline(always)]
+pub fn reject<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
+    if h.proto == PROTO_TCP { tcp_rst(pkt, h) } else { port_unreachable(pkt, h) }
+}
+
+#[inline(always)]
+fn write<T>(data: usize, end: usize, off: usize, v: T) -> Result<(), ()> {
+    let p = ptr_at::<T>(data, end, off).ok_or(())?;
+    // SAFETY: bounds-checked pointer into the packet.
+    unsafe { p.write_unaligned(v) };
+    Ok(())
+}
+
+/// One's-complement sum of a header built on the stack.
+#[inline(always)]
+fn sum_struct<T>(v: &T) -> u32 {
+    let words = core::mem::size_of::<T>() / 2;
+    let p = v as *const T as *const u16;
+    let mut acc = 0u32;
+    let mut i = 0;
+    while i < words {
+        // SAFETY: i < size_of::<T>() / 2, inside `v`.
+        acc += unsafe { p.add(i).read_unaligned() } as u32;
+        i += 1;
+    }
+    acc
+}
+
+/// Pseudo-header sum (the same word contributions for IPv4 and IPv6, see RFC 2460 §8.1).
+#[inline(always)]
+fn pseudo_sum(src: &[u32; 4], dst: &[u32; 4], v6: bool, proto: u8, len: u16) -> u32 {
+    let mut acc = (proto as u16).to_be() as u32 + len.to_be() as u32;
+    if v6 {
+        let mut i = 0;
+        while i < 4 {
+            acc = csum::add32(acc, src[i]);
+            acc = csum::add32(acc, dst[i]);
+            i += 1;
+        }
+    } else {
+        acc = csum::add32(acc, src[3]);
+        acc = csum::add32(acc, dst[3]);
+    }
+    acc
+}
+
+/// Sums `len` bytes (a multiple of 4, at most 80) of the packet from `off`.
+#[inline(always)]
+fn sum_packet(data: usize, end: usize, off: usize, len: usize) -> Result<u32, ()> {
+    let mut acc = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        if i * 4 >= len {
+            break;
+        }
+        let w: u32 = read(data, end, off + i * 4).ok_or(())?;
+        acc = csum::add32(acc, w);
+        i += 1;
+    }
+    Ok(acc)
+}
+
+#[inline(always)]
+fn swap_macs(data: usize, end: usize) -> Result<(), ()> {
+    let dst: [u8; 6] = read(data, end, 0).ok_or(())?;
+    let src: [u8; 6] = read(data, end, 6).ok_or(())?;
+    write(data, end, 0, src)?;
+    write(data, end, 6, dst)
+}
+
+#[inline(always)]
+fn tcp_rst<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
+    if h.tcp_flags & TCP_RST != 0 {
+        return Err(()); // never answer a RST
+    }
+    let (data, end) = (pkt.data(), pkt.data_end());
+    let t: TcpHdr = read(data, end, h.l4_off).ok_or(())?;
+    let (seq, ack) = (u32::from_be(t.seq), u32::from_be(t.ack));
+    let doff = ((t.doff >> 4) as u32) * 4;
+    let l3_len = (h.l4_off - h.l3_off) as u32;
+    let (ip_payload, v4) = if h.v6 {
+        let ip: Ipv6Hdr = read(data, end, h.l3_off).ok_or(())?;
+        (u16::from_be(ip.payload_len) as u32, None)
+    } else {
+        let ip: Ipv4Hdr = read(data, end, h.l3_off).ok_or(())?;
+        ((u16::from_be(ip.tot_len) as u32).saturating_sub(l3_len), Some(ip))
+    };
+    let seg_len = ip_payload.saturating_sub(doff)
+        + (h.tcp_flags & TCP_SYN != 0) as u32
+        + (h.tcp_flags & TCP_FIN != 0) as u32;
+
+    pkt.truncate((h.l4_off + 20) as u32)?;
+    let (data, end) = (pkt.data(), pkt.data_end());
+    swap_macs(data, end)?;
+
+    match v4 {
+        None => {
+            let ip = Ipv6Hdr {
+                vtc_flow: 0x6000_0000u32.to_be(),
+                payload_len: 20u16.to_be(),
+                next: PROTO_TCP,
+                hop: 64,
+                src: h.dst,
+                dst: h.src,
+            };
+            write(data, end, h.l3_off, ip)?;
+        }
+        Some(orig) => {
+            // Keep the original IHL (options stay); new length, addresses and checksum.
+            let ip = Ipv4Hdr {
+                vihl: orig.vihl,
+                tos: 0,
+                tot_len: ((l3_len + 20) as u16).to_be(),
+                id: 0,
+                frag: 0,
+                ttl: 64,
+                proto: PROTO_TCP,
+                csum: 0,
+                src: h.dst[3],
+                dst: h.src[3],
+            };
+            write(data, end, h.l3_off, ip)?;
+            let sum = sum_packet(data, end, h.l3_off, l3_len as usize)?;
+            write(data, end, h.l3_off + 10, !csum::fold(sum))?;
+        }
+    }
+
+    let (rseq, rack, rflags) = if h.tcp_flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST)
+    } else {
+        (0, seq.wrapping_add(seg_len), TCP_RST | TCP_ACK)
+    };
+    let mut tcp = TcpHdr {
+        sport: h.dport,
+        dport: h.sport,
+        seq: rseq.to_be(),
+        ack: rack.to_be(),
+        doff: 0x50,
+        flags: rflags,
+        window: 0,
+        csum: 0,
+        urg: 0,
+    };
+    let sum = pseudo_sum(&h.dst, &h.src, h.v6, PROTO_TCP, 20) + sum_struct(&tcp);
+    tcp.csum = !csum::fold(sum);
+    write(data, end, h.l4_off, tcp)
+}
+
+#[inline(always)]
+fn port_unreachable<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
+    let l2 = h.l3_off;
+    let quote = h.l4_off - h.l3_off + 8; // original IP header + 8 bytes of UDP
+    let room: usize = if h.v6 { 40 + 8 } else { 20 + 8 };
+    pkt.grow_after_l2(l2, room as u32)?;
+    pkt.truncate((l2 + room + quote) as u32)?;
+    let (data, end) = (pkt.data(), pkt.data_end());
+    swap_macs(data, end)?;
+    let icmp_off = l2 + room - 8;
+    let icmp_len = 8 + quote;
+    if h.v6 {
+        let ip = Ipv6Hdr {
+            vtc_flow: 0x6000_0000u32.to_be(),
+            payload_len: (icmp_len as u16).to_be(),
+            next: IPPROTO_ICMPV6,
+            hop: 64,
+            src: h.dst,
+            dst: h.src,
+        };
+        write(data, end, l2, ip)?;
+        // Type 1 (destination unreachable), code 4 (port unreachable).
+        write(data, end, icmp_off, [1u8, 4, 0, 0, 0, 0, 0, 0])?;
+        let sum = pseudo_sum(&h.dst, &h.src, true, IPPROTO_ICMPV6, icmp_len as u16)
+            + sum_packet(data, end, icmp_off, icmp_len)?;
+        write(data, end, icmp_off + 2, !csum::fold(sum))
+    } else {
+        let mut ip = Ipv4Hdr {
+            vihl: 0x45,
+            tos: 0,
+            tot_len: ((20 + icmp_len) as u16).to_be(),
+            id: 0,
+            frag: 0,
+            ttl: 64,
+            proto: IPPROTO_ICMP,
+            csum: 0,
+            src: h.dst[3],
+            dst: h.src[3],
+        };
+        ip.csum = !csum::fold(sum_struct(&ip));
+        write(data, end, l2, ip)?;
+        // Type 3 (destination unreachable), code 3 (port unreachable).
+        write(data, end, icmp_off, [3u8, 3, 0, 0, 0, 0, 0, 0])?;
+        let sum = sum_packet(data, end, icmp_off, icmp_len)?;
+        write(data, end, icmp_off + 2, !csum::fold(sum))
+    }
+}

@@ -1,0 +1,116 @@
+//! Loads the embedded eBPF object, pinning every map under the pin dir. If the maps are
+//! already pinned there (agent restart), the kernel objects are reused as they are: the flow
+//! table, backends and Maglev tables survive, so a restart drops no traffic.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, Xdp},
+};
+use lb_common::maps;
+
+/// The datapath object built by build.rs (aya-build) from `lb-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+pub const XDP_PROGRAM: &str = "lb_xdp";
+pub const TC_PROGRAM: &str = "lb_tc_pod";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
+fn mount_bpffs(at: &Path) -> bool {
+    let Ok(target) = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: plain mount(2) with valid C strings.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    rc == 0 && is_bpffs(at)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("pin dir {0}: its parent is not a bpf filesystem (mount one: `mount -t bpf bpf {1}`)")]
+    NotBpffs(PathBuf, PathBuf),
+    #[error("pin dir {path}: {source}")]
+    PinDir { path: PathBuf, source: std::io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("program {0} missing from the eBPF object")]
+    MissingProgram(&'static str),
+}
+
+/// Map sizes, fixed at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacities {
+    pub frontends: u32,
+    pub services: u32,
+    pub backends: u32,
+    pub maglev_slots: u32,
+    pub flows: u32,
+    pub fragments: u32,
+    pub affinity: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Capacities {
+            frontends: maps::DEFAULT_MAX_FRONTENDS,
+            services: maps::DEFAULT_MAX_SERVICES,
+            backends: maps::DEFAULT_MAX_BACKENDS,
+            maglev_slots: maps::DEFAULT_MAGLEV_SLOTS,
+            flows: maps::DEFAULT_MAX_FLOWS,
+            fragments: maps::DEFAULT_MAX_FRAGMENTS,
+            affinity: maps::DEFAULT_MAX_AFFINITY,
+        }
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs into a zeroed struct with a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Loads (and verifies) both programs with their maps pinned in `pin_dir`.
+pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf, LoadError> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
+    if !is_bpffs(&parent) && !is_bpffs(pin_dir) {
+        // The standard place is mounted on demand, like systemd or Cilium do.
+        if parent != Path::new(BPF_FS_ROOT) || !mount_bpffs(&parent) {
+            return Err(LoadError::NotBpffs(pin_dir.to_path_buf(), parent));
+        }
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir { path: pin_dir.to_path_buf(), source })?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .map_max_entries(maps::SERVICES, caps.frontends)
+        .map_max_entries(maps::BACKENDS, caps.backends)
+        .map_max_entries(maps::MAGLEV, caps.maglev_slots)
+        .map_max_entries(maps::CONNTRACK, caps.flows)
+        .map_max_entries(maps::FRAGMENTS, caps.fragments)
+        .map_max_entries(maps::AFFINITY, caps.affinity)
+        .map_max_entries(maps::STATS_SERVICE, caps.services)
+        .map_max_entries(maps::STATS_BACKEND, caps.backends)
+        .load(EBPF_OBJECT)?;
+    let prog_err = |name| move |source| LoadError::Program { name, source };
+    let xdp: &mut Xdp = ebpf
+        .program_mut(XDP_PROGRAM)
+        .ok_or(LoadError::MissingProgram(XDP_PROGRAM))?
+        .try_into()
+        .map_err(prog_err(XDP_PROGRAM))?;
+    xdp.load().map_err(prog_err(XDP_PROGRAM))?;
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(TC_PROGRAM)
+        .ok_or(LoadError::MissingProgram(TC_PROGRAM))?
+        .try_into()
+        .map_err(prog_err(TC_PROGRAM))?;
+    tc.load().map_err(prog_err(TC_PROGRAM))?;
+    Ok(ebpf)
+}

@@ -1,0 +1,164 @@
+//! Maglev lookup-table builder (Eisenbud et al., NSDI '16, §3.4).
+//!
+//! Each backend gets a permutation of the M slots from two hashes of its name; backends take
+//! turns claiming their next free preferred slot until the table is full. Removing one of N
+//! backends moves about 1/N of the slots, and every backend gets M/N ± 1 slots.
+
+use lb_common::maglev::SLOTS_PER_BACKEND;
+
+/// Smallest prime >= `n`.
+pub fn next_prime(n: u32) -> u32 {
+    let mut c = n.max(2);
+    while !is_prime(c) {
+        c += 1;
+    }
+    c
+}
+
+fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u64;
+    while d * d <= n as u64 {
+        if n as u64 % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// Table size for `backends` backends: the smallest prime >= 100 x N, bounded by the largest
+/// prime <= `max_size`. 0 with no backends.
+pub fn table_size(backends: usize, max_size: u32) -> u32 {
+    if backends == 0 {
+        return 0;
+    }
+    let want = (backends as u64 * SLOTS_PER_BACKEND as u64).min(max_size as u64) as u32;
+    let p = next_prime(want);
+    if p <= max_size {
+        p
+    } else {
+        (2..=max_size).rev().find(|&c| is_prime(c)).unwrap_or(2)
+    }
+}
+
+/// 64-bit FNV-1a with a murmur3 finaliser: stable across Rust releases and machines, so a
+/// restarted agent (or another node) builds the identical table.
+fn name_hash(name: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in name {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Builds a table of `size` slots (a prime) over `backends` (`(id, stable name)`), returning
+/// the backend id of every slot. Backends are sorted by name first, so the input order does
+/// not matter.
+pub fn build(backends: &[(u32, Vec<u8>)], size: u32) -> Vec<u32> {
+    if backends.is_empty() || size == 0 {
+        return Vec::new();
+    }
+    let mut sorted: Vec<&(u32, Vec<u8>)> = backends.iter().collect();
+    sorted.sort_by(|a, b| a.1.cmp(&b.1));
+    let m = size as u64;
+    let perms: Vec<(u64, u64)> = sorted
+        .iter()
+        .map(|(_, name)| {
+            let offset = name_hash(name, 0x9e37_79b9) % m;
+            let skip = if m > 1 { name_hash(name, 0x7f4a_7c15) % (m - 1) + 1 } else { 1 };
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; sorted.len()];
+    let mut table = vec![u32::MAX; size as usize];
+    let mut filled = 0usize;
+    'fill: loop {
+        for (i, (offset, skip)) in perms.iter().enumerate() {
+            let mut c = (offset + next[i] * skip) % m;
+            while table[c as usize] != u32::MAX {
+                next[i] += 1;
+                c = (offset + next[i] * skip) % m;
+            }
+            table[c as usize] = sorted[i].0;
+            next[i] += 1;
+            filled += 1;
+            if filled == size as usize {
+                break 'fill;
+            }
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn backends(n: u32) -> Vec<(u32, Vec<u8>)> {
+        (1..=n).map(|i| (i, format!("198.18.1.{i}:9376").into_bytes())).collect()
+    }
+
+    #[test]
+    fn size_is_smallest_prime_at_least_100n_and_bounded() {
+        assert_eq!(table_size(0, 65_537), 0);
+        assert_eq!(table_size(1, 65_537), 101);
+        assert_eq!(table_size(3, 65_537), 307);
+        assert_eq!(table_size(10, 65_537), 1009);
+        assert_eq!(table_size(1000, 65_537), 65_537);
+        assert_eq!(table_size(1000, 1000), 997);
+    }
+
+    #[test]
+    fn no_holes_and_deterministic() {
+        for n in [1, 2, 3, 7, 50] {
+            let m = table_size(n as usize, 65_537);
+            let t = build(&backends(n), m);
+            assert_eq!(t.len(), m as usize);
+            assert!(t.iter().all(|&id| (1..=n).contains(&id)));
+            let mut rev = backends(n);
+            rev.reverse();
+            assert_eq!(t, build(&rev, m), "input order must not matter");
+        }
+    }
+
+    #[test]
+    fn each_share_within_one_percent_of_ideal() {
+        for n in [2u32, 3, 5, 10, 33, 100] {
+            let m = table_size(n as usize, 65_537);
+            let t = build(&backends(n), m);
+            let mut count: HashMap<u32, u32> = HashMap::new();
+            for id in &t {
+                *count.entry(*id).or_default() += 1;
+            }
+            let ideal = m as f64 / n as f64;
+            for id in 1..=n {
+                let got = count[&id] as f64;
+                assert!((got - ideal).abs() / ideal <= 0.01 + 1.0 / ideal, "n={n} id={id} got={got} ideal={ideal}");
+            }
+        }
+    }
+
+    #[test]
+    fn removing_one_backend_remaps_at_most_1_1_over_n() {
+        for n in [3u32, 5, 10, 20, 50] {
+            let m = table_size(n as usize, 65_537);
+            let before = build(&backends(n), m);
+            for gone in [1, n / 2 + 1, n] {
+                let rest: Vec<_> = backends(n).into_iter().filter(|(id, _)| *id != gone).collect();
+                let after = build(&rest, m);
+                let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+                let ratio = moved as f64 / m as f64;
+                assert!(ratio <= 1.1 / n as f64, "n={n} gone={gone} moved {ratio:.4} > {:.4}", 1.1 / n as f64);
+            }
+        }
+    }
+}
