@@ -1,0 +1,576 @@
+//! L2: BPF_PROG_TEST_RUN fixtures. The real object is loaded through the agent's loader and
+//! programmed through the agent's `Dataplane`; every case compares the verdict, the output
+//! bytes (checksums recomputed independently) and the counters. Expected backends are
+//! predicted on the host with lb-common.
+
+mod common;
+
+use common::*;
+use lb_common::{abi::*, verdict::Reason};
+use lb_userspace::dataplane::Dataplane;
+
+const VIP4: &str = "198.19.0.10";
+const VIP6: &str = "2001:db8:19::10";
+const CLIENT4: &str = "198.18.100.1";
+const CLIENT6: &str = "2001:db8:18::100";
+
+const BES4: [Be; 3] = [
+    Be { id: 1, ip: "198.18.1.1", port: 9376 },
+    Be { id: 2, ip: "198.18.1.2", port: 9376 },
+    Be { id: 3, ip: "198.18.1.3", port: 9376 },
+];
+const BES6: [Be; 3] = [
+    Be { id: 11, ip: "2001:db8:18::1:1", port: 9376 },
+    Be { id: 12, ip: "2001:db8:18::1:2", port: 9376 },
+    Be { id: 13, ip: "2001:db8:18::1:3", port: 9376 },
+];
+
+fn backend_ip(bes: &[Be], id: u32) -> std::net::IpAddr {
+    ip(bes.iter().find(|b| b.id == id).expect("predicted id is one of ours").ip)
+}
+
+macro_rules! require_root {
+    () => {
+        if !privileged() {
+            return;
+        }
+    };
+}
+
+fn reason(l: &Loaded, r: Reason) -> u64 {
+    l.dp.reason_counter(r).unwrap().packets
+}
+
+/// Runs `spec` to a VIP, checks it is DNATed to the predicted backend with everything else
+/// unchanged.
+fn expect_dnat(l: &Loaded, svc: &Programmed, bes: &[Be], spec: &Spec, tc: bool) -> u32 {
+    let input = spec.build();
+    let (rc, out) = if tc { l.run_tc(&input) } else { l.run_xdp(&input) };
+    assert_eq!(rc, if tc { TC_ACT_UNSPEC } else { XDP_PASS });
+    let want_id = svc.predict(&spec.key());
+    let be = bes.iter().find(|b| b.id == want_id).expect("predicted id is one of ours");
+    let seen = inspect(&out);
+    assert_eq!((seen.dst, seen.dport), (ip(be.ip), be.port), "predicted backend");
+    assert_eq!((seen.src, seen.sport), (spec.src, spec.sport), "source untouched");
+    assert_eq!(out.len(), input.len());
+    // Only the destination address, port and checksums differ.
+    let want = Spec { dst: seen.dst, dport: be.port, ..spec.clone() }.build();
+    assert_eq!(out, want, "byte-exact against a packet built for the backend");
+    want_id
+}
+
+#[test]
+fn tcp_syn_v4_goes_to_predicted_backend() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    for port in 40000..40016 {
+        expect_dnat(&l, &svc, &BES4, &Spec::tcp(CLIENT4, port, VIP4, 80), false);
+    }
+    assert_eq!(reason(&l, Reason::NewFlow), 16);
+    assert_eq!(l.dp.service_counter(1).unwrap().packets, 16);
+}
+
+#[test]
+fn udp_v4_goes_to_predicted_backend() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 1000..1064 {
+        seen.insert(expect_dnat(&l, &svc, &BES4, &Spec::udp(CLIENT4, port, VIP4, 53), false));
+    }
+    assert_eq!(seen.len(), 3, "64 flows spread over all three backends");
+}
+
+#[test]
+fn tcp_syn_v6_goes_to_predicted_backend() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 2, VIP6, 443, PROTO_TCP, &BES6, 0, 0);
+    for port in 50000..50008 {
+        expect_dnat(&l, &svc, &BES6, &Spec::tcp(CLIENT6, port, VIP6, 443), false);
+    }
+}
+
+#[test]
+fn udp_v6_goes_to_predicted_backend() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 2, VIP6, 53, PROTO_UDP, &BES6, 0, 0);
+    for port in 2000..2008 {
+        expect_dnat(&l, &svc, &BES6, &Spec::udp(CLIENT6, port, VIP6, 53), false);
+    }
+}
+
+#[test]
+fn tc_translates_tcp_v4_and_udp_v6() {
+    require_root!();
+    let mut l = Loaded::new();
+    let s4 = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let s6 = program(&mut l.dp, 2, VIP6, 53, PROTO_UDP, &BES6, 1000, 0);
+    expect_dnat(&l, &s4, &BES4, &Spec::tcp(CLIENT4, 40000, VIP4, 80), true);
+    expect_dnat(&l, &s6, &BES6, &Spec::udp(CLIENT6, 40000, VIP6, 53), true);
+}
+
+#[test]
+fn second_packet_hits_conntrack_after_table_change() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let syn = Spec::tcp(CLIENT4, 41000, VIP4, 80);
+    let first = expect_dnat(&l, &svc, &BES4, &syn, false);
+    // Rebuild the table so that every slot points at another backend.
+    let other = BES4.iter().find(|b| b.id != first).unwrap();
+    let table = vec![other.id; svc.value.maglev_size as usize];
+    l.dp.write_maglev(svc.value.maglev_offset, &table).unwrap();
+    let ack = syn.clone().flags(TCP_ACK).payload(b"GET / HTTP/1.1\r\n\r\n");
+    let (rc, out) = l.run_xdp(&ack.build());
+    assert_eq!(rc, XDP_PASS);
+    assert_eq!(inspect(&out).dst, backend_ip(&BES4, first), "flow keeps its backend");
+    assert_eq!(reason(&l, Reason::FlowHit), 1);
+    // A new flow follows the new table.
+    let (_, out) = l.run_xdp(&Spec::tcp(CLIENT4, 41001, VIP4, 80).build());
+    assert_eq!(inspect(&out).dst, ip(other.ip));
+}
+
+#[test]
+fn reply_from_backend_leaves_with_vip_source_v4_tcp() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let syn = Spec::tcp(CLIENT4, 42000, VIP4, 80);
+    let id = expect_dnat(&l, &svc, &BES4, &syn, false);
+    let be = BES4.iter().find(|b| b.id == id).unwrap();
+    let synack = Spec::tcp(be.ip, 9376, CLIENT4, 42000).flags(TCP_SYN | TCP_ACK);
+    for tc in [false, true] {
+        let input = synack.build();
+        let (rc, out) = if tc { l.run_tc(&input) } else { l.run_xdp(&input) };
+        assert_eq!(rc, if tc { TC_ACT_UNSPEC } else { XDP_PASS });
+        let want = Spec { src: ip(VIP4), sport: 80, ..synack.clone() }.build();
+        assert_eq!(out, want, "reply rewritten to VIP:80, checksums exact");
+    }
+    assert_eq!(reason(&l, Reason::Reply), 2);
+}
+
+#[test]
+fn reply_from_backend_leaves_with_vip_source_v6_udp() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 2, VIP6, 53, PROTO_UDP, &BES6, 0, 0);
+    let q = Spec::udp(CLIENT6, 3333, VIP6, 53);
+    let id = expect_dnat(&l, &svc, &BES6, &q, false);
+    let be = BES6.iter().find(|b| b.id == id).unwrap();
+    let answer = Spec::udp(be.ip, 9376, CLIENT6, 3333).payload(b"answer");
+    let (rc, out) = l.run_xdp(&answer.build());
+    assert_eq!(rc, XDP_PASS);
+    assert_eq!(out, Spec { src: ip(VIP6), sport: 53, ..answer.clone() }.build());
+}
+
+#[test]
+fn arp_passes_untouched() {
+    require_root!();
+    let l = Loaded::new();
+    let mut arp = Vec::new();
+    arp.extend_from_slice(&[0xff; 6]);
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[198, 18, 100, 1, 0, 0, 0, 0, 0, 0, 198, 19, 0, 10]);
+    for tc in [false, true] {
+        let (rc, out) = if tc { l.run_tc(&arp) } else { l.run_xdp(&arp) };
+        assert_eq!(rc, if tc { TC_ACT_UNSPEC } else { XDP_PASS });
+        assert_eq!(out, arp);
+    }
+    assert_eq!(reason(&l, Reason::NotIp), 2);
+}
+
+#[test]
+fn non_frontend_ip_passes_untouched() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    for p in [
+        Spec::tcp(CLIENT4, 1, "198.19.0.11", 80).build(), // other IP
+        Spec::tcp(CLIENT4, 1, VIP4, 81).build(),          // other port (no frontend entry)
+        Spec::udp(CLIENT4, 1, VIP4, 80).build(),          // other protocol
+        Spec::tcp(CLIENT6, 1, VIP6, 80).build(),
+    ] {
+        let (rc, out) = l.run_xdp(&p);
+        assert_eq!(rc, XDP_PASS);
+        assert_eq!(out, p);
+    }
+    assert_eq!(reason(&l, Reason::NoFrontend), 4);
+}
+
+#[test]
+fn icmp_passes_untouched() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let mut echo = Spec::tcp(CLIENT4, 0, VIP4, 0);
+    echo.proto = 1;
+    let p = echo.build_with_l4(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
+    let (rc, out) = l.run_xdp(&p);
+    assert_eq!((rc, out), (XDP_PASS, p));
+    assert_eq!(reason(&l, Reason::NotTcpUdp), 1);
+}
+
+#[test]
+fn truncated_headers_are_dropped_and_counted() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let full = Spec::tcp(CLIENT4, 1234, VIP4, 80).build();
+    // Ethernet cut short: a VLAN tag without the inner ethertype. (BPF_PROG_TEST_RUN refuses
+    // frames under 14 bytes, so the kernel never hands us a shorter one either.)
+    let mut vlan = full[..14].to_vec();
+    vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+    assert_eq!(l.run_xdp(&vlan).0, XDP_DROP);
+    // IPv4 header cut short.
+    assert_eq!(l.run_xdp(&full[..14 + 12]).0, XDP_DROP);
+    // TCP header cut short (ports present, checksum missing).
+    assert_eq!(l.run_xdp(&full[..14 + 20 + 10]).0, XDP_DROP);
+    // IHL below 5.
+    let mut bad = full.clone();
+    bad[14] = 0x44;
+    assert_eq!(l.run_xdp(&bad).0, XDP_DROP);
+    // IPv6 header cut short.
+    let v6 = Spec::udp(CLIENT6, 1, VIP6, 53).build();
+    // (At TC the kernel refuses such a frame before the program runs.)
+    assert_eq!(l.run_xdp(&v6[..14 + 30]).0, XDP_DROP);
+    assert_eq!(reason(&l, Reason::TruncatedEth), 1);
+    assert_eq!(reason(&l, Reason::MalformedIp), 3);
+    assert_eq!(reason(&l, Reason::TruncatedL4), 1);
+}
+
+#[test]
+fn ipv4_options_are_translated_with_exact_checksums() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let mut spec = Spec::tcp(CLIENT4, 43000, VIP4, 80);
+    spec.ip_options = vec![0x07, 0x07, 0x04, 0, 0, 0, 0, 0x01]; // record route + NOP
+    for tc in [false, true] {
+        let mut s = spec.clone();
+        s.sport += tc as u16;
+        expect_dnat(&l, &svc, &BES4, &s, tc);
+    }
+}
+
+#[test]
+fn fragments_follow_the_first_fragment() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    let mut spec = Spec::udp(CLIENT4, 5353, VIP4, 53).payload(&[0xab; 64]);
+    spec.ip_id = 0x4242;
+    let seg = spec.segment();
+    let (head, tail) = seg.split_at(32);
+    let mut first = spec.clone();
+    first.frag = 0x2000; // MF, offset 0
+    let mut later = spec.clone();
+    later.frag = 32 / 8; // offset 32 bytes, last fragment
+
+    let (rc, out) = l.run_xdp(&first.build_with_l4(head));
+    assert_eq!(rc, XDP_PASS);
+    let id = svc.predict(&spec.key());
+    let be = backend_ip(&BES4, id);
+    let seen = inspect(&out);
+    assert_eq!((seen.dst, seen.dport), (be, 9376));
+    // The first fragment's UDP checksum covers the whole datagram: reassembled, it must be
+    // exactly the datagram built for the backend.
+    let want = Spec { dst: be, dport: 9376, ..spec.clone() }.segment();
+    assert_eq!(&out[34..], &want[..32]);
+
+    let (rc, out) = l.run_xdp(&later.build_with_l4(tail));
+    assert_eq!(rc, XDP_PASS);
+    let seen = inspect(&out);
+    assert_eq!(seen.dst, be, "later fragment follows");
+    assert_eq!(&out[34..], tail, "payload untouched");
+    assert_eq!(reason(&l, Reason::FragmentFollowed), 1);
+}
+
+#[test]
+fn unknown_later_fragment_passes_untouched() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    let mut spec = Spec::udp(CLIENT4, 5353, VIP4, 53);
+    spec.frag = 8;
+    let p = spec.build_with_l4(&[1; 24]);
+    let (rc, out) = l.run_xdp(&p);
+    assert_eq!((rc, out), (XDP_PASS, p));
+    assert_eq!(reason(&l, Reason::FragmentUnknown), 1);
+}
+
+#[test]
+fn no_backend_tcp_v4_gets_rst() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &[], 0, 0);
+    let syn = Spec { seq: 0xdead_beef, ..Spec::tcp(CLIENT4, 44000, VIP4, 80) };
+    for tc in [false, true] {
+        let (rc, out) = if tc { l.run_tc(&syn.build()) } else { l.run_xdp(&syn.build()) };
+        assert_eq!(rc, if tc { TC_ACT_REDIRECT } else { XDP_TX });
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.sport, seen.dst, seen.dport), (ip(VIP4), 80, ip(CLIENT4), 44000));
+        assert_eq!(seen.tcp_flags, TCP_RST | TCP_ACK);
+        assert_eq!((seen.seq, seen.ack), (0, 0xdead_bef0), "acks the SYN");
+        assert_eq!((seen.eth_dst, seen.eth_src), (CLIENT_MAC, NODE_MAC));
+        assert_eq!(out.len(), 14 + 20 + 20);
+    }
+    assert_eq!(reason(&l, Reason::RejectNoBackend), 2);
+    assert_eq!(l.dp.service_counter(1).unwrap().packets, 2);
+}
+
+#[test]
+fn no_backend_tcp_ack_with_data_gets_rst_at_its_ack() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP6, 80, PROTO_TCP, &[], 0, 0);
+    let seg = Spec { seq: 5, ack: 777, ..Spec::tcp(CLIENT6, 44001, VIP6, 80) }.flags(TCP_ACK | TCP_PSH).payload(b"data");
+    let (rc, out) = l.run_xdp(&seg.build());
+    assert_eq!(rc, XDP_TX);
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.dst, seen.dport), (ip(VIP6), ip(CLIENT6), 44001));
+    assert_eq!((seen.tcp_flags, seen.seq), (TCP_RST, 777));
+    assert_eq!(out.len(), 14 + 40 + 20);
+}
+
+#[test]
+fn rst_to_no_backend_is_not_answered() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &[], 0, 0);
+    let rst = Spec::tcp(CLIENT4, 44002, VIP4, 80).flags(TCP_RST);
+    assert_eq!(l.run_xdp(&rst.build()).0, XDP_DROP);
+    assert_eq!(reason(&l, Reason::RejectFailed), 1);
+}
+
+#[test]
+fn no_backend_udp_v4_gets_icmp_port_unreachable() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &[], 0, 0);
+    let q = Spec::udp(CLIENT4, 5000, VIP4, 53).payload(&[7; 100]);
+    let input = q.build();
+    for tc in [false, true] {
+        let (rc, out) = if tc { l.run_tc(&input) } else { l.run_xdp(&input) };
+        assert_eq!(rc, if tc { TC_ACT_REDIRECT } else { XDP_TX });
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.dst, seen.icmp), (ip(VIP4), ip(CLIENT4), Some((3, 3))));
+        // Quotes the original IP header and the first 8 bytes of UDP, unchanged.
+        assert_eq!(&seen.l4[8..], &input[14..14 + 20 + 8]);
+        assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    }
+}
+
+#[test]
+fn no_backend_udp_v6_gets_icmpv6_port_unreachable() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP6, 53, PROTO_UDP, &[], 0, 0);
+    let input = Spec::udp(CLIENT6, 5000, VIP6, 53).payload(&[9; 300]).build();
+    for tc in [false, true] {
+        let (rc, out) = if tc { l.run_tc(&input) } else { l.run_xdp(&input) };
+        assert_eq!(rc, if tc { TC_ACT_REDIRECT } else { XDP_TX });
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.dst, seen.icmp), (ip(VIP6), ip(CLIENT6), Some((1, 4))));
+        assert_eq!(&seen.l4[8..], &input[14..14 + 48]);
+    }
+}
+
+#[test]
+fn no_backend_drop_when_configured() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &[], 0, 0);
+    program(&mut l.dp, 2, VIP4, 81, PROTO_TCP, &[], 0, SVC_F_DROP_NO_BACKEND);
+    // Per service (ETP/ITP Local with no local endpoint).
+    assert_eq!(l.run_xdp(&Spec::tcp(CLIENT4, 1, VIP4, 81).build()).0, XDP_DROP);
+    // Globally (--no-backend-response drop).
+    assert_eq!(l.run_xdp(&Spec::tcp(CLIENT4, 1, VIP4, 80).build()).0, XDP_TX);
+    l.dp.set_config(&Config { flags: CFG_F_NO_BACKEND_DROP, _pad: 0 }).unwrap();
+    assert_eq!(l.run_xdp(&Spec::tcp(CLIENT4, 1, VIP4, 80).build()).0, XDP_DROP);
+    assert_eq!(reason(&l, Reason::DropNoBackend), 2);
+}
+
+#[test]
+fn same_ip_two_ports_two_protocols() {
+    require_root!();
+    let mut l = Loaded::new();
+    let web = [Be { id: 1, ip: "198.18.1.1", port: 8080 }];
+    let tls = [Be { id: 2, ip: "198.18.1.2", port: 8443 }];
+    let dns_udp = [Be { id: 3, ip: "198.18.1.3", port: 53 }];
+    let dns_tcp = [Be { id: 4, ip: "198.18.1.4", port: 5353 }];
+    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &web, 0, 0);
+    program(&mut l.dp, 2, VIP4, 443, PROTO_TCP, &tls, 200, 0);
+    program(&mut l.dp, 3, VIP4, 53, PROTO_UDP, &dns_udp, 400, 0);
+    program(&mut l.dp, 4, VIP4, 53, PROTO_TCP, &dns_tcp, 600, 0);
+    for (spec, want) in [
+        (Spec::tcp(CLIENT4, 1, VIP4, 80), ("198.18.1.1", 8080)),
+        (Spec::tcp(CLIENT4, 1, VIP4, 443), ("198.18.1.2", 8443)),
+        (Spec::udp(CLIENT4, 1, VIP4, 53), ("198.18.1.3", 53)),
+        (Spec::tcp(CLIENT4, 1, VIP4, 53), ("198.18.1.4", 5353)),
+    ] {
+        let (_, out) = l.run_xdp(&spec.build());
+        let seen = inspect(&out);
+        assert_eq!((seen.dst, seen.dport), (ip(want.0), want.1));
+    }
+}
+
+#[test]
+fn udp_zero_checksum_stays_zero() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    let spec = Spec { udp_zero_csum: true, ..Spec::udp(CLIENT4, 6000, VIP4, 53) };
+    for tc in [false, true] {
+        let (_, out) = if tc { l.run_tc(&spec.build()) } else { l.run_xdp(&spec.build()) };
+        let be = backend_ip(&BES4, svc.predict(&spec.key()));
+        assert_eq!(out, Spec { dst: be, dport: 9376, ..spec.clone() }.build());
+        assert_eq!(&out[40..42], &[0, 0]);
+    }
+}
+
+#[test]
+fn vlan_tagged_frames_are_translated() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let spec = Spec { vlan: Some(100), ..Spec::tcp(CLIENT4, 45000, VIP4, 80) };
+    expect_dnat(&l, &svc, &BES4, &spec, false);
+}
+
+#[test]
+fn removed_backend_udp_moves_tcp_stays_syn_moves() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc_u = program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    let q = Spec::udp(CLIENT4, 12345, VIP4, 53);
+    let first = expect_dnat(&l, &svc_u, &BES4, &q, false);
+    let tcp_bes = [Be { id: 21, ip: "198.18.2.1", port: 80 }, Be { id: 22, ip: "198.18.2.2", port: 80 }];
+    let svc_t = program(&mut l.dp, 2, VIP4, 80, PROTO_TCP, &tcp_bes, 1000, 0);
+    let syn = Spec::tcp(CLIENT4, 23456, VIP4, 80);
+    let tfirst = expect_dnat(&l, &svc_t, &tcp_bes, &syn, false);
+
+    // Remove the chosen backends and rebuild both services without them.
+    let rest_u: Vec<Be> = BES4.iter().copied().filter(|b| b.id != first).collect();
+    let rest_t: Vec<Be> = tcp_bes.iter().copied().filter(|b| b.id != tfirst).collect();
+    l.dp.remove_backend(first).unwrap();
+    l.dp.remove_backend(tfirst).unwrap();
+    program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &rest_u, 2000, 0);
+    program(&mut l.dp, 2, VIP4, 80, PROTO_TCP, &rest_t, 3000, 0);
+
+    // Same UDP 5-tuple: moved at once to a live backend.
+    let (_, out) = l.run_xdp(&q.build());
+    let moved = inspect(&out).dst;
+    assert!(rest_u.iter().any(|b| ip(b.ip) == moved), "UDP moved to a live backend");
+    // The open TCP connection keeps going where it was.
+    let (_, out) = l.run_xdp(&syn.clone().flags(TCP_ACK).build());
+    assert_eq!(inspect(&out).dst, backend_ip(&tcp_bes, tfirst));
+    // A new SYN reusing that 5-tuple gets a live backend.
+    let (_, out) = l.run_xdp(&syn.build());
+    assert_eq!(inspect(&out).dst, ip(rest_t[0].ip));
+}
+
+#[test]
+fn ipv6_extension_headers_pass_untouched() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP6, 53, PROTO_UDP, &BES6, 0, 0);
+    let mut spec = Spec::udp(CLIENT6, 1, VIP6, 53);
+    spec.proto = 44; // fragment header
+    let p = spec.build_with_l4(&[17, 0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 53, 0, 8, 0, 0]);
+    let (rc, out) = l.run_xdp(&p);
+    assert_eq!((rc, out), (XDP_PASS, p));
+    assert_eq!(reason(&l, Reason::Ipv6ExtHeader), 1);
+}
+
+#[test]
+fn client_ip_affinity_keeps_one_backend() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, SVC_F_AFFINITY);
+    let mut chosen = std::collections::BTreeSet::new();
+    for port in 30000..30032 {
+        let (_, out) = l.run_xdp(&Spec::tcp(CLIENT4, port, VIP4, 80).build());
+        chosen.insert(inspect(&out).dst);
+    }
+    assert_eq!(chosen.len(), 1, "every flow of one client lands on one backend");
+    // Another client may land elsewhere, but is sticky too.
+    let mut other = std::collections::BTreeSet::new();
+    for port in 30000..30008 {
+        let (_, out) = l.run_xdp(&Spec::tcp("198.18.100.2", port, VIP4, 80).build());
+        other.insert(inspect(&out).dst);
+    }
+    assert_eq!(other.len(), 1);
+}
+
+#[test]
+fn random_algorithm_spreads_over_backends() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    l.dp.set_config(&Config { flags: CFG_F_RANDOM, _pad: 0 }).unwrap();
+    let mut chosen = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        // Same 5-tuple every time (flow table flushed): only randomness can spread it.
+        l.dp.flush_flows().unwrap();
+        let (_, out) = l.run_xdp(&Spec::tcp(CLIENT4, 30000, VIP4, 80).build());
+        chosen.insert(inspect(&out).dst);
+    }
+    assert_eq!(chosen.len(), 3);
+}
+
+#[test]
+fn per_backend_counters_count_packets_and_bytes() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 7, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let spec = Spec::tcp(CLIENT4, 31000, VIP4, 80);
+    let id = svc.predict(&spec.key());
+    let len = spec.build().len() as u64;
+    for _ in 0..3 {
+        l.run_xdp(&spec.build());
+    }
+    let c = l.dp.backend_counter(id).unwrap();
+    assert_eq!((c.packets, c.bytes), (3, 3 * len));
+    assert_eq!(l.dp.service_counter(7).unwrap().packets, 3);
+    assert_eq!((reason(&l, Reason::NewFlow), reason(&l, Reason::FlowHit)), (1, 2));
+}
+
+#[test]
+fn object_maps_match_the_shared_names() {
+    require_root!();
+    let l = Loaded::new();
+    let mut names: Vec<&str> = l.ebpf.maps().map(|(n, _)| n).collect();
+    names.sort();
+    let mut want = lb_common::maps::ALL.to_vec();
+    want.sort();
+    assert_eq!(names, want);
+    for n in lb_common::maps::ALL {
+        assert!(l.pin_dir.join(n).exists(), "{n} pinned");
+    }
+}
+
+#[test]
+fn reload_reuses_pinned_maps() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let syn = Spec::tcp(CLIENT4, 32000, VIP4, 80);
+    let id = expect_dnat(&l, &svc, &BES4, &syn, false);
+    // "Restart": load the object again over the same pins; state and flows survive.
+    let again = lb_userspace::loader::load(&l.pin_dir, &lb_userspace::loader::Capacities {
+        flows: 65_536,
+        maglev_slots: 1 << 20,
+        ..Default::default()
+    })
+    .unwrap();
+    let xdp: &aya::programs::Xdp = again.program("lb_xdp").unwrap().try_into().unwrap();
+    let (_, out, _) = run_timed(xdp, &syn.clone().flags(TCP_ACK).build());
+    assert_eq!(inspect(&out).dst, backend_ip(&BES4, id));
+    assert_eq!(reason(&l, Reason::FlowHit), 1, "the new program counts into the same maps");
+}
