@@ -4,6 +4,7 @@
 //! defaults; the loader resizes them before load.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -15,8 +16,9 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT
 #[map(name = "lb_backends")]
 pub static BACKENDS: Array<BackendValue> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
+/// Mmapable: the agent writes whole tables with memcpy instead of one syscall per slot.
 #[map(name = "lb_maglev")]
-pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_SLOTS, 0);
+pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
 
 #[map(name = "lb_conntrack")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);

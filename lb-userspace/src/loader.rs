@@ -13,6 +13,9 @@ use lb_common::maps;
 /// The datapath object built by build.rs (aya-build) from `lb-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
+/// An XDP program that only passes: the floor the benchmarks subtract.
+pub static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-empty"));
+
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc_pod";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";

@@ -1,1 +1,48 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | bench`.
+//!
+//! xtask deliberately depends on nothing of the project itself: on a fresh machine it must
+//! build (and install bpf-linker) before the eBPF crate can be compiled.
+
+mod bench;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Set-up, tests and benchmarks of the eBPF service load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: Debian packages (LLVM 22, lab tools), rust-src for the
+    /// nightly eBPF toolchain, bpf-linker built against LLVM 22. Idempotent and fast.
+    Setup,
+    /// Run every test tier: lint, L1 host unit tests, L2 BPF_PROG_TEST_RUN fixtures (root).
+    /// With LB_REQUIRE_PRIVILEGED=1 a privileged test that cannot run is a failure.
+    Test,
+    /// Benchmarks; results go to target/bench/.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test => {
+            setup::run()?;
+            test::run()
+        }
+        Cmd::Bench { which } => {
+            setup::run()?;
+            bench::run(which)
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! `cargo xtask setup`: everything a fresh machine needs, installed by the project itself.
+//! Each step checks first and does nothing when the thing is there, so a warm run takes
+//! well under a second.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::run::{output, run};
+
+/// Debian packages: LLVM 22 for bpf-linker, and the lab's tools.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libclang-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "iproute2",
+    "iputils-ping",
+    "ethtool",
+    "iptables",
+    "nftables",
+    "iperf3",
+    "curl",
+    "ncat",
+    "netsniff-ng",
+    "hping3",
+    "wrk",
+];
+
+const EBPF_TOOLCHAIN: &str = "nightly";
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+pub fn run() -> anyhow::Result<()> {
+    let t = Instant::now();
+    apt_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    eprintln!("setup: everything present ({} ms)", t.elapsed().as_millis());
+    Ok(())
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    let out = output(Command::new("dpkg-query").args(["-W", "-f=${Package} ${db:Status-Status}\\n"]).args(PACKAGES))
+        .unwrap_or_default();
+    // dpkg-query exits non-zero if any package is unknown; re-run without the status check.
+    let text = if out.is_empty() {
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
+            .args(PACKAGES)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    } else {
+        out
+    };
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !text.lines().any(|l| l.split_once(' ').is_some_and(|(n, s)| n.split(':').next() == Some(p) && s == "installed")))
+        .collect()
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing = missing_packages();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing))?;
+    let still = missing_packages();
+    if !still.is_empty() {
+        bail!("packages still missing after apt-get install: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]));
+    match installed {
+        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
+        Some(_) => {
+            eprintln!("setup: adding rust-src to the {EBPF_TOOLCHAIN} toolchain (eBPF builds core from source)");
+            run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))
+        }
+        None => {
+            eprintln!("setup: installing the {EBPF_TOOLCHAIN} toolchain with rust-src for the eBPF target");
+            run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                EBPF_TOOLCHAIN,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))
+        }
+    }
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if output(Command::new("bpf-linker").arg("--version")).is_some() {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker against LLVM 22 (a few minutes, once per machine)");
+    let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+    run(Command::new("cargo")
+        .env("PATH", path)
+        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--no-default-features", "--features", "llvm-22"]))
+    .context("installing bpf-linker")?;
+    Ok(())
+}

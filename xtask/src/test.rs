@@ -1,0 +1,32 @@
+//! `cargo xtask test`: every tier, in order, each failing loudly.
+//!
+//! * lint — `cargo fmt --check`, `cargo clippy -D warnings`
+//! * L1 — host unit tests (lb-common, lb-userspace): no root needed
+//! * L2 — BPF_PROG_TEST_RUN fixtures (lb-tests): root; with `LB_REQUIRE_PRIVILEGED=1` a test
+//!   that cannot run fails instead of skipping.
+
+use std::process::Command;
+
+use crate::run::{root, run as run_cmd};
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn run_lint() -> anyhow::Result<()> {
+    eprintln!("== lint");
+    run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
+    run_cmd(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+}
+
+pub fn run() -> anyhow::Result<()> {
+    run_lint()?;
+    eprintln!("== L1 host unit tests");
+    run_cmd(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace"]))?;
+    eprintln!("== L2 BPF_PROG_TEST_RUN fixtures (root)");
+    run_cmd(cargo().args(["test", "-p", "lb-tests"]))?;
+    eprintln!("== all test tiers passed");
+    Ok(())
+}
