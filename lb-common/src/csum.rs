@@ -235,8 +235,14 @@ mod tests {
                 let full = segment(&src, &dst, PROTO_UDP, 1000, port, b"x");
                 if csum_at(&full, 6) == 0xffff {
                     let orig = segment(&src, &[198, 19, 9, 9], PROTO_UDP, 1000, 53, b"x");
-                    let got = l4_rewrite(csum_at(&orig, 6), &addr16(&[198, 19, 9, 9]),
-                        &addr16(&dst), 53u16.to_be(), port.to_be(), true);
+                    let got = l4_rewrite(
+                        csum_at(&orig, 6),
+                        &addr16(&[198, 19, 9, 9]),
+                        &addr16(&dst),
+                        53u16.to_be(),
+                        port.to_be(),
+                        true,
+                    );
                     assert_eq!(got, 0xffff);
                     return;
                 }

@@ -45,7 +45,8 @@ mod tests {
     fn spreads_consecutive_ports() {
         let mut buckets = [0u32; 16];
         for p in 0..16_000u16 {
-            let k = FlowKey::new("198.18.0.1".parse().unwrap(), p, "198.19.0.1".parse().unwrap(), 80, PROTO_TCP);
+            let k =
+                FlowKey::new("198.18.0.1".parse().unwrap(), p, "198.19.0.1".parse().unwrap(), 80, PROTO_TCP);
             buckets[(flow_hash(&k) % 16) as usize] += 1;
         }
         for b in buckets {

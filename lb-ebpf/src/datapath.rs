@@ -68,7 +68,8 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
         // away: TCP segments of the open connection still go there (as with kube-proxy's
         // conntrack), but a UDP packet or a new SYN picks a live backend at once.
         let is_new_syn = h.proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let reselect = (h.proto == PROTO_UDP || is_new_syn) && !select::still_backend(v.backend_id, &v.addr, v.port);
+        let reselect =
+            (h.proto == PROTO_UDP || is_new_syn) && !select::still_backend(v.backend_id, &v.addr, v.port);
         if !reselect {
             return match translate(pkt, h, Side::Dst, &v, bytes) {
                 Ok(()) => (Action::Pass, Reason::FlowHit),

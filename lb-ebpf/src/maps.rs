@@ -24,12 +24,10 @@ pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPAB
 pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
 
 #[map(name = "lb_fragments")]
-pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
-    LruHashMap::pinned(DEFAULT_MAX_FRAGMENTS, 0);
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(DEFAULT_MAX_FRAGMENTS, 0);
 
 #[map(name = "lb_affinity")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
 
 #[map(name = "lb_config")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -173,8 +173,13 @@ impl Packet for TcContext {
             let old: Addr = self.load(a_off).map_err(|_| ())?;
             let mut i = 0;
             while i < 4 {
-                self.l4_csum_replace(csum_off, old[i] as u64, addr[i] as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
-                    .map_err(|_| ())?;
+                self.l4_csum_replace(
+                    csum_off,
+                    old[i] as u64,
+                    addr[i] as u64,
+                    BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+                )
+                .map_err(|_| ())?;
                 i += 1;
             }
             self.store(a_off, addr, 0).map_err(|_| ())?;
@@ -218,9 +223,5 @@ impl Packet for TcContext {
 /// IPv4 address for a non-first fragment.
 #[inline(always)]
 pub fn apply<P: Packet>(pkt: &mut P, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), ()> {
-    if h.frag == FRAG_LATER {
-        pkt.rewrite_v4_l3(h, side, addr[3])
-    } else {
-        pkt.rewrite(h, side, addr, port)
-    }
+    if h.frag == FRAG_LATER { pkt.rewrite_v4_l3(h, side, addr[3]) } else { pkt.rewrite(h, side, addr, port) }
 }

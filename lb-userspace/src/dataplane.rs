@@ -65,12 +65,15 @@ impl AyaDataplane {
     /// Opens the maps pinned in `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self> {
         Ok(AyaDataplane {
-            services: HashMap::try_from(Map::HashMap(open(pin_dir, maps::SERVICES)?)).map_err(map_err(maps::SERVICES))?,
-            backends: Array::try_from(Map::Array(open(pin_dir, maps::BACKENDS)?)).map_err(map_err(maps::BACKENDS))?,
+            services: HashMap::try_from(Map::HashMap(open(pin_dir, maps::SERVICES)?))
+                .map_err(map_err(maps::SERVICES))?,
+            backends: Array::try_from(Map::Array(open(pin_dir, maps::BACKENDS)?))
+                .map_err(map_err(maps::BACKENDS))?,
             maglev: MaglevMmap::new(open(pin_dir, maps::MAGLEV)?)?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
                 .map_err(map_err(maps::CONNTRACK))?,
-            config: Array::try_from(Map::Array(open(pin_dir, maps::CONFIG)?)).map_err(map_err(maps::CONFIG))?,
+            config: Array::try_from(Map::Array(open(pin_dir, maps::CONFIG)?))
+                .map_err(map_err(maps::CONFIG))?,
             stats_reason: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::STATS_REASON)?))
                 .map_err(map_err(maps::STATS_REASON))?,
             stats_service: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::STATS_SERVICE)?))
@@ -214,7 +217,11 @@ impl MaglevMmap {
     fn check(&self, offset: u32, n: u32) -> Result<()> {
         let end = offset as u64 + n as u64;
         if end > self.len as u64 {
-            return Err(DataplaneError::OutOfRange { map: maps::MAGLEV, index: end as u32, capacity: self.len });
+            return Err(DataplaneError::OutOfRange {
+                map: maps::MAGLEV,
+                index: end as u32,
+                capacity: self.len,
+            });
         }
         Ok(())
     }

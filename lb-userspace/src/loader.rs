@@ -26,9 +26,7 @@ const BPF_FS_ROOT: &str = "/sys/fs/bpf";
 fn mount_bpffs(at: &Path) -> bool {
     let Ok(target) = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()) else { return false };
     // SAFETY: plain mount(2) with valid C strings.
-    let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     rc == 0 && is_bpffs(at)
 }
 
@@ -90,7 +88,8 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf, LoadError> {
             return Err(LoadError::NotBpffs(pin_dir.to_path_buf(), parent));
         }
     }
-    std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir { path: pin_dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(pin_dir)
+        .map_err(|source| LoadError::PinDir { path: pin_dir.to_path_buf(), source })?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .map_max_entries(maps::SERVICES, caps.frontends)

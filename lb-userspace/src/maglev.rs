@@ -21,7 +21,7 @@ fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u64;
     while d * d <= n as u64 {
-        if n as u64 % d == 0 {
+        if (n as u64).is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -37,11 +37,7 @@ pub fn table_size(backends: usize, max_size: u32) -> u32 {
     }
     let want = (backends as u64 * SLOTS_PER_BACKEND as u64).min(max_size as u64) as u32;
     let p = next_prime(want);
-    if p <= max_size {
-        p
-    } else {
-        (2..=max_size).rev().find(|&c| is_prime(c)).unwrap_or(2)
-    }
+    if p <= max_size { p } else { (2..=max_size).rev().find(|&c| is_prime(c)).unwrap_or(2) }
 }
 
 /// 64-bit FNV-1a with a murmur3 finaliser: stable across Rust releases and machines, so a
@@ -142,7 +138,10 @@ mod tests {
             let ideal = m as f64 / n as f64;
             for id in 1..=n {
                 let got = count[&id] as f64;
-                assert!((got - ideal).abs() / ideal <= 0.01 + 1.0 / ideal, "n={n} id={id} got={got} ideal={ideal}");
+                assert!(
+                    (got - ideal).abs() / ideal <= 0.01 + 1.0 / ideal,
+                    "n={n} id={id} got={got} ideal={ideal}"
+                );
             }
         }
     }
@@ -157,7 +156,11 @@ mod tests {
                 let after = build(&rest, m);
                 let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
                 let ratio = moved as f64 / m as f64;
-                assert!(ratio <= 1.1 / n as f64, "n={n} gone={gone} moved {ratio:.4} > {:.4}", 1.1 / n as f64);
+                assert!(
+                    ratio <= 1.1 / n as f64,
+                    "n={n} gone={gone} moved {ratio:.4} > {:.4}",
+                    1.1 / n as f64
+                );
             }
         }
     }

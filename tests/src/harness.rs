@@ -40,6 +40,12 @@ pub struct Loaded {
     pub pin_dir: PathBuf,
 }
 
+impl Default for Loaded {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Loaded {
     pub fn new() -> Self {
         Self::with_caps(&loader::Capacities { flows: 65_536, maglev_slots: 1 << 20, ..Default::default() })
@@ -148,9 +154,7 @@ impl Programmed {
 pub fn program(
     dp: &mut impl Dataplane,
     service_id: u32,
-    vip: &str,
-    port: u16,
-    proto: u8,
+    (vip, port, proto): (&str, u16, u8),
     backends: &[Be],
     offset: u32,
     flags: u32,
@@ -228,7 +232,12 @@ impl Spec {
     }
 
     pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Self {
-        Spec { proto: PROTO_UDP, tcp_flags: 0, payload: b"hello".to_vec(), ..Self::tcp(src, sport, dst, dport) }
+        Spec {
+            proto: PROTO_UDP,
+            tcp_flags: 0,
+            payload: b"hello".to_vec(),
+            ..Self::tcp(src, sport, dst, dport)
+        }
     }
 
     pub fn flags(mut self, f: u8) -> Self {
@@ -388,7 +397,8 @@ pub fn inspect(p: &[u8]) -> Seen {
             let coff = if proto == PROTO_TCP { 16 } else { 6 };
             let stored = u16::from_ne_bytes([l4[coff], l4[coff + 1]]);
             // A fragment's checksum covers the whole datagram: checked by the caller.
-            if !fragment && !(proto == PROTO_UDP && stored == 0 && src.is_ipv4()) {
+            let no_checksum = proto == PROTO_UDP && stored == 0 && src.is_ipv4();
+            if !fragment && !no_checksum {
                 let mut z = l4.to_vec();
                 z[coff] = 0;
                 z[coff + 1] = 0;

@@ -63,7 +63,7 @@ fn expect_dnat(l: &Loaded, svc: &Programmed, bes: &[Be], spec: &Spec, tc: bool) 
 fn tcp_syn_v4_goes_to_predicted_backend() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     for port in 40000..40016 {
         expect_dnat(&l, &svc, &BES4, &Spec::tcp(CLIENT4, port, VIP4, 80), false);
     }
@@ -75,7 +75,7 @@ fn tcp_syn_v4_goes_to_predicted_backend() {
 fn udp_v4_goes_to_predicted_backend() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 1, (VIP4, 53, PROTO_UDP), &BES4, 0, 0);
     let mut seen = std::collections::BTreeSet::new();
     for port in 1000..1064 {
         seen.insert(expect_dnat(&l, &svc, &BES4, &Spec::udp(CLIENT4, port, VIP4, 53), false));
@@ -87,7 +87,7 @@ fn udp_v4_goes_to_predicted_backend() {
 fn tcp_syn_v6_goes_to_predicted_backend() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 2, VIP6, 443, PROTO_TCP, &BES6, 0, 0);
+    let svc = program(&mut l.dp, 2, (VIP6, 443, PROTO_TCP), &BES6, 0, 0);
     for port in 50000..50008 {
         expect_dnat(&l, &svc, &BES6, &Spec::tcp(CLIENT6, port, VIP6, 443), false);
     }
@@ -97,7 +97,7 @@ fn tcp_syn_v6_goes_to_predicted_backend() {
 fn udp_v6_goes_to_predicted_backend() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 2, VIP6, 53, PROTO_UDP, &BES6, 0, 0);
+    let svc = program(&mut l.dp, 2, (VIP6, 53, PROTO_UDP), &BES6, 0, 0);
     for port in 2000..2008 {
         expect_dnat(&l, &svc, &BES6, &Spec::udp(CLIENT6, port, VIP6, 53), false);
     }
@@ -107,8 +107,8 @@ fn udp_v6_goes_to_predicted_backend() {
 fn tc_translates_tcp_v4_and_udp_v6() {
     require_root!();
     let mut l = Loaded::new();
-    let s4 = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
-    let s6 = program(&mut l.dp, 2, VIP6, 53, PROTO_UDP, &BES6, 1000, 0);
+    let s4 = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    let s6 = program(&mut l.dp, 2, (VIP6, 53, PROTO_UDP), &BES6, 1000, 0);
     expect_dnat(&l, &s4, &BES4, &Spec::tcp(CLIENT4, 40000, VIP4, 80), true);
     expect_dnat(&l, &s6, &BES6, &Spec::udp(CLIENT6, 40000, VIP6, 53), true);
 }
@@ -117,7 +117,7 @@ fn tc_translates_tcp_v4_and_udp_v6() {
 fn second_packet_hits_conntrack_after_table_change() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     let syn = Spec::tcp(CLIENT4, 41000, VIP4, 80);
     let first = expect_dnat(&l, &svc, &BES4, &syn, false);
     // Rebuild the table so that every slot points at another backend.
@@ -138,7 +138,7 @@ fn second_packet_hits_conntrack_after_table_change() {
 fn reply_from_backend_leaves_with_vip_source_v4_tcp() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     let syn = Spec::tcp(CLIENT4, 42000, VIP4, 80);
     let id = expect_dnat(&l, &svc, &BES4, &syn, false);
     let be = BES4.iter().find(|b| b.id == id).unwrap();
@@ -157,7 +157,7 @@ fn reply_from_backend_leaves_with_vip_source_v4_tcp() {
 fn reply_from_backend_leaves_with_vip_source_v6_udp() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 2, VIP6, 53, PROTO_UDP, &BES6, 0, 0);
+    let svc = program(&mut l.dp, 2, (VIP6, 53, PROTO_UDP), &BES6, 0, 0);
     let q = Spec::udp(CLIENT6, 3333, VIP6, 53);
     let id = expect_dnat(&l, &svc, &BES6, &q, false);
     let be = BES6.iter().find(|b| b.id == id).unwrap();
@@ -189,7 +189,7 @@ fn arp_passes_untouched() {
 fn non_frontend_ip_passes_untouched() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     for p in [
         Spec::tcp(CLIENT4, 1, "198.19.0.11", 80).build(), // other IP
         Spec::tcp(CLIENT4, 1, VIP4, 81).build(),          // other port (no frontend entry)
@@ -207,7 +207,7 @@ fn non_frontend_ip_passes_untouched() {
 fn icmp_passes_untouched() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     let mut echo = Spec::tcp(CLIENT4, 0, VIP4, 0);
     echo.proto = 1;
     let p = echo.build_with_l4(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
@@ -220,7 +220,7 @@ fn icmp_passes_untouched() {
 fn truncated_headers_are_dropped_and_counted() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     let full = Spec::tcp(CLIENT4, 1234, VIP4, 80).build();
     // Ethernet cut short: a VLAN tag without the inner ethertype. (BPF_PROG_TEST_RUN refuses
     // frames under 14 bytes, so the kernel never hands us a shorter one either.)
@@ -248,7 +248,7 @@ fn truncated_headers_are_dropped_and_counted() {
 fn ipv4_options_are_translated_with_exact_checksums() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     let mut spec = Spec::tcp(CLIENT4, 43000, VIP4, 80);
     spec.ip_options = vec![0x07, 0x07, 0x04, 0, 0, 0, 0, 0x01]; // record route + NOP
     for tc in [false, true] {
@@ -262,7 +262,7 @@ fn ipv4_options_are_translated_with_exact_checksums() {
 fn fragments_follow_the_first_fragment() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 1, (VIP4, 53, PROTO_UDP), &BES4, 0, 0);
     let mut spec = Spec::udp(CLIENT4, 5353, VIP4, 53).payload(&[0xab; 64]);
     spec.ip_id = 0x4242;
     let seg = spec.segment();
@@ -295,7 +295,7 @@ fn fragments_follow_the_first_fragment() {
 fn unknown_later_fragment_passes_untouched() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    program(&mut l.dp, 1, (VIP4, 53, PROTO_UDP), &BES4, 0, 0);
     let mut spec = Spec::udp(CLIENT4, 5353, VIP4, 53);
     spec.frag = 8;
     let p = spec.build_with_l4(&[1; 24]);
@@ -308,7 +308,7 @@ fn unknown_later_fragment_passes_untouched() {
 fn no_backend_tcp_v4_gets_rst() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &[], 0, 0);
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &[], 0, 0);
     let syn = Spec { seq: 0xdead_beef, ..Spec::tcp(CLIENT4, 44000, VIP4, 80) };
     for tc in [false, true] {
         let (rc, out) = if tc { l.run_tc(&syn.build()) } else { l.run_xdp(&syn.build()) };
@@ -328,8 +328,10 @@ fn no_backend_tcp_v4_gets_rst() {
 fn no_backend_tcp_ack_with_data_gets_rst_at_its_ack() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP6, 80, PROTO_TCP, &[], 0, 0);
-    let seg = Spec { seq: 5, ack: 777, ..Spec::tcp(CLIENT6, 44001, VIP6, 80) }.flags(TCP_ACK | TCP_PSH).payload(b"data");
+    program(&mut l.dp, 1, (VIP6, 80, PROTO_TCP), &[], 0, 0);
+    let seg = Spec { seq: 5, ack: 777, ..Spec::tcp(CLIENT6, 44001, VIP6, 80) }
+        .flags(TCP_ACK | TCP_PSH)
+        .payload(b"data");
     let (rc, out) = l.run_xdp(&seg.build());
     assert_eq!(rc, XDP_TX);
     let seen = inspect(&out);
@@ -342,7 +344,7 @@ fn no_backend_tcp_ack_with_data_gets_rst_at_its_ack() {
 fn rst_to_no_backend_is_not_answered() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &[], 0, 0);
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &[], 0, 0);
     let rst = Spec::tcp(CLIENT4, 44002, VIP4, 80).flags(TCP_RST);
     assert_eq!(l.run_xdp(&rst.build()).0, XDP_DROP);
     assert_eq!(reason(&l, Reason::RejectFailed), 1);
@@ -352,7 +354,7 @@ fn rst_to_no_backend_is_not_answered() {
 fn no_backend_udp_v4_gets_icmp_port_unreachable() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &[], 0, 0);
+    program(&mut l.dp, 1, (VIP4, 53, PROTO_UDP), &[], 0, 0);
     let q = Spec::udp(CLIENT4, 5000, VIP4, 53).payload(&[7; 100]);
     let input = q.build();
     for tc in [false, true] {
@@ -370,7 +372,7 @@ fn no_backend_udp_v4_gets_icmp_port_unreachable() {
 fn no_backend_udp_v6_gets_icmpv6_port_unreachable() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP6, 53, PROTO_UDP, &[], 0, 0);
+    program(&mut l.dp, 1, (VIP6, 53, PROTO_UDP), &[], 0, 0);
     let input = Spec::udp(CLIENT6, 5000, VIP6, 53).payload(&[9; 300]).build();
     for tc in [false, true] {
         let (rc, out) = if tc { l.run_tc(&input) } else { l.run_xdp(&input) };
@@ -385,8 +387,8 @@ fn no_backend_udp_v6_gets_icmpv6_port_unreachable() {
 fn no_backend_drop_when_configured() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &[], 0, 0);
-    program(&mut l.dp, 2, VIP4, 81, PROTO_TCP, &[], 0, SVC_F_DROP_NO_BACKEND);
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &[], 0, 0);
+    program(&mut l.dp, 2, (VIP4, 81, PROTO_TCP), &[], 0, SVC_F_DROP_NO_BACKEND);
     // Per service (ETP/ITP Local with no local endpoint).
     assert_eq!(l.run_xdp(&Spec::tcp(CLIENT4, 1, VIP4, 81).build()).0, XDP_DROP);
     // Globally (--no-backend-response drop).
@@ -404,10 +406,10 @@ fn same_ip_two_ports_two_protocols() {
     let tls = [Be { id: 2, ip: "198.18.1.2", port: 8443 }];
     let dns_udp = [Be { id: 3, ip: "198.18.1.3", port: 53 }];
     let dns_tcp = [Be { id: 4, ip: "198.18.1.4", port: 5353 }];
-    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &web, 0, 0);
-    program(&mut l.dp, 2, VIP4, 443, PROTO_TCP, &tls, 200, 0);
-    program(&mut l.dp, 3, VIP4, 53, PROTO_UDP, &dns_udp, 400, 0);
-    program(&mut l.dp, 4, VIP4, 53, PROTO_TCP, &dns_tcp, 600, 0);
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &web, 0, 0);
+    program(&mut l.dp, 2, (VIP4, 443, PROTO_TCP), &tls, 200, 0);
+    program(&mut l.dp, 3, (VIP4, 53, PROTO_UDP), &dns_udp, 400, 0);
+    program(&mut l.dp, 4, (VIP4, 53, PROTO_TCP), &dns_tcp, 600, 0);
     for (spec, want) in [
         (Spec::tcp(CLIENT4, 1, VIP4, 80), ("198.18.1.1", 8080)),
         (Spec::tcp(CLIENT4, 1, VIP4, 443), ("198.18.1.2", 8443)),
@@ -424,7 +426,7 @@ fn same_ip_two_ports_two_protocols() {
 fn udp_zero_checksum_stays_zero() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 1, (VIP4, 53, PROTO_UDP), &BES4, 0, 0);
     let spec = Spec { udp_zero_csum: true, ..Spec::udp(CLIENT4, 6000, VIP4, 53) };
     for tc in [false, true] {
         let (_, out) = if tc { l.run_tc(&spec.build()) } else { l.run_xdp(&spec.build()) };
@@ -438,7 +440,7 @@ fn udp_zero_checksum_stays_zero() {
 fn vlan_tagged_frames_are_translated() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     let spec = Spec { vlan: Some(100), ..Spec::tcp(CLIENT4, 45000, VIP4, 80) };
     expect_dnat(&l, &svc, &BES4, &spec, false);
 }
@@ -447,11 +449,11 @@ fn vlan_tagged_frames_are_translated() {
 fn removed_backend_udp_moves_tcp_stays_syn_moves() {
     require_root!();
     let mut l = Loaded::new();
-    let svc_u = program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &BES4, 0, 0);
+    let svc_u = program(&mut l.dp, 1, (VIP4, 53, PROTO_UDP), &BES4, 0, 0);
     let q = Spec::udp(CLIENT4, 12345, VIP4, 53);
     let first = expect_dnat(&l, &svc_u, &BES4, &q, false);
     let tcp_bes = [Be { id: 21, ip: "198.18.2.1", port: 80 }, Be { id: 22, ip: "198.18.2.2", port: 80 }];
-    let svc_t = program(&mut l.dp, 2, VIP4, 80, PROTO_TCP, &tcp_bes, 1000, 0);
+    let svc_t = program(&mut l.dp, 2, (VIP4, 80, PROTO_TCP), &tcp_bes, 1000, 0);
     let syn = Spec::tcp(CLIENT4, 23456, VIP4, 80);
     let tfirst = expect_dnat(&l, &svc_t, &tcp_bes, &syn, false);
 
@@ -460,8 +462,8 @@ fn removed_backend_udp_moves_tcp_stays_syn_moves() {
     let rest_t: Vec<Be> = tcp_bes.iter().copied().filter(|b| b.id != tfirst).collect();
     l.dp.remove_backend(first).unwrap();
     l.dp.remove_backend(tfirst).unwrap();
-    program(&mut l.dp, 1, VIP4, 53, PROTO_UDP, &rest_u, 2000, 0);
-    program(&mut l.dp, 2, VIP4, 80, PROTO_TCP, &rest_t, 3000, 0);
+    program(&mut l.dp, 1, (VIP4, 53, PROTO_UDP), &rest_u, 2000, 0);
+    program(&mut l.dp, 2, (VIP4, 80, PROTO_TCP), &rest_t, 3000, 0);
 
     // Same UDP 5-tuple: moved at once to a live backend.
     let (_, out) = l.run_xdp(&q.build());
@@ -479,7 +481,7 @@ fn removed_backend_udp_moves_tcp_stays_syn_moves() {
 fn ipv6_extension_headers_pass_untouched() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP6, 53, PROTO_UDP, &BES6, 0, 0);
+    program(&mut l.dp, 1, (VIP6, 53, PROTO_UDP), &BES6, 0, 0);
     let mut spec = Spec::udp(CLIENT6, 1, VIP6, 53);
     spec.proto = 44; // fragment header
     let p = spec.build_with_l4(&[17, 0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 53, 0, 8, 0, 0]);
@@ -492,7 +494,7 @@ fn ipv6_extension_headers_pass_untouched() {
 fn client_ip_affinity_keeps_one_backend() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, SVC_F_AFFINITY);
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, SVC_F_AFFINITY);
     let mut chosen = std::collections::BTreeSet::new();
     for port in 30000..30032 {
         let (_, out) = l.run_xdp(&Spec::tcp(CLIENT4, port, VIP4, 80).build());
@@ -512,7 +514,7 @@ fn client_ip_affinity_keeps_one_backend() {
 fn random_algorithm_spreads_over_backends() {
     require_root!();
     let mut l = Loaded::new();
-    program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     l.dp.set_config(&Config { flags: CFG_F_RANDOM, _pad: 0 }).unwrap();
     let mut chosen = std::collections::BTreeSet::new();
     for _ in 0..64 {
@@ -528,7 +530,7 @@ fn random_algorithm_spreads_over_backends() {
 fn per_backend_counters_count_packets_and_bytes() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 7, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 7, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     let spec = Spec::tcp(CLIENT4, 31000, VIP4, 80);
     let id = svc.predict(&spec.key());
     let len = spec.build().len() as u64;
@@ -559,15 +561,14 @@ fn object_maps_match_the_shared_names() {
 fn reload_reuses_pinned_maps() {
     require_root!();
     let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, VIP4, 80, PROTO_TCP, &BES4, 0, 0);
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
     let syn = Spec::tcp(CLIENT4, 32000, VIP4, 80);
     let id = expect_dnat(&l, &svc, &BES4, &syn, false);
     // "Restart": load the object again over the same pins; state and flows survive.
-    let again = lb_userspace::loader::load(&l.pin_dir, &lb_userspace::loader::Capacities {
-        flows: 65_536,
-        maglev_slots: 1 << 20,
-        ..Default::default()
-    })
+    let again = lb_userspace::loader::load(
+        &l.pin_dir,
+        &lb_userspace::loader::Capacities { flows: 65_536, maglev_slots: 1 << 20, ..Default::default() },
+    )
     .unwrap();
     let xdp: &aya::programs::Xdp = again.program("lb_xdp").unwrap().try_into().unwrap();
     let (_, out, _) = run_timed(xdp, &syn.clone().flags(TCP_ACK).build());

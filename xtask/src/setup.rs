@@ -6,7 +6,7 @@ use std::{process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::run::{output, run};
+use crate::run::{output, run as run_cmd};
 
 /// Debian packages: LLVM 22 for bpf-linker, and the lab's tools.
 const PACKAGES: &[&str] = &[
@@ -40,8 +40,10 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 fn missing_packages() -> Vec<&'static str> {
-    let out = output(Command::new("dpkg-query").args(["-W", "-f=${Package} ${db:Status-Status}\\n"]).args(PACKAGES))
-        .unwrap_or_default();
+    let out = output(
+        Command::new("dpkg-query").args(["-W", "-f=${Package} ${db:Status-Status}\\n"]).args(PACKAGES),
+    )
+    .unwrap_or_default();
     // dpkg-query exits non-zero if any package is unknown; re-run without the status check.
     let text = if out.is_empty() {
         Command::new("dpkg-query")
@@ -56,7 +58,11 @@ fn missing_packages() -> Vec<&'static str> {
     PACKAGES
         .iter()
         .copied()
-        .filter(|p| !text.lines().any(|l| l.split_once(' ').is_some_and(|(n, s)| n.split(':').next() == Some(p) && s == "installed")))
+        .filter(|p| {
+            !text.lines().any(|l| {
+                l.split_once(' ').is_some_and(|(n, s)| n.split(':').next() == Some(p) && s == "installed")
+            })
+        })
         .collect()
 }
 
@@ -66,11 +72,13 @@ fn apt_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages: {}", missing.join(" "));
-    run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing))?;
+    run_cmd(Command::new("apt-get").arg("update").arg("-q"))?;
+    run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )?;
     let still = missing_packages();
     if !still.is_empty() {
         bail!("packages still missing after apt-get install: {}", still.join(" "));
@@ -79,17 +87,30 @@ fn apt_packages() -> anyhow::Result<()> {
 }
 
 fn rust_src() -> anyhow::Result<()> {
-    let installed =
-        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]));
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]));
     match installed {
         Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
         Some(_) => {
-            eprintln!("setup: adding rust-src to the {EBPF_TOOLCHAIN} toolchain (eBPF builds core from source)");
-            run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))
+            eprintln!(
+                "setup: adding rust-src to the {EBPF_TOOLCHAIN} toolchain (eBPF builds core from source)"
+            );
+            run_cmd(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                EBPF_TOOLCHAIN,
+            ]))
         }
         None => {
             eprintln!("setup: installing the {EBPF_TOOLCHAIN} toolchain with rust-src for the eBPF target");
-            run(Command::new("rustup").args([
+            run_cmd(Command::new("rustup").args([
                 "toolchain",
                 "install",
                 EBPF_TOOLCHAIN,
@@ -108,9 +129,16 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     eprintln!("setup: building bpf-linker against LLVM 22 (a few minutes, once per machine)");
     let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
-    run(Command::new("cargo")
-        .env("PATH", path)
-        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--no-default-features", "--features", "llvm-22"]))
+    run_cmd(Command::new("cargo").env("PATH", path).args([
+        "install",
+        "bpf-linker",
+        "--version",
+        "0.13.0",
+        "--locked",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]))
     .context("installing bpf-linker")?;
     Ok(())
 }

@@ -107,7 +107,8 @@ fn measure(services: u32, calls: u32, empty: &Xdp) -> anyhow::Result<Row> {
     };
     let t = Instant::now();
     let mut l = Loaded::with_caps(&caps);
-    let bes: Vec<(u32, Vec<u8>)> = (1..=BACKENDS).map(|i| (i, format!("198.18.1.{i}:9376").into_bytes())).collect();
+    let bes: Vec<(u32, Vec<u8>)> =
+        (1..=BACKENDS).map(|i| (i, format!("198.18.1.{i}:9376").into_bytes())).collect();
     for (id, _) in &bes {
         l.dp.set_backend(*id, &BackendValue::new(ip(&format!("198.18.1.{id}")), 9376, BE_F_PRESENT))?;
     }
