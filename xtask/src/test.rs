@@ -2,8 +2,8 @@
 //!
 //! * lint — `cargo fmt --check`, `cargo clippy -D warnings`
 //! * L1 — host unit tests (lb-common, lb-userspace): no root needed
-//! * L2 — BPF_PROG_TEST_RUN fixtures (lb-tests): root; with `LB_REQUIRE_PRIVILEGED=1` a test
-//!   that cannot run fails instead of skipping.
+//! * L2 — BPF_PROG_TEST_RUN fixtures (lb-tests) and the `lb` CLI against real pinned maps:
+//!   root; with `LB_REQUIRE_PRIVILEGED=1` a test that cannot run fails instead of skipping.
 
 use std::process::Command;
 
@@ -33,9 +33,10 @@ pub fn run_lint() -> anyhow::Result<()> {
 pub fn run() -> anyhow::Result<()> {
     run_lint()?;
     eprintln!("== L1 host unit tests");
-    run_cmd(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace"]))?;
+    run_cmd(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace", "--lib", "--bins"]))?;
     eprintln!("== L2 BPF_PROG_TEST_RUN fixtures (root)");
     run_cmd(cargo().args(["test", "-p", "lb-tests"]))?;
+    run_cmd(cargo().args(["test", "-p", "lb-userspace", "--test", "cli"]))?;
     eprintln!("== all test tiers passed");
     Ok(())
 }
