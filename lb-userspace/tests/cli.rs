@@ -65,3 +65,48 @@ fn lists_services_backends_and_stats_from_pins() {
     drop(dp);
     assert!(lb(&pin, &["service", "list"]).contains("198.19.0.10:80/TCP"));
 }
+
+/// A veth pair in a private network namespace, deleted on drop (also on failure).
+struct Netns(String);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
+    assert!(st.success(), "{args:?}");
+}
+
+#[test]
+fn attaches_native_xdp_and_tcx_on_veth() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns(format!("lbattach{}", std::process::id()));
+    sh(&["ip", "netns", "add", &ns.0]);
+    sh(&["ip", "-n", &ns.0, "link", "add", "lbt0", "type", "veth", "peer", "name", "lbt1"]);
+    sh(&["ip", "-n", &ns.0, "link", "set", "lbt0", "up"]);
+    sh(&["ip", "-n", &ns.0, "link", "set", "lbt1", "up"]);
+    let pin = PinDir(PathBuf::from(format!("/sys/fs/bpf/lb-attach-test-{}", std::process::id())));
+    let caps = loader::Capacities { maglev_slots: 1 << 16, flows: 4096, ..Default::default() };
+    // Attach from inside the namespace, on a thread so the test process stays where it is.
+    let ns_name = ns.0.clone();
+    let pin_dir = pin.0.clone();
+    let (xdp, tc, shown) = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
+        // SAFETY: setns on this thread only, with a valid netns fd.
+        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+        let mut ebpf = loader::load(&pin_dir, &caps).unwrap();
+        let xdp = lb_userspace::attach::attach_xdp(&mut ebpf, "lbt0").unwrap();
+        let tc = lb_userspace::attach::attach_tc(&mut ebpf, "lbt1").unwrap();
+        let shown = Command::new("ip").args(["link", "show", "lbt0"]).output().unwrap();
+        (xdp, tc, String::from_utf8_lossy(&shown.stdout).into_owned())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(xdp, lb_userspace::attach::Attached::XdpNative, "veth supports native XDP");
+    assert_eq!(tc, lb_userspace::attach::Attached::Tcx, "kernel >= 6.6 has tcx");
+    assert!(shown.contains("xdp"), "{shown}");
+}
