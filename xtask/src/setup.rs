@@ -40,30 +40,20 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 fn missing_packages() -> Vec<&'static str> {
-    let out = output(
-        Command::new("dpkg-query").args(["-W", "-f=${Package} ${db:Status-Status}\\n"]).args(PACKAGES),
-    )
-    .unwrap_or_default();
-    // dpkg-query exits non-zero if any package is unknown; re-run without the status check.
-    let text = if out.is_empty() {
-        Command::new("dpkg-query")
-            .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
-            .args(PACKAGES)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    } else {
-        out
-    };
-    PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !text.lines().any(|l| {
-                l.split_once(' ').is_some_and(|(n, s)| n.split(':').next() == Some(p) && s == "installed")
-            })
+    // dpkg-query exits non-zero when some package is unknown, but still lists the others:
+    // read its output whatever the status.
+    let text = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
+        .args(PACKAGES)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let installed = |p: &str| {
+        text.lines().any(|l| {
+            l.split_once(' ').is_some_and(|(n, s)| n.split(':').next() == Some(p) && s == "installed")
         })
-        .collect()
+    };
+    PACKAGES.iter().copied().filter(|p| !installed(p)).collect()
 }
 
 fn apt_packages() -> anyhow::Result<()> {
