@@ -26,9 +26,14 @@ pub fn forget(key: &FlowKey) {
     let _ = CONNTRACK.remove(key);
 }
 
-/// Records a new flow client -> frontend translated to `backend`.
+/// Records a new flow client -> frontend translated to `backend`; returns its forward entry.
 #[inline(always)]
-pub fn create(key: &FlowKey, service_id: u32, backend_id: u32, backend: &BackendValue) -> Result<(), ()> {
+pub fn create(
+    key: &FlowKey,
+    service_id: u32,
+    backend_id: u32,
+    backend: &BackendValue,
+) -> Result<FlowValue, ()> {
     let fwd = FlowValue {
         addr: backend.addr,
         port: backend.port,
@@ -57,7 +62,8 @@ pub fn create(key: &FlowKey, service_id: u32, backend_id: u32, backend: &Backend
     };
     // Reverse first: a reply must never arrive before its way back exists.
     CONNTRACK.insert(&rkey, &rev, 0).map_err(|_| ())?;
-    CONNTRACK.insert(key, &fwd, 0).map_err(|_| ())
+    CONNTRACK.insert(key, &fwd, 0).map_err(|_| ())?;
+    Ok(fwd)
 }
 
 #[inline(always)]

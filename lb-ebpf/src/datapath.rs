@@ -94,17 +94,8 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
     let Some(be) = select::backend(id) else {
         return (Action::Drop, Reason::BackendMissing);
     };
-    if conntrack::create(&key, svc.service_id, id, be).is_err() {
+    let Ok(v) = conntrack::create(&key, svc.service_id, id, be) else {
         return MAP_ERR;
-    }
-    let v = FlowValue {
-        addr: be.addr,
-        port: be.port,
-        direction: FLOW_FORWARD,
-        _pad: 0,
-        backend_id: id,
-        service_id: svc.service_id,
-        _pad2: 0,
     };
     if translate(pkt, h, Side::Dst, &v, bytes).is_err() {
         return MAP_ERR;
