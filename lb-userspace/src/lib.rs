@@ -6,3 +6,5 @@ pub mod dataplane;
 pub mod loader;
 pub mod maglev;
 pub mod range_alloc;
+pub mod model;
+pub mod source;

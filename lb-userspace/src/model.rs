@@ -1,0 +1,417 @@
+//! The Model: a pure function from Kubernetes objects (Services, EndpointSlices, Nodes) to the
+//! desired datapath state. Every Service semantic of DESIGN.md §5 lives here; the sources
+//! (manifest folder, kube watchers) only collect objects, and the reconciler only diffs.
+//!
+//! A Service port becomes up to three datapath *services* (one Maglev table each), one per
+//! scope, because the scopes can have different backend sets:
+//! * `Cluster`: clusterIPs (`internalTrafficPolicy` applies);
+//! * `External`: every node address at the nodePort, and externalIPs (`externalTrafficPolicy`);
+//! * `LoadBalancer`: `status.loadBalancer.ingress[].ip` (ETP, and `loadBalancerSourceRanges`,
+//!   which kube-proxy applies to load-balancer IPs only: a nodePort bypasses them).
+//!
+//! Each is further split by IP family (dual-stack): frontends of one family only get
+//! endpoints of EndpointSlices of the same family.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use k8s_openapi::api::{
+    core::v1::{Node, Service, ServicePort},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+use lb_common::abi::{PROTO_TCP, PROTO_UDP};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service with this label belongs to another proxy.
+pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// Everything the sources have seen, keyed by `(namespace, name)`.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    pub services: BTreeMap<(String, String), Service>,
+    pub slices: BTreeMap<(String, String), EndpointSlice>,
+    pub nodes: BTreeMap<String, Node>,
+}
+
+/// Which node addresses serve NodePorts (`--nodeport-addresses`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The node's primary address of each family (kube-proxy's default since 1.31).
+    Primary,
+    /// Every node address inside one of these ranges.
+    Cidrs(Vec<IpNet>),
+}
+
+impl std::str::FromStr for NodePortAddresses {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "primary" {
+            return Ok(Self::Primary);
+        }
+        s.split(',')
+            .map(|c| c.trim().parse::<IpNet>().map_err(|e| format!("{c:?}: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self::Cidrs)
+    }
+}
+
+/// This node, as the Model needs it.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    pub name: String,
+    pub nodeport_addresses: NodePortAddresses,
+    /// Addresses to use when no `Node` object for `name` is known (the agent's interfaces),
+    /// primary first.
+    pub fallback_addresses: Vec<IpAddr>,
+}
+
+impl NodeContext {
+    /// The node's addresses, primary first: the Node object's InternalIPs then ExternalIPs,
+    /// else the fallback.
+    pub fn addresses(&self, cluster: &Cluster) -> Vec<IpAddr> {
+        let from_node: Vec<IpAddr> = cluster
+            .nodes
+            .get(&self.name)
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+            .map(|addrs| {
+                let mut v: Vec<(u8, IpAddr)> = addrs
+                    .iter()
+                    .filter_map(|a| {
+                        let rank = match a.type_.as_str() {
+                            "InternalIP" => 0,
+                            "ExternalIP" => 1,
+                            _ => return None,
+                        };
+                        a.address.parse().ok().map(|ip| (rank, ip))
+                    })
+                    .collect();
+                v.sort_by_key(|(rank, _)| *rank);
+                v.into_iter().map(|(_, ip)| ip).collect()
+            })
+            .unwrap_or_default();
+        if from_node.is_empty() { self.fallback_addresses.clone() } else { from_node }
+    }
+
+    /// The addresses that serve NodePorts on this node.
+    pub fn nodeport_ips(&self, cluster: &Cluster) -> Vec<IpAddr> {
+        let all = self.addresses(cluster);
+        match &self.nodeport_addresses {
+            NodePortAddresses::Primary => {
+                let v4 = all.iter().find(|a| a.is_ipv4());
+                let v6 = all.iter().find(|a| a.is_ipv6());
+                v4.into_iter().chain(v6).copied().collect()
+            }
+            NodePortAddresses::Cidrs(cidrs) => {
+                all.into_iter().filter(|a| cidrs.iter().any(|c| c.contains(a))).collect()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    Cluster,
+    External,
+    LoadBalancer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() { Self::V4 } else { Self::V6 }
+    }
+}
+
+/// Identifies one datapath service: a Service port in one scope and family.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub proto: u8,
+    pub scope: Scope,
+    pub family: Family,
+}
+
+impl std::fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        let scope = match self.scope {
+            Scope::Cluster => "cluster",
+            Scope::External => "external",
+            Scope::LoadBalancer => "loadbalancer",
+        };
+        write!(f, "/{}/{scope}", lb_common::abi::proto_name(self.proto))
+    }
+}
+
+/// One endpoint as a backend: where to send, and what the datapath must know about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub local: bool,
+    pub terminating: bool,
+}
+
+/// What a frontend does when it has no usable backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBackend {
+    /// TCP RST / ICMP port unreachable, like kube-proxy's REJECT.
+    Reject,
+    /// Silently dropped (ETP/ITP=Local with no local endpoint).
+    Drop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredService {
+    /// `(ip, port)`; the protocol is the ServiceRef's.
+    pub frontends: BTreeSet<(IpAddr, u16)>,
+    /// Backends new flows may pick.
+    pub backends: BTreeSet<Backend>,
+    /// Serving but terminating endpoints not picked for new flows: they stay known to the
+    /// datapath so their existing flows (UDP too) continue.
+    pub kept: BTreeSet<Backend>,
+    pub affinity_timeout: Option<u32>,
+    pub no_backend: NoBackend,
+    /// Empty: any source.
+    pub source_ranges: Vec<IpNet>,
+    /// Frontends reached from outside the cluster: traffic to remote backends is source-NATed.
+    pub external: bool,
+}
+
+/// The desired datapath state, plus what the agent should report about the input.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub services: BTreeMap<ServiceRef, DesiredService>,
+    /// VIPs (clusterIPs) whose unserved ports are rejected, like kube-proxy does.
+    pub cluster_vips: BTreeSet<IpAddr>,
+    /// Node addresses that serve NodePorts.
+    pub node_ips: Vec<IpAddr>,
+    /// Services skipped with the reason (ExternalName, headless, another proxy's, invalid).
+    pub skipped: Vec<(String, String)>,
+}
+
+fn proto_of(p: Option<&str>) -> Option<u8> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(PROTO_TCP),
+        "UDP" => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+/// Why a Service is not ours to proxy, if it is not.
+fn ignored(svc: &Service) -> Option<&'static str> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Some("type ExternalName (DNS only)");
+    }
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return Some("headless (clusterIP: None)");
+    }
+    if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(PROXY_NAME_LABEL)) {
+        return Some("handled by another proxy (service.kubernetes.io/service-proxy-name)");
+    }
+    None
+}
+
+/// The Model: `(cluster objects, this node) -> desired state`.
+pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
+    let mut out = Desired { node_ips: node.nodeport_ips(cluster), ..Default::default() };
+    // Slices by the Service they belong to.
+    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for ((ns, _), s) in &cluster.slices {
+        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            slices.entry((ns.as_str(), svc.as_str())).or_default().push(s);
+        }
+    }
+    for ((ns, name), svc) in &cluster.services {
+        if let Some(why) = ignored(svc) {
+            out.skipped.push((format!("{ns}/{name}"), why.to_string()));
+            continue;
+        }
+        let Some(spec) = svc.spec.as_ref() else { continue };
+        let svc_slices = slices.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
+        service(&mut out, node, ns, name, svc, svc_slices);
+        for ip in cluster_ips(spec) {
+            out.cluster_vips.insert(ip);
+        }
+    }
+    out
+}
+
+fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpAddr> {
+    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.iter());
+    }
+    ips.into_iter().filter_map(|s| s.parse().ok()).collect()
+}
+
+fn parse_ips<'a>(it: impl Iterator<Item = &'a String>) -> Vec<IpAddr> {
+    it.filter_map(|s| s.parse().ok()).collect()
+}
+
+fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Service, slices: &[&EndpointSlice]) {
+    let Some(spec) = svc.spec.as_ref() else { return };
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map(|t| t.max(1) as u32)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    });
+    let source_ranges: Vec<IpNet> = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
+    let lb_ips: Vec<IpAddr> = if ty == "LoadBalancer" {
+        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        // ipMode Proxy: the load balancer terminates and sends to the node; not a VIP of ours.
+        parse_ips(
+            ingress.into_iter().flatten().filter(|i| i.ip_mode.as_deref() != Some("Proxy")).filter_map(|i| i.ip.as_ref()),
+        )
+    } else {
+        Vec::new()
+    };
+    let external_ips = parse_ips(spec.external_ips.iter().flatten());
+    let cips = cluster_ips(spec);
+    let nodeport_ips = if matches!(ty, "NodePort" | "LoadBalancer") { out.node_ips.clone() } else { Vec::new() };
+
+    for port in spec.ports.iter().flatten() {
+        let Some(proto) = proto_of(port.protocol.as_deref()) else {
+            out.skipped.push((format!("{ns}/{name}:{}", port.port), "protocol not supported".into()));
+            continue;
+        };
+        let Ok(svc_port) = u16::try_from(port.port) else { continue };
+        let node_port = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0);
+        let mut scopes: Vec<(Scope, Vec<(IpAddr, u16)>)> = vec![
+            (Scope::Cluster, cips.iter().map(|ip| (*ip, svc_port)).collect()),
+            (
+                Scope::External,
+                external_ips
+                    .iter()
+                    .map(|ip| (*ip, svc_port))
+                    .chain(node_port.into_iter().flat_map(|np| nodeport_ips.iter().map(move |ip| (*ip, np))))
+                    .collect(),
+            ),
+            (Scope::LoadBalancer, lb_ips.iter().map(|ip| (*ip, svc_port)).collect()),
+        ];
+        scopes.retain(|(_, f)| !f.is_empty());
+        for (scope, frontends) in scopes {
+            let local_only = if scope == Scope::Cluster { itp_local } else { etp_local };
+            for family in [Family::V4, Family::V6] {
+                let frontends: BTreeSet<(IpAddr, u16)> =
+                    frontends.iter().filter(|(ip, _)| Family::of(ip) == family).copied().collect();
+                if frontends.is_empty() {
+                    continue;
+                }
+                let (backends, kept) = endpoints(node, port, proto, family, slices, local_only);
+                let key = ServiceRef {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    port_name: port.name.clone().unwrap_or_default(),
+                    proto,
+                    scope,
+                    family,
+                };
+                let value = DesiredService {
+                    frontends,
+                    backends,
+                    kept,
+                    affinity_timeout,
+                    no_backend: if local_only { NoBackend::Drop } else { NoBackend::Reject },
+                    source_ranges: if scope == Scope::LoadBalancer {
+                        source_ranges.iter().filter(|r| Family::of(&r.addr()) == family).copied().collect()
+                    } else {
+                        Vec::new()
+                    },
+                    external: scope != Scope::Cluster,
+                };
+                out.services.insert(key, value);
+            }
+        }
+    }
+}
+
+/// The endpoints of one Service port: `(for new flows, kept for existing flows)`.
+/// Ports come from each slice's own `ports`, matched by name and protocol; readiness follows
+/// KEP-1669: ready endpoints if any, else serving+terminating ones.
+fn endpoints(
+    node: &NodeContext,
+    port: &ServicePort,
+    proto: u8,
+    family: Family,
+    slices: &[&EndpointSlice],
+    local_only: bool,
+) -> (BTreeSet<Backend>, BTreeSet<Backend>) {
+    let want_name = port.name.as_deref().unwrap_or("");
+    let family_name = match family {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    };
+    let mut ready = BTreeSet::new();
+    let mut serving_terminating = BTreeSet::new();
+    for slice in slices.iter().filter(|s| s.address_type == family_name) {
+        let Some(target) = slice.ports.iter().flatten().find_map(|p| {
+            let same = p.name.as_deref().unwrap_or("") == want_name && proto_of(p.protocol.as_deref()) == Some(proto);
+            if same { p.port.and_then(|n| u16::try_from(n).ok()) } else { None }
+        }) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let local = ep.node_name.as_deref() == Some(node.name.as_str());
+            if local_only && !local {
+                continue;
+            }
+            let (is_ready, serving, terminating) = conditions(ep);
+            // Only the first address is used (Kubernetes allows exactly one today).
+            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            if Family::of(&ip) != family {
+                continue;
+            }
+            let be = Backend { ip, port: target, local, terminating };
+            if is_ready {
+                ready.insert(be);
+            } else if serving && terminating {
+                serving_terminating.insert(be);
+            }
+        }
+    }
+    if ready.is_empty() { (serving_terminating, BTreeSet::new()) } else { (ready, serving_terminating) }
+}
+
+/// `(ready, serving, terminating)` with Kubernetes' defaults for unset conditions: ready and
+/// serving default to true, terminating to false; ready implies not terminating.
+fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
+    let c = ep.conditions.as_ref();
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    let ready = c.and_then(|c| c.ready).unwrap_or(true) && !terminating;
+    let serving = c.and_then(|c| c.serving).or(c.and_then(|c| c.ready)).unwrap_or(true);
+    (ready, serving, terminating)
+}
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;

@@ -1,0 +1,285 @@
+//! Table-driven tests of the Model, one group per row of DESIGN.md §5. Inputs are the same
+//! YAML a user writes; expectations are the frontends and backends of each datapath service.
+
+use super::*;
+use crate::source::manifests::{cluster_from, parse};
+
+const NODE: &str = "node-a";
+
+fn node_yaml() -> &'static str {
+    "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses:\n  - {type: Hostname, address: node-a}\n  - {type: InternalIP, address: 198.18.0.1}\n  - {type: InternalIP, address: 198.18.5.1}\n  - {type: InternalIP, address: 'fd00::1'}\n"
+}
+
+fn run_with(yaml: &str, nodeports: NodePortAddresses) -> Desired {
+    let text = format!("{}---\n{yaml}", node_yaml());
+    let cluster = cluster_from(parse(&text, false).expect("test YAML parses"));
+    let node = NodeContext { name: NODE.into(), nodeport_addresses: nodeports, fallback_addresses: vec![] };
+    desired(&cluster, &node)
+}
+
+fn run(yaml: &str) -> Desired {
+    run_with(yaml, NodePortAddresses::Primary)
+}
+
+fn svc<'a>(d: &'a Desired, port_name: &str, proto: u8, scope: Scope, family: Family) -> &'a DesiredService {
+    let key = ServiceRef {
+        namespace: "default".into(),
+        name: "web".into(),
+        port_name: port_name.into(),
+        proto,
+        scope,
+        family,
+    };
+    d.services.get(&key).unwrap_or_else(|| panic!("no {key}; have {:?}", d.services.keys().collect::<Vec<_>>()))
+}
+
+fn fe(list: &[(&str, u16)]) -> BTreeSet<(IpAddr, u16)> {
+    list.iter().map(|(ip, p)| (ip.parse().unwrap(), *p)).collect()
+}
+
+fn ips(set: &BTreeSet<Backend>) -> Vec<String> {
+    set.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect()
+}
+
+/// A Service `web` (spec given as a YAML flow map body) and its slices.
+fn service(spec: &str, status: &str) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{{spec}}}\nstatus: {{{status}}}\n---\n")
+}
+
+fn slice(name: &str, family: &str, ports: &str, endpoints: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {family}\nports: [{ports}]\nendpoints: [{endpoints}]\n---\n"
+    )
+}
+
+fn ep(ip: &str, node: &str, cond: &str) -> String {
+    format!("{{addresses: ['{ip}'], nodeName: {node}, conditions: {{{cond}}}}},")
+}
+
+fn three_pods() -> String {
+    slice(
+        "web-1",
+        "IPv4",
+        "{name: http, port: 9376, protocol: TCP}",
+        &[ep("198.18.1.10", NODE, "ready: true"), ep("198.18.1.11", NODE, ""), ep("198.18.2.10", "node-b", "ready: true")]
+            .concat(),
+    )
+}
+
+const HTTP: &str = "ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30080}]";
+
+#[test]
+fn cluster_ip_gets_ready_endpoints_with_the_slice_port() {
+    let d = run(&(service(&format!("clusterIP: 198.19.0.10, {HTTP}"), "") + &three_pods()));
+    let s = svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4);
+    assert_eq!(s.frontends, fe(&[("198.19.0.10", 80)]));
+    assert_eq!(ips(&s.backends), ["198.18.1.10:9376", "198.18.1.11:9376", "198.18.2.10:9376"]);
+    assert_eq!(s.backends.iter().filter(|b| b.local).count(), 2);
+    assert_eq!(s.no_backend, NoBackend::Reject);
+    assert!(!s.external && s.affinity_timeout.is_none());
+    // ClusterIP only: no external scope.
+    assert_eq!(d.services.len(), 1);
+    assert!(d.cluster_vips.contains(&"198.19.0.10".parse().unwrap()));
+}
+
+#[test]
+fn nodeport_serves_the_primary_address_or_the_configured_ranges() {
+    let yaml = service(&format!("type: NodePort, clusterIP: 198.19.0.10, {HTTP}"), "") + &three_pods();
+    let d = run(&yaml);
+    let s = svc(&d, "http", PROTO_TCP, Scope::External, Family::V4);
+    assert_eq!(s.frontends, fe(&[("198.18.0.1", 30080)]));
+    assert!(s.external);
+    assert_eq!(s.backends.len(), 3);
+    let d = run_with(&yaml, "198.18.0.0/16".parse().unwrap());
+    let s = svc(&d, "http", PROTO_TCP, Scope::External, Family::V4);
+    assert_eq!(s.frontends, fe(&[("198.18.0.1", 30080), ("198.18.5.1", 30080)]));
+    let d = run_with(&yaml, "198.18.5.0/24".parse().unwrap());
+    assert_eq!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).frontends, fe(&[("198.18.5.1", 30080)]));
+}
+
+#[test]
+fn load_balancer_ingress_ips_except_proxy_mode_and_external_ips() {
+    let d = run(
+        &(service(
+            &format!("type: LoadBalancer, clusterIP: 198.19.0.10, externalIPs: [198.19.9.9], {HTTP}"),
+            "loadBalancer: {ingress: [{ip: 198.19.100.1}, {ip: 198.19.100.2, ipMode: Proxy}, {ip: 198.19.100.3, ipMode: VIP}]}",
+        ) + &three_pods()),
+    );
+    let lb = svc(&d, "http", PROTO_TCP, Scope::LoadBalancer, Family::V4);
+    assert_eq!(lb.frontends, fe(&[("198.19.100.1", 80), ("198.19.100.3", 80)]));
+    let ext = svc(&d, "http", PROTO_TCP, Scope::External, Family::V4);
+    assert_eq!(ext.frontends, fe(&[("198.19.9.9", 80), ("198.18.0.1", 30080)]));
+    // A ClusterIP Service's LB status is not served.
+    let d = run(
+        &(service(&format!("clusterIP: 198.19.0.10, {HTTP}"), "loadBalancer: {ingress: [{ip: 198.19.100.1}]}")
+            + &three_pods()),
+    );
+    assert_eq!(d.services.len(), 1);
+}
+
+#[test]
+fn multi_port_same_port_tcp_and_udp_and_named_ports_per_slice() {
+    let spec = "clusterIP: 198.19.0.10, ports: [{name: http, port: 80, targetPort: http}, \
+                {name: dns, port: 53, protocol: UDP, targetPort: 5353}, {name: dns-tcp, port: 53, protocol: TCP}]";
+    // Two slices: the named port `http` resolves to a different number in each.
+    let yaml = service(spec, "")
+        + &slice(
+            "web-a",
+            "IPv4",
+            "{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}",
+            &ep("198.18.1.10", NODE, ""),
+        )
+        + &slice("web-b", "IPv4", "{name: http, port: 9090}, {name: dns-tcp, port: 5353}", &ep("198.18.2.10", "node-b", ""));
+    let d = run(&yaml);
+    assert_eq!(ips(&svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4).backends), ["198.18.1.10:8080", "198.18.2.10:9090"]);
+    assert_eq!(ips(&svc(&d, "dns", PROTO_UDP, Scope::Cluster, Family::V4).backends), ["198.18.1.10:5353"]);
+    let tcp53 = svc(&d, "dns-tcp", PROTO_TCP, Scope::Cluster, Family::V4);
+    assert_eq!(tcp53.frontends, fe(&[("198.19.0.10", 53)]));
+    assert_eq!(ips(&tcp53.backends), ["198.18.2.10:5353"]);
+}
+
+#[test]
+fn slice_port_protocol_must_match() {
+    let yaml = service("clusterIP: 198.19.0.10, ports: [{name: p, port: 53, protocol: UDP}]", "")
+        + &slice("web-a", "IPv4", "{name: p, port: 53, protocol: TCP}", &ep("198.18.1.10", NODE, ""));
+    assert!(svc(&run(&yaml), "p", PROTO_UDP, Scope::Cluster, Family::V4).backends.is_empty());
+}
+
+#[test]
+fn readiness_ready_first_then_serving_terminating_never_unserving() {
+    let spec = format!("clusterIP: 198.19.0.10, {HTTP}");
+    let cases: &[(&[(&str, &str)], &[&str], &[&str])] = &[
+        // (endpoints (ip, conditions), new-flow backends, kept)
+        (&[("198.18.1.10", "ready: true"), ("198.18.1.11", "ready: false, serving: true, terminating: true")], &["198.18.1.10:9376"], &["198.18.1.11:9376"]),
+        (&[("198.18.1.11", "ready: false, serving: true, terminating: true")], &["198.18.1.11:9376"], &[]),
+        (&[("198.18.1.11", "ready: false, serving: false, terminating: true")], &[], &[]),
+        (&[("198.18.1.12", "ready: false")], &[], &[]),
+        (&[("198.18.1.12", "ready: false"), ("198.18.1.13", "serving: true, terminating: true")], &["198.18.1.13:9376"], &[]),
+    ];
+    for (eps, want, kept) in cases {
+        let eps: String = eps.iter().map(|(ip, c)| ep(ip, NODE, c)).collect();
+        let d = run(&(service(&spec, "") + &slice("web-1", "IPv4", "{name: http, port: 9376}", &eps)));
+        let s = svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4);
+        assert_eq!(ips(&s.backends), *want, "{eps}");
+        assert_eq!(ips(&s.kept), *kept, "{eps}");
+        assert!(s.kept.iter().all(|b| b.terminating));
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_local_endpoints_and_drops() {
+    let yaml = service(
+        &format!("type: LoadBalancer, clusterIP: 198.19.0.10, externalTrafficPolicy: Local, {HTTP}"),
+        "loadBalancer: {ingress: [{ip: 198.19.100.1}]}",
+    );
+    let d = run(&(yaml.clone() + &three_pods()));
+    for scope in [Scope::External, Scope::LoadBalancer] {
+        let s = svc(&d, "http", PROTO_TCP, scope, Family::V4);
+        assert_eq!(ips(&s.backends), ["198.18.1.10:9376", "198.18.1.11:9376"]);
+        assert_eq!(s.no_backend, NoBackend::Drop);
+    }
+    // Cluster scope is not affected.
+    let c = svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4);
+    assert_eq!(c.backends.len(), 3);
+    assert_eq!(c.no_backend, NoBackend::Reject);
+    // Only remote endpoints: nothing, and drop.
+    let d = run(&(yaml + &slice("web-1", "IPv4", "{name: http, port: 9376}", &ep("198.18.2.10", "node-b", ""))));
+    assert!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).backends.is_empty());
+}
+
+#[test]
+fn internal_traffic_policy_local() {
+    let d = run(
+        &(service(&format!("type: NodePort, clusterIP: 198.19.0.10, internalTrafficPolicy: Local, {HTTP}"), "")
+            + &three_pods()),
+    );
+    let c = svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4);
+    assert_eq!(ips(&c.backends), ["198.18.1.10:9376", "198.18.1.11:9376"]);
+    assert_eq!(c.no_backend, NoBackend::Drop);
+    assert_eq!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).backends.len(), 3);
+}
+
+#[test]
+fn session_affinity_with_and_without_timeout() {
+    let cases = [
+        ("sessionAffinity: ClientIP", Some(DEFAULT_AFFINITY_TIMEOUT)),
+        ("sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}", Some(5)),
+        ("sessionAffinity: None", None),
+        ("publishNotReadyAddresses: false", None),
+    ];
+    for (aff, want) in cases {
+        let d = run(&(service(&format!("clusterIP: 198.19.0.10, {aff}, {HTTP}"), "") + &three_pods()));
+        assert_eq!(svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4).affinity_timeout, want, "{aff}");
+    }
+}
+
+#[test]
+fn source_ranges_apply_to_load_balancer_ips_only() {
+    let d = run(
+        &(service(
+            &format!("type: LoadBalancer, clusterIP: 198.19.0.10, loadBalancerSourceRanges: [198.18.0.100/32, 'fd00::/8'], {HTTP}"),
+            "loadBalancer: {ingress: [{ip: 198.19.100.1}]}",
+        ) + &three_pods()),
+    );
+    let lb = svc(&d, "http", PROTO_TCP, Scope::LoadBalancer, Family::V4);
+    assert_eq!(lb.source_ranges, vec!["198.18.0.100/32".parse::<IpNet>().unwrap()]);
+    assert!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).source_ranges.is_empty());
+    assert!(svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4).source_ranges.is_empty());
+}
+
+#[test]
+fn dual_stack_frontends_get_endpoints_of_their_family() {
+    let yaml = service(
+        &format!("type: NodePort, clusterIPs: [198.19.0.10, 'fd00:19::10'], ipFamilies: [IPv4, IPv6], {HTTP}"),
+        "",
+    ) + &three_pods()
+        + &slice("web-6", "IPv6", "{name: http, port: 9376}", &ep("fd00:18:1::10", NODE, ""));
+    let d = run(&yaml);
+    assert_eq!(svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4).backends.len(), 3);
+    let v6 = svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V6);
+    assert_eq!(v6.frontends, fe(&[("fd00:19::10", 80)]));
+    assert_eq!(ips(&v6.backends), ["fd00:18:1::10:9376"]);
+    assert_eq!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V6).frontends, fe(&[("fd00::1", 30080)]));
+}
+
+#[test]
+fn ignored_services() {
+    let cases = [
+        ("type: ExternalName, externalName: example.com", "ExternalName"),
+        ("clusterIP: None, ports: [{port: 80}]", "headless"),
+    ];
+    for (spec, why) in cases {
+        let d = run(&(service(spec, "") + &three_pods()));
+        assert!(d.services.is_empty(), "{spec}");
+        assert!(d.skipped[0].1.contains(why));
+    }
+    let other = "apiVersion: v1\nkind: Service\nmetadata: {name: web, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n";
+    let d = run(other);
+    assert!(d.services.is_empty() && d.skipped[0].1.contains("another proxy"));
+}
+
+#[test]
+fn no_slices_or_empty_slice_means_no_backends_and_reject() {
+    for extra in [String::new(), slice("web-1", "IPv4", "{name: http, port: 9376}", "")] {
+        let d = run(&(service(&format!("type: NodePort, clusterIP: 198.19.0.10, {HTTP}"), "") + &extra));
+        for scope in [Scope::Cluster, Scope::External] {
+            let s = svc(&d, "http", PROTO_TCP, scope, Family::V4);
+            assert!(s.backends.is_empty());
+            assert_eq!(s.no_backend, NoBackend::Reject);
+        }
+    }
+}
+
+#[test]
+fn node_addresses_fall_back_to_interfaces_without_a_node_object() {
+    let cluster = Cluster::default();
+    let node = NodeContext {
+        name: "other".into(),
+        nodeport_addresses: NodePortAddresses::Primary,
+        fallback_addresses: vec!["198.18.0.2".parse().unwrap(), "198.18.9.2".parse().unwrap()],
+    };
+    assert_eq!(node.nodeport_ips(&cluster), vec!["198.18.0.2".parse::<IpAddr>().unwrap()]);
+    assert!("primary".parse::<NodePortAddresses>().is_ok());
+    assert!("198.18.0.0/16, fd00::/8".parse::<NodePortAddresses>().is_ok());
+    assert!("nonsense".parse::<NodePortAddresses>().is_err());
+}
