@@ -46,6 +46,12 @@ pub const SVC_F_AFFINITY: u32 = 1 << 0;
 /// Service flag: with no backend, drop instead of rejecting (ETP/ITP Local with no local
 /// endpoint, as kube-proxy does).
 pub const SVC_F_DROP_NO_BACKEND: u32 = 1 << 1;
+/// Service flag: frontends reached from outside the cluster (NodePort, LoadBalancer IPs,
+/// externalIPs): a remote backend gets the flow source-NATed to the node address.
+pub const SVC_F_EXTERNAL: u32 = 1 << 2;
+/// Service flag: only sources in `lb_source_ranges` for this service may connect
+/// (`loadBalancerSourceRanges`); others are dropped.
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 3;
 
 /// Frontend value: which service it is and where its Maglev table lives.
 #[repr(C)]
@@ -103,20 +109,38 @@ pub const FLOW_FORWARD: u8 = 1;
 /// Flow direction: backend -> client; rewrite the source back to the frontend.
 pub const FLOW_REPLY: u8 = 2;
 
+/// Flow flag: the flow is source-NATed; `nat_addr:nat_port` is the other rewritten end.
+pub const FLOW_F_SNAT: u8 = 1 << 0;
+
 /// Flow table value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
-    /// New destination (forward) or new source (reply).
+    /// New destination (forward: the backend) or new source (reply: the frontend).
     pub addr: Addr,
+    /// With `FLOW_F_SNAT`: new source (forward: node address) or new destination (reply: the
+    /// original client).
+    pub nat_addr: Addr,
     /// Network byte order.
     pub port: u16,
+    /// Network byte order.
+    pub nat_port: u16,
     /// `FLOW_FORWARD` or `FLOW_REPLY`.
     pub direction: u8,
-    pub _pad: u8,
+    /// `FLOW_F_*`.
+    pub flags: u8,
+    pub _pad: u16,
     pub backend_id: u32,
     pub service_id: u32,
-    pub _pad2: u32,
+}
+
+/// Key data of the source-range LPM trie: service id, then the source address (the trie's
+/// prefix length counts the 32 service-id bits too).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    pub addr: Addr,
 }
 
 /// Key of the fragment table: an IPv4 datagram being fragmented.
@@ -173,6 +197,10 @@ pub struct Config {
     /// `CFG_F_*`.
     pub flags: u32,
     pub _pad: u32,
+    /// Source address for source-NATed IPv4 flows (the node address, IPv4-mapped); zero: none.
+    pub snat_v4: Addr,
+    /// Source address for source-NATed IPv6 flows; zero: none.
+    pub snat_v6: Addr,
 }
 
 /// A per-CPU packet and byte counter.
@@ -196,14 +224,18 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 40);
     assert!(offset_of!(FlowKey, sport) == 32);
     assert!(offset_of!(FlowKey, proto) == 36);
-    assert!(size_of::<FlowValue>() == 32);
-    assert!(offset_of!(FlowValue, backend_id) == 20);
+    assert!(size_of::<FlowValue>() == 48);
+    assert!(offset_of!(FlowValue, port) == 32);
+    assert!(offset_of!(FlowValue, direction) == 36);
+    assert!(offset_of!(FlowValue, backend_id) == 40);
+    assert!(size_of::<SourceRangeKey>() == 20);
     assert!(size_of::<FragmentKey>() == 12);
     assert!(size_of::<FragmentValue>() == 12);
     assert!(size_of::<AffinityKey>() == 20);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(offset_of!(AffinityValue, last_seen_ns) == 8);
-    assert!(size_of::<Config>() == 8);
+    assert!(size_of::<Config>() == 40);
+    assert!(offset_of!(Config, snat_v6) == 24);
     assert!(size_of::<Counter>() == 16);
 };
 
@@ -221,6 +253,7 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::Counter {}
 }
 

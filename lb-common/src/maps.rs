@@ -17,6 +17,8 @@ pub const FRAGMENTS: &str = "lb_fragments";
 pub const AFFINITY: &str = "lb_affinity";
 /// Datapath-wide settings (ARRAY of one `Config`).
 pub const CONFIG: &str = "lb_config";
+/// `loadBalancerSourceRanges`: LPM_TRIE of `SourceRangeKey -> u8` (present = allowed).
+pub const SOURCE_RANGES: &str = "lb_source_ranges";
 /// Per-CPU counters per verdict reason (PERCPU_ARRAY of `Counter`).
 pub const STATS_REASON: &str = "lb_stats_reason";
 /// Per-CPU counters per service id.
@@ -25,7 +27,7 @@ pub const STATS_SERVICE: &str = "lb_stats_service";
 pub const STATS_BACKEND: &str = "lb_stats_backend";
 
 /// Every pinned map, in the order the agent opens them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -33,6 +35,7 @@ pub const ALL: [&str; 10] = [
     FRAGMENTS,
     AFFINITY,
     CONFIG,
+    SOURCE_RANGES,
     STATS_REASON,
     STATS_SERVICE,
     STATS_BACKEND,
@@ -50,3 +53,4 @@ pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_FLOWS: u32 = 524_288;
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 16_384;
 pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;
+pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;

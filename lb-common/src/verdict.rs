@@ -39,10 +39,16 @@ pub enum Reason {
     BackendMissing = 15,
     /// Reject could not be built (packet too short to quote): dropped instead.
     RejectFailed = 16,
+    /// Source outside the service's `loadBalancerSourceRanges`: dropped.
+    SourceRangeDenied = 17,
+    /// A ClusterIP on a port it does not serve: rejected like a closed port.
+    RejectUnknownPort = 18,
+    /// A flow needing source NAT found no free port (or no node address): dropped.
+    SnatFailed = 19,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 20;
 
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -63,6 +69,9 @@ impl Reason {
         Reason::MapError,
         Reason::BackendMissing,
         Reason::RejectFailed,
+        Reason::SourceRangeDenied,
+        Reason::RejectUnknownPort,
+        Reason::SnatFailed,
     ];
 
     /// Stable snake_case name used in metrics labels and CLI output.
@@ -85,6 +94,9 @@ impl Reason {
             Reason::MapError => "map_error",
             Reason::BackendMissing => "backend_missing",
             Reason::RejectFailed => "reject_failed",
+            Reason::SourceRangeDenied => "source_range_denied",
+            Reason::RejectUnknownPort => "reject_unknown_port",
+            Reason::SnatFailed => "snat_failed",
         }
     }
 }

@@ -2,9 +2,11 @@
 //! backend-side flow (which frontend to restore on replies), plus the fragment table that
 //! lets non-first IPv4 fragments follow their first fragment.
 
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use lb_common::abi::*;
 
 use crate::{
+    select,
     maps::{CONNTRACK, FRAGMENTS},
     nat::Side,
     parse::Headers,
@@ -26,24 +28,62 @@ pub fn forget(key: &FlowKey) {
     let _ = CONNTRACK.remove(key);
 }
 
-/// Records a new flow client -> frontend translated to `backend`; returns its forward entry.
-#[inline(always)]
+/// Why a flow could not be recorded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CreateError {
+    /// A map update failed.
+    Map = 1,
+    /// Source NAT needed, but no node address is configured or no port was free.
+    Snat = 2,
+}
+
+/// Source ports handed out for source-NATed flows: above Linux's default ephemeral range
+/// (32768-60999), so they do not collide with the node's own connections.
+const SNAT_PORT_MIN: u32 = 61_000;
+const SNAT_PORTS: u32 = 65_536 - SNAT_PORT_MIN;
+/// Random ports tried before giving up on a flow.
+const SNAT_TRIES: u32 = 8;
+
+/// Records a new flow of `svc` (client -> frontend) translated to `backend`, source-NATed when
+/// `select::needs_snat` says so; writes its forward entry to `out`. Not inlined: its own stack
+/// frame keeps the caller within the 512-byte BPF stack (it returns a plain code, as BPF
+/// subprograms cannot return structs).
+#[inline(never)]
 pub fn create(
     key: &FlowKey,
-    service_id: u32,
+    svc: &ServiceValue,
     backend_id: u32,
     backend: &BackendValue,
-) -> Result<FlowValue, ()> {
-    let fwd = FlowValue {
+    out: &mut FlowValue,
+) -> u32 {
+    match try_create(key, svc, backend_id, backend) {
+        Ok(v) => {
+            *out = v;
+            0
+        }
+        Err(e) => e as u32,
+    }
+}
+
+#[inline(always)]
+fn try_create(
+    key: &FlowKey,
+    svc: &ServiceValue,
+    backend_id: u32,
+    backend: &BackendValue,
+) -> Result<FlowValue, CreateError> {
+    let service_id = svc.service_id;
+    let snat = select::needs_snat(svc, backend, key);
+    let mut fwd = FlowValue {
         addr: backend.addr,
         port: backend.port,
         direction: FLOW_FORWARD,
-        _pad: 0,
         backend_id,
         service_id,
-        _pad2: 0,
+        ..FlowValue::default()
     };
-    let rkey = FlowKey {
+    let mut rkey = FlowKey {
         src: backend.addr,
         dst: key.src,
         sport: backend.port,
@@ -51,18 +91,44 @@ pub fn create(
         proto: key.proto,
         _pad: [0; 3],
     };
-    let rev = FlowValue {
+    let mut rev = FlowValue {
         addr: key.dst,
         port: key.dport,
         direction: FLOW_REPLY,
-        _pad: 0,
         backend_id,
         service_id,
-        _pad2: 0,
+        ..FlowValue::default()
     };
     // Reverse first: a reply must never arrive before its way back exists.
-    CONNTRACK.insert(&rkey, &rev, 0).map_err(|_| ())?;
-    CONNTRACK.insert(key, &fwd, 0).map_err(|_| ())?;
+    if snat {
+        let node = select::snat_addr(&key.src).ok_or(CreateError::Snat)?;
+        rev.flags = FLOW_F_SNAT;
+        rev.nat_addr = key.src;
+        rev.nat_port = key.sport;
+        rkey.dst = node;
+        let mut claimed = false;
+        let mut i = 0;
+        while i < SNAT_TRIES {
+            // SAFETY: helper without arguments.
+            let port = SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORTS;
+            rkey.dport = (port as u16).to_be();
+            // NOEXIST claims the port atomically against other CPUs.
+            if CONNTRACK.insert(&rkey, &rev, BPF_NOEXIST as u64).is_ok() {
+                claimed = true;
+                break;
+            }
+            i += 1;
+        }
+        if !claimed {
+            return Err(CreateError::Snat);
+        }
+        fwd.flags = FLOW_F_SNAT;
+        fwd.nat_addr = node;
+        fwd.nat_port = rkey.dport;
+    } else {
+        CONNTRACK.insert(&rkey, &rev, 0).map_err(|_| CreateError::Map)?;
+    }
+    CONNTRACK.insert(key, &fwd, 0).map_err(|_| CreateError::Map)?;
     Ok(fwd)
 }
 

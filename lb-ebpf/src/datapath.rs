@@ -27,10 +27,16 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     out
 }
 
+/// Rewrites `side` to the flow's address (forward: destination to the backend; reply: source
+/// back to the frontend) and, for a source-NATed flow, the other side too.
 #[inline(always)]
 fn translate<P: Packet>(pkt: &mut P, h: &Headers, side: Side, v: &FlowValue, bytes: u32) -> Result<(), ()> {
     apply(pkt, h, side, &v.addr, v.port)?;
-    if h.frag == FRAG_FIRST {
+    if v.flags & FLOW_F_SNAT != 0 {
+        apply(pkt, h, side.other(), &v.nat_addr, v.nat_port)?;
+    } else if h.frag == FRAG_FIRST {
+        // Later fragments follow with the one address rewrite (not offered to NATed flows:
+        // those would need two).
         conntrack::remember_fragment(h, side, &v.addr, v.service_id);
     }
     stats::service(v.service_id, bytes);
@@ -82,8 +88,11 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
     let skey = ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { SERVICES.get(&skey).copied() }) else {
-        return (Action::Pass, Reason::NoFrontend);
+        return unknown_port(pkt, h);
     };
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, &h.src) {
+        return (Action::Drop, Reason::SourceRangeDenied);
+    }
     if svc.backend_count == 0 {
         stats::service(svc.service_id, bytes);
         return no_backend(pkt, h, &svc);
@@ -94,13 +103,28 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
     let Some(be) = select::backend(id) else {
         return (Action::Drop, Reason::BackendMissing);
     };
-    let Ok(v) = conntrack::create(&key, svc.service_id, id, be) else {
-        return MAP_ERR;
-    };
+    let mut v = FlowValue::default();
+    match conntrack::create(&key, &svc, id, be, &mut v) {
+        0 => {}
+        e if e == conntrack::CreateError::Snat as u32 => return (Action::Drop, Reason::SnatFailed),
+        _ => return MAP_ERR,
+    }
     if translate(pkt, h, Side::Dst, &v, bytes).is_err() {
         return MAP_ERR;
     }
     (Action::Pass, Reason::NewFlow)
+}
+
+/// Not a frontend. A ClusterIP answers on every port, like kube-proxy's catch-all reject:
+/// its port-0 entry turns an unserved port into a reject; anything else passes.
+#[inline(always)]
+fn unknown_port<P: Packet>(pkt: &mut P, h: &Headers) -> Outcome {
+    let vip = ServiceKey { addr: h.dst, port: 0, proto: 0, _pad: 0 };
+    // SAFETY: only presence is read.
+    if unsafe { SERVICES.get(&vip) }.is_none() {
+        return (Action::Pass, Reason::NoFrontend);
+    }
+    refuse(pkt, h, Reason::RejectUnknownPort)
 }
 
 #[inline(always)]
@@ -108,13 +132,20 @@ fn no_backend<P: Packet>(pkt: &mut P, h: &Headers, svc: &ServiceValue) -> Outcom
     if svc.flags & SVC_F_DROP_NO_BACKEND != 0 || select::config_flags() & CFG_F_NO_BACKEND_DROP != 0 {
         return (Action::Drop, Reason::DropNoBackend);
     }
+    refuse(pkt, h, Reason::RejectNoBackend)
+}
+
+/// Answers like a closed port (TCP RST / ICMP port unreachable), counted as `reason`. Not
+/// inlined: building the answer needs stack the translate path must not pay for.
+#[inline(never)]
+fn refuse<P: Packet>(pkt: &mut P, h: &Headers, reason: Reason) -> Outcome {
     if h.frag == FRAG_FIRST {
         // Quoting a fragment is legal, but the rest of the datagram would follow unanswered;
         // dropping is what a closed port would look like to the sender anyway.
         return (Action::Drop, Reason::RejectFailed);
     }
     match reject(pkt, h) {
-        Ok(()) => (Action::Bounce, Reason::RejectNoBackend),
+        Ok(()) => (Action::Bounce, reason),
         Err(()) => (Action::Drop, Reason::RejectFailed),
     }
 }

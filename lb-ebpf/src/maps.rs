@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{abi::*, maps::*};
 
@@ -31,6 +31,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned
 
 #[map(name = "lb_config")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "lb_source_ranges")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::pinned(DEFAULT_MAX_SOURCE_RANGES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map(name = "lb_stats_reason")]
 pub static STATS_REASON: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::verdict::Reason::COUNT, 0);

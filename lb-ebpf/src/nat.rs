@@ -28,6 +28,16 @@ pub enum Side {
     Src,
 }
 
+impl Side {
+    #[inline(always)]
+    pub fn other(self) -> Side {
+        match self {
+            Side::Dst => Side::Src,
+            Side::Src => Side::Dst,
+        }
+    }
+}
+
 /// The per-hook primitives the shared logic needs.
 pub trait Packet {
     fn data(&self) -> usize;

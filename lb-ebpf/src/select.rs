@@ -5,12 +5,37 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{abi::*, hash::flow_hash, maglev};
 
-use crate::maps::{AFFINITY, BACKENDS, CONFIG, MAGLEV};
+use aya_ebpf::maps::lpm_trie::Key;
+
+use crate::maps::{AFFINITY, BACKENDS, CONFIG, MAGLEV, SOURCE_RANGES};
 
 /// Datapath-wide flags (`CFG_F_*`).
 #[inline(always)]
 pub fn config_flags() -> u32 {
     CONFIG.get(0).map(|c| c.flags).unwrap_or(0)
+}
+
+/// The source NAT address for a flow of this family, if one is configured.
+#[inline(always)]
+pub fn snat_addr(client: &Addr) -> Option<Addr> {
+    let c = CONFIG.get(0)?;
+    let a = if is_v4(client) { c.snat_v4 } else { c.snat_v6 };
+    if a == [0; 4] { None } else { Some(a) }
+}
+
+/// Whether a new flow to `be` must be source-NATed: external traffic to a backend on another
+/// node (its reply must come back through us), and hairpin (a pod reaching itself through
+/// its Service would otherwise see its own address as the source).
+#[inline(always)]
+pub fn needs_snat(svc: &ServiceValue, be: &BackendValue, key: &FlowKey) -> bool {
+    (svc.flags & SVC_F_EXTERNAL != 0 && be.flags & BE_F_LOCAL == 0) || be.addr == key.src
+}
+
+/// `loadBalancerSourceRanges`: is `src` inside one of the service's ranges?
+#[inline(always)]
+pub fn source_allowed(service_id: u32, src: &Addr) -> bool {
+    let key = Key::new(32 + 128, SourceRangeKey { service_id, addr: *src });
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 /// The backend entry for `id`, if it is in use.

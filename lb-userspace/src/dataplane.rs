@@ -7,7 +7,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
+use ipnet::IpNet;
 use lb_common::{abi::*, maps, verdict::Reason};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +42,28 @@ pub trait Dataplane {
     /// Backends in use (flags with `BE_F_PRESENT`).
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>>;
     fn read_maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>>;
+    /// Lets sources in `net` reach the frontends of `service_id` (`SVC_F_SOURCE_RANGES`).
+    fn allow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()>;
+    fn disallow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()>;
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNet)>>;
+}
+
+/// The trie key of `net` for `service_id` (the prefix counts the 32 id bits; IPv4 ranges are
+/// IPv4-mapped, so their prefix also counts the 96 mapping bits).
+pub fn source_range_key(service_id: u32, net: &IpNet) -> Key<SourceRangeKey> {
+    let bits = match net {
+        IpNet::V4(n) => 96 + n.prefix_len() as u32,
+        IpNet::V6(n) => n.prefix_len() as u32,
+    };
+    Key::new(32 + bits, SourceRangeKey { service_id, addr: addr_from_ip(net.network()) })
+}
+
+fn source_range_from_key(key: &Key<SourceRangeKey>) -> Option<(u32, IpNet)> {
+    let data = key.data();
+    let ip = ip_from_addr(&data.addr);
+    let bits = key.prefix_len().checked_sub(32)?;
+    let prefix = if ip.is_ipv4() { bits.checked_sub(96)? } else { bits };
+    IpNet::new(ip, prefix as u8).ok().map(|n| (data.service_id, n))
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
@@ -51,6 +77,7 @@ pub struct AyaDataplane {
     maglev: MaglevMmap,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     config: Array<MapData, Config>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     stats_reason: PerCpuArray<MapData, Counter>,
     stats_service: PerCpuArray<MapData, Counter>,
     stats_backend: PerCpuArray<MapData, Counter>,
@@ -74,6 +101,8 @@ impl AyaDataplane {
                 .map_err(map_err(maps::CONNTRACK))?,
             config: Array::try_from(Map::Array(open(pin_dir, maps::CONFIG)?))
                 .map_err(map_err(maps::CONFIG))?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(open(pin_dir, maps::SOURCE_RANGES)?))
+                .map_err(map_err(maps::SOURCE_RANGES))?,
             stats_reason: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::STATS_REASON)?))
                 .map_err(map_err(maps::STATS_REASON))?,
             stats_service: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::STATS_SERVICE)?))
@@ -178,6 +207,20 @@ impl Dataplane for AyaDataplane {
         let slots = unsafe { std::slice::from_raw_parts(self.maglev.ptr.add(offset as usize), len as usize) };
         Ok(slots.iter().map(|s| *s as u32).collect())
     }
+
+    fn allow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
+        self.source_ranges.insert(&source_range_key(service_id, net), 1, 0).map_err(map_err(maps::SOURCE_RANGES))
+    }
+
+    fn disallow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
+        self.source_ranges.remove(&source_range_key(service_id, net)).map_err(map_err(maps::SOURCE_RANGES))
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNet)>> {
+        let keys: Vec<Key<SourceRangeKey>> =
+            self.source_ranges.keys().collect::<std::result::Result<_, _>>().map_err(map_err(maps::SOURCE_RANGES))?;
+        Ok(keys.iter().filter_map(source_range_from_key).collect())
+    }
 }
 
 /// The Maglev array mapped into our address space (the map is `BPF_F_MMAPABLE`): a table
@@ -248,6 +291,7 @@ pub struct FakeDataplane {
     pub backends: BTreeMap<u32, BackendValue>,
     pub maglev: BTreeMap<u32, u32>,
     pub config: Config,
+    pub source_ranges: std::collections::BTreeSet<(u32, IpNet)>,
     /// Every write, in order, to check op ordering.
     pub log: Vec<String>,
 }
@@ -300,5 +344,21 @@ impl Dataplane for FakeDataplane {
 
     fn read_maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
         Ok((offset..offset + len).map(|i| self.maglev.get(&i).copied().unwrap_or(0)).collect())
+    }
+
+    fn allow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
+        self.log.push(format!("allow_source {service_id} {net}"));
+        self.source_ranges.insert((service_id, *net));
+        Ok(())
+    }
+
+    fn disallow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
+        self.log.push(format!("disallow_source {service_id} {net}"));
+        self.source_ranges.remove(&(service_id, *net));
+        Ok(())
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNet)>> {
+        Ok(self.source_ranges.iter().copied().collect())
     }
 }

@@ -6,5 +6,6 @@ pub mod dataplane;
 pub mod loader;
 pub mod maglev;
 pub mod range_alloc;
+pub mod reconcile;
 pub mod model;
 pub mod source;

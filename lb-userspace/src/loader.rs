@@ -54,6 +54,7 @@ pub struct Capacities {
     pub flows: u32,
     pub fragments: u32,
     pub affinity: u32,
+    pub source_ranges: u32,
 }
 
 impl Default for Capacities {
@@ -66,6 +67,7 @@ impl Default for Capacities {
             flows: maps::DEFAULT_MAX_FLOWS,
             fragments: maps::DEFAULT_MAX_FRAGMENTS,
             affinity: maps::DEFAULT_MAX_AFFINITY,
+            source_ranges: maps::DEFAULT_MAX_SOURCE_RANGES,
         }
     }
 }
@@ -98,6 +100,7 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf, LoadError> {
         .map_max_entries(maps::CONNTRACK, caps.flows)
         .map_max_entries(maps::FRAGMENTS, caps.fragments)
         .map_max_entries(maps::AFFINITY, caps.affinity)
+        .map_max_entries(maps::SOURCE_RANGES, caps.source_ranges)
         .map_max_entries(maps::STATS_SERVICE, caps.services)
         .map_max_entries(maps::STATS_BACKEND, caps.backends)
         .load(EBPF_OBJECT)?;

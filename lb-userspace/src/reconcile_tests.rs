@@ -1,0 +1,218 @@
+use super::*;
+use crate::{
+    dataplane::FakeDataplane,
+    model::{Family, Scope, ServiceRef},
+};
+
+const LIMITS: Limits = Limits { max_table: 65_537, maglev_slots: 100_000, backends: 1_000, services: 1_000 };
+
+fn sref(name: &str) -> ServiceRef {
+    ServiceRef {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: "http".into(),
+        proto: PROTO_TCP,
+        scope: Scope::Cluster,
+        family: Family::V4,
+    }
+}
+
+fn be(last: u8) -> Backend {
+    Backend { ip: IpAddr::from([198, 18, 1, last]), port: 9376, local: last < 100, terminating: false }
+}
+
+fn service(vip: u8, backends: &[u8]) -> DesiredService {
+    DesiredService {
+        frontends: [(IpAddr::from([198, 19, 0, vip]), 80)].into(),
+        backends: backends.iter().map(|b| be(*b)).collect(),
+        kept: BTreeSet::new(),
+        affinity_timeout: None,
+        no_backend: NoBackend::Reject,
+        source_ranges: vec![],
+        external: false,
+    }
+}
+
+fn desired(services: Vec<(&str, DesiredService)>) -> Desired {
+    Desired { services: services.into_iter().map(|(n, s)| (sref(n), s)).collect(), ..Default::default() }
+}
+
+/// Plans, applies to the fake, checks that the state read back is what was recorded and that
+/// planning again yields nothing. Returns the ops.
+fn sync(dp: &mut FakeDataplane, d: &Desired) -> Vec<MapOp> {
+    let mut applied = Applied::read(dp).unwrap();
+    let ops = plan(d, &applied, &LIMITS).unwrap();
+    execute(dp, &mut applied, &ops).unwrap();
+    assert_eq!(applied, Applied::read(dp).unwrap(), "recorded state differs from the maps");
+    assert_eq!(plan(d, &applied, &LIMITS).unwrap(), vec![], "second plan is not empty");
+    ops
+}
+
+fn value(dp: &FakeDataplane, vip: u8) -> ServiceValue {
+    dp.services[&ServiceKey::new(IpAddr::from([198, 19, 0, vip]), 80, PROTO_TCP)]
+}
+
+fn table(dp: &FakeDataplane, vip: u8) -> Vec<u32> {
+    let v = value(dp, vip);
+    dp.read_maglev(v.maglev_offset, v.maglev_size).unwrap()
+}
+
+fn backend_id(dp: &FakeDataplane, last: u8) -> u32 {
+    *dp.backends.iter().find(|(_, b)| b.ip() == be(last).ip).unwrap().0
+}
+
+#[test]
+fn a_new_service_is_built_before_its_frontend_appears() {
+    let mut dp = FakeDataplane::default();
+    sync(&mut dp, &desired(vec![("web", service(10, &[1, 2, 3]))]));
+    let kinds: Vec<&str> = dp.log.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(kinds, ["set_backend", "set_backend", "set_backend", "write_maglev", "set_service"]);
+    let v = value(&dp, 10);
+    assert_eq!((v.backend_count, v.maglev_size), (3, 307));
+    let t = table(&dp, 10);
+    let ids: BTreeSet<u32> = t.iter().copied().collect();
+    assert_eq!(ids, [1, 2, 3].into());
+    assert!(dp.backends.values().all(|b| b.flags & BE_F_LOCAL != 0 && b.port() == 9376));
+}
+
+#[test]
+fn removing_a_backend_moves_only_its_slots_and_keeps_ids_and_size() {
+    let mut dp = FakeDataplane::default();
+    sync(&mut dp, &desired(vec![("web", service(10, &[1, 2, 3, 4]))]));
+    let before = table(&dp, 10);
+    let old = value(&dp, 10);
+    let gone = backend_id(&dp, 2);
+    dp.log.clear();
+    sync(&mut dp, &desired(vec![("web", service(10, &[1, 3, 4]))]));
+    let after = table(&dp, 10);
+    let new = value(&dp, 10);
+    assert_eq!(new.service_id, old.service_id);
+    assert_eq!(new.maglev_size, old.maglev_size, "size kept on removal");
+    assert_ne!(new.maglev_offset, old.maglev_offset, "a changed table goes to a fresh range");
+    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    assert_eq!(moved, before.iter().filter(|id| **id == gone).count(), "only the removed share moves");
+    assert!(!after.contains(&gone));
+    // The flip happens before the backend is removed.
+    assert_eq!(dp.log.last().unwrap(), &format!("remove_backend {gone}"));
+    let flip = dp.log.iter().position(|l| l.starts_with("set_service")).unwrap();
+    let write = dp.log.iter().position(|l| l.starts_with("write_maglev")).unwrap();
+    assert!(write < flip);
+    // The other backends kept their ids.
+    for b in [1, 3, 4] {
+        assert!(after.contains(&backend_id(&dp, b)));
+    }
+}
+
+#[test]
+fn new_tables_never_overwrite_a_live_range_and_old_ranges_are_reused() {
+    let mut dp = FakeDataplane::default();
+    sync(&mut dp, &desired(vec![("a", service(10, &[1, 2])), ("b", service(11, &[3]))]));
+    let (a0, b0) = (value(&dp, 10), value(&dp, 11));
+    sync(&mut dp, &desired(vec![("a", service(10, &[1, 2, 5])), ("b", service(11, &[3]))]));
+    let a1 = value(&dp, 10);
+    let live = |v: &ServiceValue| v.maglev_offset..v.maglev_offset + v.maglev_size;
+    assert!(!live(&a0).contains(&a1.maglev_offset) && !live(&b0).contains(&a1.maglev_offset));
+    assert_eq!(value(&dp, 11), b0, "untouched service untouched");
+    // a0's range is free again: the next table that fits may take it.
+    sync(&mut dp, &desired(vec![("a", service(10, &[1, 2, 5])), ("b", service(11, &[3, 4]))]));
+    assert_eq!(value(&dp, 11).maglev_offset, a0.maglev_offset);
+}
+
+#[test]
+fn restart_reads_the_maps_and_plans_nothing_and_keeps_ids() {
+    let mut dp = FakeDataplane::default();
+    let d = desired(vec![("a", service(10, &[1, 2])), ("b", service(11, &[3]))]);
+    sync(&mut dp, &d);
+    let ids = (value(&dp, 10).service_id, value(&dp, 11).service_id, backend_id(&dp, 3));
+    // A new agent: only the maps survive.
+    let applied = Applied::read(&dp).unwrap();
+    assert_eq!(plan(&d, &applied, &LIMITS).unwrap(), vec![]);
+    // Services listed in another order (another name) keep their ids too.
+    let d2 = desired(vec![("z", service(10, &[1, 2])), ("b", service(11, &[3, 4]))]);
+    sync(&mut dp, &d2);
+    assert_eq!((value(&dp, 10).service_id, value(&dp, 11).service_id, backend_id(&dp, 3)), ids);
+}
+
+#[test]
+fn deleting_a_service_removes_frontend_then_backends() {
+    let mut dp = FakeDataplane::default();
+    sync(&mut dp, &desired(vec![("a", service(10, &[1, 2])), ("b", service(11, &[2, 3]))]));
+    dp.log.clear();
+    sync(&mut dp, &desired(vec![("b", service(11, &[2, 3]))]));
+    assert_eq!(dp.log, ["remove_service 198.19.0.10:80", &format!("remove_backend {}", 1)]);
+    assert_eq!(dp.backends.len(), 2, "a backend shared with a live service stays");
+    sync(&mut dp, &Desired::default());
+    assert!(dp.services.is_empty() && dp.backends.is_empty());
+}
+
+#[test]
+fn terminating_backends_are_kept_for_existing_flows_but_not_in_the_table() {
+    let mut dp = FakeDataplane::default();
+    let mut s = service(10, &[1]);
+    s.kept.insert(Backend { terminating: true, ..be(2) });
+    sync(&mut dp, &desired(vec![("web", s)]));
+    let id2 = backend_id(&dp, 2);
+    assert_ne!(dp.backends[&id2].flags & BE_F_TERMINATING, 0);
+    assert!(!table(&dp, 10).contains(&id2));
+    assert_eq!(value(&dp, 10).backend_count, 1);
+}
+
+#[test]
+fn no_backends_reject_or_drop_flags_and_cluster_vip_markers() {
+    let mut dp = FakeDataplane::default();
+    let mut local = service(11, &[]);
+    local.no_backend = NoBackend::Drop;
+    local.external = true;
+    local.affinity_timeout = Some(30);
+    let mut d = desired(vec![("a", service(10, &[])), ("b", local)]);
+    d.cluster_vips.insert(IpAddr::from([198, 19, 0, 10]));
+    sync(&mut dp, &d);
+    let a = value(&dp, 10);
+    assert_eq!((a.backend_count, a.maglev_size, a.flags), (0, 0, 0));
+    let b = value(&dp, 11);
+    assert_eq!(b.flags, SVC_F_DROP_NO_BACKEND | SVC_F_EXTERNAL | SVC_F_AFFINITY);
+    assert_eq!(b.affinity_timeout, 30);
+    let marker = ServiceKey::new(IpAddr::from([198, 19, 0, 10]), 0, 0);
+    assert_eq!(dp.services[&marker], ServiceValue::default());
+    assert!(dp.log.iter().all(|l| !l.starts_with("write_maglev")));
+    d.cluster_vips.clear();
+    sync(&mut dp, &d);
+    assert!(!dp.services.contains_key(&marker));
+}
+
+#[test]
+fn source_ranges_are_allowed_before_the_flip_and_removed_after() {
+    let mut dp = FakeDataplane::default();
+    let mut s = service(10, &[1]);
+    s.source_ranges = vec!["198.18.0.100/32".parse().unwrap()];
+    sync(&mut dp, &desired(vec![("web", s.clone())]));
+    let id = value(&dp, 10).service_id;
+    assert_eq!(dp.source_ranges, [(id, "198.18.0.100/32".parse().unwrap())].into());
+    assert_ne!(value(&dp, 10).flags & SVC_F_SOURCE_RANGES, 0);
+    let allow = dp.log.iter().position(|l| l.starts_with("allow_source")).unwrap();
+    let flip = dp.log.iter().position(|l| l.starts_with("set_service")).unwrap();
+    assert!(allow < flip);
+    s.source_ranges.clear();
+    dp.log.clear();
+    sync(&mut dp, &desired(vec![("web", s)]));
+    assert_eq!(dp.log, ["set_service 198.19.0.10:80", &format!("disallow_source {id} 198.18.0.100/32")]);
+}
+
+#[test]
+fn limits_are_reported() {
+    let small = Limits { backends: 3, ..LIMITS };
+    let d = desired(vec![("web", service(10, &[1, 2, 3]))]);
+    assert_eq!(plan(&d, &Applied::default(), &small), Err(PlanError::BackendsFull(3)));
+    let small = Limits { maglev_slots: 100, ..LIMITS };
+    assert_eq!(plan(&d, &Applied::default(), &small), Err(PlanError::MaglevFull(307)));
+}
+
+#[test]
+fn table_size_is_kept_until_a_quarter() {
+    assert_eq!(table_size(4, 0, 65_537), 401);
+    assert_eq!(table_size(3, 401, 65_537), 401);
+    assert_eq!(table_size(1, 401, 65_537), 401);
+    assert_eq!(table_size(1, 503, 65_537), 101);
+    assert_eq!(table_size(5, 401, 65_537), 503);
+    assert_eq!(table_size(0, 401, 65_537), 0);
+}
