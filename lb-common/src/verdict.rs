@@ -101,7 +101,37 @@ impl Reason {
     }
 }
 
+impl Reason {
+    /// The reason with counter index `v` (`MapError` for an unknown index).
+    pub const fn from_u32(v: u32) -> Reason {
+        match v {
+            0 => Reason::NotIp,
+            1 => Reason::NotTcpUdp,
+            2 => Reason::NoFrontend,
+            3 => Reason::NewFlow,
+            4 => Reason::FlowHit,
+            5 => Reason::Reply,
+            6 => Reason::RejectNoBackend,
+            7 => Reason::DropNoBackend,
+            8 => Reason::TruncatedEth,
+            9 => Reason::MalformedIp,
+            10 => Reason::TruncatedL4,
+            11 => Reason::FragmentFollowed,
+            12 => Reason::FragmentUnknown,
+            13 => Reason::Ipv6ExtHeader,
+            14 => Reason::MapError,
+            15 => Reason::BackendMissing,
+            16 => Reason::RejectFailed,
+            17 => Reason::SourceRangeDenied,
+            18 => Reason::RejectUnknownPort,
+            19 => Reason::SnatFailed,
+            _ => Reason::MapError,
+        }
+    }
+}
+
 /// What happens to the packet; each program maps it to its own return code in one place.
+#[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Continue into the kernel stack (possibly rewritten).
@@ -112,6 +142,20 @@ pub enum Action {
     Bounce,
 }
 
+/// An action and its reason packed in one scalar: BPF subprograms cannot return structs.
+pub const fn pack(action: Action, reason: Reason) -> u32 {
+    (action as u32) << 16 | reason as u32
+}
+
+pub const fn unpack(v: u32) -> (Action, Reason) {
+    let action = match v >> 16 {
+        0 => Action::Pass,
+        1 => Action::Drop,
+        _ => Action::Bounce,
+    };
+    (action, Reason::from_u32(v & 0xffff))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +164,16 @@ mod tests {
     fn all_is_in_counter_order() {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{}", r.name());
+            assert_eq!(Reason::from_u32(i as u32), *r);
+        }
+    }
+
+    #[test]
+    fn pack_round_trips() {
+        for a in [Action::Pass, Action::Drop, Action::Bounce] {
+            for r in Reason::ALL {
+                assert_eq!(unpack(pack(a, r)), (a, r));
+            }
         }
     }
 }

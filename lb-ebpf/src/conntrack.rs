@@ -18,9 +18,10 @@ pub fn flow_key(h: &Headers) -> FlowKey {
 }
 
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<FlowValue> {
-    // SAFETY: the value is copied out at once.
-    unsafe { CONNTRACK.get(key).copied() }
+pub fn lookup(key: &FlowKey) -> Option<&'static FlowValue> {
+    // SAFETY: read in place; a concurrent update of the same flow writes the same kind of
+    // value, so a torn read at worst sends one packet the way it was going anyway.
+    unsafe { CONNTRACK.get(key) }
 }
 
 #[inline(always)]
@@ -57,11 +58,8 @@ pub fn create(
     backend: &BackendValue,
     out: &mut FlowValue,
 ) -> u32 {
-    match try_create(key, svc, backend_id, backend) {
-        Ok(v) => {
-            *out = v;
-            0
-        }
+    match try_create(key, svc, backend_id, backend, out) {
+        Ok(()) => 0,
         Err(e) => e as u32,
     }
 }
@@ -72,10 +70,11 @@ fn try_create(
     svc: &ServiceValue,
     backend_id: u32,
     backend: &BackendValue,
-) -> Result<FlowValue, CreateError> {
+    fwd: &mut FlowValue,
+) -> Result<(), CreateError> {
     let service_id = svc.service_id;
     let snat = select::needs_snat(svc, backend, key);
-    let mut fwd = FlowValue {
+    *fwd = FlowValue {
         addr: backend.addr,
         port: backend.port,
         direction: FLOW_FORWARD,
@@ -128,8 +127,8 @@ fn try_create(
     } else {
         CONNTRACK.insert(&rkey, &rev, 0).map_err(|_| CreateError::Map)?;
     }
-    CONNTRACK.insert(key, &fwd, 0).map_err(|_| CreateError::Map)?;
-    Ok(fwd)
+    CONNTRACK.insert(key, fwd, 0).map_err(|_| CreateError::Map)
+
 }
 
 #[inline(always)]

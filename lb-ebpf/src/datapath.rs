@@ -4,14 +4,14 @@
 
 use lb_common::{
     abi::*,
-    verdict::{Action, Reason},
+    verdict::{Action, Reason, pack, unpack},
 };
 
 use crate::{
     conntrack,
     maps::SERVICES,
     nat::{Packet, Side, apply},
-    parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_SYN, parse},
+    parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_SYN, parse_into},
     reject::reject,
     select, stats,
 };
@@ -19,17 +19,19 @@ use crate::{
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     let bytes = pkt.len();
-    let out = match parse(pkt.data(), pkt.data_end()) {
-        Ok(h) => handle(pkt, &h, bytes),
-        Err(out) => out,
-    };
+    let mut h = Headers::default();
+    let mut out = (Action::Pass, Reason::NotIp);
+    if parse_into(pkt.data(), pkt.data_end(), &mut h, &mut out) {
+        out = handle(pkt, &h, bytes);
+    }
     stats::reason(out.1, bytes);
     out
 }
 
 /// Rewrites `side` to the flow's address (forward: destination to the backend; reply: source
-/// back to the frontend) and, for a source-NATed flow, the other side too.
-#[inline(always)]
+/// back to the frontend) and, for a source-NATed flow, the other side too. Not inlined: the
+/// checksum arithmetic of up to two rewrites needs registers spilled to its own frame.
+#[inline(never)]
 fn translate<P: Packet>(pkt: &mut P, h: &Headers, side: Side, v: &FlowValue, bytes: u32) -> Result<(), ()> {
     apply(pkt, h, side, &v.addr, v.port)?;
     if v.flags & FLOW_F_SNAT != 0 {
@@ -65,7 +67,7 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
     let key = conntrack::flow_key(h);
     if let Some(v) = conntrack::lookup(&key) {
         if v.direction == FLOW_REPLY {
-            return match translate(pkt, h, Side::Src, &v, bytes) {
+            return match translate(pkt, h, Side::Src, v, bytes) {
                 Ok(()) => (Action::Pass, Reason::Reply),
                 Err(()) => MAP_ERR,
             };
@@ -77,7 +79,7 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
         let reselect =
             (h.proto == PROTO_UDP || is_new_syn) && !select::still_backend(v.backend_id, &v.addr, v.port);
         if !reselect {
-            return match translate(pkt, h, Side::Dst, &v, bytes) {
+            return match translate(pkt, h, Side::Dst, v, bytes) {
                 Ok(()) => (Action::Pass, Reason::FlowHit),
                 Err(()) => MAP_ERR,
             };
@@ -85,67 +87,88 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
         conntrack::forget(&key);
     }
 
+    // Stack budget: choosing, translating and refusing are separate BPF functions called
+    // from here, so their frames never add up (the verifier allows 512 bytes over the
+    // deepest call chain).
+    let mut v = FlowValue::default();
+    match unpack(new_flow(h, &key, bytes, &mut v)) {
+        (Action::Pass, Reason::NewFlow) => match translate(pkt, h, Side::Dst, &v, bytes) {
+            Ok(()) => (Action::Pass, Reason::NewFlow),
+            Err(()) => MAP_ERR,
+        },
+        (Action::Bounce, reason) => unpack(refuse(pkt, h, reason)),
+        out => out,
+    }
+}
+
+/// A packet of no known flow: pick a backend and record the flow in `v` (returns
+/// `(Pass, NewFlow)`: the caller translates), or say why not (`Bounce`: the caller refuses).
+#[inline(never)]
+fn new_flow(h: &Headers, key: &FlowKey, bytes: u32, v: &mut FlowValue) -> u32 {
+    let (action, reason) = choose(h, key, bytes, v);
+    pack(action, reason)
+}
+
+#[inline(always)]
+fn choose(h: &Headers, key: &FlowKey, bytes: u32, v: &mut FlowValue) -> Outcome {
+    const MAP_ERR: Outcome = (Action::Drop, Reason::MapError);
+
     let skey = ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { SERVICES.get(&skey).copied() }) else {
-        return unknown_port(pkt, h);
+        return unknown_port(h);
     };
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, &h.src) {
         return (Action::Drop, Reason::SourceRangeDenied);
     }
     if svc.backend_count == 0 {
         stats::service(svc.service_id, bytes);
-        return no_backend(pkt, h, &svc);
+        return no_backend(&svc);
     }
-    let Some(id) = select::pick(&svc, &key) else {
+    let Some(id) = select::pick(&svc, key) else {
         return (Action::Drop, Reason::BackendMissing);
     };
     let Some(be) = select::backend(id) else {
         return (Action::Drop, Reason::BackendMissing);
     };
-    let mut v = FlowValue::default();
-    match conntrack::create(&key, &svc, id, be, &mut v) {
-        0 => {}
-        e if e == conntrack::CreateError::Snat as u32 => return (Action::Drop, Reason::SnatFailed),
-        _ => return MAP_ERR,
+    match conntrack::create(key, &svc, id, be, v) {
+        0 => (Action::Pass, Reason::NewFlow),
+        e if e == conntrack::CreateError::Snat as u32 => (Action::Drop, Reason::SnatFailed),
+        _ => MAP_ERR,
     }
-    if translate(pkt, h, Side::Dst, &v, bytes).is_err() {
-        return MAP_ERR;
-    }
-    (Action::Pass, Reason::NewFlow)
 }
 
 /// Not a frontend. A ClusterIP answers on every port, like kube-proxy's catch-all reject:
 /// its port-0 entry turns an unserved port into a reject; anything else passes.
 #[inline(always)]
-fn unknown_port<P: Packet>(pkt: &mut P, h: &Headers) -> Outcome {
+fn unknown_port(h: &Headers) -> Outcome {
     let vip = ServiceKey { addr: h.dst, port: 0, proto: 0, _pad: 0 };
     // SAFETY: only presence is read.
     if unsafe { SERVICES.get(&vip) }.is_none() {
         return (Action::Pass, Reason::NoFrontend);
     }
-    refuse(pkt, h, Reason::RejectUnknownPort)
+    (Action::Bounce, Reason::RejectUnknownPort)
 }
 
 #[inline(always)]
-fn no_backend<P: Packet>(pkt: &mut P, h: &Headers, svc: &ServiceValue) -> Outcome {
+fn no_backend(svc: &ServiceValue) -> Outcome {
     if svc.flags & SVC_F_DROP_NO_BACKEND != 0 || select::config_flags() & CFG_F_NO_BACKEND_DROP != 0 {
         return (Action::Drop, Reason::DropNoBackend);
     }
-    refuse(pkt, h, Reason::RejectNoBackend)
+    (Action::Bounce, Reason::RejectNoBackend)
 }
 
 /// Answers like a closed port (TCP RST / ICMP port unreachable), counted as `reason`. Not
 /// inlined: building the answer needs stack the translate path must not pay for.
 #[inline(never)]
-fn refuse<P: Packet>(pkt: &mut P, h: &Headers, reason: Reason) -> Outcome {
+fn refuse<P: Packet>(pkt: &mut P, h: &Headers, reason: Reason) -> u32 {
     if h.frag == FRAG_FIRST {
         // Quoting a fragment is legal, but the rest of the datagram would follow unanswered;
         // dropping is what a closed port would look like to the sender anyway.
-        return (Action::Drop, Reason::RejectFailed);
+        return pack(Action::Drop, Reason::RejectFailed);
     }
     match reject(pkt, h) {
-        Ok(()) => (Action::Bounce, reason),
-        Err(()) => (Action::Drop, Reason::RejectFailed),
+        Ok(()) => pack(Action::Bounce, reason),
+        Err(()) => pack(Action::Drop, Reason::RejectFailed),
     }
 }

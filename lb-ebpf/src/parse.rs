@@ -80,6 +80,7 @@ pub struct UdpHdr {
 }
 
 /// Where the headers are and what they say.
+#[derive(Default)]
 pub struct Headers {
     pub l3_off: usize,
     pub l4_off: usize,
@@ -102,6 +103,22 @@ impl Headers {
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         self.l4_off + if self.proto == PROTO_TCP { 16 } else { 6 }
+    }
+}
+
+/// `parse` into `h`, or the verdict in `out` (returns false). Not inlined: the copies of
+/// whole headers stay in this function's stack frame, not in the caller's (BPF stack budget).
+#[inline(never)]
+pub fn parse_into(data: usize, end: usize, h: &mut Headers, out: &mut Outcome) -> bool {
+    match parse(data, end) {
+        Ok(parsed) => {
+            *h = parsed;
+            true
+        }
+        Err(o) => {
+            *out = o;
+            false
+        }
     }
 }
 

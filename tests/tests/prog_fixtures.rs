@@ -393,7 +393,7 @@ fn no_backend_drop_when_configured() {
     assert_eq!(l.run_xdp(&Spec::tcp(CLIENT4, 1, VIP4, 81).build()).0, XDP_DROP);
     // Globally (--no-backend-response drop).
     assert_eq!(l.run_xdp(&Spec::tcp(CLIENT4, 1, VIP4, 80).build()).0, XDP_TX);
-    l.dp.set_config(&Config { flags: CFG_F_NO_BACKEND_DROP, _pad: 0 }).unwrap();
+    l.dp.set_config(&Config { flags: CFG_F_NO_BACKEND_DROP, ..Config::default() }).unwrap();
     assert_eq!(l.run_xdp(&Spec::tcp(CLIENT4, 1, VIP4, 80).build()).0, XDP_DROP);
     assert_eq!(reason(&l, Reason::DropNoBackend), 2);
 }
@@ -515,7 +515,7 @@ fn random_algorithm_spreads_over_backends() {
     require_root!();
     let mut l = Loaded::new();
     program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
-    l.dp.set_config(&Config { flags: CFG_F_RANDOM, _pad: 0 }).unwrap();
+    l.dp.set_config(&Config { flags: CFG_F_RANDOM, ..Config::default() }).unwrap();
     let mut chosen = std::collections::BTreeSet::new();
     for _ in 0..64 {
         // Same 5-tuple every time (flow table flushed): only randomness can spread it.
