@@ -7,7 +7,8 @@ use aya::{
     Ebpf,
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::{NlOptions, TcAttachOptions, qdisc_add_clsact},
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, qdisc_add_clsact},
+        xdp::XdpLinkId,
     },
 };
 
@@ -34,19 +35,24 @@ pub enum Attached {
 
 /// XDP on `iface`: native first, generic if the driver cannot.
 pub fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<Attached, AttachError> {
+    attach_xdp_link(ebpf, iface).map(|(a, _)| a)
+}
+
+/// `attach_xdp`, also returning the link to detach later.
+pub fn attach_xdp_link(ebpf: &mut Ebpf, iface: &str) -> Result<(Attached, XdpLinkId), AttachError> {
     let prog: &mut Xdp =
         ebpf.program_mut(XDP_PROGRAM)
             .ok_or(AttachError::Missing(XDP_PROGRAM))?
             .try_into()
             .map_err(|source| AttachError::Program { program: XDP_PROGRAM, iface: iface.into(), source })?;
     match prog.attach(iface, XdpMode::Driver) {
-        Ok(_) => Ok(Attached::XdpNative),
+        Ok(id) => Ok((Attached::XdpNative, id)),
         Err(native) => match prog.attach(iface, XdpMode::Skb) {
-            Ok(_) => {
+            Ok(id) => {
                 eprintln!(
                     "warning: {iface}: native XDP unavailable ({native}); using generic XDP (slow path)"
                 );
-                Ok(Attached::XdpGeneric)
+                Ok((Attached::XdpGeneric, id))
             }
             Err(source) => Err(AttachError::Program { program: XDP_PROGRAM, iface: iface.into(), source }),
         },
@@ -55,13 +61,18 @@ pub fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<Attached, AttachError>
 
 /// TC ingress on `iface`: tcx, else clsact + netlink.
 pub fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<Attached, AttachError> {
+    attach_tc_link(ebpf, iface).map(|(a, _)| a)
+}
+
+/// `attach_tc`, also returning the link to detach later.
+pub fn attach_tc_link(ebpf: &mut Ebpf, iface: &str) -> Result<(Attached, SchedClassifierLinkId), AttachError> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(TC_PROGRAM)
         .ok_or(AttachError::Missing(TC_PROGRAM))?
         .try_into()
         .map_err(|source| AttachError::Program { program: TC_PROGRAM, iface: iface.into(), source })?;
     match prog.attach(iface, TcAttachType::Ingress) {
-        Ok(_) => Ok(Attached::Tcx),
+        Ok(id) => Ok((Attached::Tcx, id)),
         Err(_) => {
             // Old kernel (or tcx refused): the classic clsact qdisc; "exists" is fine.
             let _ = qdisc_add_clsact(iface);
@@ -70,7 +81,7 @@ pub fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<Attached, AttachError> 
                 TcAttachType::Ingress,
                 TcAttachOptions::Netlink(NlOptions::default()),
             )
-            .map(|_| Attached::TcClsact)
+            .map(|id| (Attached::TcClsact, id))
             .map_err(|source| AttachError::Program {
                 program: TC_PROGRAM,
                 iface: iface.into(),
@@ -78,4 +89,19 @@ pub fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<Attached, AttachError> 
             })
         }
     }
+}
+
+/// Detaches a TC link (its interface may already be gone, which detached it in the kernel).
+pub fn detach_tc(ebpf: &mut Ebpf, id: SchedClassifierLinkId) {
+    if let Some(Ok(prog)) = ebpf.program_mut(TC_PROGRAM).map(<&mut SchedClassifier>::try_from) {
+        let _ = prog.detach(id);
+    }
+}
+
+/// Lets the interface accept packets whose source is one of the node's own addresses. The
+/// datapath needs it: a source-NATed flow (hairpin, external traffic to a remote backend)
+/// and a NodePort reply rewritten at TC arrive with the node address as source, which the
+/// kernel otherwise drops as martian.
+pub fn accept_local(iface: &str) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"), "1")
 }

@@ -1,8 +1,11 @@
 //! The `lb` agent and CLI as a library, so tests drive the same loader and `Dataplane` the
 //! agent uses.
 
+pub mod agent;
 pub mod attach;
 pub mod dataplane;
+pub mod http;
+pub mod links;
 pub mod loader;
 pub mod maglev;
 pub mod range_alloc;

@@ -1,24 +1,19 @@
-//! `lb`: inspect the datapath's pinned maps. (The agent, `lb agent`, comes with the
-//! manifest/Kubernetes sources.) Works whether the process that loaded the maps runs or not.
+//! `lb`: the agent (`lb agent`) and the commands that inspect the datapath's pinned maps.
+
+mod cli;
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_common::{abi::*, verdict::Reason};
-use lb_userspace::{
-    dataplane::{AyaDataplane, Dataplane},
-    loader::DEFAULT_PIN_DIR,
-};
-use serde_json::json;
+use lb_userspace::loader::DEFAULT_PIN_DIR;
 
 #[derive(Parser)]
-#[command(name = "lb", about = "eBPF/XDP service load balancer (kube-proxy replacement)")]
+#[command(name = "lb", about = "eBPF/XDP service load balancer (kube-proxy replacement)", version)]
 struct Cli {
     /// Where the datapath's maps are pinned.
     #[arg(long, global = true, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
-    /// Output format.
+    /// Output format of the inspection commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
     #[command(subcommand)]
@@ -33,163 +28,20 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Frontends (VIP:port/proto) and their Maglev tables.
-    Service {
-        #[command(subcommand)]
-        cmd: ListCmd,
-    },
-    /// Backends by id.
-    Backend {
-        #[command(subcommand)]
-        cmd: ListCmd,
-    },
-    /// Flow-table entries (forward and reply).
-    Conntrack {
-        #[command(subcommand)]
-        cmd: ListCmd,
-    },
-    /// Packet counters by verdict reason, summed over CPUs.
-    Stats,
-}
-
-#[derive(Subcommand)]
-enum ListCmd {
-    List,
+    /// Run the agent: load and attach the datapath, keep it in sync with the manifests.
+    Agent(cli::agent::AgentArgs),
+    #[command(flatten)]
+    Inspect(cli::inspect::Inspect),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let dp =
-        AyaDataplane::open(&cli.pin_dir).with_context(|| format!("pin dir {}", cli.pin_dir.display()))?;
-    let json = cli.output == Format::Json;
     match cli.cmd {
-        Cmd::Service { cmd: ListCmd::List } => {
-            let mut rows = dp.services()?;
-            rows.sort_by_key(|(k, _)| (k.ip(), k.port(), k.proto));
-            if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(k, v)| {
-                        json!({"frontend": format!("{}:{}/{}", fmt_ip(k.ip()), k.port(), proto_name(k.proto)),
-                               "service_id": v.service_id, "backends": v.backend_count,
-                               "maglev_offset": v.maglev_offset, "maglev_size": v.maglev_size, "flags": v.flags})
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!(
-                    "{:<40} {:>6} {:>8} {:>10} {:>6}  FLAGS",
-                    "FRONTEND", "ID", "BACKENDS", "OFFSET", "SLOTS"
-                );
-                for (k, v) in rows {
-                    let fe = format!("{}:{}/{}", fmt_ip(k.ip()), k.port(), proto_name(k.proto));
-                    println!(
-                        "{fe:<40} {:>6} {:>8} {:>10} {:>6}  {}",
-                        v.service_id,
-                        v.backend_count,
-                        v.maglev_offset,
-                        v.maglev_size,
-                        service_flags(v.flags)
-                    );
-                }
-            }
+        Cmd::Agent(mut args) => {
+            // `--pin-dir` is global: it applies to the agent too.
+            args.pin_dir = cli.pin_dir;
+            lb_userspace::agent::run(args.config())
         }
-        Cmd::Backend { cmd: ListCmd::List } => {
-            let rows = dp.backends()?;
-            if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(id, b)| json!({"id": id, "address": fmt_ip(b.ip()), "port": b.port(), "flags": b.flags}))
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{:>8}  {:<40}  FLAGS", "ID", "ADDRESS");
-                for (id, b) in rows {
-                    println!(
-                        "{id:>8}  {:<40}  {}",
-                        format!("{}:{}", fmt_ip(b.ip()), b.port()),
-                        backend_flags(b.flags)
-                    );
-                }
-            }
-        }
-        Cmd::Conntrack { cmd: ListCmd::List } => {
-            let rows = dp.flows()?;
-            let show = |k: &FlowKey, v: &FlowValue| {
-                let src = format!("{}:{}", fmt_ip(ip_from_addr(&k.src)), u16::from_be(k.sport));
-                let dst = format!("{}:{}", fmt_ip(ip_from_addr(&k.dst)), u16::from_be(k.dport));
-                let to = format!("{}:{}", fmt_ip(ip_from_addr(&v.addr)), u16::from_be(v.port));
-                let dir = if v.direction == FLOW_FORWARD { "forward" } else { "reply" };
-                (proto_name(k.proto), src, dst, dir, to, v.backend_id, v.service_id)
-            };
-            if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(k, v)| {
-                        let (p, s, d, dir, to, b, svc) = show(k, v);
-                        json!({"proto": p, "src": s, "dst": d, "direction": dir, "rewrite_to": to, "backend_id": b, "service_id": svc})
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!(
-                    "{:<5} {:<46} {:<46} {:<8} {:<46} BACKEND",
-                    "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE TO"
-                );
-                for (k, v) in &rows {
-                    let (p, s, d, dir, to, b, _) = show(k, v);
-                    println!("{p:<5} {s:<46} {d:<46} {dir:<8} {to:<46} {b}");
-                }
-                eprintln!("{} entries", rows.len());
-            }
-        }
-        Cmd::Stats => {
-            let mut rows = Vec::new();
-            for r in Reason::ALL {
-                rows.push((r.name(), dp.reason_counter(r)?));
-            }
-            if json {
-                let v: serde_json::Map<_, _> = rows
-                    .iter()
-                    .map(|(n, c)| (n.to_string(), json!({"packets": c.packets, "bytes": c.bytes})))
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{:<20} {:>14} {:>16}", "REASON", "PACKETS", "BYTES");
-                for (n, c) in rows {
-                    println!("{n:<20} {:>14} {:>16}", c.packets, c.bytes);
-                }
-            }
-        }
+        Cmd::Inspect(cmd) => cli::inspect::run(cmd, &cli.pin_dir, cli.output == Format::Json),
     }
-    Ok(())
-}
-
-fn fmt_ip(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-        v4 => v4.to_string(),
-    }
-}
-
-fn service_flags(f: u32) -> String {
-    let mut v = Vec::new();
-    if f & SVC_F_AFFINITY != 0 {
-        v.push("affinity");
-    }
-    if f & SVC_F_DROP_NO_BACKEND != 0 {
-        v.push("drop-no-backend");
-    }
-    v.join(",")
-}
-
-fn backend_flags(f: u8) -> String {
-    let mut v = Vec::new();
-    if f & BE_F_TERMINATING != 0 {
-        v.push("terminating");
-    }
-    if f & BE_F_LOCAL != 0 {
-        v.push("local");
-    }
-    v.join(",")
 }

@@ -195,6 +195,14 @@ pub struct DesiredService {
     pub external: bool,
 }
 
+/// The `healthCheckNodePort` answer of an ETP=Local Service: 200 with local ready endpoints,
+/// 503 without, so load balancers send traffic only to nodes that can serve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: String,
+    pub local_endpoints: usize,
+}
+
 /// The desired datapath state, plus what the agent should report about the input.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
@@ -203,6 +211,8 @@ pub struct Desired {
     pub cluster_vips: BTreeSet<IpAddr>,
     /// Node addresses that serve NodePorts.
     pub node_ips: Vec<IpAddr>,
+    /// `healthCheckNodePort` -> the service and its ready local endpoints (ETP=Local).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Services skipped with the reason (ExternalName, headless, another proxy's, invalid).
     pub skipped: Vec<(String, String)>,
 }
@@ -298,6 +308,19 @@ fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Se
     let external_ips = parse_ips(spec.external_ips.iter().flatten());
     let cips = cluster_ips(spec);
     let nodeport_ips = if matches!(ty, "NodePort" | "LoadBalancer") { out.node_ips.clone() } else { Vec::new() };
+    if let Some(port) = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
+        && ty == "LoadBalancer"
+        && etp_local
+    {
+        let local: BTreeSet<&String> = slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .filter(|ep| ep.node_name.as_deref() == Some(node.name.as_str()) && conditions(ep).0)
+            .filter_map(|ep| ep.addresses.first())
+            .collect();
+        out.health_checks
+            .insert(port, HealthCheck { service: format!("{ns}/{name}"), local_endpoints: local.len() });
+    }
 
     for port in spec.ports.iter().flatten() {
         let Some(proto) = proto_of(port.protocol.as_deref()) else {

@@ -283,3 +283,20 @@ fn node_addresses_fall_back_to_interfaces_without_a_node_object() {
     assert!("198.18.0.0/16, fd00::/8".parse::<NodePortAddresses>().is_ok());
     assert!("nonsense".parse::<NodePortAddresses>().is_err());
 }
+
+#[test]
+fn health_check_node_port_counts_local_ready_endpoints() {
+    let spec = format!(
+        "type: LoadBalancer, clusterIP: 198.19.0.10, externalTrafficPolicy: Local, healthCheckNodePort: 32000, {HTTP}"
+    );
+    let d = run(&(service(&spec, "") + &three_pods()));
+    assert_eq!(d.health_checks[&32000], HealthCheck { service: "default/web".into(), local_endpoints: 2 });
+    // Only terminating local endpoints: 503 territory, while they still serve traffic.
+    let eps = ep("198.18.1.10", NODE, "ready: false, serving: true, terminating: true");
+    let d = run(&(service(&spec, "") + &slice("web-1", "IPv4", "{name: http, port: 9376}", &eps)));
+    assert_eq!(d.health_checks[&32000].local_endpoints, 0);
+    assert_eq!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).backends.len(), 1);
+    // Cluster policy: no health check.
+    let d = run(&(service(&format!("type: LoadBalancer, clusterIP: 198.19.0.10, {HTTP}"), "") + &three_pods()));
+    assert!(d.health_checks.is_empty());
+}

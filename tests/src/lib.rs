@@ -3,3 +3,5 @@
 //! agent's `Dataplane`, and packet builders/inspectors with independent checksums.
 
 pub mod harness;
+pub mod demo;
+pub mod lab;

@@ -1,0 +1,442 @@
+//! `lb agent`: loads the datapath (reusing pinned maps, so flows survive a restart), attaches
+//! it, and keeps the maps equal to what the Model makes of the source's objects.
+//!
+//! One thread runs everything (a tokio current-thread runtime): the source poll, the
+//! reconciler, attachment of appearing links, and the HTTP servers. A sync is a pure plan
+//! plus map writes, milliseconds even at thousands of services, so nothing else needs to
+//! run beside it.
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::{Ebpf, programs::tc::SchedClassifierLinkId};
+use lb_common::{abi::*, verdict::Reason};
+
+use crate::{
+    attach::{self, Attached},
+    dataplane::{AyaDataplane, Dataplane},
+    http::{self, Histogram, Response},
+    links, loader,
+    model::{self, HealthCheck, NodeContext, NodePortAddresses},
+    reconcile::{self, Applied, Limits},
+    source::manifests::{self, Folder},
+};
+
+/// `--lb-algorithm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Algorithm {
+    /// Consistent hashing: a flow's backend changes only if its own backend goes away.
+    Maglev,
+    /// A random backend per new flow.
+    Random,
+}
+
+/// `--no-backend-response`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NoBackendResponse {
+    /// TCP RST / ICMP port unreachable, like kube-proxy.
+    Reject,
+    /// Silently drop.
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub manifests: PathBuf,
+    pub node_name: String,
+    pub xdp_ifaces: Vec<String>,
+    pub tc_ifaces: Vec<String>,
+    pub nodeport_addresses: NodePortAddresses,
+    pub pin_dir: PathBuf,
+    pub metrics_bind: SocketAddr,
+    pub healthz_bind: SocketAddr,
+    pub algorithm: Algorithm,
+    pub no_backend: NoBackendResponse,
+    pub capacities: loader::Capacities,
+}
+
+/// Log line with the time since start, so a reader can see how fast things happened.
+fn log(start: Instant, msg: impl AsRef<str>) {
+    eprintln!("[{:>9.3}s] {}", start.elapsed().as_secs_f64(), msg.as_ref());
+}
+
+/// What the HTTP servers report.
+struct Status {
+    sync_duration: Histogram,
+    syncs: u64,
+    sync_errors: u64,
+    source_errors: u64,
+    last_sync_ok: Option<Instant>,
+    xdp: BTreeMap<String, Attached>,
+    tc: BTreeMap<String, (u32, Attached)>,
+    frontends: usize,
+    backends: usize,
+    health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, run_async(cfg))
+}
+
+async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
+    let start = Instant::now();
+    if !cfg.manifests.is_dir() {
+        anyhow::bail!("--manifests {}: not a directory", cfg.manifests.display());
+    }
+    let tc_patterns = links::Patterns::new(&cfg.tc_ifaces).context("--tc-iface")?;
+    let present = links::interfaces();
+    for iface in &cfg.xdp_ifaces {
+        if !present.contains_key(iface) {
+            anyhow::bail!("--xdp-iface {iface}: no such interface (have: {})", names(&present));
+        }
+    }
+
+    let mut ebpf = loader::load(&cfg.pin_dir, &cfg.capacities)
+        .with_context(|| format!("loading the datapath with maps pinned in {}", cfg.pin_dir.display()))?;
+    let mut dp = AyaDataplane::open(&cfg.pin_dir)?;
+    let mut applied = Applied::read(&dp)?;
+    log(
+        start,
+        format!(
+            "datapath loaded; pinned maps in {} hold {} frontends and {} backends",
+            cfg.pin_dir.display(),
+            applied.services.len(),
+            applied.backends.len()
+        ),
+    );
+
+    let status = Rc::new(RefCell::new(Status {
+        sync_duration: Histogram::kube_proxy_buckets(),
+        syncs: 0,
+        sync_errors: 0,
+        source_errors: 0,
+        last_sync_ok: None,
+        xdp: BTreeMap::new(),
+        tc: BTreeMap::new(),
+        frontends: applied.services.len(),
+        backends: applied.backends.len(),
+        health_checks: BTreeMap::new(),
+    }));
+
+    for iface in &cfg.xdp_ifaces {
+        let (how, _) = attach::attach_xdp_link(&mut ebpf, iface)?;
+        if let Err(e) = attach::accept_local(iface) {
+            log(start, format!("warning: {iface}: cannot set accept_local ({e}); SNAT replies may be dropped"));
+        }
+        log(start, format!("XDP attached to {iface} ({how:?})"));
+        status.borrow_mut().xdp.insert(iface.clone(), how);
+    }
+    let links_changed = Arc::new(AtomicBool::new(true));
+    if let Err(e) = links::watch(links_changed.clone()) {
+        log(start, format!("warning: no netlink link events ({e}); rescanning interfaces every second"));
+    }
+    let mut tc_links: BTreeMap<String, (u32, SchedClassifierLinkId)> = BTreeMap::new();
+
+    spawn_http(&cfg, status.clone(), start).await?;
+    let mut health_servers: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
+
+    let mut folder = Folder::new(&cfg.manifests);
+    let limits = Limits {
+        max_table: lb_common::maglev::DEFAULT_MAX_TABLE,
+        maglev_slots: cfg.capacities.maglev_slots,
+        backends: cfg.capacities.backends,
+        services: cfg.capacities.services,
+    };
+    let mut config = Config::default();
+    let mut first = true;
+    let mut tick = tokio::time::interval(manifests::POLL);
+    let mut last_link_scan = Instant::now();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    log(start, format!("watching {} (every {} ms)", cfg.manifests.display(), manifests::POLL.as_millis()));
+
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+        if links_changed.swap(false, Ordering::AcqRel) || last_link_scan.elapsed() > Duration::from_secs(1) {
+            last_link_scan = Instant::now();
+            sync_links(&mut ebpf, &tc_patterns, &mut tc_links, &status, start);
+        }
+        let (changed, errors) = match folder.refresh() {
+            Ok(r) => r,
+            Err(e) => {
+                log(start, format!("error: {e}"));
+                continue;
+            }
+        };
+        for e in &errors {
+            status.borrow_mut().source_errors += 1;
+            log(start, format!("error: {e}; keeping its last good content"));
+        }
+        if !changed && !first {
+            continue;
+        }
+        first = false;
+        let (cluster, warnings) = folder.cluster();
+        for w in warnings {
+            log(start, format!("warning: {w}"));
+        }
+        let t0 = Instant::now();
+        let node = NodeContext {
+            name: cfg.node_name.clone(),
+            nodeport_addresses: cfg.nodeport_addresses.clone(),
+            fallback_addresses: fallback_addresses(&cfg.xdp_ifaces),
+        };
+        let desired = model::desired(&cluster, &node);
+        let want_config = datapath_config(&cfg, &node.addresses(&cluster));
+        if want_config != config {
+            dp.set_config(&want_config)?;
+            config = want_config;
+            log(start, format!("source NAT address {:?} / {:?}", nat_ip(&config.snat_v4), nat_ip(&config.snat_v6)));
+        }
+        let result = reconcile::plan(&desired, &applied, &limits)
+            .map_err(anyhow::Error::from)
+            .and_then(|ops| reconcile::execute(&mut dp, &mut applied, &ops).map(|()| ops.len()).map_err(Into::into));
+        let took = t0.elapsed();
+        let mut st = status.borrow_mut();
+        st.syncs += 1;
+        st.sync_duration.observe(took.as_secs_f64());
+        st.frontends = applied.services.len();
+        st.backends = applied.backends.len();
+        match result {
+            Ok(n) => {
+                st.last_sync_ok = Some(Instant::now());
+                log(
+                    start,
+                    format!(
+                        "synced: {} services, {} frontends, {} backends; {n} map writes in {:.2} ms",
+                        desired.services.len(),
+                        applied.services.len(),
+                        applied.backends.len(),
+                        took.as_secs_f64() * 1e3
+                    ),
+                );
+            }
+            Err(e) => {
+                st.sync_errors += 1;
+                log(start, format!("error: sync failed: {e:#}; will retry on the next change"));
+                // Re-read what the kernel really holds before planning again.
+                applied = Applied::read(&dp)?;
+            }
+        }
+        for (sref, why) in &desired.skipped {
+            log(start, format!("skipped {sref}: {why}"));
+        }
+        st.health_checks = desired.health_checks.clone();
+        drop(st);
+        sync_health_servers(&mut health_servers, &desired.health_checks, &status, start);
+    }
+    log(start, format!("stopping: programs detach now; maps stay pinned in {}", cfg.pin_dir.display()));
+    Ok(())
+}
+
+fn names(ifaces: &BTreeMap<String, u32>) -> String {
+    ifaces.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn nat_ip(a: &Addr) -> Option<IpAddr> {
+    (*a != [0; 4]).then(|| ip_from_addr(a))
+}
+
+/// Addresses to use without a Node object: those of the XDP interfaces first (the node's
+/// external addresses), then the others.
+fn fallback_addresses(xdp_ifaces: &[String]) -> Vec<IpAddr> {
+    let all = links::addresses();
+    let (mut first, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _)| xdp_ifaces.contains(n));
+    first.extend(rest);
+    first.into_iter().map(|(_, ip)| ip).collect()
+}
+
+fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr]) -> Config {
+    let mut c = Config::default();
+    if cfg.algorithm == Algorithm::Random {
+        c.flags |= CFG_F_RANDOM;
+    }
+    if cfg.no_backend == NoBackendResponse::Drop {
+        c.flags |= CFG_F_NO_BACKEND_DROP;
+    }
+    if let Some(v4) = node_addresses.iter().find(|a| a.is_ipv4()) {
+        c.snat_v4 = addr_from_ip(*v4);
+    }
+    if let Some(v6) = node_addresses.iter().find(|a| a.is_ipv6()) {
+        c.snat_v6 = addr_from_ip(*v6);
+    }
+    c
+}
+
+/// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.
+fn sync_links(
+    ebpf: &mut Ebpf,
+    patterns: &links::Patterns,
+    tc_links: &mut BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    status: &Rc<RefCell<Status>>,
+    start: Instant,
+) {
+    let want = patterns.select(&links::interfaces());
+    let stale: Vec<String> =
+        tc_links.iter().filter(|(n, (idx, _))| want.get(*n) != Some(idx)).map(|(n, _)| n.clone()).collect();
+    for name in stale {
+        if let Some((_, id)) = tc_links.remove(&name) {
+            attach::detach_tc(ebpf, id);
+        }
+        status.borrow_mut().tc.remove(&name);
+        log(start, format!("TC detached from {name} (link gone)"));
+    }
+    for (name, idx) in want {
+        if tc_links.contains_key(&name) {
+            continue;
+        }
+        match attach::attach_tc_link(ebpf, &name) {
+            Ok((how, id)) => {
+                let _ = attach::accept_local(&name);
+                tc_links.insert(name.clone(), (idx, id));
+                status.borrow_mut().tc.insert(name.clone(), (idx, how));
+                log(start, format!("TC attached to {name} ({how:?})"));
+            }
+            // The link may have vanished between listing and attaching; the next scan decides.
+            Err(e) => log(start, format!("warning: {e}")),
+        }
+    }
+}
+
+/// One HTTP responder per `healthCheckNodePort`, started and stopped as Services change.
+fn sync_health_servers(
+    servers: &mut BTreeMap<u16, tokio::task::JoinHandle<()>>,
+    want: &BTreeMap<u16, HealthCheck>,
+    status: &Rc<RefCell<Status>>,
+    start: Instant,
+) {
+    servers.retain(|port, task| {
+        let keep = want.contains_key(port);
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
+    for port in want.keys() {
+        if servers.contains_key(port) {
+            continue;
+        }
+        let addr = SocketAddr::from(([0, 0, 0, 0], *port));
+        let listener = match std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                log(start, format!("warning: healthCheckNodePort {port}: {e}"));
+                continue;
+            }
+        };
+        let status = status.clone();
+        let port = *port;
+        servers.insert(
+            port,
+            tokio::task::spawn_local(http::serve(listener, move |_path| {
+                let hc = status.borrow().health_checks.get(&port).cloned();
+                async move {
+                    let (service, n) = hc.map(|h| (h.service, h.local_endpoints)).unwrap_or_default();
+                    let (ns, name) = service.split_once('/').unwrap_or(("", ""));
+                    let body = serde_json::json!({"service": {"namespace": ns, "name": name}, "localEndpoints": n});
+                    Response::json(if n > 0 { 200 } else { 503 }, body.to_string())
+                }
+            })),
+        );
+    }
+}
+
+/// `/metrics` on `--metrics-bind-address`, `/healthz` and `/livez` on `--healthz-bind-address`.
+async fn spawn_http(cfg: &AgentConfig, status: Rc<RefCell<Status>>, start: Instant) -> anyhow::Result<()> {
+    let pin_dir = cfg.pin_dir.clone();
+    let metrics = http::bind(cfg.metrics_bind, "--metrics-bind-address").await?;
+    let st = status.clone();
+    tokio::task::spawn_local(http::serve(metrics, move |path| {
+        let r = match path.as_str() {
+            "/metrics" => Response::text(200, render_metrics(&st.borrow(), &pin_dir)),
+            "/healthz" | "/livez" => health(&st.borrow()),
+            _ => Response::text(404, "try /metrics\n"),
+        };
+        async move { r }
+    }));
+    let healthz = http::bind(cfg.healthz_bind, "--healthz-bind-address").await?;
+    tokio::task::spawn_local(http::serve(healthz, move |path| {
+        let r = match path.as_str() {
+            "/healthz" | "/livez" => health(&status.borrow()),
+            _ => Response::text(404, "try /healthz or /livez\n"),
+        };
+        async move { r }
+    }));
+    log(start, format!("metrics on http://{}/metrics, health on http://{}/healthz", cfg.metrics_bind, cfg.healthz_bind));
+    Ok(())
+}
+
+fn health(st: &Status) -> Response {
+    match st.last_sync_ok {
+        Some(t) => Response::json(200, format!("{{\"lastUpdated\": \"{:.1}s ago\"}}", t.elapsed().as_secs_f64())),
+        None => Response::json(503, "{\"lastUpdated\": null, \"reason\": \"no successful sync yet\"}"),
+    }
+}
+
+fn render_metrics(st: &Status, pin_dir: &std::path::Path) -> String {
+    let mut s = st.sync_duration.render(
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "Time to plan and write one sync of the datapath maps.",
+    );
+    let counter = |name: &str, help: &str, v: u64| format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
+    let gauge = |name: &str, help: &str, v: String| format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+    s += &counter("lb_syncs_total", "Syncs of the datapath maps.", st.syncs);
+    s += &counter("lb_sync_errors_total", "Syncs that failed (state kept, retried).", st.sync_errors);
+    s += &counter("lb_source_errors_total", "Manifest files rejected (last good content kept).", st.source_errors);
+    s += &gauge("lb_frontends", "Frontend entries in the datapath.", st.frontends.to_string());
+    s += &gauge("lb_backends", "Backend entries in the datapath.", st.backends.to_string());
+    s += "# HELP lb_xdp_attached XDP attachment per interface (mode label; generic is the slow fallback).\n# TYPE lb_xdp_attached gauge\n";
+    for (iface, how) in &st.xdp {
+        s += &format!("lb_xdp_attached{{iface=\"{iface}\",mode=\"{how:?}\"}} 1\n");
+    }
+    s += &gauge("lb_tc_attached", "Interfaces with the TC program.", st.tc.len().to_string());
+    // Datapath counters come straight from the pinned maps.
+    if let Ok(dp) = AyaDataplane::open(pin_dir) {
+        s += "# HELP lb_packets_total Packets by datapath verdict reason.\n# TYPE lb_packets_total counter\n";
+        let mut bytes = String::from("# HELP lb_bytes_total Bytes by datapath verdict reason.\n# TYPE lb_bytes_total counter\n");
+        for r in Reason::ALL {
+            if let Ok(c) = dp.reason_counter(r) {
+                s += &format!("lb_packets_total{{reason=\"{}\"}} {}\n", r.name(), c.packets);
+                bytes += &format!("lb_bytes_total{{reason=\"{}\"}} {}\n", r.name(), c.bytes);
+            }
+        }
+        s += &bytes;
+        let ids: BTreeSet<u32> = dp.services().unwrap_or_default().iter().map(|(_, v)| v.service_id).collect();
+        s += "# HELP lb_service_packets_total Packets per datapath service id.\n# TYPE lb_service_packets_total counter\n";
+        for id in ids {
+            if let Ok(c) = dp.service_counter(id) {
+                s += &format!("lb_service_packets_total{{service_id=\"{id}\"}} {}\n", c.packets);
+            }
+        }
+        s += "# HELP lb_backend_packets_total Packets per backend.\n# TYPE lb_backend_packets_total counter\n";
+        for (id, b) in dp.backends().unwrap_or_default() {
+            if let Ok(c) = dp.backend_counter(id) {
+                s += &format!("lb_backend_packets_total{{backend=\"{}:{}\"}} {}\n", b.ip(), b.port(), c.packets);
+            }
+        }
+        if let Ok(flows) = dp.flows() {
+            s += &gauge("lb_conntrack_entries", "Flow-table entries (forward and reply).", flows.len().to_string());
+        }
+    }
+    s
+}

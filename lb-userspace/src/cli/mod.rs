@@ -1,0 +1,4 @@
+//! The `lb` command line: the agent's flags and the read-only inspection commands.
+
+pub mod agent;
+pub mod inspect;

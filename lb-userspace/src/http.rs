@@ -1,0 +1,164 @@
+//! The agent's small HTTP servers: `/metrics` (Prometheus text), `/healthz` and `/livez`
+//! like kube-proxy's, and the `healthCheckNodePort` responders of ETP=Local Services. Plain
+//! HTTP/1.1, one request per connection: these are probes and scrapes, not user traffic.
+
+use std::{future::Future, net::SocketAddr, rc::Rc};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+/// A response: status code, content type, body.
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Response {
+    pub fn text(status: u16, body: impl Into<String>) -> Self {
+        Response { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+    }
+    pub fn json(status: u16, body: impl Into<String>) -> Self {
+        Response { status, content_type: "application/json", body: body.into() }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        404 => "Not Found",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// The path of a `GET`/`HEAD` request, or None for anything we do not answer.
+async fn read_path(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() > 16 * 1024 {
+            return None;
+        }
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut chunk)).await.ok()?.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|b| *b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?.trim_end();
+    let mut parts = line.split(' ');
+    let _method = parts.next().filter(|m| *m == "GET" || *m == "HEAD")?;
+    Some(parts.next()?.split('?').next()?.to_string())
+}
+
+/// Serves `handler` on `listener` until the task is dropped.
+pub fn serve<H, F>(listener: TcpListener, handler: H) -> impl Future<Output = ()>
+where
+    H: Fn(String) -> F + 'static,
+    F: Future<Output = Response> + 'static,
+{
+    let handler = Rc::new(handler);
+    async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let handler = handler.clone();
+            tokio::task::spawn_local(async move {
+                let Some(path) = read_path(&mut stream).await else { return };
+                let r = handler(path).await;
+                let head = format!(
+                    "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    r.status,
+                    reason(r.status),
+                    r.content_type,
+                    r.body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(r.body.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    }
+}
+
+/// Binds `addr`, naming it in the error.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{what}: binding {addr}: {e}"))
+}
+
+/// A Prometheus histogram with fixed buckets (seconds).
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: Vec<f64>,
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    /// kube-proxy's layout for its sync and programming durations: 1 ms doubling 15 times.
+    pub fn kube_proxy_buckets() -> Self {
+        let bounds: Vec<f64> = (0..15).map(|i| 0.001 * 2f64.powi(i)).collect();
+        Histogram { counts: vec![0; bounds.len()], bounds, sum: 0.0, count: 0 }
+    }
+
+    pub fn observe(&mut self, v: f64) {
+        for (b, c) in self.bounds.iter().zip(&mut self.counts) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    /// Prometheus text for `name` (with HELP and TYPE lines).
+    pub fn render(&self, name: &str, help: &str) -> String {
+        let mut s = format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            s += &format!("{name}_bucket{{le=\"{b}\"}} {c}\n");
+        }
+        s += &format!("{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n", self.count, self.sum, self.count);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let mut h = Histogram::kube_proxy_buckets();
+        h.observe(0.0005);
+        h.observe(0.003);
+        let text = h.render("x", "help");
+        assert!(text.contains("x_bucket{le=\"0.001\"} 1\n"));
+        assert!(text.contains("x_bucket{le=\"0.004\"} 2\n"));
+        assert!(text.contains("x_bucket{le=\"+Inf\"} 2\nx_sum 0.0035\nx_count 2\n"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn serves_one_request_per_connection() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = l.local_addr().unwrap();
+                tokio::task::spawn_local(serve(l, |path| async move {
+                    if path == "/healthz" { Response::text(200, "ok") } else { Response::text(404, "no") }
+                }));
+                for (path, want) in [("/healthz", "HTTP/1.1 200 OK"), ("/nope", "HTTP/1.1 404 Not Found")] {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+                    let mut out = String::new();
+                    s.read_to_string(&mut out).await.unwrap();
+                    assert!(out.starts_with(want), "{out}");
+                }
+            })
+            .await;
+    }
+}

@@ -1,0 +1,90 @@
+//! `lb-serve`: the lab's backend pod server, like Kubernetes' `serve_hostname` / agnhost
+//! `netexec`. On every `--port` it answers:
+//! * HTTP `GET /` or `/hostname` with the pod name, `GET /clientip` with the client's
+//!   `ip:port` as the pod sees it;
+//! * any other TCP line with `NAME CLIENT` (one answer per line, for long-lived connections);
+//! * every UDP datagram with `NAME CLIENT`.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+};
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// The name to answer with.
+    #[arg(long)]
+    name: String,
+    /// TCP and UDP port to serve (repeatable).
+    #[arg(long = "port", required = true)]
+    ports: Vec<u16>,
+}
+
+fn http(stream: &mut TcpStream, first: &str, reader: &mut BufReader<TcpStream>, name: &str, peer: SocketAddr) {
+    // Skip the request headers.
+    let mut line = String::new();
+    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) && line.trim() != "" {
+        line.clear();
+    }
+    let path = first.split(' ').nth(1).unwrap_or("/");
+    let body = match path {
+        "/clientip" => format!("{peer}\n"),
+        _ => format!("{name}\n"),
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn tcp_conn(mut stream: TcpStream, name: String) {
+    let Ok(peer) = stream.peer_addr() else { return };
+    let Ok(read_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(read_half);
+    let mut line = String::new();
+    let mut first = true;
+    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        if first && line.starts_with("GET ") {
+            let l = line.clone();
+            http(&mut stream, l.trim_end(), &mut reader, &name, peer);
+            return;
+        }
+        first = false;
+        if writeln!(stream, "{name} {peer}").is_err() {
+            return;
+        }
+        line.clear();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut threads = Vec::new();
+    for port in args.ports {
+        let tcp = TcpListener::bind(("0.0.0.0", port))?;
+        let udp = UdpSocket::bind(("0.0.0.0", port))?;
+        let name = args.name.clone();
+        threads.push(thread::spawn(move || {
+            for s in tcp.incoming().flatten() {
+                let name = name.clone();
+                thread::spawn(move || tcp_conn(s, name));
+            }
+        }));
+        let name = args.name.clone();
+        threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+            }
+        }));
+    }
+    eprintln!("{}: serving", args.name);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}

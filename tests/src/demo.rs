@@ -1,0 +1,164 @@
+//! `cargo xtask demo`: the kube-proxy walkthrough on the lab. A 3-replica Service (port 80 ->
+//! targetPort 9376, NodePort 30080); requests from a pod to the ClusterIP and from outside
+//! to the NodePort, showing which pod answered; a pod removed from the EndpointSlice and
+//! traffic moving off it; the Service with no endpoints refusing at once. Each step checks
+//! what it shows; the run fails if one did not behave.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+
+use crate::lab::{self, Answer, Bins, Lab, POD_PORT, curl, slice_yaml};
+
+pub const CLUSTER_IP: &str = "198.19.0.10";
+pub const NODE_PORT: u16 = 30080;
+
+/// Service `web` and its EndpointSlice over the first `replicas` of web-1..web-3 (all ready).
+pub fn web_manifests(lab: &Lab, replicas: usize) -> String {
+    let pods: Vec<&lab::Pod> = ["web-1", "web-2", "web-3"].iter().take(replicas).map(|n| lab.pod(n)).collect();
+    web_with(&pods.iter().map(|p| (*p, "ready: true")).collect::<Vec<_>>())
+}
+
+fn web_with(endpoints: &[(&lab::Pod, &str)]) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  clusterIP: {CLUSTER_IP}\n  \
+         ports: [{{name: http, port: 80, targetPort: {POD_PORT}, nodePort: {NODE_PORT}}}]\n---\n{}",
+        slice_yaml("web-abc12", "web", &[("http", POD_PORT, "TCP")], endpoints)
+    )
+}
+
+fn step(n: u32, title: &str) {
+    println!("\n\x1b[1m== {n}. {title}\x1b[0m");
+}
+
+/// `count` curls from `ns` to `url`, printing each answer; returns answers per pod.
+fn spread(ns: &str, url: &str, count: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut seen = BTreeMap::new();
+    for i in 1..=count {
+        match curl(ns, url) {
+            Answer::Reply(pod, _) => {
+                println!("   request {i:>2}: answered by {pod}");
+                *seen.entry(pod).or_insert(0) += 1;
+            }
+            other => bail!("request {i} to {url} failed: {other:?}"),
+        }
+    }
+    Ok(seen)
+}
+
+/// Every pod of `want` must answer. Kubernetes' e2e rule: within n²+30 requests, so a pod
+/// that did not show up among the requests printed gets the rest of that budget.
+fn check_all(ns: &str, url: &str, mut seen: BTreeMap<String, usize>, want: &[&str]) -> anyhow::Result<()> {
+    println!("   -> {}", seen.iter().map(|(p, n)| format!("{p}: {n}")).collect::<Vec<_>>().join(", "));
+    let budget = want.len() * want.len() + 30;
+    let mut sent: usize = seen.values().sum();
+    while want.iter().any(|p| !seen.contains_key(*p)) && sent < budget {
+        if let Answer::Reply(pod, _) = curl(ns, url) {
+            sent += 1;
+            if !seen.contains_key(&pod) {
+                println!("   ({pod} answered request {sent})");
+            }
+            *seen.entry(pod).or_insert(0) += 1;
+        }
+    }
+    let missing: Vec<&&str> = want.iter().filter(|p| !seen.contains_key(**p)).collect();
+    if !missing.is_empty() {
+        bail!("pods {missing:?} never answered in {budget} requests");
+    }
+    Ok(())
+}
+
+pub fn run(bins: Bins) -> anyhow::Result<()> {
+    println!("Building the lab: 2 nodes, pods web-1 and web-2 on node-1, web-3 on node-2,");
+    println!("a client pod on node-1, an external client, and `lb agent` on both nodes ...");
+    let t = Instant::now();
+    let mut lab = Lab::standard(bins)?;
+    println!("lab {} up in {:.1} s", lab.state.name, t.elapsed().as_secs_f64());
+    let result = walkthrough(&mut lab);
+    if result.is_err() {
+        println!("\nagent log (node-1):\n{}", lab.agent_log(1));
+    }
+    println!("\nRemoving the lab ...");
+    lab.teardown();
+    match &result {
+        Ok(()) => println!("\x1b[1mdemo: every step behaved\x1b[0m"),
+        Err(e) => println!("\x1b[1mdemo FAILED: {e:#}\x1b[0m"),
+    }
+    result
+}
+
+fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
+    let client = lab.pod("client").ns.clone();
+    let ext = lab.ext_ns();
+    let cluster_url = format!("http://{CLUSTER_IP}/");
+    let node_url = format!("http://{}:{NODE_PORT}/", lab::node_ip(1));
+
+    step(1, &format!("Service web: ClusterIP {CLUSTER_IP}:80 -> 3 pods :{POD_PORT}, NodePort {NODE_PORT}"));
+    lab.write_manifest("web.yaml", &web_manifests(lab, 3))?;
+    let t = Instant::now();
+    let vip = CLUSTER_IP.parse().expect("literal");
+    for node in [1, 2] {
+        lab::wait_for(Duration::from_secs(5), || lab.has_frontend(node, vip, 80))?;
+    }
+    println!("   manifest written; frontend in both nodes' maps after {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+
+    step(2, &format!("12 requests from pod `client` (node-1) to http://{CLUSTER_IP}/"));
+    let seen = spread(&client, &cluster_url, 12)?;
+    check_all(&client, &cluster_url, seen, &["web-1", "web-2", "web-3"])?;
+
+    step(3, &format!("12 requests from the external client to the NodePort {node_url}"));
+    let seen = spread(&ext, &node_url, 12)?;
+    check_all(&ext, &node_url, seen, &["web-1", "web-2", "web-3"])?;
+    println!("   (web-3 runs on node-2: node-1 source-NATs those flows, like kube-proxy's masquerade)");
+
+    step(4, "web-2 removed from the EndpointSlice");
+    let (w1, w3) = (lab.pod("web-1").clone(), lab.pod("web-3").clone());
+    let t0 = Instant::now();
+    lab.write_manifest("web.yaml", &web_with(&[(&w1, "ready: true"), (&w3, "ready: true")]))?;
+    // Moved off = 30 requests in a row without web-2; the time is that of the first of them.
+    let mut clean_since: Option<Duration> = None;
+    let mut streak = 0;
+    while streak < 30 {
+        let at = t0.elapsed();
+        if at > Duration::from_secs(5) {
+            bail!("web-2 still answering 5 s after its removal");
+        }
+        match curl(&client, &cluster_url) {
+            Answer::Reply(pod, _) if pod != "web-2" => {
+                clean_since.get_or_insert(at);
+                streak += 1;
+            }
+            Answer::Reply(..) => {
+                clean_since = None;
+                streak = 0;
+            }
+            other => bail!("request failed during the change: {other:?}"),
+        }
+    }
+    let moved = clean_since.unwrap_or_default();
+    println!("   traffic off web-2 {:.0} ms after the manifest change (30 requests in a row since)", moved.as_secs_f64() * 1e3);
+    if moved > Duration::from_secs(1) {
+        bail!("took more than a second");
+    }
+    let seen = spread(&client, &cluster_url, 6)?;
+    if seen.contains_key("web-2") {
+        bail!("web-2 answered after its removal");
+    }
+
+    step(5, "All endpoints removed: requests are refused at once (TCP RST), not left hanging");
+    lab.write_manifest("web.yaml", &web_with(&[]))?;
+    lab::wait_for(Duration::from_secs(2), || Ok(curl(&client, &cluster_url) == Answer::Refused))?;
+    for (who, ns, url) in [("pod `client`", &client, &cluster_url), ("external client", &ext, &node_url)] {
+        let t = Instant::now();
+        let a = curl(ns, url);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        println!("   {who} -> {url}: {}", if a == Answer::Refused { format!("connection refused in {ms:.0} ms") } else { format!("{a:?}") });
+        if a != Answer::Refused || ms > 500.0 {
+            bail!("{who} was not refused promptly: {a:?} after {ms:.0} ms");
+        }
+    }
+    Ok(())
+}
