@@ -6,10 +6,10 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use lb_common::abi::*;
 
 use crate::{
-    select,
     maps::{CONNTRACK, FRAGMENTS},
     nat::Side,
     parse::Headers,
+    select,
 };
 
 #[inline(always)]
@@ -128,7 +128,6 @@ fn try_create(
         CONNTRACK.insert(&rkey, &rev, 0).map_err(|_| CreateError::Map)?;
     }
     CONNTRACK.insert(key, fwd, 0).map_err(|_| CreateError::Map)
-
 }
 
 #[inline(always)]

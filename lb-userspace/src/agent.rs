@@ -135,7 +135,10 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     for iface in &cfg.xdp_ifaces {
         let (how, _) = attach::attach_xdp_link(&mut ebpf, iface)?;
         if let Err(e) = attach::accept_local(iface) {
-            log(start, format!("warning: {iface}: cannot set accept_local ({e}); SNAT replies may be dropped"));
+            log(
+                start,
+                format!("warning: {iface}: cannot set accept_local ({e}); SNAT replies may be dropped"),
+            );
         }
         log(start, format!("XDP attached to {iface} ({how:?})"));
         status.borrow_mut().xdp.insert(iface.clone(), how);
@@ -203,11 +206,15 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         if want_config != config {
             dp.set_config(&want_config)?;
             config = want_config;
-            log(start, format!("source NAT address {:?} / {:?}", nat_ip(&config.snat_v4), nat_ip(&config.snat_v6)));
+            log(
+                start,
+                format!("source NAT address {:?} / {:?}", nat_ip(&config.snat_v4), nat_ip(&config.snat_v6)),
+            );
         }
-        let result = reconcile::plan(&desired, &applied, &limits)
-            .map_err(anyhow::Error::from)
-            .and_then(|ops| reconcile::execute(&mut dp, &mut applied, &ops).map(|()| ops.len()).map_err(Into::into));
+        let result =
+            reconcile::plan(&desired, &applied, &limits).map_err(anyhow::Error::from).and_then(|ops| {
+                reconcile::execute(&mut dp, &mut applied, &ops).map(|()| ops.len()).map_err(Into::into)
+            });
         let took = t0.elapsed();
         let mut st = status.borrow_mut();
         st.syncs += 1;
@@ -353,7 +360,8 @@ fn sync_health_servers(
                 async move {
                     let (service, n) = hc.map(|h| (h.service, h.local_endpoints)).unwrap_or_default();
                     let (ns, name) = service.split_once('/').unwrap_or(("", ""));
-                    let body = serde_json::json!({"service": {"namespace": ns, "name": name}, "localEndpoints": n});
+                    let body =
+                        serde_json::json!({"service": {"namespace": ns, "name": name}, "localEndpoints": n});
                     Response::json(if n > 0 { 200 } else { 503 }, body.to_string())
                 }
             })),
@@ -382,13 +390,21 @@ async fn spawn_http(cfg: &AgentConfig, status: Rc<RefCell<Status>>, start: Insta
         };
         async move { r }
     }));
-    log(start, format!("metrics on http://{}/metrics, health on http://{}/healthz", cfg.metrics_bind, cfg.healthz_bind));
+    log(
+        start,
+        format!(
+            "metrics on http://{}/metrics, health on http://{}/healthz",
+            cfg.metrics_bind, cfg.healthz_bind
+        ),
+    );
     Ok(())
 }
 
 fn health(st: &Status) -> Response {
     match st.last_sync_ok {
-        Some(t) => Response::json(200, format!("{{\"lastUpdated\": \"{:.1}s ago\"}}", t.elapsed().as_secs_f64())),
+        Some(t) => {
+            Response::json(200, format!("{{\"lastUpdated\": \"{:.1}s ago\"}}", t.elapsed().as_secs_f64()))
+        }
         None => Response::json(503, "{\"lastUpdated\": null, \"reason\": \"no successful sync yet\"}"),
     }
 }
@@ -398,11 +414,18 @@ fn render_metrics(st: &Status, pin_dir: &std::path::Path) -> String {
         "kubeproxy_sync_proxy_rules_duration_seconds",
         "Time to plan and write one sync of the datapath maps.",
     );
-    let counter = |name: &str, help: &str, v: u64| format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
-    let gauge = |name: &str, help: &str, v: String| format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+    let counter =
+        |name: &str, help: &str, v: u64| format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
+    let gauge = |name: &str, help: &str, v: String| {
+        format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n")
+    };
     s += &counter("lb_syncs_total", "Syncs of the datapath maps.", st.syncs);
     s += &counter("lb_sync_errors_total", "Syncs that failed (state kept, retried).", st.sync_errors);
-    s += &counter("lb_source_errors_total", "Manifest files rejected (last good content kept).", st.source_errors);
+    s += &counter(
+        "lb_source_errors_total",
+        "Manifest files rejected (last good content kept).",
+        st.source_errors,
+    );
     s += &gauge("lb_frontends", "Frontend entries in the datapath.", st.frontends.to_string());
     s += &gauge("lb_backends", "Backend entries in the datapath.", st.backends.to_string());
     s += "# HELP lb_xdp_attached XDP attachment per interface (mode label; generic is the slow fallback).\n# TYPE lb_xdp_attached gauge\n";
@@ -413,7 +436,9 @@ fn render_metrics(st: &Status, pin_dir: &std::path::Path) -> String {
     // Datapath counters come straight from the pinned maps.
     if let Ok(dp) = AyaDataplane::open(pin_dir) {
         s += "# HELP lb_packets_total Packets by datapath verdict reason.\n# TYPE lb_packets_total counter\n";
-        let mut bytes = String::from("# HELP lb_bytes_total Bytes by datapath verdict reason.\n# TYPE lb_bytes_total counter\n");
+        let mut bytes = String::from(
+            "# HELP lb_bytes_total Bytes by datapath verdict reason.\n# TYPE lb_bytes_total counter\n",
+        );
         for r in Reason::ALL {
             if let Ok(c) = dp.reason_counter(r) {
                 s += &format!("lb_packets_total{{reason=\"{}\"}} {}\n", r.name(), c.packets);
@@ -421,21 +446,32 @@ fn render_metrics(st: &Status, pin_dir: &std::path::Path) -> String {
             }
         }
         s += &bytes;
-        let ids: BTreeSet<u32> = dp.services().unwrap_or_default().iter().map(|(_, v)| v.service_id).collect();
+        let ids: BTreeSet<u32> =
+            dp.services().unwrap_or_default().iter().map(|(_, v)| v.service_id).collect();
         s += "# HELP lb_service_packets_total Packets per datapath service id.\n# TYPE lb_service_packets_total counter\n";
         for id in ids {
             if let Ok(c) = dp.service_counter(id) {
                 s += &format!("lb_service_packets_total{{service_id=\"{id}\"}} {}\n", c.packets);
             }
         }
-        s += "# HELP lb_backend_packets_total Packets per backend.\n# TYPE lb_backend_packets_total counter\n";
+        s +=
+            "# HELP lb_backend_packets_total Packets per backend.\n# TYPE lb_backend_packets_total counter\n";
         for (id, b) in dp.backends().unwrap_or_default() {
             if let Ok(c) = dp.backend_counter(id) {
-                s += &format!("lb_backend_packets_total{{backend=\"{}:{}\"}} {}\n", b.ip(), b.port(), c.packets);
+                s += &format!(
+                    "lb_backend_packets_total{{backend=\"{}:{}\"}} {}\n",
+                    b.ip(),
+                    b.port(),
+                    c.packets
+                );
             }
         }
         if let Ok(flows) = dp.flows() {
-            s += &gauge("lb_conntrack_entries", "Flow-table entries (forward and reply).", flows.len().to_string());
+            s += &gauge(
+                "lb_conntrack_entries",
+                "Flow-table entries (forward and reply).",
+                flows.len().to_string(),
+            );
         }
     }
     s

@@ -65,7 +65,10 @@ pub fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<Attached, AttachError> 
 }
 
 /// `attach_tc`, also returning the link to detach later.
-pub fn attach_tc_link(ebpf: &mut Ebpf, iface: &str) -> Result<(Attached, SchedClassifierLinkId), AttachError> {
+pub fn attach_tc_link(
+    ebpf: &mut Ebpf,
+    iface: &str,
+) -> Result<(Attached, SchedClassifierLinkId), AttachError> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(TC_PROGRAM)
         .ok_or(AttachError::Missing(TC_PROGRAM))?

@@ -209,7 +209,9 @@ impl Dataplane for AyaDataplane {
     }
 
     fn allow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
-        self.source_ranges.insert(&source_range_key(service_id, net), 1, 0).map_err(map_err(maps::SOURCE_RANGES))
+        self.source_ranges
+            .insert(&source_range_key(service_id, net), 1, 0)
+            .map_err(map_err(maps::SOURCE_RANGES))
     }
 
     fn disallow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
@@ -217,8 +219,11 @@ impl Dataplane for AyaDataplane {
     }
 
     fn source_ranges(&self) -> Result<Vec<(u32, IpNet)>> {
-        let keys: Vec<Key<SourceRangeKey>> =
-            self.source_ranges.keys().collect::<std::result::Result<_, _>>().map_err(map_err(maps::SOURCE_RANGES))?;
+        let keys: Vec<Key<SourceRangeKey>> = self
+            .source_ranges
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(maps::SOURCE_RANGES))?;
         Ok(keys.iter().filter_map(source_range_from_key).collect())
     }
 }

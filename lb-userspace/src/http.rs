@@ -42,7 +42,10 @@ async fn read_path(stream: &mut TcpStream) -> Option<String> {
         if buf.len() > 16 * 1024 {
             return None;
         }
-        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut chunk)).await.ok()?.ok()?;
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .ok()?
+            .ok()?;
         if n == 0 {
             break;
         }
@@ -121,7 +124,10 @@ impl Histogram {
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             s += &format!("{name}_bucket{{le=\"{b}\"}} {c}\n");
         }
-        s += &format!("{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n", self.count, self.sum, self.count);
+        s += &format!(
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n",
+            self.count, self.sum, self.count
+        );
         s
     }
 }

@@ -8,7 +8,7 @@ pub mod http;
 pub mod links;
 pub mod loader;
 pub mod maglev;
+pub mod model;
 pub mod range_alloc;
 pub mod reconcile;
-pub mod model;
 pub mod source;

@@ -29,7 +29,7 @@ enum Format {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent: load and attach the datapath, keep it in sync with the manifests.
-    Agent(cli::agent::AgentArgs),
+    Agent(Box<cli::agent::AgentArgs>),
     #[command(flatten)]
     Inspect(cli::inspect::Inspect),
 }

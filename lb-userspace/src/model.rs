@@ -277,7 +277,14 @@ fn parse_ips<'a>(it: impl Iterator<Item = &'a String>) -> Vec<IpAddr> {
     it.filter_map(|s| s.parse().ok()).collect()
 }
 
-fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Service, slices: &[&EndpointSlice]) {
+fn service(
+    out: &mut Desired,
+    node: &NodeContext,
+    ns: &str,
+    name: &str,
+    svc: &Service,
+    slices: &[&EndpointSlice],
+) {
     let Some(spec) = svc.spec.as_ref() else { return };
     let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
@@ -290,24 +297,26 @@ fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Se
             .map(|t| t.max(1) as u32)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
-    let source_ranges: Vec<IpNet> = spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .filter_map(|r| r.trim().parse().ok())
-        .collect();
+    let source_ranges: Vec<IpNet> =
+        spec.load_balancer_source_ranges.iter().flatten().filter_map(|r| r.trim().parse().ok()).collect();
     let lb_ips: Vec<IpAddr> = if ty == "LoadBalancer" {
-        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        let ingress =
+            svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
         // ipMode Proxy: the load balancer terminates and sends to the node; not a VIP of ours.
         parse_ips(
-            ingress.into_iter().flatten().filter(|i| i.ip_mode.as_deref() != Some("Proxy")).filter_map(|i| i.ip.as_ref()),
+            ingress
+                .into_iter()
+                .flatten()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.as_ref()),
         )
     } else {
         Vec::new()
     };
     let external_ips = parse_ips(spec.external_ips.iter().flatten());
     let cips = cluster_ips(spec);
-    let nodeport_ips = if matches!(ty, "NodePort" | "LoadBalancer") { out.node_ips.clone() } else { Vec::new() };
+    let nodeport_ips =
+        if matches!(ty, "NodePort" | "LoadBalancer") { out.node_ips.clone() } else { Vec::new() };
     if let Some(port) = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
         && ty == "LoadBalancer"
         && etp_local
@@ -398,7 +407,8 @@ fn endpoints(
     let mut serving_terminating = BTreeSet::new();
     for slice in slices.iter().filter(|s| s.address_type == family_name) {
         let Some(target) = slice.ports.iter().flatten().find_map(|p| {
-            let same = p.name.as_deref().unwrap_or("") == want_name && proto_of(p.protocol.as_deref()) == Some(proto);
+            let same = p.name.as_deref().unwrap_or("") == want_name
+                && proto_of(p.protocol.as_deref()) == Some(proto);
             if same { p.port.and_then(|n| u16::try_from(n).ok()) } else { None }
         }) else {
             continue;

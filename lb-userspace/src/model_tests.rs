@@ -30,7 +30,9 @@ fn svc<'a>(d: &'a Desired, port_name: &str, proto: u8, scope: Scope, family: Fam
         scope,
         family,
     };
-    d.services.get(&key).unwrap_or_else(|| panic!("no {key}; have {:?}", d.services.keys().collect::<Vec<_>>()))
+    d.services
+        .get(&key)
+        .unwrap_or_else(|| panic!("no {key}; have {:?}", d.services.keys().collect::<Vec<_>>()))
 }
 
 fn fe(list: &[(&str, u16)]) -> BTreeSet<(IpAddr, u16)> {
@@ -43,7 +45,9 @@ fn ips(set: &BTreeSet<Backend>) -> Vec<String> {
 
 /// A Service `web` (spec given as a YAML flow map body) and its slices.
 fn service(spec: &str, status: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{{spec}}}\nstatus: {{{status}}}\n---\n")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{{spec}}}\nstatus: {{{status}}}\n---\n"
+    )
 }
 
 fn slice(name: &str, family: &str, ports: &str, endpoints: &str) -> String {
@@ -61,8 +65,12 @@ fn three_pods() -> String {
         "web-1",
         "IPv4",
         "{name: http, port: 9376, protocol: TCP}",
-        &[ep("198.18.1.10", NODE, "ready: true"), ep("198.18.1.11", NODE, ""), ep("198.18.2.10", "node-b", "ready: true")]
-            .concat(),
+        &[
+            ep("198.18.1.10", NODE, "ready: true"),
+            ep("198.18.1.11", NODE, ""),
+            ep("198.18.2.10", "node-b", "ready: true"),
+        ]
+        .concat(),
     )
 }
 
@@ -94,26 +102,27 @@ fn nodeport_serves_the_primary_address_or_the_configured_ranges() {
     let s = svc(&d, "http", PROTO_TCP, Scope::External, Family::V4);
     assert_eq!(s.frontends, fe(&[("198.18.0.1", 30080), ("198.18.5.1", 30080)]));
     let d = run_with(&yaml, "198.18.5.0/24".parse().unwrap());
-    assert_eq!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).frontends, fe(&[("198.18.5.1", 30080)]));
+    assert_eq!(
+        svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).frontends,
+        fe(&[("198.18.5.1", 30080)])
+    );
 }
 
 #[test]
 fn load_balancer_ingress_ips_except_proxy_mode_and_external_ips() {
-    let d = run(
-        &(service(
-            &format!("type: LoadBalancer, clusterIP: 198.19.0.10, externalIPs: [198.19.9.9], {HTTP}"),
-            "loadBalancer: {ingress: [{ip: 198.19.100.1}, {ip: 198.19.100.2, ipMode: Proxy}, {ip: 198.19.100.3, ipMode: VIP}]}",
-        ) + &three_pods()),
-    );
+    let d = run(&(service(
+        &format!("type: LoadBalancer, clusterIP: 198.19.0.10, externalIPs: [198.19.9.9], {HTTP}"),
+        "loadBalancer: {ingress: [{ip: 198.19.100.1}, {ip: 198.19.100.2, ipMode: Proxy}, {ip: 198.19.100.3, ipMode: VIP}]}",
+    ) + &three_pods()));
     let lb = svc(&d, "http", PROTO_TCP, Scope::LoadBalancer, Family::V4);
     assert_eq!(lb.frontends, fe(&[("198.19.100.1", 80), ("198.19.100.3", 80)]));
     let ext = svc(&d, "http", PROTO_TCP, Scope::External, Family::V4);
     assert_eq!(ext.frontends, fe(&[("198.19.9.9", 80), ("198.18.0.1", 30080)]));
     // A ClusterIP Service's LB status is not served.
-    let d = run(
-        &(service(&format!("clusterIP: 198.19.0.10, {HTTP}"), "loadBalancer: {ingress: [{ip: 198.19.100.1}]}")
-            + &three_pods()),
-    );
+    let d = run(&(service(
+        &format!("clusterIP: 198.19.0.10, {HTTP}"),
+        "loadBalancer: {ingress: [{ip: 198.19.100.1}]}",
+    ) + &three_pods()));
     assert_eq!(d.services.len(), 1);
 }
 
@@ -129,9 +138,17 @@ fn multi_port_same_port_tcp_and_udp_and_named_ports_per_slice() {
             "{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}",
             &ep("198.18.1.10", NODE, ""),
         )
-        + &slice("web-b", "IPv4", "{name: http, port: 9090}, {name: dns-tcp, port: 5353}", &ep("198.18.2.10", "node-b", ""));
+        + &slice(
+            "web-b",
+            "IPv4",
+            "{name: http, port: 9090}, {name: dns-tcp, port: 5353}",
+            &ep("198.18.2.10", "node-b", ""),
+        );
     let d = run(&yaml);
-    assert_eq!(ips(&svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4).backends), ["198.18.1.10:8080", "198.18.2.10:9090"]);
+    assert_eq!(
+        ips(&svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4).backends),
+        ["198.18.1.10:8080", "198.18.2.10:9090"]
+    );
     assert_eq!(ips(&svc(&d, "dns", PROTO_UDP, Scope::Cluster, Family::V4).backends), ["198.18.1.10:5353"]);
     let tcp53 = svc(&d, "dns-tcp", PROTO_TCP, Scope::Cluster, Family::V4);
     assert_eq!(tcp53.frontends, fe(&[("198.19.0.10", 53)]));
@@ -148,13 +165,25 @@ fn slice_port_protocol_must_match() {
 #[test]
 fn readiness_ready_first_then_serving_terminating_never_unserving() {
     let spec = format!("clusterIP: 198.19.0.10, {HTTP}");
-    let cases: &[(&[(&str, &str)], &[&str], &[&str])] = &[
-        // (endpoints (ip, conditions), new-flow backends, kept)
-        (&[("198.18.1.10", "ready: true"), ("198.18.1.11", "ready: false, serving: true, terminating: true")], &["198.18.1.10:9376"], &["198.18.1.11:9376"]),
+    /// (endpoints as (ip, conditions), new-flow backends, kept)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
+    let cases: &[Case] = &[
+        (
+            &[
+                ("198.18.1.10", "ready: true"),
+                ("198.18.1.11", "ready: false, serving: true, terminating: true"),
+            ],
+            &["198.18.1.10:9376"],
+            &["198.18.1.11:9376"],
+        ),
         (&[("198.18.1.11", "ready: false, serving: true, terminating: true")], &["198.18.1.11:9376"], &[]),
         (&[("198.18.1.11", "ready: false, serving: false, terminating: true")], &[], &[]),
         (&[("198.18.1.12", "ready: false")], &[], &[]),
-        (&[("198.18.1.12", "ready: false"), ("198.18.1.13", "serving: true, terminating: true")], &["198.18.1.13:9376"], &[]),
+        (
+            &[("198.18.1.12", "ready: false"), ("198.18.1.13", "serving: true, terminating: true")],
+            &["198.18.1.13:9376"],
+            &[],
+        ),
     ];
     for (eps, want, kept) in cases {
         let eps: String = eps.iter().map(|(ip, c)| ep(ip, NODE, c)).collect();
@@ -183,16 +212,17 @@ fn external_traffic_policy_local_keeps_local_endpoints_and_drops() {
     assert_eq!(c.backends.len(), 3);
     assert_eq!(c.no_backend, NoBackend::Reject);
     // Only remote endpoints: nothing, and drop.
-    let d = run(&(yaml + &slice("web-1", "IPv4", "{name: http, port: 9376}", &ep("198.18.2.10", "node-b", ""))));
+    let d =
+        run(&(yaml + &slice("web-1", "IPv4", "{name: http, port: 9376}", &ep("198.18.2.10", "node-b", ""))));
     assert!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).backends.is_empty());
 }
 
 #[test]
 fn internal_traffic_policy_local() {
-    let d = run(
-        &(service(&format!("type: NodePort, clusterIP: 198.19.0.10, internalTrafficPolicy: Local, {HTTP}"), "")
-            + &three_pods()),
-    );
+    let d = run(&(service(
+        &format!("type: NodePort, clusterIP: 198.19.0.10, internalTrafficPolicy: Local, {HTTP}"),
+        "",
+    ) + &three_pods()));
     let c = svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4);
     assert_eq!(ips(&c.backends), ["198.18.1.10:9376", "198.18.1.11:9376"]);
     assert_eq!(c.no_backend, NoBackend::Drop);
@@ -215,12 +245,12 @@ fn session_affinity_with_and_without_timeout() {
 
 #[test]
 fn source_ranges_apply_to_load_balancer_ips_only() {
-    let d = run(
-        &(service(
-            &format!("type: LoadBalancer, clusterIP: 198.19.0.10, loadBalancerSourceRanges: [198.18.0.100/32, 'fd00::/8'], {HTTP}"),
-            "loadBalancer: {ingress: [{ip: 198.19.100.1}]}",
-        ) + &three_pods()),
-    );
+    let d = run(&(service(
+        &format!(
+            "type: LoadBalancer, clusterIP: 198.19.0.10, loadBalancerSourceRanges: [198.18.0.100/32, 'fd00::/8'], {HTTP}"
+        ),
+        "loadBalancer: {ingress: [{ip: 198.19.100.1}]}",
+    ) + &three_pods()));
     let lb = svc(&d, "http", PROTO_TCP, Scope::LoadBalancer, Family::V4);
     assert_eq!(lb.source_ranges, vec!["198.18.0.100/32".parse::<IpNet>().unwrap()]);
     assert!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).source_ranges.is_empty());
@@ -230,7 +260,9 @@ fn source_ranges_apply_to_load_balancer_ips_only() {
 #[test]
 fn dual_stack_frontends_get_endpoints_of_their_family() {
     let yaml = service(
-        &format!("type: NodePort, clusterIPs: [198.19.0.10, 'fd00:19::10'], ipFamilies: [IPv4, IPv6], {HTTP}"),
+        &format!(
+            "type: NodePort, clusterIPs: [198.19.0.10, 'fd00:19::10'], ipFamilies: [IPv4, IPv6], {HTTP}"
+        ),
         "",
     ) + &three_pods()
         + &slice("web-6", "IPv6", "{name: http, port: 9376}", &ep("fd00:18:1::10", NODE, ""));
@@ -297,6 +329,7 @@ fn health_check_node_port_counts_local_ready_endpoints() {
     assert_eq!(d.health_checks[&32000].local_endpoints, 0);
     assert_eq!(svc(&d, "http", PROTO_TCP, Scope::External, Family::V4).backends.len(), 1);
     // Cluster policy: no health check.
-    let d = run(&(service(&format!("type: LoadBalancer, clusterIP: 198.19.0.10, {HTTP}"), "") + &three_pods()));
+    let d =
+        run(&(service(&format!("type: LoadBalancer, clusterIP: 198.19.0.10, {HTTP}"), "") + &three_pods()));
     assert!(d.health_checks.is_empty());
 }

@@ -117,7 +117,8 @@ impl Applied {
 
     /// Forgets tables no frontend points at any more (their ranges are free).
     pub fn prune_tables(&mut self) {
-        let live: BTreeSet<u32> = self.services.values().filter(|v| v.maglev_size > 0).map(|v| v.maglev_offset).collect();
+        let live: BTreeSet<u32> =
+            self.services.values().filter(|v| v.maglev_size > 0).map(|v| v.maglev_offset).collect();
         self.tables.retain(|off, _| live.contains(off));
     }
 }
@@ -233,9 +234,11 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
     let mut next_service = 1;
 
     for (sref, s) in &desired.services {
-        let keys: Vec<ServiceKey> = s.frontends.iter().map(|(ip, port)| ServiceKey::new(*ip, *port, sref.proto)).collect();
+        let keys: Vec<ServiceKey> =
+            s.frontends.iter().map(|(ip, port)| ServiceKey::new(*ip, *port, sref.proto)).collect();
         // The id (and table) of the first frontend already applied and not claimed yet.
-        let previous = keys.iter().filter_map(|k| applied.services.get(k)).find(|v| !claimed.contains(&v.service_id));
+        let previous =
+            keys.iter().filter_map(|k| applied.services.get(k)).find(|v| !claimed.contains(&v.service_id));
         let service_id = match previous {
             Some(v) => v.service_id,
             None => {
@@ -248,10 +251,14 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
         };
         claimed.insert(service_id);
 
-        let members: Vec<(u32, Vec<u8>)> =
-            s.backends.iter().map(|b| (backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes())).collect();
+        let members: Vec<(u32, Vec<u8>)> = s
+            .backends
+            .iter()
+            .map(|b| (backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes()))
+            .collect();
         let size = table_size(members.len(), previous.map_or(0, |v| v.maglev_size), limits.max_table);
-        let prev_table = previous.filter(|v| v.maglev_size == size).and_then(|v| applied.tables.get(&v.maglev_offset));
+        let prev_table =
+            previous.filter(|v| v.maglev_size == size).and_then(|v| applied.tables.get(&v.maglev_offset));
         let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
         let offset = match (previous, prev_table) {
             (Some(v), Some(t)) if *t == table => v.maglev_offset,
@@ -298,7 +305,11 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
     ops.extend(tables);
     ops.extend(set_services);
     ops.extend(
-        applied.services.keys().filter(|k| !wanted_keys.contains(k)).map(|key| MapOp::RemoveService { key: *key }),
+        applied
+            .services
+            .keys()
+            .filter(|k| !wanted_keys.contains(k))
+            .map(|key| MapOp::RemoveService { key: *key }),
     );
     ops.extend(
         applied
@@ -308,7 +319,13 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
             .map(|(service_id, net)| MapOp::DisallowSource { service_id: *service_id, net: *net }),
     );
     let wanted_ids: BTreeSet<u32> = backend_ids.values().copied().collect();
-    ops.extend(applied.backends.keys().filter(|id| !wanted_ids.contains(id)).map(|id| MapOp::RemoveBackend { id: *id }));
+    ops.extend(
+        applied
+            .backends
+            .keys()
+            .filter(|id| !wanted_ids.contains(id))
+            .map(|id| MapOp::RemoveBackend { id: *id }),
+    );
     Ok(ops)
 }
 

@@ -18,7 +18,8 @@ pub const NODE_PORT: u16 = 30080;
 
 /// Service `web` and its EndpointSlice over the first `replicas` of web-1..web-3 (all ready).
 pub fn web_manifests(lab: &Lab, replicas: usize) -> String {
-    let pods: Vec<&lab::Pod> = ["web-1", "web-2", "web-3"].iter().take(replicas).map(|n| lab.pod(n)).collect();
+    let pods: Vec<&lab::Pod> =
+        ["web-1", "web-2", "web-3"].iter().take(replicas).map(|n| lab.pod(n)).collect();
     web_with(&pods.iter().map(|p| (*p, "ready: true")).collect::<Vec<_>>())
 }
 
@@ -103,7 +104,10 @@ fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
     for node in [1, 2] {
         lab::wait_for(Duration::from_secs(5), || lab.has_frontend(node, vip, 80))?;
     }
-    println!("   manifest written; frontend in both nodes' maps after {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "   manifest written; frontend in both nodes' maps after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     step(2, &format!("12 requests from pod `client` (node-1) to http://{CLUSTER_IP}/"));
     let seen = spread(&client, &cluster_url, 12)?;
@@ -139,7 +143,10 @@ fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
         }
     }
     let moved = clean_since.unwrap_or_default();
-    println!("   traffic off web-2 {:.0} ms after the manifest change (30 requests in a row since)", moved.as_secs_f64() * 1e3);
+    println!(
+        "   traffic off web-2 {:.0} ms after the manifest change (30 requests in a row since)",
+        moved.as_secs_f64() * 1e3
+    );
     if moved > Duration::from_secs(1) {
         bail!("took more than a second");
     }
@@ -155,7 +162,10 @@ fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
         let t = Instant::now();
         let a = curl(ns, url);
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        println!("   {who} -> {url}: {}", if a == Answer::Refused { format!("connection refused in {ms:.0} ms") } else { format!("{a:?}") });
+        println!(
+            "   {who} -> {url}: {}",
+            if a == Answer::Refused { format!("connection refused in {ms:.0} ms") } else { format!("{a:?}") }
+        );
         if a != Answer::Refused || ms > 500.0 {
             bail!("{who} was not refused promptly: {a:?} after {ms:.0} ms");
         }

@@ -35,6 +35,8 @@ use serde::{Deserialize, Serialize};
 pub const STATE_ROOT: &str = "/run/lb-lab";
 /// The port every backend pod serves (like `serve_hostname`).
 pub const POD_PORT: u16 = 9376;
+/// A second port the standard backend pods serve (multi-port and named-port tests).
+pub const POD_PORT_ALT: u16 = 8080;
 /// The external client's address on the underlay.
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 
@@ -66,7 +68,10 @@ impl Bins {
         let bins = Bins { lb: dir.join("lb"), serve: dir.join("lb-serve") };
         for b in [&bins.lb, &bins.serve] {
             if !b.exists() {
-                bail!("{} is missing: build it first (cargo build -p lb-userspace -p lb-tests --bins)", b.display());
+                bail!(
+                    "{} is missing: build it first (cargo build -p lb-userspace -p lb-tests --bins)",
+                    b.display()
+                );
             }
         }
         Ok(bins)
@@ -145,7 +150,11 @@ impl Lab {
     /// Creates the switch, the external client and `nodes` nodes (no pods, no agents yet).
     /// On failure everything created so far is removed.
     pub fn up(nodes: u8, bins: Bins) -> anyhow::Result<Lab> {
-        let name = format!("lb{}x{}", std::process::id(), LAB_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let name = format!(
+            "lb{}x{}",
+            std::process::id(),
+            LAB_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let dir = Path::new(STATE_ROOT).join(&name);
         fs::create_dir_all(dir.join("manifests"))?;
         let state = State {
@@ -351,7 +360,8 @@ impl Lab {
             {
                 bail!("lb agent exited ({status}):\n{}", fs::read_to_string(&log_path).unwrap_or_default());
             }
-            Ok(sh(&mut in_ns(&ns, &["curl", "-sf", "--max-time", "1", "http://127.0.0.1:10256/healthz"])).is_ok())
+            Ok(sh(&mut in_ns(&ns, &["curl", "-sf", "--max-time", "1", "http://127.0.0.1:10256/healthz"]))
+                .is_ok())
         })
         .with_context(|| format!("agent on node-{node} not healthy; log {}", log_path.display()))?;
         let _ = started;
@@ -411,7 +421,13 @@ impl Lab {
             return;
         }
         self.torn_down = true;
-        let pids: Vec<u32> = self.state.agents.iter().map(|a| a.pid).chain(self.state.pods.iter().filter_map(|p| p.server)).collect();
+        let pids: Vec<u32> = self
+            .state
+            .agents
+            .iter()
+            .map(|a| a.pid)
+            .chain(self.state.pods.iter().filter_map(|p| p.server))
+            .collect();
         for pid in pids {
             self.stop(pid);
         }
@@ -419,14 +435,14 @@ impl Lab {
     }
 
     /// The standard lab: two nodes; on node-1 a client pod and backends `web-1`, `web-2`; on
-    /// node-2 backend `web-3` and a client pod `client-2`; Node objects written; agents
+    /// node-2 backend `web-3` and a client pod `client-2` (backends serve 9376 and 8080); Node objects written; agents
     /// running on both nodes.
     pub fn standard(bins: Bins) -> anyhow::Result<Lab> {
         let mut lab = Lab::up(2, bins)?;
         lab.add_pod(1, "client", 100, None)?;
-        lab.add_pod(1, "web-1", 10, Some(&[POD_PORT]))?;
-        lab.add_pod(1, "web-2", 11, Some(&[POD_PORT]))?;
-        lab.add_pod(2, "web-3", 10, Some(&[POD_PORT]))?;
+        lab.add_pod(1, "web-1", 10, Some(&[POD_PORT, POD_PORT_ALT]))?;
+        lab.add_pod(1, "web-2", 11, Some(&[POD_PORT, POD_PORT_ALT]))?;
+        lab.add_pod(2, "web-3", 10, Some(&[POD_PORT, POD_PORT_ALT]))?;
         lab.add_pod(2, "client-2", 100, None)?;
         lab.write_manifest("nodes.yaml", &lab.node_manifests())?;
         lab.start_agent(1, &[])?;
@@ -595,7 +611,12 @@ pub fn curl(ns: &str, url: &str) -> Answer {
 
 /// An EndpointSlice for Service `service` with `ports` (`name`, port, protocol) and
 /// endpoints given as `(pod, conditions)`, conditions in YAML flow form (`ready: true`).
-pub fn slice_yaml(name: &str, service: &str, ports: &[(&str, u16, &str)], endpoints: &[(&Pod, &str)]) -> String {
+pub fn slice_yaml(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(&Pod, &str)],
+) -> String {
     let ports: Vec<String> =
         ports.iter().map(|(n, p, proto)| format!("{{name: '{n}', port: {p}, protocol: {proto}}}")).collect();
     let eps: Vec<String> = endpoints

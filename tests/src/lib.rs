@@ -2,6 +2,6 @@
 //! privilege gate, a loaded datapath in a private pin dir, map programming through the
 //! agent's `Dataplane`, and packet builders/inspectors with independent checksums.
 
-pub mod harness;
 pub mod demo;
+pub mod harness;
 pub mod lab;

@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | test | bench`.
+//! Project tasks: `cargo xtask setup | test | bench | lab | demo`.
 //!
 //! xtask deliberately depends on nothing of the project itself: on a fresh machine it must
 //! build (and install bpf-linker) before the eBPF crate can be compiled.
 
 mod bench;
+mod lab;
 mod run;
 mod setup;
 mod test;
@@ -22,9 +23,19 @@ enum Cmd {
     /// Install what is missing: Debian packages (LLVM 22, lab tools), rust-src for the
     /// nightly eBPF toolchain, bpf-linker built against LLVM 22. Idempotent and fast.
     Setup,
-    /// Run every test tier: lint, L1 host unit tests, L2 BPF_PROG_TEST_RUN fixtures (root).
+    /// Run every test tier: lint, L1 host unit tests, L2 BPF_PROG_TEST_RUN fixtures (root),
+    /// L3 end-to-end tests on network-namespace labs with the real agent (root).
     /// With LB_REQUIRE_PRIVILEGED=1 a privileged test that cannot run is a failure.
     Test,
+    /// The walkthrough on a network-namespace lab: a 3-replica Service reached through its
+    /// ClusterIP from a pod and its NodePort from outside, a pod removed, no endpoints.
+    /// Installs what is missing and builds first; removes the lab at the end. Root.
+    Demo,
+    /// The network-namespace lab by hand (root).
+    Lab {
+        #[command(subcommand)]
+        action: lab::Action,
+    },
     /// Benchmarks; results go to target/bench/.
     Bench {
         #[command(subcommand)]
@@ -39,6 +50,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test => {
             setup::run()?;
             test::run()
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            lab::demo()
+        }
+        Cmd::Lab { action } => {
+            if matches!(action, lab::Action::Up) {
+                setup::run()?;
+            }
+            lab::run(action)
         }
         Cmd::Bench { which } => {
             setup::run()?;

@@ -22,6 +22,8 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "curl",
     "ncat",
+    "procps",
+    "tcpdump",
     "netsniff-ng",
     "hping3",
     "wrk",

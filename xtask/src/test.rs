@@ -4,6 +4,7 @@
 //! * L1 — host unit tests (lb-common, lb-userspace): no root needed
 //! * L2 — BPF_PROG_TEST_RUN fixtures (lb-tests) and the `lb` CLI against real pinned maps:
 //!   root; with `LB_REQUIRE_PRIVILEGED=1` a test that cannot run fails instead of skipping.
+//! * L3 — the real `lb agent` on network-namespace labs with real clients (root, same rule).
 
 use std::process::Command;
 
@@ -35,8 +36,12 @@ pub fn run() -> anyhow::Result<()> {
     eprintln!("== L1 host unit tests");
     run_cmd(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace", "--lib", "--bins"]))?;
     eprintln!("== L2 BPF_PROG_TEST_RUN fixtures (root)");
-    run_cmd(cargo().args(["test", "-p", "lb-tests"]))?;
+    run_cmd(cargo().args(["test", "-p", "lb-tests", "--lib", "--bins", "--test", "prog_fixtures"]))?;
     run_cmd(cargo().args(["test", "-p", "lb-userspace", "--test", "cli"]))?;
+    // The lab runs the `lb` binary, which integration tests of lb-tests do not build.
+    crate::lab::build()?;
+    eprintln!("== L3 end-to-end on network-namespace labs (root)");
+    run_cmd(cargo().args(["test", "-p", "lb-tests", "--test", "e2e", "--", "--test-threads", "2"]))?;
     eprintln!("== all test tiers passed");
     Ok(())
 }

@@ -44,7 +44,14 @@ impl Object {
             Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
             Object::Node(n) => ("Node", &n.metadata),
         };
-        (kind, format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or("")))
+        (
+            kind,
+            format!(
+                "{}/{}",
+                meta.namespace.as_deref().unwrap_or("default"),
+                meta.name.as_deref().unwrap_or("")
+            ),
+        )
     }
 }
 
@@ -127,7 +134,9 @@ fn validate(o: &Object) -> Result<(), String> {
                 ip(e, "externalIP")?;
             }
             for r in spec.load_balancer_source_ranges.iter().flatten() {
-                r.trim().parse::<ipnet::IpNet>().map_err(|_| format!("loadBalancerSourceRange {r:?} is not a CIDR"))?;
+                r.trim()
+                    .parse::<ipnet::IpNet>()
+                    .map_err(|_| format!("loadBalancerSourceRange {r:?} is not a CIDR"))?;
             }
             let ports = spec.ports.as_deref().unwrap_or_default();
             for p in ports {
@@ -140,7 +149,12 @@ fn validate(o: &Object) -> Result<(), String> {
                     return Err("ports must be named when a Service has more than one".into());
                 }
             }
-            for i in s.status.iter().filter_map(|s| s.load_balancer.as_ref()).flat_map(|l| l.ingress.iter().flatten()) {
+            for i in s
+                .status
+                .iter()
+                .filter_map(|s| s.load_balancer.as_ref())
+                .flat_map(|l| l.ingress.iter().flatten())
+            {
                 if let Some(a) = &i.ip {
                     ip(a, "status.loadBalancer.ingress ip")?;
                 }
@@ -149,7 +163,9 @@ fn validate(o: &Object) -> Result<(), String> {
         Object::EndpointSlice(s) => {
             s.metadata.name.as_deref().filter(|n| !n.is_empty()).ok_or("metadata.name is missing")?;
             let labels = s.metadata.labels.as_ref();
-            labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).ok_or(format!("label {SERVICE_NAME_LABEL} is missing"))?;
+            labels
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .ok_or(format!("label {SERVICE_NAME_LABEL} is missing"))?;
             let family = match s.address_type.as_str() {
                 "IPv4" => false,
                 "IPv6" => true,
@@ -165,7 +181,10 @@ fn validate(o: &Object) -> Result<(), String> {
             for e in &s.endpoints {
                 let a = e.addresses.first().ok_or("an endpoint has no address")?;
                 if ip(a, "endpoint address")?.is_ipv6() != family {
-                    return Err(format!("endpoint address {a} does not match addressType {}", s.address_type));
+                    return Err(format!(
+                        "endpoint address {a} does not match addressType {}",
+                        s.address_type
+                    ));
                 }
             }
         }
@@ -321,18 +340,33 @@ mod tests {
     #[test]
     fn invalid_documents_name_the_document_and_reason() {
         let cases = [
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.300}\n", "clusterIP"),
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 70000}]}\n", "out of range"),
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80, protocol: ICMP}]}\n", "protocol"),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.300}\n",
+                "clusterIP",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 70000}]}\n",
+                "out of range",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80, protocol: ICMP}]}\n",
+                "protocol",
+            ),
             ("apiVersion: v1\nkind: Service\nspec: {}\n", "metadata.name"),
             ("apiVersion: v2\nkind: Service\nmetadata: {name: a}\n", "apiVersion"),
-            ("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a}\naddressType: IPv4\nendpoints: []\n", "service-name"),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a}\naddressType: IPv4\nendpoints: []\n",
+                "service-name",
+            ),
             (
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nendpoints: [{addresses: [\"fd00::1\"]}]\n",
                 "does not match",
             ),
             ("kind: Service\n  bad: indent\n x", "document 1"),
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: \"eighty\"}]}\n", "document 1"),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: \"eighty\"}]}\n",
+                "document 1",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text, false).unwrap_err();
@@ -359,7 +393,8 @@ mod tests {
         assert!(changed && errors.is_empty());
         assert_eq!(folder.cluster().0.services.len(), 1);
 
-        std::fs::write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: nope}\n").unwrap();
+        std::fs::write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: nope}\n")
+            .unwrap();
         let (changed, errors) = folder.refresh().unwrap();
         assert!(!changed);
         assert_eq!(errors.len(), 1);

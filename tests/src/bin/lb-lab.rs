@@ -38,7 +38,12 @@ fn main() -> anyhow::Result<()> {
             l.write_manifest("web.yaml", &demo::web_manifests(&l, 3))?;
             print_status(&l.state);
             println!("\ntry:  ip netns exec {} curl -s http://{}/", l.pod("client").ns, demo::CLUSTER_IP);
-            println!("      ip netns exec {} curl -s http://{}:{}/", l.ext_ns(), lab::node_ip(1), demo::NODE_PORT);
+            println!(
+                "      ip netns exec {} curl -s http://{}:{}/",
+                l.ext_ns(),
+                lab::node_ip(1),
+                demo::NODE_PORT
+            );
             println!("      {} --pin-dir {} service list", l.state.bins.lb.display(), l.pin_dir(1).display());
             println!("edit manifests in {}; remove with: cargo xtask lab down", l.state.manifests.display());
             // Leave it up: the state file lets `down` remove it.

@@ -23,7 +23,13 @@ struct Args {
     ports: Vec<u16>,
 }
 
-fn http(stream: &mut TcpStream, first: &str, reader: &mut BufReader<TcpStream>, name: &str, peer: SocketAddr) {
+fn http(
+    stream: &mut TcpStream,
+    first: &str,
+    reader: &mut BufReader<TcpStream>,
+    name: &str,
+    peer: SocketAddr,
+) {
     // Skip the request headers.
     let mut line = String::new();
     while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) && line.trim() != "" {

@@ -1,0 +1,579 @@
+//! L3: the real `lb agent` on two lab nodes, real clients between namespaces. One test per
+//! scenario of `../shared/reference/k8s-service-e2e-scenarios.md` §4 (and the list),
+//! with DESIGN.md §5's verdicts (reject vs drop) and tighter timings than Kubernetes allows:
+//! a change must be live within a second.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    harness::privileged,
+    lab::{
+        self, Answer, Bins, EXT_IP, Lab, POD_PORT, POD_PORT_ALT, Pod, curl, in_netns, node_ip, sa,
+        slice_yaml, tcp_ask, udp_ask, wait_for,
+    },
+};
+
+const VIP: &str = "198.19.0.10";
+const LB_IP: &str = "198.19.100.1";
+/// A change must be visible in traffic within this (Kubernetes allows 30 s or more).
+const LIVE: Duration = Duration::from_secs(1);
+const ASK: Duration = Duration::from_millis(600);
+
+fn lab() -> Option<Lab> {
+    if !privileged() {
+        return None;
+    }
+    let bins = Bins::beside(&std::env::current_exe().unwrap()).expect("lab binaries");
+    Some(Lab::standard(bins).expect("standard lab"))
+}
+
+fn vip() -> IpAddr {
+    VIP.parse().unwrap()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+fn ask(ns: &str, to: SocketAddr, p: Proto) -> Answer {
+    match p {
+        Proto::Tcp => tcp_ask(ns, to, ASK),
+        Proto::Udp => udp_ask(ns, to, 0, ASK),
+    }
+}
+
+/// Service `name` with the given spec lines (YAML, indented by two) and optional status.
+fn service(name: &str, spec: &str, status: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{spec}\nstatus: {{{status}}}\n---\n"
+    )
+}
+
+const READY: &str = "ready: true";
+
+/// The default web Service: ClusterIP VIP:80 -> 9376 (TCP and UDP, port names `http` and
+/// `udp`), NodePort 30080 (TCP).
+fn web(type_: &str, extra: &str) -> String {
+    service(
+        "web",
+        &format!(
+            "  type: {type_}\n  clusterIP: {VIP}\n{extra}  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n  - {{name: udp, port: 80, protocol: UDP, targetPort: {POD_PORT}, nodePort: 30080}}\n"
+        ),
+        "",
+    )
+}
+
+fn web_slice(endpoints: &[(&Pod, &str)]) -> String {
+    slice_yaml("web-1", "web", &[("http", POD_PORT, "TCP"), ("udp", POD_PORT, "UDP")], endpoints)
+}
+
+fn pods<'a>(lab: &'a Lab, names: &[&str]) -> Vec<&'a Pod> {
+    names.iter().map(|n| lab.pod(n)).collect()
+}
+
+fn ready<'a>(pods: &[&'a Pod]) -> Vec<(&'a Pod, &'static str)> {
+    pods.iter().map(|p| (*p, READY)).collect()
+}
+
+/// Applies `yaml` as web.yaml and waits until `probe` holds (at most `LIVE`).
+fn apply(lab: &Lab, yaml: &str, what: &str, probe: impl FnMut() -> bool) {
+    lab.write_manifest("web.yaml", yaml).unwrap();
+    let mut probe = probe;
+    let t = wait_for(LIVE * 3, || Ok(probe()))
+        .unwrap_or_else(|e| panic!("{what}: {e}\nnode-1 agent:\n{}", lab.agent_log(1)));
+    assert!(t <= LIVE, "{what}: took {t:?}");
+}
+
+/// Kubernetes' rule: every endpoint answers within n²+30 requests. Returns answers per pod
+/// and the client addresses the pods saw.
+fn reach_all(
+    ns: &str,
+    to: SocketAddr,
+    p: Proto,
+    want: &[&str],
+) -> (BTreeMap<String, usize>, BTreeSet<String>) {
+    let mut seen = BTreeMap::new();
+    let mut clients = BTreeSet::new();
+    let budget = want.len() * want.len() + 30;
+    for _ in 0..budget {
+        match ask(ns, to, p) {
+            Answer::Reply(pod, client) => {
+                *seen.entry(pod).or_insert(0) += 1;
+                clients.insert(client.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or(client));
+            }
+            other => panic!("{p:?} {to} from {ns}: {other:?}"),
+        }
+        if want.iter().all(|w| seen.contains_key(*w)) && seen.values().sum::<usize>() >= want.len() * 3 {
+            break;
+        }
+    }
+    let got: BTreeSet<&str> = seen.keys().map(String::as_str).collect();
+    assert_eq!(got, want.iter().copied().collect(), "{p:?} {to} from {ns}: answers {seen:?}");
+    (seen, clients)
+}
+
+#[test]
+fn cluster_ip_tcp_and_udp_reach_every_backend_from_both_nodes_with_the_pod_source_kept() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
+        lab.has_frontend(1, vip(), 80).unwrap_or(false) && lab.has_frontend(2, vip(), 80).unwrap_or(false)
+    });
+    for client in ["client", "client-2"] {
+        let ns = lab.pod(client).ns.clone();
+        for p in [Proto::Tcp, Proto::Udp] {
+            // TCP connects and a connected UDP socket accepts the reply: both mean the reply
+            // came from VIP:80.
+            let (_, clients) = reach_all(&ns, sa(vip(), 80), p, &["web-1", "web-2", "web-3"]);
+            assert_eq!(clients, [lab.pod(client).ip.to_string()].into(), "pod source address kept ({p:?})");
+        }
+    }
+}
+
+#[test]
+fn hairpin_a_pod_reaches_itself_through_its_service() {
+    let Some(lab) = lab() else { return };
+    let w1 = lab.pod("web-1").clone();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&[(&w1, READY)])), "service up", || {
+        matches!(tcp_ask(&lab.pod("client").ns, sa(vip(), 80), ASK), Answer::Reply(..))
+    });
+    for p in [Proto::Tcp, Proto::Udp] {
+        match ask(&w1.ns, sa(vip(), 80), p) {
+            // Source-NATed to the node: a pod cannot accept a packet from itself.
+            Answer::Reply(pod, client) => {
+                assert_eq!(pod, "web-1");
+                assert!(client.starts_with(&format!("{}:", node_ip(1))), "{p:?}: seen from {client}");
+            }
+            other => panic!("hairpin {p:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn nodeport_and_load_balancer_ip_from_outside_reach_local_and_remote_backends() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let yaml = service(
+        "web",
+        &format!(
+            "  type: LoadBalancer\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n  - {{name: udp, port: 80, protocol: UDP, targetPort: {POD_PORT}, nodePort: 30080}}\n"
+        ),
+        &format!("loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}"),
+    ) + &web_slice(&ready(&all));
+    apply(&lab, &yaml, "service up", || {
+        lab.has_frontend(1, LB_IP.parse().unwrap(), 80).unwrap_or(false)
+            && lab.has_frontend(2, IpAddr::V4(node_ip(2)), 30080).unwrap_or(false)
+    });
+    let ext = lab.ext_ns();
+    for to in [sa(node_ip(1), 30080), sa(node_ip(2), 30080), sa(LB_IP.parse::<IpAddr>().unwrap(), 80)] {
+        for p in [Proto::Tcp, Proto::Udp] {
+            let (seen, clients) = reach_all(&ext, to, p, &["web-1", "web-2", "web-3"]);
+            // Local backends see the client; remote ones the node that source-NATed.
+            assert!(clients.contains(&EXT_IP.to_string()), "{to} {p:?}: {clients:?} ({seen:?})");
+            assert!(
+                clients.iter().all(|c| *c == EXT_IP.to_string() || c.starts_with("198.18.0.")),
+                "{clients:?}"
+            );
+        }
+    }
+    // A real client too: curl through node-2's NodePort.
+    assert!(matches!(curl(&ext, &format!("http://{}:30080/", node_ip(2))), Answer::Reply(..)));
+    // A secondary node address does not serve NodePorts (`--nodeport-addresses primary`).
+    let secondary: IpAddr = "198.18.0.51".parse().unwrap();
+    lab::sh(&mut lab::in_ns(
+        &format!("{}-node1", lab.state.name),
+        &["ip", "addr", "add", "198.18.0.51/24", "dev", "eth0"],
+    ))
+    .unwrap();
+    let nodes = lab.node_manifests().replace(
+        "address: 198.18.0.1}",
+        "address: 198.18.0.1}\n  - {type: InternalIP, address: 198.18.0.51}",
+    );
+    lab.write_manifest("nodes.yaml", &nodes).unwrap();
+    wait_for(LIVE, || Ok(lab.agent_log(1).matches("synced").count() >= 3)).unwrap();
+    assert!(!lab.has_frontend(1, secondary, 30080).unwrap());
+    // Nothing listens there on the node itself: its own stack refuses.
+    assert_eq!(tcp_ask(&ext, sa(secondary, 30080), ASK), Answer::Refused);
+    assert!(lab.has_frontend(1, IpAddr::V4(node_ip(1)), 30080).unwrap());
+}
+
+#[test]
+fn multi_slice_merge_with_per_slice_named_ports_and_multi_port() {
+    let Some(lab) = lab() else { return };
+    // Selector-less Service; its ports are matched by name in each slice, and the `http`
+    // target differs per slice (web-1 serves it on 9376, web-3 on 8080).
+    let yaml = service(
+        "web",
+        &format!(
+            "  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: http}}\n  - {{name: alt, port: 81, targetPort: {POD_PORT_ALT}}}\n"
+        ),
+        "",
+    ) + "---\n"
+        + &slice_yaml(
+            "web-a",
+            "web",
+            &[("http", POD_PORT, "TCP"), ("alt", POD_PORT_ALT, "TCP")],
+            &[(lab.pod("web-1"), READY)],
+        )
+        + "---\n"
+        + &slice_yaml("web-b", "web", &[("http", POD_PORT_ALT, "TCP")], &[(lab.pod("web-3"), READY)]);
+    apply(&lab, &yaml, "service up", || lab.has_frontend(1, vip(), 81).unwrap_or(false));
+    let ns = lab.pod("client").ns.clone();
+    reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-1", "web-3"]);
+    // Port 81 only has web-1's slice.
+    reach_all(&ns, sa(vip(), 81), Proto::Tcp, &["web-1"]);
+}
+
+#[test]
+fn same_port_tcp_and_udp_and_live_protocol_removal() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-3"]);
+    let ns = lab.pod("client").ns.clone();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
+        matches!(udp_ask(&ns, sa(vip(), 80), 0, ASK), Answer::Reply(..))
+    });
+    reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-1", "web-3"]);
+    reach_all(&ns, sa(vip(), 80), Proto::Udp, &["web-1", "web-3"]);
+    // Remove the UDP port: UDP to it is refused (ICMP port unreachable) within a second.
+    let tcp_only = service(
+        "web",
+        &format!("  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}}}\n"),
+        "",
+    ) + &web_slice(&ready(&all));
+    apply(&lab, &tcp_only, "UDP port removed", || udp_ask(&ns, sa(vip(), 80), 0, ASK) == Answer::Refused);
+    assert!(matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..)));
+}
+
+#[test]
+fn session_affinity_keeps_one_backend_per_client_and_can_be_switched_off() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let sticky = web(
+        "ClusterIP",
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+    );
+    let ns = lab.pod("client").ns.clone();
+    apply(&lab, &(sticky + &web_slice(&ready(&all))), "service up", || {
+        matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..))
+    });
+    for p in [Proto::Tcp, Proto::Udp] {
+        let pods: BTreeSet<String> =
+            (0..15).filter_map(|_| ask(&ns, sa(vip(), 80), p).pod().map(str::to_string)).collect();
+        assert_eq!(pods.len(), 1, "{p:?}: {pods:?}");
+    }
+    // Off again: new connections spread.
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "affinity off", || {
+        (0..12)
+            .filter_map(|_| tcp_ask(&ns, sa(vip(), 80), ASK).pod().map(str::to_string))
+            .collect::<BTreeSet<_>>()
+            .len()
+            > 1
+    });
+}
+
+#[test]
+fn external_traffic_policy_local_uses_local_endpoints_keeps_client_ip_and_drops_elsewhere() {
+    let Some(lab) = lab() else { return };
+    let w3 = lab.pod("web-3").clone();
+    let yaml = service(
+        "web",
+        &format!(
+            "  type: LoadBalancer\n  clusterIP: {VIP}\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n"
+        ),
+        &format!("loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}"),
+    );
+    let ext = lab.ext_ns();
+    apply(&lab, &(yaml.clone() + &web_slice(&[(&w3, READY)])), "service up", || {
+        matches!(tcp_ask(&ext, sa(node_ip(2), 30080), ASK), Answer::Reply(..))
+    });
+    for _ in 0..5 {
+        match tcp_ask(&ext, sa(node_ip(2), 30080), ASK) {
+            Answer::Reply(pod, client) => {
+                assert_eq!(pod, "web-3");
+                assert!(client.starts_with(&format!("{EXT_IP}:")), "client address not kept: {client}");
+            }
+            other => panic!("ETP=Local via node-2: {other:?}"),
+        }
+    }
+    // node-1 has no local endpoint: dropped, not refused.
+    assert_eq!(tcp_ask(&ext, sa(node_ip(1), 30080), ASK), Answer::Timeout);
+    // healthCheckNodePort: node-2 200 with one endpoint, node-1 503.
+    let hc = |n: u8| curl_status(&ext, &format!("http://{}:32000/", node_ip(n)));
+    assert_eq!(hc(2).0, 200, "{:?}", hc(2));
+    assert!(hc(2).1.contains("\"localEndpoints\":1"), "{:?}", hc(2));
+    assert_eq!(hc(1).0, 503);
+    // Cluster-internal traffic is not affected: the ClusterIP from node-1 reaches web-3.
+    assert_eq!(tcp_ask(&lab.pod("client").ns, sa(vip(), 80), ASK).pod(), Some("web-3"));
+    // Only a terminating endpoint left: 503, while traffic keeps flowing to it.
+    apply(
+        &lab,
+        &(yaml + &web_slice(&[(&w3, "ready: false, serving: true, terminating: true")])),
+        "terminating",
+        || hc(2).0 == 503,
+    );
+    assert_eq!(tcp_ask(&ext, sa(node_ip(2), 30080), ASK).pod(), Some("web-3"));
+}
+
+fn curl_status(ns: &str, url: &str) -> (u16, String) {
+    let out =
+        lab::in_ns(ns, &["curl", "-s", "--max-time", "2", "-w", "\n%{http_code}", url]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn internal_traffic_policy_local_has_no_fallback_to_remote_endpoints() {
+    let Some(lab) = lab() else { return };
+    let w3 = lab.pod("web-3").clone();
+    let yaml = web("ClusterIP", "  internalTrafficPolicy: Local\n") + &web_slice(&[(&w3, READY)]);
+    let c2 = lab.pod("client-2").ns.clone();
+    apply(&lab, &yaml, "service up", || tcp_ask(&c2, sa(vip(), 80), ASK).pod() == Some("web-3"));
+    // node-1 has no local endpoint: dropped (not refused, no fallback to web-3).
+    let c1 = lab.pod("client").ns.clone();
+    assert_eq!(tcp_ask(&c1, sa(vip(), 80), ASK), Answer::Timeout);
+    assert_eq!(udp_ask(&c1, sa(vip(), 80), 0, ASK), Answer::Timeout);
+}
+
+/// A long-lived TCP connection from `ns` to `to`: send a line, read `NAME CLIENT`.
+struct Conn(BufReader<TcpStream>);
+
+impl Conn {
+    fn open(ns: &str, to: SocketAddr) -> Conn {
+        let s = in_netns(ns, move || TcpStream::connect_timeout(&to, ASK)).unwrap().expect("connect");
+        s.set_read_timeout(Some(ASK)).unwrap();
+        Conn(BufReader::new(s))
+    }
+
+    fn ask(&mut self) -> Option<String> {
+        self.0.get_mut().write_all(b"ping\n").ok()?;
+        let mut line = String::new();
+        self.0.read_line(&mut line).ok()?;
+        line.split_whitespace().next().map(str::to_string)
+    }
+}
+
+#[test]
+fn open_tcp_connection_survives_removal_of_other_backends_and_table_changes() {
+    let Some(mut lab) = lab() else { return };
+    lab.add_pod(2, "web-4", 11, Some(&[POD_PORT])).unwrap();
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let ns = lab.pod("client").ns.clone();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
+        matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..))
+    });
+    let mut conn = Conn::open(&ns, sa(vip(), 80));
+    let mine = conn.ask().expect("first answer");
+    // Remove the others, add a new one: the table changes, the connection stays.
+    let others: Vec<&str> = ["web-1", "web-2", "web-3"].into_iter().filter(|p| *p != mine).collect();
+    let keep = pods(&lab, &[mine.as_str(), "web-4"]);
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&keep))), "table changed", || {
+        let seen: BTreeSet<String> =
+            (0..8).filter_map(|_| tcp_ask(&ns, sa(vip(), 80), ASK).pod().map(str::to_string)).collect();
+        !seen.iter().any(|p| others.contains(&p.as_str()))
+    });
+    for _ in 0..5 {
+        assert_eq!(conn.ask().as_deref(), Some(mine.as_str()), "the open connection moved or broke");
+    }
+}
+
+#[test]
+fn terminating_endpoint_keeps_its_connection_and_gets_no_new_ones() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let ns = lab.pod("client").ns.clone();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
+        matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..))
+    });
+    let mut conn = Conn::open(&ns, sa(vip(), 80));
+    let mine = conn.ask().expect("first answer");
+    let eps: Vec<(&Pod, &str)> = all
+        .iter()
+        .map(|p| (*p, if p.name == mine { "ready: false, serving: true, terminating: true" } else { READY }))
+        .collect();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&eps)), "terminating", || {
+        (0..10).all(|_| tcp_ask(&ns, sa(vip(), 80), ASK).pod().is_some_and(|p| p != mine))
+    });
+    for _ in 0..20 {
+        assert_ne!(
+            tcp_ask(&ns, sa(vip(), 80), ASK).pod(),
+            Some(mine.as_str()),
+            "new flow to a terminating endpoint"
+        );
+    }
+    assert_eq!(conn.ask().as_deref(), Some(mine.as_str()), "the terminating endpoint's connection broke");
+    // serving=false is never used, even as a fallback.
+    let not_serving: Vec<(&Pod, &str)> =
+        all.iter().map(|p| (*p, "ready: false, serving: false, terminating: true")).collect();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&not_serving)), "none serving", || {
+        tcp_ask(&ns, sa(vip(), 80), ASK) == Answer::Refused
+    });
+}
+
+#[test]
+fn no_endpoints_refuse_at_once_tcp_rst_udp_icmp_unknown_port_and_nodeport() {
+    let Some(lab) = lab() else { return };
+    let ns = lab.pod("client").ns.clone();
+    let ext = lab.ext_ns();
+    // An empty slice, as a scaled-to-zero Deployment leaves.
+    apply(&lab, &(web("NodePort", "") + &web_slice(&[])), "service up", || {
+        tcp_ask(&ns, sa(vip(), 80), ASK) == Answer::Refused
+    });
+    for (who, ns, to) in [("pod", &ns, sa(vip(), 80)), ("external", &ext, sa(node_ip(1), 30080))] {
+        for p in [Proto::Tcp, Proto::Udp] {
+            let t = Instant::now();
+            assert_eq!(ask(ns, to, p), Answer::Refused, "{who} {p:?}");
+            assert!(t.elapsed() < Duration::from_millis(200), "{who} {p:?}: refused after {:?}", t.elapsed());
+        }
+    }
+    // A port the ClusterIP does not serve is refused too.
+    assert_eq!(tcp_ask(&ns, sa(vip(), 8443), ASK), Answer::Refused);
+    assert_eq!(udp_ask(&ns, sa(vip(), 5353), 0, ASK), Answer::Refused);
+    // Without any slice at all: same.
+    apply(&lab, &web("NodePort", ""), "no slice", || tcp_ask(&ns, sa(vip(), 80), ASK) == Answer::Refused);
+    // Deleting the Service tears everything down: the VIP is just an unrouted address again.
+    lab.remove_manifest("web.yaml").unwrap();
+    wait_for(LIVE, || {
+        Ok(!lab.has_frontend(1, vip(), 80)? && !lab.has_frontend(1, IpAddr::V4(node_ip(1)), 30080)?)
+    })
+    .unwrap();
+    assert!(!matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..) | Answer::Refused));
+}
+
+#[test]
+fn udp_flow_with_a_fixed_source_port_moves_off_a_removed_backend_within_a_second() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let ns = lab.pod("client").ns.clone();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
+        matches!(udp_ask(&ns, sa(vip(), 80), 0, ASK), Answer::Reply(..))
+    });
+    const SPORT: u16 = 40_000;
+    let first = udp_ask(&ns, sa(vip(), 80), SPORT, ASK).pod().expect("answer").to_string();
+    // Sticks while nothing changes.
+    for _ in 0..5 {
+        assert_eq!(udp_ask(&ns, sa(vip(), 80), SPORT, ASK).pod(), Some(first.as_str()));
+    }
+    // Remove it from the slice (the pod keeps running and would still answer).
+    let rest: Vec<(&Pod, &str)> = all.iter().filter(|p| p.name != first).map(|p| (*p, READY)).collect();
+    let t0 = Instant::now();
+    lab.write_manifest("web.yaml", &(web("ClusterIP", "") + &web_slice(&rest))).unwrap();
+    let moved = wait_for(LIVE * 3, || {
+        Ok(udp_ask(&ns, sa(vip(), 80), SPORT, Duration::from_millis(100)).pod().is_some_and(|p| p != first))
+    })
+    .expect("UDP flow never moved");
+    println!("UDP flow with fixed source port moved off the removed backend after {moved:?}");
+    assert!(t0.elapsed() <= LIVE + Duration::from_millis(200), "took {:?}", t0.elapsed());
+}
+
+#[test]
+fn broken_manifest_is_reported_with_file_and_reason_and_changes_nothing() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-3"]);
+    let ns = lab.pod("client").ns.clone();
+    let good = web("ClusterIP", "") + &web_slice(&ready(&all));
+    apply(&lab, &good, "service up", || matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..)));
+    // A broken version: invalid YAML types, and one with an invalid clusterIP.
+    for (bad, reason) in [
+        (good.replace("port: 80,", "port: eighty,"), "document"),
+        (good.replace(VIP, "198.19.0.300"), "clusterIP"),
+    ] {
+        lab.write_manifest("web.yaml", &bad).unwrap();
+        wait_for(LIVE, || Ok(lab.agent_log(1).contains(reason) && lab.agent_log(1).contains("web.yaml")))
+            .unwrap_or_else(|_| panic!("no error naming web.yaml and {reason:?}:\n{}", lab.agent_log(1)));
+        std::thread::sleep(Duration::from_millis(300));
+        reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-1", "web-3"]);
+    }
+    assert!(lab.agent_log(1).contains("keeping its last good content"));
+}
+
+#[test]
+fn change_to_datapath_latency_is_measured_and_under_a_second() {
+    let Some(lab) = lab() else { return };
+    let ns = lab.pod("client").ns.clone();
+    let w1 = lab.pod("web-1").clone();
+    let w3 = lab.pod("web-3").clone();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&[(&w1, READY)])), "service up", || {
+        udp_ask(&ns, sa(vip(), 80), 0, ASK).pod() == Some("web-1")
+    });
+    let mut samples = Vec::new();
+    for (from, to) in [(&w1, &w3), (&w3, &w1), (&w1, &w3), (&w3, &w1), (&w1, &w3)] {
+        let t0 = Instant::now();
+        lab.write_manifest("web.yaml", &(web("ClusterIP", "") + &web_slice(&[(to, READY)]))).unwrap();
+        // Probe with fresh flows every few ms: the time of the first packet that lands on the
+        // new backend.
+        wait_for(LIVE * 3, || {
+            Ok(udp_ask(&ns, sa(vip(), 80), 0, Duration::from_millis(50)).pod() == Some(&to.name))
+        })
+        .unwrap_or_else(|e| panic!("{} -> {}: {e}", from.name, to.name));
+        samples.push(t0.elapsed());
+    }
+    samples.sort();
+    println!(
+        "change-to-datapath latency (manifest write -> first packet on the new backend): min {:?}, median {:?}, max {:?} ({} samples, {} ms poll)",
+        samples[0],
+        samples[samples.len() / 2],
+        samples[samples.len() - 1],
+        samples.len(),
+        lb_userspace::source::manifests::POLL.as_millis()
+    );
+    assert!(samples[samples.len() - 1] < LIVE, "{samples:?}");
+}
+
+#[test]
+fn load_balancer_source_ranges_allow_drop_and_nodeport_bypass() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-3"]);
+    let lb = |ranges: &str| {
+        service(
+            "web",
+            &format!(
+                "  type: LoadBalancer\n  clusterIP: {VIP}\n  loadBalancerSourceRanges: [{ranges}]\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n"
+            ),
+            &format!("loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}"),
+        ) + &web_slice(&ready(&all))
+    };
+    let ext = lab.ext_ns();
+    let lb_ip: IpAddr = LB_IP.parse().unwrap();
+    apply(&lab, &lb(&format!("{EXT_IP}/32")), "allowed", || {
+        matches!(tcp_ask(&ext, sa(lb_ip, 80), ASK), Answer::Reply(..))
+    });
+    apply(&lab, &lb("198.18.9.0/24"), "denied", || tcp_ask(&ext, sa(lb_ip, 80), ASK) == Answer::Timeout);
+    // The nodePort bypasses the ranges.
+    assert!(matches!(tcp_ask(&ext, sa(node_ip(1), 30080), ASK), Answer::Reply(..)));
+    // Scaled to zero, from an allowed source: refused.
+    let zero = lb(&format!("{EXT_IP}/32")).replace(&web_slice(&ready(&all)), &web_slice(&[]));
+    apply(&lab, &zero, "scaled to zero", || tcp_ask(&ext, sa(lb_ip, 80), ASK) == Answer::Refused);
+}
+
+#[test]
+fn large_udp_datagrams_are_fragmented_and_still_translated() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-3"]);
+    let ns = lab.pod("client").ns.clone();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
+        matches!(udp_ask(&ns, sa(vip(), 80), 0, ASK), Answer::Reply(..))
+    });
+    let to = sa(vip(), 80);
+    for _ in 0..6 {
+        let reply = in_netns(&ns, move || -> std::io::Result<String> {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(ASK))?;
+            s.send(&[b'x'; 2000])?;
+            let mut buf = [0u8; 512];
+            let n = s.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .unwrap()
+        .expect("2000-byte datagram answered");
+        assert!(reply.starts_with("web-"), "{reply}");
+    }
+}
