@@ -143,8 +143,11 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         log(start, format!("XDP attached to {iface} ({how:?})"));
         status.borrow_mut().xdp.insert(iface.clone(), how);
     }
+    // Link and manifest events wake the loop at once; the tick is the safety net.
+    let wake = Arc::new(tokio::sync::Notify::new());
     let links_changed = Arc::new(AtomicBool::new(true));
-    if let Err(e) = links::watch(links_changed.clone()) {
+    let w = wake.clone();
+    if let Err(e) = links::watch(links_changed.clone(), move || w.notify_one()) {
         log(start, format!("warning: no netlink link events ({e}); rescanning interfaces every second"));
     }
     let mut tc_links: BTreeMap<String, (u32, SchedClassifierLinkId)> = BTreeMap::new();
@@ -162,13 +165,28 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut config = Config::default();
     let mut first = true;
     let mut tick = tokio::time::interval(manifests::POLL);
+    let w = wake.clone();
+    if let Err(e) = manifests::watch(&cfg.manifests, move || w.notify_one()) {
+        log(start, format!("warning: no inotify on {} ({e}); polling only", cfg.manifests.display()));
+    }
     let mut last_link_scan = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    log(start, format!("watching {} (every {} ms)", cfg.manifests.display(), manifests::POLL.as_millis()));
+    log(
+        start,
+        format!(
+            "watching {} (inotify, and a poll every {} ms)",
+            cfg.manifests.display(),
+            manifests::POLL.as_millis()
+        ),
+    );
 
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = wake.notified() => {
+                // Let a burst of events (an editor's write, several files) settle into one sync.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }

@@ -95,9 +95,9 @@ impl Patterns {
     }
 }
 
-/// Sets `changed` whenever the kernel reports a link added, removed or changed. Runs a
-/// blocking reader thread for the life of the process.
-pub fn watch(changed: Arc<AtomicBool>) -> std::io::Result<()> {
+/// Sets `changed` (and calls `wake`) whenever the kernel reports a link added, removed or
+/// changed. Runs a blocking reader thread for the life of the process.
+pub fn watch(changed: Arc<AtomicBool>, wake: impl Fn() + Send + 'static) -> std::io::Result<()> {
     // SAFETY: plain socket syscalls; the fd is owned by `OwnedFd` from here on.
     let fd = unsafe {
         let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
@@ -124,10 +124,12 @@ pub fn watch(changed: Arc<AtomicBool>) -> std::io::Result<()> {
             if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
                 // ENOBUFS (we fell behind): a rescan catches up all the same.
                 changed.store(true, Ordering::Release);
+                wake();
                 continue;
             }
             // Any message means "look again": the rescan is cheap and exact.
             changed.store(true, Ordering::Release);
+            wake();
         }
     })?;
     Ok(())

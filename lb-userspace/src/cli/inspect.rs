@@ -58,7 +58,11 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
                     "FRONTEND", "ID", "BACKENDS", "OFFSET", "SLOTS"
                 );
                 for (k, v) in rows {
-                    let fe = format!("{}:{}/{}", fmt_ip(k.ip()), k.port(), proto_name(k.proto));
+                    let fe = if k.proto == 0 {
+                        format!("{}:* (unserved ports rejected)", fmt_ip(k.ip()))
+                    } else {
+                        format!("{}:{}/{}", fmt_ip(k.ip()), k.port(), proto_name(k.proto))
+                    };
                     println!(
                         "{fe:<40} {:>6} {:>8} {:>10} {:>6}  {}",
                         v.service_id,
@@ -94,7 +98,16 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
             let show = |k: &FlowKey, v: &FlowValue| {
                 let src = format!("{}:{}", fmt_ip(ip_from_addr(&k.src)), u16::from_be(k.sport));
                 let dst = format!("{}:{}", fmt_ip(ip_from_addr(&k.dst)), u16::from_be(k.dport));
-                let to = format!("{}:{}", fmt_ip(ip_from_addr(&v.addr)), u16::from_be(v.port));
+                let mut to = format!("{}:{}", fmt_ip(ip_from_addr(&v.addr)), u16::from_be(v.port));
+                if v.flags & FLOW_F_SNAT != 0 {
+                    // Forward: new source; reply: new destination (the original client).
+                    let nat = format!("{}:{}", fmt_ip(ip_from_addr(&v.nat_addr)), u16::from_be(v.nat_port));
+                    to = if v.direction == FLOW_FORWARD {
+                        format!("{to} snat {nat}")
+                    } else {
+                        format!("{to} to {nat}")
+                    };
+                }
                 let dir = if v.direction == FLOW_FORWARD { "forward" } else { "reply" };
                 (proto_name(k.proto), src, dst, dir, to, v.backend_id, v.service_id)
             };
@@ -155,6 +168,12 @@ fn service_flags(f: u32) -> String {
     }
     if f & SVC_F_DROP_NO_BACKEND != 0 {
         v.push("drop-no-backend");
+    }
+    if f & SVC_F_EXTERNAL != 0 {
+        v.push("external");
+    }
+    if f & SVC_F_SOURCE_RANGES != 0 {
+        v.push("source-ranges");
     }
     v.join(",")
 }

@@ -1,8 +1,9 @@
 //! The manifest-folder source: `*.yaml|*.yml|*.json`, multi-document, kinds `v1/Service`,
 //! `discovery.k8s.io/v1/EndpointSlice` and `v1/Node`, parsed into k8s-openapi's types.
 //!
-//! Files are polled (mtime, size, inode) every `POLL` so a change is live well within a
-//! second, whatever wrote it. Each file is all-or-nothing: one that fails to parse or validate
+//! Changes are noticed through inotify at once (`watch`), and the folder is also polled
+//! (mtime, size, inode) every `POLL` as a safety net, so a change is live in milliseconds
+//! whatever wrote it. Each file is all-or-nothing: one that fails to parse or validate
 //! is reported with its path and reason, and its last good content stays in effect.
 
 use std::{
@@ -18,8 +19,50 @@ use serde::Deserialize as _;
 
 use crate::model::{Cluster, SERVICE_NAME_LABEL};
 
-/// How often the folder is checked.
-pub const POLL: Duration = Duration::from_millis(100);
+/// How often the folder is checked without an inotify event.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// Calls `on_change` whenever something in `dir` is created, written, moved or deleted
+/// (inotify, from a reader thread for the life of the process).
+pub fn watch(dir: &Path, on_change: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: inotify syscalls; the fd is owned by `OwnedFd` from here on.
+    let fd = unsafe {
+        let fd = libc::inotify_init1(libc::IN_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mask = libc::IN_CLOSE_WRITE
+        | libc::IN_MOVED_TO
+        | libc::IN_MOVED_FROM
+        | libc::IN_DELETE
+        | libc::IN_CREATE
+        | libc::IN_MODIFY
+        | libc::IN_ATTRIB;
+    // SAFETY: valid fd and C string.
+    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::thread::Builder::new().name("inotify-manifests".into()).spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            // SAFETY: reading into our own buffer.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n <= 0 {
+                return;
+            }
+            on_change();
+        }
+    })?;
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
