@@ -47,10 +47,9 @@ const SNAT_PORTS: u32 = 65_536 - SNAT_PORT_MIN;
 const SNAT_TRIES: u32 = 8;
 
 /// Records a new flow of `svc` (client -> frontend) translated to `backend`, source-NATed when
-/// `select::needs_snat` says so; writes its forward entry to `out`. Not inlined: its own stack
-/// frame keeps the caller within the 512-byte BPF stack (it returns a plain code, as BPF
-/// subprograms cannot return structs).
-#[inline(never)]
+/// `select::needs_snat` says so; writes its forward entry to `out`. Returns 0 or a
+/// `CreateError` code.
+#[inline(always)]
 pub fn create(
     key: &FlowKey,
     svc: &ServiceValue,

@@ -11,7 +11,7 @@ use crate::{
     conntrack,
     maps::SERVICES,
     nat::{Packet, Side, apply},
-    parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_SYN, parse_into},
+    parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_SYN, parse},
     reject::reject,
     select, stats,
 };
@@ -20,17 +20,18 @@ use crate::{
 pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     let bytes = pkt.len();
     let mut h = Headers::default();
-    let mut out = (Action::Pass, Reason::NotIp);
-    if parse_into(pkt.data(), pkt.data_end(), &mut h, &mut out) {
-        out = handle(pkt, &h, bytes);
-    }
+    let out = match parse(pkt.data(), pkt.data_end(), &mut h) {
+        Ok(()) => handle(pkt, &h, bytes),
+        Err(out) => out,
+    };
     stats::reason(out.1, bytes);
     out
 }
 
 /// Rewrites `side` to the flow's address (forward: destination to the backend; reply: source
 /// back to the frontend) and, for a source-NATed flow, the other side too. Not inlined: the
-/// checksum arithmetic of up to two rewrites needs registers spilled to its own frame.
+/// checksum arithmetic spills registers, and in its own frame that stack is not added to
+/// the new-flow path's.
 #[inline(never)]
 fn translate<P: Packet>(pkt: &mut P, h: &Headers, side: Side, v: &FlowValue, bytes: u32) -> Result<(), ()> {
     apply(pkt, h, side, &v.addr, v.port)?;
@@ -87,11 +88,19 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
         conntrack::forget(&key);
     }
 
+    let skey = ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 };
+    // SAFETY: read in place; the agent replaces entries whole.
+    let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
+        if P::REJECT_UNSERVED_CLUSTER_IP_PORTS && is_cluster_ip(h) {
+            return unpack(refuse(pkt, h, Reason::RejectUnknownPort));
+        }
+        return (Action::Pass, Reason::NoFrontend);
+    };
     // Stack budget: choosing, translating and refusing are separate BPF functions called
     // from here, so their frames never add up (the verifier allows 512 bytes over the
-    // deepest call chain).
+    // deepest call chain). Packets of known flows and non-frontend packets call none.
     let mut v = FlowValue::default();
-    match unpack(new_flow(h, &key, bytes, &mut v)) {
+    match unpack(new_flow(h, &key, svc, bytes, &mut v)) {
         (Action::Pass, Reason::NewFlow) => match translate(pkt, h, Side::Dst, &v, bytes) {
             Ok(()) => (Action::Pass, Reason::NewFlow),
             Err(()) => MAP_ERR,
@@ -101,53 +110,46 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
     }
 }
 
-/// A packet of no known flow: pick a backend and record the flow in `v` (returns
-/// `(Pass, NewFlow)`: the caller translates), or say why not (`Bounce`: the caller refuses).
+/// A packet of no known flow to frontend `svc`: pick a backend and record the flow in `v`
+/// (returns `(Pass, NewFlow)`: the caller translates), or say why not (`Bounce`: the caller
+/// refuses).
 #[inline(never)]
-fn new_flow(h: &Headers, key: &FlowKey, bytes: u32, v: &mut FlowValue) -> u32 {
-    let (action, reason) = choose(h, key, bytes, v);
+fn new_flow(h: &Headers, key: &FlowKey, svc: &ServiceValue, bytes: u32, v: &mut FlowValue) -> u32 {
+    let (action, reason) = choose(h, key, svc, bytes, v);
     pack(action, reason)
 }
 
 #[inline(always)]
-fn choose(h: &Headers, key: &FlowKey, bytes: u32, v: &mut FlowValue) -> Outcome {
+fn choose(h: &Headers, key: &FlowKey, svc: &ServiceValue, bytes: u32, v: &mut FlowValue) -> Outcome {
     const MAP_ERR: Outcome = (Action::Drop, Reason::MapError);
 
-    let skey = ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 };
-    // SAFETY: copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(&skey).copied() }) else {
-        return unknown_port(h);
-    };
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, &h.src) {
         return (Action::Drop, Reason::SourceRangeDenied);
     }
     if svc.backend_count == 0 {
         stats::service(svc.service_id, bytes);
-        return no_backend(&svc);
+        return no_backend(svc);
     }
-    let Some(id) = select::pick(&svc, key) else {
+    let Some(id) = select::pick(svc, key) else {
         return (Action::Drop, Reason::BackendMissing);
     };
     let Some(be) = select::backend(id) else {
         return (Action::Drop, Reason::BackendMissing);
     };
-    match conntrack::create(key, &svc, id, be, v) {
+    match conntrack::create(key, svc, id, be, v) {
         0 => (Action::Pass, Reason::NewFlow),
         e if e == conntrack::CreateError::Snat as u32 => (Action::Drop, Reason::SnatFailed),
         _ => MAP_ERR,
     }
 }
 
-/// Not a frontend. A ClusterIP answers on every port, like kube-proxy's catch-all reject:
-/// its port-0 entry turns an unserved port into a reject; anything else passes.
+/// Not a frontend, but a ClusterIP (its port-0 entry)? Then the port is refused, like
+/// kube-proxy's catch-all reject for cluster IPs.
 #[inline(always)]
-fn unknown_port(h: &Headers) -> Outcome {
+fn is_cluster_ip(h: &Headers) -> bool {
     let vip = ServiceKey { addr: h.dst, port: 0, proto: 0, _pad: 0 };
     // SAFETY: only presence is read.
-    if unsafe { SERVICES.get(&vip) }.is_none() {
-        return (Action::Pass, Reason::NoFrontend);
-    }
-    (Action::Bounce, Reason::RejectUnknownPort)
+    unsafe { SERVICES.get(&vip) }.is_some()
 }
 
 #[inline(always)]

@@ -40,6 +40,9 @@ impl Side {
 
 /// The per-hook primitives the shared logic needs.
 pub trait Packet {
+    /// Refuse the ports a ClusterIP does not serve. Only at TC: ClusterIPs are reached from
+    /// pods, and the node-interface hook keeps its miss path to one lookup.
+    const REJECT_UNSERVED_CLUSTER_IP_PORTS: bool;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Length of the whole packet (for byte counters).
@@ -70,6 +73,8 @@ fn port_off(h: &Headers, side: Side) -> usize {
 }
 
 impl Packet for XdpContext {
+    const REJECT_UNSERVED_CLUSTER_IP_PORTS: bool = false;
+
     #[inline(always)]
     fn data(&self) -> usize {
         XdpContext::data(self)
@@ -161,6 +166,8 @@ impl Packet for XdpContext {
 }
 
 impl Packet for TcContext {
+    const REJECT_UNSERVED_CLUSTER_IP_PORTS: bool = true;
+
     #[inline(always)]
     fn data(&self) -> usize {
         TcContext::data(self)

@@ -106,22 +106,6 @@ impl Headers {
     }
 }
 
-/// `parse` into `h`, or the verdict in `out` (returns false). Not inlined: the copies of
-/// whole headers stay in this function's stack frame, not in the caller's (BPF stack budget).
-#[inline(never)]
-pub fn parse_into(data: usize, end: usize, h: &mut Headers, out: &mut Outcome) -> bool {
-    match parse(data, end) {
-        Ok(parsed) => {
-            *h = parsed;
-            true
-        }
-        Err(o) => {
-            *out = o;
-            false
-        }
-    }
-}
-
 /// A bounds-checked pointer to a `T` at `off` bytes into the packet.
 #[inline(always)]
 pub fn ptr_at<T>(data: usize, end: usize, off: usize) -> Option<*mut T> {
@@ -143,10 +127,11 @@ pub fn read<T: Copy>(data: usize, end: usize, off: usize) -> Option<T> {
     ptr_at::<T>(data, end, off).map(|p| unsafe { p.read() })
 }
 
+/// Parses the headers into `h` (in place: no copies of the struct on the BPF stack), or
+/// returns the verdict for a packet that is not ours or is malformed.
 #[inline(always)]
-pub fn parse(data: usize, end: usize) -> Result<Headers, Outcome> {
+pub fn parse(data: usize, end: usize, h: &mut Headers) -> Result<(), Outcome> {
     const TRUNC_ETH: Outcome = (Action::Drop, Reason::TruncatedEth);
-    const BAD_IP: Outcome = (Action::Drop, Reason::MalformedIp);
 
     let mut l3_off = ETH_LEN;
     let mut proto_be: u16 = read(data, end, 12).ok_or(TRUNC_ETH)?;
@@ -156,80 +141,69 @@ pub fn parse(data: usize, end: usize) -> Result<Headers, Outcome> {
     }
     let ethertype = u16::from_be(proto_be);
     if ethertype == ETH_P_IP {
-        parse_v4(data, end, l3_off).ok_or(BAD_IP)?
+        parse_v4(data, end, l3_off, h)
     } else if ethertype == ETH_P_IPV6 {
-        parse_v6(data, end, l3_off).ok_or(BAD_IP)?
+        parse_v6(data, end, l3_off, h)
     } else {
         Err((Action::Pass, Reason::NotIp))
     }
 }
 
-/// `None`: malformed IP header (dropped by the caller). `Some(Err)`: a verdict decided here.
+const BAD_IP: Outcome = (Action::Drop, Reason::MalformedIp);
+
 #[inline(always)]
-fn parse_v4(data: usize, end: usize, l3: usize) -> Option<Result<Headers, Outcome>> {
-    let ip: Ipv4Hdr = read(data, end, l3)?;
+fn parse_v4(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), Outcome> {
+    let ip: Ipv4Hdr = read(data, end, l3).ok_or(BAD_IP)?;
     if ip.vihl >> 4 != 4 {
-        return None;
+        return Err(BAD_IP);
     }
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ihl < 20 || data + l3 + ihl > end || (u16::from_be(ip.tot_len) as usize) < ihl {
-        return None;
+        return Err(BAD_IP);
     }
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
-        return Some(Err((Action::Pass, Reason::NotTcpUdp)));
+        return Err((Action::Pass, Reason::NotTcpUdp));
     }
     let frag_field = u16::from_be(ip.frag);
-    let frag = if frag_field & 0x1fff != 0 {
+    h.frag = if frag_field & 0x1fff != 0 {
         FRAG_LATER
     } else if frag_field & 0x2000 != 0 {
         FRAG_FIRST
     } else {
         FRAG_NONE
     };
-    let mut h = Headers {
-        l3_off: l3,
-        l4_off: l3 + ihl,
-        v6: false,
-        proto: ip.proto,
-        frag,
-        ip_id: ip.id,
-        tcp_flags: 0,
-        src: v4_mapped(ip.src),
-        dst: v4_mapped(ip.dst),
-        sport: 0,
-        dport: 0,
-    };
-    if frag == FRAG_LATER {
-        return Some(Ok(h));
+    h.l3_off = l3;
+    h.l4_off = l3 + ihl;
+    h.v6 = false;
+    h.proto = ip.proto;
+    h.ip_id = ip.id;
+    h.src = v4_mapped(ip.src);
+    h.dst = v4_mapped(ip.dst);
+    if h.frag == FRAG_LATER {
+        return Ok(());
     }
-    Some(parse_l4(data, end, &mut h).map(|()| h))
+    parse_l4(data, end, h)
 }
 
 #[inline(always)]
-fn parse_v6(data: usize, end: usize, l3: usize) -> Option<Result<Headers, Outcome>> {
-    let ip: Ipv6Hdr = read(data, end, l3)?;
+fn parse_v6(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), Outcome> {
+    let ip: Ipv6Hdr = read(data, end, l3).ok_or(BAD_IP)?;
     if (ip.vtc_flow as u8) >> 4 != 6 {
-        return None;
+        return Err(BAD_IP);
     }
     if ip.next != PROTO_TCP && ip.next != PROTO_UDP {
         // Hop-by-hop, routing, fragment, destination options: not translated (documented).
         let r = if matches!(ip.next, 0 | 43 | 44 | 60) { Reason::Ipv6ExtHeader } else { Reason::NotTcpUdp };
-        return Some(Err((Action::Pass, r)));
+        return Err((Action::Pass, r));
     }
-    let mut h = Headers {
-        l3_off: l3,
-        l4_off: l3 + 40,
-        v6: true,
-        proto: ip.next,
-        frag: FRAG_NONE,
-        ip_id: 0,
-        tcp_flags: 0,
-        src: ip.src,
-        dst: ip.dst,
-        sport: 0,
-        dport: 0,
-    };
-    Some(parse_l4(data, end, &mut h).map(|()| h))
+    h.l3_off = l3;
+    h.l4_off = l3 + 40;
+    h.v6 = true;
+    h.proto = ip.next;
+    h.frag = FRAG_NONE;
+    h.src = ip.src;
+    h.dst = ip.dst;
+    parse_l4(data, end, h)
 }
 
 /// Ports (and TCP flags); the whole fixed L4 header must be present, checksum included.

@@ -575,3 +575,127 @@ fn reload_reuses_pinned_maps() {
     assert_eq!(inspect(&out).dst, backend_ip(&BES4, id));
     assert_eq!(reason(&l, Reason::FlowHit), 1, "the new program counts into the same maps");
 }
+
+// ---------------------------------------------------------------------------------------
+// Source NAT, source ranges, unserved ClusterIP ports.
+
+const NODE4: &str = "198.18.0.1";
+
+fn set_node_address(l: &mut Loaded) {
+    let c = Config { snat_v4: addr_from_ip(ip(NODE4)), ..Config::default() };
+    l.dp.set_config(&c).unwrap();
+}
+
+#[test]
+fn external_flow_to_a_remote_backend_is_source_natted_and_its_reply_restored() {
+    require_root!();
+    let mut l = Loaded::new();
+    set_node_address(&mut l);
+    // `program` marks backends present but not local: they live on another node.
+    let svc = program(&mut l.dp, 1, (NODE4, 30080, PROTO_TCP), &BES4, 0, SVC_F_EXTERNAL);
+    let syn = Spec::tcp(CLIENT4, 40000, NODE4, 30080);
+    let (rc, out) = l.run_xdp(&syn.build());
+    assert_eq!(rc, XDP_PASS);
+    let seen = inspect(&out);
+    let be = BES4.iter().find(|b| b.id == svc.predict(&syn.key())).unwrap();
+    assert_eq!((seen.dst, seen.dport), (ip(be.ip), 9376));
+    assert_eq!(seen.src, ip(NODE4), "source NATed to the node");
+    assert!((61_000..=65_535).contains(&seen.sport), "port {} outside the SNAT range", seen.sport);
+    let want = Spec { src: ip(NODE4), sport: seen.sport, dst: ip(be.ip), dport: 9376, ..syn.clone() }.build();
+    assert_eq!(out, want, "byte-exact, checksums included");
+    // The backend answers the node; the reply leaves from the frontend to the client.
+    let synack = Spec::tcp(be.ip, 9376, NODE4, seen.sport).flags(TCP_SYN | TCP_ACK);
+    let (rc, out) = l.run_xdp(&synack.build());
+    assert_eq!(rc, XDP_PASS);
+    let want =
+        Spec { src: ip(NODE4), sport: 30080, dst: ip(CLIENT4), dport: 40000, ..synack.clone() }.build();
+    assert_eq!(out, want);
+    // The second segment of the flow gets the same translation.
+    let (_, again) = l.run_xdp(&syn.clone().flags(TCP_ACK).build());
+    assert_eq!((inspect(&again).src, inspect(&again).sport), (ip(NODE4), seen.sport));
+    let flows = l.dp.flows().unwrap();
+    assert_eq!(flows.iter().filter(|(_, v)| v.flags & FLOW_F_SNAT != 0).count(), 2);
+}
+
+#[test]
+fn external_flow_to_a_local_backend_keeps_the_client_address() {
+    require_root!();
+    let mut l = Loaded::new();
+    set_node_address(&mut l);
+    let svc = program(&mut l.dp, 1, (NODE4, 30080, PROTO_UDP), &BES4, 0, SVC_F_EXTERNAL);
+    for b in &BES4 {
+        l.dp.set_backend(b.id, &BackendValue::new(ip(b.ip), b.port, BE_F_PRESENT | BE_F_LOCAL)).unwrap();
+    }
+    expect_dnat(&l, &svc, &BES4, &Spec::udp(CLIENT4, 5000, NODE4, 30080), false);
+}
+
+#[test]
+fn hairpin_is_source_natted_to_the_node() {
+    require_root!();
+    let mut l = Loaded::new();
+    set_node_address(&mut l);
+    let only = [BES4[0]];
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &only, 0, 0);
+    // The backend pod itself calls the ClusterIP (at TC, on its host-side interface).
+    let syn = Spec::tcp(only[0].ip, 45000, VIP4, 80);
+    let (rc, out) = l.run_tc(&syn.build());
+    assert_eq!(rc, TC_ACT_UNSPEC);
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.dst, seen.dport), (ip(NODE4), ip(only[0].ip), 9376));
+    let reply = Spec::tcp(only[0].ip, 9376, NODE4, seen.sport).flags(TCP_SYN | TCP_ACK);
+    let (_, out) = l.run_tc(&reply.build());
+    let back = inspect(&out);
+    assert_eq!((back.src, back.sport, back.dst, back.dport), (ip(VIP4), 80, ip(only[0].ip), 45000));
+}
+
+#[test]
+fn source_nat_without_a_node_address_drops_and_counts() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, (NODE4, 30080, PROTO_TCP), &BES4, 0, SVC_F_EXTERNAL);
+    let (rc, _) = l.run_xdp(&Spec::tcp(CLIENT4, 40000, NODE4, 30080).build());
+    assert_eq!(rc, XDP_DROP);
+    assert_eq!(reason(&l, Reason::SnatFailed), 1);
+}
+
+#[test]
+fn load_balancer_source_ranges_allow_listed_sources_and_drop_others() {
+    require_root!();
+    let mut l = Loaded::new();
+    let lb = "198.19.100.1";
+    let svc = program(&mut l.dp, 7, (lb, 80, PROTO_TCP), &BES4, 0, SVC_F_SOURCE_RANGES);
+    l.dp.allow_source(7, &"198.18.100.0/24".parse().unwrap()).unwrap();
+    // Another service's range does not count.
+    l.dp.allow_source(8, &"198.18.200.0/24".parse().unwrap()).unwrap();
+    expect_dnat(&l, &svc, &BES4, &Spec::tcp(CLIENT4, 40000, lb, 80), false);
+    let (rc, _) = l.run_xdp(&Spec::tcp("198.18.200.1", 40000, lb, 80).build());
+    assert_eq!(rc, XDP_DROP);
+    assert_eq!(reason(&l, Reason::SourceRangeDenied), 1);
+    let mut listed = l.dp.source_ranges().unwrap();
+    listed.sort();
+    assert_eq!(
+        listed,
+        vec![(7, "198.18.100.0/24".parse().unwrap()), (8, "198.18.200.0/24".parse().unwrap())]
+    );
+}
+
+#[test]
+fn cluster_ip_rejects_ports_it_does_not_serve_to_pods() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    l.dp.set_service(&ServiceKey::new(ip(VIP4), 0, 0), &ServiceValue::default()).unwrap();
+    let (rc, out) = l.run_tc(&Spec::tcp(CLIENT4, 40000, VIP4, 8443).build());
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(inspect(&out).tcp_flags, TCP_RST | TCP_ACK);
+    let (rc, out) = l.run_tc(&Spec::udp(CLIENT4, 40000, VIP4, 53).build());
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(inspect(&out).icmp, Some((3, 3)), "ICMP port unreachable");
+    assert_eq!(reason(&l, Reason::RejectUnknownPort), 2);
+    // Another address on that port is none of our business; neither is the node-interface
+    // hook (ClusterIPs are reached from pods; XDP keeps its miss path to one lookup).
+    let (rc, _) = l.run_tc(&Spec::tcp(CLIENT4, 40000, "198.19.0.11", 8443).build());
+    assert_eq!(rc, TC_ACT_UNSPEC);
+    let (rc, _) = l.run_xdp(&Spec::tcp(CLIENT4, 40000, VIP4, 8443).build());
+    assert_eq!(rc, XDP_PASS);
+}

@@ -425,6 +425,26 @@ mod tests {
     }
 
     #[test]
+    fn the_example_folder_parses_into_a_nodeport_service() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/manifests");
+        let mut folder = Folder::new(&dir);
+        let (_, errors) = folder.refresh().unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let (cluster, warnings) = folder.cluster();
+        assert!(warnings.is_empty());
+        let node = crate::model::NodeContext {
+            name: "node-1".into(),
+            nodeport_addresses: crate::model::NodePortAddresses::Primary,
+            fallback_addresses: vec![],
+        };
+        let d = crate::model::desired(&cluster, &node);
+        let fronts: Vec<String> =
+            d.services.values().flat_map(|s| s.frontends.iter().map(|(ip, p)| format!("{ip}:{p}"))).collect();
+        assert_eq!(fronts, ["198.19.0.10:80", "198.18.0.1:30080"]);
+        assert!(d.services.values().all(|s| s.backends.len() == 3));
+    }
+
+    #[test]
     fn folder_keeps_the_last_good_version_of_a_broken_file() {
         let dir = std::env::temp_dir().join(format!("lb-manifests-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -32,6 +32,9 @@ enum Cmd {
         /// Where to write prog.md / prog.json.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+        /// Service counts to sweep.
+        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
+        services: Vec<u32>,
     },
 }
 
@@ -147,12 +150,11 @@ fn measure(services: u32, calls: u32, empty: &Xdp) -> anyhow::Result<Row> {
     Ok(Row { services, hit, new, miss, empty, setup_ms })
 }
 
-fn prog(quick: bool, out: PathBuf) -> anyhow::Result<()> {
+fn prog(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
     if !privileged() {
         bail!("bench prog needs root");
     }
     let calls = if quick { 20_000 } else { 100_000 };
-    let sweep: &[u32] = &[1, 1_000, 10_000, 100_000];
     let _stats = StatsOff::new();
     let mut floor = EbpfLoader::new().load(loader::EMPTY_OBJECT).context("loading the empty program")?;
     let empty: &mut Xdp = floor.program_mut("lb_empty").context("lb_empty")?.try_into()?;
@@ -160,7 +162,7 @@ fn prog(quick: bool, out: PathBuf) -> anyhow::Result<()> {
     let empty: &Xdp = floor.program("lb_empty").unwrap().try_into()?;
 
     let mut rows = Vec::new();
-    for &n in sweep {
+    for &n in sweep.iter().filter(|n| **n > 0) {
         eprintln!("bench prog: {n} services, {calls} calls per case ...");
         let r = measure(n, calls, empty)?;
         eprintln!(
@@ -231,6 +233,6 @@ fn kernel() -> String {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Prog { quick, out } => prog(quick, out),
+        Cmd::Prog { quick, out, services } => prog(quick, out, &services),
     }
 }
