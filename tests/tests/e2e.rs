@@ -268,6 +268,23 @@ fn session_affinity_keeps_one_backend_per_client_and_can_be_switched_off() {
             (0..15).filter_map(|_| ask(&ns, sa(vip(), 80), p).pod().map(str::to_string)).collect();
         assert_eq!(pods.len(), 1, "{p:?}: {pods:?}");
     }
+    // A short timeout: after an idle second the client is free again, so over a few idle
+    // periods its new connections land on more than one backend.
+    let short = web(
+        "ClusterIP",
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n",
+    );
+    lab.write_manifest("web.yaml", &(short + &web_slice(&ready(&all)))).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut after_idle = BTreeSet::new();
+    for _ in 0..6 {
+        let first = tcp_ask(&ns, sa(vip(), 80), ASK).pod().expect("answer").to_string();
+        // Within the timeout it sticks.
+        assert_eq!(tcp_ask(&ns, sa(vip(), 80), ASK).pod(), Some(first.as_str()));
+        after_idle.insert(first);
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    assert!(after_idle.len() > 1, "affinity never expired: {after_idle:?}");
     // Off again: new connections spread.
     apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "affinity off", || {
         (0..12)
@@ -471,6 +488,15 @@ fn udp_flow_with_a_fixed_source_port_moves_off_a_removed_backend_within_a_second
     .expect("UDP flow never moved");
     println!("UDP flow with fixed source port moved off the removed backend after {moved:?}");
     assert!(t0.elapsed() <= LIVE + Duration::from_millis(200), "took {:?}", t0.elapsed());
+    // Endpoints that start out unready: refused while none is ready, answered within a
+    // second of becoming ready, from the same source port.
+    let unready: Vec<(&Pod, &str)> = all.iter().map(|p| (*p, "ready: false")).collect();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&unready)), "unready", || {
+        udp_ask(&ns, sa(vip(), 80), SPORT, ASK) == Answer::Refused
+    });
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "ready again", || {
+        matches!(udp_ask(&ns, sa(vip(), 80), SPORT, Duration::from_millis(100)), Answer::Reply(..))
+    });
 }
 
 #[test]
