@@ -82,12 +82,22 @@ fn ready<'a>(pods: &[&'a Pod]) -> Vec<(&'a Pod, &'static str)> {
     pods.iter().map(|p| (*p, READY)).collect()
 }
 
-/// Applies `yaml` as web.yaml and waits until `probe` holds (at most `LIVE`).
+fn syncs(lab: &Lab, node: u8) -> usize {
+    lab.agent_log(node).matches("] synced:").count()
+}
+
+/// Applies `yaml` as web.yaml, waits until both nodes' agents have synced since, then until
+/// `probe` holds; all within `LIVE`.
 fn apply(lab: &Lab, yaml: &str, what: &str, probe: impl FnMut() -> bool) {
+    let before = (syncs(lab, 1), syncs(lab, 2));
+    let t0 = Instant::now();
     lab.write_manifest("web.yaml", yaml).unwrap();
+    wait_for(LIVE, || Ok(syncs(lab, 1) > before.0 && syncs(lab, 2) > before.1))
+        .unwrap_or_else(|e| panic!("{what}: agents did not sync: {e}\nnode-1 agent:\n{}", lab.agent_log(1)));
     let mut probe = probe;
-    let t = wait_for(LIVE * 3, || Ok(probe()))
+    wait_for(LIVE * 3, || Ok(probe()))
         .unwrap_or_else(|e| panic!("{what}: {e}\nnode-1 agent:\n{}", lab.agent_log(1)));
+    let t = t0.elapsed();
     assert!(t <= LIVE, "{what}: took {t:?}");
 }
 
