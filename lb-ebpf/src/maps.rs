@@ -13,8 +13,9 @@ use lb_common::{abi::*, maps::*};
 #[map(name = "lb_services")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT_MAX_FRONTENDS, 0);
 
+/// Mmapable: the agent scans it (restart, CLI, metrics) as memory, not one syscall per id.
 #[map(name = "lb_backends")]
-pub static BACKENDS: Array<BackendValue> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
+pub static BACKENDS: Array<BackendValue> = Array::pinned(DEFAULT_MAX_BACKENDS, BPF_F_MMAPABLE);
 
 /// Mmapable: the agent writes whole tables with memcpy instead of one syscall per slot.
 #[map(name = "lb_maglev")]

@@ -74,7 +74,8 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError 
 pub struct AyaDataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, BackendValue>,
-    maglev: MaglevMmap,
+    maglev: MmapArray,
+    backends_view: MmapArray,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     config: Array<MapData, Config>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -96,7 +97,8 @@ impl AyaDataplane {
                 .map_err(map_err(maps::SERVICES))?,
             backends: Array::try_from(Map::Array(open(pin_dir, maps::BACKENDS)?))
                 .map_err(map_err(maps::BACKENDS))?,
-            maglev: MaglevMmap::new(open(pin_dir, maps::MAGLEV)?)?,
+            maglev: MmapArray::new(open(pin_dir, maps::MAGLEV)?, maps::MAGLEV)?,
+            backends_view: MmapArray::new(open(pin_dir, maps::BACKENDS)?, maps::BACKENDS)?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
                 .map_err(map_err(maps::CONNTRACK))?,
             config: Array::try_from(Map::Array(open(pin_dir, maps::CONFIG)?))
@@ -175,9 +177,9 @@ impl Dataplane for AyaDataplane {
     }
 
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
-        let slots = self.maglev.range(offset, ids.len() as u32)?;
-        for (slot, id) in slots.iter_mut().zip(ids) {
-            *slot = *id as u64;
+        self.maglev.check(offset, ids.len() as u32)?;
+        for (i, id) in ids.iter().enumerate() {
+            self.maglev.write(offset + i as u32, *id);
         }
         Ok(())
     }
@@ -191,21 +193,17 @@ impl Dataplane for AyaDataplane {
     }
 
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
-        let mut out = Vec::new();
-        for (i, v) in self.backends.iter().enumerate() {
-            let v = v.map_err(map_err(maps::BACKENDS))?;
-            if v.flags & BE_F_PRESENT != 0 {
-                out.push((i as u32, v));
-            }
-        }
-        Ok(out)
+        Ok((0..self.backends_view.len)
+            .filter_map(|i| {
+                let v: BackendValue = self.backends_view.read(i);
+                (v.flags & BE_F_PRESENT != 0).then_some((i, v))
+            })
+            .collect())
     }
 
     fn read_maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
         self.maglev.check(offset, len)?;
-        // SAFETY: range checked; the kernel only reads these slots.
-        let slots = unsafe { std::slice::from_raw_parts(self.maglev.ptr.add(offset as usize), len as usize) };
-        Ok(slots.iter().map(|s| *s as u32).collect())
+        Ok((offset..offset + len).map(|i| self.maglev.read::<u32>(i)).collect())
     }
 
     fn allow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
@@ -228,23 +226,29 @@ impl Dataplane for AyaDataplane {
     }
 }
 
-/// The Maglev array mapped into our address space (the map is `BPF_F_MMAPABLE`): a table
-/// of 401 slots is one memcpy, a full sync of 100 000 services takes milliseconds instead of
-/// 40 million syscalls. Readers in the kernel see each slot change atomically, and a table
-/// is written into a range no frontend points at yet. The kernel lays array elements out
-/// 8 bytes apart (value size rounded up to 8), so each u32 id sits in a u64 slot.
-pub struct MaglevMmap {
-    ptr: *mut u64,
+/// A BPF array mapped into our address space (the map is `BPF_F_MMAPABLE`). The kernel lays
+/// elements out `round_up(value_size, 8)` bytes apart.
+///
+/// The Maglev array is written through it: a table of 401 slots is one memcpy, a full sync of
+/// 100 000 services takes milliseconds instead of 40 million syscalls; readers in the kernel
+/// see each slot change atomically, and a table is written into a range no frontend points
+/// at yet. The backend array is read through it: a scan of 262 144 entries is a memory walk,
+/// not 262 144 syscalls.
+pub struct MmapArray {
+    ptr: *mut u8,
     len: u32,
+    stride: usize,
+    name: &'static str,
     _map: MapData,
 }
 
-impl MaglevMmap {
-    fn new(map: MapData) -> Result<Self> {
+impl MmapArray {
+    fn new(map: MapData, name: &'static str) -> Result<Self> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        let info = map.info().map_err(map_err(maps::MAGLEV))?;
+        let info = map.info().map_err(map_err(name))?;
         let len = info.max_entries();
-        let bytes = (len as usize * 8).next_multiple_of(4096);
+        let stride = (info.value_size() as usize).next_multiple_of(8);
+        let bytes = (len as usize * stride).next_multiple_of(4096);
         // SAFETY: mapping a BPF array fd we own, shared, for its whole size.
         let ptr = unsafe {
             libc::mmap(
@@ -259,32 +263,35 @@ impl MaglevMmap {
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
         }
-        Ok(MaglevMmap { ptr: ptr.cast(), len, _map: map })
+        Ok(MmapArray { ptr: ptr.cast(), len, stride, name, _map: map })
     }
 
     fn check(&self, offset: u32, n: u32) -> Result<()> {
         let end = offset as u64 + n as u64;
         if end > self.len as u64 {
-            return Err(DataplaneError::OutOfRange {
-                map: maps::MAGLEV,
-                index: end as u32,
-                capacity: self.len,
-            });
+            return Err(DataplaneError::OutOfRange { map: self.name, index: end as u32, capacity: self.len });
         }
         Ok(())
     }
 
-    fn range(&mut self, offset: u32, n: u32) -> Result<&mut [u64]> {
-        self.check(offset, n)?;
-        // SAFETY: inside the mapping (checked above); 8-byte slots, page-aligned base.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset as usize), n as usize) })
+    /// Element `i` (checked by the caller).
+    fn read<T: Copy>(&self, i: u32) -> T {
+        debug_assert!(i < self.len && std::mem::size_of::<T>() <= self.stride);
+        // SAFETY: inside the mapping; T is a plain value type of at most `stride` bytes.
+        unsafe { self.ptr.add(i as usize * self.stride).cast::<T>().read_unaligned() }
+    }
+
+    fn write<T: Copy>(&mut self, i: u32, v: T) {
+        debug_assert!(i < self.len && std::mem::size_of::<T>() <= self.stride);
+        // SAFETY: as in `read`.
+        unsafe { self.ptr.add(i as usize * self.stride).cast::<T>().write_unaligned(v) }
     }
 }
 
-impl Drop for MaglevMmap {
+impl Drop for MmapArray {
     fn drop(&mut self) {
-        let bytes = (self.len as usize * 8).next_multiple_of(4096);
-        // SAFETY: unmapping exactly what new() mapped.
+        let bytes = (self.len as usize * self.stride).next_multiple_of(4096);
+        // SAFETY: unmapping exactly what `new` mapped.
         unsafe { libc::munmap(self.ptr.cast(), bytes) };
     }
 }

@@ -390,6 +390,13 @@ impl Lab {
         Ok(dp.services()?.iter().any(|(k, _)| *k == key))
     }
 
+    /// Whether node `node`'s datapath has backend `ip:port` (read from its pins).
+    pub fn has_backend(&self, node: u8, ip: IpAddr, port: u16) -> anyhow::Result<bool> {
+        use lb_userspace::dataplane::{AyaDataplane, Dataplane as _};
+        let dp = AyaDataplane::open(&self.pin_dir(node))?;
+        Ok(dp.backends()?.iter().any(|(_, b)| b.ip() == ip && b.port() == port))
+    }
+
     pub fn pin_dir(&self, node: u8) -> PathBuf {
         self.state.bpffs.join(format!("node{node}"))
     }
