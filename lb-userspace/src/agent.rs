@@ -30,7 +30,10 @@ use crate::{
     links, loader,
     model::{self, HealthCheck, NodeContext, NodePortAddresses},
     reconcile::{self, Applied, Limits},
-    source::manifests::{self, Folder},
+    source::{
+        kube::{self as kube_source, KubeSource},
+        manifests::{self, Folder},
+    },
 };
 
 /// `--lb-algorithm`.
@@ -53,7 +56,10 @@ pub enum NoBackendResponse {
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    /// The manifest folder; `None`: the Kubernetes API.
+    pub manifests: Option<PathBuf>,
+    /// `--kubeconfig`; without it (and without `manifests`) the usual inference.
+    pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
     pub xdp_ifaces: Vec<String>,
     pub tc_ifaces: Vec<String>,
@@ -74,6 +80,7 @@ fn log(start: Instant, msg: impl AsRef<str>) {
 /// What the HTTP servers report.
 struct Status {
     sync_duration: Histogram,
+    programming_duration: Histogram,
     syncs: u64,
     sync_errors: u64,
     source_errors: u64,
@@ -94,9 +101,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let start = Instant::now();
-    if !cfg.manifests.is_dir() {
-        anyhow::bail!("--manifests {}: not a directory", cfg.manifests.display());
+    if let Some(dir) = cfg.manifests.as_ref().filter(|d| !d.is_dir()) {
+        anyhow::bail!("--manifests {}: not a directory", dir.display());
     }
+    // Connect first: a configuration error should stop us before we touch the datapath.
+    let kube_client = match &cfg.manifests {
+        Some(_) => None,
+        None => Some(kube_source::client(cfg.kubeconfig.as_deref()).await?),
+    };
     let tc_patterns = links::Patterns::new(&cfg.tc_ifaces).context("--tc-iface")?;
     let present = links::interfaces();
     for iface in &cfg.xdp_ifaces {
@@ -121,6 +133,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let status = Rc::new(RefCell::new(Status {
         sync_duration: Histogram::kube_proxy_buckets(),
+        programming_duration: Histogram::network_programming_buckets(),
         syncs: 0,
         sync_errors: 0,
         source_errors: 0,
@@ -155,7 +168,6 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     spawn_http(&cfg, status.clone(), start).await?;
     let mut health_servers: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
 
-    let mut folder = Folder::new(&cfg.manifests);
     let limits = Limits {
         max_table: lb_common::maglev::DEFAULT_MAX_TABLE,
         maglev_slots: cfg.capacities.maglev_slots,
@@ -163,29 +175,48 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         services: cfg.capacities.services,
     };
     let mut config = Config::default();
-    let mut first = true;
     let mut tick = tokio::time::interval(manifests::POLL);
-    let w = wake.clone();
-    if let Err(e) = manifests::watch(&cfg.manifests, move || w.notify_one()) {
-        log(start, format!("warning: no inotify on {} ({e}); polling only", cfg.manifests.display()));
-    }
     let mut last_link_scan = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    log(
-        start,
-        format!(
-            "watching {} (inotify, and a poll every {} ms)",
-            cfg.manifests.display(),
-            manifests::POLL.as_millis()
-        ),
-    );
+    let mut source = match (&cfg.manifests, kube_client) {
+        (Some(dir), _) => {
+            let w = wake.clone();
+            if let Err(e) = manifests::watch(dir, move || w.notify_one()) {
+                log(start, format!("warning: no inotify on {} ({e}); polling only", dir.display()));
+            }
+            log(
+                start,
+                format!(
+                    "watching {} (inotify, and a poll every {} ms)",
+                    dir.display(),
+                    manifests::POLL.as_millis()
+                ),
+            );
+            Source::Folder { folder: Folder::new(dir), first: true }
+        }
+        (None, Some(client)) => {
+            let logger = move |m: String| log(start, m);
+            let src = KubeSource::start(client, &cfg.node_name, wake.clone(), logger);
+            log(
+                start,
+                format!(
+                    "watching Services, EndpointSlices and Node {} through the API server",
+                    cfg.node_name
+                ),
+            );
+            Source::Kube { src, synced: None }
+        }
+        (None, None) => unreachable!("a client exists without --manifests"),
+    };
 
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = wake.notified() => {
-                // Let a burst of events (an editor's write, several files) settle into one sync.
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                if matches!(source, Source::Folder { .. }) {
+                    // Let a burst of file events (an editor's write) settle into one sync.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -194,25 +225,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             last_link_scan = Instant::now();
             sync_links(&mut ebpf, &tc_patterns, &mut tc_links, &status, start);
         }
-        let (changed, errors) = match folder.refresh() {
-            Ok(r) => r,
-            Err(e) => {
-                log(start, format!("error: {e}"));
-                continue;
-            }
-        };
-        for e in &errors {
-            status.borrow_mut().source_errors += 1;
-            log(start, format!("error: {e}; keeping its last good content"));
-        }
-        if !changed && !first {
-            continue;
-        }
-        first = false;
-        let (cluster, warnings) = folder.cluster();
-        for w in warnings {
-            log(start, format!("warning: {w}"));
-        }
+        let Some(cluster) = source.changed(&status, start) else { continue };
         let t0 = Instant::now();
         let node = NodeContext {
             name: cfg.node_name.clone(),
@@ -242,6 +255,11 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         match result {
             Ok(n) => {
                 st.last_sync_ok = Some(Instant::now());
+                let now = jiff::Timestamp::now();
+                for t in source.take_triggers() {
+                    let secs = now.duration_since(t).as_secs_f64();
+                    st.programming_duration.observe(secs.max(0.0));
+                }
                 log(
                     start,
                     format!(
@@ -255,6 +273,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             Err(e) => {
                 st.sync_errors += 1;
+                source.retry();
                 log(start, format!("error: sync failed: {e:#}; will retry on the next change"));
                 // Re-read what the kernel really holds before planning again.
                 applied = Applied::read(&dp)?;
@@ -269,6 +288,73 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     log(start, format!("stopping: programs detach now; maps stay pinned in {}", cfg.pin_dir.display()));
     Ok(())
+}
+
+/// Where objects come from, and whether they changed since the last sync.
+enum Source {
+    Folder {
+        folder: Folder,
+        first: bool,
+    },
+    /// `synced`: the generation last synced (None: none yet, or the last sync failed).
+    Kube {
+        src: KubeSource,
+        synced: Option<u64>,
+    },
+}
+
+impl Source {
+    /// The objects, if a sync is due.
+    fn changed(&mut self, status: &Rc<RefCell<Status>>, start: Instant) -> Option<model::Cluster> {
+        match self {
+            Source::Folder { folder, first } => {
+                let (changed, errors) = match folder.refresh() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        log(start, format!("error: {e}"));
+                        return None;
+                    }
+                };
+                for e in &errors {
+                    status.borrow_mut().source_errors += 1;
+                    log(start, format!("error: {e}; keeping its last good content"));
+                }
+                if !changed && !*first {
+                    return None;
+                }
+                *first = false;
+                let (cluster, warnings) = folder.cluster();
+                for w in warnings {
+                    log(start, format!("warning: {w}"));
+                }
+                Some(cluster)
+            }
+            Source::Kube { src, synced } => {
+                status.borrow_mut().source_errors = src.errors();
+                if *synced == Some(src.generation()) {
+                    return None;
+                }
+                let (cluster, generation) = src.snapshot()?;
+                *synced = Some(generation);
+                Some(cluster)
+            }
+        }
+    }
+
+    /// The last sync failed: try again at the next wake-up even without a change.
+    fn retry(&mut self) {
+        match self {
+            Source::Folder { first, .. } => *first = true,
+            Source::Kube { synced, .. } => *synced = None,
+        }
+    }
+
+    fn take_triggers(&self) -> Vec<jiff::Timestamp> {
+        match self {
+            Source::Folder { .. } => Vec::new(),
+            Source::Kube { src, .. } => src.take_triggers(),
+        }
+    }
 }
 
 fn names(ifaces: &BTreeMap<String, u32>) -> String {

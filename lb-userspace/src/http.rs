@@ -108,6 +108,16 @@ impl Histogram {
         Histogram { counts: vec![0; bounds.len()], bounds, sum: 0.0, count: 0 }
     }
 
+    /// kube-proxy's layout for network programming latency: 0.25 s steps to 0.5 s, then 1 s
+    /// steps to 59 s, 5 s steps to 115 s, 30 s steps to 300 s.
+    pub fn network_programming_buckets() -> Self {
+        let mut bounds = vec![0.25, 0.5];
+        bounds.extend((1..=59).map(f64::from));
+        bounds.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+        bounds.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+        Histogram { counts: vec![0; bounds.len()], bounds, sum: 0.0, count: 0 }
+    }
+
     pub fn observe(&mut self, v: f64) {
         for (b, c) in self.bounds.iter().zip(&mut self.counts) {
             if v <= *b {

@@ -36,7 +36,14 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 pub struct Cluster {
     pub services: BTreeMap<(String, String), Service>,
     pub slices: BTreeMap<(String, String), EndpointSlice>,
-    pub nodes: BTreeMap<String, Node>,
+    /// Nodes are cluster-scoped: keyed by `("", name)`.
+    pub nodes: BTreeMap<(String, String), Node>,
+}
+
+impl Cluster {
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(&(String::new(), name.to_string()))
+    }
 }
 
 /// Which node addresses serve NodePorts (`--nodeport-addresses`).
@@ -76,8 +83,7 @@ impl NodeContext {
     /// else the fallback.
     pub fn addresses(&self, cluster: &Cluster) -> Vec<IpAddr> {
         let from_node: Vec<IpAddr> = cluster
-            .nodes
-            .get(&self.name)
+            .node(&self.name)
             .and_then(|n| n.status.as_ref())
             .and_then(|s| s.addresses.as_ref())
             .map(|addrs| {

@@ -2,6 +2,7 @@
 //! privilege gate, a loaded datapath in a private pin dir, map programming through the
 //! agent's `Dataplane`, and packet builders/inspectors with independent checksums.
 
+pub mod api;
 pub mod demo;
 pub mod harness;
 pub mod lab;

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: every tier, in order, each failing loudly.
 //!
 //! * lint — `cargo fmt --check`, `cargo clippy -D warnings`
-//! * L1 — host unit tests (lb-common, lb-userspace): no root needed
+//! * L1 — host unit tests (lb-common, lb-userspace) and the kube source against an API
+//!   server stand-in: no root needed
 //! * L2 — BPF_PROG_TEST_RUN fixtures (lb-tests) and the `lb` CLI against real pinned maps:
 //!   root; with `LB_REQUIRE_PRIVILEGED=1` a test that cannot run fails instead of skipping.
 //! * L3 — the real `lb agent` on network-namespace labs with real clients (root, same rule).
@@ -35,6 +36,8 @@ pub fn run() -> anyhow::Result<()> {
     run_lint()?;
     eprintln!("== L1 host unit tests");
     run_cmd(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace", "--lib", "--bins"]))?;
+    // The Kubernetes source against the in-process API server stand-in (no root needed).
+    run_cmd(cargo().args(["test", "-p", "lb-tests", "--test", "kube_source"]))?;
     eprintln!("== L2 BPF_PROG_TEST_RUN fixtures (root)");
     run_cmd(cargo().args(["test", "-p", "lb-tests", "--lib", "--bins", "--test", "prog_fixtures"]))?;
     run_cmd(cargo().args(["test", "-p", "lb-userspace", "--test", "cli"]))?;

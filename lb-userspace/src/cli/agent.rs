@@ -15,8 +15,12 @@ pub struct AgentArgs {
     /// Folder of Service, EndpointSlice and Node manifests (YAML or JSON, multi-document).
     /// Changes are live within a second; a broken file is reported and its last good
     /// content stays applied.
-    #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig of the cluster to watch. Without it and without `--manifests`: `KUBECONFIG`,
+    /// `~/.kube/config`, or the in-cluster service account (the DaemonSet case).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name: endpoints with this `nodeName` are local (externalTrafficPolicy and
     /// internalTrafficPolicy Local), and the Node of this name gives the NodePort addresses.
     #[arg(long, default_value_t = hostname())]
@@ -65,6 +69,7 @@ impl AgentArgs {
     pub fn config(self) -> AgentConfig {
         AgentConfig {
             manifests: self.manifests,
+            kubeconfig: self.kubeconfig,
             node_name: self.node_name,
             xdp_ifaces: self.xdp_ifaces,
             tc_ifaces: self.tc_ifaces,

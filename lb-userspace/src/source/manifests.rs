@@ -362,7 +362,7 @@ fn insert(c: &mut Cluster, o: Object) {
             c.slices.insert(key(&s.metadata), *s);
         }
         Object::Node(n) => {
-            c.nodes.insert(n.metadata.name.clone().unwrap_or_default(), *n);
+            c.nodes.insert((String::new(), n.metadata.name.clone().unwrap_or_default()), *n);
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Where Kubernetes objects come from: a folder of manifests (and, later, the API server).
+//! Where Kubernetes objects come from: a folder of manifests, or the API server.
 //! Sources only collect objects; all semantics live in the Model.
 
+pub mod kube;
 pub mod manifests;

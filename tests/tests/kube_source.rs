@@ -1,0 +1,283 @@
+//! The Kubernetes source against an in-process API server stand-in (`lb_tests::api`), with
+//! the real `kube` client and watcher. After each scenario, the fake Dataplane (programmed
+//! incrementally from what the source delivered, through the real Model and Reconciler)
+//! must equal what the Model computes from the stand-in's objects, programmed from scratch.
+//! No root needed: this is tier L1 (run by `cargo xtask test` with the host tests).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lb_common::abi::*;
+use lb_tests::api::{ApiStandIn, Kind};
+use lb_userspace::{
+    dataplane::{Dataplane, FakeDataplane},
+    model::{self, NodeContext, NodePortAddresses},
+    reconcile::{self, Applied, Limits},
+    source::kube::KubeSource,
+};
+use serde_json::{Value, json};
+
+const LIMITS: Limits = Limits { max_table: 65_537, maglev_slots: 1 << 20, backends: 4096, services: 4096 };
+
+fn node() -> NodeContext {
+    NodeContext {
+        name: "node-1".into(),
+        nodeport_addresses: NodePortAddresses::Primary,
+        fallback_addresses: vec![],
+    }
+}
+
+/// What a datapath does, independent of ids: frontend -> (flags, backends new flows get).
+type View = BTreeMap<(IpAddr, u16, u8), (u32, BTreeSet<(IpAddr, u16, u8)>)>;
+
+fn view(dp: &FakeDataplane) -> View {
+    dp.services
+        .iter()
+        .map(|(k, v)| {
+            let ids: BTreeSet<u32> =
+                dp.read_maglev(v.maglev_offset, v.maglev_size).unwrap().into_iter().collect();
+            let bes = ids.iter().map(|id| dp.backends[id]).map(|b| (b.ip(), b.port(), b.flags)).collect();
+            ((k.ip(), k.port(), k.proto), (v.flags, bes))
+        })
+        .collect()
+}
+
+/// The datapath the Model makes of the stand-in's objects, programmed from scratch.
+fn expected(api: &ApiStandIn) -> View {
+    let desired = model::desired(&api.cluster(), &node());
+    let mut dp = FakeDataplane::default();
+    let mut applied = Applied::default();
+    let ops = reconcile::plan(&desired, &applied, &LIMITS).unwrap();
+    reconcile::execute(&mut dp, &mut applied, &ops).unwrap();
+    view(&dp)
+}
+
+/// The agent's loop in miniature: sync whenever the source has a new snapshot.
+struct Agent {
+    src: KubeSource,
+    wake: Arc<tokio::sync::Notify>,
+    dp: FakeDataplane,
+    applied: Applied,
+    synced: Option<u64>,
+}
+
+impl Agent {
+    fn start(api: &ApiStandIn, dp: FakeDataplane) -> Agent {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let src = KubeSource::start(api.client(), "node-1", wake.clone(), |m| eprintln!("{m}"));
+        let applied = Applied::read(&dp).unwrap();
+        Agent { src, wake, dp, applied, synced: None }
+    }
+
+    fn sync_once(&mut self) {
+        if self.synced == Some(self.src.generation()) {
+            return;
+        }
+        let Some((cluster, generation)) = self.src.snapshot() else { return };
+        let desired = model::desired(&cluster, &node());
+        let ops = reconcile::plan(&desired, &self.applied, &LIMITS).unwrap();
+        reconcile::execute(&mut self.dp, &mut self.applied, &ops).unwrap();
+        self.synced = Some(generation);
+    }
+
+    /// Runs the loop until the datapath equals the Model of the stand-in's objects.
+    async fn converge(&mut self, api: &ApiStandIn, what: &str) {
+        let want = expected(api);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.sync_once();
+            if view(&self.dp) == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: did not converge\nhave {:#?}\nwant {want:#?}",
+                view(&self.dp)
+            );
+            let _ = tokio::time::timeout(Duration::from_millis(50), self.wake.notified()).await;
+        }
+    }
+
+    /// Runs the loop for `d`, checking `invariant` on the datapath all along.
+    async fn hold(&mut self, d: Duration, what: &str, invariant: impl Fn(&View) -> bool) {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            self.sync_once();
+            assert!(invariant(&view(&self.dp)), "{what}: {:#?}", view(&self.dp));
+            let _ = tokio::time::timeout(Duration::from_millis(20), self.wake.notified()).await;
+        }
+    }
+}
+
+fn service(name: &str, vip: &str, ports: Value) -> Value {
+    json!({"metadata": {"name": name}, "spec": {"type": "NodePort", "clusterIP": vip, "ports": ports}})
+}
+
+fn http() -> Value {
+    json!([{"name": "http", "port": 80, "targetPort": 9376, "nodePort": 30080}])
+}
+
+fn slice(name: &str, service: &str, port: u16, ips: &[&str]) -> Value {
+    let eps: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "nodeName": "node-1", "conditions": {"ready": true}}))
+        .collect();
+    json!({"metadata": {"name": name, "labels": {"kubernetes.io/service-name": service},
+                        "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-22T04:00:00Z"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}], "endpoints": eps})
+}
+
+fn node_object() -> Value {
+    json!({"metadata": {"name": "node-1"}, "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"}]}})
+}
+
+fn seed(api: &ApiStandIn) {
+    api.apply(Kind::Node, node_object());
+    // Another node: the agent's field selector must keep it out.
+    api.apply(Kind::Node, json!({"metadata": {"name": "node-2"}, "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.2"}]}}));
+    api.apply(Kind::Service, service("web", "198.19.0.10", http()));
+    api.apply(Kind::EndpointSlice, slice("web-a", "web", 9376, &["198.18.1.10", "198.18.1.11"]));
+    api.apply(
+        Kind::Service,
+        service("db", "198.19.0.20", json!([{"name": "http", "port": 80, "nodePort": 30081}])),
+    );
+    api.apply(Kind::EndpointSlice, slice("db-a", "db", 5432, &["198.18.1.20"]));
+}
+
+fn has_frontend(v: &View, ip: &str, port: u16) -> bool {
+    v.contains_key(&(ip.parse().unwrap(), port, PROTO_TCP))
+}
+
+fn backends_of(v: &View, ip: &str, port: u16) -> usize {
+    v.get(&(ip.parse().unwrap(), port, PROTO_TCP)).map_or(0, |(_, b)| b.len())
+}
+
+async fn local<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::task::LocalSet::new().run_until(f).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn initial_sync_and_add_modify_delete() {
+    local(async {
+        let api = ApiStandIn::start().await;
+        seed(&api);
+        let mut agent = Agent::start(&api, FakeDataplane::default());
+        agent.converge(&api, "initial sync").await;
+        let v = view(&agent.dp);
+        assert!(has_frontend(&v, "198.19.0.10", 80) && has_frontend(&v, "198.18.0.1", 30080), "{v:#?}");
+        assert!(!has_frontend(&v, "198.18.0.2", 30080), "another node's address must not serve NodePorts");
+        assert_eq!(backends_of(&v, "198.19.0.10", 80), 2);
+
+        api.apply(Kind::Service, service("new", "198.19.0.30", json!([{"name": "http", "port": 8080}])));
+        api.apply(Kind::EndpointSlice, slice("new-a", "new", 80, &["198.18.1.30"]));
+        agent.converge(&api, "add").await;
+        api.apply(
+            Kind::EndpointSlice,
+            slice("web-a", "web", 9376, &["198.18.1.10", "198.18.1.12", "198.18.1.13"]),
+        );
+        agent.converge(&api, "modify").await;
+        assert_eq!(backends_of(&view(&agent.dp), "198.19.0.10", 80), 3);
+        api.delete(Kind::Service, "default", "db");
+        api.delete(Kind::EndpointSlice, "default", "db-a");
+        agent.converge(&api, "delete").await;
+        assert!(!has_frontend(&view(&agent.dp), "198.19.0.20", 80));
+        // Changes after the initial list carry trigger times (programming latency).
+        assert!(!agent.src.take_triggers().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn service_split_over_slices_and_a_slice_moving_between_services() {
+    local(async {
+        let api = ApiStandIn::start().await;
+        seed(&api);
+        api.apply(Kind::EndpointSlice, slice("web-b", "web", 9376, &["198.18.2.10"]));
+        let mut agent = Agent::start(&api, FakeDataplane::default());
+        agent.converge(&api, "two slices").await;
+        assert_eq!(backends_of(&view(&agent.dp), "198.19.0.10", 80), 3);
+        // web-b now belongs to db (label change): it leaves web and joins db.
+        api.apply(Kind::EndpointSlice, slice("web-b", "db", 5432, &["198.18.2.10"]));
+        agent.converge(&api, "slice moved").await;
+        let v = view(&agent.dp);
+        assert_eq!((backends_of(&v, "198.19.0.10", 80), backends_of(&v, "198.19.0.20", 80)), (2, 2));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn disconnect_and_resume_without_relisting() {
+    local(async {
+        let api = ApiStandIn::start().await;
+        seed(&api);
+        let mut agent = Agent::start(&api, FakeDataplane::default());
+        agent.converge(&api, "initial").await;
+        let lists = api.lists(Kind::Service);
+        api.drop_watches();
+        // Changes while the watches are down arrive when they resume from their version.
+        api.apply(Kind::EndpointSlice, slice("web-a", "web", 9376, &["198.18.1.10"]));
+        agent.converge(&api, "resumed").await;
+        assert_eq!(api.lists(Kind::Service), lists, "a resumable watch must not relist");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn gone_410_relists_and_removes_what_was_deleted_meanwhile_without_flapping() {
+    local(async {
+        let api = ApiStandIn::start().await;
+        seed(&api);
+        let mut agent = Agent::start(&api, FakeDataplane::default());
+        agent.converge(&api, "initial").await;
+        let lists = api.lists(Kind::EndpointSlice);
+        // Disconnected: db is deleted and history is compacted, so the resume gets 410.
+        api.set_list_delay(Duration::from_millis(800));
+        api.drop_watches();
+        api.delete(Kind::Service, "default", "db");
+        api.delete(Kind::EndpointSlice, "default", "db-a");
+        api.compact();
+        // While the relist is slow, nothing flaps: web keeps its frontend and backends.
+        agent
+            .hold(Duration::from_millis(600), "during relist", |v| backends_of(v, "198.19.0.10", 80) == 2)
+            .await;
+        agent.converge(&api, "after relist").await;
+        assert!(!has_frontend(&view(&agent.dp), "198.19.0.20", 80), "deleted while away");
+        assert!(api.lists(Kind::EndpointSlice) > lists, "410 must trigger a relist");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn api_unavailable_at_start_and_later_never_empties_the_datapath() {
+    local(async {
+        let api = ApiStandIn::start().await;
+        seed(&api);
+        // A restarted agent: the pinned maps already hold web and db.
+        let mut dp = FakeDataplane::default();
+        let mut applied = Applied::default();
+        let desired = model::desired(&api.cluster(), &node());
+        let ops = reconcile::plan(&desired, &applied, &LIMITS).unwrap();
+        reconcile::execute(&mut dp, &mut applied, &ops).unwrap();
+        let before = view(&dp);
+        api.set_unavailable(true);
+        let mut agent = Agent::start(&api, dp);
+        agent.hold(Duration::from_millis(1500), "API down at start", |v| *v == before).await;
+        assert!(agent.src.snapshot().is_none());
+        assert!(api.lists(Kind::Service) > 0, "the client kept trying");
+        api.set_unavailable(false);
+        agent.converge(&api, "API back").await;
+        // Down again, later: state kept.
+        api.set_unavailable(true);
+        api.drop_watches();
+        let kept = view(&agent.dp);
+        agent.hold(Duration::from_millis(1500), "API down later", |v| *v == kept).await;
+        api.set_unavailable(false);
+        api.apply(Kind::EndpointSlice, slice("web-a", "web", 9376, &["198.18.1.99"]));
+        agent.converge(&api, "API back again").await;
+    })
+    .await;
+}
