@@ -518,6 +518,10 @@ fn render_metrics(st: &Status, pin_dir: &std::path::Path) -> String {
         "kubeproxy_sync_proxy_rules_duration_seconds",
         "Time to plan and write one sync of the datapath maps.",
     );
+    s += &st.programming_duration.render(
+        "kubeproxy_network_programming_duration_seconds",
+        "From an EndpointSlice change (its last-change-trigger-time annotation) to the datapath programmed.",
+    );
     let counter =
         |name: &str, help: &str, v: u64| format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
     let gauge = |name: &str, help: &str, v: String| {

@@ -334,26 +334,36 @@ impl Lab {
             .collect()
     }
 
-    /// Starts `lb agent` on `node` (node name `node-N`, XDP on eth0, TC on `lbp-*`) and waits
-    /// until it reports healthy.
+    /// Starts `lb agent` on `node` (node name `node-N`, XDP on eth0, TC on `lbp-*`) reading
+    /// the lab's manifest folder, and waits until it reports healthy.
     pub fn start_agent(&mut self, node: u8, extra: &[&str]) -> anyhow::Result<()> {
+        let manifests = self.state.manifests.to_string_lossy().into_owned();
+        let mut args = vec!["--manifests", manifests.as_str()];
+        args.extend_from_slice(extra);
+        self.launch_agent(node, &args)
+    }
+
+    /// Starts `lb agent` on `node` watching the API server of `kubeconfig`.
+    pub fn start_agent_kube(&mut self, node: u8, kubeconfig: &Path) -> anyhow::Result<()> {
+        let kc = kubeconfig.to_string_lossy().into_owned();
+        self.launch_agent(node, &["--kubeconfig", kc.as_str()])
+    }
+
+    fn launch_agent(&mut self, node: u8, source_args: &[&str]) -> anyhow::Result<()> {
         let ns = self.node_ns(node);
         let pin_dir = self.state.bpffs.join(format!("node{node}"));
         let log_path = self.state.dir.join(format!("agent-node{node}.log"));
         let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let mut cmd = in_ns(&ns, &[self.state.bins.lb.to_str().unwrap(), "agent"]);
-        cmd.arg("--manifests")
-            .arg(&self.state.manifests)
-            .arg("--pin-dir")
+        cmd.arg("--pin-dir")
             .arg(&pin_dir)
             .args(["--node-name", &format!("node-{node}"), "--xdp-iface", "eth0", "--tc-iface", "lbp-*"])
-            .args(extra);
+            .args(source_args);
         let child = cmd.stdout(log.try_clone()?).stderr(log).spawn().context("starting lb agent")?;
         let pid = child.id();
         self.children.insert(pid, child);
         self.state.agents.push(Agent { node, pid, log: log_path.clone(), pin_dir });
         self.save()?;
-        let started = Instant::now();
         wait_for(Duration::from_secs(20), || {
             if let Some(c) = self.children.get_mut(&pid)
                 && let Ok(Some(status)) = c.try_wait()
@@ -364,8 +374,12 @@ impl Lab {
                 .is_ok())
         })
         .with_context(|| format!("agent on node-{node} not healthy; log {}", log_path.display()))?;
-        let _ = started;
         Ok(())
+    }
+
+    /// The network namespace of `node`.
+    pub fn node_netns(&self, node: u8) -> String {
+        self.node_ns(node)
     }
 
     /// Stops the agent of `node` (SIGTERM, then waits).
@@ -445,15 +459,21 @@ impl Lab {
     /// node-2 backend `web-3` and a client pod `client-2` (backends serve 9376 and 8080); Node objects written; agents
     /// running on both nodes.
     pub fn standard(bins: Bins) -> anyhow::Result<Lab> {
+        let mut lab = Lab::standard_topology(bins)?;
+        lab.write_manifest("nodes.yaml", &lab.node_manifests())?;
+        lab.start_agent(1, &[])?;
+        lab.start_agent(2, &[])?;
+        Ok(lab)
+    }
+
+    /// The standard lab's namespaces and pods, without agents.
+    pub fn standard_topology(bins: Bins) -> anyhow::Result<Lab> {
         let mut lab = Lab::up(2, bins)?;
         lab.add_pod(1, "client", 100, None)?;
         lab.add_pod(1, "web-1", 10, Some(&[POD_PORT, POD_PORT_ALT]))?;
         lab.add_pod(1, "web-2", 11, Some(&[POD_PORT, POD_PORT_ALT]))?;
         lab.add_pod(2, "web-3", 10, Some(&[POD_PORT, POD_PORT_ALT]))?;
         lab.add_pod(2, "client-2", 100, None)?;
-        lab.write_manifest("nodes.yaml", &lab.node_manifests())?;
-        lab.start_agent(1, &[])?;
-        lab.start_agent(2, &[])?;
         Ok(lab)
     }
 

@@ -616,3 +616,118 @@ fn large_udp_datagrams_are_fragmented_and_still_translated() {
         assert!(reply.starts_with("web-"), "{reply}");
     }
 }
+
+/// The API server stand-in, served on 127.0.0.1:6443 inside both nodes' namespaces (each
+/// agent reaches "its" API server), running on a thread of its own.
+fn api_in_nodes(lab: &Lab) -> lb_tests::api::ApiStandIn {
+    let listeners: Vec<std::net::TcpListener> = [1, 2]
+        .iter()
+        .map(|n| {
+            in_netns(&lab.node_netns(*n), || std::net::TcpListener::bind("127.0.0.1:6443")).unwrap().unwrap()
+        })
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let mut it = listeners.into_iter();
+            let api = lb_tests::api::ApiStandIn::start_on(it.next().unwrap());
+            for l in it {
+                api.serve(l);
+            }
+            tx.send(api).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().unwrap()
+}
+
+fn api_slice(pods: &[&Pod]) -> serde_json::Value {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let eps: Vec<serde_json::Value> = pods
+        .iter()
+        .map(|p| serde_json::json!({"addresses": [p.ip.to_string()], "nodeName": format!("node-{}", p.node), "conditions": {"ready": true}}))
+        .collect();
+    serde_json::json!({
+        "metadata": {"name": "web-abc", "labels": {"kubernetes.io/service-name": "web"},
+                     "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": jiff_free_rfc3339(now)}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": POD_PORT, "protocol": "TCP"}], "endpoints": eps})
+}
+
+/// Seconds since the epoch as RFC 3339 (UTC), without a date library.
+fn jiff_free_rfc3339(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[test]
+fn kube_source_programs_the_datapath_and_a_lost_api_server_keeps_it() {
+    use lb_tests::api::Kind;
+    use serde_json::json;
+    if !privileged() {
+        return;
+    }
+    let bins = Bins::beside(&std::env::current_exe().unwrap()).expect("lab binaries");
+    let mut lab = Lab::standard_topology(bins).expect("lab");
+    let api = api_in_nodes(&lab);
+    for n in 1..=2u8 {
+        api.apply(Kind::Node, json!({"metadata": {"name": format!("node-{n}")},
+                                     "status": {"addresses": [{"type": "InternalIP", "address": node_ip(n).to_string()}]}}));
+    }
+    api.apply(
+        Kind::Service,
+        json!({"metadata": {"name": "web"}, "spec": {"type": "NodePort", "clusterIP": VIP,
+        "ports": [{"name": "http", "port": 80, "targetPort": POD_PORT, "nodePort": 30080}]}}),
+    );
+    api.apply(Kind::EndpointSlice, api_slice(&pods(&lab, &["web-1", "web-3"])));
+    let kc = lab.state.dir.join("kubeconfig");
+    std::fs::write(&kc, lb_tests::api::ApiStandIn::kubeconfig("127.0.0.1:6443".parse().unwrap())).unwrap();
+    lab.start_agent_kube(1, &kc).unwrap();
+    lab.start_agent_kube(2, &kc).unwrap();
+    let ns = lab.pod("client").ns.clone();
+    wait_for(LIVE * 5, || Ok(matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..)))).unwrap();
+    reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-1", "web-3"]);
+    reach_all(&lab.ext_ns(), sa(node_ip(2), 30080), Proto::Tcp, &["web-1", "web-3"]);
+
+    // An endpoint change through the API is live within a second.
+    let t0 = Instant::now();
+    api.apply(Kind::EndpointSlice, api_slice(&pods(&lab, &["web-3"])));
+    wait_for(LIVE, || Ok(!lab.has_backend(1, IpAddr::V4(lab.pod("web-1").ip), POD_PORT)?)).unwrap();
+    println!("kube source: endpoint removal in the datapath after {:?}", t0.elapsed());
+    reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-3"]);
+
+    // The API server goes away: the datapath stays as it was.
+    api.set_unavailable(true);
+    api.drop_watches();
+    for _ in 0..10 {
+        assert_eq!(tcp_ask(&ns, sa(vip(), 80), ASK).pod(), Some("web-3"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    api.set_unavailable(false);
+    api.apply(Kind::EndpointSlice, api_slice(&pods(&lab, &["web-2", "web-3"])));
+    wait_for(LIVE * 15, || Ok(lab.has_backend(1, IpAddr::V4(lab.pod("web-2").ip), POD_PORT)?)).unwrap();
+    reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-2", "web-3"]);
+
+    // Programming latency is measured like kube-proxy does.
+    let metrics =
+        lab::sh(&mut lab::in_ns(&lab.node_netns(1), &["curl", "-s", "http://127.0.0.1:10249/metrics"]))
+            .unwrap();
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_network_programming_duration_seconds_count "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(count >= 2, "programming latency not observed:\n{metrics}");
+    lab.teardown();
+}
