@@ -105,6 +105,13 @@ pub fn detach_tc(ebpf: &mut Ebpf, id: SchedClassifierLinkId) {
 /// datapath needs it: a source-NATed flow (hairpin, external traffic to a remote backend)
 /// and a NodePort reply rewritten at TC arrive with the node address as source, which the
 /// kernel otherwise drops as martian.
+/// Nothing to do when `all.accept_local` is already on (the kernel ORs it with the
+/// interface's; the DaemonSet's init container sets it, as /proc/sys is read-only in an
+/// unprivileged container).
 pub fn accept_local(iface: &str) -> std::io::Result<()> {
+    let all = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/accept_local").unwrap_or_default();
+    if all.trim() == "1" {
+        return Ok(());
+    }
     std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"), "1")
 }

@@ -45,3 +45,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Inspect(cmd) => cli::inspect::run(cmd, &cli.pin_dir, cli.output == Format::Json),
     }
 }
+
+#[cfg(test)]
+#[path = "cli/deploy_tests.rs"]
+mod deploy_tests;
