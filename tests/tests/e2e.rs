@@ -716,7 +716,7 @@ fn kube_source_programs_the_datapath_and_a_lost_api_server_keeps_it() {
     }
     api.set_unavailable(false);
     api.apply(Kind::EndpointSlice, api_slice(&pods(&lab, &["web-2", "web-3"])));
-    wait_for(LIVE * 15, || Ok(lab.has_backend(1, IpAddr::V4(lab.pod("web-2").ip), POD_PORT)?)).unwrap();
+    wait_for(LIVE * 15, || lab.has_backend(1, IpAddr::V4(lab.pod("web-2").ip), POD_PORT)).unwrap();
     reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-2", "web-3"]);
 
     // Programming latency is measured like kube-proxy does.
