@@ -20,11 +20,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{Ebpf, programs::tc::SchedClassifierLinkId};
+use aya::Ebpf;
 use lb_common::{abi::*, verdict::Reason};
 
 use crate::{
-    attach::{self, Attached},
+    attach::{self, Attached, Hook},
     dataplane::{AyaDataplane, Dataplane},
     http::{self, Histogram, Response},
     links, loader,
@@ -146,7 +146,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }));
 
     for iface in &cfg.xdp_ifaces {
-        let (how, _) = attach::attach_xdp_link(&mut ebpf, iface)?;
+        let (how, _holder) = attach::attach_pinned(&mut ebpf, Hook::Xdp, iface, &cfg.pin_dir)?;
         if let Err(e) = attach::accept_local(iface) {
             log(
                 start,
@@ -163,7 +163,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Err(e) = links::watch(links_changed.clone(), move || w.notify_one()) {
         log(start, format!("warning: no netlink link events ({e}); rescanning interfaces every second"));
     }
-    let mut tc_links: BTreeMap<String, (u32, SchedClassifierLinkId)> = BTreeMap::new();
+    let mut tc_links: BTreeMap<String, (u32, attach::Holder)> = BTreeMap::new();
+    remove_stale_link_pins(&cfg, &tc_patterns, start);
 
     spawn_http(&cfg, status.clone(), start).await?;
     let mut health_servers: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
@@ -223,7 +224,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         if links_changed.swap(false, Ordering::AcqRel) || last_link_scan.elapsed() > Duration::from_secs(1) {
             last_link_scan = Instant::now();
-            sync_links(&mut ebpf, &tc_patterns, &mut tc_links, &status, start);
+            sync_links(&mut ebpf, &cfg.pin_dir, &tc_patterns, &mut tc_links, &status, start);
         }
         let Some(cluster) = source.changed(&status, start) else { continue };
         let t0 = Instant::now();
@@ -286,7 +287,14 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         drop(st);
         sync_health_servers(&mut health_servers, &desired.health_checks, &status, start);
     }
-    log(start, format!("stopping: programs detach now; maps stay pinned in {}", cfg.pin_dir.display()));
+    log(
+        start,
+        format!(
+            "stopping: the datapath stays attached and its maps pinned in {} (a restarted agent takes over; \
+             remove that directory to detach)",
+            cfg.pin_dir.display()
+        ),
+    );
     Ok(())
 }
 
@@ -394,8 +402,9 @@ fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr]) -> Config {
 /// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.
 fn sync_links(
     ebpf: &mut Ebpf,
+    pin_dir: &std::path::Path,
     patterns: &links::Patterns,
-    tc_links: &mut BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    tc_links: &mut BTreeMap<String, (u32, attach::Holder)>,
     status: &Rc<RefCell<Status>>,
     start: Instant,
 ) {
@@ -403,8 +412,8 @@ fn sync_links(
     let stale: Vec<String> =
         tc_links.iter().filter(|(n, (idx, _))| want.get(*n) != Some(idx)).map(|(n, _)| n.clone()).collect();
     for name in stale {
-        if let Some((_, id)) = tc_links.remove(&name) {
-            attach::detach_tc(ebpf, id);
+        if let Some((_, holder)) = tc_links.remove(&name) {
+            holder.release(ebpf);
         }
         status.borrow_mut().tc.remove(&name);
         log(start, format!("TC detached from {name} (link gone)"));
@@ -413,15 +422,34 @@ fn sync_links(
         if tc_links.contains_key(&name) {
             continue;
         }
-        match attach::attach_tc_link(ebpf, &name) {
-            Ok((how, id)) => {
+        match attach::attach_pinned(ebpf, Hook::Tc, &name, pin_dir) {
+            Ok((how, holder)) => {
                 let _ = attach::accept_local(&name);
-                tc_links.insert(name.clone(), (idx, id));
+                tc_links.insert(name.clone(), (idx, holder));
                 status.borrow_mut().tc.insert(name.clone(), (idx, how));
                 log(start, format!("TC attached to {name} ({how:?})"));
             }
             // The link may have vanished between listing and attaching; the next scan decides.
             Err(e) => log(start, format!("warning: {e}")),
+        }
+    }
+}
+
+/// Pins left by an earlier agent for interfaces this one will not serve (gone, or no longer
+/// named by the flags): removing them detaches those programs.
+fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns, start: Instant) {
+    let present = links::interfaces();
+    let Ok(dir) = std::fs::read_dir(cfg.pin_dir.join("links")) else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let keep = match name.split_once('-') {
+            Some(("xdp", iface)) => cfg.xdp_ifaces.iter().any(|i| i == iface),
+            Some(("tc", iface)) => tc.matches(iface) && present.contains_key(iface),
+            _ => true,
+        };
+        if !keep {
+            let _ = std::fs::remove_file(entry.path());
+            log(start, format!("removed stale link pin {name}"));
         }
     }
 }

@@ -731,3 +731,40 @@ fn kube_source_programs_the_datapath_and_a_lost_api_server_keeps_it() {
     assert!(count >= 2, "programming latency not observed:\n{metrics}");
     lab.teardown();
 }
+
+#[test]
+fn agent_restart_loses_no_connection_flow_or_id() {
+    let Some(mut lab) = lab() else { return };
+    let owned: Vec<Pod> = ["web-1", "web-2", "web-3"].iter().map(|n| lab.pod(n).clone()).collect();
+    let all: Vec<&Pod> = owned.iter().collect();
+    let ns = lab.pod("client").ns.clone();
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
+        matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..))
+    });
+    let mut conn = Conn::open(&ns, sa(vip(), 80));
+    let mine = conn.ask().expect("first answer");
+    const SPORT: u16 = 41_000;
+    let udp_backend = udp_ask(&ns, sa(vip(), 80), SPORT, ASK).pod().expect("udp").to_string();
+    let services = |lab: &Lab| {
+        use lb_userspace::dataplane::{AyaDataplane, Dataplane as _};
+        let mut s = AyaDataplane::open(&lab.pin_dir(1)).unwrap().services().unwrap();
+        s.sort_by_key(|(k, _)| *k);
+        s
+    };
+    let before = services(&lab);
+
+    lab.stop_agent(1);
+    // No agent: the datapath stays attached and keeps serving, old flows and new.
+    assert_eq!(conn.ask().as_deref(), Some(mine.as_str()));
+    reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-1", "web-2", "web-3"]);
+
+    lab.start_agent(1, &[]).unwrap();
+    assert!(lab.agent_log(1).contains("(Replaced)"), "the new agent must take over the pinned links");
+    assert_eq!(conn.ask().as_deref(), Some(mine.as_str()), "the open connection survived the restart");
+    assert_eq!(udp_ask(&ns, sa(vip(), 80), SPORT, ASK).pod(), Some(udp_backend.as_str()));
+    assert_eq!(services(&lab), before, "frontends, ids and tables unchanged by the restart");
+    // And the new agent is in charge.
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all[..2]))), "after restart", || {
+        !lab.has_backend(1, IpAddr::V4(lab.pod("web-3").ip), POD_PORT).unwrap_or(true)
+    });
+}
