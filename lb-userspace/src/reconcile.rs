@@ -67,6 +67,8 @@ pub struct Applied {
     pub backends: BTreeMap<u32, BackendValue>,
     /// Tables of the ranges frontends point at, by offset.
     pub tables: BTreeMap<u32, Vec<u32>>,
+    /// The distinct backend ids of each table, sorted (kept with `tables`).
+    pub table_members: BTreeMap<u32, Vec<u32>>,
     pub source_ranges: BTreeSet<(u32, IpNet)>,
 }
 
@@ -80,10 +82,12 @@ impl Applied {
                 e.insert(dp.read_maglev(v.maglev_offset, v.maglev_size)?);
             }
         }
+        let table_members = tables.iter().map(|(off, t)| (*off, members_of(t))).collect();
         Ok(Applied {
             services,
             backends: dp.backends()?.into_iter().collect(),
             tables,
+            table_members,
             source_ranges: dp.source_ranges()?.into_iter().collect(),
         })
     }
@@ -98,6 +102,7 @@ impl Applied {
                 self.source_ranges.insert((*service_id, *net));
             }
             MapOp::WriteMaglev { offset, table } => {
+                self.table_members.insert(*offset, members_of(table));
                 self.tables.insert(*offset, table.clone());
             }
             MapOp::SetService { key, value } => {
@@ -120,6 +125,7 @@ impl Applied {
         let live: BTreeSet<u32> =
             self.services.values().filter(|v| v.maglev_size > 0).map(|v| v.maglev_offset).collect();
         self.tables.retain(|off, _| live.contains(off));
+        self.table_members.retain(|off, _| live.contains(off));
     }
 }
 
@@ -139,6 +145,13 @@ pub fn execute(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) ->
     }
     applied.prune_tables();
     Ok(())
+}
+
+fn members_of(table: &[u32]) -> Vec<u32> {
+    let mut ids = table.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 fn backend_flags(b: &Backend) -> u8 {
@@ -259,14 +272,25 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
         let size = table_size(members.len(), previous.map_or(0, |v| v.maglev_size), limits.max_table);
         let prev_table =
             previous.filter(|v| v.maglev_size == size).and_then(|v| applied.tables.get(&v.maglev_offset));
-        let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
+        // The common case at scale: nothing changed for this service. Its table already holds
+        // exactly these backends (the builder gives every member slots), so no rebuild.
+        let mut ids: Vec<u32> = members.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        let unchanged = prev_table.is_some()
+            && previous.is_some_and(|v| applied.table_members.get(&v.maglev_offset) == Some(&ids));
         let offset = match (previous, prev_table) {
-            (Some(v), Some(t)) if *t == table => v.maglev_offset,
+            (Some(v), Some(_)) if unchanged => v.maglev_offset,
             _ if size == 0 => 0,
             _ => {
-                let off = ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
-                tables.push(MapOp::WriteMaglev { offset: off, table });
-                off
+                let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
+                match (previous, prev_table) {
+                    (Some(v), Some(t)) if *t == table => v.maglev_offset,
+                    _ => {
+                        let off = ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
+                        tables.push(MapOp::WriteMaglev { offset: off, table });
+                        off
+                    }
+                }
             }
         };
         let value = ServiceValue {

@@ -19,14 +19,37 @@ pub enum Which {
         #[arg(long)]
         services: Option<String>,
     },
+    /// Control plane: full sync of N services × 4 endpoints and one endpoint change, ours vs
+    /// iptables-restore vs nft -f of kube-proxy-shaped rules; Maglev disruption.
+    Control {
+        /// 1k, 10k, 30k services (else also 100k) and a 2-minute cap per baseline step.
+        #[arg(long)]
+        quick: bool,
+        /// Service counts to sweep, comma-separated.
+        #[arg(long)]
+        services: Option<String>,
+        /// Run nft -f up to this many services (default 10000; it takes minutes beyond).
+        #[arg(long)]
+        nft_max: Option<u32>,
+    },
+    /// Every benchmark above, in order (`--quick`: the smaller sweeps, well under ten minutes).
+    All {
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn bench_bin() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root()).args(["run", "--release", "-q", "-p", "lb-tests", "--bin", "lb-bench", "--"]);
+    cmd
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     let out = root().join("target/bench");
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root()).args(["run", "--release", "-q", "-p", "lb-tests", "--bin", "lb-bench", "--"]);
     match which {
         Which::Prog { quick, services } => {
+            let mut cmd = bench_bin();
             cmd.arg("prog").arg("--out").arg(&out);
             if quick {
                 cmd.arg("--quick");
@@ -34,7 +57,27 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             if let Some(s) = services {
                 cmd.arg("--services").arg(s);
             }
+            run_cmd(&mut cmd)
+        }
+        Which::Control { quick, services, nft_max } => {
+            let mut cmd = bench_bin();
+            cmd.arg("control").arg("--out").arg(&out);
+            if quick {
+                cmd.arg("--quick");
+            }
+            if let Some(s) = services {
+                cmd.arg("--services").arg(s);
+            }
+            if let Some(n) = nft_max {
+                cmd.arg("--nft-max").arg(n.to_string());
+            }
+            run_cmd(&mut cmd)
+        }
+        Which::All { quick } => {
+            run(Which::Prog { quick, services: None })?;
+            run(Which::Control { quick, services: None, nft_max: None })?;
+            eprintln!("bench all: results in {}", out.display());
+            Ok(())
         }
     }
-    run_cmd(&mut cmd)
 }

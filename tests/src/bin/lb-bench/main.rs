@@ -1,5 +1,8 @@
 //! Benchmark measurements that need the real datapath (run by `cargo xtask bench ...`).
 //!
+//! `control` (control.rs): how fast a Service set reaches the datapath, vs iptables-restore
+//! and nft -f of kube-proxy-shaped rules.
+//!
 //! `prog`: BPF_PROG_TEST_RUN cost per packet of `lb_xdp` — conntrack hit, new flow, no
 //! frontend — with 1 to 100 000 services loaded, beside an empty XDP program timed the same
 //! way in the same run (DESIGN.md §7): one run per call (repeat = 1, since with repeat > 1 the
@@ -22,8 +25,25 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod control;
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Full sync and one-endpoint change: ours vs iptables-restore vs nft -f; Maglev
+    /// disruption.
+    Control {
+        /// Smaller sweep (1k, 10k, 30k) and a 2-minute cap per baseline step.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// Service counts (default: 1000,10000,30000 with --quick, else also 100000).
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<u32>,
+        /// nft -f is run up to this many services (it is slow: ~100 s at 10k here).
+        #[arg(long, default_value_t = 10_000)]
+        nft_max: u32,
+    },
     /// Per-packet program cost vs number of services.
     Prog {
         /// Fewer calls per case and a smaller sweep.
@@ -234,5 +254,15 @@ fn kernel() -> String {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Prog { quick, out, services } => prog(quick, out, &services),
+        Cmd::Control { quick, out, services, nft_max } => {
+            let sweep = if !services.is_empty() {
+                services
+            } else if quick {
+                vec![1_000, 10_000, 30_000]
+            } else {
+                vec![1_000, 10_000, 30_000, 100_000]
+            };
+            control::run(quick, out, &sweep, nft_max)
+        }
     }
 }
