@@ -29,6 +29,16 @@ pub fn forget(key: &FlowKey) {
     let _ = CONNTRACK.remove(key);
 }
 
+/// Removes the reverse entry keyed by the reply tuple of `h`'s connection, if there is one.
+#[inline(always)]
+pub fn forget_stale_reply(h: &Headers) {
+    let reply =
+        FlowKey { src: h.dst, dst: h.src, sport: h.dport, dport: h.sport, proto: h.proto, _pad: [0; 3] };
+    if lookup(&reply).is_some_and(|v| v.direction == FLOW_REPLY) {
+        forget(&reply);
+    }
+}
+
 /// Why a flow could not be recorded.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]

@@ -94,6 +94,12 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
         if P::REJECT_UNSERVED_CLUSTER_IP_PORTS && is_cluster_ip(h) {
             return unpack(refuse(pkt, h, Reason::RejectUnknownPort));
         }
+        if h.proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            // A new direct connection whose replies would match the reverse entry of an
+            // old Service flow from the same client port: that flow is over (the client
+            // reuses the port), and its entry would rewrite this connection's SYN/ACK.
+            conntrack::forget_stale_reply(h);
+        }
         return (Action::Pass, Reason::NoFrontend);
     };
     // Stack budget: choosing, translating and refusing are separate BPF functions called

@@ -699,3 +699,21 @@ fn cluster_ip_rejects_ports_it_does_not_serve_to_pods() {
     let (rc, _) = l.run_xdp(&Spec::tcp(CLIENT4, 40000, VIP4, 8443).build());
     assert_eq!(rc, XDP_PASS);
 }
+
+#[test]
+fn a_direct_connection_from_a_reused_port_is_not_taken_for_an_old_service_flow() {
+    require_root!();
+    let mut l = Loaded::new();
+    let only = [BES4[0]];
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &only, 0, 0);
+    // A Service flow from port 45000 (its reverse entry stays after the connection ends).
+    let (_, _) = l.run_tc(&Spec::tcp(CLIENT4, 45000, VIP4, 80).build());
+    // The client reuses port 45000 for a direct connection to the pod.
+    let direct = Spec::tcp(CLIENT4, 45000, only[0].ip, 9376);
+    let (rc, out) = l.run_tc(&direct.build());
+    assert_eq!((rc, out), (TC_ACT_UNSPEC, direct.build()), "passed untouched");
+    // Its SYN/ACK must come back from the pod, not be rewritten to the VIP.
+    let synack = Spec::tcp(only[0].ip, 9376, CLIENT4, 45000).flags(TCP_SYN | TCP_ACK);
+    let (_, out) = l.run_tc(&synack.build());
+    assert_eq!(out, synack.build());
+}

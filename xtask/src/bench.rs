@@ -32,6 +32,17 @@ pub enum Which {
         #[arg(long)]
         nft_max: Option<u32>,
     },
+    /// Connection setup and request/response p50/p99 from a lab pod, via the VIP (1 and
+    /// 10 000 services) and direct to the pod. Builds the lab binaries first.
+    Latency {
+        #[arg(long)]
+        quick: bool,
+    },
+    /// New TCP connections per second from a lab pod, via the VIP and direct.
+    Connrate {
+        #[arg(long)]
+        quick: bool,
+    },
     /// Every benchmark above, in order (`--quick`: the smaller sweeps, well under ten minutes).
     All {
         #[arg(long)]
@@ -73,9 +84,26 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             }
             run_cmd(&mut cmd)
         }
+        Which::Latency { quick } | Which::Connrate { quick } => {
+            let name = if matches!(which, Which::Latency { .. }) { "latency" } else { "connrate" };
+            // The lab runs `lb` and `lb-serve` from the same target directory as lb-bench.
+            run_cmd(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .current_dir(root())
+                    .args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]),
+            )?;
+            let mut cmd = bench_bin();
+            cmd.arg(name).arg("--out").arg(&out);
+            if quick {
+                cmd.arg("--quick");
+            }
+            run_cmd(&mut cmd)
+        }
         Which::All { quick } => {
             run(Which::Prog { quick, services: None })?;
             run(Which::Control { quick, services: None, nft_max: None })?;
+            run(Which::Latency { quick })?;
+            run(Which::Connrate { quick })?;
             eprintln!("bench all: results in {}", out.display());
             Ok(())
         }

@@ -49,6 +49,7 @@ fn http(
 
 fn tcp_conn(mut stream: TcpStream, name: String) {
     let Ok(peer) = stream.peer_addr() else { return };
+    let _ = stream.set_nodelay(true);
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(read_half);
     let mut line = String::new();
@@ -60,7 +61,9 @@ fn tcp_conn(mut stream: TcpStream, name: String) {
             return;
         }
         first = false;
-        if writeln!(stream, "{name} {peer}").is_err() {
+        // One write per answer: a formatted write would go out in pieces and meet Nagle
+        // and delayed ACKs (40 ms round trips).
+        if stream.write_all(format!("{name} {peer}\n").as_bytes()).is_err() {
             return;
         }
         line.clear();
@@ -72,6 +75,10 @@ fn main() -> anyhow::Result<()> {
     let mut threads = Vec::new();
     for port in args.ports {
         let tcp = TcpListener::bind(("0.0.0.0", port))?;
+        // A deep accept queue: benchmarks open thousands of connections back to back, and
+        // std's 128 overflowed here (SYNs dropped, 1 s retransmits).
+        // SAFETY: listen() again on our own listening socket only resizes its backlog.
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&tcp), 4096) };
         let udp = UdpSocket::bind(("0.0.0.0", port))?;
         let name = args.name.clone();
         threads.push(thread::spawn(move || {

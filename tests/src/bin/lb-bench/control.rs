@@ -55,10 +55,18 @@ fn endpoint(k: u32) -> (Ipv4Addr, u16) {
 
 fn service(i: u32) -> Service {
     Service {
-        metadata: ObjectMeta { name: Some(format!("svc-{i}")), namespace: Some(NS.into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}")),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
         spec: Some(ServiceSpec {
             cluster_ip: Some(vip(i).to_string()),
-            ports: Some(vec![ServicePort { name: Some("http".into()), port: svc_port(i).into(), ..Default::default() }]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: svc_port(i).into(),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         ..Default::default()
@@ -108,7 +116,11 @@ fn cluster(n: u32) -> Cluster {
 }
 
 fn node() -> NodeContext {
-    NodeContext { name: "bench".into(), nodeport_addresses: NodePortAddresses::Primary, fallback_addresses: vec![] }
+    NodeContext {
+        name: "bench".into(),
+        nodeport_addresses: NodePortAddresses::Primary,
+        fallback_addresses: vec![],
+    }
 }
 
 /// A chain-name hash like kube-proxy's (16 base32-ish characters).
@@ -147,12 +159,20 @@ fn iptables_service(out: &mut String, i: u32, eps: &[(Ipv4Addr, u16)], declare: 
                 ep.0, ep.1
             );
         } else {
-            let _ = writeln!(out, "-A {svc} -m comment --comment \"{NS}/svc-{i}:http -> {}:{}\" -j {sep}", ep.0, ep.1);
+            let _ = writeln!(
+                out,
+                "-A {svc} -m comment --comment \"{NS}/svc-{i}:http -> {}:{}\" -j {sep}",
+                ep.0, ep.1
+            );
         }
     }
     for ep in eps {
         let sep = sep_chain(i, *ep);
-        let _ = writeln!(out, "-A {sep} -m comment --comment \"{NS}/svc-{i}:http\" -s {}/32 -j KUBE-MARK-MASQ", ep.0);
+        let _ = writeln!(
+            out,
+            "-A {sep} -m comment --comment \"{NS}/svc-{i}:http\" -s {}/32 -j KUBE-MARK-MASQ",
+            ep.0
+        );
         let _ = writeln!(
             out,
             "-A {sep} -m comment --comment \"{NS}/svc-{i}:http\" -m tcp -p tcp -j DNAT --to-destination {}:{}",
@@ -163,7 +183,9 @@ fn iptables_service(out: &mut String, i: u32, eps: &[(Ipv4Addr, u16)], declare: 
 
 /// kube-proxy's iptables-mode nat table for `n` services.
 fn iptables_rules(n: u32) -> String {
-    let mut out = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
+    let mut out = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
+    );
     let mut services = String::new();
     let mut chains = String::new();
     for i in 0..n {
@@ -211,7 +233,12 @@ fn nft_service(out: &mut String, i: u32, eps: &[(Ipv4Addr, u16)]) {
     }
     let _ = writeln!(out, "add chain ip kube-proxy {svc}");
     let _ = writeln!(out, "flush chain ip kube-proxy {svc}");
-    let _ = writeln!(out, "add rule ip kube-proxy {svc} numgen random mod {} vmap {{ {} }}", eps.len(), map.join(", "));
+    let _ = writeln!(
+        out,
+        "add rule ip kube-proxy {svc} numgen random mod {} vmap {{ {} }}",
+        eps.len(),
+        map.join(", ")
+    );
 }
 
 /// kube-proxy's nftables-mode ruleset for `n` services.
@@ -258,7 +285,13 @@ impl Scratch {
     }
 
     /// Runs `cmd args < input` in the namespace; the time, or None past `limit` (killed).
-    fn time(&self, cmd: &str, args: &[&str], input: &Path, limit: Duration) -> anyhow::Result<Option<Duration>> {
+    fn time(
+        &self,
+        cmd: &str,
+        args: &[&str],
+        input: &Path,
+        limit: Duration,
+    ) -> anyhow::Result<Option<Duration>> {
         // Errors go to a file: a pipe nobody reads until exit can fill up and stall the tool.
         let err_path = input.with_extension("err");
         let t = Instant::now();
@@ -327,7 +360,12 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
         flows: 65_536,
         ..Default::default()
     };
-    let limits = Limits { max_table: lb_common::maglev::DEFAULT_MAX_TABLE, maglev_slots: caps.maglev_slots, backends: caps.backends, services: caps.services };
+    let limits = Limits {
+        max_table: lb_common::maglev::DEFAULT_MAX_TABLE,
+        maglev_slots: caps.maglev_slots,
+        backends: caps.backends,
+        services: caps.services,
+    };
     let mut l = Loaded::with_caps(&caps);
     let mut c = cluster(n);
     let t = Instant::now();
@@ -350,7 +388,9 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
     reconcile::execute(&mut l.dp, &mut applied, &ops)?;
     let mut i = 0u32;
     loop {
-        let pkt = Spec::tcp("198.18.200.1", 20_000 + (i % 40_000) as u16, &vip(last).to_string(), svc_port(last)).build();
+        let pkt =
+            Spec::tcp("198.18.200.1", 20_000 + (i % 40_000) as u16, &vip(last).to_string(), svc_port(last))
+                .build();
         let (rc, out, _) = run_timed(l.xdp(), &pkt);
         ensure!(rc == XDP_PASS, "return code {rc}");
         if inspect(&out).dst == IpAddr::V4(new_ep.0) {
@@ -368,7 +408,8 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
 /// same table size). (A table whose size changed would move nearly every flow: the reason
 /// the reconciler keeps M when backends leave.)
 fn disruption(n: usize) -> (f64, f64) {
-    let names: Vec<(u32, Vec<u8>)> = (1..=n as u32).map(|i| (i, format!("198.18.1.{i}:9376").into_bytes())).collect();
+    let names: Vec<(u32, Vec<u8>)> =
+        (1..=n as u32).map(|i| (i, format!("198.18.1.{i}:9376").into_bytes())).collect();
     let size = maglev::table_size(n, lb_common::maglev::DEFAULT_MAX_TABLE);
     let before = maglev::build(&names, size);
     let rest = &names[1..];
@@ -390,7 +431,9 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Re
     for &n in sweep.iter().filter(|n| **n > 0) {
         eprintln!("bench control: {n} services × {ENDPOINTS} endpoints ...");
         let (ours_full_ms, ours_model_ms, ours_change_ms) = ours(n)?;
-        eprintln!("  ours: full sync {ours_full_ms:.1} ms (model {ours_model_ms:.1} ms), one endpoint change to first packet {ours_change_ms:.2} ms");
+        eprintln!(
+            "  ours: full sync {ours_full_ms:.1} ms (model {ours_model_ms:.1} ms), one endpoint change to first packet {ours_change_ms:.2} ms"
+        );
         let last = n - 1;
         let mut eps = endpoints_of(last);
         let gone = eps[0];
@@ -451,7 +494,8 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Re
     );
     md.push_str("| services | ours full sync (ms) | iptables-restore (ms) | nft -f (ms) | ours vs iptables | ours vs nft | ours change → first packet (ms) | iptables change (ms) | nft change (ms) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in &rows {
-        let ratio = |b: Option<f64>| b.map(|b| format!("{:.0}× faster", b / r.ours_full_ms)).unwrap_or("–".into());
+        let ratio =
+            |b: Option<f64>| b.map(|b| format!("{:.0}× faster", b / r.ours_full_ms)).unwrap_or("–".into());
         let _ = writeln!(
             md,
             "| {} | {:.0} | {} | {} | {} | {} | {:.2} | {} | {} |",

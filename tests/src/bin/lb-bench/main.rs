@@ -1,7 +1,8 @@
 //! Benchmark measurements that need the real datapath (run by `cargo xtask bench ...`).
 //!
 //! `control` (control.rs): how fast a Service set reaches the datapath, vs iptables-restore
-//! and nft -f of kube-proxy-shaped rules.
+//! and nft -f of kube-proxy-shaped rules. `latency`, `connrate` (clients.rs): real TCP
+//! clients in the lab, via the VIP and direct.
 //!
 //! `prog`: BPF_PROG_TEST_RUN cost per packet of `lb_xdp` — conntrack hit, new flow, no
 //! frontend — with 1 to 100 000 services loaded, beside an empty XDP program timed the same
@@ -25,10 +26,26 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod clients;
 mod control;
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Connection setup and request/response latency from a lab pod, via the VIP (1 and
+    /// 10 000 services) and direct.
+    Latency {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
+    /// New connections per second from a lab pod, via the VIP and direct.
+    Connrate {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// Full sync and one-endpoint change: ours vs iptables-restore vs nft -f; Maglev
     /// disruption.
     Control {
@@ -254,6 +271,8 @@ fn kernel() -> String {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Prog { quick, out, services } => prog(quick, out, &services),
+        Cmd::Latency { quick, out } => clients::latency(quick, out),
+        Cmd::Connrate { quick, out } => clients::connrate(quick, out),
         Cmd::Control { quick, out, services, nft_max } => {
             let sweep = if !services.is_empty() {
                 services
