@@ -91,10 +91,10 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
     let skey = ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 };
     // SAFETY: read in place; the agent replaces entries whole.
     let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
-        if P::REJECT_UNSERVED_CLUSTER_IP_PORTS && is_cluster_ip(h) {
+        if P::POD_FACING && is_cluster_ip(h) {
             return unpack(refuse(pkt, h, Reason::RejectUnknownPort));
         }
-        if h.proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if P::POD_FACING && h.proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             // A new direct connection whose replies would match the reverse entry of an
             // old Service flow from the same client port: that flow is over (the client
             // reuses the port), and its entry would rewrite this connection's SYN/ACK.

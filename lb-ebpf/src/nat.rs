@@ -40,9 +40,11 @@ impl Side {
 
 /// The per-hook primitives the shared logic needs.
 pub trait Packet {
-    /// Refuse the ports a ClusterIP does not serve. Only at TC: ClusterIPs are reached from
-    /// pods, and the node-interface hook keeps its miss path to one lookup.
-    const REJECT_UNSERVED_CLUSTER_IP_PORTS: bool;
+    /// The hook on pod interfaces (TC), where pods' own traffic arrives. Only there: refuse
+    /// the ports a ClusterIP does not serve (ClusterIPs are reached from pods), and drop the
+    /// stale reverse entry a pod's direct SYN would collide with. The node-interface hook
+    /// keeps its miss path to one lookup.
+    const POD_FACING: bool;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Length of the whole packet (for byte counters).
@@ -73,7 +75,7 @@ fn port_off(h: &Headers, side: Side) -> usize {
 }
 
 impl Packet for XdpContext {
-    const REJECT_UNSERVED_CLUSTER_IP_PORTS: bool = false;
+    const POD_FACING: bool = false;
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -166,7 +168,7 @@ impl Packet for XdpContext {
 }
 
 impl Packet for TcContext {
-    const REJECT_UNSERVED_CLUSTER_IP_PORTS: bool = true;
+    const POD_FACING: bool = true;
 
     #[inline(always)]
     fn data(&self) -> usize {
