@@ -119,6 +119,16 @@ impl AyaDataplane {
         self.conntrack.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::CONNTRACK))
     }
 
+    /// The frontend entry for `key`, if any.
+    pub fn service(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        self.services.get(key, 0).ok()
+    }
+
+    /// The datapath-wide settings.
+    pub fn config(&self) -> Result<Config> {
+        self.config.get(&0, 0).map_err(map_err(maps::CONFIG))
+    }
+
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
         self.conntrack.get(key, 0).ok()
     }

@@ -58,6 +58,14 @@ fn lists_services_backends_and_stats_from_pins() {
     assert_eq!(svc[0]["maglev_size"], 101);
     let table = lb(&pin, &["backend", "list"]);
     assert!(table.contains("198.18.1.1:9376") && table.contains("local"), "{table}");
+    let why = lb(&pin, &["explain", "198.18.100.1:40000", "198.19.0.10:80/tcp"]);
+    assert!(
+        why.contains("frontend of service 5") && why.contains("picked: backend 1 198.18.1.1:9376"),
+        "{why}"
+    );
+    assert!(why.contains("client address kept"), "{why}");
+    let why = lb(&pin, &["explain", "198.18.100.1", "198.19.0.11:80"]);
+    assert!(why.contains("assuming 40000") && why.contains("not a frontend: passed untouched"), "{why}");
     let stats: serde_json::Value = serde_json::from_str(&lb(&pin, &["stats", "-o", "json"])).unwrap();
     assert_eq!(stats["new_flow"]["packets"], 0);
     // Still readable after the loading process let go of its handles.

@@ -28,6 +28,13 @@ pub enum Inspect {
     },
     /// Packet counters by verdict reason, summed over CPUs.
     Stats,
+    /// Which backend a flow gets, and why: `lb explain 198.18.1.100:40000 198.19.0.10:80/tcp`.
+    Explain {
+        /// Client address, `IP` or `IP:PORT`.
+        src: String,
+        /// Frontend, `IP:PORT[/tcp|udp]` (tcp by default).
+        dst: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -39,6 +46,16 @@ pub enum ListCmd {
 pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
     let dp = AyaDataplane::open(pin_dir).with_context(|| format!("pin dir {}", pin_dir.display()))?;
     match cmd {
+        Inspect::Explain { src, dst } => {
+            let lines = super::explain::explain(&dp, &src, &dst)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+            } else {
+                for l in lines {
+                    println!("{l}");
+                }
+            }
+        }
         Inspect::Service { cmd: ListCmd::List } => {
             let mut rows = dp.services()?;
             rows.sort_by_key(|(k, _)| (k.ip(), k.port(), k.proto));

@@ -1,4 +1,5 @@
 //! The `lb` command line: the agent's flags and the read-only inspection commands.
 
 pub mod agent;
+pub mod explain;
 pub mod inspect;

@@ -1,0 +1,135 @@
+//! `lb explain SRC[:PORT] DST:PORT/PROTO`: which backend this flow gets, and why, read from
+//! the pinned maps with the datapath's own rules (flow table first, then the frontend, source
+//! ranges, no-backend verdict, affinity, the Maglev slot from lb-common's flow hash, SNAT).
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context as _, bail};
+use lb_common::{abi::*, hash::flow_hash, maglev};
+use lb_userspace::dataplane::{AyaDataplane, Dataplane};
+
+/// Source port assumed when none is given (the slot depends on it).
+const DEFAULT_SPORT: u16 = 40_000;
+
+fn parse_src(s: &str) -> anyhow::Result<(IpAddr, u16, bool)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), sa.port(), true));
+    }
+    let ip =
+        s.trim_matches(['[', ']']).parse().with_context(|| format!("source {s:?}: want IP or IP:PORT"))?;
+    Ok((ip, DEFAULT_SPORT, false))
+}
+
+fn parse_dst(s: &str) -> anyhow::Result<(IpAddr, u16, u8)> {
+    let (addr, proto) = s.rsplit_once('/').unwrap_or((s, "tcp"));
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => PROTO_TCP,
+        "udp" => PROTO_UDP,
+        p => bail!("protocol {p:?}: want tcp or udp"),
+    };
+    let sa: SocketAddr =
+        addr.parse().with_context(|| format!("destination {addr:?}: want IP:PORT[/tcp|udp]"))?;
+    Ok((sa.ip(), sa.port(), proto))
+}
+
+fn ep(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        v4 => format!("{v4}:{port}"),
+    }
+}
+
+fn backend_line(dp: &AyaDataplane, id: u32) -> String {
+    match dp.backends().ok().and_then(|b| b.into_iter().find(|(i, _)| *i == id)) {
+        Some((_, b)) => {
+            let mut flags = Vec::new();
+            if b.flags & BE_F_LOCAL != 0 {
+                flags.push("local");
+            }
+            if b.flags & BE_F_TERMINATING != 0 {
+                flags.push("terminating");
+            }
+            format!("backend {id} {} {}", ep(b.ip(), b.port()), flags.join(","))
+        }
+        None => format!("backend {id} (not in the backend map)"),
+    }
+}
+
+/// The explanation, one finding per line.
+pub fn explain(dp: &AyaDataplane, src: &str, dst: &str) -> anyhow::Result<Vec<String>> {
+    let (sip, sport, given) = parse_src(src)?;
+    let (dip, dport, proto) = parse_dst(dst)?;
+    let mut out = vec![format!("flow {} -> {}/{}", ep(sip, sport), ep(dip, dport), proto_name(proto))];
+    if !given {
+        out.push(format!("(no source port given: assuming {sport}; the Maglev slot depends on it)"));
+    }
+    let key = FlowKey::new(sip, sport, dip, dport, proto);
+    if let Some(v) = dp.flow(&key) {
+        out.push(format!(
+            "known flow (flow table): forward to {} — {}; the backend stays while it lives",
+            ep(ip_from_addr(&v.addr), u16::from_be(v.port)),
+            backend_line(dp, v.backend_id)
+        ));
+        if v.flags & FLOW_F_SNAT != 0 {
+            out.push(format!("source-NATed to {}", ep(ip_from_addr(&v.nat_addr), u16::from_be(v.nat_port))));
+        }
+        return Ok(out);
+    }
+    let Some(svc) = dp.service(&ServiceKey::new(dip, dport, proto)) else {
+        if dp.service(&ServiceKey::new(dip, 0, 0)).is_some() {
+            out.push("a ClusterIP, but not this port/protocol: refused at the pod hook (TCP RST / ICMP port unreachable)".into());
+        } else {
+            out.push("not a frontend: passed untouched".into());
+        }
+        return Ok(out);
+    };
+    out.push(format!(
+        "frontend of service {}: {} backends, Maglev range {}+{}",
+        svc.service_id, svc.backend_count, svc.maglev_offset, svc.maglev_size
+    ));
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 {
+        let allowed = dp.source_ranges()?.iter().any(|(id, net)| *id == svc.service_id && net.contains(&sip));
+        if !allowed {
+            out.push("source outside loadBalancerSourceRanges: dropped".into());
+            return Ok(out);
+        }
+        out.push("source inside loadBalancerSourceRanges".into());
+    }
+    let config = dp.config()?;
+    if svc.backend_count == 0 {
+        let drop = svc.flags & SVC_F_DROP_NO_BACKEND != 0 || config.flags & CFG_F_NO_BACKEND_DROP != 0;
+        out.push(if drop {
+            "no usable backend: dropped (traffic policy Local without a local endpoint, or --no-backend-response drop)".into()
+        } else {
+            "no usable backend: refused (TCP RST / ICMP port unreachable)".into()
+        });
+        return Ok(out);
+    }
+    if svc.flags & SVC_F_AFFINITY != 0 {
+        out.push(format!(
+            "sessionAffinity ClientIP ({} s): an unexpired affinity entry of this client wins; else:",
+            svc.affinity_timeout
+        ));
+    }
+    if config.flags & CFG_F_RANDOM != 0 {
+        out.push("--lb-algorithm random: any slot of the range; the hash slot, for example:".into());
+    }
+    let hash = flow_hash(&key);
+    let slot = maglev::slot(hash, svc.maglev_size);
+    let id = dp.read_maglev(svc.maglev_offset + slot, 1)?.first().copied().unwrap_or(0);
+    out.push(format!("new flow: flow hash {hash:#010x}, slot {slot} of {} -> backend {id}", svc.maglev_size));
+    out.push(format!("picked: {}", backend_line(dp, id)));
+    let be = dp.backends()?.into_iter().find(|(i, _)| *i == id).map(|(_, b)| b);
+    if let Some(b) = be {
+        let external = svc.flags & SVC_F_EXTERNAL != 0 && b.flags & BE_F_LOCAL == 0;
+        let hairpin = b.ip() == sip;
+        if external || hairpin {
+            let snat = if sip.is_ipv4() { config.snat_v4 } else { config.snat_v6 };
+            let why = if hairpin { "hairpin" } else { "external frontend, backend on another node" };
+            out.push(format!("source NAT to {} ({why})", ip_from_addr(&snat)));
+        } else {
+            out.push("client address kept (no source NAT)".into());
+        }
+    }
+    Ok(out)
+}
