@@ -264,38 +264,38 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
         };
         claimed.insert(service_id);
 
-        let members: Vec<(u32, Vec<u8>)> = s
-            .backends
-            .iter()
-            .map(|b| (backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes()))
-            .collect();
-        let size = table_size(members.len(), previous.map_or(0, |v| v.maglev_size), limits.max_table);
+        let mut ids: Vec<u32> = s.backends.iter().map(|b| backend_ids[&(b.ip, b.port)]).collect();
+        ids.sort_unstable();
+        let size = table_size(ids.len(), previous.map_or(0, |v| v.maglev_size), limits.max_table);
         let prev_table =
             previous.filter(|v| v.maglev_size == size).and_then(|v| applied.tables.get(&v.maglev_offset));
         // The common case at scale: nothing changed for this service. Its table already holds
         // exactly these backends (the builder gives every member slots), so no rebuild.
-        let mut ids: Vec<u32> = members.iter().map(|(id, _)| *id).collect();
-        ids.sort_unstable();
-        let unchanged = prev_table.is_some()
-            && previous.is_some_and(|v| applied.table_members.get(&v.maglev_offset) == Some(&ids));
-        let offset = match (previous, prev_table) {
-            (Some(v), Some(_)) if unchanged => v.maglev_offset,
-            _ if size == 0 => 0,
-            _ => {
-                let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
-                match (previous, prev_table) {
-                    (Some(v), Some(t)) if *t == table => v.maglev_offset,
-                    _ => {
-                        let off = ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
-                        tables.push(MapOp::WriteMaglev { offset: off, table });
-                        off
-                    }
+        let unchanged = previous
+            .filter(|v| prev_table.is_some() && applied.table_members.get(&v.maglev_offset) == Some(&ids));
+        let offset = if let Some(v) = unchanged {
+            v.maglev_offset
+        } else if size == 0 {
+            0
+        } else {
+            let members: Vec<(u32, Vec<u8>)> = s
+                .backends
+                .iter()
+                .map(|b| (backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes()))
+                .collect();
+            let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
+            match (previous, prev_table) {
+                (Some(v), Some(t)) if *t == table => v.maglev_offset,
+                _ => {
+                    let off = ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
+                    tables.push(MapOp::WriteMaglev { offset: off, table });
+                    off
                 }
             }
         };
         let value = ServiceValue {
             service_id,
-            backend_count: members.len() as u32,
+            backend_count: ids.len() as u32,
             maglev_offset: offset,
             maglev_size: size,
             flags: service_flags(s),

@@ -74,6 +74,14 @@ fn web_slice(endpoints: &[(&Pod, &str)]) -> String {
     slice_yaml("web-1", "web", &[("http", POD_PORT, "TCP"), ("udp", POD_PORT, "UDP")], endpoints)
 }
 
+/// The default web Service (ClusterIP) over `pods`, all ready; returns once a `p` request
+/// from `ns` to the VIP is answered.
+fn web_up(lab: &Lab, ns: &str, pods: &[&Pod], p: Proto) {
+    apply(lab, &(web("ClusterIP", "") + &web_slice(&ready(pods))), "service up", || {
+        matches!(ask(ns, sa(vip(), 80), p), Answer::Reply(..))
+    });
+}
+
 fn pods<'a>(lab: &'a Lab, names: &[&str]) -> Vec<&'a Pod> {
     names.iter().map(|n| lab.pod(n)).collect()
 }
@@ -246,9 +254,7 @@ fn same_port_tcp_and_udp_and_live_protocol_removal() {
     let Some(lab) = lab() else { return };
     let all = pods(&lab, &["web-1", "web-3"]);
     let ns = lab.pod("client").ns.clone();
-    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
-        matches!(udp_ask(&ns, sa(vip(), 80), 0, ASK), Answer::Reply(..))
-    });
+    web_up(&lab, &ns, &all, Proto::Udp);
     reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-1", "web-3"]);
     reach_all(&ns, sa(vip(), 80), Proto::Udp, &["web-1", "web-3"]);
     // Remove the UDP port: UDP to it is refused (ICMP port unreachable) within a second.
@@ -393,9 +399,7 @@ fn open_tcp_connection_survives_removal_of_other_backends_and_table_changes() {
     lab.add_pod(2, "web-4", 11, Some(&[POD_PORT])).unwrap();
     let all = pods(&lab, &["web-1", "web-2", "web-3"]);
     let ns = lab.pod("client").ns.clone();
-    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
-        matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..))
-    });
+    web_up(&lab, &ns, &all, Proto::Tcp);
     let mut conn = Conn::open(&ns, sa(vip(), 80));
     let mine = conn.ask().expect("first answer");
     // Remove the others, add a new one: the table changes, the connection stays.
@@ -416,9 +420,7 @@ fn terminating_endpoint_keeps_its_connection_and_gets_no_new_ones() {
     let Some(lab) = lab() else { return };
     let all = pods(&lab, &["web-1", "web-2", "web-3"]);
     let ns = lab.pod("client").ns.clone();
-    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
-        matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..))
-    });
+    web_up(&lab, &ns, &all, Proto::Tcp);
     let mut conn = Conn::open(&ns, sa(vip(), 80));
     let mine = conn.ask().expect("first answer");
     let eps: Vec<(&Pod, &str)> = all
@@ -479,9 +481,7 @@ fn udp_flow_with_a_fixed_source_port_moves_off_a_removed_backend_within_a_second
     let Some(lab) = lab() else { return };
     let all = pods(&lab, &["web-1", "web-2", "web-3"]);
     let ns = lab.pod("client").ns.clone();
-    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
-        matches!(udp_ask(&ns, sa(vip(), 80), 0, ASK), Answer::Reply(..))
-    });
+    web_up(&lab, &ns, &all, Proto::Udp);
     const SPORT: u16 = 40_000;
     let first = udp_ask(&ns, sa(vip(), 80), SPORT, ASK).pod().expect("answer").to_string();
     // Sticks while nothing changes.
@@ -597,9 +597,7 @@ fn large_udp_datagrams_are_fragmented_and_still_translated() {
     let Some(lab) = lab() else { return };
     let all = pods(&lab, &["web-1", "web-3"]);
     let ns = lab.pod("client").ns.clone();
-    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
-        matches!(udp_ask(&ns, sa(vip(), 80), 0, ASK), Answer::Reply(..))
-    });
+    web_up(&lab, &ns, &all, Proto::Udp);
     let to = sa(vip(), 80);
     for _ in 0..6 {
         let reply = in_netns(&ns, move || -> std::io::Result<String> {
@@ -738,9 +736,7 @@ fn agent_restart_loses_no_connection_flow_or_id() {
     let owned: Vec<Pod> = ["web-1", "web-2", "web-3"].iter().map(|n| lab.pod(n).clone()).collect();
     let all: Vec<&Pod> = owned.iter().collect();
     let ns = lab.pod("client").ns.clone();
-    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all))), "service up", || {
-        matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..))
-    });
+    web_up(&lab, &ns, &all, Proto::Tcp);
     let mut conn = Conn::open(&ns, sa(vip(), 80));
     let mine = conn.ask().expect("first answer");
     const SPORT: u16 = 41_000;

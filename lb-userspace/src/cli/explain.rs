@@ -8,6 +8,8 @@ use anyhow::{Context as _, bail};
 use lb_common::{abi::*, hash::flow_hash, maglev};
 use lb_userspace::dataplane::{AyaDataplane, Dataplane};
 
+use super::inspect::{backend_flags, fmt_ip};
+
 /// Source port assumed when none is given (the slot depends on it).
 const DEFAULT_SPORT: u16 = 40_000;
 
@@ -33,24 +35,17 @@ fn parse_dst(s: &str) -> anyhow::Result<(IpAddr, u16, u8)> {
 }
 
 fn ep(ip: IpAddr, port: u16) -> String {
-    match ip {
-        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
-        v4 => format!("{v4}:{port}"),
-    }
+    format!("{}:{port}", fmt_ip(ip))
 }
 
-fn backend_line(dp: &AyaDataplane, id: u32) -> String {
-    match dp.backends().ok().and_then(|b| b.into_iter().find(|(i, _)| *i == id)) {
-        Some((_, b)) => {
-            let mut flags = Vec::new();
-            if b.flags & BE_F_LOCAL != 0 {
-                flags.push("local");
-            }
-            if b.flags & BE_F_TERMINATING != 0 {
-                flags.push("terminating");
-            }
-            format!("backend {id} {} {}", ep(b.ip(), b.port()), flags.join(","))
-        }
+/// Backend `id`, if it is in use.
+fn backend(dp: &AyaDataplane, id: u32) -> Option<BackendValue> {
+    dp.backends().ok()?.into_iter().find(|(i, _)| *i == id).map(|(_, b)| b)
+}
+
+fn backend_line(id: u32, be: Option<&BackendValue>) -> String {
+    match be {
+        Some(b) => format!("backend {id} {} {}", ep(b.ip(), b.port()), backend_flags(b.flags)),
         None => format!("backend {id} (not in the backend map)"),
     }
 }
@@ -68,7 +63,7 @@ pub fn explain(dp: &AyaDataplane, src: &str, dst: &str) -> anyhow::Result<Vec<St
         out.push(format!(
             "known flow (flow table): forward to {} — {}; the backend stays while it lives",
             ep(ip_from_addr(&v.addr), u16::from_be(v.port)),
-            backend_line(dp, v.backend_id)
+            backend_line(v.backend_id, backend(dp, v.backend_id).as_ref())
         ));
         if v.flags & FLOW_F_SNAT != 0 {
             out.push(format!("source-NATed to {}", ep(ip_from_addr(&v.nat_addr), u16::from_be(v.nat_port))));
@@ -118,8 +113,8 @@ pub fn explain(dp: &AyaDataplane, src: &str, dst: &str) -> anyhow::Result<Vec<St
     let slot = maglev::slot(hash, svc.maglev_size);
     let id = dp.read_maglev(svc.maglev_offset + slot, 1)?.first().copied().unwrap_or(0);
     out.push(format!("new flow: flow hash {hash:#010x}, slot {slot} of {} -> backend {id}", svc.maglev_size));
-    out.push(format!("picked: {}", backend_line(dp, id)));
-    let be = dp.backends()?.into_iter().find(|(i, _)| *i == id).map(|(_, b)| b);
+    let be = backend(dp, id);
+    out.push(format!("picked: {}", backend_line(id, be.as_ref())));
     if let Some(b) = be {
         let external = svc.flags & SVC_F_EXTERNAL != 0 && b.flags & BE_F_LOCAL == 0;
         let hairpin = b.ip() == sip;

@@ -171,37 +171,30 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fmt_ip(ip: std::net::IpAddr) -> String {
+pub(super) fn fmt_ip(ip: std::net::IpAddr) -> String {
     match ip {
         std::net::IpAddr::V6(v6) => format!("[{v6}]"),
         v4 => v4.to_string(),
     }
 }
 
-fn service_flags(f: u32) -> String {
-    let mut v = Vec::new();
-    if f & SVC_F_AFFINITY != 0 {
-        v.push("affinity");
-    }
-    if f & SVC_F_DROP_NO_BACKEND != 0 {
-        v.push("drop-no-backend");
-    }
-    if f & SVC_F_EXTERNAL != 0 {
-        v.push("external");
-    }
-    if f & SVC_F_SOURCE_RANGES != 0 {
-        v.push("source-ranges");
-    }
-    v.join(",")
+/// The names of the bits of `f` set, comma-separated.
+fn flag_names(f: u32, names: &[(u32, &str)]) -> String {
+    names.iter().filter(|(bit, _)| f & bit != 0).map(|(_, n)| *n).collect::<Vec<_>>().join(",")
 }
 
-fn backend_flags(f: u8) -> String {
-    let mut v = Vec::new();
-    if f & BE_F_TERMINATING != 0 {
-        v.push("terminating");
-    }
-    if f & BE_F_LOCAL != 0 {
-        v.push("local");
-    }
-    v.join(",")
+fn service_flags(f: u32) -> String {
+    flag_names(
+        f,
+        &[
+            (SVC_F_AFFINITY, "affinity"),
+            (SVC_F_DROP_NO_BACKEND, "drop-no-backend"),
+            (SVC_F_EXTERNAL, "external"),
+            (SVC_F_SOURCE_RANGES, "source-ranges"),
+        ],
+    )
+}
+
+pub(super) fn backend_flags(f: u8) -> String {
+    flag_names(f.into(), &[(BE_F_TERMINATING.into(), "terminating"), (BE_F_LOCAL.into(), "local")])
 }

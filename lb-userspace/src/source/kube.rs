@@ -59,6 +59,10 @@ trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + S
     const SLOT: usize;
     const NAME: &'static str;
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self>;
+    /// When the change this object carries was triggered (EndpointSlices only).
+    fn trigger_time(&self) -> Option<jiff::Timestamp> {
+        None
+    }
 }
 
 fn key(meta: &ObjectMeta) -> (String, String) {
@@ -79,6 +83,9 @@ impl Watched for EndpointSlice {
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self> {
         &mut c.slices
     }
+    fn trigger_time(&self) -> Option<jiff::Timestamp> {
+        self.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?.parse().ok()
+    }
 }
 
 impl Watched for Node {
@@ -87,11 +94,6 @@ impl Watched for Node {
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self> {
         &mut c.nodes
     }
-}
-
-fn trigger_time(o: &dyn std::any::Any) -> Option<jiff::Timestamp> {
-    let slice = o.downcast_ref::<EndpointSlice>()?;
-    slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?.parse().ok()
 }
 
 impl KubeSource {
@@ -143,7 +145,7 @@ impl KubeSource {
                     s.generation += 1;
                 }
                 Ok(watcher::Event::Apply(o)) => {
-                    if let Some(t) = trigger_time(&o) {
+                    if let Some(t) = o.trigger_time() {
                         s.triggers.push(t);
                     }
                     K::map(&mut s.cluster).insert(key(o.meta()), o);

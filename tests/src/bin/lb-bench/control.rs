@@ -140,6 +140,14 @@ fn sep_chain(i: u32, ep: (Ipv4Addr, u16)) -> String {
     format!("KUBE-SEP-{}", chain_hash(&format!("{NS}/svc-{i}:http{}:{}", ep.0, ep.1)))
 }
 
+fn nft_svc_chain(i: u32) -> String {
+    format!("service-{}", &chain_hash(&format!("{NS}/svc-{i}:http"))[..8])
+}
+
+fn nft_ep_chain(i: u32, ep: (Ipv4Addr, u16)) -> String {
+    format!("endpoint-{}", &chain_hash(&format!("{i}{}:{}", ep.0, ep.1))[..8])
+}
+
 fn iptables_service(out: &mut String, i: u32, eps: &[(Ipv4Addr, u16)], declare: bool) {
     let svc = svc_chain(i);
     if declare {
@@ -217,15 +225,12 @@ fn iptables_change(i: u32, new_eps: &[(Ipv4Addr, u16)], gone: (Ipv4Addr, u16)) -
 }
 
 fn nft_service(out: &mut String, i: u32, eps: &[(Ipv4Addr, u16)]) {
-    let svc = format!("service-{}", &chain_hash(&format!("{NS}/svc-{i}:http"))[..8]);
-    let map: Vec<String> = eps
-        .iter()
-        .enumerate()
-        .map(|(k, ep)| format!("{k} : goto endpoint-{}", &chain_hash(&format!("{i}{}:{}", ep.0, ep.1))[..8]))
-        .collect();
+    let svc = nft_svc_chain(i);
+    let map: Vec<String> =
+        eps.iter().enumerate().map(|(k, ep)| format!("{k} : goto {}", nft_ep_chain(i, *ep))).collect();
     // Endpoint chains first: the service's vmap jumps to them.
     for ep in eps {
-        let c = format!("endpoint-{}", &chain_hash(&format!("{i}{}:{}", ep.0, ep.1))[..8]);
+        let c = nft_ep_chain(i, *ep);
         let _ = writeln!(out, "add chain ip kube-proxy {c}");
         let _ = writeln!(out, "flush chain ip kube-proxy {c}");
         let _ = writeln!(out, "add rule ip kube-proxy {c} ip saddr {} jump mark-for-masquerade", ep.0);
@@ -256,8 +261,7 @@ fn nft_rules(n: u32) -> String {
     let mut elements = Vec::with_capacity(n as usize);
     for i in 0..n {
         nft_service(&mut out, i, &endpoints_of(i));
-        let svc = format!("service-{}", &chain_hash(&format!("{NS}/svc-{i}:http"))[..8]);
-        elements.push(format!("{} . tcp . {} : goto {svc}", vip(i), svc_port(i)));
+        elements.push(format!("{} . tcp . {} : goto {}", vip(i), svc_port(i), nft_svc_chain(i)));
     }
     for chunk in elements.chunks(1000) {
         let _ = writeln!(out, "add element ip kube-proxy service-ips {{ {} }}", chunk.join(", "));
@@ -268,8 +272,7 @@ fn nft_rules(n: u32) -> String {
 fn nft_change(i: u32, new_eps: &[(Ipv4Addr, u16)], gone: (Ipv4Addr, u16)) -> String {
     let mut out = String::new();
     nft_service(&mut out, i, new_eps);
-    let c = format!("endpoint-{}", &chain_hash(&format!("{i}{}:{}", gone.0, gone.1))[..8]);
-    let _ = writeln!(out, "delete chain ip kube-proxy {c}");
+    let _ = writeln!(out, "delete chain ip kube-proxy {}", nft_ep_chain(i, gone));
     out
 }
 
