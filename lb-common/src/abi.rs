@@ -189,6 +189,17 @@ pub struct AffinityValue {
 pub const CFG_F_RANDOM: u32 = 1 << 0;
 /// Config flag: frontends without backends drop instead of rejecting.
 pub const CFG_F_NO_BACKEND_DROP: u32 = 1 << 1;
+/// Config flag: translated packets at XDP are forwarded there (FIB lookup, then XDP_TX or a
+/// redirect to a port in `lb_xdp_tx_ports`) instead of going up the node's stack.
+pub const CFG_F_XDP_FORWARD: u32 = 1 << 2;
+
+/// Slots of `lb_stats_xdp_forward`: what became of translated packets at XDP.
+pub const XDP_FWD_REDIRECTED: u32 = 0;
+pub const XDP_FWD_TX: u32 = 1;
+/// FIB lookup failed (no route, no neighbour yet, local, MTU) or the egress port is not one
+/// of ours: handed to the stack, which resolves it.
+pub const XDP_FWD_TO_STACK: u32 = 2;
+pub const XDP_FWD_SLOTS: u32 = 3;
 
 /// Datapath-wide settings, slot 0 of `CONFIG`.
 #[repr(C)]

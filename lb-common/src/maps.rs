@@ -19,6 +19,10 @@ pub const AFFINITY: &str = "lb_affinity";
 pub const CONFIG: &str = "lb_config";
 /// `loadBalancerSourceRanges`: LPM_TRIE of `SourceRangeKey -> u8` (present = allowed).
 pub const SOURCE_RANGES: &str = "lb_source_ranges";
+/// Ports XDP may forward to (DEVMAP_HASH `ifindex -> ifindex`): the agent's XDP interfaces.
+pub const XDP_TX_PORTS: &str = "lb_xdp_tx_ports";
+/// Per-CPU counters of XDP forwarding (`XDP_FWD_*` slots).
+pub const STATS_XDP_FORWARD: &str = "lb_stats_xdp_forward";
 /// Per-CPU counters per verdict reason (PERCPU_ARRAY of `Counter`).
 pub const STATS_REASON: &str = "lb_stats_reason";
 /// Per-CPU counters per service id.
@@ -27,7 +31,7 @@ pub const STATS_SERVICE: &str = "lb_stats_service";
 pub const STATS_BACKEND: &str = "lb_stats_backend";
 
 /// Every pinned map, in the order the agent opens them.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 13] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -39,6 +43,8 @@ pub const ALL: [&str; 11] = [
     STATS_REASON,
     STATS_SERVICE,
     STATS_BACKEND,
+    XDP_TX_PORTS,
+    STATS_XDP_FORWARD,
 ];
 
 /// Frontend entries (VIP, port, proto); the loader can raise it.
@@ -54,3 +60,4 @@ pub const DEFAULT_MAX_FLOWS: u32 = 524_288;
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 16_384;
 pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
+pub const MAX_XDP_TX_PORTS: u32 = 256;

@@ -5,8 +5,12 @@
 #![no_std]
 #![no_main]
 
+// The panic handler.
+use lb_ebpf as _;
+
 mod conntrack;
 mod datapath;
+mod forward;
 mod maps;
 mod nat;
 mod parse;
@@ -20,15 +24,18 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::verdict::Action;
+use lb_common::verdict::{Action, Reason};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let mut ctx = ctx;
-    match datapath::process(&mut ctx).0 {
-        Action::Pass => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
-        Action::Bounce => xdp_action::XDP_TX,
+    match datapath::process(&mut ctx) {
+        (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply | Reason::FragmentFollowed) => {
+            forward::translated(&ctx).unwrap_or(xdp_action::XDP_PASS)
+        }
+        (Action::Pass, _) => xdp_action::XDP_PASS,
+        (Action::Drop, _) => xdp_action::XDP_DROP,
+        (Action::Bounce, _) => xdp_action::XDP_TX,
     }
 }
 
@@ -53,12 +60,6 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
     }
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }
 
 #[unsafe(link_section = "license")]

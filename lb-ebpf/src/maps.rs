@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{abi::*, maps::*};
 
@@ -36,6 +36,12 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "lb_source_ranges")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
     LpmTrie::pinned(DEFAULT_MAX_SOURCE_RANGES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map(name = "lb_xdp_tx_ports")]
+pub static XDP_TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_XDP_TX_PORTS, 0);
+
+#[map(name = "lb_stats_xdp_forward")]
+pub static STATS_XDP_FORWARD: PerCpuArray<Counter> = PerCpuArray::pinned(XDP_FWD_SLOTS, 0);
 
 #[map(name = "lb_stats_reason")]
 pub static STATS_REASON: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::verdict::Reason::COUNT, 0);

@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
     pub xdp_ifaces: Vec<String>,
+    /// Forward translated packets at XDP (`CFG_F_XDP_FORWARD`) out of `xdp_ifaces`.
+    pub xdp_forward: bool,
     pub tc_ifaces: Vec<String>,
     pub nodeport_addresses: NodePortAddresses,
     pub pin_dir: PathBuf,
@@ -155,6 +157,17 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         log(start, format!("XDP attached to {iface} ({how:?})"));
         status.borrow_mut().xdp.insert(iface.clone(), how);
+    }
+    // Forwarding at XDP may send only out of our own XDP interfaces; without --xdp-forward
+    // the map is emptied so a previous agent's ports do not linger.
+    let tx_ports: Vec<u32> = if cfg.xdp_forward {
+        cfg.xdp_ifaces.iter().filter_map(|i| present.get(i).copied()).collect()
+    } else {
+        vec![]
+    };
+    dp.set_xdp_tx_ports(&tx_ports)?;
+    if cfg.xdp_forward {
+        log(start, format!("XDP forwarding on, out of {}", cfg.xdp_ifaces.join(", ")));
     }
     // Link and manifest events wake the loop at once; the tick is the safety net.
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -389,6 +402,9 @@ fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr]) -> Config {
     }
     if cfg.no_backend == NoBackendResponse::Drop {
         c.flags |= CFG_F_NO_BACKEND_DROP;
+    }
+    if cfg.xdp_forward {
+        c.flags |= CFG_F_XDP_FORWARD;
     }
     if let Some(v4) = node_addresses.iter().find(|a| a.is_ipv4()) {
         c.snat_v4 = addr_from_ip(*v4);

@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{
-    Array, HashMap, Map, MapData, PerCpuArray,
+    Array, DevMapHash, HashMap, Map, MapData, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::IpNet;
@@ -82,6 +82,8 @@ pub struct AyaDataplane {
     stats_reason: PerCpuArray<MapData, Counter>,
     stats_service: PerCpuArray<MapData, Counter>,
     stats_backend: PerCpuArray<MapData, Counter>,
+    xdp_tx_ports: DevMapHash<MapData>,
+    stats_xdp_forward: PerCpuArray<MapData, Counter>,
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<MapData> {
@@ -111,7 +113,43 @@ impl AyaDataplane {
                 .map_err(map_err(maps::STATS_SERVICE))?,
             stats_backend: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::STATS_BACKEND)?))
                 .map_err(map_err(maps::STATS_BACKEND))?,
+            xdp_tx_ports: DevMapHash::try_from(Map::DevMapHash(open(pin_dir, maps::XDP_TX_PORTS)?))
+                .map_err(map_err(maps::XDP_TX_PORTS))?,
+            stats_xdp_forward: PerCpuArray::try_from(Map::PerCpuArray(open(
+                pin_dir,
+                maps::STATS_XDP_FORWARD,
+            )?))
+            .map_err(map_err(maps::STATS_XDP_FORWARD))?,
         })
+    }
+
+    /// Makes `ifindexes` the ports XDP forwarding may redirect to (and only those).
+    pub fn set_xdp_tx_ports(&mut self, ifindexes: &[u32]) -> Result<()> {
+        let old: Vec<u32> = self.xdp_tx_ports.keys().filter_map(|k| k.ok()).collect();
+        for k in old.iter().filter(|k| !ifindexes.contains(k)) {
+            self.xdp_tx_ports.remove(*k).map_err(map_err(maps::XDP_TX_PORTS))?;
+        }
+        for &i in ifindexes {
+            self.xdp_tx_ports.insert(i, i, None, 0).map_err(|e| match e {
+                aya::maps::xdp::XdpMapError::MapError(e) => map_err(maps::XDP_TX_PORTS)(e),
+                // Only with a program fd, which we never pass.
+                e => DataplaneError::Map {
+                    map: maps::XDP_TX_PORTS,
+                    source: aya::maps::MapError::InvalidName { name: e.to_string() },
+                },
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The ports XDP forwarding may redirect to.
+    pub fn xdp_tx_ports(&self) -> Vec<u32> {
+        self.xdp_tx_ports.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// XDP forwarding counter `slot` (`XDP_FWD_*`), summed over CPUs.
+    pub fn xdp_forward_counter(&self, slot: u32) -> Result<Counter> {
+        Self::sum(&self.stats_xdp_forward, maps::STATS_XDP_FORWARD, slot)
     }
 
     /// Every flow-table entry.

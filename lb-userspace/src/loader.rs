@@ -16,6 +16,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// An XDP program that only passes: the floor the benchmarks subtract.
 pub static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-empty"));
 
+/// The forwarding benchmarks' sink, XDP forwarding floor and live-frames generator.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-progs"));
+
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc_pod";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";

@@ -127,7 +127,8 @@ pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip(args: &str) -> anyhow::Result<String> {
+/// `ip ARGS` (split on whitespace).
+pub fn ip(args: &str) -> anyhow::Result<String> {
     sh(Command::new("ip").args(args.split_whitespace()))
 }
 
@@ -138,11 +139,13 @@ pub fn in_ns(ns: &str, args: &[&str]) -> Command {
     c
 }
 
-fn nsip(ns: &str, args: &str) -> anyhow::Result<String> {
+/// `ip -n NS ARGS`.
+pub fn nsip(ns: &str, args: &str) -> anyhow::Result<String> {
     ip(&format!("-n {ns} {args}"))
 }
 
-fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+/// `sysctl -w KEY=VALUE` in namespace NS.
+pub fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     sh(&mut in_ns(ns, &["sysctl", "-qw", &format!("{key}={value}")])).map(|_| ())
 }
 
@@ -533,16 +536,22 @@ pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> anyhow::Result<bool>) 
 /// Runs `f` on a thread that joined network namespace `ns`: sockets it creates stay in that
 /// namespace, whichever thread uses them later. This is how tests act as a pod's client.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    spawn_in_netns(ns, f)?.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}
+
+/// Starts `f` on a new thread that joined network namespace `ns`; join it for the result.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<T>>> {
     let file = fs::File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
-    std::thread::spawn(move || {
+    Ok(std::thread::spawn(move || {
         // SAFETY: setns on this (fresh, private) thread with a valid namespace fd.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
         }
         Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    }))
 }
 
 /// How a request ended.

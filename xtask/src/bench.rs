@@ -32,6 +32,27 @@ pub enum Which {
         #[arg(long)]
         nft_max: Option<u32>,
     },
+    /// Established flows through a forwarding node: delivered packets/s and CPU ns per
+    /// packet, ours vs iptables vs nftables vs plain forwarding (trafgen), and the native
+    /// XDP path vs the XDP redirect floor (the live-frames generator).
+    Throughput {
+        /// 2-second windows instead of 5.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Every packet a new flow, 1 to 30 000 services: packets/s per variant (VIP first and
+    /// last in the iptables chain) and each variant's slope.
+    Newflows {
+        /// 2-second windows instead of 5, 2-minute cap per ruleset load.
+        #[arg(long)]
+        quick: bool,
+        /// Service counts to sweep, comma-separated (default 1,1000,10000,30000).
+        #[arg(long)]
+        services: Option<String>,
+        /// Run nftables up to this many services (default 10000; nft -f is slow beyond).
+        #[arg(long)]
+        nft_max: Option<u32>,
+    },
     /// Connection setup and request/response p50/p99 from a lab pod, via the VIP (1 and
     /// 10 000 services) and direct to the pod. Builds the lab binaries first.
     Latency {
@@ -84,6 +105,28 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             }
             run_cmd(&mut cmd)
         }
+        Which::Throughput { quick } => {
+            let mut cmd = bench_bin();
+            cmd.arg("throughput").arg("--out").arg(&out);
+            if quick {
+                cmd.arg("--quick");
+            }
+            run_cmd(&mut cmd)
+        }
+        Which::Newflows { quick, services, nft_max } => {
+            let mut cmd = bench_bin();
+            cmd.arg("newflows").arg("--out").arg(&out);
+            if quick {
+                cmd.arg("--quick");
+            }
+            if let Some(s) = services {
+                cmd.arg("--services").arg(s);
+            }
+            if let Some(n) = nft_max {
+                cmd.arg("--nft-max").arg(n.to_string());
+            }
+            run_cmd(&mut cmd)
+        }
         Which::Latency { quick } | Which::Connrate { quick } => {
             let name = if matches!(which, Which::Latency { .. }) { "latency" } else { "connrate" };
             // The lab runs `lb` and `lb-serve` from the same target directory as lb-bench.
@@ -101,6 +144,8 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         }
         Which::All { quick } => {
             run(Which::Prog { quick, services: None })?;
+            run(Which::Throughput { quick })?;
+            run(Which::Newflows { quick, services: None, nft_max: None })?;
             run(Which::Control { quick, services: None, nft_max: None })?;
             run(Which::Latency { quick })?;
             run(Which::Connrate { quick })?;

@@ -29,6 +29,12 @@ pub struct AgentArgs {
     /// from remote backends). Native mode, generic fallback reported. Repeatable.
     #[arg(long = "xdp-iface", value_name = "IFACE")]
     pub xdp_ifaces: Vec<String>,
+    /// Forward translated packets at XDP: after the rewrite, a FIB lookup picks the next
+    /// hop, and the packet leaves by XDP_TX or a redirect to another `--xdp-iface` without
+    /// entering the node's stack (no netfilter on the way). Packets the FIB cannot resolve
+    /// yet (no neighbour entry, local, MTU) still go up the stack.
+    #[arg(long)]
+    pub xdp_forward: bool,
     /// Pod-facing interface name or glob (`lxc*`) for the TC program (ClusterIP for pods,
     /// replies from local backends). Globs follow links as they appear. Repeatable.
     #[arg(long = "tc-iface", value_name = "IFACE|GLOB")]
@@ -72,6 +78,7 @@ impl AgentArgs {
             kubeconfig: self.kubeconfig,
             node_name: self.node_name,
             xdp_ifaces: self.xdp_ifaces,
+            xdp_forward: self.xdp_forward,
             tc_ifaces: self.tc_ifaces,
             nodeport_addresses: self.nodeport_addresses,
             pin_dir: self.pin_dir,

@@ -154,6 +154,14 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
             for r in Reason::ALL {
                 rows.push((r.name(), dp.reason_counter(r)?));
             }
+            // What became of translated packets at XDP under --xdp-forward.
+            for (slot, name) in [
+                (XDP_FWD_REDIRECTED, "xdp-redirected"),
+                (XDP_FWD_TX, "xdp-tx"),
+                (XDP_FWD_TO_STACK, "xdp-to-stack"),
+            ] {
+                rows.push((name, dp.xdp_forward_counter(slot)?));
+            }
             if json {
                 let v: serde_json::Map<_, _> = rows
                     .iter()

@@ -28,6 +28,9 @@ struct Cli {
 
 mod clients;
 mod control;
+mod forward;
+mod netns;
+mod services;
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -58,6 +61,27 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         services: Vec<u32>,
         /// nft -f is run up to this many services (it is slow: ~100 s at 10k here).
+        #[arg(long, default_value_t = 10_000)]
+        nft_max: u32,
+    },
+    /// Established flows through a forwarding node: ours vs iptables vs nftables vs plain
+    /// forwarding, delivered packets/s and CPU ns per packet.
+    Throughput {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
+    /// Every packet a new flow, 1 to 30 000 services: packets/s per variant and its slope.
+    Newflows {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// Service counts to sweep.
+        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,30000")]
+        services: Vec<u32>,
+        /// nft -f is run up to this many services (it is slow: ~20-100 s at 10k here).
         #[arg(long, default_value_t = 10_000)]
         nft_max: u32,
     },
@@ -273,6 +297,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Prog { quick, out, services } => prog(quick, out, &services),
         Cmd::Latency { quick, out } => clients::latency(quick, out),
         Cmd::Connrate { quick, out } => clients::connrate(quick, out),
+        Cmd::Throughput { quick, out } => forward::throughput(quick, out),
+        Cmd::Newflows { quick, out, services, nft_max } => forward::newflows(quick, out, &services, nft_max),
         Cmd::Control { quick, out, services, nft_max } => {
             let sweep = if !services.is_empty() {
                 services
