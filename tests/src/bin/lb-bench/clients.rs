@@ -2,8 +2,9 @@
 //! the real datapath at TC), through the Service VIP and, as the baseline measured in the
 //! same run, straight to the backend pod.
 //!
-//! * `latency`: connection setup (connect() = SYN → SYN/ACK) p50/p99 with 1 service and with
-//!   10 000 services loaded, and request/response round trips on one open connection.
+//! * `latency`: connection setup (connect() = SYN → SYN/ACK) p50/p99 and request/response
+//!   round trips on one open connection (the first-packet sweep against iptables and
+//!   nftables is `forward::first_packet`, reported in the same table set).
 //! * `connrate`: new connections per second (connect, one request, close), back to back.
 
 use std::{
@@ -31,29 +32,13 @@ fn web(lab: &Lab) -> String {
     )
 }
 
-/// `n` more Services (each with one endpoint) in one file, so the VIP under test is one of
-/// many.
-fn filler(n: u32) -> String {
-    let mut s = String::new();
-    for i in 0..n {
-        let vip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 128, 0)) + i);
-        let _ = write!(
-            s,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: f{i}}}\nspec: {{clusterIP: {vip}, ports: [{{name: http, port: 80}}]}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: f{i}, labels: {{kubernetes.io/service-name: f{i}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: {POD_PORT}}}]\nendpoints: [{{addresses: ['198.18.1.11']}}]\n---\n"
-        );
-    }
-    s
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Connection setup times (µs) from `ns` to `to`.
-fn connect_times(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>> {
+pub fn connect_times(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>> {
     in_netns(ns, move || -> anyhow::Result<Vec<f64>> {
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
@@ -119,69 +104,103 @@ fn lab() -> anyhow::Result<Lab> {
     Ok(lab)
 }
 
-pub fn latency(quick: bool, out: PathBuf) -> anyhow::Result<()> {
+pub fn latency(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Result<()> {
     let n = if quick { 2_000 } else { 20_000 };
+    // First packet vs number of services, against kube-proxy's rules (forwarding namespace).
+    let (fp, direct_fp) = crate::forward::first_packet(sweep, nft_max, if quick { 5_000 } else { 20_000 })?;
+
+    // Connect and request/response in the two-node lab (the TC datapath).
     let lab = lab()?;
     let ns = lab.pod("client").ns.clone();
     let vip = sa(VIP.parse::<std::net::IpAddr>()?, 80);
     let direct = sa(lab.pod("web-1").ip, POD_PORT);
     let mut rows = Vec::new();
-    for services in [1u32, 10_000] {
-        if services > 1 {
-            let t = Instant::now();
-            lab.write_manifest("filler.yaml", &filler(services - 1))?;
-            let last: std::net::IpAddr =
-                std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 128, 0)) + services - 2)
-                    .into();
-            wait_for(Duration::from_secs(60), || lab.has_frontend(1, last, 80)).context("filler services")?;
-            eprintln!("bench latency: {services} services loaded in {:.1} s", t.elapsed().as_secs_f64());
-        }
-        for (target, to) in [("VIP", vip), ("direct", direct)] {
-            if target == "direct" && services > 1 {
-                continue; // direct does not depend on the service count
-            }
-            let mut c = connect_times(&ns, to, n)?;
-            let mut r = rr_times(&ns, to, n)?;
-            let row = (
-                services,
-                target,
-                percentile(&mut c, 0.5),
-                percentile(&mut c, 0.99),
-                percentile(&mut r, 0.5),
-                percentile(&mut r, 0.99),
-            );
-            eprintln!(
-                "  {services} services, {target}: connect p50 {:.0} µs p99 {:.0} µs; rr p50 {:.0} µs p99 {:.0} µs",
-                row.2, row.3, row.4, row.5
-            );
-            rows.push(row);
-        }
+    for (target, to) in [("VIP", vip), ("direct", direct)] {
+        let mut c = connect_times(&ns, to, n)?;
+        let mut r = rr_times(&ns, to, n)?;
+        let row = (
+            target,
+            percentile(&mut c, 0.5),
+            percentile(&mut c, 0.99),
+            percentile(&mut r, 0.5),
+            percentile(&mut r, 0.99),
+        );
+        eprintln!(
+            "  {target}: connect p50 {:.0} µs p99 {:.0} µs; rr p50 {:.0} µs p99 {:.0} µs",
+            row.1, row.2, row.3, row.4
+        );
+        rows.push(row);
     }
     drop(lab);
+
+    let cell = |p: Option<crate::forward::Percentiles>, n: u32, max: u32| match p {
+        Some(p) => format!("{:.0} / {:.0}", p.p50, p.p99),
+        None if n > max => "not run".into(),
+        None => "rules did not load".into(),
+    };
     let mut md = format!(
-        "### `cargo xtask bench latency` — {}\n\nTwo-node lab, client pod → Service VIP (TC datapath) → backend pod on the same node, vs the backend pod directly; {n} samples per cell (Rust client in the pod's namespace; connect = SYN → SYN/ACK).\n\n| services | target | connect p50 (µs) | connect p99 (µs) | request/response p50 (µs) | request/response p99 (µs) |\n|---:|---|---:|---:|---:|---:|\n",
-        if quick { "quick" } else { "full" }
+        "### `cargo xtask bench latency` — {}\n\n**First packet vs number of services.** Connection setup (connect() = SYN → SYN/ACK, a new flow each) from a client namespace through a forwarding namespace to a server on the last service's endpoints; ours (XDP on both veths, generic mode — see `forward::XdpMode`), kube-proxy-shaped iptables and nftables rules for the same TCP Service set, and plain forwarding to the endpoint (no load balancer): {direct_p50:.0} / {direct_p99:.0} µs. {} connections per cell; kernel {}.\n\n| services | ours p50 / p99 (µs) | iptables p50 / p99 (µs) | nftables p50 / p99 (µs) |\n|---:|---:|---:|---:|\n",
+        if quick { "quick" } else { "full" },
+        if quick { 5_000 } else { 20_000 },
+        crate::kernel(),
+        direct_p50 = direct_fp.p50,
+        direct_p99 = direct_fp.p99,
     );
-    for r in &rows {
-        let _ = writeln!(md, "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |", r.0, r.1, r.2, r.3, r.4, r.5);
-    }
-    let get = |s: u32, t: &str| rows.iter().find(|r| r.0 == s && r.1 == t).copied();
-    if let (Some(a), Some(b), Some(d)) = (get(1, "VIP"), get(10_000, "VIP"), get(1, "direct")) {
+    for r in &fp {
         let _ = writeln!(
             md,
-            "\nFirst-packet p99 at 10 000 services ÷ at 1 (goal ≤ 1.10): {:.2}. Request/response p50 via VIP ÷ direct: {:.2} (rate ratio {:.2}, goal ≥ 0.95).",
-            b.3 / a.3,
-            a.4 / d.4,
-            d.4 / a.4
+            "| {} | {} | {} | {} |",
+            r.services,
+            cell(r.ours, r.services, u32::MAX),
+            cell(r.iptables, r.services, u32::MAX),
+            cell(r.nftables, r.services, nft_max)
+        );
+    }
+    if let (Some(first), Some(last)) = (fp.first(), fp.last())
+        && let (Some(a), Some(b)) = (first.ours, last.ours)
+    {
+        let nft = fp.iter().rev().find_map(|r| r.nftables.map(|p| (r.services, p)));
+        let _ =
+            writeln!(
+                md,
+                "\nOurs, p99 at {} ÷ at {} services (goal ≤ 1.10): {:.2}. {}",
+                last.services,
+                first.services,
+                b.p99 / a.p99,
+                nft.and_then(|(n, p)| fp.iter().find(|r| r.services == n).and_then(|r| r.ours).map(
+                    |o| format!("Ours ÷ nftables p99 at {n} services (goal ≤ 1): {:.2}.", o.p99 / p.p99)
+                ))
+                .unwrap_or_default()
+            );
+    }
+    let _ = writeln!(
+        md,
+        "\n**Connect and request/response in the two-node lab**: client pod → Service VIP (TC datapath) → backend pod on the same node, vs the backend pod directly; {n} samples per cell.\n\n| target | connect p50 (µs) | connect p99 (µs) | request/response p50 (µs) | request/response p99 (µs) |\n|---|---:|---:|---:|---:|"
+    );
+    for r in &rows {
+        let _ = writeln!(md, "| {} | {:.0} | {:.0} | {:.0} | {:.0} |", r.0, r.1, r.2, r.3, r.4);
+    }
+    if let (Some(v), Some(d)) = (rows.iter().find(|r| r.0 == "VIP"), rows.iter().find(|r| r.0 == "direct")) {
+        let _ = writeln!(
+            md,
+            "\nRequest/response rate via the VIP ÷ direct (goal ≥ 0.95): {:.2} (from the p50 round trips).",
+            d.3 / v.3
         );
     }
     println!("{md}");
     fs::create_dir_all(&out)?;
     fs::write(out.join("latency.md"), &md)?;
-    let j: Vec<_> = rows
-        .iter()
-        .map(|r| json!({"services": r.0, "target": r.1, "connect_p50_us": r.2, "connect_p99_us": r.3, "rr_p50_us": r.4, "rr_p99_us": r.5}))
-        .collect();
+    let pj = |p: Option<crate::forward::Percentiles>| p.map(|p| json!({"p50_us": p.p50, "p99_us": p.p99}));
+    let j = json!({
+        "kernel": crate::kernel(),
+        "first_packet": {
+            "plain_forwarding": pj(Some(direct_fp)),
+            "rows": fp.iter().map(|r| json!({
+                "services": r.services, "ours": pj(r.ours), "iptables": pj(r.iptables), "nftables": pj(r.nftables),
+            })).collect::<Vec<_>>(),
+        },
+        "lab": rows.iter().map(|r| json!({"target": r.0, "connect_p50_us": r.1, "connect_p99_us": r.2, "rr_p50_us": r.3, "rr_p99_us": r.4})).collect::<Vec<_>>(),
+    });
     fs::write(out.join("latency.json"), serde_json::to_string_pretty(&j)?)?;
     Ok(())
 }

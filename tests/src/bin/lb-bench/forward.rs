@@ -53,6 +53,8 @@ use serde_json::json;
 
 use crate::{netns::Scratch, services::*};
 
+/// Packet-rate runs use UDP services (a UDP packet is a flow of its own); first-packet runs
+/// TCP (connect() times the SYN → SYN/ACK).
 const PROTO: Proto = Proto::Udp;
 const FWD_IN: &str = "198.19.255.2";
 const GEN_ADDR: &str = "198.19.255.1";
@@ -88,6 +90,27 @@ impl Variant {
             Variant::Ours => "ours",
             Variant::OursXdpForward => "ours, --xdp-forward",
             Variant::XdpFloor => "XDP redirect only (floor)",
+        }
+    }
+}
+
+/// How our program is attached to the veths.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    Native,
+    /// Under trafgen: native XDP on a veth receives through a 256-slot ring, and on this
+    /// kernel the sender's queue stalls for seconds at a time when a program that passes to
+    /// the stack lets that ring fill (offered rates fell from ~1 Mpps to 0-300 kpps between
+    /// identical runs). A NIC has no such ring; generic mode keeps the veth's plain receive
+    /// path. (Live frames arrive as XDP frames, which only native mode takes.)
+    Generic,
+}
+
+impl XdpMode {
+    fn ip_keyword(self) -> &'static str {
+        match self {
+            XdpMode::Native => "xdpdrv",
+            XdpMode::Generic => "xdpgeneric",
         }
     }
 }
@@ -176,7 +199,28 @@ impl Drop for BenchProgs {
 }
 
 impl Topo {
+    /// The packet-rate topology: the sink drops at XDP (at f0 for the generator alone).
     fn build(progs: &BenchProgs, variant: Variant) -> anyhow::Result<Topo> {
+        let topo = Topo::wire()?;
+        if variant == Variant::Generator {
+            progs.attach("lb_drop", &topo.fwd.0, "f0", "xdpdrv")?;
+        } else {
+            progs.attach("lb_drop", &topo.sink.0, "s0", "xdpdrv")?;
+        }
+        Ok(topo)
+    }
+
+    /// The latency topology: the sink answers (a server on the target's endpoint
+    /// addresses), and both ends route through `fwd`.
+    fn serving() -> anyhow::Result<Topo> {
+        let topo = Topo::wire()?;
+        nsip(&topo.source.0, &format!("route add default via {FWD_IN}"))?;
+        nsip(&topo.sink.0, &format!("route add default via {FWD_OUT}"))?;
+        Ok(topo)
+    }
+
+    /// Namespaces, veths, addresses, forwarding on in `fwd`.
+    fn wire() -> anyhow::Result<Topo> {
         let source = Scratch::new("gen")?;
         let fwd = Scratch::new("fwd")?;
         let sink = Scratch::new("sink")?;
@@ -197,13 +241,8 @@ impl Topo {
         for dev in ["all", "default", "f0"] {
             sysctl(f, &format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
         }
-        // The sink drops ARP too: its neighbour entry is static.
+        // A dropping sink drops ARP too: its neighbour entry is static.
         nsip(f, &format!("neigh add {SINK_ADDR} lladdr {} dev f1 nud permanent", mac(s, "s0")?))?;
-        if variant == Variant::Generator {
-            progs.attach("lb_drop", f, "f0", "xdpdrv")?;
-        } else {
-            progs.attach("lb_drop", s, "s0", "xdpdrv")?;
-        }
         let f0_mac = mac(f, "f0")?;
         Ok(Topo { source, fwd, sink, f0_mac, ours: None })
     }
@@ -225,8 +264,8 @@ fn program(
     progs: &BenchProgs,
     topo: &mut Topo,
     variant: Variant,
-    generator: Gen,
-    n: u32,
+    mode: XdpMode,
+    (n, proto): (u32, Proto),
     limit: Duration,
 ) -> anyhow::Result<Option<Duration>> {
     let work = std::env::temp_dir().join(format!("lb-bench-fwd-{}", std::process::id()));
@@ -247,30 +286,23 @@ fn program(
         }
         Variant::Iptables => {
             let f = work.join("iptables.rules");
-            fs::write(&f, iptables_rules(n, PROTO))?;
+            fs::write(&f, iptables_rules(n, proto))?;
             topo.fwd.time("iptables-restore", &[], &f, limit)?
         }
         Variant::Nftables => {
             let f = work.join("nft.rules");
-            fs::write(&f, nft_rules(n, PROTO))?;
+            fs::write(&f, nft_rules(n, proto))?;
             topo.fwd.time("nft", &["-f", "-"], &f, limit)?
         }
         Variant::Ours | Variant::OursXdpForward => {
-            let mut l = ours(n)?;
+            let mut l = ours(n, proto)?;
             let pin = progs.dir.join("ours");
             let _ = fs::remove_file(&pin);
             let p: &mut Xdp = l.ebpf.program_mut(loader::XDP_PROGRAM).context("lb_xdp")?.try_into()?;
             p.pin(&pin)?;
             // Both node ports run the program, as `lb agent --xdp-iface f0 --xdp-iface f1`.
-            // Under trafgen, generic mode: native XDP on a veth receives through a 256-slot
-            // ring, and on this kernel the sender's queue stalls for seconds at a time when
-            // a program that passes to the stack lets that ring fill (offered rates fell
-            // from ~1 Mpps to 0-300 kpps between identical runs). A NIC has no such ring;
-            // generic mode keeps the veth's plain receive path. Live frames arrive as XDP
-            // frames, which only native mode takes.
-            let mode = if generator == Gen::LiveFrames { "xdpdrv" } else { "xdpgeneric" };
-            progs.attach("ours", &topo.fwd.0, "f0", mode)?;
-            progs.attach("ours", &topo.fwd.0, "f1", mode)?;
+            progs.attach("ours", &topo.fwd.0, "f0", mode.ip_keyword())?;
+            progs.attach("ours", &topo.fwd.0, "f1", mode.ip_keyword())?;
             if variant == Variant::OursXdpForward {
                 let mut config = l.dp.config()?;
                 config.flags |= CFG_F_XDP_FORWARD;
@@ -290,7 +322,7 @@ fn program(
 }
 
 /// Our datapath, loaded and synced with the `n`-service set by the agent's Model and plan.
-fn ours(n: u32) -> anyhow::Result<Loaded> {
+fn ours(n: u32, proto: Proto) -> anyhow::Result<Loaded> {
     let m = maglev::table_size(ENDPOINTS as usize, lb_common::maglev::DEFAULT_MAX_TABLE);
     let caps = loader::Capacities {
         frontends: 2 * n + 1024,
@@ -306,7 +338,7 @@ fn ours(n: u32) -> anyhow::Result<Loaded> {
         services: caps.services,
     };
     let mut l = Loaded::with_caps(&caps);
-    let desired = model::desired(&cluster(n, PROTO), &node());
+    let desired = model::desired(&cluster(n, proto), &node());
     let mut applied = Applied::default();
     let ops = reconcile::plan(&desired, &applied, &limits)?;
     reconcile::execute(&mut l.dp, &mut applied, &ops)?;
@@ -524,7 +556,8 @@ fn cell(
             topo.route(ep)?;
         }
     }
-    let Some(took) = program(progs, &mut topo, variant, generator, n, limit)? else {
+    let mode = if generator == Gen::LiveFrames { XdpMode::Native } else { XdpMode::Generic };
+    let Some(took) = program(progs, &mut topo, variant, mode, (n, PROTO), limit)? else {
         eprintln!("  {}: rules for {n} services did not load within {limit:?}", variant.name());
         return Ok(vec![None; targets.len()]);
     };
@@ -826,4 +859,132 @@ pub fn newflows(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyho
     fs::write(out.join("newflows.json"), serde_json::to_string_pretty(&j)?)?;
     eprintln!("bench newflows: wrote {}", out.join("newflows.md").display());
     Ok(())
+}
+
+/// A TCP server in the sink on `port` of every address: accepts and closes until dropped.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ns: &str, port: u16) -> anyhow::Result<Server> {
+        let listener = in_netns(ns, move || std::net::TcpListener::bind(("0.0.0.0", port)))??;
+        // SAFETY: listen() again on our own listening socket only resizes its backlog (std's
+        // 128 overflows between two polls of the accept loop below).
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => drop(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        Ok(Server { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connection setup (SYN → SYN/ACK) p50 and p99 in µs.
+#[derive(Clone, Copy, Debug)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// One first-packet measurement: `variant` with `n` services loaded, `samples` connections
+/// from `gen` to the last service (to its first endpoint for plain forwarding), each a new
+/// flow through the forwarding namespace. None when the rules did not load within `limit`.
+fn first_packet_cell(
+    variant: Variant,
+    n: u32,
+    samples: usize,
+    limit: Duration,
+) -> anyhow::Result<Option<Percentiles>> {
+    let progs = BenchProgs::load()?;
+    let mut topo = Topo::serving()?;
+    let target = n - 1;
+    let eps = endpoints_of(target);
+    for (ep, _) in &eps {
+        topo.route(*ep)?;
+        nsip(&topo.sink.0, &format!("addr add {ep}/32 dev lo"))?;
+    }
+    nsip(&topo.sink.0, "link set lo up")?;
+    // The server sees the generator's address: its replies go back through `fwd`.
+    let _server = Server::start(&topo.sink.0, eps[0].1)?;
+    if program(&progs, &mut topo, variant, XdpMode::Generic, (n, Proto::Tcp), limit)?.is_none() {
+        return Ok(None);
+    }
+    let to = match variant {
+        Variant::Plain => std::net::SocketAddr::from(eps[0]),
+        _ => std::net::SocketAddr::from((vip(target), svc_port(target))),
+    };
+    // Warm up: neighbour entries, the service's first flow.
+    crate::clients::connect_times(&topo.source.0, to, 20)?;
+    let mut t = crate::clients::connect_times(&topo.source.0, to, samples)?;
+    Ok(Some(Percentiles {
+        p50: crate::clients::percentile(&mut t, 0.5),
+        p99: crate::clients::percentile(&mut t, 0.99),
+    }))
+}
+
+/// A row of the first-packet sweep.
+pub struct FirstPacketRow {
+    pub services: u32,
+    pub ours: Option<Percentiles>,
+    pub iptables: Option<Percentiles>,
+    pub nftables: Option<Percentiles>,
+}
+
+/// First-packet latency through the forwarding namespace, ours vs iptables vs nftables,
+/// for each service count; and direct (plain forwarding, no load balancer).
+pub fn first_packet(
+    sweep: &[u32],
+    nft_max: u32,
+    samples: usize,
+) -> anyhow::Result<(Vec<FirstPacketRow>, Percentiles)> {
+    require_tools()?;
+    let limit = Duration::from_secs(120);
+    let direct = first_packet_cell(Variant::Plain, 1, samples, limit)?.context("plain forwarding")?;
+    eprintln!(
+        "bench latency: first packet, plain forwarding: p50 {:.0} µs, p99 {:.0} µs",
+        direct.p50, direct.p99
+    );
+    let mut rows = Vec::new();
+    for &n in sweep.iter().filter(|n| **n > 0) {
+        let mut row = FirstPacketRow { services: n, ours: None, iptables: None, nftables: None };
+        for v in [Variant::Ours, Variant::Iptables, Variant::Nftables] {
+            if v == Variant::Nftables && n > nft_max {
+                continue;
+            }
+            let p = first_packet_cell(v, n, samples, limit)?;
+            if let Some(p) = p {
+                eprintln!(
+                    "bench latency: first packet, {} at {n} services: p50 {:.0} µs, p99 {:.0} µs",
+                    v.name(),
+                    p.p50,
+                    p.p99
+                );
+            }
+            match v {
+                Variant::Ours => row.ours = p,
+                Variant::Iptables => row.iptables = p,
+                _ => row.nftables = p,
+            }
+        }
+        rows.push(row);
+    }
+    Ok((rows, direct))
 }

@@ -34,13 +34,20 @@ mod services;
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Connection setup and request/response latency from a lab pod, via the VIP (1 and
-    /// 10 000 services) and direct.
+    /// First-packet latency vs number of services (ours, iptables, nftables, through a
+    /// forwarding namespace), and connect / request-response from a lab pod via the VIP and
+    /// direct.
     Latency {
         #[arg(long)]
         quick: bool,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+        /// Service counts for the first-packet sweep.
+        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,30000")]
+        services: Vec<u32>,
+        /// nftables is loaded up to this many services (nft -f is slow beyond).
+        #[arg(long, default_value_t = 10_000)]
+        nft_max: u32,
     },
     /// New connections per second from a lab pod, via the VIP and direct.
     Connrate {
@@ -295,7 +302,7 @@ fn kernel() -> String {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Prog { quick, out, services } => prog(quick, out, &services),
-        Cmd::Latency { quick, out } => clients::latency(quick, out),
+        Cmd::Latency { quick, out, services, nft_max } => clients::latency(quick, out, &services, nft_max),
         Cmd::Connrate { quick, out } => clients::connrate(quick, out),
         Cmd::Throughput { quick, out } => forward::throughput(quick, out),
         Cmd::Newflows { quick, out, services, nft_max } => forward::newflows(quick, out, &services, nft_max),
