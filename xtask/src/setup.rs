@@ -27,6 +27,8 @@ const PACKAGES: &[&str] = &[
     "netsniff-ng",
     "hping3",
     "wrk",
+    // The benchmark charts' font.
+    "fonts-dejavu-core",
 ];
 
 const EBPF_TOOLCHAIN: &str = "nightly";

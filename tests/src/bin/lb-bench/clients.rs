@@ -202,6 +202,26 @@ pub fn latency(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow
         "lab": rows.iter().map(|r| json!({"target": r.0, "connect_p50_us": r.1, "connect_p99_us": r.2, "rr_p50_us": r.3, "rr_p99_us": r.4})).collect::<Vec<_>>(),
     });
     fs::write(out.join("latency.json"), serde_json::to_string_pretty(&j)?)?;
+    type Pick = fn(&crate::forward::FirstPacketRow) -> Option<crate::forward::Percentiles>;
+    let line = |name: &str, f: Pick, p99: bool| {
+        crate::plot::Series::new(
+            name,
+            fp.iter().map(|r| (r.services, f(r).map(|p| if p99 { p.p99 } else { p.p50 }))),
+        )
+    };
+    crate::plot::chart(
+        &out.join("latency.png"),
+        "first packet (SYN to SYN/ACK) vs services",
+        "µs",
+        &[
+            line("ours p99", |r| r.ours, true),
+            line("iptables p99", |r| r.iptables, true),
+            line("nftables p99", |r| r.nftables, true),
+            line("ours p50", |r| r.ours, false),
+            line("iptables p50", |r| r.iptables, false),
+            line("nftables p50", |r| r.nftables, false),
+        ],
+    )?;
     Ok(())
 }
 

@@ -238,6 +238,21 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Re
         "maglev_disruption": maglev_rows,
     });
     fs::write(out.join("control.json"), serde_json::to_string_pretty(&j)?)?;
+    let line = |name: &str, f: fn(&Row) -> Option<f64>| {
+        crate::plot::Series::new(name, rows.iter().map(|r| (r.services, f(r))))
+    };
+    crate::plot::chart(
+        &out.join("control.png"),
+        "control plane: full sync and one endpoint change, N services x 4 endpoints",
+        "ms",
+        &[
+            line("ours", |r| Some(r.ours_full_ms)),
+            line("iptables-restore", |r| r.ipt_full_ms),
+            line("nft -f", |r| r.nft_full_ms),
+            line("ours, one endpoint change", |r| Some(r.ours_change_ms)),
+            line("iptables, one endpoint change", |r| r.ipt_change_ms),
+        ],
+    )?;
     eprintln!("bench control: wrote {}", out.join("control.md").display());
     Ok(())
 }

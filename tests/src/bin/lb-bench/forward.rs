@@ -51,7 +51,7 @@ use lb_userspace::{
 };
 use serde_json::json;
 
-use crate::{netns::Scratch, services::*};
+use crate::{netns::Scratch, plot, services::*};
 
 /// Packet-rate runs use UDP services (a UDP packet is a flow of its own); first-packet runs
 /// TCP (connect() times the SYN → SYN/ACK).
@@ -857,6 +857,20 @@ pub fn newflows(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyho
         })).collect::<Vec<_>>(),
     });
     fs::write(out.join("newflows.json"), serde_json::to_string_pretty(&j)?)?;
+    let line = |name: &str, f: fn(&NewRow) -> Option<Sample>| {
+        plot::Series::new(name, rows.iter().map(|r| (r.services, f(r).map(|s| s.delivered_pps / 1e3))))
+    };
+    plot::chart(
+        &out.join("newflows.png"),
+        "new flows: delivered kpps vs services",
+        "kpps",
+        &[
+            line("ours", |r| r.ours),
+            line("iptables, VIP first", |r| r.ipt_first),
+            line("iptables, VIP last", |r| r.ipt_last),
+            line("nftables", |r| r.nft),
+        ],
+    )?;
     eprintln!("bench newflows: wrote {}", out.join("newflows.md").display());
     Ok(())
 }

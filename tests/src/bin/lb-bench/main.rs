@@ -30,6 +30,7 @@ mod clients;
 mod control;
 mod forward;
 mod netns;
+mod plot;
 mod services;
 
 #[derive(Subcommand)]
@@ -291,6 +292,20 @@ fn prog(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
     });
     fs::write(out.join("prog.json"), serde_json::to_string_pretty(&j)?)?;
+    let line = |name: &str, f: fn(&Row) -> f64| {
+        plot::Series::new(name, rows.iter().map(|r| (r.services, Some(f(r)))))
+    };
+    plot::chart(
+        &out.join("prog.png"),
+        "lb_xdp cost per packet vs services (BPF_PROG_TEST_RUN)",
+        "ns per packet",
+        &[
+            line("new flow", |r| r.new),
+            line("conntrack hit", |r| r.hit),
+            line("no frontend", |r| r.miss),
+            line("empty program", |r| r.empty),
+        ],
+    )?;
     eprintln!("bench prog: wrote {}", out.join("prog.md").display());
     Ok(())
 }
