@@ -189,6 +189,10 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         services: cfg.capacities.services,
     };
     let mut config = Config::default();
+    // The Model between syncs; a failed sync is retried in full at the next tick.
+    let mut model_state = model::ModelState::default();
+    let mut retry: Option<model::Changes> = None;
+    applied.track_ranges(cfg.capacities.maglev_slots);
     let mut tick = tokio::time::interval(manifests::POLL);
     let mut last_link_scan = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -206,7 +210,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                     manifests::POLL.as_millis()
                 ),
             );
-            Source::Folder { folder: Folder::new(dir), first: true }
+            Source::Folder(Folder::new(dir))
         }
         (None, Some(client)) => {
             let logger = move |m: String| log(start, m);
@@ -218,7 +222,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                     cfg.node_name
                 ),
             );
-            Source::Kube { src, synced: None }
+            Source::Kube(src)
         }
         (None, None) => unreachable!("a client exists without --manifests"),
     };
@@ -227,7 +231,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = tick.tick() => {}
             _ = wake.notified() => {
-                if matches!(source, Source::Folder { .. }) {
+                if matches!(source, Source::Folder(_)) {
                     // Let a burst of file events (an editor's write) settle into one sync.
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
@@ -239,15 +243,27 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             last_link_scan = Instant::now();
             sync_links(&mut ebpf, &cfg.pin_dir, &tc_patterns, &mut tc_links, &status, start);
         }
-        let Some(cluster) = source.changed(&status, start) else { continue };
+        // New changes, plus everything again after a failed sync.
+        let changes = match (source.changed(&status, start), retry.take()) {
+            (None, None) => continue,
+            (Some(c), None) | (None, Some(c)) => c,
+            (Some(mut c), Some(r)) => {
+                c.merge(r);
+                c
+            }
+        };
         let t0 = Instant::now();
         let node = NodeContext {
             name: cfg.node_name.clone(),
             nodeport_addresses: cfg.nodeport_addresses.clone(),
             fallback_addresses: fallback_addresses(&cfg.xdp_ifaces),
         };
-        let desired = model::desired(&cluster, &node);
-        let want_config = datapath_config(&cfg, &node.addresses(&cluster));
+        let (delta, node_addresses) = source.with_cluster(|cluster| {
+            let delta = model_state.update(cluster, &node, &changes);
+            (delta, node.addresses(cluster))
+        });
+        let desired = model_state.desired();
+        let want_config = datapath_config(&cfg, &node_addresses);
         if want_config != config {
             dp.set_config(&want_config)?;
             config = want_config;
@@ -256,8 +272,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 format!("source NAT address {:?} / {:?}", nat_ip(&config.snat_v4), nat_ip(&config.snat_v6)),
             );
         }
-        let result =
-            reconcile::plan(&desired, &applied, &limits).map_err(anyhow::Error::from).and_then(|ops| {
+        let result = reconcile::plan_changes(desired, &delta, &applied, &limits)
+            .map_err(anyhow::Error::from)
+            .and_then(|ops| {
                 reconcile::execute(&mut dp, &mut applied, &ops).map(|()| ops.len()).map_err(Into::into)
             });
         let took = t0.elapsed();
@@ -277,20 +294,22 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 log(
                     start,
                     format!(
-                        "synced: {} services, {} frontends, {} backends; {n} map writes in {:.2} ms",
+                        "synced: {} services, {} frontends, {} backends; {} changed, {n} map writes in {:.2} ms",
                         desired.services.len(),
                         applied.services.len(),
                         applied.backends.len(),
+                        if delta.all { "all".to_string() } else { delta.services.len().to_string() },
                         took.as_secs_f64() * 1e3
                     ),
                 );
             }
             Err(e) => {
                 st.sync_errors += 1;
-                source.retry();
-                log(start, format!("error: sync failed: {e:#}; will retry on the next change"));
+                retry = Some(model::Changes::everything());
+                log(start, format!("error: sync failed: {e:#}; will retry in full"));
                 // Re-read what the kernel really holds before planning again.
                 applied = Applied::read(&dp)?;
+                applied.track_ranges(limits.maglev_slots);
             }
         }
         for (sref, why) in &desired.skipped {
@@ -311,69 +330,50 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where objects come from, and whether they changed since the last sync.
+/// Where objects come from, and what changed since the last sync.
 enum Source {
-    Folder {
-        folder: Folder,
-        first: bool,
-    },
-    /// `synced`: the generation last synced (None: none yet, or the last sync failed).
-    Kube {
-        src: KubeSource,
-        synced: Option<u64>,
-    },
+    Folder(Folder),
+    Kube(KubeSource),
 }
 
 impl Source {
-    /// The objects, if a sync is due.
-    fn changed(&mut self, status: &Rc<RefCell<Status>>, start: Instant) -> Option<model::Cluster> {
+    /// What changed since the last call, if anything (the first time: everything).
+    fn changed(&mut self, status: &Rc<RefCell<Status>>, start: Instant) -> Option<model::Changes> {
         match self {
-            Source::Folder { folder, first } => {
-                let (changed, errors) = match folder.refresh() {
-                    Ok(r) => r,
-                    Err(e) => {
-                        log(start, format!("error: {e}"));
-                        return None;
+            Source::Folder(folder) => {
+                match folder.refresh() {
+                    Ok((_, errors)) => {
+                        for e in &errors {
+                            status.borrow_mut().source_errors += 1;
+                            log(start, format!("error: {e}; keeping its last good content"));
+                        }
                     }
-                };
-                for e in &errors {
-                    status.borrow_mut().source_errors += 1;
-                    log(start, format!("error: {e}; keeping its last good content"));
+                    Err(e) => log(start, format!("error: {e}")),
                 }
-                if !changed && !*first {
-                    return None;
-                }
-                *first = false;
-                let (cluster, warnings) = folder.cluster();
-                for w in warnings {
+                for w in folder.take_warnings() {
                     log(start, format!("warning: {w}"));
                 }
-                Some(cluster)
+                Some(folder.take_changes()).filter(|c| !c.is_empty())
             }
-            Source::Kube { src, synced } => {
+            Source::Kube(src) => {
                 status.borrow_mut().source_errors = src.errors();
-                if *synced == Some(src.generation()) {
-                    return None;
-                }
-                let (cluster, generation) = src.snapshot()?;
-                *synced = Some(generation);
-                Some(cluster)
+                src.take_changes()
             }
         }
     }
 
-    /// The last sync failed: try again at the next wake-up even without a change.
-    fn retry(&mut self) {
+    /// Runs `f` on the objects as they are now.
+    fn with_cluster<R>(&self, f: impl FnOnce(&model::Cluster) -> R) -> R {
         match self {
-            Source::Folder { first, .. } => *first = true,
-            Source::Kube { synced, .. } => *synced = None,
+            Source::Folder(folder) => f(folder.cluster()),
+            Source::Kube(src) => src.with_cluster(f),
         }
     }
 
     fn take_triggers(&self) -> Vec<jiff::Timestamp> {
         match self {
-            Source::Folder { .. } => Vec::new(),
-            Source::Kube { src, .. } => src.take_triggers(),
+            Source::Folder(_) => Vec::new(),
+            Source::Kube(src) => src.take_triggers(),
         }
     }
 }

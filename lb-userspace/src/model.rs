@@ -451,6 +451,235 @@ fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
     (ready, serving, terminating)
 }
 
+/// Which objects changed since the last sync, as keys into `Cluster`. The sources collect
+/// them so a sync recomputes only the Services a change touches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Anything may have changed (first sync, a relist, this node's Node): start over.
+    pub all: bool,
+    pub services: BTreeSet<(String, String)>,
+    pub slices: BTreeSet<(String, String)>,
+}
+
+impl Changes {
+    pub fn everything() -> Self {
+        Changes { all: true, ..Default::default() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty() && self.slices.is_empty()
+    }
+
+    /// Adds `other`'s changes to these.
+    pub fn merge(&mut self, other: Changes) {
+        self.all |= other.all;
+        self.services.extend(other.services);
+        self.slices.extend(other.slices);
+    }
+}
+
+type Key = (String, String);
+
+/// What one update of the Model changed: the datapath services whose desired value changed,
+/// each with its value before (None: new), and the cluster VIPs that came and went. `all`:
+/// recomputed from scratch, so everything may differ (the reconciler plans in full).
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    pub all: bool,
+    pub services: BTreeMap<ServiceRef, Option<DesiredService>>,
+    pub vips_added: BTreeSet<IpAddr>,
+    pub vips_removed: BTreeSet<IpAddr>,
+    /// Endpoints (`ip:port`) no datapath service uses any more.
+    pub backends_gone: BTreeSet<(IpAddr, u16)>,
+}
+
+/// The Model kept between syncs. `update` recomputes only the Services named by the changes
+/// (and those whose EndpointSlices changed), so a one-endpoint change costs the same at 10
+/// or 100 000 Services; its result always equals `desired(cluster, node)` (tested).
+#[derive(Debug, Default)]
+pub struct ModelState {
+    desired: Desired,
+    /// The datapath services, cluster VIPs, health-check ports and skip notes of each Service.
+    refs: BTreeMap<Key, Vec<ServiceRef>>,
+    vips: BTreeMap<Key, Vec<IpAddr>>,
+    vip_users: BTreeMap<IpAddr, u32>,
+    health_ports: BTreeMap<Key, Vec<u16>>,
+    skipped: BTreeMap<Key, Vec<(String, String)>>,
+    /// EndpointSlice → its Service (by the service-name label), and the reverse.
+    slice_owner: BTreeMap<Key, Key>,
+    slices_of: BTreeMap<Key, BTreeSet<Key>>,
+    /// Datapath services using each endpoint (`backends` or `kept`).
+    backend_users: BTreeMap<(IpAddr, u16), u32>,
+    ready: bool,
+}
+
+/// The distinct endpoints a datapath service uses.
+fn addrs(s: &DesiredService) -> BTreeSet<(IpAddr, u16)> {
+    s.backends.iter().chain(&s.kept).map(|b| (b.ip, b.port)).collect()
+}
+
+fn bump_addr(map: &mut BTreeMap<(IpAddr, u16), u32>, a: (IpAddr, u16), up: bool) -> u32 {
+    let n = map.entry(a).or_default();
+    if up {
+        *n += 1;
+    } else {
+        *n = n.saturating_sub(1);
+    }
+    let left = *n;
+    if left == 0 {
+        map.remove(&a);
+    }
+    left
+}
+
+fn owner(key: &Key, slice: &EndpointSlice) -> Option<Key> {
+    let svc = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((key.0.clone(), svc.clone()))
+}
+
+impl ModelState {
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Brings the desired state up to date with `cluster` after `changes`.
+    pub fn update(&mut self, cluster: &Cluster, node: &NodeContext, changes: &Changes) -> Delta {
+        let node_ips = node.nodeport_ips(cluster);
+        if changes.all || !self.ready || node_ips != self.desired.node_ips {
+            return self.rebuild(cluster, node);
+        }
+        // The Services to recompute: those changed, and the owners (before and after) of
+        // changed slices.
+        let mut dirty: BTreeSet<Key> = changes.services.clone();
+        for key in &changes.slices {
+            if let Some(old) = self.slice_owner.remove(key) {
+                if let Some(set) = self.slices_of.get_mut(&old) {
+                    set.remove(key);
+                }
+                dirty.insert(old);
+            }
+            if let Some(new) = cluster.slices.get(key).and_then(|s| owner(key, s)) {
+                self.slice_owner.insert(key.clone(), new.clone());
+                self.slices_of.entry(new.clone()).or_default().insert(key.clone());
+                dirty.insert(new);
+            }
+        }
+        let mut delta = Delta::default();
+        for key in &dirty {
+            self.forget(key, &mut delta);
+            if let Some(svc) = cluster.services.get(key) {
+                self.compute(cluster, node, key, svc, Some(&mut delta));
+            }
+        }
+        // A service that changed back and forth within one update is no change.
+        delta.services.retain(|r, old| self.desired.services.get(r) != old.as_ref());
+        let both: Vec<IpAddr> = delta.vips_added.intersection(&delta.vips_removed).copied().collect();
+        for ip in both {
+            delta.vips_added.remove(&ip);
+            delta.vips_removed.remove(&ip);
+        }
+        let users = &self.backend_users;
+        delta.backends_gone.retain(|a| !users.contains_key(a));
+        self.desired.skipped = self.skipped.values().flatten().cloned().collect();
+        delta
+    }
+
+    /// Recomputes everything (and the indexes) from `cluster`.
+    fn rebuild(&mut self, cluster: &Cluster, node: &NodeContext) -> Delta {
+        *self = ModelState { ready: true, ..Default::default() };
+        self.desired.node_ips = node.nodeport_ips(cluster);
+        for (key, slice) in &cluster.slices {
+            if let Some(svc) = owner(key, slice) {
+                self.slice_owner.insert(key.clone(), svc.clone());
+                self.slices_of.entry(svc).or_default().insert(key.clone());
+            }
+        }
+        for (key, svc) in &cluster.services {
+            self.compute(cluster, node, key, svc, None);
+        }
+        self.desired.skipped = self.skipped.values().flatten().cloned().collect();
+        Delta { all: true, ..Default::default() }
+    }
+
+    /// Removes what Service `key` contributed.
+    fn forget(&mut self, key: &Key, delta: &mut Delta) {
+        for r in self.refs.remove(key).unwrap_or_default() {
+            let old = self.desired.services.remove(&r);
+            for a in old.iter().flat_map(addrs) {
+                if bump_addr(&mut self.backend_users, a, false) == 0 {
+                    delta.backends_gone.insert(a);
+                }
+            }
+            delta.services.entry(r).or_insert(old);
+        }
+        for ip in self.vips.remove(key).unwrap_or_default() {
+            let n = self.vip_users.entry(ip).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.vip_users.remove(&ip);
+                self.desired.cluster_vips.remove(&ip);
+                delta.vips_removed.insert(ip);
+            }
+        }
+        for port in self.health_ports.remove(key).unwrap_or_default() {
+            self.desired.health_checks.remove(&port);
+        }
+        self.skipped.remove(key);
+    }
+
+    /// Adds what Service `key` contributes (the same rules as `desired`), noting in `delta`
+    /// (if any) what changed.
+    fn compute(
+        &mut self,
+        cluster: &Cluster,
+        node: &NodeContext,
+        key: &Key,
+        svc: &Service,
+        mut delta: Option<&mut Delta>,
+    ) {
+        let (ns, name) = key;
+        let mut out = Desired { node_ips: self.desired.node_ips.clone(), ..Default::default() };
+        if let Some(why) = ignored(svc) {
+            self.skipped.insert(key.clone(), vec![(format!("{ns}/{name}"), why.to_string())]);
+            return;
+        }
+        let Some(spec) = svc.spec.as_ref() else { return };
+        let slices: Vec<&EndpointSlice> =
+            self.slices_of.get(key).into_iter().flatten().filter_map(|k| cluster.slices.get(k)).collect();
+        service(&mut out, node, ns, name, svc, &slices);
+        let vips = cluster_ips(spec);
+        for ip in &vips {
+            let n = self.vip_users.entry(*ip).or_default();
+            *n += 1;
+            if *n == 1 {
+                self.desired.cluster_vips.insert(*ip);
+                if let Some(d) = delta.as_deref_mut() {
+                    d.vips_added.insert(*ip);
+                }
+            }
+        }
+        self.vips.insert(key.clone(), vips);
+        if !out.health_checks.is_empty() {
+            self.health_ports.insert(key.clone(), out.health_checks.keys().copied().collect());
+            self.desired.health_checks.append(&mut out.health_checks);
+        }
+        if !out.skipped.is_empty() {
+            self.skipped.insert(key.clone(), out.skipped);
+        }
+        let refs: Vec<ServiceRef> = out.services.keys().cloned().collect();
+        for (r, v) in out.services {
+            for a in addrs(&v) {
+                bump_addr(&mut self.backend_users, a, true);
+            }
+            let old = self.desired.services.insert(r.clone(), v);
+            if let Some(d) = delta.as_deref_mut() {
+                d.services.entry(r).or_insert(old);
+            }
+        }
+        self.refs.insert(key.clone(), refs);
+    }
+}
+
 #[cfg(test)]
 #[path = "model_tests.rs"]
 mod tests;

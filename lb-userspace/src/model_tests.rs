@@ -333,3 +333,176 @@ fn health_check_node_port_counts_local_ready_endpoints() {
         run(&(service(&format!("type: LoadBalancer, clusterIP: 198.19.0.10, {HTTP}"), "") + &three_pods()));
     assert!(d.health_checks.is_empty());
 }
+
+/// A small deterministic generator for the randomised test below.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn random_service(rng: &mut Rng, i: u64, shared_vips: bool) -> Service {
+    let ty = ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"][rng.next(4) as usize];
+    // healthCheckNodePorts are unique per Service (the API server allocates them).
+    let etp = if rng.next(3) == 0 {
+        format!("externalTrafficPolicy: Local, healthCheckNodePort: {},", 32000 + i)
+    } else {
+        String::new()
+    };
+    // Shared VIPs test the Model's refcounts; the datapath needs them unique.
+    let vip =
+        if shared_vips { format!("198.19.0.{}", 1 + rng.next(6)) } else { format!("198.19.0.{}", 10 + i) };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{type: {ty}, {etp} clusterIP: {vip}, ports: [{{name: http, port: 80, nodePort: {}}}, {{name: dns, port: 53, protocol: UDP}}]}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.19.100.{i}}}]}}}}\n",
+        30000 + i
+    );
+    match parse(&yaml, false).unwrap().pop().unwrap() {
+        crate::source::manifests::Object::Service(s) => *s,
+        _ => unreachable!(),
+    }
+}
+
+/// `per_pod`: an endpoint's node and conditions follow from its address (as they do in a
+/// cluster, where they come from the pod), else they are random per slice.
+fn random_slice(rng: &mut Rng, j: u64, per_pod: bool) -> EndpointSlice {
+    let owner = rng.next(8);
+    const CONDS: [&str; 3] = ["ready: true", "ready: false, serving: true, terminating: true", ""];
+    let eps: String = (0..rng.next(4))
+        .map(|_| {
+            let host = rng.next(20);
+            let (n, k) = if per_pod { (host % 2, host % 3) } else { (rng.next(2), rng.next(3)) };
+            let node = if n == 0 { NODE } else { "node-b" };
+            ep(&format!("198.18.1.{host}"), node, CONDS[k as usize])
+        })
+        .collect();
+    let yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{j}, labels: {{kubernetes.io/service-name: s{owner}}}}}\naddressType: IPv4\nports: [{{name: http, port: 9376}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints: [{eps}]\n"
+    );
+    match parse(&yaml, false).unwrap().pop().unwrap() {
+        crate::source::manifests::Object::EndpointSlice(s) => *s,
+        _ => unreachable!(),
+    }
+}
+
+/// The incremental Model equals the full one after every change: services added, changed
+/// (type, VIP, policies) and removed, slices changed, moved between services and removed,
+/// with VIPs shared between services.
+/// Random changes to Services (`shared_vips`: VIPs may collide) and slices, `steps` times;
+/// `check` sees the cluster and the changes after each.
+fn random_changes(
+    steps: usize,
+    shared_vips: bool,
+    per_pod: bool,
+    mut check: impl FnMut(usize, &Cluster, &Changes),
+) {
+    let text = node_yaml().to_string();
+    let mut cluster = cluster_from(parse(&text, false).unwrap());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    check(0, &cluster, &Changes::everything());
+    for step in 1..=steps {
+        let mut changes = Changes::default();
+        for _ in 0..1 + rng.next(3) {
+            if rng.next(2) == 0 {
+                let i = rng.next(8);
+                let key = ("default".to_string(), format!("s{i}"));
+                if rng.next(4) == 0 {
+                    cluster.services.remove(&key);
+                } else {
+                    cluster.services.insert(key.clone(), random_service(&mut rng, i, shared_vips));
+                }
+                changes.services.insert(key);
+            } else {
+                let j = rng.next(12);
+                let key = ("default".to_string(), format!("e{j}"));
+                if rng.next(4) == 0 {
+                    cluster.slices.remove(&key);
+                } else {
+                    cluster.slices.insert(key.clone(), random_slice(&mut rng, j, per_pod));
+                }
+                changes.slices.insert(key);
+            }
+        }
+        check(step, &cluster, &changes);
+    }
+}
+
+fn test_node() -> NodeContext {
+    NodeContext {
+        name: NODE.into(),
+        nodeport_addresses: NodePortAddresses::Primary,
+        fallback_addresses: vec![],
+    }
+}
+
+/// Incremental syncs (ModelState + plan_changes) leave the maps exactly where a full plan
+/// wants them, and the applied state's indexes equal those read back from the maps.
+#[test]
+fn incremental_sync_leaves_nothing_for_a_full_plan() {
+    use crate::{
+        dataplane::FakeDataplane,
+        reconcile::{Applied, Limits, execute, plan, plan_changes},
+    };
+    const LIMITS: Limits =
+        Limits { max_table: 65_537, maglev_slots: 200_000, backends: 1_000, services: 1_000 };
+    let node = test_node();
+    let mut state = ModelState::default();
+    let mut dp = FakeDataplane::default();
+    let mut applied = Applied::read(&dp).unwrap();
+    applied.track_ranges(LIMITS.maglev_slots);
+    random_changes(800, false, true, |step, cluster, changes| {
+        let delta = state.update(cluster, &node, changes);
+        let ops = plan_changes(state.desired(), &delta, &applied, &LIMITS).unwrap();
+        execute(&mut dp, &mut applied, &ops).unwrap();
+        let read = Applied::read(&dp).unwrap();
+        assert_eq!(applied, read, "step {step}: recorded state differs from the maps");
+        assert_eq!(applied.index.by_addr, read.index.by_addr, "step {step}");
+        assert_eq!(applied.index.service_ids, read.index.service_ids, "step {step}");
+        assert_eq!(applied.index.table_users, read.index.table_users, "step {step}");
+        let rest = plan(state.desired(), &applied, &LIMITS).unwrap();
+        assert_eq!(rest, vec![], "step {step}: {changes:?} left work for a full plan (ops were {ops:?})");
+    });
+}
+
+#[test]
+fn incremental_model_equals_the_full_model_after_every_change() {
+    let node = test_node();
+    let mut state = ModelState::default();
+    random_changes(600, true, false, |step, cluster, changes| {
+        let before = state.desired().clone();
+        let delta = state.update(cluster, &node, changes);
+        let full = desired(cluster, &node);
+        assert_eq!(state.desired(), &full, "step {step}: {changes:?}");
+        if step == 0 {
+            assert!(delta.all, "the first update starts from scratch");
+            return;
+        }
+        // The delta names exactly the datapath services that differ, with their old values.
+        let differ: BTreeSet<&ServiceRef> = before
+            .services
+            .keys()
+            .chain(full.services.keys())
+            .filter(|r| before.services.get(*r) != full.services.get(*r))
+            .collect();
+        assert_eq!(differ, delta.services.keys().collect(), "step {step}");
+        for (r, old) in &delta.services {
+            assert_eq!(old.as_ref(), before.services.get(r), "step {step}: {r}");
+        }
+        let added: BTreeSet<IpAddr> = full.cluster_vips.difference(&before.cluster_vips).copied().collect();
+        let removed: BTreeSet<IpAddr> = before.cluster_vips.difference(&full.cluster_vips).copied().collect();
+        assert_eq!((added, removed), (delta.vips_added.clone(), delta.vips_removed.clone()), "step {step}");
+        let used = |d: &Desired| -> BTreeSet<(IpAddr, u16)> {
+            d.services
+                .values()
+                .flat_map(|s| s.backends.iter().chain(&s.kept))
+                .map(|b| (b.ip, b.port))
+                .collect()
+        };
+        let gone: BTreeSet<_> = used(&before).difference(&used(&full)).copied().collect();
+        assert_eq!(gone, delta.backends_gone, "step {step}");
+    });
+}

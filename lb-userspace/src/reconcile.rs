@@ -25,7 +25,7 @@ use lb_common::abi::*;
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     maglev,
-    model::{Backend, Desired, DesiredService, NoBackend},
+    model::{Backend, Delta, Desired, DesiredService, NoBackend},
     range_alloc::RangeAlloc,
 };
 
@@ -70,6 +70,45 @@ pub struct Applied {
     /// The distinct backend ids of each table, sorted (kept with `tables`).
     pub table_members: BTreeMap<u32, Vec<u32>>,
     pub source_ranges: BTreeSet<(u32, IpNet)>,
+    /// Lookups over the fields above, kept up to date by `record`, so a plan of a few
+    /// changes does not rebuild them from every entry.
+    pub index: Index,
+}
+
+/// Indexes derived from `Applied`'s maps. They take part in no comparison: two `Applied`
+/// are equal when their maps are.
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    /// Backend id of each `ip:port`.
+    pub by_addr: BTreeMap<(IpAddr, u16), u32>,
+    /// Frontend entries per service id.
+    pub service_ids: BTreeMap<u32, u32>,
+    /// Frontend entries pointing at each table offset.
+    pub table_users: BTreeMap<u32, u32>,
+    /// Free Maglev ranges; built on first use (it needs the capacity), then kept.
+    pub ranges: Option<RangeAlloc>,
+}
+
+impl PartialEq for Index {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Index {}
+
+fn bump(map: &mut BTreeMap<u32, u32>, key: u32, up: bool) -> u32 {
+    let n = map.entry(key).or_default();
+    if up {
+        *n += 1;
+    } else {
+        *n = n.saturating_sub(1);
+    }
+    let left = *n;
+    if left == 0 {
+        map.remove(&key);
+    }
+    left
 }
 
 impl Applied {
@@ -83,54 +122,142 @@ impl Applied {
             }
         }
         let table_members = tables.iter().map(|(off, t)| (*off, members_of(t))).collect();
+        let backends: BTreeMap<u32, BackendValue> = dp.backends()?.into_iter().collect();
+        let mut index = Index {
+            by_addr: backends.iter().map(|(id, b)| ((b.ip(), b.port()), *id)).collect(),
+            ..Default::default()
+        };
+        for v in services.values() {
+            bump(&mut index.service_ids, v.service_id, true);
+            if v.maglev_size > 0 {
+                bump(&mut index.table_users, v.maglev_offset, true);
+            }
+        }
         Ok(Applied {
             services,
-            backends: dp.backends()?.into_iter().collect(),
+            backends,
             tables,
             table_members,
             source_ranges: dp.source_ranges()?.into_iter().collect(),
+            index,
         })
     }
 
-    /// Records an op as done.
+    /// The free Maglev ranges for a plan (built from the tables the first time).
+    fn free_ranges(&self, capacity: u32) -> RangeAlloc {
+        if let Some(r) = &self.index.ranges {
+            return r.clone();
+        }
+        let mut r = RangeAlloc::new(capacity);
+        for (off, t) in &self.tables {
+            r.reserve(*off, t.len() as u32);
+        }
+        r
+    }
+
+    /// Starts keeping the free ranges (`capacity`: the Maglev array's), so that plans need
+    /// not rebuild them from every table.
+    pub fn track_ranges(&mut self, capacity: u32) {
+        if self.index.ranges.is_none() {
+            self.index.ranges = Some(self.free_ranges(capacity));
+        }
+    }
+
+    /// One fewer frontend entry points at `offset`: the table goes with the last one.
+    fn release_table(&mut self, offset: u32) {
+        if bump(&mut self.index.table_users, offset, false) == 0
+            && let Some(t) = self.tables.remove(&offset)
+        {
+            self.table_members.remove(&offset);
+            if let Some(r) = &mut self.index.ranges {
+                r.free(offset, t.len() as u32);
+            }
+        }
+    }
+
+    /// Records an op as done. A table is forgotten (its range free) when the last frontend
+    /// entry pointing at it goes or moves.
     pub fn record(&mut self, op: &MapOp) {
         match op {
             MapOp::SetBackend { id, value } => {
-                self.backends.insert(*id, *value);
+                if let Some(old) = self.backends.insert(*id, *value)
+                    && self.index.by_addr.get(&(old.ip(), old.port())) == Some(id)
+                {
+                    self.index.by_addr.remove(&(old.ip(), old.port()));
+                }
+                self.index.by_addr.insert((value.ip(), value.port()), *id);
             }
             MapOp::AllowSource { service_id, net } => {
                 self.source_ranges.insert((*service_id, *net));
             }
             MapOp::WriteMaglev { offset, table } => {
                 self.table_members.insert(*offset, members_of(table));
+                if let Some(r) = &mut self.index.ranges {
+                    r.reserve(*offset, table.len() as u32);
+                }
                 self.tables.insert(*offset, table.clone());
             }
             MapOp::SetService { key, value } => {
-                self.services.insert(*key, *value);
+                bump(&mut self.index.service_ids, value.service_id, true);
+                if value.maglev_size > 0 {
+                    bump(&mut self.index.table_users, value.maglev_offset, true);
+                }
+                if let Some(old) = self.services.insert(*key, *value) {
+                    self.forget_entry(&old);
+                }
             }
             MapOp::RemoveService { key } => {
-                self.services.remove(key);
+                if let Some(old) = self.services.remove(key) {
+                    self.forget_entry(&old);
+                }
             }
             MapOp::DisallowSource { service_id, net } => {
                 self.source_ranges.remove(&(*service_id, *net));
             }
             MapOp::RemoveBackend { id } => {
-                self.backends.remove(id);
+                if let Some(old) = self.backends.remove(id)
+                    && self.index.by_addr.get(&(old.ip(), old.port())) == Some(id)
+                {
+                    self.index.by_addr.remove(&(old.ip(), old.port()));
+                }
             }
         }
     }
 
-    /// Forgets tables no frontend points at any more (their ranges are free).
-    pub fn prune_tables(&mut self) {
-        let live: BTreeSet<u32> =
-            self.services.values().filter(|v| v.maglev_size > 0).map(|v| v.maglev_offset).collect();
-        self.tables.retain(|off, _| live.contains(off));
-        self.table_members.retain(|off, _| live.contains(off));
+    fn forget_entry(&mut self, old: &ServiceValue) {
+        bump(&mut self.index.service_ids, old.service_id, false);
+        if old.maglev_size > 0 {
+            self.release_table(old.maglev_offset);
+        }
+    }
+
+    /// Forgets tables written but never pointed at (a plan that stopped half way).
+    fn prune_unused(&mut self, written: &[u32]) {
+        for off in written {
+            if !self.index.table_users.contains_key(off)
+                && let Some(t) = self.tables.remove(off)
+            {
+                self.table_members.remove(off);
+                if let Some(r) = &mut self.index.ranges {
+                    r.free(*off, t.len() as u32);
+                }
+            }
+        }
     }
 }
 
 /// Performs `ops` in order, recording each in `applied` once the kernel has it.
 pub fn execute(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) -> Result<(), DataplaneError> {
+    let written: Vec<u32> = ops
+        .iter()
+        .filter_map(|op| if let MapOp::WriteMaglev { offset, .. } = op { Some(*offset) } else { None })
+        .collect();
+    let result = execute_ops(dp, applied, ops);
+    applied.prune_unused(&written);
+    result
+}
+
+fn execute_ops(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) -> Result<(), DataplaneError> {
     for op in ops {
         match op {
             MapOp::SetBackend { id, value } => dp.set_backend(*id, value)?,
@@ -143,7 +270,6 @@ pub fn execute(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) ->
         }
         applied.record(op);
     }
-    applied.prune_tables();
     Ok(())
 }
 
@@ -196,6 +322,58 @@ fn service_flags(s: &DesiredService) -> u32 {
     f
 }
 
+/// The frontend value of service `s` with id `service_id`; its Maglev table stays where it is
+/// when its members did not change, else goes to a fresh range (a `WriteMaglev` in `tables`).
+#[expect(clippy::too_many_arguments, reason = "the plan's state, shared by plan and plan_changes")]
+fn service_value(
+    s: &DesiredService,
+    service_id: u32,
+    previous: Option<&ServiceValue>,
+    backend_ids: &BTreeMap<(IpAddr, u16), u32>,
+    applied: &Applied,
+    limits: &Limits,
+    ranges: &mut RangeAlloc,
+    tables: &mut Vec<MapOp>,
+) -> Result<ServiceValue, PlanError> {
+    let mut ids: Vec<u32> = s.backends.iter().map(|b| backend_ids[&(b.ip, b.port)]).collect();
+    ids.sort_unstable();
+    let size = table_size(ids.len(), previous.map_or(0, |v| v.maglev_size), limits.max_table);
+    let prev_table =
+        previous.filter(|v| v.maglev_size == size).and_then(|v| applied.tables.get(&v.maglev_offset));
+    // The common case at scale: nothing changed for this service. Its table already holds
+    // exactly these backends (the builder gives every member slots), so no rebuild.
+    let unchanged = previous
+        .filter(|v| prev_table.is_some() && applied.table_members.get(&v.maglev_offset) == Some(&ids));
+    let offset = if let Some(v) = unchanged {
+        v.maglev_offset
+    } else if size == 0 {
+        0
+    } else {
+        let members: Vec<(u32, Vec<u8>)> = s
+            .backends
+            .iter()
+            .map(|b| (backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes()))
+            .collect();
+        let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
+        match (previous, prev_table) {
+            (Some(v), Some(t)) if *t == table => v.maglev_offset,
+            _ => {
+                let off = ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
+                tables.push(MapOp::WriteMaglev { offset: off, table });
+                off
+            }
+        }
+    };
+    Ok(ServiceValue {
+        service_id,
+        backend_count: ids.len() as u32,
+        maglev_offset: offset,
+        maglev_size: size,
+        flags: service_flags(s),
+        affinity_timeout: s.affinity_timeout.unwrap_or(0),
+    })
+}
+
 /// The ops that take the maps from `applied` to `desired`.
 pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec<MapOp>, PlanError> {
     let mut set_backends = Vec::new();
@@ -235,10 +413,7 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
     }
 
     // Maglev ranges in use stay reserved for this whole plan (old tables serve until the flip).
-    let mut ranges = RangeAlloc::new(limits.maglev_slots);
-    for v in applied.services.values().filter(|v| v.maglev_size > 0) {
-        ranges.reserve(v.maglev_offset, v.maglev_size);
-    }
+    let mut ranges = applied.free_ranges(limits.maglev_slots);
     let mut used_services: BTreeSet<u32> = applied.services.values().map(|v| v.service_id).collect();
     used_services.insert(0);
     let mut claimed: BTreeSet<u32> = BTreeSet::new();
@@ -263,44 +438,8 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
             }
         };
         claimed.insert(service_id);
-
-        let mut ids: Vec<u32> = s.backends.iter().map(|b| backend_ids[&(b.ip, b.port)]).collect();
-        ids.sort_unstable();
-        let size = table_size(ids.len(), previous.map_or(0, |v| v.maglev_size), limits.max_table);
-        let prev_table =
-            previous.filter(|v| v.maglev_size == size).and_then(|v| applied.tables.get(&v.maglev_offset));
-        // The common case at scale: nothing changed for this service. Its table already holds
-        // exactly these backends (the builder gives every member slots), so no rebuild.
-        let unchanged = previous
-            .filter(|v| prev_table.is_some() && applied.table_members.get(&v.maglev_offset) == Some(&ids));
-        let offset = if let Some(v) = unchanged {
-            v.maglev_offset
-        } else if size == 0 {
-            0
-        } else {
-            let members: Vec<(u32, Vec<u8>)> = s
-                .backends
-                .iter()
-                .map(|b| (backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes()))
-                .collect();
-            let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
-            match (previous, prev_table) {
-                (Some(v), Some(t)) if *t == table => v.maglev_offset,
-                _ => {
-                    let off = ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
-                    tables.push(MapOp::WriteMaglev { offset: off, table });
-                    off
-                }
-            }
-        };
-        let value = ServiceValue {
-            service_id,
-            backend_count: ids.len() as u32,
-            maglev_offset: offset,
-            maglev_size: size,
-            flags: service_flags(s),
-            affinity_timeout: s.affinity_timeout.unwrap_or(0),
-        };
+        let value =
+            service_value(s, service_id, previous, &backend_ids, applied, limits, &mut ranges, &mut tables)?;
         for net in &s.source_ranges {
             wanted_ranges.insert((service_id, *net));
             if !applied.source_ranges.contains(&(service_id, *net)) {
@@ -348,6 +487,157 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
             .backends
             .keys()
             .filter(|id| !wanted_ids.contains(id))
+            .map(|id| MapOp::RemoveBackend { id: *id }),
+    );
+    Ok(ops)
+}
+
+/// The lowest id from `from` on that is neither a key of `used` nor in `taken` (a walk
+/// over the used ids in order: cheap even when they are dense).
+fn first_free<V>(used: &BTreeMap<u32, V>, taken: &BTreeSet<u32>, from: u32, capacity: u32) -> Option<u32> {
+    let mut want = from;
+    for id in used.range(from..).map(|(id, _)| *id).chain(std::iter::once(u32::MAX)) {
+        while want < id {
+            if !taken.contains(&want) {
+                return (want < capacity).then_some(want);
+            }
+            want += 1;
+        }
+        want = id.saturating_add(1);
+        if want >= capacity {
+            return None;
+        }
+    }
+    None
+}
+
+/// The ops for one Model delta, looking only at the datapath services it names (plus the
+/// VIPs and endpoints it says came or went): the same ops, in the same order and by the same
+/// rules, as `plan` would need (tested: after them `plan` has nothing left to do). A delta
+/// that says "all" is planned in full.
+pub fn plan_changes(
+    desired: &Desired,
+    delta: &Delta,
+    applied: &Applied,
+    limits: &Limits,
+) -> Result<Vec<MapOp>, PlanError> {
+    if delta.all {
+        return plan(desired, applied, limits);
+    }
+    let mut set_backends = Vec::new();
+    let mut allow = Vec::new();
+    let mut tables = Vec::new();
+    let mut set_services = Vec::new();
+
+    // Backends of the changed services: known ones keep their id.
+    let mut backend_ids: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
+    let mut new_ids: BTreeSet<u32> = BTreeSet::from([0]);
+    let mut next_id = 1;
+    for s in delta.services.keys().filter_map(|r| desired.services.get(r)) {
+        for b in s.backends.iter().chain(&s.kept) {
+            let addr = (b.ip, b.port);
+            if backend_ids.contains_key(&addr) {
+                continue;
+            }
+            let id = match applied.index.by_addr.get(&addr) {
+                Some(id) => *id,
+                None => {
+                    let id = first_free(&applied.backends, &new_ids, next_id, limits.backends)
+                        .ok_or(PlanError::BackendsFull(limits.backends))?;
+                    new_ids.insert(id);
+                    next_id = id + 1;
+                    id
+                }
+            };
+            backend_ids.insert(addr, id);
+            let value = BackendValue::new(b.ip, b.port, backend_flags(b));
+            if applied.backends.get(&id) != Some(&value) {
+                set_backends.push(MapOp::SetBackend { id, value });
+            }
+        }
+    }
+
+    let mut ranges = applied.free_ranges(limits.maglev_slots);
+    let mut new_services: BTreeSet<u32> = BTreeSet::from([0]);
+    let mut next_service = 1;
+    let mut claimed: BTreeSet<u32> = BTreeSet::new();
+    let mut wanted_keys: BTreeSet<ServiceKey> = BTreeSet::new();
+    let mut wanted_ranges: BTreeSet<(u32, IpNet)> = BTreeSet::new();
+    // Service ids the changed services held before (their source ranges may have to go).
+    let mut old_ids: BTreeSet<u32> = BTreeSet::new();
+    for (sref, old) in &delta.services {
+        for (ip, port) in old.iter().flat_map(|o| &o.frontends) {
+            if let Some(v) = applied.services.get(&ServiceKey::new(*ip, *port, sref.proto)) {
+                old_ids.insert(v.service_id);
+            }
+        }
+        let Some(s) = desired.services.get(sref) else { continue };
+        let keys: Vec<ServiceKey> =
+            s.frontends.iter().map(|(ip, port)| ServiceKey::new(*ip, *port, sref.proto)).collect();
+        let previous =
+            keys.iter().filter_map(|k| applied.services.get(k)).find(|v| !claimed.contains(&v.service_id));
+        let service_id = match previous {
+            Some(v) => v.service_id,
+            None => {
+                let id = first_free(&applied.index.service_ids, &new_services, next_service, limits.services)
+                    .ok_or(PlanError::ServicesFull(limits.services))?;
+                new_services.insert(id);
+                next_service = id + 1;
+                id
+            }
+        };
+        claimed.insert(service_id);
+        let value =
+            service_value(s, service_id, previous, &backend_ids, applied, limits, &mut ranges, &mut tables)?;
+        for net in &s.source_ranges {
+            wanted_ranges.insert((service_id, *net));
+            if !applied.source_ranges.contains(&(service_id, *net)) {
+                allow.push(MapOp::AllowSource { service_id, net: *net });
+            }
+        }
+        for key in keys {
+            wanted_keys.insert(key);
+            if applied.services.get(&key) != Some(&value) {
+                set_services.push(MapOp::SetService { key, value });
+            }
+        }
+    }
+    for vip in &delta.vips_added {
+        let key = ServiceKey::new(*vip, 0, 0);
+        wanted_keys.insert(key);
+        if !applied.services.contains_key(&key) {
+            set_services.push(MapOp::SetService { key, value: ServiceValue::default() });
+        }
+    }
+
+    let mut ops = set_backends;
+    ops.extend(allow);
+    ops.extend(tables);
+    ops.extend(set_services);
+    // Frontends the changed services had and no longer have, and VIPs that went.
+    let gone_keys: BTreeSet<ServiceKey> = delta
+        .services
+        .iter()
+        .flat_map(|(sref, old)| {
+            old.iter().flat_map(|o| &o.frontends).map(|(ip, port)| ServiceKey::new(*ip, *port, sref.proto))
+        })
+        .chain(delta.vips_removed.iter().map(|vip| ServiceKey::new(*vip, 0, 0)))
+        .filter(|k| !wanted_keys.contains(k) && applied.services.contains_key(k))
+        .collect();
+    ops.extend(gone_keys.into_iter().map(|key| MapOp::RemoveService { key }));
+    ops.extend(
+        applied
+            .source_ranges
+            .iter()
+            .filter(|r| old_ids.contains(&r.0) && !wanted_ranges.contains(r))
+            .map(|(service_id, net)| MapOp::DisallowSource { service_id: *service_id, net: *net }),
+    );
+    ops.extend(
+        delta
+            .backends_gone
+            .iter()
+            .filter(|a| !backend_ids.contains_key(a))
+            .filter_map(|a| applied.index.by_addr.get(a))
             .map(|id| MapOp::RemoveBackend { id: *id }),
     );
     Ok(ops)

@@ -56,13 +56,14 @@ fn expected(api: &ApiStandIn) -> View {
     view(&dp)
 }
 
-/// The agent's loop in miniature: sync whenever the source has a new snapshot.
+/// The agent's loop in miniature: whenever the source has changes, update the Model
+/// incrementally and plan only what changed (as `lb agent` does).
 struct Agent {
     src: KubeSource,
     wake: Arc<tokio::sync::Notify>,
     dp: FakeDataplane,
     applied: Applied,
-    synced: Option<u64>,
+    model: model::ModelState,
 }
 
 impl Agent {
@@ -70,18 +71,14 @@ impl Agent {
         let wake = Arc::new(tokio::sync::Notify::new());
         let src = KubeSource::start(api.client(), "node-1", wake.clone(), |m| eprintln!("{m}"));
         let applied = Applied::read(&dp).unwrap();
-        Agent { src, wake, dp, applied, synced: None }
+        Agent { src, wake, dp, applied, model: model::ModelState::default() }
     }
 
     fn sync_once(&mut self) {
-        if self.synced == Some(self.src.generation()) {
-            return;
-        }
-        let Some((cluster, generation)) = self.src.snapshot() else { return };
-        let desired = model::desired(&cluster, &node());
-        let ops = reconcile::plan(&desired, &self.applied, &LIMITS).unwrap();
+        let Some(changes) = self.src.take_changes() else { return };
+        let delta = self.src.with_cluster(|c| self.model.update(c, &node(), &changes));
+        let ops = reconcile::plan_changes(self.model.desired(), &delta, &self.applied, &LIMITS).unwrap();
         reconcile::execute(&mut self.dp, &mut self.applied, &ops).unwrap();
-        self.synced = Some(generation);
     }
 
     /// Runs the loop until the datapath equals the Model of the stand-in's objects.

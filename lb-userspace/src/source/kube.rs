@@ -23,7 +23,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::model::Cluster;
+use crate::model::{Changes, Cluster};
 
 /// The EndpointSlice annotation kube-proxy measures network programming latency from.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -43,6 +43,8 @@ struct Store {
     listed: [bool; 3],
     /// Bumped on every change of `cluster`.
     generation: u64,
+    /// What changed since the agent last took the changes.
+    changes: Changes,
     /// Trigger times of EndpointSlice changes not yet programmed.
     triggers: Vec<jiff::Timestamp>,
     errors: u64,
@@ -59,6 +61,8 @@ trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + S
     const SLOT: usize;
     const NAME: &'static str;
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self>;
+    /// Notes that the object `key` of this kind changed.
+    fn note(changes: &mut Changes, key: (String, String));
     /// When the change this object carries was triggered (EndpointSlices only).
     fn trigger_time(&self) -> Option<jiff::Timestamp> {
         None
@@ -75,6 +79,9 @@ impl Watched for Service {
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self> {
         &mut c.services
     }
+    fn note(changes: &mut Changes, key: (String, String)) {
+        changes.services.insert(key);
+    }
 }
 
 impl Watched for EndpointSlice {
@@ -82,6 +89,9 @@ impl Watched for EndpointSlice {
     const NAME: &'static str = "endpointslices";
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self> {
         &mut c.slices
+    }
+    fn note(changes: &mut Changes, key: (String, String)) {
+        changes.slices.insert(key);
     }
     fn trigger_time(&self) -> Option<jiff::Timestamp> {
         self.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?.parse().ok()
@@ -93,6 +103,10 @@ impl Watched for Node {
     const NAME: &'static str = "nodes";
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self> {
         &mut c.nodes
+    }
+    /// This node's addresses feed every NodePort: everything is recomputed.
+    fn note(changes: &mut Changes, _key: (String, String)) {
+        changes.all = true;
     }
 }
 
@@ -143,16 +157,22 @@ impl KubeSource {
                     *K::map(&mut s.cluster) = std::mem::take(&mut buffer);
                     s.listed[K::SLOT] = true;
                     s.generation += 1;
+                    // A relist replaces the whole kind.
+                    s.changes.all = true;
                 }
                 Ok(watcher::Event::Apply(o)) => {
                     if let Some(t) = o.trigger_time() {
                         s.triggers.push(t);
                     }
-                    K::map(&mut s.cluster).insert(key(o.meta()), o);
+                    let k = key(o.meta());
+                    K::note(&mut s.changes, k.clone());
+                    K::map(&mut s.cluster).insert(k, o);
                     s.generation += 1;
                 }
                 Ok(watcher::Event::Delete(o)) => {
-                    K::map(&mut s.cluster).remove(&key(o.meta()));
+                    let k = key(o.meta());
+                    K::map(&mut s.cluster).remove(&k);
+                    K::note(&mut s.changes, k);
                     s.generation += 1;
                 }
                 Err(e) => {
@@ -170,6 +190,21 @@ impl KubeSource {
     pub fn snapshot(&self) -> Option<(Cluster, u64)> {
         let s = self.store.borrow();
         s.listed.iter().all(|l| *l).then(|| (s.cluster.clone(), s.generation))
+    }
+
+    /// What changed since the last call, once every kind has been listed (the first call
+    /// then says "all"); `None` before, or when nothing changed.
+    pub fn take_changes(&self) -> Option<Changes> {
+        let mut s = self.store.borrow_mut();
+        if !s.listed.iter().all(|l| *l) || s.changes.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut s.changes))
+    }
+
+    /// Runs `f` on the objects as they are now (no copy).
+    pub fn with_cluster<R>(&self, f: impl FnOnce(&Cluster) -> R) -> R {
+        f(&self.store.borrow().cluster)
     }
 
     /// The generation of the objects (changes whenever they do).

@@ -7,7 +7,7 @@
 //! is reported with its path and reason, and its last good content stays in effect.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -17,7 +17,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize as _;
 
-use crate::model::{Cluster, SERVICE_NAME_LABEL};
+use crate::model::{Changes, Cluster, SERVICE_NAME_LABEL};
 
 /// How often the folder is checked without an inotify event.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -73,7 +73,7 @@ pub enum ManifestError {
 }
 
 /// One object of a kind we use.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
@@ -81,20 +81,24 @@ pub enum Object {
 }
 
 impl Object {
-    fn id(&self) -> (&'static str, String) {
+    /// Kind and `Cluster` key (`(namespace, name)`; Nodes `("", name)`).
+    fn id(&self) -> Id {
         let (kind, meta) = match self {
             Object::Service(s) => ("Service", &s.metadata),
             Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
             Object::Node(n) => ("Node", &n.metadata),
         };
-        (
-            kind,
-            format!(
-                "{}/{}",
-                meta.namespace.as_deref().unwrap_or("default"),
-                meta.name.as_deref().unwrap_or("")
-            ),
-        )
+        let ns = match self {
+            Object::Node(_) => String::new(),
+            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        };
+        (kind, (ns, meta.name.clone().unwrap_or_default()))
+    }
+
+    /// `Kind namespace/name` (`Node name`) for messages.
+    fn describe(&self) -> String {
+        let (kind, (ns, name)) = self.id();
+        if ns.is_empty() { format!("{kind} {name}") } else { format!("{kind} {ns}/{name}") }
     }
 }
 
@@ -139,7 +143,7 @@ fn object(doc: serde_json::Value) -> Result<Option<Object>, String> {
         }
         _ => return Ok(None),
     };
-    validate(&o).map_err(|e| format!("{} {}: {e}", o.id().0, o.id().1))?;
+    validate(&o).map_err(|e| format!("{}: {e}", o.describe()))?;
     Ok(Some(o))
 }
 
@@ -260,20 +264,48 @@ fn is_manifest(path: &Path) -> bool {
 /// What identifies a file version without reading it.
 type Stamp = (i64, i64, u64, u64);
 
-/// The folder's state: the last good objects of every file.
+/// An object's identity: its kind and its key in `Cluster`.
+type Id = (&'static str, (String, String));
+
+/// One file's last good objects, indexed by identity.
+#[derive(Debug, Default)]
+struct FileObjects {
+    stamp: Stamp,
+    objs: Vec<Object>,
+    ids: BTreeMap<Id, usize>,
+}
+
+impl FileObjects {
+    fn new(stamp: Stamp, objs: Vec<Object>) -> Self {
+        // A later object of the same identity in one file replaces the earlier one.
+        let ids = objs.iter().enumerate().map(|(i, o)| (o.id(), i)).collect();
+        FileObjects { stamp, objs, ids }
+    }
+
+    fn get(&self, id: &Id) -> Option<&Object> {
+        self.ids.get(id).map(|i| &self.objs[*i])
+    }
+}
+
+/// The folder's state: the last good objects of every file, merged into one `Cluster` that is
+/// updated object by object, and the changes not yet taken by a sync.
 #[derive(Debug, Default)]
 pub struct Folder {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, (Stamp, Vec<Object>)>,
+    files: BTreeMap<PathBuf, FileObjects>,
+    merged: Cluster,
+    changes: Changes,
+    warnings: Vec<String>,
 }
 
 impl Folder {
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf(), files: BTreeMap::new() }
+        Self { dir: dir.to_path_buf(), changes: Changes::everything(), ..Default::default() }
     }
 
-    /// Re-reads what changed. Returns whether the good state changed, and the errors of files
-    /// that failed (their last good content is kept).
+    /// Re-reads what changed. Returns whether the good state changed (the changes wait in
+    /// `take_changes`), and the errors of files that failed (their last good content is
+    /// kept).
     pub fn refresh(&mut self) -> Result<(bool, Vec<ManifestError>), ManifestError> {
         let dir_err = |source| ManifestError::Dir { dir: self.dir.clone(), source };
         let mut seen = BTreeMap::new();
@@ -288,56 +320,94 @@ impl Folder {
                 seen.insert(path, (md.mtime(), md.mtime_nsec(), md.size(), md.ino()));
             }
         }
-        let mut changed = false;
         let mut errors = Vec::new();
-        let before = self.files.len();
-        self.files.retain(|p, _| seen.contains_key(p));
-        changed |= self.files.len() != before;
+        // Identities whose object may differ now.
+        let mut dirty: BTreeSet<Id> = BTreeSet::new();
+        let gone: Vec<PathBuf> = self.files.keys().filter(|p| !seen.contains_key(*p)).cloned().collect();
+        for path in gone {
+            if let Some(f) = self.files.remove(&path) {
+                dirty.extend(f.ids.into_keys());
+            }
+        }
         for (path, stamp) in seen {
-            if self.files.get(&path).is_some_and(|(s, _)| *s == stamp) {
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
+            let old = self.files.remove(&path).unwrap_or_default();
             match load_file(&path) {
                 Ok(objs) => {
-                    self.files.insert(path, (stamp, objs));
-                    changed = true;
+                    let new = FileObjects::new(stamp, objs);
+                    for id in old.ids.keys().chain(new.ids.keys()) {
+                        if old.get(id) != new.get(id) {
+                            dirty.insert(id.clone());
+                        }
+                    }
+                    self.files.insert(path, new);
                 }
                 Err(e) => {
                     // Remember the stamp so the error is reported once per version of the
                     // file, and keep the objects of its last good version.
-                    let objs = self.files.remove(&path).map(|(_, o)| o).unwrap_or_default();
-                    self.files.insert(path, (stamp, objs));
+                    self.files.insert(path, FileObjects { stamp, ..old });
                     errors.push(e);
                 }
             }
         }
-        Ok((changed, errors))
+        for id in &dirty {
+            self.merge(id);
+        }
+        Ok((!self.changes.is_empty(), errors))
     }
 
-    /// The good objects of every file. An object defined in two files: the first file (by
-    /// name) wins, and the duplicate is returned as a warning.
-    pub fn cluster(&self) -> (Cluster, Vec<String>) {
-        let mut c = Cluster::default();
-        let mut warnings = Vec::new();
-        let mut seen: BTreeMap<(&'static str, String), &Path> = BTreeMap::new();
-        for (path, (_, objs)) in &self.files {
-            for o in objs {
-                let id = o.id();
-                if let Some(first) = seen.get(&id) {
-                    warnings.push(format!(
-                        "{}: {} {} is also defined in {}; ignored here",
-                        path.display(),
-                        id.0,
-                        id.1,
-                        first.display()
-                    ));
-                    continue;
-                }
-                seen.insert(id, path);
-                insert(&mut c, o.clone());
+    /// Brings one object of the merged state up to date: the first file (by name) that
+    /// defines it wins; a duplicate elsewhere is reported.
+    fn merge(&mut self, id: &Id) {
+        let mut defined = self.files.iter().filter_map(|(p, f)| f.get(id).map(|o| (p, o)));
+        let winner = defined.next();
+        for (dup, _) in defined {
+            let first = winner.map(|(p, _)| p.display().to_string()).unwrap_or_default();
+            let what = winner.map(|(_, o)| o.describe()).unwrap_or_default();
+            self.warnings.push(format!("{}: {what} is also defined in {first}; ignored here", dup.display()));
+        }
+        let key = id.1.clone();
+        match (id.0, winner.map(|(_, o)| o.clone())) {
+            ("Service", o) => {
+                self.changes.services.insert(key.clone());
+                match o {
+                    Some(Object::Service(s)) => self.merged.services.insert(key, *s).map(|_| ()),
+                    _ => self.merged.services.remove(&key).map(|_| ()),
+                };
+            }
+            ("EndpointSlice", o) => {
+                self.changes.slices.insert(key.clone());
+                match o {
+                    Some(Object::EndpointSlice(s)) => self.merged.slices.insert(key, *s).map(|_| ()),
+                    _ => self.merged.slices.remove(&key).map(|_| ()),
+                };
+            }
+            (_, o) => {
+                // A Node changes addresses: everything is recomputed.
+                self.changes.all = true;
+                match o {
+                    Some(Object::Node(n)) => self.merged.nodes.insert(key, *n).map(|_| ()),
+                    _ => self.merged.nodes.remove(&key).map(|_| ()),
+                };
             }
         }
-        (c, warnings)
+    }
+
+    /// The good objects of every file.
+    pub fn cluster(&self) -> &Cluster {
+        &self.merged
+    }
+
+    /// What changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Objects defined twice, seen since the last call.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 }
 
@@ -430,14 +500,14 @@ mod tests {
         let mut folder = Folder::new(&dir);
         let (_, errors) = folder.refresh().unwrap();
         assert!(errors.is_empty(), "{errors:?}");
-        let (cluster, warnings) = folder.cluster();
-        assert!(warnings.is_empty());
+        assert!(folder.take_warnings().is_empty());
+        let cluster = folder.cluster();
         let node = crate::model::NodeContext {
             name: "node-1".into(),
             nodeport_addresses: crate::model::NodePortAddresses::Primary,
             fallback_addresses: vec![],
         };
-        let d = crate::model::desired(&cluster, &node);
+        let d = crate::model::desired(cluster, &node);
         let fronts: Vec<String> =
             d.services.values().flat_map(|s| s.frontends.iter().map(|(ip, p)| format!("{ip}:{p}"))).collect();
         assert_eq!(fronts, ["198.19.0.10:80", "198.18.0.1:30080"]);
@@ -454,7 +524,8 @@ mod tests {
         let mut folder = Folder::new(&dir);
         let (changed, errors) = folder.refresh().unwrap();
         assert!(changed && errors.is_empty());
-        assert_eq!(folder.cluster().0.services.len(), 1);
+        assert_eq!(folder.cluster().services.len(), 1);
+        assert!(folder.take_changes().all, "the first changes are everything");
 
         std::fs::write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: nope}\n")
             .unwrap();
@@ -462,14 +533,56 @@ mod tests {
         assert!(!changed);
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("svc.yaml") && errors[0].to_string().contains("nope"));
-        let svc = &folder.cluster().0.services[&("default".to_string(), "web".to_string())];
+        let svc = &folder.cluster().services[&("default".to_string(), "web".to_string())];
         assert_eq!(svc.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("198.19.0.10"));
         // Reported once per version of the file.
         assert!(folder.refresh().unwrap().1.is_empty());
 
         std::fs::remove_file(&f).unwrap();
         assert!(folder.refresh().unwrap().0);
-        assert!(folder.cluster().0.services.is_empty());
+        assert!(folder.cluster().services.is_empty());
+        let web = ("default".to_string(), "web".to_string());
+        assert_eq!(folder.take_changes(), Changes { services: [web].into(), ..Default::default() });
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Only the objects that differ are reported as changed; a duplicate is reported and the
+    /// first file wins, until it goes.
+    #[test]
+    fn folder_reports_the_objects_that_changed() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-changes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n"
+            )
+        };
+        let key = |n: &str| ("default".to_string(), n.to_string());
+        std::fs::write(dir.join("a.yaml"), svc("one", "198.19.0.1") + &svc("two", "198.19.0.2")).unwrap();
+        let mut folder = Folder::new(&dir);
+        folder.refresh().unwrap();
+        assert!(folder.take_changes().all);
+
+        std::fs::write(dir.join("a.yaml"), svc("one", "198.19.0.1") + &svc("two", "198.19.0.3")).unwrap();
+        assert!(folder.refresh().unwrap().0);
+        assert_eq!(folder.take_changes(), Changes { services: [key("two")].into(), ..Default::default() });
+
+        std::fs::write(dir.join("b.yaml"), svc("one", "198.19.0.9")).unwrap();
+        folder.refresh().unwrap();
+        let warnings = folder.take_warnings();
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("b.yaml") && warnings[0].contains("a.yaml"),
+            "{warnings:?}"
+        );
+        let ip =
+            |f: &Folder| f.cluster().services[&key("one")].spec.as_ref().unwrap().cluster_ip.clone().unwrap();
+        assert_eq!(ip(&folder), "198.19.0.1");
+
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        folder.refresh().unwrap();
+        assert_eq!(ip(&folder), "198.19.0.9");
+        assert!(!folder.cluster().services.contains_key(&key("two")));
+        assert_eq!(folder.take_changes().services, [key("one"), key("two")].into());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -67,11 +67,14 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
     };
     let mut l = Loaded::with_caps(&caps);
     let mut c = cluster(n, PROTO);
+    // As `lb agent` does: the Model kept between syncs, the plan limited to what changed.
+    let mut state = model::ModelState::default();
     let t = Instant::now();
-    let desired = model::desired(&c, &node());
+    let delta = state.update(&c, &node(), &model::Changes::everything());
     let model_ms = ms(t.elapsed());
     let mut applied = Applied::default();
-    let ops = reconcile::plan(&desired, &applied, &limits)?;
+    applied.track_ranges(limits.maglev_slots);
+    let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits)?;
     reconcile::execute(&mut l.dp, &mut applied, &ops)?;
     let full_ms = ms(t.elapsed());
 
@@ -81,9 +84,11 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
     let new_ep = (Ipv4Addr::new(198, 19, 255, 1), eps[0].1);
     eps[0] = new_ep;
     let t = Instant::now();
-    c.slices.insert((NS.into(), format!("svc-{last}-abc")), slice(last, &eps, PROTO));
-    let desired = model::desired(&c, &node());
-    let ops = reconcile::plan(&desired, &applied, &limits)?;
+    let slice_key = (NS.to_string(), format!("svc-{last}-abc"));
+    c.slices.insert(slice_key.clone(), slice(last, &eps, PROTO));
+    let changes = model::Changes { slices: [slice_key].into(), ..Default::default() };
+    let delta = state.update(&c, &node(), &changes);
+    let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits)?;
     reconcile::execute(&mut l.dp, &mut applied, &ops)?;
     let mut i = 0u32;
     loop {
