@@ -717,3 +717,22 @@ fn a_direct_connection_from_a_reused_port_is_not_taken_for_an_old_service_flow()
     let (_, out) = l.run_tc(&synack.build());
     assert_eq!(out, synack.build());
 }
+
+/// `--xdp-forward` forwards only out of the agent's own XDP ports: with none listed, a
+/// translated packet goes up the stack exactly as without the option (same bytes: no TTL or
+/// MAC change), and the counter says so; an untranslated packet is not counted at all.
+#[test]
+fn xdp_forward_without_a_port_passes_the_translated_packet_unchanged() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    l.dp.set_config(&Config { flags: CFG_F_XDP_FORWARD, ..Config::default() }).unwrap();
+    assert_eq!(l.dp.xdp_tx_ports(), Vec::<u32>::new());
+    for port in 41000..41004 {
+        expect_dnat(&l, &svc, &BES4, &Spec::tcp(CLIENT4, port, VIP4, 80), false);
+    }
+    let miss = Spec::tcp(CLIENT4, 41000, "198.18.0.1", 80).build();
+    assert_eq!(l.run_xdp(&miss), (XDP_PASS, miss.clone()));
+    let count = |slot| l.dp.xdp_forward_counter(slot).unwrap().packets;
+    assert_eq!((count(XDP_FWD_TO_STACK), count(XDP_FWD_TX), count(XDP_FWD_REDIRECTED)), (4, 0, 0));
+}

@@ -47,7 +47,8 @@ pub fn chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> anyh
     let x_min = all.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) / 1.5;
     let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max) * 1.5;
     let y_min = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).max(1e-3) / 1.5;
-    let y_max = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.5;
+    // Headroom above the highest point: the legend sits there.
+    let y_max = all.iter().map(|p| p.1).fold(0.0, f64::max) * 8.0;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     let draw = |e: &dyn std::fmt::Display| anyhow!("{}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| draw(&e))?;
