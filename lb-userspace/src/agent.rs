@@ -524,11 +524,21 @@ async fn spawn_http(cfg: &AgentConfig, status: Rc<RefCell<Status>>, start: Insta
     let st = status.clone();
     tokio::task::spawn_local(http::serve(metrics, move |path| {
         let r = match path.as_str() {
-            "/metrics" => Response::text(200, render_metrics(&st.borrow(), &pin_dir)),
+            "/metrics" => {
+                // The datapath's counters (a walk of the flow table among them) are read on a
+                // blocking thread, so a scrape never holds up a sync.
+                let status = render_status(&st.borrow());
+                let pins = pin_dir.clone();
+                return futures::future::Either::Left(async move {
+                    let datapath =
+                        tokio::task::spawn_blocking(move || render_datapath(&pins)).await.unwrap_or_default();
+                    Response::text(200, status + &datapath)
+                });
+            }
             "/healthz" | "/livez" => health(&st.borrow()),
             _ => Response::text(404, "try /metrics\n"),
         };
-        async move { r }
+        futures::future::Either::Right(async move { r })
     }));
     let healthz = http::bind(cfg.healthz_bind, "--healthz-bind-address").await?;
     tokio::task::spawn_local(http::serve(healthz, move |path| {
@@ -557,7 +567,8 @@ fn health(st: &Status) -> Response {
     }
 }
 
-fn render_metrics(st: &Status, pin_dir: &std::path::Path) -> String {
+/// The agent's own metrics.
+fn render_status(st: &Status) -> String {
     let mut s = st.sync_duration.render(
         "kubeproxy_sync_proxy_rules_duration_seconds",
         "Time to plan and write one sync of the datapath maps.",
@@ -585,7 +596,15 @@ fn render_metrics(st: &Status, pin_dir: &std::path::Path) -> String {
         s += &format!("lb_xdp_attached{{iface=\"{iface}\",mode=\"{how:?}\"}} 1\n");
     }
     s += &gauge("lb_tc_attached", "Interfaces with the TC program.", st.tc.len().to_string());
-    // Datapath counters come straight from the pinned maps.
+    s
+}
+
+/// The datapath's counters, straight from the pinned maps.
+fn render_datapath(pin_dir: &std::path::Path) -> String {
+    let gauge = |name: &str, help: &str, v: String| {
+        format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n")
+    };
+    let mut s = String::new();
     if let Ok(dp) = AyaDataplane::open(pin_dir) {
         s += "# HELP lb_packets_total Packets by datapath verdict reason.\n# TYPE lb_packets_total counter\n";
         let mut bytes = String::from(
@@ -598,6 +617,14 @@ fn render_metrics(st: &Status, pin_dir: &std::path::Path) -> String {
             }
         }
         s += &bytes;
+        s += "# HELP lb_xdp_forward_packets_total Translated packets at XDP under --xdp-forward, by what became of them.\n# TYPE lb_xdp_forward_packets_total counter\n";
+        for (slot, result) in
+            [(XDP_FWD_REDIRECTED, "redirected"), (XDP_FWD_TX, "tx"), (XDP_FWD_TO_STACK, "to_stack")]
+        {
+            if let Ok(c) = dp.xdp_forward_counter(slot) {
+                s += &format!("lb_xdp_forward_packets_total{{result=\"{result}\"}} {}\n", c.packets);
+            }
+        }
         let ids: BTreeSet<u32> =
             dp.services().unwrap_or_default().iter().map(|(_, v)| v.service_id).collect();
         s += "# HELP lb_service_packets_total Packets per datapath service id.\n# TYPE lb_service_packets_total counter\n";

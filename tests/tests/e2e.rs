@@ -727,6 +727,14 @@ fn kube_source_programs_the_datapath_and_a_lost_api_server_keeps_it() {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     assert!(count >= 2, "programming latency not observed:\n{metrics}");
+    // The datapath's counters come with it (read off the agent's loop).
+    let new_flows = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lb_packets_total{reason=\"new_flow\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(new_flows > 0, "no datapath counters:\n{metrics}");
+    assert!(metrics.contains("lb_conntrack_entries ") && metrics.contains("lb_xdp_forward_packets_total{"));
     lab.teardown();
 }
 
