@@ -46,10 +46,32 @@ pub fn connect_times(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<f
             let s = TcpStream::connect_timeout(&to, Duration::from_secs(1))
                 .with_context(|| format!("connect #{i} to {to}"))?;
             out.push(t.elapsed().as_secs_f64() * 1e6);
-            drop(s);
+            abort(s);
+            if i % 1000 == 999 {
+                // Let a thread-per-connection server (lb-serve) catch up with its accept
+                // queue: back to back, 20 000 connections overflowed it after ~5 000.
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         Ok(out)
     })?
+}
+
+/// Closes with a RST (SO_LINGER 0): no FIN exchange and no TIME_WAIT on either side, so tens
+/// of thousands of back-to-back connections neither run out of ports nor leave the server
+/// closing sockets in bursts while later handshakes are being timed.
+fn abort(s: TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on our own socket with a correctly sized value.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Request/response round trips (µs) on one connection.
@@ -117,6 +139,8 @@ pub fn latency(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow
     let mut rows = Vec::new();
     for (target, to) in [("VIP", vip), ("direct", direct)] {
         let mut c = connect_times(&ns, to, n)?;
+        // The server is still reaping those connections' threads: let it settle first.
+        std::thread::sleep(Duration::from_secs(1));
         let mut r = rr_times(&ns, to, n)?;
         let row = (
             target,
