@@ -139,8 +139,6 @@ pub fn latency(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow
     let mut rows = Vec::new();
     for (target, to) in [("VIP", vip), ("direct", direct)] {
         let mut c = connect_times(&ns, to, n)?;
-        // The server is still reaping those connections' threads: let it settle first.
-        std::thread::sleep(Duration::from_secs(1));
         let mut r = rr_times(&ns, to, n)?;
         let row = (
             target,
