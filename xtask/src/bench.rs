@@ -53,11 +53,19 @@ pub enum Which {
         #[arg(long)]
         nft_max: Option<u32>,
     },
-    /// Connection setup and request/response p50/p99 from a lab pod, via the VIP (1 and
-    /// 10 000 services) and direct to the pod. Builds the lab binaries first.
+    /// First-packet (SYN → SYN/ACK) p50/p99 vs number of services through a forwarding
+    /// namespace, ours vs iptables vs nftables vs plain forwarding; and connection setup and
+    /// request/response from a lab pod via the VIP and direct. Builds the lab binaries first.
     Latency {
+        /// 5 000 connections per cell instead of 20 000 (2 000 in the lab).
         #[arg(long)]
         quick: bool,
+        /// Service counts of the first-packet sweep, comma-separated (default 1,1000,10000,30000).
+        #[arg(long)]
+        services: Option<String>,
+        /// Load nftables up to this many services (default 10000).
+        #[arg(long)]
+        nft_max: Option<u32>,
     },
     /// New TCP connections per second from a lab pod, via the VIP and direct.
     Connrate {
@@ -77,79 +85,59 @@ fn bench_bin() -> Command {
     cmd
 }
 
+/// `lb-bench NAME --out DIR [--quick] [--services S] [--nft-max N]`.
+fn bench(name: &str, quick: bool, services: Option<String>, nft_max: Option<u32>) -> anyhow::Result<()> {
+    let mut cmd = bench_bin();
+    cmd.arg(name).arg("--out").arg(root().join("target/bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    if let Some(s) = services {
+        cmd.arg("--services").arg(s);
+    }
+    if let Some(n) = nft_max {
+        cmd.arg("--nft-max").arg(n.to_string());
+    }
+    run_cmd(&mut cmd)
+}
+
+/// The lab runs `lb` and `lb-serve` from the same target directory as lb-bench.
+fn build_lab_binaries() -> anyhow::Result<()> {
+    run_cmd(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args([
+            "build",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "-p",
+            "lb-tests",
+            "--bins",
+        ]),
+    )
+}
+
 pub fn run(which: Which) -> anyhow::Result<()> {
-    let out = root().join("target/bench");
     match which {
-        Which::Prog { quick, services } => {
-            let mut cmd = bench_bin();
-            cmd.arg("prog").arg("--out").arg(&out);
-            if quick {
-                cmd.arg("--quick");
-            }
-            if let Some(s) = services {
-                cmd.arg("--services").arg(s);
-            }
-            run_cmd(&mut cmd)
+        Which::Prog { quick, services } => bench("prog", quick, services, None),
+        Which::Throughput { quick } => bench("throughput", quick, None, None),
+        Which::Newflows { quick, services, nft_max } => bench("newflows", quick, services, nft_max),
+        Which::Control { quick, services, nft_max } => bench("control", quick, services, nft_max),
+        Which::Latency { quick, services, nft_max } => {
+            build_lab_binaries()?;
+            bench("latency", quick, services, nft_max)
         }
-        Which::Control { quick, services, nft_max } => {
-            let mut cmd = bench_bin();
-            cmd.arg("control").arg("--out").arg(&out);
-            if quick {
-                cmd.arg("--quick");
-            }
-            if let Some(s) = services {
-                cmd.arg("--services").arg(s);
-            }
-            if let Some(n) = nft_max {
-                cmd.arg("--nft-max").arg(n.to_string());
-            }
-            run_cmd(&mut cmd)
-        }
-        Which::Throughput { quick } => {
-            let mut cmd = bench_bin();
-            cmd.arg("throughput").arg("--out").arg(&out);
-            if quick {
-                cmd.arg("--quick");
-            }
-            run_cmd(&mut cmd)
-        }
-        Which::Newflows { quick, services, nft_max } => {
-            let mut cmd = bench_bin();
-            cmd.arg("newflows").arg("--out").arg(&out);
-            if quick {
-                cmd.arg("--quick");
-            }
-            if let Some(s) = services {
-                cmd.arg("--services").arg(s);
-            }
-            if let Some(n) = nft_max {
-                cmd.arg("--nft-max").arg(n.to_string());
-            }
-            run_cmd(&mut cmd)
-        }
-        Which::Latency { quick } | Which::Connrate { quick } => {
-            let name = if matches!(which, Which::Latency { .. }) { "latency" } else { "connrate" };
-            // The lab runs `lb` and `lb-serve` from the same target directory as lb-bench.
-            run_cmd(
-                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                    .current_dir(root())
-                    .args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]),
-            )?;
-            let mut cmd = bench_bin();
-            cmd.arg(name).arg("--out").arg(&out);
-            if quick {
-                cmd.arg("--quick");
-            }
-            run_cmd(&mut cmd)
+        Which::Connrate { quick } => {
+            build_lab_binaries()?;
+            bench("connrate", quick, None, None)
         }
         Which::All { quick } => {
             run(Which::Prog { quick, services: None })?;
             run(Which::Throughput { quick })?;
             run(Which::Newflows { quick, services: None, nft_max: None })?;
             run(Which::Control { quick, services: None, nft_max: None })?;
-            run(Which::Latency { quick })?;
+            run(Which::Latency { quick, services: None, nft_max: None })?;
             run(Which::Connrate { quick })?;
-            eprintln!("bench all: results in {}", out.display());
+            eprintln!("bench all: results in {}", root().join("target/bench").display());
             Ok(())
         }
     }
