@@ -129,7 +129,8 @@ fn lab() -> anyhow::Result<Lab> {
 pub fn latency(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Result<()> {
     let n = if quick { 2_000 } else { 20_000 };
     // First packet vs number of services, against kube-proxy's rules (forwarding namespace).
-    let (fp, direct_fp) = crate::forward::first_packet(sweep, nft_max, if quick { 5_000 } else { 20_000 })?;
+    let (fp, direct_fp) =
+        crate::first_packet::first_packet(sweep, nft_max, if quick { 5_000 } else { 20_000 })?;
 
     // Connect and request/response in the two-node lab (the TC datapath).
     let lab = lab()?;
@@ -155,7 +156,7 @@ pub fn latency(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow
     }
     drop(lab);
 
-    let cell = |p: Option<crate::forward::Percentiles>, n: u32, max: u32| match p {
+    let cell = |p: Option<crate::first_packet::Percentiles>, n: u32, max: u32| match p {
         Some(p) => format!("{:.0} / {:.0}", p.p50, p.p99),
         None if n > max => "not run".into(),
         None => "rules did not load".into(),
@@ -212,7 +213,8 @@ pub fn latency(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow
     println!("{md}");
     fs::create_dir_all(&out)?;
     fs::write(out.join("latency.md"), &md)?;
-    let pj = |p: Option<crate::forward::Percentiles>| p.map(|p| json!({"p50_us": p.p50, "p99_us": p.p99}));
+    let pj =
+        |p: Option<crate::first_packet::Percentiles>| p.map(|p| json!({"p50_us": p.p50, "p99_us": p.p99}));
     let j = json!({
         "kernel": crate::kernel(),
         "first_packet": {
@@ -224,7 +226,7 @@ pub fn latency(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow
         "lab": rows.iter().map(|r| json!({"target": r.0, "connect_p50_us": r.1, "connect_p99_us": r.2, "rr_p50_us": r.3, "rr_p99_us": r.4})).collect::<Vec<_>>(),
     });
     fs::write(out.join("latency.json"), serde_json::to_string_pretty(&j)?)?;
-    type Pick = fn(&crate::forward::FirstPacketRow) -> Option<crate::forward::Percentiles>;
+    type Pick = fn(&crate::first_packet::FirstPacketRow) -> Option<crate::first_packet::Percentiles>;
     let line = |name: &str, f: Pick, p99: bool| {
         crate::plot::Series::new(
             name,

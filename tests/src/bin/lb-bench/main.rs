@@ -28,10 +28,13 @@ struct Cli {
 
 mod clients;
 mod control;
+mod first_packet;
 mod forward;
+mod load;
 mod netns;
 mod plot;
 mod services;
+mod topo;
 
 #[derive(Subcommand)]
 enum Cmd {
