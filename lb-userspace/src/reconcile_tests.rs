@@ -216,3 +216,28 @@ fn table_size_is_kept_until_a_quarter() {
     assert_eq!(table_size(5, 401, 65_537), 503);
     assert_eq!(table_size(0, 401, 65_537), 0);
 }
+
+#[test]
+fn first_free_skips_used_and_taken_ids_within_capacity() {
+    let used: BTreeMap<u32, ()> = [1, 2, 3, 5, 6].into_iter().map(|i| (i, ())).collect();
+    let none = BTreeSet::new();
+    assert_eq!(first_free(&used, &none, 1, 100), Some(4));
+    assert_eq!(first_free(&used, &BTreeSet::from([4]), 1, 100), Some(7));
+    assert_eq!(first_free(&used, &none, 5, 100), Some(7));
+    assert_eq!(first_free(&used, &none, 0, 100), Some(0));
+    assert_eq!(first_free(&used, &BTreeSet::from([4, 7]), 1, 8), None);
+    assert_eq!(first_free(&BTreeMap::<u32, ()>::new(), &none, 1, 2), Some(1));
+    assert_eq!(first_free(&BTreeMap::<u32, ()>::new(), &none, 2, 2), None);
+}
+
+#[test]
+fn plan_changes_reports_full_maps_like_plan() {
+    let d = desired(vec![("a", service(1, &[1, 2, 3]))]);
+    let delta = Delta { services: [(sref("a"), None)].into(), ..Default::default() };
+    let small = Limits { backends: 3, ..LIMITS };
+    let applied = Applied::default();
+    assert_eq!(plan_changes(&d, &delta, &applied, &small), Err(PlanError::BackendsFull(3)));
+    assert_eq!(plan(&d, &applied, &small), Err(PlanError::BackendsFull(3)));
+    let one_id = Limits { services: 1, ..LIMITS };
+    assert_eq!(plan_changes(&d, &delta, &applied, &one_id), Err(PlanError::ServicesFull(1)));
+}
