@@ -243,7 +243,14 @@ async fn gone_410_relists_and_removes_what_was_deleted_meanwhile_without_flappin
             .await;
         agent.converge(&api, "after relist").await;
         assert!(!has_frontend(&view(&agent.dp), "198.19.0.20", 80), "deleted while away");
+        // Each watcher meets its 410 when its own backoff lets it reconnect: the slices' relist
+        // may come after the Services' has already brought the datapath to the new state.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while api.lists(Kind::EndpointSlice) <= lists && Instant::now() < deadline {
+            agent.hold(Duration::from_millis(50), "waiting for the slices' relist", |_| true).await;
+        }
         assert!(api.lists(Kind::EndpointSlice) > lists, "410 must trigger a relist");
+        agent.converge(&api, "after the slices' relist").await;
     })
     .await;
 }

@@ -162,7 +162,7 @@ pub fn latency(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow
         None => "rules did not load".into(),
     };
     let mut md = format!(
-        "### `cargo xtask bench latency` — {}\n\n**First packet vs number of services.** Connection setup (connect() = SYN → SYN/ACK, a new flow each) from a client namespace through a forwarding namespace to a server on the last service's endpoints; ours (XDP on both veths, generic mode — see `forward::XdpMode`), kube-proxy-shaped iptables and nftables rules for the same TCP Service set, and plain forwarding to the endpoint (no load balancer): {direct_p50:.0} / {direct_p99:.0} µs. {} connections per cell; kernel {}.\n\n| services | ours p50 / p99 (µs) | iptables p50 / p99 (µs) | nftables p50 / p99 (µs) |\n|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench latency` — {}\n\n**First packet vs number of services.** Connection setup (connect() = SYN → SYN/ACK, a new flow each) from a client namespace through a forwarding namespace to a server on the last service's endpoints; ours (XDP on both veths, generic mode — see `topo::XdpMode`), kube-proxy-shaped iptables and nftables rules for the same TCP Service set, and plain forwarding to the endpoint (no load balancer): {direct_p50:.0} / {direct_p99:.0} µs. {} connections per cell; kernel {}.\n\n| services | ours p50 / p99 (µs) | iptables p50 / p99 (µs) | nftables p50 / p99 (µs) |\n|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
         if quick { 5_000 } else { 20_000 },
         crate::kernel(),
