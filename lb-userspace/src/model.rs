@@ -1,6 +1,9 @@
 //! The Model: a pure function from Kubernetes objects (Services, EndpointSlices, Nodes) to the
 //! desired datapath state. Every Service semantic of DESIGN.md §5 lives here; the sources
-//! (manifest folder, kube watchers) only collect objects, and the reconciler only diffs.
+//! (manifest folder, kube watchers) only collect objects and say which changed, and the
+//! reconciler only diffs. `desired` computes everything; `ModelState` keeps the result and
+//! recomputes only the Services a `Changes` touches, with the same rules (and the same result:
+//! tested), returning a `Delta` for the reconciler.
 //!
 //! A Service port becomes up to three datapath *services* (one Maglev table each), one per
 //! scope, because the scopes can have different backend sets:

@@ -1,6 +1,8 @@
 //! The Reconciler: a pure diff from the desired state (Model) to the map writes that get the
 //! datapath there. `plan(desired, applied)` returns ops; applying them and planning again
-//! returns nothing.
+//! returns nothing. `plan_changes(desired, delta, applied)` returns the same ops for the
+//! datapath services a Model delta names, so a sync costs what changed (`Applied.index` keeps
+//! the lookups a full plan would rebuild).
 //!
 //! * `Applied` is read back from the maps themselves, so a restarted agent continues from what
 //!   the kernel holds: ids stay stable across updates and restarts because a service keeps the
