@@ -303,10 +303,6 @@ fn table_size(n: usize, current: u32, max: u32) -> u32 {
     if current >= ideal && current <= ideal.saturating_mul(4) { current } else { ideal }
 }
 
-fn lowest_free(used: &BTreeSet<u32>, from: u32, capacity: u32) -> Option<u32> {
-    (from..capacity).find(|i| !used.contains(i))
-}
-
 fn service_flags(s: &DesiredService) -> u32 {
     let mut f = 0;
     if s.affinity_timeout.is_some() {
@@ -322,176 +318,6 @@ fn service_flags(s: &DesiredService) -> u32 {
         f |= SVC_F_SOURCE_RANGES;
     }
     f
-}
-
-/// The frontend value of service `s` with id `service_id`; its Maglev table stays where it is
-/// when its members did not change, else goes to a fresh range (a `WriteMaglev` in `tables`).
-#[expect(clippy::too_many_arguments, reason = "the plan's state, shared by plan and plan_changes")]
-fn service_value(
-    s: &DesiredService,
-    service_id: u32,
-    previous: Option<&ServiceValue>,
-    backend_ids: &BTreeMap<(IpAddr, u16), u32>,
-    applied: &Applied,
-    limits: &Limits,
-    ranges: &mut RangeAlloc,
-    tables: &mut Vec<MapOp>,
-) -> Result<ServiceValue, PlanError> {
-    let mut ids: Vec<u32> = s.backends.iter().map(|b| backend_ids[&(b.ip, b.port)]).collect();
-    ids.sort_unstable();
-    let size = table_size(ids.len(), previous.map_or(0, |v| v.maglev_size), limits.max_table);
-    let prev_table =
-        previous.filter(|v| v.maglev_size == size).and_then(|v| applied.tables.get(&v.maglev_offset));
-    // The common case at scale: nothing changed for this service. Its table already holds
-    // exactly these backends (the builder gives every member slots), so no rebuild.
-    let unchanged = previous
-        .filter(|v| prev_table.is_some() && applied.table_members.get(&v.maglev_offset) == Some(&ids));
-    let offset = if let Some(v) = unchanged {
-        v.maglev_offset
-    } else if size == 0 {
-        0
-    } else {
-        let members: Vec<(u32, Vec<u8>)> = s
-            .backends
-            .iter()
-            .map(|b| (backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes()))
-            .collect();
-        let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
-        match (previous, prev_table) {
-            (Some(v), Some(t)) if *t == table => v.maglev_offset,
-            _ => {
-                let off = ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
-                tables.push(MapOp::WriteMaglev { offset: off, table });
-                off
-            }
-        }
-    };
-    Ok(ServiceValue {
-        service_id,
-        backend_count: ids.len() as u32,
-        maglev_offset: offset,
-        maglev_size: size,
-        flags: service_flags(s),
-        affinity_timeout: s.affinity_timeout.unwrap_or(0),
-    })
-}
-
-/// The ops that take the maps from `applied` to `desired`.
-pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec<MapOp>, PlanError> {
-    let mut set_backends = Vec::new();
-    let mut allow = Vec::new();
-    let mut tables = Vec::new();
-    let mut set_services = Vec::new();
-
-    // Backends: keep the id of every ip:port the maps already hold.
-    let by_addr: BTreeMap<(IpAddr, u16), u32> =
-        applied.backends.iter().map(|(id, b)| ((b.ip(), b.port()), *id)).collect();
-    let mut used_ids: BTreeSet<u32> = applied.backends.keys().copied().collect();
-    used_ids.insert(0); // id 0 is "none" in the Maglev array's unused slots.
-    let mut backend_ids: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
-    let mut next_id = 1;
-    for s in desired.services.values() {
-        for b in s.backends.iter().chain(&s.kept) {
-            let addr = (b.ip, b.port);
-            if backend_ids.contains_key(&addr) {
-                continue;
-            }
-            let id = match by_addr.get(&addr) {
-                Some(id) => *id,
-                None => {
-                    let id = lowest_free(&used_ids, next_id, limits.backends)
-                        .ok_or(PlanError::BackendsFull(limits.backends))?;
-                    used_ids.insert(id);
-                    next_id = id + 1;
-                    id
-                }
-            };
-            backend_ids.insert(addr, id);
-            let value = BackendValue::new(b.ip, b.port, backend_flags(b));
-            if applied.backends.get(&id) != Some(&value) {
-                set_backends.push(MapOp::SetBackend { id, value });
-            }
-        }
-    }
-
-    // Maglev ranges in use stay reserved for this whole plan (old tables serve until the flip).
-    let mut ranges = applied.free_ranges(limits.maglev_slots);
-    let mut used_services: BTreeSet<u32> = applied.services.values().map(|v| v.service_id).collect();
-    used_services.insert(0);
-    let mut claimed: BTreeSet<u32> = BTreeSet::new();
-    let mut wanted_keys: BTreeSet<ServiceKey> = BTreeSet::new();
-    let mut wanted_ranges: BTreeSet<(u32, IpNet)> = BTreeSet::new();
-    let mut next_service = 1;
-
-    for (sref, s) in &desired.services {
-        let keys: Vec<ServiceKey> =
-            s.frontends.iter().map(|(ip, port)| ServiceKey::new(*ip, *port, sref.proto)).collect();
-        // The id (and table) of the first frontend already applied and not claimed yet.
-        let previous =
-            keys.iter().filter_map(|k| applied.services.get(k)).find(|v| !claimed.contains(&v.service_id));
-        let service_id = match previous {
-            Some(v) => v.service_id,
-            None => {
-                let id = lowest_free(&used_services, next_service, limits.services)
-                    .ok_or(PlanError::ServicesFull(limits.services))?;
-                used_services.insert(id);
-                next_service = id + 1;
-                id
-            }
-        };
-        claimed.insert(service_id);
-        let value =
-            service_value(s, service_id, previous, &backend_ids, applied, limits, &mut ranges, &mut tables)?;
-        for net in &s.source_ranges {
-            wanted_ranges.insert((service_id, *net));
-            if !applied.source_ranges.contains(&(service_id, *net)) {
-                allow.push(MapOp::AllowSource { service_id, net: *net });
-            }
-        }
-        for key in keys {
-            wanted_keys.insert(key);
-            if applied.services.get(&key) != Some(&value) {
-                set_services.push(MapOp::SetService { key, value });
-            }
-        }
-    }
-
-    // ClusterIPs answer on every port: unserved ports are rejected through a port-0 entry.
-    for vip in &desired.cluster_vips {
-        let key = ServiceKey::new(*vip, 0, 0);
-        wanted_keys.insert(key);
-        if !applied.services.contains_key(&key) {
-            set_services.push(MapOp::SetService { key, value: ServiceValue::default() });
-        }
-    }
-
-    let mut ops = set_backends;
-    ops.extend(allow);
-    ops.extend(tables);
-    ops.extend(set_services);
-    ops.extend(
-        applied
-            .services
-            .keys()
-            .filter(|k| !wanted_keys.contains(k))
-            .map(|key| MapOp::RemoveService { key: *key }),
-    );
-    ops.extend(
-        applied
-            .source_ranges
-            .iter()
-            .filter(|r| !wanted_ranges.contains(r))
-            .map(|(service_id, net)| MapOp::DisallowSource { service_id: *service_id, net: *net }),
-    );
-    let wanted_ids: BTreeSet<u32> = backend_ids.values().copied().collect();
-    ops.extend(
-        applied
-            .backends
-            .keys()
-            .filter(|id| !wanted_ids.contains(id))
-            .map(|id| MapOp::RemoveBackend { id: *id }),
-    );
-    Ok(ops)
 }
 
 /// The lowest id from `from` on that is neither a key of `used` nor in `taken` (a walk
@@ -513,6 +339,227 @@ fn first_free<V>(used: &BTreeMap<u32, V>, taken: &BTreeSet<u32>, from: u32, capa
     None
 }
 
+/// A plan being built, shared by `plan` (every service) and `plan_changes` (the changed ones):
+/// the writes by phase, and the ids, ranges and entries it has taken so far.
+struct Planning<'a> {
+    applied: &'a Applied,
+    limits: &'a Limits,
+    set_backends: Vec<MapOp>,
+    allow: Vec<MapOp>,
+    tables: Vec<MapOp>,
+    set_services: Vec<MapOp>,
+    /// Backend id of every `ip:port` the planned services use.
+    backend_ids: BTreeMap<(IpAddr, u16), u32>,
+    /// Ids this plan gave out (id 0 is "none" in the Maglev array's unused slots).
+    new_backend_ids: BTreeSet<u32>,
+    next_backend: u32,
+    new_service_ids: BTreeSet<u32>,
+    next_service: u32,
+    /// Maglev ranges in use stay reserved for the whole plan (old tables serve until the flip).
+    ranges: RangeAlloc,
+    /// Service ids already given to a planned service.
+    claimed: BTreeSet<u32>,
+    wanted_keys: BTreeSet<ServiceKey>,
+    wanted_ranges: BTreeSet<(u32, IpNet)>,
+}
+
+impl<'a> Planning<'a> {
+    fn new(applied: &'a Applied, limits: &'a Limits) -> Self {
+        Planning {
+            applied,
+            limits,
+            set_backends: Vec::new(),
+            allow: Vec::new(),
+            tables: Vec::new(),
+            set_services: Vec::new(),
+            backend_ids: BTreeMap::new(),
+            new_backend_ids: BTreeSet::from([0]),
+            next_backend: 1,
+            new_service_ids: BTreeSet::from([0]),
+            next_service: 1,
+            ranges: applied.free_ranges(limits.maglev_slots),
+            claimed: BTreeSet::new(),
+            wanted_keys: BTreeSet::new(),
+            wanted_ranges: BTreeSet::new(),
+        }
+    }
+
+    /// Gives every endpoint of `s` a backend id: the one the maps hold for its `ip:port`,
+    /// else a free one.
+    fn backends(&mut self, s: &DesiredService) -> Result<(), PlanError> {
+        for b in s.backends.iter().chain(&s.kept) {
+            let addr = (b.ip, b.port);
+            if self.backend_ids.contains_key(&addr) {
+                continue;
+            }
+            let id = match self.applied.index.by_addr.get(&addr) {
+                Some(id) => *id,
+                None => {
+                    let cap = self.limits.backends;
+                    let id =
+                        first_free(&self.applied.backends, &self.new_backend_ids, self.next_backend, cap)
+                            .ok_or(PlanError::BackendsFull(cap))?;
+                    self.new_backend_ids.insert(id);
+                    self.next_backend = id + 1;
+                    id
+                }
+            };
+            self.backend_ids.insert(addr, id);
+            let value = BackendValue::new(b.ip, b.port, backend_flags(b));
+            if self.applied.backends.get(&id) != Some(&value) {
+                self.set_backends.push(MapOp::SetBackend { id, value });
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans service `s` (its backends already have ids): its id — that of the first of its
+    /// frontends already applied and not claimed yet, else a free one —, its table, source
+    /// ranges and frontend entries.
+    fn service(&mut self, proto: u8, s: &DesiredService) -> Result<(), PlanError> {
+        let applied = self.applied;
+        let keys: Vec<ServiceKey> =
+            s.frontends.iter().map(|(ip, port)| ServiceKey::new(*ip, *port, proto)).collect();
+        let previous = keys
+            .iter()
+            .filter_map(|k| applied.services.get(k))
+            .find(|v| !self.claimed.contains(&v.service_id));
+        let service_id = match previous {
+            Some(v) => v.service_id,
+            None => {
+                let cap = self.limits.services;
+                let id =
+                    first_free(&applied.index.service_ids, &self.new_service_ids, self.next_service, cap)
+                        .ok_or(PlanError::ServicesFull(cap))?;
+                self.new_service_ids.insert(id);
+                self.next_service = id + 1;
+                id
+            }
+        };
+        self.claimed.insert(service_id);
+        let value = self.service_value(s, service_id, previous)?;
+        for net in &s.source_ranges {
+            self.wanted_ranges.insert((service_id, *net));
+            if !applied.source_ranges.contains(&(service_id, *net)) {
+                self.allow.push(MapOp::AllowSource { service_id, net: *net });
+            }
+        }
+        for key in keys {
+            self.wanted_keys.insert(key);
+            if applied.services.get(&key) != Some(&value) {
+                self.set_services.push(MapOp::SetService { key, value });
+            }
+        }
+        Ok(())
+    }
+
+    /// The frontend value of service `s` with id `service_id`; its Maglev table stays where
+    /// it is when its members did not change, else goes to a fresh range (a `WriteMaglev`).
+    fn service_value(
+        &mut self,
+        s: &DesiredService,
+        service_id: u32,
+        previous: Option<&ServiceValue>,
+    ) -> Result<ServiceValue, PlanError> {
+        let (applied, limits) = (self.applied, self.limits);
+        let mut ids: Vec<u32> = s.backends.iter().map(|b| self.backend_ids[&(b.ip, b.port)]).collect();
+        ids.sort_unstable();
+        let size = table_size(ids.len(), previous.map_or(0, |v| v.maglev_size), limits.max_table);
+        let prev_table =
+            previous.filter(|v| v.maglev_size == size).and_then(|v| applied.tables.get(&v.maglev_offset));
+        // The common case at scale: nothing changed for this service. Its table already holds
+        // exactly these backends (the builder gives every member slots), so no rebuild.
+        let unchanged = previous
+            .filter(|v| prev_table.is_some() && applied.table_members.get(&v.maglev_offset) == Some(&ids));
+        let offset = if let Some(v) = unchanged {
+            v.maglev_offset
+        } else if size == 0 {
+            0
+        } else {
+            let members: Vec<(u32, Vec<u8>)> = s
+                .backends
+                .iter()
+                .map(|b| (self.backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes()))
+                .collect();
+            let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
+            match (previous, prev_table) {
+                (Some(v), Some(t)) if *t == table => v.maglev_offset,
+                _ => {
+                    let off = self.ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
+                    self.tables.push(MapOp::WriteMaglev { offset: off, table });
+                    off
+                }
+            }
+        };
+        Ok(ServiceValue {
+            service_id,
+            backend_count: ids.len() as u32,
+            maglev_offset: offset,
+            maglev_size: size,
+            flags: service_flags(s),
+            affinity_timeout: s.affinity_timeout.unwrap_or(0),
+        })
+    }
+
+    /// A ClusterIP answers on every port: its unserved ports are rejected through a port-0
+    /// entry.
+    fn cluster_vip(&mut self, vip: IpAddr) {
+        let key = ServiceKey::new(vip, 0, 0);
+        self.wanted_keys.insert(key);
+        if !self.applied.services.contains_key(&key) {
+            self.set_services.push(MapOp::SetService { key, value: ServiceValue::default() });
+        }
+    }
+
+    /// The writes in their order: backends, allowed ranges and tables, then the frontends
+    /// that flip to them (the caller appends removals).
+    fn writes(&mut self) -> Vec<MapOp> {
+        let mut ops = std::mem::take(&mut self.set_backends);
+        ops.append(&mut self.allow);
+        ops.append(&mut self.tables);
+        ops.append(&mut self.set_services);
+        ops
+    }
+}
+
+/// The ops that take the maps from `applied` to `desired`.
+pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec<MapOp>, PlanError> {
+    let mut p = Planning::new(applied, limits);
+    for s in desired.services.values() {
+        p.backends(s)?;
+    }
+    for (sref, s) in &desired.services {
+        p.service(sref.proto, s)?;
+    }
+    for vip in &desired.cluster_vips {
+        p.cluster_vip(*vip);
+    }
+    let mut ops = p.writes();
+    ops.extend(
+        applied
+            .services
+            .keys()
+            .filter(|k| !p.wanted_keys.contains(k))
+            .map(|key| MapOp::RemoveService { key: *key }),
+    );
+    ops.extend(
+        applied
+            .source_ranges
+            .iter()
+            .filter(|r| !p.wanted_ranges.contains(r))
+            .map(|(service_id, net)| MapOp::DisallowSource { service_id: *service_id, net: *net }),
+    );
+    let wanted_ids: BTreeSet<u32> = p.backend_ids.values().copied().collect();
+    ops.extend(
+        applied
+            .backends
+            .keys()
+            .filter(|id| !wanted_ids.contains(id))
+            .map(|id| MapOp::RemoveBackend { id: *id }),
+    );
+    Ok(ops)
+}
+
 /// The ops for one Model delta, looking only at the datapath services it names (plus the
 /// VIPs and endpoints it says came or went): the same ops, in the same order and by the same
 /// rules, as `plan` would need (tested: after them `plan` has nothing left to do). A delta
@@ -526,119 +573,44 @@ pub fn plan_changes(
     if delta.all {
         return plan(desired, applied, limits);
     }
-    let mut set_backends = Vec::new();
-    let mut allow = Vec::new();
-    let mut tables = Vec::new();
-    let mut set_services = Vec::new();
-
-    // Backends of the changed services: known ones keep their id.
-    let mut backend_ids: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
-    let mut new_ids: BTreeSet<u32> = BTreeSet::from([0]);
-    let mut next_id = 1;
-    for s in delta.services.keys().filter_map(|r| desired.services.get(r)) {
-        for b in s.backends.iter().chain(&s.kept) {
-            let addr = (b.ip, b.port);
-            if backend_ids.contains_key(&addr) {
-                continue;
-            }
-            let id = match applied.index.by_addr.get(&addr) {
-                Some(id) => *id,
-                None => {
-                    let id = first_free(&applied.backends, &new_ids, next_id, limits.backends)
-                        .ok_or(PlanError::BackendsFull(limits.backends))?;
-                    new_ids.insert(id);
-                    next_id = id + 1;
-                    id
-                }
-            };
-            backend_ids.insert(addr, id);
-            let value = BackendValue::new(b.ip, b.port, backend_flags(b));
-            if applied.backends.get(&id) != Some(&value) {
-                set_backends.push(MapOp::SetBackend { id, value });
-            }
-        }
+    let mut p = Planning::new(applied, limits);
+    let changed = || delta.services.keys().filter_map(|r| desired.services.get(r).map(|s| (r, s)));
+    for (_, s) in changed() {
+        p.backends(s)?;
     }
-
-    let mut ranges = applied.free_ranges(limits.maglev_slots);
-    let mut new_services: BTreeSet<u32> = BTreeSet::from([0]);
-    let mut next_service = 1;
-    let mut claimed: BTreeSet<u32> = BTreeSet::new();
-    let mut wanted_keys: BTreeSet<ServiceKey> = BTreeSet::new();
-    let mut wanted_ranges: BTreeSet<(u32, IpNet)> = BTreeSet::new();
-    // Service ids the changed services held before (their source ranges may have to go).
-    let mut old_ids: BTreeSet<u32> = BTreeSet::new();
-    for (sref, old) in &delta.services {
-        for (ip, port) in old.iter().flat_map(|o| &o.frontends) {
-            if let Some(v) = applied.services.get(&ServiceKey::new(*ip, *port, sref.proto)) {
-                old_ids.insert(v.service_id);
-            }
-        }
-        let Some(s) = desired.services.get(sref) else { continue };
-        let keys: Vec<ServiceKey> =
-            s.frontends.iter().map(|(ip, port)| ServiceKey::new(*ip, *port, sref.proto)).collect();
-        let previous =
-            keys.iter().filter_map(|k| applied.services.get(k)).find(|v| !claimed.contains(&v.service_id));
-        let service_id = match previous {
-            Some(v) => v.service_id,
-            None => {
-                let id = first_free(&applied.index.service_ids, &new_services, next_service, limits.services)
-                    .ok_or(PlanError::ServicesFull(limits.services))?;
-                new_services.insert(id);
-                next_service = id + 1;
-                id
-            }
-        };
-        claimed.insert(service_id);
-        let value =
-            service_value(s, service_id, previous, &backend_ids, applied, limits, &mut ranges, &mut tables)?;
-        for net in &s.source_ranges {
-            wanted_ranges.insert((service_id, *net));
-            if !applied.source_ranges.contains(&(service_id, *net)) {
-                allow.push(MapOp::AllowSource { service_id, net: *net });
-            }
-        }
-        for key in keys {
-            wanted_keys.insert(key);
-            if applied.services.get(&key) != Some(&value) {
-                set_services.push(MapOp::SetService { key, value });
-            }
-        }
+    for (sref, s) in changed() {
+        p.service(sref.proto, s)?;
     }
     for vip in &delta.vips_added {
-        let key = ServiceKey::new(*vip, 0, 0);
-        wanted_keys.insert(key);
-        if !applied.services.contains_key(&key) {
-            set_services.push(MapOp::SetService { key, value: ServiceValue::default() });
-        }
+        p.cluster_vip(*vip);
     }
-
-    let mut ops = set_backends;
-    ops.extend(allow);
-    ops.extend(tables);
-    ops.extend(set_services);
+    let mut ops = p.writes();
     // Frontends the changed services had and no longer have, and VIPs that went.
-    let gone_keys: BTreeSet<ServiceKey> = delta
-        .services
-        .iter()
-        .flat_map(|(sref, old)| {
+    let old_keys = || {
+        delta.services.iter().flat_map(|(sref, old)| {
             old.iter().flat_map(|o| &o.frontends).map(|(ip, port)| ServiceKey::new(*ip, *port, sref.proto))
         })
+    };
+    let gone_keys: BTreeSet<ServiceKey> = old_keys()
         .chain(delta.vips_removed.iter().map(|vip| ServiceKey::new(*vip, 0, 0)))
-        .filter(|k| !wanted_keys.contains(k) && applied.services.contains_key(k))
+        .filter(|k| !p.wanted_keys.contains(k) && applied.services.contains_key(k))
         .collect();
     ops.extend(gone_keys.into_iter().map(|key| MapOp::RemoveService { key }));
+    // Source ranges of the ids the changed services held before.
+    let old_ids: BTreeSet<u32> =
+        old_keys().filter_map(|k| applied.services.get(&k)).map(|v| v.service_id).collect();
     ops.extend(
         applied
             .source_ranges
             .iter()
-            .filter(|r| old_ids.contains(&r.0) && !wanted_ranges.contains(r))
+            .filter(|r| old_ids.contains(&r.0) && !p.wanted_ranges.contains(r))
             .map(|(service_id, net)| MapOp::DisallowSource { service_id: *service_id, net: *net }),
     );
     ops.extend(
         delta
             .backends_gone
             .iter()
-            .filter(|a| !backend_ids.contains_key(a))
+            .filter(|a| !p.backend_ids.contains_key(a))
             .filter_map(|a| applied.index.by_addr.get(a))
             .map(|id| MapOp::RemoveBackend { id: *id }),
     );
