@@ -23,8 +23,8 @@ use std::{
 use anyhow::{bail, ensure};
 use lb_tests::harness::*;
 use lb_userspace::{
-    loader, maglev, model,
-    reconcile::{self, Applied, Limits},
+    maglev, model,
+    reconcile::{self, Applied},
 };
 use serde_json::json;
 
@@ -50,21 +50,9 @@ fn ms(d: Duration) -> f64 {
 /// Our side: full sync into a loaded datapath, then one endpoint change timed to the first
 /// new flow that lands on the new endpoint.
 fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
-    let m = maglev::table_size(ENDPOINTS as usize, lb_common::maglev::DEFAULT_MAX_TABLE);
-    let caps = loader::Capacities {
-        frontends: 2 * n + 1024,
-        services: n + 1024,
-        backends: ENDPOINTS * n + 1024,
-        maglev_slots: (n + 4) * m,
-        flows: 65_536,
-        ..Default::default()
-    };
-    let limits = Limits {
-        max_table: lb_common::maglev::DEFAULT_MAX_TABLE,
-        maglev_slots: caps.maglev_slots,
-        backends: caps.backends,
-        services: caps.services,
-    };
+    let (mut caps, limits) = capacities(n);
+    // Room for the flows the change timing creates, no more: a smaller table to allocate.
+    caps.flows = 65_536;
     let mut l = Loaded::with_caps(&caps);
     let mut c = cluster(n, PROTO);
     // As `lb agent` does: the Model kept between syncs, the plan limited to what changed.

@@ -36,23 +36,27 @@ mod plot;
 mod services;
 mod topo;
 
+/// The options of a sweep over service counts against iptables and nftables.
+#[derive(clap::Args)]
+struct Sweep {
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Service counts to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,30000")]
+    services: Vec<u32>,
+    /// nftables is loaded up to this many services (nft -f takes ~20-100 s at 10k here).
+    #[arg(long, default_value_t = 10_000)]
+    nft_max: u32,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// First-packet latency vs number of services (ours, iptables, nftables, through a
     /// forwarding namespace), and connect / request-response from a lab pod via the VIP and
     /// direct.
-    Latency {
-        #[arg(long)]
-        quick: bool,
-        #[arg(long, default_value = "target/bench")]
-        out: PathBuf,
-        /// Service counts for the first-packet sweep.
-        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,30000")]
-        services: Vec<u32>,
-        /// nftables is loaded up to this many services (nft -f is slow beyond).
-        #[arg(long, default_value_t = 10_000)]
-        nft_max: u32,
-    },
+    Latency(#[command(flatten)] Sweep),
     /// New connections per second from a lab pod, via the VIP and direct.
     Connrate {
         #[arg(long)]
@@ -84,18 +88,7 @@ enum Cmd {
         out: PathBuf,
     },
     /// Every packet a new flow, 1 to 30 000 services: packets/s per variant and its slope.
-    Newflows {
-        #[arg(long)]
-        quick: bool,
-        #[arg(long, default_value = "target/bench")]
-        out: PathBuf,
-        /// Service counts to sweep.
-        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,30000")]
-        services: Vec<u32>,
-        /// nft -f is run up to this many services (it is slow: ~20-100 s at 10k here).
-        #[arg(long, default_value_t = 10_000)]
-        nft_max: u32,
-    },
+    Newflows(#[command(flatten)] Sweep),
     /// Per-packet program cost vs number of services.
     Prog {
         /// Fewer calls per case and a smaller sweep.
@@ -320,10 +313,10 @@ fn kernel() -> String {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Prog { quick, out, services } => prog(quick, out, &services),
-        Cmd::Latency { quick, out, services, nft_max } => clients::latency(quick, out, &services, nft_max),
+        Cmd::Latency(s) => clients::latency(s.quick, s.out, &s.services, s.nft_max),
         Cmd::Connrate { quick, out } => clients::connrate(quick, out),
         Cmd::Throughput { quick, out } => forward::throughput(quick, out),
-        Cmd::Newflows { quick, out, services, nft_max } => forward::newflows(quick, out, &services, nft_max),
+        Cmd::Newflows(s) => forward::newflows(s.quick, s.out, &s.services, s.nft_max),
         Cmd::Control { quick, out, services, nft_max } => {
             let sweep = if !services.is_empty() {
                 services

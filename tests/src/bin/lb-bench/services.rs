@@ -13,7 +13,11 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use lb_userspace::model::{self, Cluster, NodeContext, NodePortAddresses};
+use lb_userspace::{
+    loader, maglev,
+    model::{self, Cluster, NodeContext, NodePortAddresses},
+    reconcile::Limits,
+};
 
 /// The services' protocol: TCP for the control plane, UDP for packet-rate runs (a UDP
 /// packet is a flow on its own, so a generator needs no handshake).
@@ -283,4 +287,24 @@ pub fn nft_change(i: u32, new_eps: &[(Ipv4Addr, u16)], gone: (Ipv4Addr, u16), pr
     nft_service(&mut out, i, new_eps, proto);
     let _ = writeln!(out, "delete chain ip kube-proxy {}", nft_ep_chain(i, gone));
     out
+}
+
+/// Map capacities that hold the `n`-service set (with room to spare), and the plan's limits
+/// for them.
+pub fn capacities(n: u32) -> (loader::Capacities, Limits) {
+    let m = maglev::table_size(ENDPOINTS as usize, lb_common::maglev::DEFAULT_MAX_TABLE);
+    let caps = loader::Capacities {
+        frontends: 2 * n + 1024,
+        services: n + 1024,
+        backends: ENDPOINTS * n + 1024,
+        maglev_slots: (n + 4) * m,
+        ..Default::default()
+    };
+    let limits = Limits {
+        max_table: lb_common::maglev::DEFAULT_MAX_TABLE,
+        maglev_slots: caps.maglev_slots,
+        backends: caps.backends,
+        services: caps.services,
+    };
+    (caps, limits)
 }

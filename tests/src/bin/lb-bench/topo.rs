@@ -25,8 +25,8 @@ use lb_tests::{
 };
 use lb_userspace::{
     dataplane::{AyaDataplane, Dataplane as _},
-    loader, maglev, model,
-    reconcile::{self, Applied, Limits},
+    loader, model,
+    reconcile::{self, Applied},
 };
 
 use crate::{netns::Scratch, services::*};
@@ -280,20 +280,7 @@ pub fn program(
 
 /// Our datapath, loaded and synced with the `n`-service set by the agent's Model and plan.
 pub fn ours(n: u32, proto: Proto) -> anyhow::Result<Loaded> {
-    let m = maglev::table_size(ENDPOINTS as usize, lb_common::maglev::DEFAULT_MAX_TABLE);
-    let caps = loader::Capacities {
-        frontends: 2 * n + 1024,
-        services: n + 1024,
-        backends: ENDPOINTS * n + 1024,
-        maglev_slots: (n + 4) * m,
-        ..Default::default()
-    };
-    let limits = Limits {
-        max_table: lb_common::maglev::DEFAULT_MAX_TABLE,
-        maglev_slots: caps.maglev_slots,
-        backends: caps.backends,
-        services: caps.services,
-    };
+    let (caps, limits) = capacities(n);
     let mut l = Loaded::with_caps(&caps);
     let desired = model::desired(&cluster(n, proto), &node());
     let mut applied = Applied::default();
