@@ -11,4 +11,5 @@ pub mod maglev;
 pub mod model;
 pub mod range_alloc;
 pub mod reconcile;
+pub mod refcount;
 pub mod source;

@@ -27,6 +27,8 @@ use k8s_openapi::api::{
 };
 use lb_common::abi::{PROTO_TCP, PROTO_UDP};
 
+use crate::refcount::bump;
+
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// A Service with this label belongs to another proxy.
@@ -521,20 +523,6 @@ fn addrs(s: &DesiredService) -> BTreeSet<(IpAddr, u16)> {
     s.backends.iter().chain(&s.kept).map(|b| (b.ip, b.port)).collect()
 }
 
-fn bump_addr(map: &mut BTreeMap<(IpAddr, u16), u32>, a: (IpAddr, u16), up: bool) -> u32 {
-    let n = map.entry(a).or_default();
-    if up {
-        *n += 1;
-    } else {
-        *n = n.saturating_sub(1);
-    }
-    let left = *n;
-    if left == 0 {
-        map.remove(&a);
-    }
-    left
-}
-
 fn owner(key: &Key, slice: &EndpointSlice) -> Option<Key> {
     let svc = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
     Some((key.0.clone(), svc.clone()))
@@ -609,17 +597,14 @@ impl ModelState {
         for r in self.refs.remove(key).unwrap_or_default() {
             let old = self.desired.services.remove(&r);
             for a in old.iter().flat_map(addrs) {
-                if bump_addr(&mut self.backend_users, a, false) == 0 {
+                if bump(&mut self.backend_users, a, false) == 0 {
                     delta.backends_gone.insert(a);
                 }
             }
             delta.services.entry(r).or_insert(old);
         }
         for ip in self.vips.remove(key).unwrap_or_default() {
-            let n = self.vip_users.entry(ip).or_default();
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.vip_users.remove(&ip);
+            if bump(&mut self.vip_users, ip, false) == 0 {
                 self.desired.cluster_vips.remove(&ip);
                 delta.vips_removed.insert(ip);
             }
@@ -652,9 +637,7 @@ impl ModelState {
         service(&mut out, node, ns, name, svc, &slices);
         let vips = cluster_ips(spec);
         for ip in &vips {
-            let n = self.vip_users.entry(*ip).or_default();
-            *n += 1;
-            if *n == 1 {
+            if bump(&mut self.vip_users, *ip, true) == 1 {
                 self.desired.cluster_vips.insert(*ip);
                 if let Some(d) = delta.as_deref_mut() {
                     d.vips_added.insert(*ip);
@@ -672,7 +655,7 @@ impl ModelState {
         let refs: Vec<ServiceRef> = out.services.keys().cloned().collect();
         for (r, v) in out.services {
             for a in addrs(&v) {
-                bump_addr(&mut self.backend_users, a, true);
+                bump(&mut self.backend_users, a, true);
             }
             let old = self.desired.services.insert(r.clone(), v);
             if let Some(d) = delta.as_deref_mut() {

@@ -29,6 +29,7 @@ use crate::{
     maglev,
     model::{Backend, Delta, Desired, DesiredService, NoBackend},
     range_alloc::RangeAlloc,
+    refcount::bump,
 };
 
 /// One write to the datapath.
@@ -98,20 +99,6 @@ impl PartialEq for Index {
 }
 
 impl Eq for Index {}
-
-fn bump(map: &mut BTreeMap<u32, u32>, key: u32, up: bool) -> u32 {
-    let n = map.entry(key).or_default();
-    if up {
-        *n += 1;
-    } else {
-        *n = n.saturating_sub(1);
-    }
-    let left = *n;
-    if left == 0 {
-        map.remove(&key);
-    }
-    left
-}
 
 impl Applied {
     /// Reads the state back from the maps.
@@ -339,6 +326,16 @@ fn first_free<V>(used: &BTreeMap<u32, V>, taken: &BTreeSet<u32>, from: u32, capa
     None
 }
 
+/// The lowest id free in `used` and not yet in `given` (ids this plan gave out, always
+/// holding 0), now given too. Ids are given in increasing order, so the search starts past
+/// the last one.
+fn take_free<V>(used: &BTreeMap<u32, V>, given: &mut BTreeSet<u32>, capacity: u32) -> Option<u32> {
+    let from = given.last().map_or(1, |last| last + 1);
+    let id = first_free(used, given, from, capacity)?;
+    given.insert(id);
+    Some(id)
+}
+
 /// A plan being built, shared by `plan` (every service) and `plan_changes` (the changed ones):
 /// the writes by phase, and the ids, ranges and entries it has taken so far.
 struct Planning<'a> {
@@ -352,9 +349,7 @@ struct Planning<'a> {
     backend_ids: BTreeMap<(IpAddr, u16), u32>,
     /// Ids this plan gave out (id 0 is "none" in the Maglev array's unused slots).
     new_backend_ids: BTreeSet<u32>,
-    next_backend: u32,
     new_service_ids: BTreeSet<u32>,
-    next_service: u32,
     /// Maglev ranges in use stay reserved for the whole plan (old tables serve until the flip).
     ranges: RangeAlloc,
     /// Service ids already given to a planned service.
@@ -374,9 +369,7 @@ impl<'a> Planning<'a> {
             set_services: Vec::new(),
             backend_ids: BTreeMap::new(),
             new_backend_ids: BTreeSet::from([0]),
-            next_backend: 1,
             new_service_ids: BTreeSet::from([0]),
-            next_service: 1,
             ranges: applied.free_ranges(limits.maglev_slots),
             claimed: BTreeSet::new(),
             wanted_keys: BTreeSet::new(),
@@ -394,15 +387,8 @@ impl<'a> Planning<'a> {
             }
             let id = match self.applied.index.by_addr.get(&addr) {
                 Some(id) => *id,
-                None => {
-                    let cap = self.limits.backends;
-                    let id =
-                        first_free(&self.applied.backends, &self.new_backend_ids, self.next_backend, cap)
-                            .ok_or(PlanError::BackendsFull(cap))?;
-                    self.new_backend_ids.insert(id);
-                    self.next_backend = id + 1;
-                    id
-                }
+                None => take_free(&self.applied.backends, &mut self.new_backend_ids, self.limits.backends)
+                    .ok_or(PlanError::BackendsFull(self.limits.backends))?,
             };
             self.backend_ids.insert(addr, id);
             let value = BackendValue::new(b.ip, b.port, backend_flags(b));
@@ -426,15 +412,8 @@ impl<'a> Planning<'a> {
             .find(|v| !self.claimed.contains(&v.service_id));
         let service_id = match previous {
             Some(v) => v.service_id,
-            None => {
-                let cap = self.limits.services;
-                let id =
-                    first_free(&applied.index.service_ids, &self.new_service_ids, self.next_service, cap)
-                        .ok_or(PlanError::ServicesFull(cap))?;
-                self.new_service_ids.insert(id);
-                self.next_service = id + 1;
-                id
-            }
+            None => take_free(&applied.index.service_ids, &mut self.new_service_ids, self.limits.services)
+                .ok_or(PlanError::ServicesFull(self.limits.services))?,
         };
         self.claimed.insert(service_id);
         let value = self.service_value(s, service_id, previous)?;
