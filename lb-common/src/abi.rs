@@ -109,10 +109,13 @@ pub const FLOW_FORWARD: u8 = 1;
 /// Flow direction: backend -> client; rewrite the source back to the frontend.
 pub const FLOW_REPLY: u8 = 2;
 
-/// Flow flag: the flow is source-NATed; `nat_addr:nat_port` is the other rewritten end.
+/// Flow flag: the flow is source-NATed; `nat_addr:nat_port` is the other rewritten end. (A
+/// port clash is solved the same way, with the client's own address as `nat_addr`.)
 pub const FLOW_F_SNAT: u8 = 1 << 0;
 
-/// Flow table value.
+/// Flow table value: one per direction. The two entries of a flow are created together,
+/// removed together, and each names the other's key (`lb_common::ct::{forward_key,
+/// reverse_key}`), so neither can outlive the other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
@@ -129,9 +132,39 @@ pub struct FlowValue {
     pub direction: u8,
     /// `FLOW_F_*`.
     pub flags: u8,
-    pub _pad: u16,
+    /// `ct::CT_*`: what this direction has carried so far.
+    pub state: u8,
+    pub _pad: u8,
     pub backend_id: u32,
     pub service_id: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet this direction carried,
+    /// refreshed at most every `ct::TOUCH_NS`.
+    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns` when the flow was created.
+    pub created_ns: u64,
+}
+
+/// Membership key: a backend id in a service (`lb_members`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+/// Member flag: new flows may go to it (it is in the service's Maglev table); without it the
+/// backend only keeps its existing flows (terminating).
+pub const MEMBER_F_USABLE: u32 = 1 << 0;
+
+/// Membership value. `generation` changes whenever the membership is created anew (the id
+/// left the service and came back, maybe as another pod), so an affinity entry made for an
+/// earlier membership is not honoured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MemberValue {
+    pub generation: u32,
+    /// `MEMBER_F_*`.
+    pub flags: u32,
 }
 
 /// Key data of the source-range LPM trie: service id, then the source address (the trie's
@@ -180,7 +213,8 @@ pub struct AffinityKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AffinityValue {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// `MemberValue::generation` of the membership the choice was made under.
+    pub generation: u32,
     /// `bpf_ktime_get_ns` at the last new flow of this client.
     pub last_seen_ns: u64,
 }
@@ -201,17 +235,81 @@ pub const XDP_FWD_TX: u32 = 1;
 pub const XDP_FWD_TO_STACK: u32 = 2;
 pub const XDP_FWD_SLOTS: u32 = 3;
 
+/// Flow life times per state, seconds (kube-proxy's `--conntrack-*` flags; `ct::pair_timeout`
+/// says which applies).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    /// TCP: SYN seen, handshake not completed by the client.
+    pub tcp_syn: u32,
+    pub tcp_established: u32,
+    /// TCP: one side sent FIN.
+    pub tcp_close_wait: u32,
+    /// TCP: both sides sent FIN.
+    pub tcp_time_wait: u32,
+    /// TCP: a RST was seen.
+    pub tcp_close: u32,
+    /// UDP: no reply seen yet.
+    pub udp: u32,
+    /// UDP: replies seen.
+    pub udp_stream: u32,
+    pub _pad: u32,
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl CtTimeouts {
+    /// kube-proxy's defaults where it has a flag (established 24 h, close-wait 1 h),
+    /// nf_conntrack's for UDP (30 s / 120 s), Cilium's for SYN (60 s) and closed flows (10 s).
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        tcp_syn: 60,
+        tcp_established: 86_400,
+        tcp_close_wait: 3_600,
+        tcp_time_wait: 10,
+        tcp_close: 10,
+        udp: 30,
+        udp_stream: 120,
+        _pad: 0,
+    };
+}
+
+/// Source ports handed out for source-NATed flows (and port clashes), by default above
+/// Linux's default ephemeral range (32768-60999), so they do not collide with the node's
+/// own connections.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 61_000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
+
 /// Datapath-wide settings, slot 0 of `CONFIG`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     /// `CFG_F_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// `--snat-port-range`, host order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
     /// Source address for source-NATed IPv4 flows (the node address, IPv4-mapped); zero: none.
     pub snat_v4: Addr,
     /// Source address for source-NATed IPv6 flows; zero: none.
     pub snat_v6: Addr,
+    pub timeouts: CtTimeouts,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            flags: 0,
+            snat_port_min: DEFAULT_SNAT_PORT_MIN,
+            snat_port_max: DEFAULT_SNAT_PORT_MAX,
+            snat_v4: [0; 4],
+            snat_v6: [0; 4],
+            timeouts: CtTimeouts::default(),
+        }
+    }
 }
 
 /// A per-CPU packet and byte counter.
@@ -235,18 +333,26 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 40);
     assert!(offset_of!(FlowKey, sport) == 32);
     assert!(offset_of!(FlowKey, proto) == 36);
-    assert!(size_of::<FlowValue>() == 48);
+    assert!(size_of::<FlowValue>() == 64);
     assert!(offset_of!(FlowValue, port) == 32);
     assert!(offset_of!(FlowValue, direction) == 36);
+    assert!(offset_of!(FlowValue, state) == 38);
     assert!(offset_of!(FlowValue, backend_id) == 40);
+    assert!(offset_of!(FlowValue, last_seen_ns) == 48);
+    assert!(offset_of!(FlowValue, created_ns) == 56);
+    assert!(size_of::<MemberKey>() == 8);
+    assert!(size_of::<MemberValue>() == 8);
+    assert!(size_of::<CtTimeouts>() == 32);
     assert!(size_of::<SourceRangeKey>() == 20);
     assert!(size_of::<FragmentKey>() == 12);
     assert!(size_of::<FragmentValue>() == 12);
     assert!(size_of::<AffinityKey>() == 20);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(offset_of!(AffinityValue, last_seen_ns) == 8);
-    assert!(size_of::<Config>() == 40);
+    assert!(size_of::<Config>() == 72);
+    assert!(offset_of!(Config, snat_port_min) == 4);
     assert!(offset_of!(Config, snat_v6) == 24);
+    assert!(offset_of!(Config, timeouts) == 40);
     assert!(size_of::<Counter>() == 16);
 };
 
@@ -266,6 +372,8 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::MemberKey {}
+    unsafe impl aya::Pod for super::MemberValue {}
 }
 
 #[cfg(any(feature = "user", test))]

@@ -5,6 +5,7 @@
 
 pub mod abi;
 pub mod csum;
+pub mod ct;
 pub mod hash;
 pub mod maglev;
 pub mod maps;

@@ -9,12 +9,19 @@ pub const SERVICES: &str = "lb_services";
 pub const BACKENDS: &str = "lb_backends";
 /// Maglev lookup tables of all services, one contiguous range each (ARRAY of backend ids).
 pub const MAGLEV: &str = "lb_maglev";
-/// Flow table: forward and reverse entries (LRU_HASH `FlowKey -> FlowValue`).
+/// Flow table: forward and reverse entries (HASH `FlowKey -> FlowValue`). Not an LRU: the
+/// kernel never evicts a live flow (or one half of it); the agent's GC removes pairs.
 pub const CONNTRACK: &str = "lb_conntrack";
 /// Non-first IPv4 fragments follow their first fragment's translation (LRU_HASH).
 pub const FRAGMENTS: &str = "lb_fragments";
 /// `sessionAffinity: ClientIP` (LRU_HASH `AffinityKey -> AffinityValue`).
 pub const AFFINITY: &str = "lb_affinity";
+/// Service membership: `MemberKey -> MemberValue` (HASH), for affinity and UDP flows.
+pub const MEMBERS: &str = "lb_members";
+/// Where each CPU's next SNAT port search starts (PERCPU_ARRAY of one u32).
+pub const SNAT_CURSOR: &str = "lb_snat_cursor";
+/// Per-CPU working space of the programs (not pinned: it holds nothing between packets).
+pub const SCRATCH: &str = "lb_scratch";
 /// Datapath-wide settings (ARRAY of one `Config`).
 pub const CONFIG: &str = "lb_config";
 /// `loadBalancerSourceRanges`: LPM_TRIE of `SourceRangeKey -> u8` (present = allowed).
@@ -31,7 +38,7 @@ pub const STATS_SERVICE: &str = "lb_stats_service";
 pub const STATS_BACKEND: &str = "lb_stats_backend";
 
 /// Every pinned map, in the order the agent opens them.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 15] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -45,6 +52,8 @@ pub const ALL: [&str; 13] = [
     STATS_BACKEND,
     XDP_TX_PORTS,
     STATS_XDP_FORWARD,
+    MEMBERS,
+    SNAT_CURSOR,
 ];
 
 /// Frontend entries (VIP, port, proto); the loader can raise it.
@@ -58,6 +67,8 @@ pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;
 /// Flow entries (forward and reverse count separately).
 pub const DEFAULT_MAX_FLOWS: u32 = 524_288;
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 16_384;
+/// (service, backend) memberships.
+pub const DEFAULT_MAX_MEMBERS: u32 = 524_288;
 pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_XDP_TX_PORTS: u32 = 256;

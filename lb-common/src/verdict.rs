@@ -45,10 +45,21 @@ pub enum Reason {
     RejectUnknownPort = 18,
     /// A flow needing source NAT found no free port (or no node address): dropped.
     SnatFailed = 19,
+    /// A TCP RST for no known flow: dropped; it creates nothing.
+    NoFlowRst = 20,
+    /// A TCP segment other than SYN or RST for no known flow to a frontend (its flow ended
+    /// or was never seen): answered with a RST, creates nothing.
+    RejectNoFlow = 21,
+    /// A new flow found no room in the flow table: dropped (established flows are never
+    /// pushed out; the client retries its SYN).
+    FlowTableFull = 22,
+    /// A direct connection's reply tuple clashed with a live Service flow: its source port
+    /// was rewritten (as netfilter does) and the flow recorded.
+    PortClash = 23,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 24;
 
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -72,6 +83,10 @@ impl Reason {
         Reason::SourceRangeDenied,
         Reason::RejectUnknownPort,
         Reason::SnatFailed,
+        Reason::NoFlowRst,
+        Reason::RejectNoFlow,
+        Reason::FlowTableFull,
+        Reason::PortClash,
     ];
 
     /// Stable snake_case name used in metrics labels and CLI output.
@@ -97,6 +112,10 @@ impl Reason {
             Reason::SourceRangeDenied => "source_range_denied",
             Reason::RejectUnknownPort => "reject_unknown_port",
             Reason::SnatFailed => "snat_failed",
+            Reason::NoFlowRst => "no_flow_rst",
+            Reason::RejectNoFlow => "reject_no_flow",
+            Reason::FlowTableFull => "flow_table_full",
+            Reason::PortClash => "port_clash",
         }
     }
 }
@@ -125,6 +144,10 @@ impl Reason {
             17 => Reason::SourceRangeDenied,
             18 => Reason::RejectUnknownPort,
             19 => Reason::SnatFailed,
+            20 => Reason::NoFlowRst,
+            21 => Reason::RejectNoFlow,
+            22 => Reason::FlowTableFull,
+            23 => Reason::PortClash,
             _ => Reason::MapError,
         }
     }

@@ -1,73 +1,202 @@
 //! The flow table: a forward entry per client flow (which backend) and a reverse entry per
 //! backend-side flow (which frontend to restore on replies), plus the fragment table that
 //! lets non-first IPv4 fragments follow their first fragment.
+//!
+//! Life cycle (rules in `lb_common::ct`): only a TCP SYN or a UDP datagram opens a flow; each
+//! packet moves its direction's state and refreshes its last-seen time; the agent's GC
+//! removes closed and idle pairs. The table is a plain HASH, so nothing else removes an
+//! entry: the two directions are created together (reverse first, rolled back if the
+//! forward cannot be stored) and removed together (`forget_pair`, `reclaim`).
+//!
+//! Values are copied out right after a lookup: a deleted element of a preallocated map is
+//! reused by the next insert, so a pointer may come to show another flow. The only writes
+//! through a pointer are last-seen refreshes (at worst one keeps a recycled entry alive for
+//! one more timeout); a state change replaces the entry by key.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
-use lb_common::abi::*;
+use aya_ebpf::{
+    bindings::{BPF_EXIST, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+};
+use lb_common::{abi::*, ct};
 
 use crate::{
-    maps::{CONNTRACK, FRAGMENTS},
+    maps::{CONNTRACK, FRAGMENTS, SCRATCH, SNAT_CURSOR, Scratch},
     nat::Side,
     parse::Headers,
     select,
 };
+
+const EEXIST: i32 = 17;
+
+/// The clock of `last_seen_ns` (CLOCK_MONOTONIC, coarse: a tick is plenty for timeouts).
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
 
 #[inline(always)]
 pub fn flow_key(h: &Headers) -> FlowKey {
     FlowKey { src: h.src, dst: h.dst, sport: h.sport, dport: h.dport, proto: h.proto, _pad: [0; 3] }
 }
 
+/// This CPU's scratch slot: flow values being worked on, kept off the 512-byte stack.
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<&'static FlowValue> {
-    // SAFETY: read in place; a concurrent update of the same flow writes the same kind of
-    // value, so a torn read at worst sends one packet the way it was going anyway.
-    unsafe { CONNTRACK.get(key) }
+pub fn scratch() -> Option<*mut Scratch> {
+    SCRATCH.get_ptr_mut(0)
 }
 
+/// Copies the entry for `key` into `out`; returns where it lives (for `touch`).
 #[inline(always)]
-pub fn forget(key: &FlowKey) {
-    let _ = CONNTRACK.remove(key);
+pub fn lookup(key: &FlowKey, out: &mut FlowValue) -> Option<*mut FlowValue> {
+    let p = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a valid map value pointer; copied at once (see the module docs).
+    unsafe { core::ptr::copy_nonoverlapping(p, out, 1) };
+    Some(p)
 }
 
-/// Removes the reverse entry keyed by the reply tuple of `h`'s connection, if there is one.
+/// This direction of flow `key` (copied in `v`) carried packet `h`: moves its state
+/// (replacing the entry by key, so the write cannot land on another flow) or refreshes its
+/// last-seen time.
 #[inline(always)]
-pub fn forget_stale_reply(h: &Headers) {
-    let reply =
-        FlowKey { src: h.dst, dst: h.src, sport: h.dport, dport: h.sport, proto: h.proto, _pad: [0; 3] };
-    if lookup(&reply).is_some_and(|v| v.direction == FLOW_REPLY) {
-        forget(&reply);
+pub fn touch(key: &FlowKey, p: *mut FlowValue, v: &mut FlowValue, h: &Headers, now: u64) {
+    let next = ct::next_state(v.state, h.proto, h.tcp_flags);
+    if next != v.state {
+        v.state = next;
+        v.last_seen_ns = now;
+        let _ = CONNTRACK.insert(key, &*v, BPF_EXIST as u64);
+    } else if now.wrapping_sub(v.last_seen_ns) > ct::TOUCH_NS {
+        // SAFETY: a valid map value pointer; a plain aligned store (see the module docs).
+        unsafe { core::ptr::addr_of_mut!((*p).last_seen_ns).write_volatile(now) };
     }
+}
+
+/// Removes flow `key` -> `v` and its other direction.
+#[inline(always)]
+pub fn forget_pair(key: &FlowKey, v: &FlowValue) {
+    let other = if v.direction == FLOW_FORWARD { ct::reverse_key(key, v) } else { ct::forward_key(key, v) };
+    let _ = CONNTRACK.remove(key);
+    let _ = CONNTRACK.remove(&other);
+}
+
+/// Removes the flow whose reply direction is `rkey` if it is over (closed or expired; an
+/// orphan always is). True when `rkey` is free afterwards. Not inlined: its two copies must
+/// not add to the caller's stack.
+#[inline(never)]
+fn reclaim(rkey: &FlowKey, now: u64) -> bool {
+    let Some(s) = scratch() else { return false };
+    // SAFETY: this CPU's scratch slot; `a` and `b` are reclaim's alone.
+    let (rv, fv) = unsafe { (&mut (*s).a, &mut (*s).b) };
+    if lookup(rkey, rv).is_none() {
+        return true;
+    }
+    if rv.direction != FLOW_REPLY {
+        return false;
+    }
+    let fkey = ct::forward_key(rkey, rv);
+    // The forward entry counts only if it still names this reply entry.
+    let has_fwd =
+        lookup(&fkey, fv).is_some() && fv.direction == FLOW_FORWARD && ct::names_reverse(&fkey, fv, rkey);
+    let Some(cfg) = select::config_ref() else { return false };
+    if !ct::reclaimable(rkey.proto, has_fwd.then_some(&*fv), Some(&*rv), &cfg.timeouts, now) {
+        return false;
+    }
+    if has_fwd {
+        let _ = CONNTRACK.remove(&fkey);
+    }
+    let _ = CONNTRACK.remove(rkey);
+    true
 }
 
 /// Why a flow could not be recorded.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum CreateError {
-    /// A map update failed.
-    Map = 1,
+    /// The table has no room (or a map update failed).
+    Full = 1,
     /// Source NAT needed, but no node address is configured or no port was free.
     Snat = 2,
 }
 
-/// Source ports handed out for source-NATed flows: above Linux's default ephemeral range
-/// (32768-60999), so they do not collide with the node's own connections.
-const SNAT_PORT_MIN: u32 = 61_000;
-const SNAT_PORTS: u32 = 65_536 - SNAT_PORT_MIN;
-/// Random ports tried before giving up on a flow.
-const SNAT_TRIES: u32 = 8;
+/// Ports a new flow probes before giving up: from this CPU's cursor on, so consecutive flows
+/// take consecutive ports and a port comes back into turn only after the whole range.
+const SNAT_PROBES: u32 = 16;
 
-/// Records a new flow of `svc` (client -> frontend) translated to `backend`, source-NATed when
-/// `select::needs_snat` says so; writes its forward entry to `out`. Returns 0 or a
-/// `CreateError` code.
+/// Claims a free destination port for reply key `rkey` (its other fields set) in the SNAT
+/// range, storing the scratch slot's `rev` there. Returns the port (network order), or
+/// `Err` with the first port found taken (0: none, the table is full): the oldest in this
+/// CPU's turn, the one worth reclaiming. Not inlined, and `reclaim` is not called from it:
+/// the two frames stay side by side on the stack, not on top of each other.
+#[inline(never)]
+fn claim_port(rkey: &mut FlowKey, rev: &FlowValue) -> Result<u16, u16> {
+    let (min, max) = match select::config_ref() {
+        Some(c) => ct::snat_ports(c),
+        None => (DEFAULT_SNAT_PORT_MIN as u32, DEFAULT_SNAT_PORT_MAX as u32),
+    };
+    let span = max - min + 1;
+    let cursor = SNAT_CURSOR.get_ptr_mut(0).ok_or(0u16)?;
+    // SAFETY: this CPU's slot; no one else writes it.
+    let mut c = unsafe { *cursor };
+    if c == 0 {
+        // Each CPU starts somewhere else in the range.
+        // SAFETY: helper without arguments.
+        c = unsafe { bpf_get_prandom_u32() } | 1;
+    }
+    let mut first_taken = 0u16;
+    let mut first_at = 0;
+    let mut i = 0;
+    while i < SNAT_PROBES {
+        // checked_rem: no division-by-zero panic path for the verifier to reject.
+        let port = ((min + c.wrapping_add(i).checked_rem(span).unwrap_or(0)) as u16).to_be();
+        rkey.dport = port;
+        // NOEXIST claims the port atomically against other CPUs.
+        match CONNTRACK.insert(&*rkey, rev, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                // SAFETY: as above.
+                unsafe { *cursor = c.wrapping_add(i + 1) };
+                return Ok(port);
+            }
+            Err(e) if e == -EEXIST => {
+                if first_taken == 0 {
+                    first_taken = port;
+                    first_at = i;
+                }
+            }
+            Err(_) => return Err(0),
+        }
+        i += 1;
+    }
+    // The next search starts after the port offered for reclaiming, which is the oldest in
+    // this CPU's turn: consecutive flows take over consecutive closed flows' ports.
+    // SAFETY: as above.
+    unsafe { *cursor = c.wrapping_add(first_at + 1) };
+    Err(first_taken)
+}
+
+/// `claim_port`, then, if every probed port was taken, the first of them taken over when
+/// its flow is over (closed or expired).
 #[inline(always)]
-pub fn create(
-    key: &FlowKey,
-    svc: &ServiceValue,
-    backend_id: u32,
-    backend: &BackendValue,
-    out: &mut FlowValue,
-) -> u32 {
-    match try_create(key, svc, backend_id, backend, out) {
+fn claim_or_reclaim(rkey: &mut FlowKey, rev: &FlowValue, now: u64) -> Result<u16, CreateError> {
+    match claim_port(rkey, rev) {
+        Ok(port) => Ok(port),
+        Err(0) => Err(CreateError::Full),
+        Err(port) => {
+            rkey.dport = port;
+            if reclaim(rkey, now) && CONNTRACK.insert(&*rkey, rev, BPF_NOEXIST as u64).is_ok() {
+                Ok(port)
+            } else {
+                Err(CreateError::Snat)
+            }
+        }
+    }
+}
+
+/// Records a new flow of `svc` (client -> frontend) translated to `backend`; its forward
+/// entry is left in the scratch slot's `flow`. Returns 0 or a `CreateError` code. Not
+/// inlined: its frame is not stacked on the backend choice's.
+#[inline(never)]
+pub fn create(key: &FlowKey, svc: &ServiceValue, backend_id: u32, backend: &BackendValue, now: u64) -> u32 {
+    match try_create(key, svc, backend_id, backend, now) {
         Ok(()) => 0,
         Err(e) => e as u32,
     }
@@ -79,64 +208,75 @@ fn try_create(
     svc: &ServiceValue,
     backend_id: u32,
     backend: &BackendValue,
-    fwd: &mut FlowValue,
+    now: u64,
 ) -> Result<(), CreateError> {
-    let service_id = svc.service_id;
-    let snat = select::needs_snat(svc, backend, key);
-    *fwd = FlowValue {
-        addr: backend.addr,
-        port: backend.port,
-        direction: FLOW_FORWARD,
-        backend_id,
-        service_id,
-        ..FlowValue::default()
-    };
-    let mut rkey = FlowKey {
-        src: backend.addr,
-        dst: key.src,
-        sport: backend.port,
-        dport: key.sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
-    let mut rev = FlowValue {
-        addr: key.dst,
-        port: key.dport,
-        direction: FLOW_REPLY,
-        backend_id,
-        service_id,
-        ..FlowValue::default()
-    };
+    let s = scratch().ok_or(CreateError::Full)?;
+    // SAFETY: this CPU's scratch slot; `flow` and `rev` are the new flow's.
+    let (fwd, rev) = unsafe { (&mut (*s).flow, &mut (*s).rev) };
+    // Field by field: a struct literal would be built on the stack first.
+    fwd.addr = backend.addr;
+    fwd.nat_addr = [0; 4];
+    fwd.port = backend.port;
+    fwd.nat_port = 0;
+    fwd.direction = FLOW_FORWARD;
+    fwd.flags = 0;
+    fwd.state = ct::CT_NEW;
+    fwd._pad = 0;
+    fwd.backend_id = backend_id;
+    fwd.service_id = svc.service_id;
+    fwd.last_seen_ns = now;
+    fwd.created_ns = now;
+    // SAFETY: two distinct fields of the scratch slot.
+    unsafe { core::ptr::copy_nonoverlapping(fwd as *const FlowValue, rev as *mut FlowValue, 1) };
+    rev.addr = key.dst;
+    rev.port = key.dport;
+    rev.direction = FLOW_REPLY;
+    let mut rkey = ct::reverse_key(key, fwd);
     // Reverse first: a reply must never arrive before its way back exists.
-    if snat {
-        let node = select::snat_addr(&key.src).ok_or(CreateError::Snat)?;
+    let nat_addr = if select::needs_snat(svc, backend, key) {
+        Some(select::snat_addr(&key.src).ok_or(CreateError::Snat)?)
+    } else {
+        match CONNTRACK.insert(&rkey, &*rev, BPF_NOEXIST as u64) {
+            Ok(()) => None,
+            Err(e) if e != -EEXIST => return Err(CreateError::Full),
+            // The reply tuple is taken: by a flow that is over (take it), or by a live one
+            // (another Service flow from the same client port to the same backend): then
+            // this flow's source port is rewritten, as netfilter does on a clash.
+            Err(_) if reclaim(&rkey, now) && CONNTRACK.insert(&rkey, &*rev, BPF_NOEXIST as u64).is_ok() => {
+                None
+            }
+            Err(_) => Some(key.src),
+        }
+    };
+    if let Some(nat) = nat_addr {
         rev.flags = FLOW_F_SNAT;
         rev.nat_addr = key.src;
         rev.nat_port = key.sport;
-        rkey.dst = node;
-        let mut claimed = false;
-        let mut i = 0;
-        while i < SNAT_TRIES {
-            // SAFETY: helper without arguments.
-            let port = SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORTS;
-            rkey.dport = (port as u16).to_be();
-            // NOEXIST claims the port atomically against other CPUs.
-            if CONNTRACK.insert(&rkey, &rev, BPF_NOEXIST as u64).is_ok() {
-                claimed = true;
-                break;
-            }
-            i += 1;
-        }
-        if !claimed {
-            return Err(CreateError::Snat);
-        }
+        rkey.dst = nat;
         fwd.flags = FLOW_F_SNAT;
-        fwd.nat_addr = node;
-        fwd.nat_port = rkey.dport;
-    } else {
-        CONNTRACK.insert(&rkey, &rev, 0).map_err(|_| CreateError::Map)?;
+        fwd.nat_addr = nat;
+        fwd.nat_port = claim_or_reclaim(&mut rkey, rev, now)?;
     }
-    CONNTRACK.insert(key, fwd, 0).map_err(|_| CreateError::Map)
+    if CONNTRACK.insert(key, &*fwd, 0).is_err() {
+        let _ = CONNTRACK.remove(&rkey);
+        return Err(CreateError::Full);
+    }
+    Ok(())
+}
+
+/// A direct (non-Service) TCP SYN from a pod whose reply tuple is a Service flow's reverse
+/// entry. A flow that is over is removed (the client reused its port): false. A live one
+/// keeps it: true, and the caller records the direct connection with its source port
+/// rewritten, so the replies of each go back to their own socket.
+#[inline(never)]
+pub fn direct_clash(h: &Headers, now: u64) -> bool {
+    let rkey =
+        FlowKey { src: h.dst, dst: h.src, sport: h.dport, dport: h.sport, proto: h.proto, _pad: [0; 3] };
+    let is_reply = CONNTRACK.get_ptr(&rkey).is_some_and(|p| {
+        // SAFETY: a valid map value pointer; one byte read.
+        unsafe { core::ptr::addr_of!((*p).direction).read_volatile() == FLOW_REPLY }
+    });
+    is_reply && !reclaim(&rkey, now)
 }
 
 #[inline(always)]

@@ -4,6 +4,7 @@
 
 use lb_common::{
     abi::*,
+    ct::{CT_CLOSED, CT_FIN},
     verdict::{Action, Reason, pack, unpack},
 };
 
@@ -11,7 +12,7 @@ use crate::{
     conntrack,
     maps::SERVICES,
     nat::{Packet, Side, apply},
-    parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_SYN, parse},
+    parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_RST, TCP_SYN, parse},
     reject::reject,
     select, stats,
 };
@@ -65,70 +66,143 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
         };
     }
 
-    let key = conntrack::flow_key(h);
-    if let Some(v) = conntrack::lookup(&key) {
-        if v.direction == FLOW_REPLY {
-            return match translate(pkt, h, Side::Src, v, bytes) {
-                Ok(()) => (Action::Pass, Reason::Reply),
-                Err(()) => MAP_ERR,
-            };
-        }
-        // A flow keeps its backend across table changes while the backend lives. If it went
-        // away: TCP segments of the open connection still go there (as with kube-proxy's
-        // conntrack), but a UDP packet or a new SYN picks a live backend at once.
-        let is_new_syn = h.proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let reselect =
-            (h.proto == PROTO_UDP || is_new_syn) && !select::still_backend(v.backend_id, &v.addr, v.port);
-        if !reselect {
-            return match translate(pkt, h, Side::Dst, v, bytes) {
-                Ok(()) => (Action::Pass, Reason::FlowHit),
-                Err(()) => MAP_ERR,
-            };
-        }
-        conntrack::forget(&key);
+    let Some(s) = conntrack::scratch() else { return MAP_ERR };
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    unsafe { (*s).key = conntrack::flow_key(h) };
+    let now = conntrack::now();
+    let known = known_flow(pkt, h, bytes, now);
+    if known != NOT_KNOWN {
+        return unpack(known);
     }
+    unpack(frontend(pkt, h, bytes, now))
+}
 
-    let skey = ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 };
-    // SAFETY: read in place; the agent replaces entries whole.
-    let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
-        if P::POD_FACING && is_cluster_ip(h) {
-            return unpack(refuse(pkt, h, Reason::RejectUnknownPort));
-        }
-        if P::POD_FACING && h.proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            // A new direct connection whose replies would match the reverse entry of an
-            // old Service flow from the same client port: that flow is over (the client
-            // reuses the port), and its entry would rewrite this connection's SYN/ACK.
-            conntrack::forget_stale_reply(h);
-        }
-        return (Action::Pass, Reason::NoFrontend);
-    };
-    // Stack budget: choosing, translating and refusing are separate BPF functions called
-    // from here, so their frames never add up (the verifier allows 512 bytes over the
-    // deepest call chain). Packets of known flows and non-frontend packets call none.
-    let mut v = FlowValue::default();
-    match unpack(new_flow(h, &key, svc, bytes, &mut v)) {
-        (Action::Pass, Reason::NewFlow) => match translate(pkt, h, Side::Dst, &v, bytes) {
-            Ok(()) => (Action::Pass, Reason::NewFlow),
+/// `known_flow` and `direct_clash`: the packet is not theirs, carry on.
+const NOT_KNOWN: u32 = u32::MAX;
+
+#[inline(always)]
+fn is_syn(h: &Headers) -> bool {
+    h.proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+// Stack budget: the verifier allows 512 bytes over the deepest chain of BPF functions. So the
+// known-flow path, the frontend path (and its new-flow, SNAT and refuse steps) are separate
+// functions called one after another, never nested more than needed, and flow values live in
+// this CPU's scratch slot (`conntrack::scratch`) instead of on the stack.
+
+/// A packet of a flow in the table: translated, or `NOT_KNOWN` (no entry, or the flow must
+/// pick a backend anew and was removed).
+#[inline(never)]
+fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, now: u64) -> u32 {
+    const MAP_ERR: u32 = pack(Action::Drop, Reason::MapError);
+    let Some(s) = conntrack::scratch() else { return MAP_ERR };
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    let (key, v) = unsafe { (&(*s).key, &mut (*s).flow) };
+    let Some(p) = conntrack::lookup(key, v) else { return NOT_KNOWN };
+    if v.direction == FLOW_REPLY {
+        conntrack::touch(key, p, v, h, now);
+        return match translate(pkt, h, Side::Src, v, bytes) {
+            Ok(()) => pack(Action::Pass, Reason::Reply),
             Err(()) => MAP_ERR,
-        },
-        (Action::Bounce, reason) => unpack(refuse(pkt, h, reason)),
-        out => out,
+        };
+    }
+    // A flow keeps its backend across table changes while the backend stays in its
+    // Service. If it left: TCP segments of the open connection still go there (as with
+    // kube-proxy's conntrack), but a UDP packet or a new SYN picks a live backend at once.
+    // A SYN on a tuple whose connection ended opens a new flow.
+    let syn = is_syn(h);
+    let reopen = syn && (v.state == CT_FIN || v.state == CT_CLOSED);
+    let moved = (h.proto == PROTO_UDP || syn) && !select::still_member(v);
+    if reopen || moved {
+        conntrack::forget_pair(key, v);
+        return NOT_KNOWN;
+    }
+    conntrack::touch(key, p, v, h, now);
+    match translate(pkt, h, Side::Dst, v, bytes) {
+        Ok(()) => pack(Action::Pass, Reason::FlowHit),
+        Err(()) => MAP_ERR,
     }
 }
 
-/// A packet of no known flow to frontend `svc`: pick a backend and record the flow in `v`
-/// (returns `(Pass, NewFlow)`: the caller translates), or say why not (`Bounce`: the caller
-/// refuses).
+/// A packet of no known flow: to a frontend (a new flow, or a refusal), a ClusterIP port it
+/// does not serve, a direct connection clashing with a Service flow, or none of ours.
 #[inline(never)]
-fn new_flow(h: &Headers, key: &FlowKey, svc: &ServiceValue, bytes: u32, v: &mut FlowValue) -> u32 {
-    let (action, reason) = choose(h, key, svc, bytes, v);
+fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, now: u64) -> u32 {
+    let Some(s) = conntrack::scratch() else { return pack(Action::Drop, Reason::MapError) };
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    let key = unsafe { &(*s).key };
+    let skey = ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 };
+    let Some(svc) = SERVICES.get_ptr(&skey).map(|p| {
+        // SAFETY: a valid map value pointer, copied at once: the agent replaces entries, and
+        // a replaced element is reused by the next update.
+        unsafe { p.read() }
+    }) else {
+        if P::POD_FACING && is_cluster_ip(h) {
+            return refuse(pkt, h, Reason::RejectUnknownPort);
+        }
+        if P::POD_FACING && is_syn(h) && conntrack::direct_clash(h, now) {
+            // Recorded as a flow translated to itself: service and backend id 0 (never a
+            // real id), where only the source port moves.
+            let be = BackendValue { addr: h.dst, port: h.dport, flags: BE_F_PRESENT, _pad: 0 };
+            return record(pkt, h, key, &ServiceValue::default(), 0, &be, bytes, now, Reason::PortClash);
+        }
+        return pack(Action::Pass, Reason::NoFrontend);
+    };
+    match unpack(new_flow(h, key, &svc, bytes)) {
+        (Action::Pass, Reason::NewFlow) => {
+            // SAFETY: this CPU's scratch slot; `new_flow` left the chosen id there.
+            let id = unsafe { (*s).flow.backend_id };
+            let Some(be) = select::backend(id) else { return pack(Action::Drop, Reason::BackendMissing) };
+            record(pkt, h, key, &svc, id, &be, bytes, now, Reason::NewFlow)
+        }
+        (Action::Bounce, reason) => refuse(pkt, h, reason),
+        (action, reason) => pack(action, reason),
+    }
+}
+
+/// Records the new flow (`conntrack::create`) and translates the packet with it.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined into its one caller; BPF calls take five")]
+fn record<P: Packet>(
+    pkt: &mut P,
+    h: &Headers,
+    key: &FlowKey,
+    svc: &ServiceValue,
+    id: u32,
+    be: &BackendValue,
+    bytes: u32,
+    now: u64,
+    reason: Reason,
+) -> u32 {
+    match conntrack::create(key, svc, id, be, now) {
+        0 => translate_new(pkt, h, bytes, reason),
+        e if e == conntrack::CreateError::Snat as u32 => pack(Action::Drop, Reason::SnatFailed),
+        _ => pack(Action::Drop, Reason::FlowTableFull),
+    }
+}
+
+/// Translates the packet with the flow just recorded in the scratch slot.
+#[inline(always)]
+fn translate_new<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, reason: Reason) -> u32 {
+    let Some(s) = conntrack::scratch() else { return pack(Action::Drop, Reason::MapError) };
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    match translate(pkt, h, Side::Dst, unsafe { &(*s).flow }, bytes) {
+        Ok(()) => pack(Action::Pass, reason),
+        Err(()) => pack(Action::Drop, Reason::MapError),
+    }
+}
+
+/// A packet of no known flow to frontend `svc`: pick a backend, left in the scratch slot's
+/// `flow.backend_id` (returns `(Pass, NewFlow)`: the caller records the flow and translates),
+/// or say why not (`Bounce`: the caller refuses).
+#[inline(never)]
+fn new_flow(h: &Headers, key: &FlowKey, svc: &ServiceValue, bytes: u32) -> u32 {
+    let (action, reason) = choose(h, key, svc, bytes);
     pack(action, reason)
 }
 
 #[inline(always)]
-fn choose(h: &Headers, key: &FlowKey, svc: &ServiceValue, bytes: u32, v: &mut FlowValue) -> Outcome {
-    const MAP_ERR: Outcome = (Action::Drop, Reason::MapError);
-
+fn choose(h: &Headers, key: &FlowKey, svc: &ServiceValue, bytes: u32) -> Outcome {
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !select::source_allowed(svc.service_id, &h.src) {
         return (Action::Drop, Reason::SourceRangeDenied);
     }
@@ -136,17 +210,22 @@ fn choose(h: &Headers, key: &FlowKey, svc: &ServiceValue, bytes: u32, v: &mut Fl
         stats::service(svc.service_id, bytes);
         return no_backend(svc);
     }
-    let Some(id) = select::pick(svc, key) else {
-        return (Action::Drop, Reason::BackendMissing);
-    };
-    let Some(be) = select::backend(id) else {
-        return (Action::Drop, Reason::BackendMissing);
-    };
-    match conntrack::create(key, svc, id, be, v) {
-        0 => (Action::Pass, Reason::NewFlow),
-        e if e == conntrack::CreateError::Snat as u32 => (Action::Drop, Reason::SnatFailed),
-        _ => MAP_ERR,
+    // Only a SYN opens a TCP flow. Another segment belongs to a connection that ended (or
+    // was never seen): a RST is dropped, anything else answered with a RST so the client
+    // learns at once, and neither creates state.
+    if h.proto == PROTO_TCP && h.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        if h.tcp_flags & TCP_RST != 0 {
+            return (Action::Drop, Reason::NoFlowRst);
+        }
+        return (Action::Bounce, Reason::RejectNoFlow);
     }
+    let Some(id) = select::pick(svc, key, conntrack::now()) else {
+        return (Action::Drop, Reason::BackendMissing);
+    };
+    let Some(s) = conntrack::scratch() else { return (Action::Drop, Reason::MapError) };
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    unsafe { (*s).flow.backend_id = id };
+    (Action::Pass, Reason::NewFlow)
 }
 
 /// Not a frontend, but a ClusterIP (its port-0 entry)? Then the port is refused, like
@@ -154,8 +233,7 @@ fn choose(h: &Headers, key: &FlowKey, svc: &ServiceValue, bytes: u32, v: &mut Fl
 #[inline(always)]
 fn is_cluster_ip(h: &Headers) -> bool {
     let vip = ServiceKey { addr: h.dst, port: 0, proto: 0, _pad: 0 };
-    // SAFETY: only presence is read.
-    unsafe { SERVICES.get(&vip) }.is_some()
+    SERVICES.get_ptr(&vip).is_some()
 }
 
 #[inline(always)]

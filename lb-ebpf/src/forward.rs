@@ -10,7 +10,7 @@
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_fib_lookup, programs::XdpContext};
 use lb_common::abi::*;
 
-use crate::maps::{CONFIG, STATS_XDP_FORWARD, XDP_TX_PORTS};
+use crate::maps::{STATS_XDP_FORWARD, XDP_TX_PORTS};
 
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -53,7 +53,7 @@ fn count(slot: u32, bytes: u64) {
 /// Forwards a translated packet: the XDP verdict, or None to pass it to the stack.
 #[inline(always)]
 pub fn translated(ctx: &XdpContext) -> Option<u32> {
-    let flags = CONFIG.get(0).map(|c| c.flags).unwrap_or(0);
+    let flags = crate::select::config_flags();
     if flags & CFG_F_XDP_FORWARD == 0 {
         return None;
     }

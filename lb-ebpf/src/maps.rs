@@ -21,8 +21,17 @@ pub static BACKENDS: Array<BackendValue> = Array::pinned(DEFAULT_MAX_BACKENDS, B
 #[map(name = "lb_maglev")]
 pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
 
+/// A plain (preallocated) HASH, not an LRU: the kernel never evicts a live flow, nor one
+/// direction of it. Pairs leave together: closed or expired (the agent's GC), taken over
+/// when closed (SNAT ports), or replaced when their backend left (UDP, new SYN).
 #[map(name = "lb_conntrack")]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+pub static CONNTRACK: HashMap<FlowKey, FlowValue> = HashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+
+#[map(name = "lb_members")]
+pub static MEMBERS: HashMap<MemberKey, MemberValue> = HashMap::pinned(DEFAULT_MAX_MEMBERS, 0);
+
+#[map(name = "lb_snat_cursor")]
+pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 
 #[map(name = "lb_fragments")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(DEFAULT_MAX_FRAGMENTS, 0);
@@ -51,3 +60,21 @@ pub static STATS_SERVICE: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_MAX
 
 #[map(name = "lb_stats_backend")]
 pub static STATS_BACKEND: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+/// Flow values being worked on by this CPU's packet (`conntrack::scratch`): kept off the
+/// 512-byte BPF stack. Not pinned: it holds nothing between packets.
+#[repr(C)]
+pub struct Scratch {
+    /// The packet's flow key.
+    pub key: FlowKey,
+    /// The flow the packet is translated with (a known flow's copy, or the new forward entry).
+    pub flow: FlowValue,
+    /// A new flow's reverse entry.
+    pub rev: FlowValue,
+    /// `reclaim`'s copies of a reply entry and its forward entry.
+    pub a: FlowValue,
+    pub b: FlowValue,
+}
+
+#[map(name = "lb_scratch")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -1,26 +1,52 @@
 //! Backend choice for a new flow: ClientIP affinity if the service asks for it, else the
 //! service's Maglev range indexed by the flow hash (or a random slot with `--lb-algorithm
-//! random`).
+//! random`). Membership (`lb_members`) decides whether an affinity entry or a UDP flow may
+//! stay on its backend. Every map value is copied out before use.
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{abi::*, hash::flow_hash, maglev};
 
 use aya_ebpf::maps::lpm_trie::Key;
 
-use crate::maps::{AFFINITY, BACKENDS, CONFIG, MAGLEV, SOURCE_RANGES};
+use crate::maps::{AFFINITY, BACKENDS, CONFIG, MAGLEV, MEMBERS, SOURCE_RANGES};
+
+/// The datapath-wide settings. A reference is fine here: an ARRAY element is never freed
+/// or reused, only rewritten (rarely) by the agent.
+#[inline(always)]
+pub fn config_ref() -> Option<&'static Config> {
+    CONFIG.get(0)
+}
 
 /// Datapath-wide flags (`CFG_F_*`).
 #[inline(always)]
 pub fn config_flags() -> u32 {
-    CONFIG.get(0).map(|c| c.flags).unwrap_or(0)
+    // SAFETY: a valid map value pointer; one aligned word read.
+    CONFIG.get_ptr(0).map(|c| unsafe { core::ptr::addr_of!((*c).flags).read_volatile() }).unwrap_or(0)
 }
 
 /// The source NAT address for a flow of this family, if one is configured.
 #[inline(always)]
 pub fn snat_addr(client: &Addr) -> Option<Addr> {
-    let c = CONFIG.get(0)?;
-    let a = if is_v4(client) { c.snat_v4 } else { c.snat_v6 };
+    let c = CONFIG.get_ptr(0)?;
+    // SAFETY: a valid map value pointer; the address is copied.
+    let a = unsafe { if is_v4(client) { (*c).snat_v4 } else { (*c).snat_v6 } };
     if a == [0; 4] { None } else { Some(a) }
+}
+
+/// Backend `backend_id`'s membership of service `service_id`, if it has one.
+#[inline(always)]
+pub fn member(service_id: u32, backend_id: u32) -> Option<MemberValue> {
+    let p = MEMBERS.get_ptr(&MemberKey { service_id, backend_id })?;
+    // SAFETY: a valid map value pointer, copied at once.
+    Some(unsafe { p.read() })
+}
+
+/// Whether flow `v` may stay where it is: its backend is still a member of its service
+/// (usable or terminating) at the same address. A direct flow (service id 0) always may.
+#[inline(always)]
+pub fn still_member(v: &FlowValue) -> bool {
+    v.service_id == 0
+        || (member(v.service_id, v.backend_id).is_some() && still_backend(v.backend_id, &v.addr, v.port))
 }
 
 /// Whether a new flow to `be` must be source-NATed: external traffic to a backend on another
@@ -38,10 +64,12 @@ pub fn source_allowed(service_id: u32, src: &Addr) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
-/// The backend entry for `id`, if it is in use.
+/// The backend entry for `id` (a copy), if it is in use.
 #[inline(always)]
-pub fn backend(id: u32) -> Option<&'static BackendValue> {
-    let b = BACKENDS.get(id)?;
+pub fn backend(id: u32) -> Option<BackendValue> {
+    let p = BACKENDS.get_ptr(id)?;
+    // SAFETY: a valid map value pointer, copied at once.
+    let b = unsafe { p.read() };
     if b.flags & BE_F_PRESENT == 0 { None } else { Some(b) }
 }
 
@@ -57,9 +85,9 @@ pub fn still_backend(id: u32, addr: &Addr, port: u16) -> bool {
 
 /// Picks a backend id for a new flow of `svc`. `None`: the table pointed at nothing usable.
 #[inline(always)]
-pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<u32> {
+pub fn pick(svc: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> {
     if svc.flags & SVC_F_AFFINITY != 0 {
-        return pick_with_affinity(svc, key);
+        return pick_with_affinity(svc, key, now);
     }
     pick_slot(svc, key)
 }
@@ -73,27 +101,33 @@ fn pick_slot(svc: &ServiceValue, key: &FlowKey) -> Option<u32> {
         flow_hash(key)
     };
     let slot = maglev::slot(hash, svc.maglev_size);
-    let id = *MAGLEV.get(svc.maglev_offset.wrapping_add(slot))?;
+    let id = MAGLEV.get_ptr(svc.maglev_offset.wrapping_add(slot)).map(|p| {
+        // SAFETY: a valid map value pointer, one aligned word.
+        unsafe { p.read() }
+    })?;
     backend(id).map(|_| id)
 }
 
 #[inline(always)]
-fn pick_with_affinity(svc: &ServiceValue, key: &FlowKey) -> Option<u32> {
+fn pick_with_affinity(svc: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> {
     let akey = AffinityKey { client: key.src, service_id: svc.service_id };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
-    if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
-        // SAFETY: valid map value pointer; a racing update at worst refreshes a timestamp.
-        unsafe {
-            if now.wrapping_sub((*a).last_seen_ns) < timeout_ns && backend((*a).backend_id).is_some() {
-                (*a).last_seen_ns = now;
-                return Some((*a).backend_id);
-            }
+    if let Some(p) = AFFINITY.get_ptr_mut(&akey) {
+        // SAFETY: a valid map value pointer, copied at once.
+        let a = unsafe { p.read() };
+        // Honoured only under the membership it was made for: the backend is still a usable
+        // member, and has not left and come back (maybe as another pod under the same id).
+        let current = member(svc.service_id, a.backend_id)
+            .is_some_and(|m| m.generation == a.generation && m.flags & MEMBER_F_USABLE != 0);
+        if now.wrapping_sub(a.last_seen_ns) < timeout_ns && current && backend(a.backend_id).is_some() {
+            // SAFETY: valid pointer; at worst refreshes a recycled entry's timestamp.
+            unsafe { core::ptr::addr_of_mut!((*p).last_seen_ns).write_volatile(now) };
+            return Some(a.backend_id);
         }
     }
     let id = pick_slot(svc, key)?;
-    let v = AffinityValue { backend_id: id, _pad: 0, last_seen_ns: now };
+    let generation = member(svc.service_id, id).map(|m| m.generation).unwrap_or(0);
+    let v = AffinityValue { backend_id: id, generation, last_seen_ns: now };
     let _ = AFFINITY.insert(&akey, &v, 0);
     Some(id)
 }

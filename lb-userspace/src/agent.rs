@@ -25,6 +25,7 @@ use lb_common::{abi::*, verdict::Reason};
 
 use crate::{
     attach::{self, Attached, Hook},
+    conntrack_gc,
     dataplane::{AyaDataplane, Dataplane},
     http::{self, Histogram, Response},
     links, loader,
@@ -72,6 +73,12 @@ pub struct AgentConfig {
     pub algorithm: Algorithm,
     pub no_backend: NoBackendResponse,
     pub capacities: loader::Capacities,
+    /// Flow life times (`--conntrack-*`).
+    pub timeouts: CtTimeouts,
+    /// `--conntrack-gc-interval`.
+    pub gc_interval: Duration,
+    /// `--snat-port-range`, inclusive.
+    pub snat_ports: (u16, u16),
 }
 
 /// Log line with the time since start, so a reader can see how fast things happened.
@@ -92,6 +99,65 @@ struct Status {
     frontends: usize,
     backends: usize,
     health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// What the flow-table GC reports (written by its thread, read by `/metrics`).
+#[derive(Default)]
+struct GcState {
+    last: Option<conntrack_gc::PassStats>,
+    passes: u64,
+    errors: u64,
+    expired_pairs: u64,
+    orphans: u64,
+}
+
+/// Starts the GC thread; it stops when `stop` is set.
+fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>, start: Instant) -> Arc<std::sync::Mutex<GcState>> {
+    let state = Arc::new(std::sync::Mutex::new(GcState::default()));
+    let (st, pin_dir, timeouts, interval) =
+        (state.clone(), cfg.pin_dir.clone(), cfg.timeouts, cfg.gc_interval);
+    std::thread::spawn(move || {
+        let mut last_log = Instant::now() - Duration::from_secs(3600);
+        conntrack_gc::run(&pin_dir, timeouts, interval, &stop, |r| {
+            let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+            g.passes += 1;
+            match r {
+                Ok(p) => {
+                    g.expired_pairs += p.removed_pairs as u64;
+                    g.orphans += p.removed_orphans as u64;
+                    // At most a line a minute, and only when something happened.
+                    if (p.removed_pairs > 0 || p.under_pressure)
+                        && last_log.elapsed() > Duration::from_secs(60)
+                    {
+                        last_log = Instant::now();
+                        log(
+                            start,
+                            format!(
+                                "conntrack GC: {} entries ({:.0}% full{}), removed {} closed or idle flows in {:.1} ms",
+                                p.entries,
+                                p.fill() * 100.0,
+                                if p.under_pressure {
+                                    ", under pressure: unfinished handshakes expire early"
+                                } else {
+                                    ""
+                                },
+                                p.removed_pairs,
+                                p.took.as_secs_f64() * 1e3
+                            ),
+                        );
+                    }
+                    g.last = Some(p);
+                }
+                Err(e) => {
+                    g.errors += 1;
+                    if g.errors.is_power_of_two() {
+                        log(start, format!("error: conntrack GC pass failed ({e}); {} so far", g.errors));
+                    }
+                }
+            }
+        });
+    });
+    state
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
@@ -119,8 +185,17 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
 
-    let mut ebpf = loader::load(&cfg.pin_dir, &cfg.capacities)
+    let (mut ebpf, migration) = loader::load_migrating(&cfg.pin_dir, &cfg.capacities)
         .with_context(|| format!("loading the datapath with maps pinned in {}", cfg.pin_dir.display()))?;
+    if !migration.is_empty() {
+        log(
+            start,
+            format!(
+                "pinned maps with another layout migrated into new maps: {}",
+                migration.describe().join(", ")
+            ),
+        );
+    }
     let mut dp = AyaDataplane::open(&cfg.pin_dir)?;
     let mut applied = Applied::read(&dp)?;
     log(
@@ -178,8 +253,18 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let mut tc_links: BTreeMap<String, (u32, attach::Holder)> = BTreeMap::new();
     remove_stale_link_pins(&cfg, &tc_patterns, start);
+    // Every program is swapped in now: what the old programs wrote to migrated maps since
+    // the first copy is copied again, and the old maps go.
+    sync_links(&mut ebpf, &cfg.pin_dir, &tc_patterns, &mut tc_links, &status, start);
+    let mut last_link_scan = Instant::now();
+    if !migration.is_empty() {
+        let n = migration.finish().context("finishing the pinned-map migration")?;
+        log(start, format!("migration done ({n} entries written meanwhile copied again)"));
+    }
+    let gc_stop = Arc::new(AtomicBool::new(false));
+    let gc = spawn_gc(&cfg, gc_stop.clone(), start);
 
-    spawn_http(&cfg, status.clone(), start).await?;
+    spawn_http(&cfg, status.clone(), gc.clone(), start).await?;
     let mut health_servers: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
 
     let limits = Limits {
@@ -194,7 +279,6 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut retry: Option<model::Changes> = None;
     applied.track_ranges(cfg.capacities.maglev_slots);
     let mut tick = tokio::time::interval(manifests::POLL);
-    let mut last_link_scan = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut source = match (&cfg.manifests, kube_client) {
         (Some(dir), _) => {
@@ -319,6 +403,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         drop(st);
         sync_health_servers(&mut health_servers, &desired.health_checks, &status, start);
     }
+    gc_stop.store(true, Ordering::Relaxed);
     log(
         start,
         format!(
@@ -396,7 +481,12 @@ fn fallback_addresses(xdp_ifaces: &[String]) -> Vec<IpAddr> {
 }
 
 fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr]) -> Config {
-    let mut c = Config::default();
+    let mut c = Config {
+        snat_port_min: cfg.snat_ports.0,
+        snat_port_max: cfg.snat_ports.1,
+        timeouts: cfg.timeouts,
+        ..Config::default()
+    };
     if cfg.algorithm == Algorithm::Random {
         c.flags |= CFG_F_RANDOM;
     }
@@ -518,7 +608,12 @@ fn sync_health_servers(
 }
 
 /// `/metrics` on `--metrics-bind-address`, `/healthz` and `/livez` on `--healthz-bind-address`.
-async fn spawn_http(cfg: &AgentConfig, status: Rc<RefCell<Status>>, start: Instant) -> anyhow::Result<()> {
+async fn spawn_http(
+    cfg: &AgentConfig,
+    status: Rc<RefCell<Status>>,
+    gc: Arc<std::sync::Mutex<GcState>>,
+    start: Instant,
+) -> anyhow::Result<()> {
     let pin_dir = cfg.pin_dir.clone();
     let metrics = http::bind(cfg.metrics_bind, "--metrics-bind-address").await?;
     let st = status.clone();
@@ -527,7 +622,8 @@ async fn spawn_http(cfg: &AgentConfig, status: Rc<RefCell<Status>>, start: Insta
             "/metrics" => {
                 // The datapath's counters (a walk of the flow table among them) are read on a
                 // blocking thread, so a scrape never holds up a sync.
-                let status = render_status(&st.borrow());
+                let status =
+                    render_status(&st.borrow()) + &render_gc(&gc.lock().unwrap_or_else(|e| e.into_inner()));
                 let pins = pin_dir.clone();
                 return futures::future::Either::Left(async move {
                     let datapath =
@@ -601,9 +697,6 @@ fn render_status(st: &Status) -> String {
 
 /// The datapath's counters, straight from the pinned maps.
 fn render_datapath(pin_dir: &std::path::Path) -> String {
-    let gauge = |name: &str, help: &str, v: String| {
-        format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n")
-    };
     let mut s = String::new();
     if let Ok(dp) = AyaDataplane::open(pin_dir) {
         s += "# HELP lb_packets_total Packets by datapath verdict reason.\n# TYPE lb_packets_total counter\n";
@@ -645,13 +738,76 @@ fn render_datapath(pin_dir: &std::path::Path) -> String {
                 );
             }
         }
-        if let Ok(flows) = dp.flows() {
-            s += &gauge(
-                "lb_conntrack_entries",
-                "Flow-table entries (forward and reply).",
-                flows.len().to_string(),
-            );
-        }
     }
+    s
+}
+
+/// The flow table as the last GC pass saw it, and what the GC did so far.
+fn render_gc(g: &GcState) -> String {
+    let metric = |kind: &str, name: &str, help: &str, rows: Vec<(String, String)>| {
+        let mut s = format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for (labels, v) in rows {
+            s += &format!("{name}{labels} {v}\n");
+        }
+        s
+    };
+    let one = |v: String| vec![(String::new(), v)];
+    let mut s =
+        metric("counter", "lb_conntrack_gc_passes_total", "Flow-table GC passes.", one(g.passes.to_string()));
+    s += &metric(
+        "counter",
+        "lb_conntrack_gc_errors_total",
+        "Flow-table GC passes that failed.",
+        one(g.errors.to_string()),
+    );
+    s += &metric(
+        "counter",
+        "lb_conntrack_expired_total",
+        "Flows (both directions) removed by the GC: closed, idle past their timeout, or unfinished handshakes under pressure.",
+        one(g.expired_pairs.to_string()),
+    );
+    let Some(p) = &g.last else { return s };
+    s += &metric(
+        "gauge",
+        "lb_conntrack_entries_total",
+        "Flow-table entries (forward and reply), at the last GC pass.",
+        one(p.entries.to_string()),
+    );
+    s += &metric(
+        "gauge",
+        "lb_conntrack_capacity",
+        "Flow-table capacity (--max-flows).",
+        one(p.capacity.to_string()),
+    );
+    s += &metric(
+        "gauge",
+        "lb_conntrack_fill_ratio",
+        "Flow-table entries / capacity.",
+        one(format!("{:.4}", p.fill())),
+    );
+    s += &metric(
+        "gauge",
+        "lb_conntrack_under_pressure",
+        "1 while the table is over half full: unfinished handshakes expire early.",
+        one(u8::from(p.under_pressure).to_string()),
+    );
+    s += &metric(
+        "gauge",
+        "lb_conntrack_entries",
+        "Flows by state, at the last GC pass.",
+        p.by_state.iter().map(|(st, n)| (format!("{{state=\"{st}\"}}"), n.to_string())).collect(),
+    );
+    s += &metric(
+        "gauge",
+        "lb_snat_ports_in_use",
+        "Source-NAT ports held by flows, per node address.",
+        p.snat_ports.iter().map(|(a, n)| (format!("{{address=\"{a}\"}}"), n.to_string())).collect(),
+    );
+    s += &metric(
+        "gauge",
+        "lb_conntrack_gc_duration_seconds",
+        "Time the last GC pass took.",
+        one(format!("{:.6}", p.took.as_secs_f64())),
+    );
     s
 }

@@ -46,6 +46,10 @@ pub trait Dataplane {
     fn allow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()>;
     fn disallow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()>;
     fn source_ranges(&self) -> Result<Vec<(u32, IpNet)>>;
+    /// Makes `key.backend_id` a member of service `key.service_id` (`lb_members`).
+    fn set_member(&mut self, key: &MemberKey, value: &MemberValue) -> Result<()>;
+    fn remove_member(&mut self, key: &MemberKey) -> Result<()>;
+    fn members(&self) -> Result<Vec<(MemberKey, MemberValue)>>;
 }
 
 /// The trie key of `net` for `service_id` (the prefix counts the 32 id bits; IPv4 ranges are
@@ -77,6 +81,8 @@ pub struct AyaDataplane {
     maglev: MmapArray,
     backends_view: MmapArray,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    flow_capacity: u32,
+    members: HashMap<MapData, MemberKey, MemberValue>,
     config: Array<MapData, Config>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     stats_reason: PerCpuArray<MapData, Counter>,
@@ -94,6 +100,8 @@ fn open(dir: &Path, name: &'static str) -> Result<MapData> {
 impl AyaDataplane {
     /// Opens the maps pinned in `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self> {
+        let conntrack = open(pin_dir, maps::CONNTRACK)?;
+        let flow_capacity = conntrack.info().map_err(map_err(maps::CONNTRACK))?.max_entries();
         Ok(AyaDataplane {
             services: HashMap::try_from(Map::HashMap(open(pin_dir, maps::SERVICES)?))
                 .map_err(map_err(maps::SERVICES))?,
@@ -101,8 +109,10 @@ impl AyaDataplane {
                 .map_err(map_err(maps::BACKENDS))?,
             maglev: MmapArray::new(open(pin_dir, maps::MAGLEV)?, maps::MAGLEV)?,
             backends_view: MmapArray::new(open(pin_dir, maps::BACKENDS)?, maps::BACKENDS)?,
-            conntrack: HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::CONNTRACK)?))
-                .map_err(map_err(maps::CONNTRACK))?,
+            conntrack: HashMap::try_from(Map::HashMap(conntrack)).map_err(map_err(maps::CONNTRACK))?,
+            flow_capacity,
+            members: HashMap::try_from(Map::HashMap(open(pin_dir, maps::MEMBERS)?))
+                .map_err(map_err(maps::MEMBERS))?,
             config: Array::try_from(Map::Array(open(pin_dir, maps::CONFIG)?))
                 .map_err(map_err(maps::CONFIG))?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(pin_dir, maps::SOURCE_RANGES)?))
@@ -155,6 +165,21 @@ impl AyaDataplane {
     /// Every flow-table entry.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
         self.conntrack.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::CONNTRACK))
+    }
+
+    /// The flow table's capacity (`--max-flows`), as the kernel has it.
+    pub fn flow_capacity(&self) -> Result<u32> {
+        Ok(self.flow_capacity)
+    }
+
+    /// Removes one flow-table entry (tests; the GC removes pairs in batches).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        self.conntrack.remove(key).map_err(map_err(maps::CONNTRACK))
+    }
+
+    /// Writes one flow-table entry as it is (tests: entries with chosen timestamps).
+    pub fn set_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        self.conntrack.insert(key, value, 0).map_err(map_err(maps::CONNTRACK))
     }
 
     /// The frontend entry for `key`, if any.
@@ -272,6 +297,18 @@ impl Dataplane for AyaDataplane {
             .map_err(map_err(maps::SOURCE_RANGES))?;
         Ok(keys.iter().filter_map(source_range_from_key).collect())
     }
+
+    fn set_member(&mut self, key: &MemberKey, value: &MemberValue) -> Result<()> {
+        self.members.insert(key, value, 0).map_err(map_err(maps::MEMBERS))
+    }
+
+    fn remove_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.members.remove(key).map_err(map_err(maps::MEMBERS))
+    }
+
+    fn members(&self) -> Result<Vec<(MemberKey, MemberValue)>> {
+        self.members.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::MEMBERS))
+    }
 }
 
 /// A BPF array mapped into our address space (the map is `BPF_F_MMAPABLE`). The kernel lays
@@ -352,6 +389,7 @@ pub struct FakeDataplane {
     pub maglev: BTreeMap<u32, u32>,
     pub config: Config,
     pub source_ranges: std::collections::BTreeSet<(u32, IpNet)>,
+    pub members: BTreeMap<MemberKey, MemberValue>,
     /// Every write, in order, to check op ordering.
     pub log: Vec<String>,
 }
@@ -420,5 +458,21 @@ impl Dataplane for FakeDataplane {
 
     fn source_ranges(&self) -> Result<Vec<(u32, IpNet)>> {
         Ok(self.source_ranges.iter().copied().collect())
+    }
+
+    fn set_member(&mut self, key: &MemberKey, value: &MemberValue) -> Result<()> {
+        self.log.push(format!("set_member {}/{}", key.service_id, key.backend_id));
+        self.members.insert(*key, *value);
+        Ok(())
+    }
+
+    fn remove_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.log.push(format!("remove_member {}/{}", key.service_id, key.backend_id));
+        self.members.remove(key);
+        Ok(())
+    }
+
+    fn members(&self) -> Result<Vec<(MemberKey, MemberValue)>> {
+        Ok(self.members.iter().map(|(k, v)| (*k, *v)).collect())
     }
 }

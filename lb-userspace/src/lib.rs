@@ -3,13 +3,16 @@
 
 pub mod agent;
 pub mod attach;
+pub mod conntrack_gc;
 pub mod dataplane;
 pub mod http;
 pub mod links;
 pub mod loader;
 pub mod maglev;
 pub mod model;
+pub mod pins;
 pub mod range_alloc;
+pub mod rawmap;
 pub mod reconcile;
 pub mod refcount;
 pub mod source;

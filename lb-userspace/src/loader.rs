@@ -1,6 +1,8 @@
 //! Loads the embedded eBPF object, pinning every map under the pin dir. If the maps are
-//! already pinned there (agent restart), the kernel objects are reused as they are: the flow
-//! table, backends and Maglev tables survive, so a restart drops no traffic.
+//! already pinned there (agent restart) with the layout this build wants, the kernel objects
+//! are reused as they are: the flow table, backends and Maglev tables survive, so a restart
+//! drops no traffic. A pin with another layout (a changed capacity, an older release) is
+//! migrated into a new map (`pins`), or refused with a message naming it.
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +47,8 @@ pub enum LoadError {
     Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
+    #[error(transparent)]
+    Pins(#[from] crate::pins::PinError),
 }
 
 /// Map sizes, fixed at load time.
@@ -58,6 +62,7 @@ pub struct Capacities {
     pub fragments: u32,
     pub affinity: u32,
     pub source_ranges: u32,
+    pub members: u32,
 }
 
 impl Default for Capacities {
@@ -71,6 +76,7 @@ impl Default for Capacities {
             fragments: maps::DEFAULT_MAX_FRAGMENTS,
             affinity: maps::DEFAULT_MAX_AFFINITY,
             source_ranges: maps::DEFAULT_MAX_SOURCE_RANGES,
+            members: maps::DEFAULT_MAX_MEMBERS,
         }
     }
 }
@@ -84,8 +90,40 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Loads (and verifies) both programs with their maps pinned in `pin_dir`.
+impl Capacities {
+    /// `max_entries` of each map these capacities size.
+    pub fn max_entries(&self) -> std::collections::BTreeMap<&'static str, u32> {
+        std::collections::BTreeMap::from([
+            (maps::SERVICES, self.frontends),
+            (maps::BACKENDS, self.backends),
+            (maps::MAGLEV, self.maglev_slots),
+            (maps::CONNTRACK, self.flows),
+            (maps::FRAGMENTS, self.fragments),
+            (maps::AFFINITY, self.affinity),
+            (maps::SOURCE_RANGES, self.source_ranges),
+            (maps::STATS_SERVICE, self.services),
+            (maps::STATS_BACKEND, self.backends),
+            (maps::MEMBERS, self.members),
+        ])
+    }
+}
+
+/// Loads (and verifies) both programs with their maps pinned in `pin_dir`, migrating pins
+/// whose layout differs and finishing the migration at once (for callers that attach
+/// nothing; the agent uses `load_migrating`).
 pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf, LoadError> {
+    let (ebpf, migration) = load_migrating(pin_dir, caps)?;
+    migration.finish()?;
+    Ok(ebpf)
+}
+
+/// Loads (and verifies) both programs with their maps pinned in `pin_dir`. Pins whose layout
+/// differs from this build's are migrated (`pins`): their entries are in the new maps when
+/// this returns; call `Migration::finish` once the programs are swapped in.
+pub fn load_migrating(
+    pin_dir: &Path,
+    caps: &Capacities,
+) -> Result<(Ebpf, crate::pins::Migration), LoadError> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
     if !is_bpffs(&parent) && !is_bpffs(pin_dir) {
         // The standard place is mounted on demand, like systemd or Cilium do.
@@ -95,18 +133,14 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf, LoadError> {
     }
     std::fs::create_dir_all(pin_dir)
         .map_err(|source| LoadError::PinDir { path: pin_dir.to_path_buf(), source })?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .map_max_entries(maps::SERVICES, caps.frontends)
-        .map_max_entries(maps::BACKENDS, caps.backends)
-        .map_max_entries(maps::MAGLEV, caps.maglev_slots)
-        .map_max_entries(maps::CONNTRACK, caps.flows)
-        .map_max_entries(maps::FRAGMENTS, caps.fragments)
-        .map_max_entries(maps::AFFINITY, caps.affinity)
-        .map_max_entries(maps::SOURCE_RANGES, caps.source_ranges)
-        .map_max_entries(maps::STATS_SERVICE, caps.services)
-        .map_max_entries(maps::STATS_BACKEND, caps.backends)
-        .load(EBPF_OBJECT)?;
+    let sizes = caps.max_entries();
+    let migration = crate::pins::prepare(pin_dir, &crate::pins::wanted(EBPF_OBJECT, &sizes)?)?;
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_dir);
+    for (name, max) in &sizes {
+        loader.map_max_entries(name, *max);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
     let prog_err = |name| move |source| LoadError::Program { name, source };
     let xdp: &mut Xdp = ebpf
         .program_mut(XDP_PROGRAM)
@@ -120,5 +154,6 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf, LoadError> {
         .try_into()
         .map_err(prog_err(TC_PROGRAM))?;
     tc.load().map_err(prog_err(TC_PROGRAM))?;
-    Ok(ebpf)
+    migration.copy()?;
+    Ok((ebpf, migration))
 }

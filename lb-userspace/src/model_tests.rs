@@ -454,6 +454,7 @@ fn incremental_sync_leaves_nothing_for_a_full_plan() {
     let mut dp = FakeDataplane::default();
     let mut applied = Applied::read(&dp).unwrap();
     applied.track_ranges(LIMITS.maglev_slots);
+    applied.index.quarantine.hold = std::time::Duration::ZERO;
     random_changes(800, false, true, |step, cluster, changes| {
         let delta = state.update(cluster, &node, changes);
         let ops = plan_changes(state.desired(), &delta, &applied, &LIMITS).unwrap();

@@ -36,11 +36,13 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapOp {
     SetBackend { id: u32, value: BackendValue },
+    SetMember { key: MemberKey, value: MemberValue },
     AllowSource { service_id: u32, net: IpNet },
     WriteMaglev { offset: u32, table: Vec<u32> },
     SetService { key: ServiceKey, value: ServiceValue },
     RemoveService { key: ServiceKey },
     DisallowSource { service_id: u32, net: IpNet },
+    RemoveMember { key: MemberKey },
     RemoveBackend { id: u32 },
 }
 
@@ -73,6 +75,9 @@ pub struct Applied {
     /// The distinct backend ids of each table, sorted (kept with `tables`).
     pub table_members: BTreeMap<u32, Vec<u32>>,
     pub source_ranges: BTreeSet<(u32, IpNet)>,
+    /// Which backend ids each service id holds (usable or terminating), for affinity and UDP
+    /// flows in the datapath.
+    pub members: BTreeMap<MemberKey, MemberValue>,
     /// Lookups over the fields above, kept up to date by `record`, so a plan of a few
     /// changes does not rebuild them from every entry.
     pub index: Index,
@@ -90,6 +95,30 @@ pub struct Index {
     pub table_users: BTreeMap<u32, u32>,
     /// Free Maglev ranges; built on first use (it needs the capacity), then kept.
     pub ranges: Option<RangeAlloc>,
+    /// The highest membership generation handed out.
+    pub max_generation: u32,
+    /// Maglev ranges and backend ids given up lately: not reused until `QUARANTINE` has
+    /// passed, so a packet that read a service entry just before it flipped never finds its
+    /// old table or backend ids taken by another service.
+    pub quarantine: Quarantine,
+}
+
+/// How long a released Maglev range or backend id stays unused: far longer than any program
+/// run (microseconds) that may still hold the old service entry.
+pub const QUARANTINE: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct Quarantine {
+    /// `QUARANTINE`; tests that run many syncs in a row without a clock set zero.
+    pub hold: std::time::Duration,
+    pub ranges: Vec<(std::time::Instant, u32, u32)>,
+    pub backend_ids: BTreeMap<u32, std::time::Instant>,
+}
+
+impl Default for Quarantine {
+    fn default() -> Self {
+        Quarantine { hold: QUARANTINE, ranges: Vec::new(), backend_ids: BTreeMap::new() }
+    }
 }
 
 impl PartialEq for Index {
@@ -112,8 +141,10 @@ impl Applied {
         }
         let table_members = tables.iter().map(|(off, t)| (*off, members_of(t))).collect();
         let backends: BTreeMap<u32, BackendValue> = dp.backends()?.into_iter().collect();
+        let members: BTreeMap<MemberKey, MemberValue> = dp.members()?.into_iter().collect();
         let mut index = Index {
             by_addr: backends.iter().map(|(id, b)| ((b.ip(), b.port()), *id)).collect(),
+            max_generation: members.values().map(|m| m.generation).max().unwrap_or(0),
             ..Default::default()
         };
         for v in services.values() {
@@ -128,8 +159,25 @@ impl Applied {
             tables,
             table_members,
             source_ranges: dp.source_ranges()?.into_iter().collect(),
+            members,
             index,
         })
+    }
+
+    /// Frees the quarantined ranges and ids whose time is up.
+    pub fn release_quarantine(&mut self) {
+        let now = std::time::Instant::now();
+        let q = &mut self.index.quarantine;
+        let hold = q.hold;
+        q.backend_ids.retain(|_, t| now.duration_since(*t) < hold);
+        let (done, keep): (Vec<_>, Vec<_>) =
+            q.ranges.drain(..).partition(|(t, _, _)| now.duration_since(*t) >= hold);
+        q.ranges = keep;
+        if let Some(r) = &mut self.index.ranges {
+            for (_, off, len) in done {
+                r.free(off, len);
+            }
+        }
     }
 
     /// The free Maglev ranges for a plan (built from the tables the first time).
@@ -158,8 +206,8 @@ impl Applied {
             && let Some(t) = self.tables.remove(&offset)
         {
             self.table_members.remove(&offset);
-            if let Some(r) = &mut self.index.ranges {
-                r.free(offset, t.len() as u32);
+            if self.index.ranges.is_some() {
+                self.index.quarantine.ranges.push((std::time::Instant::now(), offset, t.len() as u32));
             }
         }
     }
@@ -178,6 +226,13 @@ impl Applied {
             }
             MapOp::AllowSource { service_id, net } => {
                 self.source_ranges.insert((*service_id, *net));
+            }
+            MapOp::SetMember { key, value } => {
+                self.index.max_generation = self.index.max_generation.max(value.generation);
+                self.members.insert(*key, *value);
+            }
+            MapOp::RemoveMember { key } => {
+                self.members.remove(key);
             }
             MapOp::WriteMaglev { offset, table } => {
                 self.table_members.insert(*offset, members_of(table));
@@ -204,6 +259,7 @@ impl Applied {
                 self.source_ranges.remove(&(*service_id, *net));
             }
             MapOp::RemoveBackend { id } => {
+                self.index.quarantine.backend_ids.insert(*id, std::time::Instant::now());
                 if let Some(old) = self.backends.remove(id)
                     && self.index.by_addr.get(&(old.ip(), old.port())) == Some(id)
                 {
@@ -237,6 +293,7 @@ impl Applied {
 
 /// Performs `ops` in order, recording each in `applied` once the kernel has it.
 pub fn execute(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) -> Result<(), DataplaneError> {
+    applied.release_quarantine();
     let written: Vec<u32> = ops
         .iter()
         .filter_map(|op| if let MapOp::WriteMaglev { offset, .. } = op { Some(*offset) } else { None })
@@ -251,6 +308,8 @@ fn execute_ops(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) ->
         match op {
             MapOp::SetBackend { id, value } => dp.set_backend(*id, value)?,
             MapOp::AllowSource { service_id, net } => dp.allow_source(*service_id, net)?,
+            MapOp::SetMember { key, value } => dp.set_member(key, value)?,
+            MapOp::RemoveMember { key } => dp.remove_member(key)?,
             MapOp::WriteMaglev { offset, table } => dp.write_maglev(*offset, table)?,
             MapOp::SetService { key, value } => dp.set_service(key, value)?,
             MapOp::RemoveService { key } => dp.remove_service(key)?,
@@ -342,6 +401,7 @@ struct Planning<'a> {
     applied: &'a Applied,
     limits: &'a Limits,
     set_backends: Vec<MapOp>,
+    set_members: Vec<MapOp>,
     allow: Vec<MapOp>,
     tables: Vec<MapOp>,
     set_services: Vec<MapOp>,
@@ -356,6 +416,9 @@ struct Planning<'a> {
     claimed: BTreeSet<u32>,
     wanted_keys: BTreeSet<ServiceKey>,
     wanted_ranges: BTreeSet<(u32, IpNet)>,
+    wanted_members: BTreeSet<MemberKey>,
+    /// The last membership generation handed out.
+    generation: u32,
 }
 
 impl<'a> Planning<'a> {
@@ -364,16 +427,22 @@ impl<'a> Planning<'a> {
             applied,
             limits,
             set_backends: Vec::new(),
+            set_members: Vec::new(),
             allow: Vec::new(),
             tables: Vec::new(),
             set_services: Vec::new(),
             backend_ids: BTreeMap::new(),
-            new_backend_ids: BTreeSet::from([0]),
+            // Quarantined ids count as given: not handed out again yet.
+            new_backend_ids: std::iter::once(0)
+                .chain(applied.index.quarantine.backend_ids.keys().copied())
+                .collect(),
             new_service_ids: BTreeSet::from([0]),
             ranges: applied.free_ranges(limits.maglev_slots),
             claimed: BTreeSet::new(),
             wanted_keys: BTreeSet::new(),
             wanted_ranges: BTreeSet::new(),
+            wanted_members: BTreeSet::new(),
+            generation: applied.index.max_generation,
         }
     }
 
@@ -423,6 +492,7 @@ impl<'a> Planning<'a> {
                 self.allow.push(MapOp::AllowSource { service_id, net: *net });
             }
         }
+        self.members(s, service_id);
         for key in keys {
             self.wanted_keys.insert(key);
             if applied.services.get(&key) != Some(&value) {
@@ -430,6 +500,46 @@ impl<'a> Planning<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The memberships of service `service_id`: its usable backends, and its terminating ones
+    /// kept for their flows. A new membership gets a new generation; a changed one keeps it.
+    fn members(&mut self, s: &DesiredService, service_id: u32) {
+        let usable = s.backends.iter().map(|b| (b, MEMBER_F_USABLE));
+        for (b, flags) in usable.chain(s.kept.iter().map(|b| (b, 0))) {
+            let key = MemberKey { service_id, backend_id: self.backend_ids[&(b.ip, b.port)] };
+            if !self.wanted_members.insert(key) {
+                continue;
+            }
+            let generation = match self.applied.members.get(&key) {
+                Some(m) if m.flags == flags => continue,
+                Some(m) => m.generation,
+                None => {
+                    self.generation += 1;
+                    self.generation
+                }
+            };
+            self.set_members.push(MapOp::SetMember { key, value: MemberValue { generation, flags } });
+        }
+    }
+
+    /// Memberships of `service_ids` held now and no longer wanted.
+    fn gone_members(&self, service_ids: impl Iterator<Item = u32>) -> Vec<MapOp> {
+        let mut ops = Vec::new();
+        for id in service_ids {
+            let range = MemberKey { service_id: id, backend_id: 0 }..=MemberKey {
+                service_id: id,
+                backend_id: u32::MAX,
+            };
+            ops.extend(
+                self.applied
+                    .members
+                    .range(range)
+                    .filter(|(k, _)| !self.wanted_members.contains(k))
+                    .map(|(key, _)| MapOp::RemoveMember { key: *key }),
+            );
+        }
+        ops
     }
 
     /// The frontend value of service `s` with id `service_id`; its Maglev table stays where
@@ -494,6 +604,7 @@ impl<'a> Planning<'a> {
     /// that flip to them (the caller appends removals).
     fn writes(&mut self) -> Vec<MapOp> {
         let mut ops = std::mem::take(&mut self.set_backends);
+        ops.append(&mut self.set_members);
         ops.append(&mut self.allow);
         ops.append(&mut self.tables);
         ops.append(&mut self.set_services);
@@ -528,6 +639,8 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
             .filter(|r| !p.wanted_ranges.contains(r))
             .map(|(service_id, net)| MapOp::DisallowSource { service_id: *service_id, net: *net }),
     );
+    let member_ids: BTreeSet<u32> = applied.members.keys().map(|k| k.service_id).collect();
+    ops.extend(p.gone_members(member_ids.into_iter()));
     let wanted_ids: BTreeSet<u32> = p.backend_ids.values().copied().collect();
     ops.extend(
         applied
@@ -585,6 +698,7 @@ pub fn plan_changes(
             .filter(|r| old_ids.contains(&r.0) && !p.wanted_ranges.contains(r))
             .map(|(service_id, net)| MapOp::DisallowSource { service_id: *service_id, net: *net }),
     );
+    ops.extend(p.gone_members(old_ids.iter().copied().chain(p.claimed.iter().copied())));
     ops.extend(
         delta
             .backends_gone

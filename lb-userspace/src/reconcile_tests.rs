@@ -66,7 +66,19 @@ fn a_new_service_is_built_before_its_frontend_appears() {
     let mut dp = FakeDataplane::default();
     sync(&mut dp, &desired(vec![("web", service(10, &[1, 2, 3]))]));
     let kinds: Vec<&str> = dp.log.iter().map(|l| l.split(' ').next().unwrap()).collect();
-    assert_eq!(kinds, ["set_backend", "set_backend", "set_backend", "write_maglev", "set_service"]);
+    assert_eq!(
+        kinds,
+        [
+            "set_backend",
+            "set_backend",
+            "set_backend",
+            "set_member",
+            "set_member",
+            "set_member",
+            "write_maglev",
+            "set_service"
+        ]
+    );
     let v = value(&dp, 10);
     assert_eq!((v.backend_count, v.maglev_size), (3, 307));
     let t = table(&dp, 10);
@@ -139,7 +151,16 @@ fn deleting_a_service_removes_frontend_then_backends() {
     sync(&mut dp, &desired(vec![("a", service(10, &[1, 2])), ("b", service(11, &[2, 3]))]));
     dp.log.clear();
     sync(&mut dp, &desired(vec![("b", service(11, &[2, 3]))]));
-    assert_eq!(dp.log, ["remove_service 198.19.0.10:80", &format!("remove_backend {}", 1)]);
+    let (a, gone) = (1, 1);
+    assert_eq!(
+        dp.log,
+        [
+            "remove_service 198.19.0.10:80",
+            &format!("remove_member {a}/1"),
+            "remove_member 1/2",
+            &format!("remove_backend {gone}")
+        ]
+    );
     assert_eq!(dp.backends.len(), 2, "a backend shared with a live service stays");
     sync(&mut dp, &Desired::default());
     assert!(dp.services.is_empty() && dp.backends.is_empty());

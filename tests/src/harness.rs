@@ -150,7 +150,8 @@ impl Programmed {
     }
 }
 
-/// Writes backends, a Maglev table at `offset` and the frontend entry, in that order.
+/// Writes backends, their memberships (generation: the backend id), a Maglev table at
+/// `offset` and the frontend entry, in that order.
 pub fn program(
     dp: &mut impl Dataplane,
     service_id: u32,
@@ -161,6 +162,8 @@ pub fn program(
 ) -> Programmed {
     for b in backends {
         dp.set_backend(b.id, &BackendValue::new(ip(b.ip), b.port, BE_F_PRESENT)).unwrap();
+        let member = MemberValue { generation: b.id, flags: MEMBER_F_USABLE };
+        dp.set_member(&MemberKey { service_id, backend_id: b.id }, &member).unwrap();
     }
     let named: Vec<(u32, Vec<u8>)> =
         backends.iter().map(|b| (b.id, format!("{}:{}", b.ip, b.port).into_bytes())).collect();

@@ -547,7 +547,8 @@ fn per_backend_counters_count_packets_and_bytes() {
 fn object_maps_match_the_shared_names() {
     require_root!();
     let l = Loaded::new();
-    let mut names: Vec<&str> = l.ebpf.maps().map(|(n, _)| n).collect();
+    let mut names: Vec<&str> =
+        l.ebpf.maps().map(|(n, _)| n).filter(|n| *n != lb_common::maps::SCRATCH).collect();
     names.sort();
     let mut want = lb_common::maps::ALL.to_vec();
     want.sort();
@@ -706,8 +707,10 @@ fn a_direct_connection_from_a_reused_port_is_not_taken_for_an_old_service_flow()
     let mut l = Loaded::new();
     let only = [BES4[0]];
     program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &only, 0, 0);
-    // A Service flow from port 45000 (its reverse entry stays after the connection ends).
-    let (_, _) = l.run_tc(&Spec::tcp(CLIENT4, 45000, VIP4, 80).build());
+    // A Service flow from port 45000, over (reset); its entries stay until the GC's pass.
+    let old = Spec::tcp(CLIENT4, 45000, VIP4, 80);
+    l.run_tc(&old.build());
+    l.run_tc(&old.flags(TCP_RST).build());
     // The client reuses port 45000 for a direct connection to the pod.
     let direct = Spec::tcp(CLIENT4, 45000, only[0].ip, 9376);
     let (rc, out) = l.run_tc(&direct.build());
@@ -735,4 +738,54 @@ fn xdp_forward_without_a_port_passes_the_translated_packet_unchanged() {
     assert_eq!(l.run_xdp(&miss), (XDP_PASS, miss.clone()));
     let count = |slot| l.dp.xdp_forward_counter(slot).unwrap().packets;
     assert_eq!((count(XDP_FWD_TO_STACK), count(XDP_FWD_TX), count(XDP_FWD_REDIRECTED)), (4, 0, 0));
+}
+
+/// A changed capacity on a running node: the pins are migrated into maps of the new size,
+/// with their entries (flows included), and nothing else is left behind.
+#[test]
+fn a_raised_capacity_migrates_the_pins_with_their_flows() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    let syn = Spec::tcp(CLIENT4, 32100, VIP4, 80);
+    let id = expect_dnat(&l, &svc, &BES4, &syn, false);
+    let bigger =
+        lb_userspace::loader::Capacities { flows: 131_072, maglev_slots: 1 << 20, ..Default::default() };
+    let again = lb_userspace::loader::load(&l.pin_dir, &bigger).unwrap();
+    let dp = lb_userspace::dataplane::AyaDataplane::open(&l.pin_dir).unwrap();
+    assert_eq!(dp.flow_capacity().unwrap(), 131_072);
+    assert_eq!(dp.flows().unwrap().len(), 2, "both directions of the flow came along");
+    let xdp: &aya::programs::Xdp = again.program("lb_xdp").unwrap().try_into().unwrap();
+    let (_, out, _) = run_timed(xdp, &syn.clone().flags(TCP_ACK).build());
+    assert_eq!(inspect(&out).dst, backend_ip(&BES4, id), "the flow keeps its backend");
+    assert!(!l.pin_dir.join("migrating").exists(), "old pins removed");
+}
+
+/// A pin this build cannot carry over is refused, naming the map: never reused blindly.
+#[test]
+fn an_incompatible_pin_is_refused_by_name() {
+    require_root!();
+    let l = Loaded::new();
+    let path = l.pin_dir.join(lb_common::maps::AFFINITY);
+    std::fs::remove_file(&path).unwrap();
+    // An affinity map with a value of another size, as a future release might leave.
+    let def = aya_obj::maps::bpf_map_def {
+        map_type: 9,
+        key_size: 20,
+        value_size: 24,
+        max_entries: 16,
+        ..Default::default()
+    };
+    let obj = aya_obj::maps::Map::Legacy(aya_obj::maps::LegacyMap {
+        def,
+        inner_def: None,
+        section_index: 0,
+        section_kind: aya_obj::EbpfSectionKind::Maps,
+        symbol_index: None,
+        data: Vec::new(),
+    });
+    aya::maps::MapData::create(obj, "lb_affinity", None).unwrap().pin(&path).unwrap();
+    let Err(err) = lb_userspace::loader::load(&l.pin_dir, &Default::default()) else { panic!("reused") };
+    let msg = err.to_string();
+    assert!(msg.contains("lb_affinity") && msg.contains("value size"), "{msg}");
 }

@@ -39,7 +39,17 @@ pub fn run() -> anyhow::Result<()> {
     // The Kubernetes source against the in-process API server stand-in (no root needed).
     run_cmd(cargo().args(["test", "-p", "lb-tests", "--test", "kube_source"]))?;
     eprintln!("== L2 BPF_PROG_TEST_RUN fixtures (root)");
-    run_cmd(cargo().args(["test", "-p", "lb-tests", "--lib", "--bins", "--test", "prog_fixtures"]))?;
+    run_cmd(cargo().args([
+        "test",
+        "-p",
+        "lb-tests",
+        "--lib",
+        "--bins",
+        "--test",
+        "prog_fixtures",
+        "--test",
+        "flow_life_cycle",
+    ]))?;
     run_cmd(cargo().args(["test", "-p", "lb-userspace", "--test", "cli"]))?;
     // The lab runs the `lb` binary, which integration tests of lb-tests do not build.
     crate::lab::build()?;

@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Args;
+use lb_common::abi::CtTimeouts;
 use lb_userspace::{
     agent::{AgentConfig, Algorithm, NoBackendResponse},
     loader::Capacities,
@@ -58,9 +59,103 @@ pub struct AgentArgs {
     /// What a frontend with no endpoint answers.
     #[arg(long, value_enum, default_value_t = NoBackendResponse::Reject)]
     pub no_backend_response: NoBackendResponse,
-    /// Flow-table entries (forward and reply count separately).
+    /// How long an established TCP flow may stay idle (kube-proxy's flag; `24h0m0s`, `90s`).
+    #[arg(long, default_value = "24h", value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub conntrack_tcp_timeout_established: u32,
+    /// How long a TCP flow may stay idle once one side has sent FIN (kube-proxy's flag).
+    #[arg(long, default_value = "1h", value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub conntrack_tcp_timeout_close_wait: u32,
+    /// How long a TCP handshake (SYN seen, not yet acknowledged by the client) is kept.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub conntrack_tcp_timeout_syn: u32,
+    /// How long a TCP flow is kept after FINs both ways (its source port may be reused by a
+    /// new flow at once anyway).
+    #[arg(long, default_value = "10s", value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub conntrack_tcp_timeout_time_wait: u32,
+    /// How long a UDP flow that never got a reply may stay idle (kube-proxy's flag).
+    #[arg(long, default_value = "30s", value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub conntrack_udp_timeout: u32,
+    /// How long a UDP flow with replies may stay idle (kube-proxy's flag).
+    #[arg(long, default_value = "120s", value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub conntrack_udp_timeout_stream: u32,
+    /// How often the flow table is swept for closed and idle flows (sooner when it is more
+    /// than half full).
+    #[arg(long, default_value = "10s", value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub conntrack_gc_interval: u32,
+    /// Source ports for source-NATed flows (NodePort to remote pods, hairpin) and port
+    /// clashes, `FROM-TO`. Keep it outside the node's ephemeral range
+    /// (`net.ipv4.ip_local_port_range`, 32768-60999 by default).
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range, value_name = "FROM-TO")]
+    pub snat_port_range: (u16, u16),
+    /// Flow-table entries (forward and reply count separately). Changing it on a running node
+    /// migrates the table (no flow lost).
     #[arg(long, default_value_t = Capacities::default().flows)]
     pub max_flows: u32,
+    /// Frontend entries (VIP, port, protocol).
+    #[arg(long, default_value_t = Capacities::default().frontends)]
+    pub max_frontends: u32,
+    /// Datapath service ids (one per Service port and protocol).
+    #[arg(long, default_value_t = Capacities::default().services)]
+    pub max_services: u32,
+    /// Backend ids (distinct endpoint ip:port).
+    #[arg(long, default_value_t = Capacities::default().backends)]
+    pub max_backends: u32,
+    /// Maglev lookup slots shared by all services (4 bytes each; a service of N backends
+    /// takes the smallest prime >= 100 x N).
+    #[arg(long, default_value_t = Capacities::default().maglev_slots)]
+    pub max_maglev_slots: u32,
+    /// `loadBalancerSourceRanges` entries over all services.
+    #[arg(long, default_value_t = Capacities::default().source_ranges)]
+    pub max_source_ranges: u32,
+    /// `sessionAffinity: ClientIP` entries (client, service).
+    #[arg(long, default_value_t = Capacities::default().affinity)]
+    pub max_affinity: u32,
+    /// (service, backend) memberships.
+    #[arg(long, default_value_t = Capacities::default().members)]
+    pub max_members: u32,
+}
+
+/// A Go-style duration as kube-proxy takes it (`24h0m0s`, `1h`, `90s`, `500ms` rounds up to
+/// a second), or plain seconds; in whole seconds, at least one.
+pub fn parse_duration_secs(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return if n > 0 { Ok(n) } else { Err("must be at least 1s".into()) };
+    }
+    let mut total_ms: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let n: u64 =
+            rest[..digits].parse().map_err(|_| format!("{s:?}: expected a duration like 24h0m0s or 90s"))?;
+        rest = &rest[digits..];
+        let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let ms = match &rest[..unit] {
+            "h" => 3_600_000,
+            "m" => 60_000,
+            "s" => 1_000,
+            "ms" => 1,
+            u => return Err(format!("{s:?}: unknown unit {u:?} (h, m, s, ms)")),
+        };
+        total_ms += n * ms;
+        rest = &rest[unit..];
+    }
+    let secs = total_ms.div_ceil(1000);
+    match u32::try_from(secs) {
+        Ok(0) => Err("must be at least 1s".into()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("{s:?}: too long")),
+    }
+}
+
+/// `FROM-TO`, inclusive, FROM <= TO, FROM >= 1024.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected FROM-TO, like 61000-65535"))?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("{s:?}: {p:?} is not a port"));
+    let (from, to) = (port(a)?, port(b)?);
+    if from < 1024 || from > to {
+        return Err(format!("{s:?}: need 1024 <= FROM <= TO"));
+    }
+    Ok((from, to))
 }
 
 fn hostname() -> String {
@@ -86,7 +181,54 @@ impl AgentArgs {
             healthz_bind: self.healthz_bind_address,
             algorithm: self.lb_algorithm,
             no_backend: self.no_backend_response,
-            capacities: Capacities { flows: self.max_flows, ..Capacities::default() },
+            capacities: Capacities {
+                frontends: self.max_frontends,
+                services: self.max_services,
+                backends: self.max_backends,
+                maglev_slots: self.max_maglev_slots,
+                flows: self.max_flows,
+                source_ranges: self.max_source_ranges,
+                affinity: self.max_affinity,
+                members: self.max_members,
+                ..Capacities::default()
+            },
+            timeouts: CtTimeouts {
+                tcp_syn: self.conntrack_tcp_timeout_syn,
+                tcp_established: self.conntrack_tcp_timeout_established,
+                tcp_close_wait: self.conntrack_tcp_timeout_close_wait,
+                tcp_time_wait: self.conntrack_tcp_timeout_time_wait,
+                tcp_close: CtTimeouts::DEFAULT.tcp_close,
+                udp: self.conntrack_udp_timeout,
+                udp_stream: self.conntrack_udp_timeout_stream,
+                _pad: 0,
+            },
+            gc_interval: std::time::Duration::from_secs(self.conntrack_gc_interval.into()),
+            snat_ports: self.snat_port_range,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_kube_proxy_flags() {
+        assert_eq!(parse_duration_secs("24h0m0s"), Ok(86_400));
+        assert_eq!(parse_duration_secs("1h"), Ok(3_600));
+        assert_eq!(parse_duration_secs("1m30s"), Ok(90));
+        assert_eq!(parse_duration_secs("45"), Ok(45));
+        assert_eq!(parse_duration_secs("500ms"), Ok(1));
+        assert!(parse_duration_secs("0s").is_err());
+        assert!(parse_duration_secs("10d").is_err());
+        assert!(parse_duration_secs("h").is_err());
+    }
+
+    #[test]
+    fn port_ranges_are_checked() {
+        assert_eq!(parse_port_range("61000-65535"), Ok((61000, 65535)));
+        assert!(parse_port_range("65535-61000").is_err());
+        assert!(parse_port_range("80-90").is_err());
+        assert!(parse_port_range("61000").is_err());
     }
 }

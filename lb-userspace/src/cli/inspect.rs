@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use clap::Subcommand;
-use lb_common::{abi::*, verdict::Reason};
+use lb_common::{abi::*, ct, verdict::Reason};
 use lb_userspace::dataplane::{AyaDataplane, Dataplane};
 use serde_json::json;
 
@@ -112,6 +112,9 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
         Inspect::Conntrack { cmd: ListCmd::List } => {
             let rows = dp.flows()?;
+            let by_key: std::collections::HashMap<FlowKey, FlowValue> = rows.iter().copied().collect();
+            let now = lb_userspace::conntrack_gc::monotonic_ns();
+            let secs = |ns: u64| now.saturating_sub(ns) / lb_common::ct::NS_PER_SEC;
             let show = |k: &FlowKey, v: &FlowValue| {
                 let src = format!("{}:{}", fmt_ip(ip_from_addr(&k.src)), u16::from_be(k.sport));
                 let dst = format!("{}:{}", fmt_ip(ip_from_addr(&k.dst)), u16::from_be(k.dport));
@@ -125,28 +128,61 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
                         format!("{to} to {nat}")
                     };
                 }
-                let dir = if v.direction == FLOW_FORWARD { "forward" } else { "reply" };
-                (proto_name(k.proto), src, dst, dir, to, v.backend_id, v.service_id)
+                let forward = v.direction == FLOW_FORWARD;
+                // The pair's state and idle time need the other direction too.
+                let other_key = if forward { ct::reverse_key(k, v) } else { ct::forward_key(k, v) };
+                let other = by_key.get(&other_key);
+                let (fwd_state, rev_state) = match other {
+                    Some(o) if forward => (v.state, o.state),
+                    Some(o) => (o.state, v.state),
+                    None => (v.state, v.state),
+                };
+                let state =
+                    if other.is_some() { ct::state_name(k.proto, fwd_state, rev_state) } else { "half" };
+                let last = other.map_or(v.last_seen_ns, |o| o.last_seen_ns.max(v.last_seen_ns));
+                let dir = if forward { "forward" } else { "reply" };
+                (
+                    proto_name(k.proto),
+                    src,
+                    dst,
+                    dir,
+                    to,
+                    v.backend_id,
+                    v.service_id,
+                    state,
+                    secs(v.created_ns),
+                    secs(last),
+                )
             };
             if json {
                 let v: Vec<_> = rows
                     .iter()
                     .map(|(k, v)| {
-                        let (p, s, d, dir, to, b, svc) = show(k, v);
-                        json!({"proto": p, "src": s, "dst": d, "direction": dir, "rewrite_to": to, "backend_id": b, "service_id": svc})
+                        let (p, s, d, dir, to, b, svc, state, age, idle) = show(k, v);
+                        json!({"proto": p, "src": s, "dst": d, "direction": dir, "rewrite_to": to, "backend_id": b,
+                               "service_id": svc, "state": state, "age_seconds": age, "idle_seconds": idle})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<5} {:<46} {:<46} {:<8} {:<46} BACKEND",
-                    "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE TO"
+                    "{:<5} {:<46} {:<46} {:<8} {:<46} {:>7} {:<11} {:>8} {:>8}",
+                    "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE TO", "BACKEND", "STATE", "AGE", "IDLE"
                 );
                 for (k, v) in &rows {
-                    let (p, s, d, dir, to, b, _) = show(k, v);
-                    println!("{p:<5} {s:<46} {d:<46} {dir:<8} {to:<46} {b}");
+                    let (p, s, d, dir, to, b, _, state, age, idle) = show(k, v);
+                    println!(
+                        "{p:<5} {s:<46} {d:<46} {dir:<8} {to:<46} {b:>7} {state:<11} {:>8} {:>8}",
+                        format!("{age}s"),
+                        format!("{idle}s")
+                    );
                 }
-                eprintln!("{} entries", rows.len());
+                let capacity = dp.flow_capacity()?;
+                eprintln!(
+                    "{} entries of {capacity} ({:.1}% full)",
+                    rows.len(),
+                    rows.len() as f64 * 100.0 / capacity.max(1) as f64
+                );
             }
         }
         Inspect::Stats => {
