@@ -173,22 +173,40 @@ fn claim_port(rkey: &mut FlowKey, rev: &FlowValue) -> Result<u16, u16> {
     Err(first_taken)
 }
 
-/// `claim_port`, then, if every probed port was taken, the first of them taken over when
-/// its flow is over (closed or expired).
+/// Ports offered for taking over, from the first taken one on, when every probed port was
+/// taken: with several CPUs, the oldest port in one CPU's turn may be another CPU's newest.
+const RECLAIM_TRIES: u32 = 4;
+
+/// `claim_port`, then, if every probed port was taken, the first of them whose flow is over
+/// (closed or expired) is taken over.
 #[inline(always)]
 fn claim_or_reclaim(rkey: &mut FlowKey, rev: &FlowValue, now: u64) -> Result<u16, CreateError> {
-    match claim_port(rkey, rev) {
-        Ok(port) => Ok(port),
-        Err(0) => Err(CreateError::Full),
-        Err(port) => {
-            rkey.dport = port;
-            if reclaim(rkey, now) && CONNTRACK.insert(&*rkey, rev, BPF_NOEXIST as u64).is_ok() {
-                Ok(port)
-            } else {
-                Err(CreateError::Snat)
-            }
+    let first = match claim_port(rkey, rev) {
+        Ok(port) => return Ok(port),
+        Err(0) => return Err(CreateError::Full),
+        Err(port) => u16::from_be(port) as u32,
+    };
+    let (min, max) = match select::config_ref() {
+        Some(c) => ct::snat_ports(c),
+        None => (DEFAULT_SNAT_PORT_MIN as u32, DEFAULT_SNAT_PORT_MAX as u32),
+    };
+    let mut j = 0;
+    while j < RECLAIM_TRIES {
+        let mut port = first + j;
+        if port > max {
+            port = min + (port - max - 1);
         }
+        rkey.dport = (port as u16).to_be();
+        if reclaim(rkey, now) && CONNTRACK.insert(&*rkey, rev, BPF_NOEXIST as u64).is_ok() {
+            if let Some(cursor) = SNAT_CURSOR.get_ptr_mut(0) {
+                // SAFETY: this CPU's slot. `claim_port` left it just after `first`.
+                unsafe { *cursor = (*cursor).wrapping_add(j) };
+            }
+            return Ok(rkey.dport);
+        }
+        j += 1;
     }
+    Err(CreateError::Snat)
 }
 
 /// Records a new flow of `svc` (client -> frontend) translated to `backend`; its forward

@@ -170,11 +170,12 @@ pub fn run(
         Ok(m) => m,
         Err(e) => return report(Err(std::io::Error::other(e))),
     };
-    let mut wait = interval;
+    // The first pass at once: the table's figures are there from the start.
+    let mut wait = Duration::ZERO;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50).min(wait));
+            std::thread::sleep(Duration::from_millis(50));
         }
         let r = pass(map.fd().as_fd(), &timeouts, monotonic_ns());
         if let Ok(s) = &r {

@@ -4,5 +4,6 @@
 
 pub mod api;
 pub mod demo;
+pub mod flood;
 pub mod harness;
 pub mod lab;

@@ -3,139 +3,20 @@
 //! with DESIGN.md §5's verdicts (reject vs drop) and tighter timings than Kubernetes allows:
 //! a change must be live within a second.
 
+mod services;
+
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    collections::BTreeSet,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    harness::privileged,
-    lab::{
-        self, Answer, Bins, EXT_IP, Lab, POD_PORT, POD_PORT_ALT, Pod, curl, in_netns, node_ip, sa,
-        slice_yaml, tcp_ask, udp_ask, wait_for,
-    },
+use lb_tests::harness::privileged;
+use lb_tests::lab::{
+    self, Answer, Bins, EXT_IP, Lab, POD_PORT, POD_PORT_ALT, Pod, curl, in_netns, node_ip, sa, slice_yaml,
+    tcp_ask, udp_ask, wait_for,
 };
-
-const VIP: &str = "198.19.0.10";
-const LB_IP: &str = "198.19.100.1";
-/// A change must be visible in traffic within this (Kubernetes allows 30 s or more).
-const LIVE: Duration = Duration::from_secs(1);
-const ASK: Duration = Duration::from_millis(600);
-
-fn lab() -> Option<Lab> {
-    if !privileged() {
-        return None;
-    }
-    let bins = Bins::beside(&std::env::current_exe().unwrap()).expect("lab binaries");
-    Some(Lab::standard(bins).expect("standard lab"))
-}
-
-fn vip() -> IpAddr {
-    VIP.parse().unwrap()
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Proto {
-    Tcp,
-    Udp,
-}
-
-fn ask(ns: &str, to: SocketAddr, p: Proto) -> Answer {
-    match p {
-        Proto::Tcp => tcp_ask(ns, to, ASK),
-        Proto::Udp => udp_ask(ns, to, 0, ASK),
-    }
-}
-
-/// Service `name` with the given spec lines (YAML, indented by two) and optional status.
-fn service(name: &str, spec: &str, status: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{spec}\nstatus: {{{status}}}\n---\n"
-    )
-}
-
-const READY: &str = "ready: true";
-
-/// The default web Service: ClusterIP VIP:80 -> 9376 (TCP and UDP, port names `http` and
-/// `udp`), NodePort 30080 (TCP).
-fn web(type_: &str, extra: &str) -> String {
-    service(
-        "web",
-        &format!(
-            "  type: {type_}\n  clusterIP: {VIP}\n{extra}  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n  - {{name: udp, port: 80, protocol: UDP, targetPort: {POD_PORT}, nodePort: 30080}}\n"
-        ),
-        "",
-    )
-}
-
-fn web_slice(endpoints: &[(&Pod, &str)]) -> String {
-    slice_yaml("web-1", "web", &[("http", POD_PORT, "TCP"), ("udp", POD_PORT, "UDP")], endpoints)
-}
-
-/// The default web Service (ClusterIP) over `pods`, all ready; returns once a `p` request
-/// from `ns` to the VIP is answered.
-fn web_up(lab: &Lab, ns: &str, pods: &[&Pod], p: Proto) {
-    apply(lab, &(web("ClusterIP", "") + &web_slice(&ready(pods))), "service up", || {
-        matches!(ask(ns, sa(vip(), 80), p), Answer::Reply(..))
-    });
-}
-
-fn pods<'a>(lab: &'a Lab, names: &[&str]) -> Vec<&'a Pod> {
-    names.iter().map(|n| lab.pod(n)).collect()
-}
-
-fn ready<'a>(pods: &[&'a Pod]) -> Vec<(&'a Pod, &'static str)> {
-    pods.iter().map(|p| (*p, READY)).collect()
-}
-
-fn syncs(lab: &Lab, node: u8) -> usize {
-    lab.agent_log(node).matches("] synced:").count()
-}
-
-/// Applies `yaml` as web.yaml, waits until both nodes' agents have synced since, then until
-/// `probe` holds; all within `LIVE`.
-fn apply(lab: &Lab, yaml: &str, what: &str, probe: impl FnMut() -> bool) {
-    let before = (syncs(lab, 1), syncs(lab, 2));
-    let t0 = Instant::now();
-    lab.write_manifest("web.yaml", yaml).unwrap();
-    wait_for(LIVE, || Ok(syncs(lab, 1) > before.0 && syncs(lab, 2) > before.1))
-        .unwrap_or_else(|e| panic!("{what}: agents did not sync: {e}\nnode-1 agent:\n{}", lab.agent_log(1)));
-    let mut probe = probe;
-    wait_for(LIVE * 3, || Ok(probe()))
-        .unwrap_or_else(|e| panic!("{what}: {e}\nnode-1 agent:\n{}", lab.agent_log(1)));
-    let t = t0.elapsed();
-    assert!(t <= LIVE, "{what}: took {t:?}");
-}
-
-/// Kubernetes' rule: every endpoint answers within n²+30 requests. Returns answers per pod
-/// and the client addresses the pods saw.
-fn reach_all(
-    ns: &str,
-    to: SocketAddr,
-    p: Proto,
-    want: &[&str],
-) -> (BTreeMap<String, usize>, BTreeSet<String>) {
-    let mut seen = BTreeMap::new();
-    let mut clients = BTreeSet::new();
-    let budget = want.len() * want.len() + 30;
-    for _ in 0..budget {
-        match ask(ns, to, p) {
-            Answer::Reply(pod, client) => {
-                *seen.entry(pod).or_insert(0) += 1;
-                clients.insert(client.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or(client));
-            }
-            other => panic!("{p:?} {to} from {ns}: {other:?}"),
-        }
-        if want.iter().all(|w| seen.contains_key(*w)) && seen.values().sum::<usize>() >= want.len() * 3 {
-            break;
-        }
-    }
-    let got: BTreeSet<&str> = seen.keys().map(String::as_str).collect();
-    assert_eq!(got, want.iter().copied().collect(), "{p:?} {to} from {ns}: answers {seen:?}");
-    (seen, clients)
-}
+use services::*;
 
 #[test]
 fn cluster_ip_tcp_and_udp_reach_every_backend_from_both_nodes_with_the_pod_source_kept() {
@@ -373,24 +254,6 @@ fn internal_traffic_policy_local_has_no_fallback_to_remote_endpoints() {
     let c1 = lab.pod("client").ns.clone();
     assert_eq!(tcp_ask(&c1, sa(vip(), 80), ASK), Answer::Timeout);
     assert_eq!(udp_ask(&c1, sa(vip(), 80), 0, ASK), Answer::Timeout);
-}
-
-/// A long-lived TCP connection from `ns` to `to`: send a line, read `NAME CLIENT`.
-struct Conn(BufReader<TcpStream>);
-
-impl Conn {
-    fn open(ns: &str, to: SocketAddr) -> Conn {
-        let s = in_netns(ns, move || TcpStream::connect_timeout(&to, ASK)).unwrap().expect("connect");
-        s.set_read_timeout(Some(ASK)).unwrap();
-        Conn(BufReader::new(s))
-    }
-
-    fn ask(&mut self) -> Option<String> {
-        self.0.get_mut().write_all(b"ping\n").ok()?;
-        let mut line = String::new();
-        self.0.read_line(&mut line).ok()?;
-        line.split_whitespace().next().map(str::to_string)
-    }
 }
 
 #[test]
@@ -734,7 +597,9 @@ fn kube_source_programs_the_datapath_and_a_lost_api_server_keeps_it() {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     assert!(new_flows > 0, "no datapath counters:\n{metrics}");
-    assert!(metrics.contains("lb_conntrack_entries ") && metrics.contains("lb_xdp_forward_packets_total{"));
+    assert!(
+        metrics.contains("lb_conntrack_entries_total ") && metrics.contains("lb_xdp_forward_packets_total{")
+    );
     lab.teardown();
 }
 

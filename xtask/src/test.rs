@@ -5,7 +5,8 @@
 //!   server stand-in: no root needed
 //! * L2 — BPF_PROG_TEST_RUN fixtures (lb-tests) and the `lb` CLI against real pinned maps:
 //!   root; with `LB_REQUIRE_PRIVILEGED=1` a test that cannot run fails instead of skipping.
-//! * L3 — the real `lb agent` on network-namespace labs with real clients (root, same rule).
+//! * L3 — the real `lb agent` on network-namespace labs with real clients (root, same rule),
+//!   then the flow-table soak, flood, churn and resize tests (about seven minutes).
 
 use std::process::Command;
 
@@ -55,6 +56,19 @@ pub fn run() -> anyhow::Result<()> {
     crate::lab::build()?;
     eprintln!("== L3 end-to-end on network-namespace labs (root)");
     run_cmd(cargo().args(["test", "-p", "lb-tests", "--test", "e2e", "--", "--test-threads", "2"]))?;
+    // The flow table over time: a 200 000-connection soak, a SYN flood, five minutes of
+    // endpoint churn, a resizing restart. One at a time: they measure what they load.
+    run_cmd(cargo().args([
+        "test",
+        "-p",
+        "lb-tests",
+        "--test",
+        "flows",
+        "--",
+        "--test-threads",
+        "1",
+        "--nocapture",
+    ]))?;
     eprintln!("== all test tiers passed");
     Ok(())
 }

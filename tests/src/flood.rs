@@ -1,0 +1,100 @@
+//! A SYN flood for the L3 flood test: TCP SYNs from random sources inside one lab prefix (the
+//! lab's own address plan: nothing leaves it, and the backends' answers to those sources
+//! die at the nodes for want of a route), paced and bounded in time.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    harness::{Spec, TCP_SYN},
+    lab::spawn_in_netns,
+};
+
+/// A running flood; `join` for the number of SYNs sent.
+pub struct Flood(std::thread::JoinHandle<anyhow::Result<std::io::Result<u64>>>);
+
+impl Flood {
+    /// Floods `dst` from namespace `ns` with SYNs from random addresses of `sources` (a
+    /// prefix of the lab's range) and random ports, `pps` a second, for `duration`.
+    pub fn start(
+        ns: &str,
+        dst: SocketAddrV4,
+        sources: (Ipv4Addr, u8),
+        pps: u64,
+        duration: Duration,
+    ) -> anyhow::Result<Flood> {
+        assert!(
+            u32::from(sources.0) >> 17 == u32::from(Ipv4Addr::new(198, 18, 0, 0)) >> 17,
+            "lab sources only"
+        );
+        Ok(Flood(spawn_in_netns(ns, move || send(dst, sources, pps, duration))?))
+    }
+
+    pub fn join(self) -> anyhow::Result<u64> {
+        let r = self.0.join().map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+        Ok(r?)
+    }
+}
+
+fn send(
+    dst: SocketAddrV4,
+    (net, bits): (Ipv4Addr, u8),
+    pps: u64,
+    duration: Duration,
+) -> std::io::Result<u64> {
+    // SAFETY: a raw IPv4 socket; IPPROTO_RAW implies IP_HDRINCL (we write the header).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    let host_bits = 32 - bits as u32;
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64;
+    let mut next = move || {
+        // xorshift64*: cheap and good enough to spread sources.
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let (start, mut sent) = (Instant::now(), 0u64);
+    while start.elapsed() < duration {
+        // Paced in batches of a millisecond's worth.
+        let due = (start.elapsed().as_secs_f64() * pps as f64) as u64;
+        if sent >= due {
+            std::thread::sleep(Duration::from_micros(500));
+            continue;
+        }
+        let r = next();
+        let host = (r as u32) & ((1u32 << host_bits) - 1);
+        let src = Ipv4Addr::from(u32::from(net) | host.max(1));
+        let sport = 1024 + ((r >> 32) as u16 % 60_000);
+        let pkt =
+            Spec::tcp(&src.to_string(), sport, &dst.ip().to_string(), dst.port()).flags(TCP_SYN).build();
+        let ip = &pkt[14..];
+        // SAFETY: sendto with a valid buffer and address.
+        let rc = unsafe {
+            libc::sendto(
+                fd,
+                ip.as_ptr().cast(),
+                ip.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if rc >= 0 {
+            sent += 1;
+        }
+    }
+    // SAFETY: closing our own socket.
+    unsafe { libc::close(fd) };
+    Ok(sent)
+}

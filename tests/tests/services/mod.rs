@@ -1,0 +1,153 @@
+//! The lab Services the L3 tests share: the `web` Service and its slice, applying a
+//! manifest and waiting until both agents synced and traffic shows it, asking the VIP from a
+//! pod, and a long-lived connection.
+#![allow(dead_code, reason = "each test file uses a subset")]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    harness::privileged,
+    lab::{Answer, Bins, Lab, POD_PORT, Pod, in_netns, sa, slice_yaml, tcp_ask, udp_ask, wait_for},
+};
+
+pub const VIP: &str = "198.19.0.10";
+pub const LB_IP: &str = "198.19.100.1";
+/// A change must be visible in traffic within this (Kubernetes allows 30 s or more).
+pub const LIVE: Duration = Duration::from_secs(1);
+pub const ASK: Duration = Duration::from_millis(600);
+
+pub fn lab() -> Option<Lab> {
+    if !privileged() {
+        return None;
+    }
+    let bins = Bins::beside(&std::env::current_exe().unwrap()).expect("lab binaries");
+    Some(Lab::standard(bins).expect("standard lab"))
+}
+
+pub fn vip() -> IpAddr {
+    VIP.parse().unwrap()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+pub fn ask(ns: &str, to: SocketAddr, p: Proto) -> Answer {
+    match p {
+        Proto::Tcp => tcp_ask(ns, to, ASK),
+        Proto::Udp => udp_ask(ns, to, 0, ASK),
+    }
+}
+
+/// Service `name` with the given spec lines (YAML, indented by two) and optional status.
+pub fn service(name: &str, spec: &str, status: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{spec}\nstatus: {{{status}}}\n---\n"
+    )
+}
+
+pub const READY: &str = "ready: true";
+
+/// The default web Service: ClusterIP VIP:80 -> 9376 (TCP and UDP, port names `http` and
+/// `udp`), NodePort 30080 (TCP).
+pub fn web(type_: &str, extra: &str) -> String {
+    service(
+        "web",
+        &format!(
+            "  type: {type_}\n  clusterIP: {VIP}\n{extra}  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n  - {{name: udp, port: 80, protocol: UDP, targetPort: {POD_PORT}, nodePort: 30080}}\n"
+        ),
+        "",
+    )
+}
+
+pub fn web_slice(endpoints: &[(&Pod, &str)]) -> String {
+    slice_yaml("web-1", "web", &[("http", POD_PORT, "TCP"), ("udp", POD_PORT, "UDP")], endpoints)
+}
+
+/// The default web Service (ClusterIP) over `pods`, all ready; returns once a `p` request
+/// from `ns` to the VIP is answered.
+pub fn web_up(lab: &Lab, ns: &str, pods: &[&Pod], p: Proto) {
+    apply(lab, &(web("ClusterIP", "") + &web_slice(&ready(pods))), "service up", || {
+        matches!(ask(ns, sa(vip(), 80), p), Answer::Reply(..))
+    });
+}
+
+pub fn pods<'a>(lab: &'a Lab, names: &[&str]) -> Vec<&'a Pod> {
+    names.iter().map(|n| lab.pod(n)).collect()
+}
+
+pub fn ready<'a>(pods: &[&'a Pod]) -> Vec<(&'a Pod, &'static str)> {
+    pods.iter().map(|p| (*p, READY)).collect()
+}
+
+pub fn syncs(lab: &Lab, node: u8) -> usize {
+    lab.agent_log(node).matches("] synced:").count()
+}
+
+/// Applies `yaml` as web.yaml, waits until both nodes' agents have synced since, then until
+/// `probe` holds; all within `LIVE`.
+pub fn apply(lab: &Lab, yaml: &str, what: &str, probe: impl FnMut() -> bool) {
+    let before = (syncs(lab, 1), syncs(lab, 2));
+    let t0 = Instant::now();
+    lab.write_manifest("web.yaml", yaml).unwrap();
+    wait_for(LIVE, || Ok(syncs(lab, 1) > before.0 && syncs(lab, 2) > before.1))
+        .unwrap_or_else(|e| panic!("{what}: agents did not sync: {e}\nnode-1 agent:\n{}", lab.agent_log(1)));
+    let mut probe = probe;
+    wait_for(LIVE * 3, || Ok(probe()))
+        .unwrap_or_else(|e| panic!("{what}: {e}\nnode-1 agent:\n{}", lab.agent_log(1)));
+    let t = t0.elapsed();
+    assert!(t <= LIVE, "{what}: took {t:?}");
+}
+
+/// Kubernetes' rule: every endpoint answers within n²+30 requests. Returns answers per pod
+/// and the client addresses the pods saw.
+pub fn reach_all(
+    ns: &str,
+    to: SocketAddr,
+    p: Proto,
+    want: &[&str],
+) -> (BTreeMap<String, usize>, BTreeSet<String>) {
+    let mut seen = BTreeMap::new();
+    let mut clients = BTreeSet::new();
+    let budget = want.len() * want.len() + 30;
+    for _ in 0..budget {
+        match ask(ns, to, p) {
+            Answer::Reply(pod, client) => {
+                *seen.entry(pod).or_insert(0) += 1;
+                clients.insert(client.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or(client));
+            }
+            other => panic!("{p:?} {to} from {ns}: {other:?}"),
+        }
+        if want.iter().all(|w| seen.contains_key(*w)) && seen.values().sum::<usize>() >= want.len() * 3 {
+            break;
+        }
+    }
+    let got: BTreeSet<&str> = seen.keys().map(String::as_str).collect();
+    assert_eq!(got, want.iter().copied().collect(), "{p:?} {to} from {ns}: answers {seen:?}");
+    (seen, clients)
+}
+
+/// A long-lived TCP connection from `ns` to `to`: send a line, read `NAME CLIENT`.
+pub struct Conn(pub BufReader<TcpStream>);
+
+impl Conn {
+    pub fn open(ns: &str, to: SocketAddr) -> Conn {
+        let s = in_netns(ns, move || TcpStream::connect_timeout(&to, ASK)).unwrap().expect("connect");
+        s.set_read_timeout(Some(ASK)).unwrap();
+        Conn(BufReader::new(s))
+    }
+
+    pub fn ask(&mut self) -> Option<String> {
+        self.0.get_mut().write_all(b"ping\n").ok()?;
+        let mut line = String::new();
+        self.0.read_line(&mut line).ok()?;
+        line.split_whitespace().next().map(str::to_string)
+    }
+}
