@@ -104,8 +104,9 @@ pub struct Index {
 }
 
 /// How long a released Maglev range or backend id stays unused: far longer than any program
-/// run (microseconds) that may still hold the old service entry.
-pub const QUARANTINE: std::time::Duration = std::time::Duration::from_secs(1);
+/// run (microseconds) that may still hold the old service entry, and short enough that the
+/// ranges held back under a burst of table rewrites stay a small part of the array.
+pub const QUARANTINE: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Debug, Clone)]
 pub struct Quarantine {

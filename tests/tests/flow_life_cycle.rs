@@ -346,3 +346,111 @@ fn a_full_table_refuses_new_flows_keeps_established_ones_and_recovers() {
     let (rc, _) = l.run_xdp(&Spec::tcp("198.18.99.1", 5000, VIP4, 80).build());
     assert_eq!(rc, XDP_PASS, "a new flow gets in again");
 }
+
+/// The torn-read test: a sync loop rewrites 40 services through the agent's own reconciler
+/// (tables flip to fresh ranges, backends come and go, their ids are reused by other
+/// services) while packets run on this thread. Every new flow must land on a backend of its
+/// own service's pool — never on one of another service.
+#[test]
+fn new_flows_never_land_on_another_services_backend_while_services_are_rewritten() {
+    use lb_userspace::{
+        dataplane::AyaDataplane,
+        model::{Backend, Desired, DesiredService, Family, NoBackend, Scope, ServiceRef},
+        reconcile::{Applied, Limits, execute, plan},
+    };
+    use std::{
+        collections::BTreeSet,
+        net::IpAddr,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+    require_root!();
+    const SERVICES: u8 = 40;
+    const POOL: u8 = 6;
+    let l = Loaded::with_caps(&lb_userspace::loader::Capacities {
+        flows: 1 << 20,
+        maglev_slots: 1 << 20,
+        ..Default::default()
+    });
+    let vip = |i: u8| IpAddr::from([198, 19, 1, i]);
+    let pool = |i: u8| (1..=POOL).map(move |h| IpAddr::from([198, 18, 100 + i, h]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let syncs = Arc::new(AtomicU64::new(0));
+    let syncer = {
+        let (stop, syncs, pin_dir) = (stop.clone(), syncs.clone(), l.pin_dir.clone());
+        std::thread::spawn(move || {
+            let mut dp = AyaDataplane::open(&pin_dir).unwrap();
+            let limits =
+                Limits { max_table: 65_537, maglev_slots: 1 << 20, backends: 262_144, services: 1_000 };
+            let mut applied = Applied::read(&dp).unwrap();
+            applied.track_ranges(limits.maglev_slots);
+            let mut seed = 0x1234_5678_u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut services = std::collections::BTreeMap::new();
+                for i in 0..SERVICES {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    // A changing, never empty subset of this service's own pool.
+                    let mask = ((seed >> 33) as u8 % ((1 << POOL) - 1)) + 1;
+                    let backends = pool(i)
+                        .enumerate()
+                        .filter(|(h, _)| mask & (1 << h) != 0)
+                        .map(|(_, ip)| Backend { ip, port: 9376, local: true, terminating: false })
+                        .collect();
+                    let sref = ServiceRef {
+                        namespace: "default".into(),
+                        name: format!("s{i}"),
+                        port_name: "http".into(),
+                        proto: PROTO_TCP,
+                        scope: Scope::Cluster,
+                        family: Family::V4,
+                    };
+                    let s = DesiredService {
+                        frontends: [(vip(i), 80)].into(),
+                        backends,
+                        kept: BTreeSet::new(),
+                        affinity_timeout: None,
+                        no_backend: NoBackend::Reject,
+                        source_ranges: vec![],
+                        external: false,
+                    };
+                    services.insert(sref, s);
+                }
+                let desired = Desired { services, ..Default::default() };
+                let ops = plan(&desired, &applied, &limits).unwrap();
+                execute(&mut dp, &mut applied, &ops).unwrap();
+                syncs.fetch_add(1, Ordering::Relaxed);
+                // A hundred full rewrites a second: a busy cluster's worth, and more.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    while syncs.load(Ordering::Relaxed) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (t0, mut checked, mut wrong) = (Instant::now(), 0u64, Vec::new());
+    let mut n: u32 = 0;
+    while t0.elapsed() < Duration::from_secs(5) {
+        n += 1;
+        let i = (n % SERVICES as u32) as u8;
+        let client = format!("198.18.200.{}", 1 + (n / 60_000) % 250);
+        let spec = Spec::tcp(&client, 1024 + (n % 60_000) as u16, &vip(i).to_string(), 80);
+        let (rc, out) = l.run_tc(&spec.build());
+        let stats: Vec<(&str, u64)> =
+            Reason::ALL.iter().map(|r| (r.name(), reason(&l, *r))).filter(|(_, n)| *n > 0).collect();
+        assert_eq!(rc, TC_ACT_UNSPEC, "service {i} always has a backend: {stats:?}");
+        let dst = inspect(&out).dst;
+        checked += 1;
+        if !pool(i).any(|ip| ip == dst) {
+            wrong.push((i, dst));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    syncer.join().unwrap();
+    let syncs = syncs.load(Ordering::Relaxed);
+    eprintln!("torn reads: {checked} new flows over {syncs} syncs, {} on a foreign backend", wrong.len());
+    assert!(syncs > 50 && checked > 10_000, "{syncs} syncs, {checked} packets");
+    assert!(wrong.is_empty(), "flows on another service's backend: {:?}", &wrong[..wrong.len().min(10)]);
+}
