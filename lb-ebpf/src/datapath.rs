@@ -69,12 +69,11 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
     let Some(s) = conntrack::scratch() else { return MAP_ERR };
     // SAFETY: this CPU's scratch slot, used by this packet only.
     unsafe { (*s).key = conntrack::flow_key(h) };
-    let now = conntrack::now();
-    let known = known_flow(pkt, h, bytes, now);
+    let known = known_flow(pkt, h, bytes);
     if known != NOT_KNOWN {
         return unpack(known);
     }
-    unpack(frontend(pkt, h, bytes, now))
+    unpack(frontend(pkt, h, bytes))
 }
 
 /// `known_flow` and `direct_clash`: the packet is not theirs, carry on.
@@ -93,12 +92,14 @@ fn is_syn(h: &Headers) -> bool {
 /// A packet of a flow in the table: translated, or `NOT_KNOWN` (no entry, or the flow must
 /// pick a backend anew and was removed).
 #[inline(never)]
-fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, now: u64) -> u32 {
+fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> u32 {
     const MAP_ERR: u32 = pack(Action::Drop, Reason::MapError);
     let Some(s) = conntrack::scratch() else { return MAP_ERR };
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let (key, v) = unsafe { (&(*s).key, &mut (*s).flow) };
     let Some(p) = conntrack::lookup(key, v) else { return NOT_KNOWN };
+    // The clock only once a flow is found: the miss path does without.
+    let now = conntrack::now();
     if v.direction == FLOW_REPLY {
         conntrack::touch(key, p, v, h, now);
         return match translate(pkt, h, Side::Src, v, bytes) {
@@ -127,7 +128,7 @@ fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, now: u64) -> u32 
 /// A packet of no known flow: to a frontend (a new flow, or a refusal), a ClusterIP port it
 /// does not serve, a direct connection clashing with a Service flow, or none of ours.
 #[inline(never)]
-fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, now: u64) -> u32 {
+fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> u32 {
     let Some(s) = conntrack::scratch() else { return pack(Action::Drop, Reason::MapError) };
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let key = unsafe { &(*s).key };
@@ -140,11 +141,11 @@ fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, now: u64) -> u32 {
         if P::POD_FACING && is_cluster_ip(h) {
             return refuse(pkt, h, Reason::RejectUnknownPort);
         }
-        if P::POD_FACING && is_syn(h) && conntrack::direct_clash(h, now) {
+        if P::POD_FACING && is_syn(h) && conntrack::direct_clash(h, conntrack::now()) {
             // Recorded as a flow translated to itself: service and backend id 0 (never a
             // real id), where only the source port moves.
             let be = BackendValue { addr: h.dst, port: h.dport, flags: BE_F_PRESENT, _pad: 0 };
-            return record(pkt, h, key, &ServiceValue::default(), 0, &be, bytes, now, Reason::PortClash);
+            return record(pkt, h, key, &ServiceValue::default(), 0, &be, bytes, Reason::PortClash);
         }
         return pack(Action::Pass, Reason::NoFrontend);
     };
@@ -153,7 +154,7 @@ fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, now: u64) -> u32 {
             // SAFETY: this CPU's scratch slot; `new_flow` left the chosen id there.
             let id = unsafe { (*s).flow.backend_id };
             let Some(be) = select::backend(id) else { return pack(Action::Drop, Reason::BackendMissing) };
-            record(pkt, h, key, &svc, id, &be, bytes, now, Reason::NewFlow)
+            record(pkt, h, key, &svc, id, &be, bytes, Reason::NewFlow)
         }
         (Action::Bounce, reason) => refuse(pkt, h, reason),
         (action, reason) => pack(action, reason),
@@ -162,7 +163,7 @@ fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, now: u64) -> u32 {
 
 /// Records the new flow (`conntrack::create`) and translates the packet with it.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "inlined into its one caller; BPF calls take five")]
+#[expect(clippy::too_many_arguments, reason = "inlined into its caller; BPF calls take five")]
 fn record<P: Packet>(
     pkt: &mut P,
     h: &Headers,
@@ -171,10 +172,9 @@ fn record<P: Packet>(
     id: u32,
     be: &BackendValue,
     bytes: u32,
-    now: u64,
     reason: Reason,
 ) -> u32 {
-    match conntrack::create(key, svc, id, be, now) {
+    match conntrack::create(key, svc, id, be, conntrack::now()) {
         0 => translate_new(pkt, h, bytes, reason),
         e if e == conntrack::CreateError::Snat as u32 => pack(Action::Drop, Reason::SnatFailed),
         _ => pack(Action::Drop, Reason::FlowTableFull),

@@ -18,6 +18,17 @@ pub enum Which {
         /// Service counts to sweep, comma-separated (default 1,1000,10000,100000).
         #[arg(long)]
         services: Option<String>,
+        /// A git revision whose datapath object is built and timed side by side (the
+        /// previous `main`, say): every path is reported as a ratio against it.
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
+    },
+    /// The flow table: a GC pass at 100k, 1M and the maximum entries; new connections per
+    /// second through source NAT vs without; new connections under a SYN flood.
+    Conntrack {
+        /// Shorter runs (10 s connection-rate windows instead of 60 s).
+        #[arg(long)]
+        quick: bool,
     },
     /// Control plane: full sync of N services × 4 endpoints and one endpoint change, ours vs
     /// iptables-restore vs nft -f of kube-proxy-shaped rules; Maglev disruption.
@@ -76,6 +87,9 @@ pub enum Which {
     All {
         #[arg(long)]
         quick: bool,
+        /// Passed to `prog --baseline`.
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
     },
 }
 
@@ -116,9 +130,63 @@ fn build_lab_binaries() -> anyhow::Result<()> {
     )
 }
 
+/// Builds the datapath object (`lb`, the eBPF ELF) of git revision `rev` in a worktree under
+/// target/, the way aya-build builds ours; returns its path.
+fn baseline_object(rev: &str) -> anyhow::Result<std::path::PathBuf> {
+    let commit =
+        crate::run::output(Command::new("git").current_dir(root()).args(["rev-parse", "--short", rev]))
+            .ok_or_else(|| anyhow::anyhow!("--baseline {rev}: not a git revision here"))?;
+    let tree = root().join("target/baseline").join(&commit);
+    let object = tree.join("target/bpfel-unknown-none/release/lb");
+    if object.exists() {
+        eprintln!("bench: baseline {rev} ({commit}) already built: {}", object.display());
+        return Ok(object);
+    }
+    if !tree.exists() {
+        run_cmd(
+            Command::new("git")
+                .current_dir(root())
+                .args(["worktree", "add", "--detach"])
+                .arg(&tree)
+                .arg(&commit),
+        )?;
+    }
+    eprintln!("bench: building the datapath object of {rev} ({commit}) ...");
+    run_cmd(
+        Command::new("rustup")
+            .current_dir(&tree)
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                "--cfg=bpf_target_arch=\"x86_64\"\u{1f}-Cdebuginfo=2\u{1f}-Clink-arg=--btf",
+            )
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .args(["run", "nightly", "cargo", "build", "--package", "lb-ebpf", "--bins", "--release"])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"]),
+    )?;
+    Ok(object)
+}
+
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
-        Which::Prog { quick, services } => bench("prog", quick, services, None),
+        Which::Prog { quick, services, baseline } => {
+            let mut cmd = bench_bin();
+            cmd.arg("prog").arg("--out").arg(root().join("target/bench"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            if let Some(s) = services {
+                cmd.arg("--services").arg(s);
+            }
+            if let Some(rev) = baseline {
+                cmd.arg("--baseline-object").arg(baseline_object(&rev)?).arg("--baseline-name").arg(rev);
+            }
+            run_cmd(&mut cmd)
+        }
+        Which::Conntrack { quick } => {
+            build_lab_binaries()?;
+            bench("conntrack", quick, None, None)
+        }
         Which::Throughput { quick } => bench("throughput", quick, None, None),
         Which::Newflows { quick, services, nft_max } => bench("newflows", quick, services, nft_max),
         Which::Control { quick, services, nft_max } => bench("control", quick, services, nft_max),
@@ -130,8 +198,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             build_lab_binaries()?;
             bench("connrate", quick, None, None)
         }
-        Which::All { quick } => {
-            run(Which::Prog { quick, services: None })?;
+        Which::All { quick, baseline } => {
+            run(Which::Prog { quick, services: None, baseline })?;
+            run(Which::Conntrack { quick })?;
             run(Which::Throughput { quick })?;
             run(Which::Newflows { quick, services: None, nft_max: None })?;
             run(Which::Control { quick, services: None, nft_max: None })?;

@@ -23,7 +23,7 @@ use lb_tests::{
 };
 use serde_json::json;
 
-const VIP: &str = "198.19.0.10";
+pub(crate) const VIP: &str = "198.19.0.10";
 
 fn web(lab: &Lab) -> String {
     format!(
@@ -98,7 +98,7 @@ fn rr_times(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>> {
 }
 
 /// Connections per second (connect, one request, close) for `d`.
-fn conn_rate(ns: &str, to: SocketAddr, d: Duration) -> anyhow::Result<f64> {
+pub(crate) fn conn_rate(ns: &str, to: SocketAddr, d: Duration) -> anyhow::Result<f64> {
     in_netns(ns, move || -> anyhow::Result<f64> {
         let t = Instant::now();
         let mut n = 0u64;
@@ -116,7 +116,7 @@ fn conn_rate(ns: &str, to: SocketAddr, d: Duration) -> anyhow::Result<f64> {
     })?
 }
 
-fn lab() -> anyhow::Result<Lab> {
+pub(crate) fn lab() -> anyhow::Result<Lab> {
     ensure!(privileged(), "this benchmark needs root");
     let bins = Bins::beside(&std::env::current_exe()?)?;
     let lab = Lab::standard(bins)?;

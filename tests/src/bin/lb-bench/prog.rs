@@ -1,0 +1,343 @@
+//! `prog`: BPF_PROG_TEST_RUN cost per packet of `lb_xdp` — conntrack hit, new flow, no
+//! frontend — with 1 to 100 000 services loaded, for our object and, side by side in the
+//! same run, a baseline object (another revision, `--baseline REV`), beside an empty XDP
+//! program timed the same way (DESIGN.md §7): one run per call (repeat = 1, since with
+//! repeat > 1 the kernel re-runs the already rewritten packet), many calls, median of the
+//! kernel-reported durations, every return code checked, `kernel.bpf_stats_enabled` off and
+//! restored. Both objects are loaded and programmed the same way, through their maps by name
+//! (services, backends, Maglev, and memberships where the object has them), so a baseline
+//! with another flow-table layout is timed fairly.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap},
+    programs::Xdp,
+};
+use lb_common::abi::*;
+use lb_tests::harness::*;
+use lb_userspace::{loader, maglev};
+use serde_json::json;
+
+use crate::plot;
+
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Turns `kernel.bpf_stats_enabled` off for the measurement and restores it on drop.
+struct StatsOff(Option<String>);
+
+impl StatsOff {
+    fn new() -> Self {
+        let old = fs::read_to_string(STATS_SYSCTL).ok();
+        let _ = fs::write(STATS_SYSCTL, "0");
+        StatsOff(old)
+    }
+}
+
+impl Drop for StatsOff {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = fs::write(STATS_SYSCTL, old.trim());
+        }
+    }
+}
+
+fn median(mut v: Vec<u64>) -> f64 {
+    v.sort_unstable();
+    v[v.len() / 2] as f64
+}
+
+/// Times `calls` single runs of `prog`, packet from `make(i)`, checking each return code.
+fn time(prog: &Xdp, calls: u32, want_rc: u32, make: &mut dyn FnMut(u32) -> Vec<u8>) -> anyhow::Result<f64> {
+    let mut d = Vec::with_capacity(calls as usize);
+    for i in 0..calls {
+        let pkt = make(i);
+        let (rc, _, ns) = run_timed(prog, &pkt);
+        ensure!(rc == want_rc, "call {i}: return code {rc}, expected {want_rc}");
+        d.push(ns);
+    }
+    Ok(median(d))
+}
+
+fn vip(i: u32) -> String {
+    // 198.19.0.0/16 holds 65 536 VIPs; beyond that, vary the port instead (below).
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + (i % 65_536)).to_string()
+}
+
+fn port(i: u32) -> u16 {
+    80 + (i / 65_536) as u16
+}
+
+/// One object's costs at one service count.
+#[derive(Clone, Copy)]
+struct Costs {
+    hit: f64,
+    new: f64,
+    miss: f64,
+}
+
+struct Row {
+    services: u32,
+    empty: f64,
+    ours: Costs,
+    baseline: Option<Costs>,
+}
+
+/// A loaded object with its maps pinned in a private directory (removed on drop).
+struct Variant {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Drop for Variant {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+const BACKENDS: u32 = 4;
+
+fn load(object: &[u8], tag: &str, caps: &loader::Capacities) -> anyhow::Result<Variant> {
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}-{tag}", std::process::id()));
+    fs::create_dir_all(&pin_dir)?;
+    let mut l = EbpfLoader::new();
+    l.default_map_pin_directory(&pin_dir);
+    for (name, max) in caps.max_entries() {
+        l.map_max_entries(name, max);
+    }
+    let mut v =
+        Variant { ebpf: l.load(object).with_context(|| format!("loading the {tag} object"))?, pin_dir };
+    let xdp: &mut Xdp = v.ebpf.program_mut(loader::XDP_PROGRAM).context("lb_xdp")?.try_into()?;
+    xdp.load().with_context(|| format!("verifying the {tag} object"))?;
+    Ok(v)
+}
+
+/// `services` frontends, all on one Maglev table of four backends (only the measured one's
+/// table is read while timing), memberships of the measured one where the object has them.
+fn program(ebpf: &mut Ebpf, services: u32, target: u32) -> anyhow::Result<()> {
+    let m = maglev::table_size(BACKENDS as usize, lb_common::maglev::DEFAULT_MAX_TABLE);
+    let named: Vec<(u32, Vec<u8>)> =
+        (1..=BACKENDS).map(|i| (i, format!("198.18.1.{i}:9376").into_bytes())).collect();
+    {
+        let mut b: Array<_, BackendValue> =
+            Array::try_from(ebpf.map_mut("lb_backends").context("lb_backends")?)?;
+        for (id, _) in &named {
+            b.set(*id, BackendValue::new(ip(&format!("198.18.1.{id}")), 9376, BE_F_PRESENT), 0)?;
+        }
+    }
+    {
+        let mut t: Array<_, u32> = Array::try_from(ebpf.map_mut("lb_maglev").context("lb_maglev")?)?;
+        for (i, id) in maglev::build(&named, m).into_iter().enumerate() {
+            t.set(i as u32, id, 0)?;
+        }
+    }
+    if let Some(map) = ebpf.map_mut("lb_members") {
+        let mut mm: HashMap<_, MemberKey, MemberValue> = HashMap::try_from(map)?;
+        for (id, _) in &named {
+            let v = MemberValue { generation: *id, flags: MEMBER_F_USABLE };
+            mm.insert(MemberKey { service_id: target + 1, backend_id: *id }, v, 0)?;
+        }
+    }
+    let mut sv: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(ebpf.map_mut("lb_services").context("lb_services")?)?;
+    for s in 0..services {
+        let value = ServiceValue {
+            service_id: s + 1,
+            backend_count: BACKENDS,
+            maglev_offset: 0,
+            maglev_size: m,
+            flags: 0,
+            affinity_timeout: 0,
+        };
+        sv.insert(ServiceKey::new(ip(&vip(s)), port(s), PROTO_TCP), value, 0)?;
+    }
+    Ok(())
+}
+
+fn measure(object: &[u8], tag: &str, services: u32, calls: u32) -> anyhow::Result<Costs> {
+    let caps =
+        loader::Capacities { frontends: services.max(1024), flows: 2 * calls + 4096, ..Default::default() };
+    let t = Instant::now();
+    let mut v = load(object, tag, &caps)?;
+    let target = services - 1;
+    program(&mut v.ebpf, services, target)?;
+    eprintln!("  {tag}: loaded and programmed in {} ms", t.elapsed().as_millis());
+    let (dst, dport) = (vip(target), port(target));
+    let prog: &Xdp = v.ebpf.program(loader::XDP_PROGRAM).unwrap().try_into()?;
+    let syn = Spec::tcp("198.18.100.1", 40000, &dst, dport);
+    ensure!(run_timed(prog, &syn.build()).0 == XDP_PASS, "{tag}: warm-up SYN not passed");
+    let ack = syn.clone().flags(TCP_ACK).build();
+    let hit = time(prog, calls, XDP_PASS, &mut |_| ack.clone())?;
+    // A fresh 5-tuple on every call: source address and port both vary.
+    let new = time(prog, calls, XDP_PASS, &mut |i| {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + (i / 50_000));
+        Spec::tcp(&src.to_string(), 10_000 + (i % 50_000) as u16, &dst, dport).build()
+    })?;
+    let miss_pkt = Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).build();
+    let miss = time(prog, calls, XDP_PASS, &mut |_| miss_pkt.clone())?;
+    Ok(Costs { hit, new, miss })
+}
+
+/// Net of the empty program, at least 1 ns (a ratio needs a positive denominator).
+fn net(v: f64, empty: f64) -> f64 {
+    (v - empty).max(1.0)
+}
+
+pub fn run(
+    quick: bool,
+    out: PathBuf,
+    sweep: &[u32],
+    baseline: Option<(String, PathBuf)>,
+) -> anyhow::Result<()> {
+    if !privileged() {
+        bail!("bench prog needs root");
+    }
+    let calls = if quick { 20_000 } else { 100_000 };
+    let base_object = match &baseline {
+        Some((name, path)) => {
+            Some((name.clone(), fs::read(path).with_context(|| format!("{}", path.display()))?))
+        }
+        None => None,
+    };
+    let _stats = StatsOff::new();
+    let mut floor = EbpfLoader::new().load(loader::EMPTY_OBJECT).context("loading the empty program")?;
+    let empty: &mut Xdp = floor.program_mut("lb_empty").context("lb_empty")?.try_into()?;
+    empty.load()?;
+    let empty: &Xdp = floor.program("lb_empty").unwrap().try_into()?;
+
+    let mut rows = Vec::new();
+    for &n in sweep.iter().filter(|n| **n > 0) {
+        eprintln!("bench prog: {n} services, {calls} calls per case ...");
+        let ours = measure(loader::EBPF_OBJECT, "ours", n, calls)?;
+        let baseline = match &base_object {
+            Some((_, obj)) => Some(measure(obj, "baseline", n, calls)?),
+            None => None,
+        };
+        let ack = Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).flags(TCP_ACK).build();
+        let empty = time(empty, calls, XDP_PASS, &mut |_| ack.clone())?;
+        eprintln!(
+            "  ours: hit {:.0} ns, new flow {:.0} ns, miss {:.0} ns; empty {:.0} ns{}",
+            ours.hit,
+            ours.new,
+            ours.miss,
+            empty,
+            baseline.map_or(String::new(), |b| format!(
+                "; baseline: hit {:.0}, new {:.0}, miss {:.0}",
+                b.hit, b.new, b.miss
+            ))
+        );
+        rows.push(Row { services: n, empty, ours, baseline });
+    }
+    let md = report(&rows, quick, calls, baseline.as_ref().map(|(n, _)| n.as_str()));
+    println!("{md}");
+    fs::create_dir_all(&out)?;
+    fs::write(out.join("prog.md"), &md)?;
+    let costs = |c: &Costs| json!({"hit_ns": c.hit, "new_flow_ns": c.new, "miss_ns": c.miss});
+    let j = json!({
+        "kernel": crate::kernel(),
+        "calls": calls,
+        "baseline": baseline.as_ref().map(|(n, _)| n.clone()),
+        "rows": rows.iter().map(|r| json!({
+            "services": r.services, "empty_ns": r.empty, "ours": costs(&r.ours),
+            "baseline": r.baseline.as_ref().map(costs),
+        })).collect::<Vec<_>>(),
+    });
+    fs::write(out.join("prog.json"), serde_json::to_string_pretty(&j)?)?;
+    chart(&out.join("prog.png"), &rows)?;
+    eprintln!("bench prog: wrote {}", out.join("prog.md").display());
+    Ok(())
+}
+
+fn report(rows: &[Row], quick: bool, calls: u32, baseline: Option<&str>) -> String {
+    let mut md = format!(
+        "### `cargo xtask bench prog{}` — {}\n\nKernel {}, {} CPUs; BPF_PROG_TEST_RUN, repeat 1, median of {calls} calls per cell, `bpf_stats_enabled=0`. Net = minus the empty XDP program measured in the same run and row.{}\n\n",
+        baseline.map_or(String::new(), |b| format!(" --baseline {b}")),
+        if quick { "quick" } else { "full" },
+        crate::kernel(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        baseline.map_or(String::new(), |b| format!(
+            " Baseline: the datapath object of `{b}`, loaded and programmed the same way in the same run."
+        )),
+    );
+    md.push_str("| services | empty (ns) | hit (ns) | new flow (ns) | no frontend (ns) | net hit | net new | net miss |");
+    if baseline.is_some() {
+        md.push_str(" baseline net hit | net new | net miss | ours / baseline: hit | new | miss |");
+    }
+    md.push_str("\n|---:|---:|---:|---:|---:|---:|---:|---:|");
+    if baseline.is_some() {
+        md.push_str("---:|---:|---:|---:|---:|---:|");
+    }
+    md.push('\n');
+    for r in rows {
+        let (e, o) = (r.empty, r.ours);
+        md.push_str(&format!(
+            "| {} | {e:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            r.services,
+            o.hit,
+            o.new,
+            o.miss,
+            net(o.hit, e),
+            net(o.new, e),
+            net(o.miss, e)
+        ));
+        if let Some(b) = r.baseline {
+            md.push_str(&format!(
+                " {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
+                net(b.hit, e),
+                net(b.new, e),
+                net(b.miss, e),
+                net(o.hit, e) / net(b.hit, e),
+                net(o.new, e) / net(b.new, e),
+                net(o.miss, e) / net(b.miss, e)
+            ));
+        }
+        md.push('\n');
+    }
+    let (first, last) = (&rows[0], rows.last().unwrap());
+    let flat = |f: fn(&Costs) -> f64| f(&last.ours) / f(&first.ours);
+    md.push_str(&format!(
+        "\nScaling, cost at {} services / cost at 1 (goal ≤ 1.15): hit {:.2}, new flow {:.2}, miss {:.2}.\n",
+        last.services,
+        flat(|c| c.hit),
+        flat(|c| c.new),
+        flat(|c| c.miss)
+    ));
+    if baseline.is_some() {
+        let mean = |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).sum::<f64>() / rows.len() as f64;
+        let ratio = |pick: fn(&Costs) -> f64| {
+            mean(&|r: &Row| net(pick(&r.ours), r.empty) / net(pick(&r.baseline.unwrap()), r.empty))
+        };
+        md.push_str(&format!(
+            "Net cost against the baseline, mean over the rows (goals: new flow ≤ 0.5, miss ≤ 0.7, hit ≤ 1.1): new flow {:.2}, miss {:.2}, hit {:.2}.\n",
+            ratio(|c| c.new),
+            ratio(|c| c.miss),
+            ratio(|c| c.hit)
+        ));
+    }
+    md
+}
+
+fn chart(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
+    let line = |name: &str, f: &dyn Fn(&Row) -> Option<f64>| {
+        plot::Series::new(name, rows.iter().map(|r| (r.services, f(r))))
+    };
+    let mut series = vec![
+        line("new flow", &|r| Some(r.ours.new)),
+        line("conntrack hit", &|r| Some(r.ours.hit)),
+        line("no frontend", &|r| Some(r.ours.miss)),
+        line("empty program", &|r| Some(r.empty)),
+    ];
+    if rows.iter().any(|r| r.baseline.is_some()) {
+        series.push(line("baseline new flow", &|r| r.baseline.map(|b| b.new)));
+        series.push(line("baseline hit", &|r| r.baseline.map(|b| b.hit)));
+        series.push(line("baseline no frontend", &|r| r.baseline.map(|b| b.miss)));
+    }
+    plot::chart(path, "lb_xdp cost per packet vs services (BPF_PROG_TEST_RUN)", "ns per packet", &series)
+}
