@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod bpffs;
 pub mod conntrack_gc;
 pub mod dataplane;
 pub mod http;

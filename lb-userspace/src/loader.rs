@@ -12,6 +12,8 @@ use aya::{
 };
 use lb_common::maps;
 
+use crate::bpffs;
+
 /// The datapath object built by build.rs (aya-build) from `lb-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
@@ -25,15 +27,7 @@ pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc_pod";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS_ROOT: &str = "/sys/fs/bpf";
-
-fn mount_bpffs(at: &Path) -> bool {
-    let Ok(target) = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: plain mount(2) with valid C strings.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    rc == 0 && is_bpffs(at)
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -81,15 +75,6 @@ impl Default for Capacities {
     }
 }
 
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: statfs into a zeroed struct with a valid C string.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
-}
-
 impl Capacities {
     /// `max_entries` of each map these capacities size.
     pub fn max_entries(&self) -> std::collections::BTreeMap<&'static str, u32> {
@@ -125,9 +110,10 @@ pub fn load_migrating(
     caps: &Capacities,
 ) -> Result<(Ebpf, crate::pins::Migration), LoadError> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
-    if !is_bpffs(&parent) && !is_bpffs(pin_dir) {
-        // The standard place is mounted on demand, like systemd or Cilium do.
-        if parent != Path::new(BPF_FS_ROOT) || !mount_bpffs(&parent) {
+    if !bpffs::is_bpffs(&parent) && !bpffs::is_bpffs(pin_dir) {
+        // The standard place is mounted on demand (once, whoever races us), like systemd
+        // or Cilium do.
+        if parent != Path::new(BPF_FS_ROOT) || !bpffs::ensure_mounted(&parent) {
             return Err(LoadError::NotBpffs(pin_dir.to_path_buf(), parent));
         }
     }

@@ -674,3 +674,35 @@ fn xdp_forward_sends_remote_backend_traffic_from_xdp() {
     // There is no second XDP port on a lab node: nothing to redirect to.
     assert_eq!(counter(XDP_FWD_REDIRECTED), 0);
 }
+
+/// One agent per pin dir: a second `lb agent` on node-1's pin dir exits at once, naming the
+/// running agent's pid, and the first one keeps serving.
+#[test]
+fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_holder() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let ns = lab.pod("client").ns.clone();
+    web_up(&lab, &ns, &all, Proto::Tcp);
+    let bins = Bins::beside(&std::env::current_exe().unwrap()).unwrap();
+    let empty = std::env::temp_dir().join(format!("lb-second-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let t0 = Instant::now();
+    let out = lab::in_ns(&lab.node_netns(1), &[bins.lb.to_str().unwrap(), "agent"])
+        .arg("--pin-dir")
+        .arg(lab.pin_dir(1))
+        .arg("--manifests")
+        .arg(&empty)
+        .args(["--node-name", "node-1", "--xdp-iface", "eth0"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&empty);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second agent must not run: {err}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "it must exit at once");
+    assert!(err.contains("another lb agent (pid "), "{err}");
+    // The first agent still serves and syncs.
+    assert!(matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..)));
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&all[..2]))), "first agent in charge", || {
+        !lab.has_backend(1, IpAddr::V4(lab.pod("web-3").ip), POD_PORT).unwrap_or(true)
+    });
+}

@@ -80,6 +80,14 @@ fn daemonset_runs_the_agent_like_kube_proxy_with_least_capabilities() {
     assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/livez"));
     assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/healthz"));
     assert!(c.volume_mounts.iter().flatten().any(|m| m.mount_path == "/sys/fs/bpf"));
+    // No privileged helper and no node-wide sysctl: the agent sets accept_local on the
+    // interfaces it attaches to.
+    assert!(pod.init_containers.is_none(), "no init container");
+    assert!(
+        !std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml"))
+            .unwrap()
+            .contains("accept_local")
+    );
     // The arguments are `lb agent` flags (kube source: no --manifests).
     let args: Vec<String> =
         c.args.clone().unwrap().iter().map(|a| a.replace("$(NODE_NAME)", "node-1")).collect();
@@ -90,6 +98,7 @@ fn daemonset_runs_the_agent_like_kube_proxy_with_least_capabilities() {
             assert!(a.manifests.is_none() && a.kubeconfig.is_none(), "in-cluster configuration");
             assert_eq!(a.node_name, "node-1");
             assert_eq!(a.healthz_bind_address.port(), 10256);
+            assert!(a.metrics_bind_address.ip().is_loopback(), "metrics on loopback, like kube-proxy");
         }
         _ => panic!("not `lb agent`"),
     }

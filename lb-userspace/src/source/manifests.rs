@@ -102,15 +102,57 @@ impl Object {
     }
 }
 
-/// Parses one file's text: every document, or the first error (with the document number).
-pub fn parse(text: &str, json: bool) -> Result<Vec<Object>, String> {
-    let docs: Vec<serde_json::Value> = if json {
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        // A JSON file holds one object or a `v1/List`.
-        match v.get("items").and_then(|i| i.as_array()) {
-            Some(items) if v.get("kind").and_then(|k| k.as_str()) == Some("List") => items.clone(),
-            _ => vec![v],
+/// The largest manifest file read (bigger ones are refused before parsing).
+pub const MAX_FILE_BYTES: usize = 16 << 20;
+/// The deepest `[`/`{` nesting accepted. Checked before the YAML parser runs: deeply nested
+/// flow collections cost it quadratic time (a 400 KB file held it for minutes).
+pub const MAX_NESTING: usize = 100;
+
+/// The deepest nesting of flow collections (`[`, `{`) in `text`, outside quoted strings and
+/// comments, stopping as soon as it passes `limit`.
+fn flow_nesting(text: &str, limit: usize) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut quote, mut comment, mut prev) = (None::<char>, false, '\n');
+    for c in text.chars() {
+        match (quote, comment) {
+            (_, true) => comment = c != '\n',
+            (Some(q), _) => {
+                if c == q {
+                    quote = None;
+                }
+            }
+            (None, _) => match c {
+                '"' | '\'' => quote = Some(c),
+                '#' if prev.is_whitespace() => comment = true,
+                '[' | '{' => {
+                    depth += 1;
+                    max = max.max(depth);
+                    if max > limit {
+                        return max;
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
         }
+        prev = c;
+    }
+    max
+}
+
+/// Parses one file's text: every document, or the first error (with the document number).
+/// A UTF-8 byte-order mark is skipped; a `kind: List` (what `kubectl get -o yaml` writes)
+/// stands for its items.
+pub fn parse(text: &str, json: bool) -> Result<Vec<Object>, String> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if text.len() > MAX_FILE_BYTES {
+        return Err(format!("{} bytes, over the {MAX_FILE_BYTES}-byte limit for a manifest", text.len()));
+    }
+    if flow_nesting(text, MAX_NESTING) > MAX_NESTING {
+        return Err(format!("nested deeper than {MAX_NESTING} levels (limit checked before parsing)"));
+    }
+    let docs: Vec<serde_json::Value> = if json {
+        vec![serde_json::from_str(text).map_err(|e| e.to_string())?]
     } else {
         let mut docs = Vec::new();
         for (i, d) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -121,8 +163,12 @@ pub fn parse(text: &str, json: bool) -> Result<Vec<Object>, String> {
         }
         docs
     };
+    let docs = docs.into_iter().flat_map(|v| match v.get("items").and_then(|i| i.as_array()) {
+        Some(items) if v.get("kind").and_then(|k| k.as_str()) == Some("List") => items.clone(),
+        _ => vec![v],
+    });
     let mut out = Vec::new();
-    for (i, doc) in docs.into_iter().enumerate() {
+    for (i, doc) in docs.enumerate() {
         if let Some(o) = object(doc).map_err(|e| format!("document {}: {e}", i + 1))? {
             out.push(o);
         }
@@ -440,6 +486,26 @@ fn insert(c: &mut Cluster, o: Object) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_byte_order_mark_and_a_yaml_list_are_read() {
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n";
+        assert_eq!(parse(&format!("\u{feff}{svc}"), false).unwrap().len(), 1);
+        let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n  spec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b}\n  spec: {clusterIP: 198.19.0.11, ports: [{port: 80}]}\n";
+        assert_eq!(parse(list, false).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_parser_runs() {
+        let deep = format!("a: {}{}\n", "[".repeat(200_000), "]".repeat(200_000));
+        let t = std::time::Instant::now();
+        let e = parse(&deep, false).unwrap_err();
+        assert!(e.contains("nested deeper than 100"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_millis(100), "{:?}", t.elapsed());
+        // Brackets in strings and comments do not count.
+        let fine = "apiVersion: v1\nkind: Service\nmetadata: {name: \"[[[[\"} # {{{{\nspec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n";
+        assert_eq!(flow_nesting(fine, 100), 3);
+    }
 
     #[test]
     fn multi_document_yaml_with_foreign_kinds() {
