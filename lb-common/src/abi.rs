@@ -297,6 +297,13 @@ pub struct Config {
     /// Source address for source-NATed IPv6 flows; zero: none.
     pub snat_v6: Addr,
     pub timeouts: CtTimeouts,
+    /// The flows' clock from jiffies (`bpf_jiffies64`, inlined by the verifier: far cheaper
+    /// than a clock helper on every packet): CLOCK_MONOTONIC ns =
+    /// `tick_t0 + (jiffies - tick_j0) * tick_ns`, calibrated by the agent. Zero `tick_ns`:
+    /// not calibrated, the programs read the coarse monotonic clock instead.
+    pub tick_ns: u64,
+    pub tick_j0: u64,
+    pub tick_t0: u64,
 }
 
 impl Default for Config {
@@ -308,6 +315,9 @@ impl Default for Config {
             snat_v4: [0; 4],
             snat_v6: [0; 4],
             timeouts: CtTimeouts::default(),
+            tick_ns: 0,
+            tick_j0: 0,
+            tick_t0: 0,
         }
     }
 }
@@ -349,7 +359,8 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 20);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(offset_of!(AffinityValue, last_seen_ns) == 8);
-    assert!(size_of::<Config>() == 72);
+    assert!(size_of::<Config>() == 96);
+    assert!(offset_of!(Config, tick_ns) == 72);
     assert!(offset_of!(Config, snat_port_min) == 4);
     assert!(offset_of!(Config, snat_v6) == 24);
     assert!(offset_of!(Config, timeouts) == 40);

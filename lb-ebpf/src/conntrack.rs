@@ -15,7 +15,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{abi::*, ct};
 
@@ -28,9 +28,19 @@ use crate::{
 
 const EEXIST: i32 = 17;
 
-/// The clock of `last_seen_ns` (CLOCK_MONOTONIC, coarse: a tick is plenty for timeouts).
+/// The clock of `last_seen_ns`: CLOCK_MONOTONIC to a tick (plenty for timeouts in seconds),
+/// from jiffies as the agent calibrated it (`Config::tick_*`): the verifier inlines
+/// `bpf_jiffies64` into a load, where a clock helper cost ~20 ns per packet. Before the agent
+/// has calibrated it, the coarse monotonic clock.
 #[inline(always)]
 pub fn now() -> u64 {
+    if let Some(c) = select::config_ref()
+        && c.tick_ns != 0
+    {
+        // SAFETY: helper without arguments.
+        let j = unsafe { bpf_jiffies64() };
+        return c.tick_t0.wrapping_add(j.wrapping_sub(c.tick_j0).wrapping_mul(c.tick_ns));
+    }
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
 }

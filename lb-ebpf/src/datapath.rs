@@ -10,7 +10,7 @@ use lb_common::{
 
 use crate::{
     conntrack,
-    maps::SERVICES,
+    maps::{SERVICES, Scratch},
     nat::{Packet, Side, apply},
     parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_RST, TCP_SYN, parse},
     reject::reject,
@@ -69,11 +69,12 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
     let Some(s) = conntrack::scratch() else { return MAP_ERR };
     // SAFETY: this CPU's scratch slot, used by this packet only.
     unsafe { (*s).key = conntrack::flow_key(h) };
-    let known = known_flow(pkt, h, bytes);
+    // The scratch slot is looked up once and handed on.
+    let known = known_flow(pkt, h, bytes, s);
     if known != NOT_KNOWN {
         return unpack(known);
     }
-    unpack(frontend(pkt, h, bytes))
+    unpack(frontend(pkt, h, bytes, s))
 }
 
 /// `known_flow` and `direct_clash`: the packet is not theirs, carry on.
@@ -92,9 +93,8 @@ fn is_syn(h: &Headers) -> bool {
 /// A packet of a flow in the table: translated, or `NOT_KNOWN` (no entry, or the flow must
 /// pick a backend anew and was removed).
 #[inline(never)]
-fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> u32 {
+fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, s: *mut Scratch) -> u32 {
     const MAP_ERR: u32 = pack(Action::Drop, Reason::MapError);
-    let Some(s) = conntrack::scratch() else { return MAP_ERR };
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let (key, v) = unsafe { (&(*s).key, &mut (*s).flow) };
     let Some(p) = conntrack::lookup(key, v) else { return NOT_KNOWN };
@@ -128,8 +128,7 @@ fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> u32 {
 /// A packet of no known flow: to a frontend (a new flow, or a refusal), a ClusterIP port it
 /// does not serve, a direct connection clashing with a Service flow, or none of ours.
 #[inline(never)]
-fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> u32 {
-    let Some(s) = conntrack::scratch() else { return pack(Action::Drop, Reason::MapError) };
+fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, s: *mut Scratch) -> u32 {
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let key = unsafe { &(*s).key };
     let skey = ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 };

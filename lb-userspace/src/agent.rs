@@ -276,6 +276,14 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         services: cfg.capacities.services,
     };
     let mut config = Config::default();
+    let clock = conntrack_gc::tick_calibration();
+    match clock {
+        Some((tick, _, _)) => log(start, format!("flow clock: jiffies, {} Hz", 1_000_000_000 / tick)),
+        None => log(
+            start,
+            "warning: /proc/timer_list unreadable: the datapath reads its clock through a helper (slower)",
+        ),
+    }
     // The Model between syncs; a failed sync is retried in full at the next tick.
     let mut model_state = model::ModelState::default();
     let mut retry: Option<model::Changes> = None;
@@ -349,7 +357,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             (delta, node.addresses(cluster))
         });
         let desired = model_state.desired();
-        let want_config = datapath_config(&cfg, &node_addresses);
+        let want_config = datapath_config(&cfg, &node_addresses, clock);
         if want_config != config {
             dp.set_config(&want_config)?;
             config = want_config;
@@ -482,11 +490,15 @@ fn fallback_addresses(xdp_ifaces: &[String]) -> Vec<IpAddr> {
     first.into_iter().map(|(_, ip)| ip).collect()
 }
 
-fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr]) -> Config {
+fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr], clock: Option<(u64, u64, u64)>) -> Config {
+    let (tick_ns, tick_j0, tick_t0) = clock.unwrap_or_default();
     let mut c = Config {
         snat_port_min: cfg.snat_ports.0,
         snat_port_max: cfg.snat_ports.1,
         timeouts: cfg.timeouts,
+        tick_ns,
+        tick_j0,
+        tick_t0,
         ..Config::default()
     };
     if cfg.algorithm == Algorithm::Random {

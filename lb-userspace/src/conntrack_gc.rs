@@ -39,6 +39,33 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * ct::NS_PER_SEC + ts.tv_nsec as u64
 }
 
+/// One reading of `/proc/timer_list`: (CLOCK_MONOTONIC ns, jiffies), taken together.
+fn timer_list() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+    let field = |prefix: &str, suffix: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().trim_end_matches(suffix).trim().parse().ok())
+    };
+    Some((field("now at ", "nsecs")?, field("jiffies: ", "")?))
+}
+
+/// The datapath clock's calibration, `(tick_ns, jiffies, ns at those jiffies)` (see
+/// `Config::tick_ns`): the kernel's HZ from two readings of jiffies 100 ms apart, and a
+/// reading of both clocks together. `None` where /proc/timer_list cannot be read (the
+/// programs then keep the coarse clock helper).
+pub fn tick_calibration() -> Option<(u64, u64, u64)> {
+    let (t1, j1) = timer_list()?;
+    std::thread::sleep(Duration::from_millis(100));
+    let (t2, j2) = timer_list()?;
+    let rate = (j2 - j1) as f64 / ((t2 - t1) as f64 / 1e9);
+    let hz = [100u64, 250, 300, 1000]
+        .into_iter()
+        .min_by(|a, b| (rate - *a as f64).abs().total_cmp(&(rate - *b as f64).abs()))?;
+    // The kernel's TICK_NSEC.
+    Some(((1_000_000_000 + hz / 2) / hz, j2, t2))
+}
+
 /// What one pass saw and did.
 #[derive(Debug, Clone, Default)]
 pub struct PassStats {

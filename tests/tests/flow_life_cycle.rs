@@ -82,6 +82,28 @@ fn tcp_state_walks_syn_established_fin_and_closed() {
     assert!(v.last_seen_ns > 0 && v.created_ns > 0 && v.last_seen_ns >= v.created_ns);
 }
 
+/// The flow clock from jiffies, as the agent calibrates it, reads CLOCK_MONOTONIC to a tick
+/// or two; uncalibrated, the programs fall back to the coarse clock helper.
+#[test]
+fn the_jiffies_flow_clock_tracks_the_monotonic_clock() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    let created = |l: &Loaded, port: u16| {
+        let spec = Spec::tcp(CLIENT4, port, VIP4, 80);
+        let before = conntrack_gc::monotonic_ns();
+        l.run_xdp(&spec.build());
+        (before, l.dp.flow(&spec.key()).unwrap().created_ns)
+    };
+    let within = |(t, c): (u64, u64)| c.abs_diff(t) < 50_000_000;
+    assert!(within(created(&l, 50000)), "coarse helper");
+    let (tick_ns, tick_j0, tick_t0) = conntrack_gc::tick_calibration().expect("/proc/timer_list");
+    assert!([1_000_000, 3_333_333, 4_000_000, 10_000_000].contains(&tick_ns), "tick {tick_ns} ns");
+    l.dp.set_config(&Config { tick_ns, tick_j0, tick_t0, ..Config::default() }).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(within(created(&l, 50001)), "jiffies clock");
+}
+
 #[test]
 fn a_rst_or_a_bare_ack_without_a_flow_creates_nothing() {
     require_root!();

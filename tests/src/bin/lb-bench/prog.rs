@@ -145,6 +145,14 @@ fn program(ebpf: &mut Ebpf, services: u32, target: u32) -> anyhow::Result<()> {
             mm.insert(MemberKey { service_id: target + 1, backend_id: *id }, v, 0)?;
         }
     }
+    // The agent calibrates the flow clock; an object with another Config layout (a
+    // baseline from before it) is left as it is.
+    if let (Some(map), Some((tick_ns, tick_j0, tick_t0))) =
+        (ebpf.map_mut("lb_config"), lb_userspace::conntrack_gc::tick_calibration())
+        && let Ok(mut c) = Array::<_, Config>::try_from(map)
+    {
+        c.set(0, Config { tick_ns, tick_j0, tick_t0, ..Config::default() }, 0)?;
+    }
     let mut sv: HashMap<_, ServiceKey, ServiceValue> =
         HashMap::try_from(ebpf.map_mut("lb_services").context("lb_services")?)?;
     for s in 0..services {
