@@ -66,6 +66,39 @@ pub fn tick_calibration() -> Option<(u64, u64, u64)> {
     Some(((1_000_000_000 + hz / 2) / hz, j2, t2))
 }
 
+/// FxHash-style hasher for the pass's index of a million flow keys: SipHash (std's
+/// default, built against collision attacks on untrusted input) took most of a pass; these
+/// keys come from our own table.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_ne_bytes(w));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v.into());
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(v.into());
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(v.into());
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+
 /// What one pass saw and did.
 #[derive(Debug, Clone, Default)]
 pub struct PassStats {
@@ -115,7 +148,7 @@ pub fn pass(fd: BorrowedFd<'_>, timeouts: &CtTimeouts, now: u64) -> std::io::Res
     let all = entries(fd, &l)?;
     let mut stats = PassStats { entries: all.len(), capacity: l.max_entries, ..Default::default() };
     stats.under_pressure = stats.fill() > PRESSURE_FILL;
-    let index: HashMap<FlowKey, usize> = all.iter().enumerate().map(|(i, (k, _))| (*k, i)).collect();
+    let index: FastMap<FlowKey, usize> = all.iter().enumerate().map(|(i, (k, _))| (*k, i)).collect();
     let mut paired = vec![false; all.len()];
     let mut doomed: Vec<(FlowKey, FlowValue)> = Vec::new();
     let mut orphans: Vec<FlowKey> = Vec::new();
