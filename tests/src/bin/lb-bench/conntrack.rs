@@ -101,6 +101,7 @@ fn gc_row(pairs: u32, capacity: u32) -> anyhow::Result<GcRow> {
     let (purge_wall, purge_cpu) = (w.elapsed(), thread_cpu() - c);
     Ok(GcRow {
         entries: idle.entries,
+        read,
         idle_wall,
         idle_cpu,
         purge_wall,
