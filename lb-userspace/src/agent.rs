@@ -98,6 +98,9 @@ struct Status {
     tc: BTreeMap<String, (u32, Attached)>,
     frontends: usize,
     backends: usize,
+    /// Frontends claimed by more than one Service (or port): one has it, the others are
+    /// reported in the log.
+    contested_frontends: usize,
     health_checks: BTreeMap<u16, HealthCheck>,
 }
 
@@ -221,6 +224,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         tc: BTreeMap::new(),
         frontends: applied.services.len(),
         backends: applied.backends.len(),
+        contested_frontends: 0,
         health_checks: BTreeMap::new(),
     }));
 
@@ -377,6 +381,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         st.sync_duration.observe(took.as_secs_f64());
         st.frontends = applied.services.len();
         st.backends = applied.backends.len();
+        st.contested_frontends = model_state.contested_frontends();
         match result {
             Ok(n) => {
                 st.last_sync_ok = Some(Instant::now());
@@ -701,6 +706,11 @@ fn render_status(st: &Status) -> String {
     );
     s += &gauge("lb_frontends", "Frontend entries in the datapath.", st.frontends.to_string());
     s += &gauge("lb_backends", "Backend entries in the datapath.", st.backends.to_string());
+    s += &gauge(
+        "lb_frontend_conflicts",
+        "Frontends (ip, port, protocol) claimed by more than one Service or port: the oldest has it, the others are logged as skipped.",
+        st.contested_frontends.to_string(),
+    );
     s += "# HELP lb_xdp_attached XDP attachment per interface (mode label; generic is the slow fallback).\n# TYPE lb_xdp_attached gauge\n";
     for (iface, how) in &st.xdp {
         s += &format!("lb_xdp_attached{{iface=\"{iface}\",mode=\"{how:?}\"}} 1\n");

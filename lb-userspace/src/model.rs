@@ -261,19 +261,138 @@ pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
             slices.entry((ns.as_str(), svc.as_str())).or_default().push(s);
         }
     }
+    // Every Service first (their frontend claims all known), then each one settled.
+    let mut claims = Claims::default();
+    let mut each = Vec::new();
     for ((ns, name), svc) in &cluster.services {
+        let mut one = Desired { node_ips: out.node_ips.clone(), ..Default::default() };
         if let Some(why) = ignored(svc) {
-            out.skipped.push((format!("{ns}/{name}"), why.to_string()));
-            continue;
+            one.skipped.push((format!("{ns}/{name}"), why.to_string()));
+        } else if let Some(spec) = svc.spec.as_ref() {
+            let svc_slices = slices.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
+            service(&mut one, node, ns, name, svc, svc_slices);
+            claims.add(svc, &one.services);
+            one.cluster_vips.extend(cluster_ips(spec));
         }
-        let Some(spec) = svc.spec.as_ref() else { continue };
-        let svc_slices = slices.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
-        service(&mut out, node, ns, name, svc, svc_slices);
-        for ip in cluster_ips(spec) {
-            out.cluster_vips.insert(ip);
-        }
+        each.push(one);
+    }
+    for mut one in each {
+        claims.settle(&mut one.services, &mut one.skipped);
+        out.services.append(&mut one.services);
+        out.cluster_vips.append(&mut one.cluster_vips);
+        out.health_checks.append(&mut one.health_checks);
+        out.skipped.append(&mut one.skipped);
     }
     out
+}
+
+/// A frontend: address, port, protocol.
+type Frontend = (IpAddr, u16, u8);
+
+/// Who claims a frontend, in the order of precedence: the oldest Service (creationTimestamp;
+/// one without comes after those with), then namespace/name and port name — as the API
+/// server's allocator would have had it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    no_timestamp: bool,
+    timestamp: String,
+    sref: ServiceRef,
+}
+
+/// Every frontend's claimants. Two Services (or two ports of one) that claim the same
+/// frontend do not take it from each other: the first claim has it, the others are skipped
+/// for it and reported, and removing or changing one of them never touches the frontend of
+/// the one that has it.
+#[derive(Debug, Default)]
+struct Claims(BTreeMap<Frontend, BTreeSet<Claim>>);
+
+impl Claims {
+    fn claims(svc: &Service, services: &BTreeMap<ServiceRef, DesiredService>) -> Vec<(Frontend, Claim)> {
+        let ts = svc.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
+        let mut out = Vec::new();
+        for (r, v) in services {
+            let claim = Claim {
+                no_timestamp: ts.is_none(),
+                timestamp: ts.clone().unwrap_or_default(),
+                sref: r.clone(),
+            };
+            out.extend(v.frontends.iter().map(|(ip, port)| ((*ip, *port, r.proto), claim.clone())));
+        }
+        out
+    }
+
+    /// Registers `svc`'s claims (its datapath services as computed); returns them.
+    fn add(
+        &mut self,
+        svc: &Service,
+        services: &BTreeMap<ServiceRef, DesiredService>,
+    ) -> Vec<(Frontend, Claim)> {
+        let claims = Self::claims(svc, services);
+        for (fe, c) in &claims {
+            self.0.entry(*fe).or_default().insert(c.clone());
+        }
+        claims
+    }
+
+    fn remove(&mut self, claims: &[(Frontend, Claim)]) {
+        for (fe, c) in claims {
+            if let Some(set) = self.0.get_mut(fe) {
+                set.remove(c);
+                if set.is_empty() {
+                    self.0.remove(fe);
+                }
+            }
+        }
+    }
+
+    /// Keeps in `services` only the frontends each one has first claim on; notes the others
+    /// in `skipped`. A datapath service left without a frontend goes.
+    fn settle(
+        &self,
+        services: &mut BTreeMap<ServiceRef, DesiredService>,
+        skipped: &mut Vec<(String, String)>,
+    ) {
+        for (r, v) in services.iter_mut() {
+            v.frontends.retain(|(ip, port)| {
+                let Some(first) = self.0.get(&(*ip, *port, r.proto)).and_then(|s| s.first()) else { return true };
+                if first.sref == *r {
+                    return true;
+                }
+                let w = &first.sref;
+                skipped.push((
+                    format!("{}/{}:{}", r.namespace, r.name, r.port_name),
+                    format!(
+                        "frontend {}:{port}/{} is already {}/{}:{}'s (claimed first: older, or first by name); not programmed for this one",
+                        fmt_ip(*ip),
+                        lb_common::abi::proto_name(r.proto),
+                        w.namespace,
+                        w.name,
+                        w.port_name
+                    ),
+                ));
+                false
+            });
+        }
+        services.retain(|_, v| !v.frontends.is_empty());
+    }
+
+    /// The Services claiming any of `frontends`.
+    fn claimants(&self, frontends: impl Iterator<Item = Frontend>) -> BTreeSet<Key> {
+        frontends
+            .filter_map(|fe| self.0.get(&fe))
+            .flatten()
+            .map(|c| (c.sref.namespace.clone(), c.sref.name.clone()))
+            .collect()
+    }
+
+    /// Frontends with more than one claimant.
+    pub fn contested(&self) -> usize {
+        self.0.values().filter(|s| s.len() > 1).count()
+    }
+}
+
+fn fmt_ip(ip: IpAddr) -> String {
+    if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() }
 }
 
 fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpAddr> {
@@ -515,6 +634,11 @@ pub struct ModelState {
     slices_of: BTreeMap<Key, BTreeSet<Key>>,
     /// Datapath services using each endpoint (`backends` or `kept`).
     backend_users: BTreeMap<(IpAddr, u16), u32>,
+    /// Who claims each frontend, and each Service's claims.
+    claims: Claims,
+    claims_of: BTreeMap<Key, Vec<(Frontend, Claim)>>,
+    /// Within one update: VIPs whose first event was an add (absent before the update).
+    vips_born: BTreeSet<IpAddr>,
     ready: bool,
 }
 
@@ -556,19 +680,37 @@ impl ModelState {
             }
         }
         let mut delta = Delta::default();
+        let mut contested: BTreeSet<Frontend> = BTreeSet::new();
         for key in &dirty {
-            self.forget(key, &mut delta);
+            contested.extend(self.forget(key, &mut delta));
             if let Some(svc) = cluster.services.get(key) {
                 self.compute(cluster, node, key, svc, Some(&mut delta));
+                contested.extend(self.claims_of.get(key).into_iter().flatten().map(|(fe, _)| *fe));
+            }
+        }
+        // Whoever else claims a frontend these Services had or have may have won or lost it:
+        // settled again (their own claims do not change, so one round is enough).
+        for key in self.claims.claimants(contested.into_iter()) {
+            self.forget(&key, &mut delta);
+            if let Some(svc) = cluster.services.get(&key) {
+                self.compute(cluster, node, &key, svc, Some(&mut delta));
             }
         }
         // A service that changed back and forth within one update is no change.
         delta.services.retain(|r, old| self.desired.services.get(r) != old.as_ref());
-        let both: Vec<IpAddr> = delta.vips_added.intersection(&delta.vips_removed).copied().collect();
-        for ip in both {
-            delta.vips_added.remove(&ip);
-            delta.vips_removed.remove(&ip);
+        // A VIP may go and come back within one update (a Service recomputed twice): what
+        // counts is whether it was there before and is there now.
+        let touched: Vec<IpAddr> = delta.vips_added.union(&delta.vips_removed).copied().collect();
+        delta.vips_added.clear();
+        delta.vips_removed.clear();
+        for ip in touched {
+            match (!self.vips_born.contains(&ip), self.desired.cluster_vips.contains(&ip)) {
+                (false, true) => delta.vips_added.insert(ip),
+                (true, false) => delta.vips_removed.insert(ip),
+                _ => false,
+            };
         }
+        self.vips_born.clear();
         let users = &self.backend_users;
         delta.backends_gone.retain(|a| !users.contains_key(a));
         self.desired.skipped = self.skipped.values().flatten().cloned().collect();
@@ -588,12 +730,28 @@ impl ModelState {
         for (key, svc) in &cluster.services {
             self.compute(cluster, node, key, svc, None);
         }
+        // Services computed before a rival's claim was known: settled again.
+        let contested: Vec<Frontend> =
+            self.claims.0.iter().filter(|(_, c)| c.len() > 1).map(|(fe, _)| *fe).collect();
+        for key in self.claims.claimants(contested.into_iter()) {
+            self.forget(&key, &mut Delta::default());
+            if let Some(svc) = cluster.services.get(&key) {
+                self.compute(cluster, node, &key, svc, None);
+            }
+        }
         self.desired.skipped = self.skipped.values().flatten().cloned().collect();
         Delta { all: true, ..Default::default() }
     }
 
-    /// Removes what Service `key` contributed.
-    fn forget(&mut self, key: &Key, delta: &mut Delta) {
+    /// Frontends claimed by more than one Service (or port) now.
+    pub fn contested_frontends(&self) -> usize {
+        self.claims.contested()
+    }
+
+    /// Removes what Service `key` contributed; returns the frontends it claimed.
+    fn forget(&mut self, key: &Key, delta: &mut Delta) -> Vec<Frontend> {
+        let claims = self.claims_of.remove(key).unwrap_or_default();
+        self.claims.remove(&claims);
         for r in self.refs.remove(key).unwrap_or_default() {
             let old = self.desired.services.remove(&r);
             for a in old.iter().flat_map(addrs) {
@@ -613,6 +771,7 @@ impl ModelState {
             self.desired.health_checks.remove(&port);
         }
         self.skipped.remove(key);
+        claims.into_iter().map(|(fe, _)| fe).collect()
     }
 
     /// Adds what Service `key` contributes (the same rules as `desired`), noting in `delta`
@@ -635,11 +794,17 @@ impl ModelState {
         let slices: Vec<&EndpointSlice> =
             self.slices_of.get(key).into_iter().flatten().filter_map(|k| cluster.slices.get(k)).collect();
         service(&mut out, node, ns, name, svc, &slices);
+        let claims = self.claims.add(svc, &out.services);
+        self.claims_of.insert(key.clone(), claims);
+        self.claims.settle(&mut out.services, &mut out.skipped);
         let vips = cluster_ips(spec);
         for ip in &vips {
             if bump(&mut self.vip_users, *ip, true) == 1 {
                 self.desired.cluster_vips.insert(*ip);
                 if let Some(d) = delta.as_deref_mut() {
+                    if !d.vips_removed.contains(ip) && !d.vips_added.contains(ip) {
+                        self.vips_born.insert(*ip);
+                    }
                     d.vips_added.insert(*ip);
                 }
             }

@@ -507,3 +507,84 @@ fn incremental_model_equals_the_full_model_after_every_change() {
         assert_eq!(gone, delta.backends_gone, "step {step}");
     });
 }
+
+/// Two Services claiming one frontend: the older has it (creationTimestamp, then
+/// namespace/name), the other is reported, and removing either never takes the frontend
+/// from the one that has it — in full and incremental computation alike.
+#[test]
+fn a_frontend_claimed_twice_stays_with_the_older_service() {
+    let svc_at = |ns: &str, name: &str, ts: &str, vip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}, creationTimestamp: '{ts}'}}\nspec: {{clusterIP: {vip}, ports: [{{name: http, port: 80}}]}}\n---\n"
+        )
+    };
+    let old = svc_at("zzz", "web", "2024-01-01T00:00:00Z", "198.19.0.10");
+    let new = svc_at("aaa", "thief", "2025-01-01T00:00:00Z", "198.19.0.10");
+    let owner = |d: &Desired| -> Vec<String> {
+        d.services
+            .iter()
+            .filter(|(_, s)| s.frontends.contains(&("198.19.0.10".parse().unwrap(), 80)))
+            .map(|(r, _)| format!("{}/{}", r.namespace, r.name))
+            .collect()
+    };
+    for (label, yaml) in [("old first", old.clone() + &new), ("new first", new.clone() + &old)] {
+        let d = run(&yaml);
+        assert_eq!(owner(&d), ["zzz/web"], "{label}: the older one, though its name sorts last");
+        let note =
+            d.skipped.iter().find(|(what, _)| what.starts_with("aaa/thief")).expect("the loser is reported");
+        assert!(note.1.contains("198.19.0.10:80/TCP") && note.1.contains("zzz/web"), "{note:?}");
+    }
+    // Incrementally: the newer one comes and goes, then the older one goes.
+    let node = NodeContext {
+        name: NODE.into(),
+        nodeport_addresses: NodePortAddresses::Primary,
+        fallback_addresses: vec![],
+    };
+    let cluster_of = |yaml: &str| cluster_from(parse(&format!("{}---\n{yaml}", node_yaml()), false).unwrap());
+    let mut state = ModelState::default();
+    let c1 = cluster_of(&old);
+    state.update(&c1, &node, &Changes::everything());
+    let c2 = cluster_of(&(old.clone() + &new));
+    let thief: Key = ("aaa".into(), "thief".into());
+    let web: Key = ("zzz".into(), "web".into());
+    let only = |k: &Key| Changes { services: [k.clone()].into(), ..Default::default() };
+    let delta = state.update(&c2, &node, &only(&thief));
+    assert_eq!(owner(state.desired()), ["zzz/web"]);
+    assert!(delta.services.values().all(|old| old.is_none()), "nothing of the owner's changed: {delta:?}");
+    state.update(&c1, &node, &only(&thief));
+    assert_eq!(owner(state.desired()), ["zzz/web"], "removing the loser leaves the owner's frontend");
+    assert_eq!(state.desired(), &desired(&c1, &node));
+    state.update(&c2, &node, &only(&thief));
+    let c3 = cluster_of(&new);
+    state.update(&c3, &node, &only(&web));
+    assert_eq!(owner(state.desired()), ["aaa/thief"], "the owner gone, the other one takes over");
+    assert_eq!(state.desired(), &desired(&c3, &node));
+}
+
+/// The same port number twice in one Service (under two names): the first name has the
+/// frontend, the second is reported; neither leaves an empty entry behind.
+#[test]
+fn a_port_number_twice_in_one_service_is_programmed_once_and_reported() {
+    let d = run(&(service(
+        "clusterIP: 198.19.0.10, ports: [{name: a, port: 80, targetPort: 9376}, {name: b, port: 80, targetPort: 8080}]",
+        "",
+    ) + &slice(
+        "web-1",
+        "IPv4",
+        "{name: a, port: 9376}, {name: b, port: 8080}",
+        &ep("198.18.1.1", NODE, "ready: true"),
+    )));
+    let with_80: Vec<&ServiceRef> = d
+        .services
+        .iter()
+        .filter(|(_, s)| s.frontends.contains(&("198.19.0.10".parse().unwrap(), 80)))
+        .map(|(r, _)| r)
+        .collect();
+    assert_eq!(with_80.len(), 1);
+    assert_eq!(with_80[0].port_name, "a");
+    assert!(
+        d.skipped.iter().any(|(what, why)| what == "default/web:b" && why.contains("default/web:a")),
+        "{:?}",
+        d.skipped
+    );
+}

@@ -706,3 +706,93 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_holder() {
         !lab.has_backend(1, IpAddr::V4(lab.pod("web-3").ip), POD_PORT).unwrap_or(true)
     });
 }
+
+/// A second Service claiming the `web` VIP and port (in another namespace, created later)
+/// takes nothing: a client asking all along gets only web's pods and no failure, and
+/// deleting the second Service leaves web's frontend alone. In the other order (the claimant
+/// older), web's arrival and departure leave the older one's traffic alone.
+#[test]
+fn a_second_service_on_the_same_vip_takes_nothing_in_either_order() {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    };
+    let Some(lab) = lab() else { return };
+    let client = lab.pod("client").ns.clone();
+    let at = |ts: &str| format!("creationTimestamp: '{ts}'");
+    let web_yaml = |ts: &str| {
+        service(
+            "web",
+            &format!("  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}}}\n"),
+            "",
+        )
+        .replace("metadata: {name: web}", &format!("metadata: {{name: web, {}}}", at(ts)))
+            + &slice_yaml(
+                "web-1",
+                "web",
+                &[("http", POD_PORT, "TCP")],
+                &ready(&pods(&lab, &["web-1", "web-2"])),
+            )
+    };
+    let thief_yaml = |ts: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: thief, namespace: other, {}}}\nspec: {{clusterIP: {VIP}, ports: [{{name: http, port: 80, targetPort: {POD_PORT}}}]}}\n---\n{}",
+            at(ts),
+            slice_yaml("thief-1", "thief", &[("http", POD_PORT, "TCP")], &ready(&pods(&lab, &["web-3"])))
+                .replace("metadata: {name: thief-1,", "metadata: {name: thief-1, namespace: other,")
+        )
+    };
+    // A client asking every 50 ms, remembering who answered and what failed.
+    let watch = |lab: &Lab| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new((BTreeSet::new(), Vec::new())));
+        let (s, st, ns) = (seen.clone(), stop.clone(), client.clone());
+        let h = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match tcp_ask(&ns, sa(vip(), 80), ASK) {
+                    Answer::Reply(pod, _) => s.lock().unwrap().0.insert(pod),
+                    other => {
+                        s.lock().unwrap().1.push(format!("{other:?}"));
+                        true
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let _ = lab;
+        (stop, seen, h)
+    };
+    for (owner, owner_pods, other) in
+        [("web", ["web-1", "web-2"], "thief"), ("thief", ["web-3", "web-3"], "web")]
+    {
+        let (owner_yaml, other_yaml) = if owner == "web" {
+            (web_yaml("2024-01-01T00:00:00Z"), thief_yaml("2025-01-01T00:00:00Z"))
+        } else {
+            (thief_yaml("2024-01-01T00:00:00Z"), web_yaml("2025-01-01T00:00:00Z"))
+        };
+        lab.remove_manifest("web.yaml").ok();
+        lab.remove_manifest("other.yaml").ok();
+        lab.write_manifest("owner.yaml", &owner_yaml).unwrap();
+        wait_for(Duration::from_secs(3), || {
+            Ok(tcp_ask(&client, sa(vip(), 80), ASK).pod().is_some_and(|p| owner_pods.contains(&p)))
+        })
+        .unwrap();
+        let (stop, seen, h) = watch(&lab);
+        std::thread::sleep(Duration::from_millis(500));
+        lab.write_manifest("other.yaml", &other_yaml).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        lab.remove_manifest("other.yaml").unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap();
+        let (answered, failures) = seen.lock().unwrap().clone();
+        assert!(failures.is_empty(), "{owner} owns the VIP; {other} came and went: failures {failures:?}");
+        assert!(
+            answered.iter().all(|p| owner_pods.contains(&p.as_str())),
+            "{owner}'s VIP answered by {answered:?}"
+        );
+        let log = lab.agent_log(1);
+        assert!(log.contains(&format!("is already")) && log.contains(other), "the loser is reported:\n{log}");
+        lab.remove_manifest("owner.yaml").unwrap();
+    }
+}
