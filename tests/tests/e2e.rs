@@ -792,7 +792,7 @@ fn a_second_service_on_the_same_vip_takes_nothing_in_either_order() {
             "{owner}'s VIP answered by {answered:?}"
         );
         let log = lab.agent_log(1);
-        assert!(log.contains(&format!("is already")) && log.contains(other), "the loser is reported:\n{log}");
+        assert!(log.contains("is already") && log.contains(other), "the loser is reported:\n{log}");
         lab.remove_manifest("owner.yaml").unwrap();
     }
 }
