@@ -79,6 +79,8 @@ pub struct AgentConfig {
     pub gc_interval: Duration,
     /// `--snat-port-range`, inclusive.
     pub snat_ports: (u16, u16),
+    /// `--state-dir`: the manifest files' last good copies.
+    pub state_dir: PathBuf,
 }
 
 /// Log line with the time since start, so a reader can see how fast things happened.
@@ -296,8 +298,11 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut source = match (&cfg.manifests, kube_client) {
         (Some(dir), _) => {
+            let folder = Folder::new(dir)
+                .with_state(&cfg.state_dir.join("manifests"))
+                .with_context(|| format!("--state-dir {}", cfg.state_dir.display()))?;
             let w = wake.clone();
-            if let Err(e) = manifests::watch(dir, move || w.notify_one()) {
+            if let Err(e) = manifests::watch(dir, folder.writing(), move || w.notify_one()) {
                 log(start, format!("warning: no inotify on {} ({e}); polling only", dir.display()));
             }
             log(
@@ -308,7 +313,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                     manifests::POLL.as_millis()
                 ),
             );
-            Source::Folder(Folder::new(dir))
+            Source::Folder(folder)
         }
         (None, Some(client)) => {
             let logger = move |m: String| log(start, m);

@@ -361,6 +361,8 @@ impl Lab {
         cmd.arg("--pin-dir")
             .arg(&pin_dir)
             .args(["--node-name", &format!("node-{node}"), "--xdp-iface", "eth0", "--tc-iface", "lbp-*"])
+            .arg("--state-dir")
+            .arg(self.state.dir.join(format!("state-node{node}")))
             .args(source_args);
         let child = cmd.stdout(log.try_clone()?).stderr(log).spawn().context("starting lb agent")?;
         let pid = child.id();

@@ -7,6 +7,7 @@ mod services;
 
 use std::{
     collections::BTreeSet,
+    io::Write as _,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -713,10 +714,6 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_holder() {
 /// older), web's arrival and departure leave the older one's traffic alone.
 #[test]
 fn a_second_service_on_the_same_vip_takes_nothing_in_either_order() {
-    use std::sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    };
     let Some(lab) = lab() else { return };
     let client = lab.pod("client").ns.clone();
     let at = |ts: &str| format!("creationTimestamp: '{ts}'");
@@ -742,26 +739,6 @@ fn a_second_service_on_the_same_vip_takes_nothing_in_either_order() {
                 .replace("metadata: {name: thief-1,", "metadata: {name: thief-1, namespace: other,")
         )
     };
-    // A client asking every 50 ms, remembering who answered and what failed.
-    let watch = |lab: &Lab| {
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new((BTreeSet::new(), Vec::new())));
-        let (s, st, ns) = (seen.clone(), stop.clone(), client.clone());
-        let h = std::thread::spawn(move || {
-            while !st.load(Ordering::Relaxed) {
-                match tcp_ask(&ns, sa(vip(), 80), ASK) {
-                    Answer::Reply(pod, _) => s.lock().unwrap().0.insert(pod),
-                    other => {
-                        s.lock().unwrap().1.push(format!("{other:?}"));
-                        true
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        let _ = lab;
-        (stop, seen, h)
-    };
     for (owner, owner_pods, other) in
         [("web", ["web-1", "web-2"], "thief"), ("thief", ["web-3", "web-3"], "web")]
     {
@@ -777,15 +754,13 @@ fn a_second_service_on_the_same_vip_takes_nothing_in_either_order() {
             Ok(tcp_ask(&client, sa(vip(), 80), ASK).pod().is_some_and(|p| owner_pods.contains(&p)))
         })
         .unwrap();
-        let (stop, seen, h) = watch(&lab);
+        let asker = Asker::start(&client, sa(vip(), 80));
         std::thread::sleep(Duration::from_millis(500));
         lab.write_manifest("other.yaml", &other_yaml).unwrap();
         std::thread::sleep(Duration::from_secs(2));
         lab.remove_manifest("other.yaml").unwrap();
         std::thread::sleep(Duration::from_secs(2));
-        stop.store(true, Ordering::Relaxed);
-        h.join().unwrap();
-        let (answered, failures) = seen.lock().unwrap().clone();
+        let (answered, failures) = asker.finish();
         assert!(failures.is_empty(), "{owner} owns the VIP; {other} came and went: failures {failures:?}");
         assert!(
             answered.iter().all(|p| owner_pods.contains(&p.as_str())),
@@ -795,4 +770,63 @@ fn a_second_service_on_the_same_vip_takes_nothing_in_either_order() {
         assert!(log.contains("is already") && log.contains(other), "the loser is reported:\n{log}");
         lab.remove_manifest("owner.yaml").unwrap();
     }
+}
+
+/// A restart while a manifest is broken: the new agent serves the file's last good content
+/// (saved in its state dir) and says so; a client asking all along never fails.
+#[test]
+fn a_restart_with_a_broken_manifest_keeps_its_services() {
+    let Some(mut lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all, Proto::Tcp);
+    let asker = Asker::start(&client, sa(vip(), 80));
+    lab.write_manifest("web.yaml", "kind: Service\n  broken: [indentation").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.stop_agent(1);
+    lab.start_agent(1, &[]).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (answered, failures) = asker.finish();
+    assert!(failures.is_empty(), "{failures:?}\n{}", lab.agent_log(1));
+    assert_eq!(answered.len(), 3, "{answered:?}");
+    let log = lab.agent_log(1);
+    assert!(log.contains("serving its last good content saved before the restart"), "{log}");
+    assert!(lab.has_frontend(1, vip(), 80).unwrap(), "the frontend is still programmed");
+}
+
+/// A manifest rewritten in place — in two chunks 1.5 s apart, and by `cat x > f` twenty
+/// times — is applied only whole: the second Service in it never disappears.
+#[test]
+fn a_manifest_rewritten_in_place_is_applied_only_whole() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    let api_vip: IpAddr = "198.19.0.11".parse().unwrap();
+    let api = service(
+        "api",
+        &format!("  clusterIP: {api_vip}\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}}}\n"),
+        "",
+    ) + &slice_yaml("api-1", "api", &[("http", POD_PORT, "TCP")], &ready(&all));
+    // Cut at a document boundary: the first chunk alone is a valid file without `api`.
+    let first = web("ClusterIP", "") + &web_slice(&ready(&all));
+    let whole = first.clone() + "---\n" + &api;
+    apply(&lab, &whole, "both up", || matches!(tcp_ask(&client, sa(api_vip, 80), ASK), Answer::Reply(..)));
+    let asker = Asker::start(&client, sa(api_vip, 80));
+    let path = lab.state.manifests.join("web.yaml");
+    {
+        let mut f = std::fs::File::create(&path).unwrap(); // truncates, like `>`
+        f.write_all(first.as_bytes()).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        f.write_all(whole[first.len()..].as_bytes()).unwrap();
+    }
+    for _ in 0..20 {
+        let mut f = std::fs::File::create(&path).unwrap();
+        for chunk in whole.as_bytes().chunks(64) {
+            f.write_all(chunk).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, failures) = asker.finish();
+    assert!(failures.is_empty(), "the second Service went away: {failures:?}\n{}", lab.agent_log(1));
 }

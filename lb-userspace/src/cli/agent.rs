@@ -113,6 +113,11 @@ pub struct AgentArgs {
     /// (service, backend) memberships.
     #[arg(long, default_value_t = Capacities::default().members)]
     pub max_members: u32,
+    /// Where the agent keeps state that is not in maps: with `--manifests`, each file's last
+    /// good content (`manifests/`), so a restart while a file is broken still serves it. One
+    /// per agent, like `--pin-dir`.
+    #[arg(long, default_value = "/var/lib/lb", value_name = "DIR")]
+    pub state_dir: PathBuf,
 }
 
 /// A Go-style duration as kube-proxy takes it (`24h0m0s`, `1h`, `90s`, `500ms` rounds up to
@@ -204,6 +209,7 @@ impl AgentArgs {
             },
             gc_interval: std::time::Duration::from_secs(self.conntrack_gc_interval.into()),
             snat_ports: self.snat_port_range,
+            state_dir: self.state_dir,
         }
     }
 }

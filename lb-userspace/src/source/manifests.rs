@@ -22,10 +22,21 @@ use crate::model::{Changes, Cluster, SERVICE_NAME_LABEL};
 /// How often the folder is checked without an inotify event.
 pub const POLL: Duration = Duration::from_millis(250);
 
+/// Files being written: their name and when the first write since their last close came.
+/// A file is applied only once its writer has closed it (or moved it into place), so a
+/// file rewritten in place (`cat x > f`, or in chunks) is never applied half-written.
+pub type Writing = std::sync::Arc<std::sync::Mutex<BTreeMap<std::ffi::OsString, std::time::Instant>>>;
+
+/// How long a file may stay open for writing before it is read anyway (a writer that never
+/// closes must not freeze its file's changes).
+pub const WRITER_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Calls `on_change` whenever something in `dir` is created, written, moved or deleted
-/// (inotify, from a reader thread for the life of the process).
-pub fn watch(dir: &Path, on_change: impl Fn() + Send + 'static) -> std::io::Result<()> {
+/// (inotify, from a reader thread for the life of the process), and keeps `writing` up to
+/// date: a write puts the file in, its close (or a move into place, or its removal) takes it out.
+pub fn watch(dir: &Path, writing: Writing, on_change: impl Fn() + Send + 'static) -> std::io::Result<()> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::os::unix::ffi::OsStrExt as _;
     // SAFETY: inotify syscalls; the fd is owned by `OwnedFd` from here on.
     let fd = unsafe {
         let fd = libc::inotify_init1(libc::IN_CLOEXEC);
@@ -49,6 +60,7 @@ pub fn watch(dir: &Path, on_change: impl Fn() + Send + 'static) -> std::io::Resu
     }
     std::thread::Builder::new().name("inotify-manifests".into()).spawn(move || {
         let mut buf = vec![0u8; 16 * 1024];
+        const HEADER: usize = size_of::<libc::inotify_event>();
         loop {
             // SAFETY: reading into our own buffer.
             let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -57,6 +69,23 @@ pub fn watch(dir: &Path, on_change: impl Fn() + Send + 'static) -> std::io::Resu
             }
             if n <= 0 {
                 return;
+            }
+            let mut off = 0;
+            while off + HEADER <= n as usize {
+                // SAFETY: the kernel wrote a whole event header at `off`.
+                let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
+                let name_bytes = &buf[off + HEADER..(off + HEADER + ev.len as usize).min(n as usize)];
+                let name = std::ffi::OsStr::from_bytes(name_bytes.split(|b| *b == 0).next().unwrap_or(&[]));
+                let mut w = writing.lock().unwrap_or_else(|e| e.into_inner());
+                if ev.mask
+                    & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_DELETE)
+                    != 0
+                {
+                    w.remove(name);
+                } else if ev.mask & libc::IN_MODIFY != 0 {
+                    w.entry(name.to_os_string()).or_insert_with(std::time::Instant::now);
+                }
+                off += HEADER + ev.len as usize;
             }
             on_change();
         }
@@ -295,10 +324,16 @@ fn validate(o: &Object) -> Result<(), String> {
 
 /// Reads and parses one file.
 pub fn load_file(path: &Path) -> Result<Vec<Object>, ManifestError> {
+    read_file(path).map(|(_, objs)| objs)
+}
+
+/// Reads and parses one file: its text and objects.
+fn read_file(path: &Path) -> Result<(String, Vec<Object>), ManifestError> {
     let err = |reason: String| ManifestError::File { path: path.to_path_buf(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let json = path.extension().is_some_and(|e| e == "json");
-    parse(&text, json).map_err(err)
+    let objs = parse(&text, json).map_err(err)?;
+    Ok((text, objs))
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -342,11 +377,46 @@ pub struct Folder {
     merged: Cluster,
     changes: Changes,
     warnings: Vec<String>,
+    /// Files open for writing (from `watch`): left alone until closed.
+    writing: Writing,
+    /// Where each file's last good text is kept, so a restart while a file is broken still
+    /// serves its last good objects.
+    state: Option<PathBuf>,
+    /// Entries that are not manifest files (FIFO, directory, dangling link), reported once.
+    reported: BTreeSet<PathBuf>,
 }
 
 impl Folder {
     pub fn new(dir: &Path) -> Self {
         Self { dir: dir.to_path_buf(), changes: Changes::everything(), ..Default::default() }
+    }
+
+    /// Keeps each file's last good text in `state` (created if missing).
+    pub fn with_state(mut self, state: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(state)?;
+        self.state = Some(state.to_path_buf());
+        Ok(self)
+    }
+
+    /// The set `watch` keeps of files being written.
+    pub fn writing(&self) -> Writing {
+        self.writing.clone()
+    }
+
+    fn saved(&self, path: &Path) -> Option<PathBuf> {
+        Some(self.state.as_ref()?.join(path.file_name()?))
+    }
+
+    /// Saves `text` as `path`'s last good content (write, then rename: never half there).
+    fn save(&self, path: &Path, text: &str) {
+        let Some(to) = self.saved(path) else { return };
+        if std::fs::read_to_string(&to).is_ok_and(|old| old == text) {
+            return;
+        }
+        let tmp = to.with_extension("tmp-saving");
+        if std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &to)).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
 
     /// Re-reads what changed. Returns whether the good state changed (the changes wait in
@@ -355,16 +425,40 @@ impl Folder {
     pub fn refresh(&mut self) -> Result<(bool, Vec<ManifestError>), ManifestError> {
         let dir_err = |source| ManifestError::Dir { dir: self.dir.clone(), source };
         let mut seen = BTreeMap::new();
+        let writing: BTreeMap<std::ffi::OsString, std::time::Instant> =
+            self.writing.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for entry in std::fs::read_dir(&self.dir).map_err(dir_err)? {
             let Ok(entry) = entry else { continue };
             let path = entry.path();
             if !is_manifest(&path) {
                 continue;
             }
-            let Ok(md) = std::fs::metadata(&path) else { continue };
-            if md.is_file() {
-                seen.insert(path, (md.mtime(), md.mtime_nsec(), md.size(), md.ino()));
+            let md = match std::fs::metadata(&path) {
+                Ok(md) if md.is_file() => md,
+                other => {
+                    // A FIFO, a directory, a dangling link or a link loop: once, not each poll.
+                    if self.reported.insert(path.clone()) {
+                        let why = match other {
+                            Ok(md) if md.is_dir() => "a directory".to_string(),
+                            Ok(_) => "not a regular file (FIFO, socket or device)".to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        self.warnings.push(format!("{}: skipped: {why}", path.display()));
+                    }
+                    continue;
+                }
+            };
+            self.reported.remove(&path);
+            // Being written: its previous version stays until the writer closes it.
+            if let Some(since) = path.file_name().and_then(|n| writing.get(n))
+                && since.elapsed() < WRITER_PATIENCE
+            {
+                if let Some(f) = self.files.get(&path) {
+                    seen.insert(path.clone(), f.stamp);
+                }
+                continue;
             }
+            seen.insert(path, (md.mtime(), md.mtime_nsec(), md.size(), md.ino()));
         }
         let mut errors = Vec::new();
         // Identities whose object may differ now.
@@ -374,14 +468,18 @@ impl Folder {
             if let Some(f) = self.files.remove(&path) {
                 dirty.extend(f.ids.into_keys());
             }
+            if let Some(saved) = self.saved(&path) {
+                let _ = std::fs::remove_file(saved);
+            }
         }
         for (path, stamp) in seen {
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
-            let old = self.files.remove(&path).unwrap_or_default();
-            match load_file(&path) {
-                Ok(objs) => {
+            let mut old = self.files.remove(&path).unwrap_or_default();
+            match read_file(&path) {
+                Ok((text, objs)) => {
+                    self.save(&path, &text);
                     let new = FileObjects::new(stamp, objs);
                     for id in old.ids.keys().chain(new.ids.keys()) {
                         if old.get(id) != new.get(id) {
@@ -391,8 +489,22 @@ impl Folder {
                     self.files.insert(path, new);
                 }
                 Err(e) => {
+                    // Keep the objects of its last good version: this process's, or, after a
+                    // restart, the copy saved on disk.
+                    if old.ids.is_empty()
+                        && let Some(Ok((_, objs))) =
+                            self.saved(&path).filter(|p| p.exists()).map(|p| read_file(&p))
+                    {
+                        self.warnings.push(format!(
+                            "{}: serving its last good content saved before the restart ({} objects)",
+                            path.display(),
+                            objs.len()
+                        ));
+                        old = FileObjects::new(stamp, objs);
+                        dirty.extend(old.ids.keys().cloned());
+                    }
                     // Remember the stamp so the error is reported once per version of the
-                    // file, and keep the objects of its last good version.
+                    // file.
                     self.files.insert(path, FileObjects { stamp, ..old });
                     errors.push(e);
                 }
@@ -578,6 +690,80 @@ mod tests {
             d.services.values().flat_map(|s| s.frontends.iter().map(|(ip, p)| format!("{ip}:{p}"))).collect();
         assert_eq!(fronts, ["198.19.0.10:80", "198.18.0.1:30080"]);
         assert!(d.services.values().all(|s| s.backends.len() == 3));
+    }
+
+    fn scratch_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n";
+
+    /// A restart while a file is broken: its last good content, saved in the state dir,
+    /// is what the new process serves (and says so).
+    #[test]
+    fn a_restart_with_a_broken_file_serves_its_saved_last_good_content() {
+        let (dir, state) = (scratch_dir("restart"), scratch_dir("restart-state"));
+        std::fs::write(dir.join("web.yaml"), WEB).unwrap();
+        let mut first = Folder::new(&dir).with_state(&state).unwrap();
+        first.refresh().unwrap();
+        assert_eq!(first.cluster().services.len(), 1);
+        std::fs::write(dir.join("web.yaml"), "kind: Service\n  bad: [indent").unwrap();
+        let mut second = Folder::new(&dir).with_state(&state).unwrap();
+        let (_, errors) = second.refresh().unwrap();
+        assert_eq!(errors.len(), 1, "the broken file is reported");
+        assert_eq!(second.cluster().services.len(), 1, "and its last good Service still served");
+        assert!(second.take_warnings().iter().any(|w| w.contains("saved before the restart")));
+        // Removing the file removes the saved copy too.
+        std::fs::remove_file(dir.join("web.yaml")).unwrap();
+        second.refresh().unwrap();
+        assert!(second.cluster().services.is_empty() && !state.join("web.yaml").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    /// A file open for writing is left at its previous version until its writer closes it.
+    #[test]
+    fn a_file_being_written_is_applied_once_closed() {
+        let dir = scratch_dir("writing");
+        std::fs::write(dir.join("web.yaml"), WEB).unwrap();
+        let mut folder = Folder::new(&dir);
+        folder.refresh().unwrap();
+        let two = format!("{WEB}---\n{}", WEB.replace("name: web", "name: api").replace(".10", ".11"));
+        // The watcher saw a write and no close yet: the half-written text is not read.
+        folder.writing().lock().unwrap().insert("web.yaml".into(), std::time::Instant::now());
+        std::fs::write(dir.join("web.yaml"), &two[..WEB.len() + 10]).unwrap();
+        folder.refresh().unwrap();
+        assert_eq!(folder.cluster().services.len(), 1);
+        std::fs::write(dir.join("web.yaml"), &two).unwrap();
+        folder.writing().lock().unwrap().clear();
+        folder.refresh().unwrap();
+        assert_eq!(folder.cluster().services.len(), 2, "applied once closed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What is not a manifest file gets one log line, not one per poll.
+    #[test]
+    fn skipped_entries_are_reported_once() {
+        let dir = scratch_dir("skipped");
+        std::fs::create_dir(dir.join("a-dir.yaml")).unwrap();
+        std::os::unix::fs::symlink(dir.join("nowhere"), dir.join("dangling.yaml")).unwrap();
+        std::os::unix::fs::symlink(dir.join("loop.yaml"), dir.join("loop.yaml")).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("pipe.yaml").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let mut folder = Folder::new(&dir);
+        folder.refresh().unwrap();
+        let w = folder.take_warnings();
+        assert_eq!(w.len(), 4, "{w:?}");
+        for name in ["a-dir.yaml", "dangling.yaml", "loop.yaml", "pipe.yaml"] {
+            assert!(w.iter().any(|l| l.contains(name) && l.contains("skipped")), "{name}: {w:?}");
+        }
+        folder.refresh().unwrap();
+        assert!(folder.take_warnings().is_empty(), "once");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -151,3 +151,38 @@ impl Conn {
         line.split_whitespace().next().map(str::to_string)
     }
 }
+
+/// A client asking `to` from `ns` every 50 ms in the background, until `finish`: which pods
+/// answered, and every failure with its time.
+pub struct Asker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(BTreeSet<String>, Vec<String>)>,
+}
+
+impl Asker {
+    pub fn start(ns: &str, to: SocketAddr) -> Asker {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (st, ns) = (stop.clone(), ns.to_string());
+        let thread = std::thread::spawn(move || {
+            let (t0, mut pods, mut failures) = (Instant::now(), BTreeSet::new(), Vec::new());
+            while !st.load(Ordering::Relaxed) {
+                match tcp_ask(&ns, to, ASK) {
+                    Answer::Reply(pod, _) => {
+                        pods.insert(pod);
+                    }
+                    other => failures.push(format!("at {:.2}s: {other:?}", t0.elapsed().as_secs_f64())),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (pods, failures)
+        });
+        Asker { stop, thread }
+    }
+
+    /// Stops asking: (pods that answered, failures).
+    pub fn finish(self) -> (BTreeSet<String>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
