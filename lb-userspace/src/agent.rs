@@ -445,7 +445,7 @@ impl Source {
     /// What changed since the last call, if anything (the first time: everything).
     fn changed(&mut self, status: &Rc<RefCell<Status>>, start: Instant) -> Option<model::Changes> {
         match self {
-            Source::Folder(Box::new(folder)) => {
+            Source::Folder(folder) => {
                 match folder.refresh() {
                     Ok((_, errors)) => {
                         for e in &errors {
@@ -470,7 +470,7 @@ impl Source {
     /// Runs `f` on the objects as they are now.
     fn with_cluster<R>(&self, f: impl FnOnce(&model::Cluster) -> R) -> R {
         match self {
-            Source::Folder(Box::new(folder)) => f(folder.cluster()),
+            Source::Folder(folder) => f(folder.cluster()),
             Source::Kube(src) => src.with_cluster(f),
         }
     }
