@@ -818,7 +818,7 @@ fn a_manifest_rewritten_in_place_is_applied_only_whole() {
         f.write_all(first.as_bytes()).unwrap();
         f.flush().unwrap();
         std::thread::sleep(Duration::from_millis(1500));
-        f.write_all(whole[first.len()..].as_bytes()).unwrap();
+        f.write_all(&whole.as_bytes()[first.len()..]).unwrap();
     }
     for _ in 0..20 {
         let mut f = std::fs::File::create(&path).unwrap();
