@@ -7,11 +7,9 @@
 //! run beside it.
 
 use std::{
-    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    rc::Rc,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -79,6 +77,8 @@ pub struct AgentConfig {
     pub gc_interval: Duration,
     /// `--snat-port-range`, inclusive.
     pub snat_ports: (u16, u16),
+    /// `/healthz` fails when changes have waited longer than this for a successful sync.
+    pub healthz_stale_after: Duration,
     /// `--state-dir`: the manifest files' last good copies.
     pub state_dir: PathBuf,
 }
@@ -86,6 +86,13 @@ pub struct AgentConfig {
 /// Log line with the time since start, so a reader can see how fast things happened.
 fn log(start: Instant, msg: impl AsRef<str>) {
     eprintln!("[{:>9.3}s] {}", start.elapsed().as_secs_f64(), msg.as_ref());
+}
+
+/// The status the loop writes and the HTTP servers (on their own thread) read.
+type Shared = Arc<std::sync::Mutex<Status>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Status> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the HTTP servers report.
@@ -96,6 +103,12 @@ struct Status {
     sync_errors: u64,
     source_errors: u64,
     last_sync_ok: Option<Instant>,
+    /// Since when changes have waited for a successful sync (None: nothing pending).
+    pending_since: Option<Instant>,
+    /// The sync loop's last turn: /livez fails when it stops turning.
+    loop_turn: Instant,
+    /// `--healthz-stale-after`.
+    stale_after: Duration,
     xdp: BTreeMap<String, Attached>,
     tc: BTreeMap<String, (u32, Attached)>,
     frontends: usize,
@@ -215,13 +228,16 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
     );
 
-    let status = Rc::new(RefCell::new(Status {
+    let status: Shared = Arc::new(std::sync::Mutex::new(Status {
         sync_duration: Histogram::kube_proxy_buckets(),
         programming_duration: Histogram::network_programming_buckets(),
         syncs: 0,
         sync_errors: 0,
         source_errors: 0,
         last_sync_ok: None,
+        pending_since: None,
+        loop_turn: Instant::now(),
+        stale_after: cfg.healthz_stale_after,
         xdp: BTreeMap::new(),
         tc: BTreeMap::new(),
         frontends: applied.services.len(),
@@ -239,7 +255,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             );
         }
         log(start, format!("XDP attached to {iface} ({how:?})"));
-        status.borrow_mut().xdp.insert(iface.clone(), how);
+        lock(&status).xdp.insert(iface.clone(), how);
     }
     // Forwarding at XDP may send only out of our own XDP interfaces; without --xdp-forward
     // the map is emptied so a previous agent's ports do not linger.
@@ -272,7 +288,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let gc_stop = Arc::new(AtomicBool::new(false));
     let gc = spawn_gc(&cfg, gc_stop.clone(), start);
 
-    spawn_http(&cfg, status.clone(), gc.clone(), start).await?;
+    spawn_http(&cfg, status.clone(), gc.clone(), start)?;
     let mut health_servers: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
 
     let limits = Limits {
@@ -342,6 +358,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
+        lock(&status).loop_turn = Instant::now();
         if links_changed.swap(false, Ordering::AcqRel) || last_link_scan.elapsed() > Duration::from_secs(1) {
             last_link_scan = Instant::now();
             sync_links(&mut ebpf, &cfg.pin_dir, &tc_patterns, &mut tc_links, &status, start);
@@ -355,6 +372,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 c
             }
         };
+        lock(&status).pending_since.get_or_insert_with(Instant::now);
         let t0 = Instant::now();
         let node = NodeContext {
             name: cfg.node_name.clone(),
@@ -381,7 +399,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 reconcile::execute(&mut dp, &mut applied, &ops).map(|()| ops.len()).map_err(Into::into)
             });
         let took = t0.elapsed();
-        let mut st = status.borrow_mut();
+        let mut st = lock(&status);
         st.syncs += 1;
         st.sync_duration.observe(took.as_secs_f64());
         st.frontends = applied.services.len();
@@ -390,6 +408,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         match result {
             Ok(n) => {
                 st.last_sync_ok = Some(Instant::now());
+                st.pending_since = None;
                 let now = jiff::Timestamp::now();
                 for t in source.take_triggers() {
                     let secs = now.duration_since(t).as_secs_f64();
@@ -443,13 +462,13 @@ enum Source {
 
 impl Source {
     /// What changed since the last call, if anything (the first time: everything).
-    fn changed(&mut self, status: &Rc<RefCell<Status>>, start: Instant) -> Option<model::Changes> {
+    fn changed(&mut self, status: &Shared, start: Instant) -> Option<model::Changes> {
         match self {
             Source::Folder(folder) => {
                 match folder.refresh() {
                     Ok((_, errors)) => {
                         for e in &errors {
-                            status.borrow_mut().source_errors += 1;
+                            lock(status).source_errors += 1;
                             log(start, format!("error: {e}; keeping its last good content"));
                         }
                     }
@@ -461,7 +480,7 @@ impl Source {
                 Some(folder.take_changes()).filter(|c| !c.is_empty())
             }
             Source::Kube(src) => {
-                status.borrow_mut().source_errors = src.errors();
+                lock(status).source_errors = src.errors();
                 src.take_changes()
             }
         }
@@ -535,7 +554,7 @@ fn sync_links(
     pin_dir: &std::path::Path,
     patterns: &links::Patterns,
     tc_links: &mut BTreeMap<String, (u32, attach::Holder)>,
-    status: &Rc<RefCell<Status>>,
+    status: &Shared,
     start: Instant,
 ) {
     let want = patterns.select(&links::interfaces());
@@ -545,7 +564,7 @@ fn sync_links(
         if let Some((_, holder)) = tc_links.remove(&name) {
             holder.release(ebpf);
         }
-        status.borrow_mut().tc.remove(&name);
+        lock(status).tc.remove(&name);
         log(start, format!("TC detached from {name} (link gone)"));
     }
     for (name, idx) in want {
@@ -556,7 +575,7 @@ fn sync_links(
             Ok((how, holder)) => {
                 let _ = attach::accept_local(&name);
                 tc_links.insert(name.clone(), (idx, holder));
-                status.borrow_mut().tc.insert(name.clone(), (idx, how));
+                lock(status).tc.insert(name.clone(), (idx, how));
                 log(start, format!("TC attached to {name} ({how:?})"));
             }
             // The link may have vanished between listing and attaching; the next scan decides.
@@ -588,7 +607,7 @@ fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns, start: Instan
 fn sync_health_servers(
     servers: &mut BTreeMap<u16, tokio::task::JoinHandle<()>>,
     want: &BTreeMap<u16, HealthCheck>,
-    status: &Rc<RefCell<Status>>,
+    status: &Shared,
     start: Instant,
 ) {
     servers.retain(|port, task| {
@@ -618,7 +637,7 @@ fn sync_health_servers(
         servers.insert(
             port,
             tokio::task::spawn_local(http::serve(listener, move |_path| {
-                let hc = status.borrow().health_checks.get(&port).cloned();
+                let hc = lock(&status).health_checks.get(&port).cloned();
                 async move {
                     let (service, n) = hc.map(|h| (h.service, h.local_endpoints)).unwrap_or_default();
                     let (ns, name) = service.split_once('/').unwrap_or(("", ""));
@@ -631,43 +650,65 @@ fn sync_health_servers(
     }
 }
 
-/// `/metrics` on `--metrics-bind-address`, `/healthz` and `/livez` on `--healthz-bind-address`.
-async fn spawn_http(
+/// `/metrics` on `--metrics-bind-address`, `/healthz` and `/livez` on `--healthz-bind-address`,
+/// served from a thread of their own: they answer within milliseconds whatever the sync loop
+/// is doing (parsing a file, planning, writing maps).
+fn spawn_http(
     cfg: &AgentConfig,
-    status: Rc<RefCell<Status>>,
+    status: Shared,
     gc: Arc<std::sync::Mutex<GcState>>,
     start: Instant,
 ) -> anyhow::Result<()> {
+    let bind = |addr: SocketAddr, what: &str| {
+        std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| anyhow::anyhow!("{what}: binding {addr}: {e}"))
+    };
+    let metrics = bind(cfg.metrics_bind, "--metrics-bind-address")?;
+    let healthz = bind(cfg.healthz_bind, "--healthz-bind-address")?;
     let pin_dir = cfg.pin_dir.clone();
-    let metrics = http::bind(cfg.metrics_bind, "--metrics-bind-address").await?;
-    let st = status.clone();
-    tokio::task::spawn_local(http::serve(metrics, move |path| {
-        let r = match path.as_str() {
-            "/metrics" => {
-                // The datapath's counters (a walk of the flow table among them) are read on a
-                // blocking thread, so a scrape never holds up a sync.
-                let status =
-                    render_status(&st.borrow()) + &render_gc(&gc.lock().unwrap_or_else(|e| e.into_inner()));
-                let pins = pin_dir.clone();
-                return futures::future::Either::Left(async move {
-                    let datapath =
-                        tokio::task::spawn_blocking(move || render_datapath(&pins)).await.unwrap_or_default();
-                    Response::text(200, status + &datapath)
-                });
-            }
-            "/healthz" | "/livez" => health(&st.borrow()),
-            _ => Response::text(404, "try /metrics\n"),
-        };
-        futures::future::Either::Right(async move { r })
-    }));
-    let healthz = http::bind(cfg.healthz_bind, "--healthz-bind-address").await?;
-    tokio::task::spawn_local(http::serve(healthz, move |path| {
-        let r = match path.as_str() {
-            "/healthz" | "/livez" => health(&status.borrow()),
-            _ => Response::text(404, "try /healthz or /livez\n"),
-        };
-        async move { r }
-    }));
+    std::thread::Builder::new().name("http".into()).spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let (Ok(metrics), Ok(healthz)) =
+                (tokio::net::TcpListener::from_std(metrics), tokio::net::TcpListener::from_std(healthz))
+            else {
+                return;
+            };
+            let st = status.clone();
+            tokio::task::spawn_local(http::serve(metrics, move |path| {
+                let r = match path.as_str() {
+                    "/metrics" => {
+                        // The datapath's counters (a walk of the flow table among them) are read
+                        // on a blocking thread.
+                        let status = render_status(&lock(&st))
+                            + &render_gc(&gc.lock().unwrap_or_else(|e| e.into_inner()));
+                        let pins = pin_dir.clone();
+                        return futures::future::Either::Left(async move {
+                            let datapath = tokio::task::spawn_blocking(move || render_datapath(&pins))
+                                .await
+                                .unwrap_or_default();
+                            Response::text(200, status + &datapath)
+                        });
+                    }
+                    "/healthz" => healthz_answer(&lock(&st)),
+                    "/livez" => livez_answer(&lock(&st)),
+                    _ => Response::text(404, "try /metrics\n"),
+                };
+                futures::future::Either::Right(async move { r })
+            }));
+            http::serve(healthz, move |path| {
+                let r = match path.as_str() {
+                    "/healthz" => healthz_answer(&lock(&status)),
+                    "/livez" => livez_answer(&lock(&status)),
+                    _ => Response::text(404, "try /healthz or /livez\n"),
+                };
+                async move { r }
+            })
+            .await;
+        });
+    })?;
     log(
         start,
         format!(
@@ -678,13 +719,32 @@ async fn spawn_http(
     Ok(())
 }
 
-fn health(st: &Status) -> Response {
-    match st.last_sync_ok {
-        Some(t) => {
-            Response::json(200, format!("{{\"lastUpdated\": \"{:.1}s ago\"}}", t.elapsed().as_secs_f64()))
-        }
-        None => Response::json(503, "{\"lastUpdated\": null, \"reason\": \"no successful sync yet\"}"),
+/// Like kube-proxy's: healthy once a sync succeeded, unless changes have waited longer than
+/// `--healthz-stale-after` for one (syncs failing, or the loop stuck).
+fn healthz_answer(st: &Status) -> Response {
+    let ago = |t: Instant| format!("{:.1}s ago", t.elapsed().as_secs_f64());
+    let Some(last) = st.last_sync_ok else {
+        return Response::json(503, "{\"lastUpdated\": null, \"reason\": \"no successful sync yet\"}");
+    };
+    match st.pending_since.filter(|p| p.elapsed() > st.stale_after) {
+        Some(p) => Response::json(
+            503,
+            format!(
+                "{{\"lastUpdated\": \"{}\", \"reason\": \"changes pending since {} ({} failed syncs so far)\"}}",
+                ago(last),
+                ago(p),
+                st.sync_errors
+            ),
+        ),
+        None => Response::json(200, format!("{{\"lastUpdated\": \"{}\"}}", ago(last))),
     }
+}
+
+/// Alive while the sync loop turns (it turns at least every 250 ms), whatever the syncs do.
+fn livez_answer(st: &Status) -> Response {
+    let idle = st.loop_turn.elapsed();
+    let code = if idle > st.stale_after { 503 } else { 200 };
+    Response::json(code, format!("{{\"loopTurn\": \"{:.1}s ago\"}}", idle.as_secs_f64()))
 }
 
 /// The agent's own metrics.

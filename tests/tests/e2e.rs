@@ -830,3 +830,62 @@ fn a_manifest_rewritten_in_place_is_applied_only_whole() {
     let (_, failures) = asker.finish();
     assert!(failures.is_empty(), "the second Service went away: {failures:?}\n{}", lab.agent_log(1));
 }
+
+/// `/healthz` goes to 503 within `--healthz-stale-after` while syncs fail (a Service set over
+/// `--max-services`), answering in milliseconds all along, while `/livez` stays 200; it comes
+/// back to 200 once a sync succeeds. The datapath keeps serving what it had.
+#[test]
+fn healthz_fails_while_syncs_fail_and_recovers() {
+    let Some(mut lab) = lab() else { return };
+    lab.stop_agent(1);
+    lab.start_agent(1, &["--healthz-stale-after", "2s", "--max-services", "4"]).unwrap();
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all, Proto::Tcp);
+    let node = lab.node_netns(1);
+    let get = |path: &str| -> (String, Duration) {
+        let t = Instant::now();
+        let out =
+            lab::in_ns(&node, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2"])
+                .arg(format!("http://127.0.0.1:10256{path}"))
+                .output()
+                .unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), t.elapsed())
+    };
+    assert_eq!(get("/healthz").0, "200");
+    let asker = Asker::start(&client, sa(vip(), 80));
+    let extra: String = (0..3)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: extra-{i}}}\nspec: {{clusterIP: 198.19.0.{}, ports: [{{name: http, port: 80}}]}}\n---\n",
+                20 + i
+            )
+        })
+        .collect();
+    lab.write_manifest("extra.yaml", &extra).unwrap();
+    let t0 = Instant::now();
+    let mut slowest = Duration::ZERO;
+    loop {
+        let (code, took) = get("/healthz");
+        slowest = slowest.max(took);
+        if code == "503" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "/healthz still {code} while syncs fail\n{}",
+            lab.agent_log(1)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let went_bad = t0.elapsed();
+    assert!(went_bad >= Duration::from_secs(2), "503 only after the threshold ({went_bad:?})");
+    assert_eq!(get("/livez").0, "200", "the loop is alive");
+    assert!(slowest < Duration::from_millis(500), "health answered slowly: {slowest:?}");
+    lab.remove_manifest("extra.yaml").unwrap();
+    wait_for(Duration::from_secs(3), || Ok(get("/healthz").0 == "200"))
+        .expect("back to 200 after a good sync");
+    let (_, failures) = asker.finish();
+    assert!(failures.is_empty(), "the datapath kept serving: {failures:?}");
+    assert!(lab.agent_log(1).contains("service ids exhausted"), "{}", lab.agent_log(1));
+}

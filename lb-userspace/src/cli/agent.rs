@@ -53,6 +53,11 @@ pub struct AgentArgs {
     /// `/healthz` and `/livez`.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: SocketAddr,
+    /// `/healthz` answers 503 once changes have waited this long for a successful sync
+    /// (syncs failing, or the loop stuck); `/livez` once the sync loop has not turned for
+    /// this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_secs, value_name = "DURATION")]
+    pub healthz_stale_after: u32,
     /// How new flows pick a backend.
     #[arg(long, value_enum, default_value_t = Algorithm::Maglev)]
     pub lb_algorithm: Algorithm,
@@ -210,6 +215,7 @@ impl AgentArgs {
             gc_interval: std::time::Duration::from_secs(self.conntrack_gc_interval.into()),
             snat_ports: self.snat_port_range,
             state_dir: self.state_dir,
+            healthz_stale_after: std::time::Duration::from_secs(self.healthz_stale_after.into()),
         }
     }
 }
