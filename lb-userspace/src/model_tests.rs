@@ -561,19 +561,29 @@ fn a_frontend_claimed_twice_stays_with_the_older_service() {
     assert_eq!(state.desired(), &desired(&c3, &node));
 }
 
-/// The same port number twice in one Service (under two names): the first name has the
-/// frontend, the second is reported; neither leaves an empty entry behind.
+/// The same port number twice in one Service (under two names; the API server and our
+/// manifest reader reject it, so it is made here by hand): the first name has the frontend,
+/// the second is reported; neither leaves an empty entry behind.
 #[test]
 fn a_port_number_twice_in_one_service_is_programmed_once_and_reported() {
-    let d = run(&(service(
-        "clusterIP: 198.19.0.10, ports: [{name: a, port: 80, targetPort: 9376}, {name: b, port: 80, targetPort: 8080}]",
+    let yaml = service(
+        "clusterIP: 198.19.0.10, ports: [{name: a, port: 80, targetPort: 9376}, {name: b, port: 81, targetPort: 8080}]",
         "",
     ) + &slice(
         "web-1",
         "IPv4",
         "{name: a, port: 9376}, {name: b, port: 8080}",
         &ep("198.18.1.1", NODE, "ready: true"),
-    )));
+    );
+    let mut cluster = cluster_from(parse(&format!("{}---\n{yaml}", node_yaml()), false).unwrap());
+    let web = cluster.services.get_mut(&("default".to_string(), "web".to_string())).unwrap();
+    web.spec.as_mut().unwrap().ports.as_mut().unwrap()[1].port = 80;
+    let node = NodeContext {
+        name: NODE.into(),
+        nodeport_addresses: NodePortAddresses::Primary,
+        fallback_addresses: vec![],
+    };
+    let d = desired(&cluster, &node);
     let with_80: Vec<&ServiceRef> = d
         .services
         .iter()

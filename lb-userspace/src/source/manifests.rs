@@ -14,7 +14,10 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 use serde::Deserialize as _;
 
 use crate::model::{Changes, Cluster, SERVICE_NAME_LABEL};
@@ -242,6 +245,43 @@ fn protocol(p: Option<&str>) -> Result<(), String> {
 }
 
 /// The checks the API server would make on the fields the Model reads.
+/// `value` (if set) is one of `allowed`.
+fn one_of(field: &str, value: Option<&str>, allowed: &[&str]) -> Result<(), String> {
+    match value {
+        Some(v) if !allowed.contains(&v) => {
+            Err(format!("{field}: Unsupported value: {v:?}: supported values: {}", allowed.join(", ")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A targetPort: a port number 1-65535, or the name of a container port (an IANA service
+/// name: at most 15 lowercase letters, digits and dashes, with a letter).
+fn target_port(t: Option<&IntOrString>, i: usize) -> Result<(), String> {
+    match t {
+        Some(IntOrString::Int(n)) if !(1..=65_535).contains(n) => Err(format!(
+            "spec.ports[{i}].targetPort: Invalid value: {n}: must be between 1 and 65535, inclusive"
+        )),
+        Some(IntOrString::String(name)) => {
+            let ok = !name.is_empty()
+                && name.len() <= 15
+                && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && name.chars().any(|c| c.is_ascii_lowercase())
+                && !name.starts_with('-')
+                && !name.ends_with('-')
+                && !name.contains("--");
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "spec.ports[{i}].targetPort: Invalid value: {name:?}: not a port number or a port name"
+                ))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
 fn validate(o: &Object) -> Result<(), String> {
     match o {
         Object::Service(s) => {
@@ -260,16 +300,47 @@ fn validate(o: &Object) -> Result<(), String> {
                     .parse::<ipnet::IpNet>()
                     .map_err(|_| format!("loadBalancerSourceRange {r:?} is not a CIDR"))?;
             }
+            // The enumerations the API server checks, with its wording.
+            one_of(
+                "spec.type",
+                spec.type_.as_deref(),
+                &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"],
+            )?;
+            one_of(
+                "spec.externalTrafficPolicy",
+                spec.external_traffic_policy.as_deref(),
+                &["Cluster", "Local"],
+            )?;
+            one_of(
+                "spec.internalTrafficPolicy",
+                spec.internal_traffic_policy.as_deref(),
+                &["Cluster", "Local"],
+            )?;
+            one_of("spec.sessionAffinity", spec.session_affinity.as_deref(), &["None", "ClientIP"])?;
             let ports = spec.ports.as_deref().unwrap_or_default();
-            for p in ports {
+            let mut numbers = BTreeSet::new();
+            let mut names = BTreeSet::new();
+            for (i, p) in ports.iter().enumerate() {
                 port(p.port, "port")?;
                 protocol(p.protocol.as_deref())?;
                 if let Some(np) = p.node_port {
                     port(np, "nodePort")?;
                 }
-                if ports.len() > 1 && p.name.as_deref().unwrap_or("").is_empty() {
+                let name = p.name.as_deref().unwrap_or("");
+                if ports.len() > 1 && name.is_empty() {
                     return Err("ports must be named when a Service has more than one".into());
                 }
+                if !names.insert(name) {
+                    return Err(format!("spec.ports[{i}].name: Duplicate value: {name:?}"));
+                }
+                let proto = p.protocol.as_deref().unwrap_or("TCP");
+                if !numbers.insert((p.port, proto)) {
+                    return Err(format!(
+                        "spec.ports[{i}]: Duplicate value: port {} protocol {proto}",
+                        p.port
+                    ));
+                }
+                target_port(p.target_port.as_ref(), i)?;
             }
             for i in s
                 .status
@@ -626,6 +697,47 @@ mod tests {
         let objs = parse(text, false).unwrap();
         assert_eq!(objs.len(), 1);
         assert!(matches!(&objs[0], Object::Service(s) if s.metadata.name.as_deref() == Some("web")));
+    }
+
+    /// What the API server rejects is rejected here too, naming the field.
+    #[test]
+    fn unsupported_values_and_duplicate_ports_are_rejected_naming_the_field() {
+        let svc = |spec: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{clusterIP: 198.19.0.10, {spec}}}\n"
+            )
+        };
+        for (spec, want) in [
+            ("type: Bogus, ports: [{port: 80}]", "spec.type: Unsupported value: \"Bogus\""),
+            (
+                "externalTrafficPolicy: Lcoal, ports: [{port: 80}]",
+                "spec.externalTrafficPolicy: Unsupported value: \"Lcoal\"",
+            ),
+            ("internalTrafficPolicy: Nowhere, ports: [{port: 80}]", "spec.internalTrafficPolicy"),
+            ("sessionAffinity: Sticky, ports: [{port: 80}]", "spec.sessionAffinity"),
+            (
+                "ports: [{name: a, port: 80}, {name: b, port: 80}]",
+                "spec.ports[1]: Duplicate value: port 80 protocol TCP",
+            ),
+            (
+                "ports: [{name: a, port: 80}, {name: a, port: 81}]",
+                "spec.ports[1].name: Duplicate value: \"a\"",
+            ),
+            ("ports: [{port: 80, targetPort: 0}]", "spec.ports[0].targetPort: Invalid value: 0"),
+            ("ports: [{port: 80, targetPort: 70000}]", "spec.ports[0].targetPort: Invalid value: 70000"),
+            ("ports: [{port: 80, targetPort: Not_A_Name}]", "spec.ports[0].targetPort"),
+        ] {
+            let e = parse(&svc(spec), false).unwrap_err();
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+        // TCP and UDP on one port number, and named target ports, are fine.
+        assert!(
+            parse(
+                &svc("ports: [{name: a, port: 53}, {name: b, port: 53, protocol: UDP, targetPort: dns-udp}]"),
+                false
+            )
+            .is_ok()
+        );
     }
 
     #[test]
