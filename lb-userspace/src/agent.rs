@@ -203,7 +203,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
 
-    // Before any map is touched: one agent per pin dir.
+    // Before anything is touched: the capabilities, then one agent per pin dir.
+    crate::caps::check()?;
     let _pin_lock = crate::bpffs::lock_pin_dir(&cfg.pin_dir)?;
     let (mut ebpf, migration) = loader::load_migrating(&cfg.pin_dir, &cfg.capacities)
         .with_context(|| format!("loading the datapath with maps pinned in {}", cfg.pin_dir.display()))?;

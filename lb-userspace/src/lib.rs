@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod attach;
 pub mod bpffs;
+pub mod caps;
 pub mod conntrack_gc;
 pub mod dataplane;
 pub mod http;

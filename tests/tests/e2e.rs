@@ -889,3 +889,63 @@ fn healthz_fails_while_syncs_fail_and_recovers() {
     assert!(failures.is_empty(), "the datapath kept serving: {failures:?}");
     assert!(lab.agent_log(1).contains("service ids exhausted"), "{}", lab.agent_log(1));
 }
+
+/// The agent runs with exactly the DaemonSet's capabilities (the deploy test keeps that list
+/// equal to `deploy/daemonset.yaml`; CAP_SYS_RESOURCE, which only kernels before 5.11 need,
+/// may be absent from this machine's bounding set): it attaches and serves. With one of
+/// those this kernel needs fewer, it exits at once naming it.
+#[test]
+fn the_agent_runs_with_the_daemonsets_capabilities_and_names_a_missing_one() {
+    let Some(mut lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all, Proto::Tcp);
+    // The DaemonSet's `capabilities.add`, in `caps::NEEDED` order first.
+    let caps: Vec<String> = ["bpf", "perfmon", "net_admin", "sys_resource"].map(String::from).to_vec();
+    let bins = Bins::beside(&std::env::current_exe().unwrap()).unwrap();
+    lab.stop_agent(1);
+    let lab = lab; // no more changes to the lab until the end
+    let agent = |caps: &[String]| {
+        let bounding =
+            format!("--bounding-set=-all{}", caps.iter().map(|c| format!(",+{c}")).collect::<String>());
+        let mut cmd =
+            lab::in_ns(&lab.node_netns(1), &["setpriv", &bounding, "--", bins.lb.to_str().unwrap(), "agent"]);
+        cmd.arg("--pin-dir")
+            .arg(lab.pin_dir(1))
+            .arg("--manifests")
+            .arg(&lab.state.manifests)
+            .arg("--state-dir")
+            .arg(lab.state.dir.join("state-node1"))
+            .args(["--node-name", "node-1", "--xdp-iface", "eth0", "--tc-iface", "lbp-*"]);
+        cmd
+    };
+    // One fewer: each one this kernel needs in turn is named.
+    for drop in 0..lb_userspace::caps::NEEDED.len() {
+        let fewer: Vec<String> =
+            caps.iter().enumerate().filter(|(i, _)| *i != drop).map(|(_, c)| c.clone()).collect();
+        let out = agent(&fewer).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "ran without {}", caps[drop]);
+        let name = lb_userspace::caps::NEEDED[drop].1;
+        assert!(err.contains("missing capabilities") && err.contains(name), "without {name}: {err}");
+    }
+    // Exactly the DaemonSet's: it takes over and serves.
+    let log = lab.state.dir.join("agent-capped.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let mut child = agent(&caps).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap();
+    let healthy = wait_for(Duration::from_secs(10), || {
+        Ok(lab::sh(&mut lab::in_ns(
+            &lab.node_netns(1),
+            &["curl", "-sf", "--max-time", "1", "http://127.0.0.1:10256/healthz"],
+        ))
+        .is_ok())
+    });
+    let answered = reach_all(&client, sa(vip(), 80), Proto::Tcp, &["web-1", "web-2", "web-3"]);
+    // SAFETY: ending the agent this test started, by its pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    healthy.unwrap_or_else(|e| panic!("capped agent not healthy: {e}\n{text}"));
+    assert_eq!(answered.0.len(), 3);
+    assert!(text.contains("(Replaced)"), "took over the pinned links:\n{text}");
+}
