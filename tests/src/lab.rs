@@ -593,17 +593,21 @@ fn io_answer(e: std::io::Error) -> Answer {
     }
 }
 
+/// One request on a new connection from this thread's namespace: connect, a line, the
+/// answer line (`NAME CLIENT` from `lb-serve`), close.
+pub fn request(to: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&to, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"hello\n")?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    Ok(line)
+}
+
 /// One TCP request (a line) from `ns` to `to`.
 pub fn tcp_ask(ns: &str, to: SocketAddr, timeout: Duration) -> Answer {
-    let r = in_netns(ns, move || -> std::io::Result<String> {
-        use std::io::{BufRead as _, Write as _};
-        let mut s = std::net::TcpStream::connect_timeout(&to, timeout)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.write_all(b"hello\n")?;
-        let mut line = String::new();
-        std::io::BufReader::new(s).read_line(&mut line)?;
-        Ok(line)
-    });
+    let r = in_netns(ns, move || request(to, timeout));
     match r {
         Ok(Ok(line)) => parse_reply(&line),
         Ok(Err(e)) => io_answer(e),

@@ -6,8 +6,7 @@ mod services;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     os::fd::AsFd as _,
     sync::{
         Arc,
@@ -24,13 +23,9 @@ use lb_tests::{
 use lb_userspace::{conntrack_gc, dataplane::AyaDataplane};
 use services::*;
 
-/// One request on a new connection: connect, a line, its answer, close (FIN). The pod name.
+/// One request on a new connection (closed with a FIN): the pod name.
 fn one_connection(to: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    s.write_all(b"x\n").map_err(|e| format!("write: {e}"))?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+    let line = lab::request(to, timeout).map_err(|e| e.to_string())?;
     line.split_whitespace().next().map(str::to_string).ok_or_else(|| "empty answer".into())
 }
 

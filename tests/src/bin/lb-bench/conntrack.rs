@@ -182,7 +182,7 @@ pub fn run(quick: bool, out: PathBuf) -> anyhow::Result<()> {
         let (t, mut ok, mut tried) = (Instant::now(), 0u32, 0u32);
         while t.elapsed() < flood_for {
             tried += 1;
-            if one_request(nodeport).is_ok() {
+            if lab::request(nodeport, Duration::from_secs(1)).is_ok() {
                 ok += 1;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -211,17 +211,6 @@ pub fn run(quick: bool, out: PathBuf) -> anyhow::Result<()> {
     });
     fs::write(out.join("conntrack.json"), serde_json::to_string_pretty(&j)?)?;
     eprintln!("bench conntrack: wrote {}", out.join("conntrack.md").display());
-    Ok(())
-}
-
-/// One connection, one request, its answer, close.
-fn one_request(to: SocketAddr) -> std::io::Result<()> {
-    use std::io::{BufRead as _, Write as _};
-    let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(1)))?;
-    s.write_all(b"x\n")?;
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line)?;
     Ok(())
 }
 
