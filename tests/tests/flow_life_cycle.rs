@@ -2,6 +2,7 @@
 //! GC: states, what may open a flow, pairs removed together, SNAT ports that come back,
 //! membership for affinity and UDP, port clashes, a full table.
 
+#[macro_use]
 mod common;
 
 use std::os::fd::AsFd as _;
@@ -20,18 +21,6 @@ const BES4: [Be; 3] = [
     Be { id: 2, ip: "198.18.1.2", port: 9376 },
     Be { id: 3, ip: "198.18.1.3", port: 9376 },
 ];
-
-macro_rules! require_root {
-    () => {
-        if !privileged() {
-            return;
-        }
-    };
-}
-
-fn reason(l: &Loaded, r: Reason) -> u64 {
-    l.dp.reason_counter(r).unwrap().packets
-}
 
 fn state(l: &Loaded, key: &FlowKey) -> u8 {
     l.dp.flow(key).expect("flow entry").state

@@ -3,6 +3,7 @@
 //! bytes (checksums recomputed independently) and the counters. Expected backends are
 //! predicted on the host with lb-common.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -27,18 +28,6 @@ const BES6: [Be; 3] = [
 
 fn backend_ip(bes: &[Be], id: u32) -> std::net::IpAddr {
     ip(bes.iter().find(|b| b.id == id).expect("predicted id is one of ours").ip)
-}
-
-macro_rules! require_root {
-    () => {
-        if !privileged() {
-            return;
-        }
-    };
-}
-
-fn reason(l: &Loaded, r: Reason) -> u64 {
-    l.dp.reason_counter(r).unwrap().packets
 }
 
 /// Runs `spec` to a VIP, checks it is DNATed to the predicted backend with everything else
