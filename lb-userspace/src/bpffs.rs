@@ -71,13 +71,19 @@ pub enum LockError {
     Io { pin_dir: PathBuf, lock: PathBuf, source: std::io::Error },
 }
 
-/// Takes the exclusive lock of `pin_dir` for this process (POSIX record lock, so a refused
-/// caller learns the holder's pid).
-pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, LockError> {
+/// The lock file of `pin_dir`. It stays after the agent ends (removing a lock file races
+/// with the next taker); whoever removes the pin dir may remove it too.
+pub fn lock_path(pin_dir: &Path) -> PathBuf {
     let abs = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
     let name: String =
         abs.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    let lock = lock_dir().join(format!("pin-dir{name}.lock"));
+    lock_dir().join(format!("pin-dir{name}.lock"))
+}
+
+/// Takes the exclusive lock of `pin_dir` for this process (POSIX record lock, so a refused
+/// caller learns the holder's pid).
+pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, LockError> {
+    let lock = lock_path(pin_dir);
     let io = |source| LockError::Io { pin_dir: pin_dir.to_path_buf(), lock: lock.clone(), source };
     std::fs::create_dir_all(lock_dir()).map_err(io)?;
     let file = std::fs::OpenOptions::new()
@@ -126,6 +132,7 @@ mod tests {
         assert!(text.contains(&format!("another lb agent (pid {})", std::process::id())), "{text}");
         drop(first);
         assert!(lock_pin_dir(&dir).is_ok(), "released on drop");
+        let _ = std::fs::remove_file(lock_path(&dir));
     }
 
     /// Run by the test above in a child process.

@@ -516,6 +516,16 @@ pub fn teardown_state(state: &State, kill: bool) {
         let _ = ip(&format!("netns del {ns}"));
     }
     let _ = Command::new("umount").arg(&state.bpffs).output();
+    // The agents' pin-dir lock files (they outlive the agents on purpose): those of every
+    // pin dir under the lab's bpffs.
+    let base = lb_userspace::bpffs::lock_path(&state.bpffs);
+    if let (Some(dir), Some(stem)) = (base.parent(), base.file_stem().and_then(|s| s.to_str())) {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_str().is_some_and(|n| n.starts_with(stem)) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
     let _ = fs::remove_dir_all(&state.dir);
 }
 
