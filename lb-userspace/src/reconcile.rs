@@ -57,11 +57,11 @@ pub struct Limits {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("backend map full ({0} entries)")]
+    #[error("backend map full ({0} entries; raise --max-backends)")]
     BackendsFull(u32),
-    #[error("service ids exhausted ({0})")]
+    #[error("service ids exhausted ({0}; raise --max-services)")]
     ServicesFull(u32),
-    #[error("Maglev array full: no room for {0} more slots")]
+    #[error("Maglev array full: no room for {0} more slots (raise --max-maglev-slots)")]
     MaglevFull(u32),
 }
 
