@@ -315,7 +315,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut source = match (&cfg.manifests, kube_client) {
         (Some(dir), _) => {
-            let folder = Folder::new(dir)
+            let mut folder = Folder::new(dir)
                 .with_state(&cfg.state_dir.join("manifests"))
                 .with_context(|| format!("--state-dir {}", cfg.state_dir.display()))?;
             let w = wake.clone();

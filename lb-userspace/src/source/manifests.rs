@@ -25,14 +25,15 @@ use crate::model::{Changes, Cluster, SERVICE_NAME_LABEL};
 /// How often the folder is checked without an inotify event.
 pub const POLL: Duration = Duration::from_millis(250);
 
-/// Files being written: their name and when the first write since their last close came.
-/// A file is applied only once its writer has closed it (or moved it into place), so a
-/// file rewritten in place (`cat x > f`, or in chunks) is never applied half-written.
-pub type Writing = std::sync::Arc<std::sync::Mutex<BTreeMap<std::ffi::OsString, std::time::Instant>>>;
+/// When each file was last closed after writing, or moved into place (inotify). A changed
+/// file is applied only once such an event is newer than its content (its mtime), so a file
+/// rewritten in place (`cat x > f`, or in chunks) is never applied half-written — even when
+/// a poll reads it before the watcher thread has seen the write.
+pub type Writing = std::sync::Arc<std::sync::Mutex<BTreeMap<std::ffi::OsString, std::time::SystemTime>>>;
 
-/// How long a file may stay open for writing before it is read anyway (a writer that never
-/// closes must not freeze its file's changes).
-pub const WRITER_PATIENCE: Duration = Duration::from_secs(10);
+/// A changed file with no close event newer than its content is read anyway once its
+/// content is this old (a writer that never closes must not freeze its file's changes).
+pub const WRITER_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Calls `on_change` whenever something in `dir` is created, written, moved or deleted
 /// (inotify, from a reader thread for the life of the process), and keeps `writing` up to
@@ -79,14 +80,9 @@ pub fn watch(dir: &Path, writing: Writing, on_change: impl Fn() + Send + 'static
                 let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
                 let name_bytes = &buf[off + HEADER..(off + HEADER + ev.len as usize).min(n as usize)];
                 let name = std::ffi::OsStr::from_bytes(name_bytes.split(|b| *b == 0).next().unwrap_or(&[]));
-                let mut w = writing.lock().unwrap_or_else(|e| e.into_inner());
-                if ev.mask
-                    & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_DELETE)
-                    != 0
-                {
-                    w.remove(name);
-                } else if ev.mask & libc::IN_MODIFY != 0 {
-                    w.entry(name.to_os_string()).or_insert_with(std::time::Instant::now);
+                if ev.mask & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) != 0 {
+                    let mut w = writing.lock().unwrap_or_else(|e| e.into_inner());
+                    w.insert(name.to_os_string(), std::time::SystemTime::now());
                 }
                 off += HEADER + ev.len as usize;
             }
@@ -439,6 +435,13 @@ impl FileObjects {
     }
 }
 
+/// Whether a file whose content is `md` may be read: closed (or moved into place) after it
+/// was last written, or unchanged for `WRITER_PATIENCE`.
+fn closed_since_written(md: &std::fs::Metadata, closed: Option<&std::time::SystemTime>) -> bool {
+    let Ok(written) = md.modified() else { return true };
+    closed.is_some_and(|c| *c >= written) || written.elapsed().is_ok_and(|age| age >= WRITER_PATIENCE)
+}
+
 /// The folder's state: the last good objects of every file, merged into one `Cluster` that is
 /// updated object by object, and the changes not yet taken by a sync.
 #[derive(Debug, Default)]
@@ -448,13 +451,16 @@ pub struct Folder {
     merged: Cluster,
     changes: Changes,
     warnings: Vec<String>,
-    /// Files open for writing (from `watch`): left alone until closed.
-    writing: Writing,
+    /// The watcher's close events (from `watch`); `None`: not watched, files are applied as
+    /// soon as seen.
+    writing: Option<Writing>,
     /// Where each file's last good text is kept, so a restart while a file is broken still
     /// serves its last good objects.
     state: Option<PathBuf>,
     /// Entries that are not manifest files (FIFO, directory, dangling link), reported once.
     reported: BTreeSet<PathBuf>,
+    /// The folder has been read once.
+    read_once: bool,
 }
 
 impl Folder {
@@ -469,9 +475,9 @@ impl Folder {
         Ok(self)
     }
 
-    /// The set `watch` keeps of files being written.
-    pub fn writing(&self) -> Writing {
-        self.writing.clone()
+    /// The record `watch` keeps of close events; from now on a changed file waits for one.
+    pub fn writing(&mut self) -> Writing {
+        self.writing.get_or_insert_with(Writing::default).clone()
     }
 
     fn saved(&self, path: &Path) -> Option<PathBuf> {
@@ -496,8 +502,8 @@ impl Folder {
     pub fn refresh(&mut self) -> Result<(bool, Vec<ManifestError>), ManifestError> {
         let dir_err = |source| ManifestError::Dir { dir: self.dir.clone(), source };
         let mut seen = BTreeMap::new();
-        let writing: BTreeMap<std::ffi::OsString, std::time::Instant> =
-            self.writing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let closes: Option<BTreeMap<std::ffi::OsString, std::time::SystemTime>> =
+            self.writing.as_ref().map(|w| w.lock().unwrap_or_else(|e| e.into_inner()).clone());
         for entry in std::fs::read_dir(&self.dir).map_err(dir_err)? {
             let Ok(entry) = entry else { continue };
             let path = entry.path();
@@ -520,16 +526,22 @@ impl Folder {
                 }
             };
             self.reported.remove(&path);
-            // Being written: its previous version stays until the writer closes it.
-            if let Some(since) = path.file_name().and_then(|n| writing.get(n))
-                && since.elapsed() < WRITER_PATIENCE
+            let stamp = (md.mtime(), md.mtime_nsec(), md.size(), md.ino());
+            // Changed but not closed since (being written): its previous version stays.
+            let changed = self.files.get(&path).is_none_or(|f| f.stamp != stamp);
+            let closed = path.file_name().and_then(|n| closes.as_ref().map(|c| c.get(n)));
+            // (Not on the first read: whatever is there at start is taken as it is.)
+            if changed
+                && self.read_once
+                && let Some(closed) = closed
+                && !closed_since_written(&md, closed)
             {
                 if let Some(f) = self.files.get(&path) {
                     seen.insert(path.clone(), f.stamp);
                 }
                 continue;
             }
-            seen.insert(path, (md.mtime(), md.mtime_nsec(), md.size(), md.ino()));
+            seen.insert(path, stamp);
         }
         let mut errors = Vec::new();
         // Identities whose object may differ now.
@@ -584,6 +596,7 @@ impl Folder {
         for id in &dirty {
             self.merge(id);
         }
+        self.read_once = true;
         Ok((!self.changes.is_empty(), errors))
     }
 
@@ -842,15 +855,18 @@ mod tests {
         let dir = scratch_dir("writing");
         std::fs::write(dir.join("web.yaml"), WEB).unwrap();
         let mut folder = Folder::new(&dir);
+        let closes = folder.writing();
         folder.refresh().unwrap();
+        assert_eq!(folder.cluster().services.len(), 1, "what is there at start is read at once");
         let two = format!("{WEB}---\n{}", WEB.replace("name: web", "name: api").replace(".10", ".11"));
-        // The watcher saw a write and no close yet: the half-written text is not read.
-        folder.writing().lock().unwrap().insert("web.yaml".into(), std::time::Instant::now());
+        // Watched, and no close since this write yet: the half-written text is not read.
         std::fs::write(dir.join("web.yaml"), &two[..WEB.len() + 10]).unwrap();
         folder.refresh().unwrap();
         assert_eq!(folder.cluster().services.len(), 1);
         std::fs::write(dir.join("web.yaml"), &two).unwrap();
-        folder.writing().lock().unwrap().clear();
+        folder.refresh().unwrap();
+        assert_eq!(folder.cluster().services.len(), 1, "still no close");
+        closes.lock().unwrap().insert("web.yaml".into(), std::time::SystemTime::now());
         folder.refresh().unwrap();
         assert_eq!(folder.cluster().services.len(), 2, "applied once closed");
         let _ = std::fs::remove_dir_all(&dir);
