@@ -436,7 +436,10 @@ impl FileObjects {
 }
 
 /// Whether a file whose content is `md` may be read: closed (or moved into place) after it
-/// was last written, or unchanged for `WRITER_PATIENCE`.
+/// was last written, or unchanged for `WRITER_PATIENCE`. Known limit: the mtime comes from
+/// the kernel's coarse clock, so a rewrite that starts within one tick (a few ms) of the
+/// previous close can pass for closed; recording the file's stamp at each close would
+/// close that gap.
 fn closed_since_written(md: &std::fs::Metadata, closed: Option<&std::time::SystemTime>) -> bool {
     let Ok(written) = md.modified() else { return true };
     closed.is_some_and(|c| *c >= written) || written.elapsed().is_ok_and(|age| age >= WRITER_PATIENCE)
