@@ -29,6 +29,7 @@ use crate::{
     links, loader,
     model::{self, HealthCheck, NodeContext, NodePortAddresses},
     reconcile::{self, Applied, Limits},
+    retry::Retry,
     source::{
         kube::{self as kube_source, KubeSource},
         manifests::{self, Folder},
@@ -116,6 +117,8 @@ struct Status {
     /// Frontends claimed by more than one Service (or port): one has it, the others are
     /// reported in the log.
     contested_frontends: usize,
+    /// Services the planner skipped (a map at its capacity), with why.
+    unprogrammed: Vec<(String, String)>,
     health_checks: BTreeMap<u16, HealthCheck>,
 }
 
@@ -244,6 +247,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         frontends: applied.services.len(),
         backends: applied.backends.len(),
         contested_frontends: 0,
+        unprogrammed: Vec::new(),
         health_checks: BTreeMap::new(),
     }));
 
@@ -292,12 +296,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     spawn_http(&cfg, status.clone(), gc.clone(), start)?;
     let mut health_servers: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
 
-    let limits = Limits {
-        max_table: lb_common::maglev::DEFAULT_MAX_TABLE,
-        maglev_slots: cfg.capacities.maglev_slots,
-        backends: cfg.capacities.backends,
-        services: cfg.capacities.services,
-    };
+    let limits = Limits::of(&cfg.capacities);
     let mut config = Config::default();
     let clock = conntrack_gc::tick_calibration();
     match clock {
@@ -307,9 +306,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             "warning: /proc/timer_list unreadable: the datapath reads its clock through a helper (slower)",
         ),
     }
-    // The Model between syncs; a failed sync is retried in full at the next tick.
+    // The Model between syncs; what a sync could not program is retried with backoff.
     let mut model_state = model::ModelState::default();
-    let mut retry: Option<model::Changes> = None;
+    let mut retry = Retry::new();
     applied.track_ranges(cfg.capacities.maglev_slots);
     let mut tick = tokio::time::interval(manifests::POLL);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -364,14 +363,13 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             last_link_scan = Instant::now();
             sync_links(&mut ebpf, &cfg.pin_dir, &tc_patterns, &mut tc_links, &status, start);
         }
-        // New changes, plus everything again after a failed sync.
-        let changes = match (source.changed(&status, start), retry.take()) {
-            (None, None) => continue,
-            (Some(c), None) | (None, Some(c)) => c,
-            (Some(mut c), Some(r)) => {
-                c.merge(r);
-                c
-            }
+        // New changes, plus the services skipped last time once their retry is due.
+        let now = Instant::now();
+        let due = retry.due(now);
+        let changes = match source.changed(&status, start) {
+            Some(c) => c,
+            None if due => model::Changes::default(),
+            None => continue,
         };
         lock(&status).pending_since.get_or_insert_with(Instant::now);
         let t0 = Instant::now();
@@ -380,10 +378,11 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             nodeport_addresses: cfg.nodeport_addresses.clone(),
             fallback_addresses: fallback_addresses(&cfg.xdp_ifaces),
         };
-        let (delta, node_addresses) = source.with_cluster(|cluster| {
+        let (mut delta, node_addresses) = source.with_cluster(|cluster| {
             let delta = model_state.update(cluster, &node, &changes);
             (delta, node.addresses(cluster))
         });
+        retry.prepare(&mut delta, due, |a| model_state.uses_backend(a));
         let desired = model_state.desired();
         let want_config = datapath_config(&cfg, &node_addresses, clock);
         if want_config != config {
@@ -394,42 +393,50 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 format!("source NAT address {:?} / {:?}", nat_ip(&config.snat_v4), nat_ip(&config.snat_v6)),
             );
         }
-        let result = reconcile::plan_changes(desired, &delta, &applied, &limits)
-            .map_err(anyhow::Error::from)
-            .and_then(|ops| {
-                reconcile::execute(&mut dp, &mut applied, &ops).map(|()| ops.len()).map_err(Into::into)
-            });
+        let plan = reconcile::plan_changes(desired, &delta, &applied, &limits);
+        let result = reconcile::execute(&mut dp, &mut applied, &plan.ops);
         let took = t0.elapsed();
+        for line in retry.settle(desired, &delta, &plan.failed, result.is_ok(), Instant::now()) {
+            log(start, line);
+        }
         let mut st = lock(&status);
         st.syncs += 1;
         st.sync_duration.observe(took.as_secs_f64());
         st.frontends = applied.services.len();
         st.backends = applied.backends.len();
         st.contested_frontends = model_state.contested_frontends();
+        st.unprogrammed = retry.skipped().map(|(s, e)| (s.to_string(), e.to_string())).collect();
+        if !plan.failed.is_empty() {
+            st.sync_errors += 1;
+        }
         match result {
-            Ok(n) => {
+            Ok(()) => {
                 st.last_sync_ok = Some(Instant::now());
-                st.pending_since = None;
-                let now = jiff::Timestamp::now();
-                for t in source.take_triggers() {
-                    let secs = now.duration_since(t).as_secs_f64();
-                    st.programming_duration.observe(secs.max(0.0));
+                // Skipped services keep changes pending: /healthz fails once they are stale.
+                if retry.is_empty() {
+                    st.pending_since = None;
+                    let now = jiff::Timestamp::now();
+                    for t in source.take_triggers() {
+                        let secs = now.duration_since(t).as_secs_f64();
+                        st.programming_duration.observe(secs.max(0.0));
+                    }
                 }
                 log(
                     start,
                     format!(
-                        "synced: {} services, {} frontends, {} backends; {} changed, {n} map writes in {:.2} ms",
+                        "synced: {} services ({} not programmed), {} frontends, {} backends; {} changed, {} map writes in {:.2} ms",
                         desired.services.len(),
+                        retry.skipped_count(),
                         applied.services.len(),
                         applied.backends.len(),
                         if delta.all { "all".to_string() } else { delta.services.len().to_string() },
+                        plan.ops.len(),
                         took.as_secs_f64() * 1e3
                     ),
                 );
             }
             Err(e) => {
                 st.sync_errors += 1;
-                retry = Some(model::Changes::everything());
                 log(start, format!("error: sync failed: {e:#}; will retry in full"));
                 // Re-read what the kernel really holds before planning again.
                 applied = Applied::read(&dp)?;
@@ -731,10 +738,11 @@ fn healthz_answer(st: &Status) -> Response {
         Some(p) => Response::json(
             503,
             format!(
-                "{{\"lastUpdated\": \"{}\", \"reason\": \"changes pending since {} ({} failed syncs so far)\"}}",
+                "{{\"lastUpdated\": \"{}\", \"reason\": \"changes pending since {} ({} failed syncs so far, {} services not programmed)\"}}",
                 ago(last),
                 ago(p),
-                st.sync_errors
+                st.sync_errors,
+                st.unprogrammed.len()
             ),
         ),
         None => Response::json(200, format!("{{\"lastUpdated\": \"{}\"}}", ago(last))),
@@ -777,6 +785,11 @@ fn render_status(st: &Status) -> String {
         "Frontends (ip, port, protocol) claimed by more than one Service or port: the oldest has it, the others are logged as skipped.",
         st.contested_frontends.to_string(),
     );
+    s += "# HELP lb_service_unprogrammed Datapath services skipped because a map is at its capacity (their maps keep what they held; retried with backoff).\n# TYPE lb_service_unprogrammed gauge\n";
+    for (service, why) in &st.unprogrammed {
+        let why = why.replace('\\', "\\\\").replace('"', "\\\"");
+        s += &format!("lb_service_unprogrammed{{service=\"{service}\",reason=\"{why}\"}} 1\n");
+    }
     s += "# HELP lb_xdp_attached XDP attachment per interface (mode label; generic is the slow fallback).\n# TYPE lb_xdp_attached gauge\n";
     for (iface, how) in &st.xdp {
         s += &format!("lb_xdp_attached{{iface=\"{iface}\",mode=\"{how:?}\"}} 1\n");

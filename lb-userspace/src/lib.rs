@@ -17,4 +17,5 @@ pub mod range_alloc;
 pub mod rawmap;
 pub mod reconcile;
 pub mod refcount;
+pub mod retry;
 pub mod source;

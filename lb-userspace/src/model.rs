@@ -748,6 +748,11 @@ impl ModelState {
         self.claims.contested()
     }
 
+    /// Whether a datapath service uses endpoint `addr` (as a backend or kept).
+    pub fn uses_backend(&self, addr: &(IpAddr, u16)) -> bool {
+        self.backend_users.contains_key(addr)
+    }
+
     /// Removes what Service `key` contributed; returns the frontends it claimed.
     fn forget(&mut self, key: &Key, delta: &mut Delta) -> Vec<Frontend> {
         let claims = self.claims_of.remove(key).unwrap_or_default();

@@ -447,8 +447,15 @@ fn incremental_sync_leaves_nothing_for_a_full_plan() {
         dataplane::FakeDataplane,
         reconcile::{Applied, Limits, execute, plan, plan_changes},
     };
-    const LIMITS: Limits =
-        Limits { max_table: 65_537, maglev_slots: 200_000, backends: 1_000, services: 1_000 };
+    const LIMITS: Limits = Limits {
+        max_table: 65_537,
+        maglev_slots: 200_000,
+        backends: 1_000,
+        services: 1_000,
+        frontends: 1 << 20,
+        source_ranges: 16_384,
+        members: 1 << 20,
+    };
     let node = test_node();
     let mut state = ModelState::default();
     let mut dp = FakeDataplane::default();
@@ -457,14 +464,14 @@ fn incremental_sync_leaves_nothing_for_a_full_plan() {
     applied.index.quarantine.hold = std::time::Duration::ZERO;
     random_changes(800, false, true, |step, cluster, changes| {
         let delta = state.update(cluster, &node, changes);
-        let ops = plan_changes(state.desired(), &delta, &applied, &LIMITS).unwrap();
+        let ops = plan_changes(state.desired(), &delta, &applied, &LIMITS).complete().unwrap();
         execute(&mut dp, &mut applied, &ops).unwrap();
         let read = Applied::read(&dp).unwrap();
         assert_eq!(applied, read, "step {step}: recorded state differs from the maps");
         assert_eq!(applied.index.by_addr, read.index.by_addr, "step {step}");
         assert_eq!(applied.index.service_ids, read.index.service_ids, "step {step}");
         assert_eq!(applied.index.table_users, read.index.table_users, "step {step}");
-        let rest = plan(state.desired(), &applied, &LIMITS).unwrap();
+        let rest = plan(state.desired(), &applied, &LIMITS).complete().unwrap();
         assert_eq!(rest, vec![], "step {step}: {changes:?} left work for a full plan (ops were {ops:?})");
     });
 }

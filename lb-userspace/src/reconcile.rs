@@ -12,6 +12,10 @@
 //!   backends are half written. A table is never rewritten in place: a changed table goes to a
 //!   fresh range, and the old range becomes free once no frontend points at it. Ids freed by a
 //!   plan are not reused within it, so a live table never names a backend of another service.
+//! * One service that cannot be programmed (a map at its capacity) is skipped and reported
+//!   in `Plan::failed`; the maps keep what they held of it, and every other service is
+//!   planned as usual. Each fallible step (ids, counts, the Maglev range) runs before the
+//!   service's first write is queued, so a skipped service leaves no partial entry.
 //! * Maglev tables keep their size while backends are removed (shrinking to a quarter of the
 //!   ideal size at most), and are rebuilt from the applied table so only the removed
 //!   backend's share of flows moves (`maglev::rebuild`).
@@ -26,8 +30,9 @@ use lb_common::abi::*;
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
+    loader::Capacities,
     maglev,
-    model::{Backend, Delta, Desired, DesiredService, NoBackend},
+    model::{Backend, Delta, Desired, DesiredService, NoBackend, ServiceRef},
     range_alloc::RangeAlloc,
     refcount::bump,
 };
@@ -53,9 +58,27 @@ pub struct Limits {
     pub maglev_slots: u32,
     pub backends: u32,
     pub services: u32,
+    pub frontends: u32,
+    pub source_ranges: u32,
+    pub members: u32,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+impl Limits {
+    pub fn of(c: &Capacities) -> Self {
+        Limits {
+            max_table: lb_common::maglev::DEFAULT_MAX_TABLE,
+            maglev_slots: c.maglev_slots,
+            backends: c.backends,
+            services: c.services,
+            frontends: c.frontends,
+            source_ranges: c.source_ranges,
+            members: c.members,
+        }
+    }
+}
+
+/// Why a service could not be programmed: a map at its capacity, with the flag that raises it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
     #[error("backend map full ({0} entries; raise --max-backends)")]
     BackendsFull(u32),
@@ -63,6 +86,31 @@ pub enum PlanError {
     ServicesFull(u32),
     #[error("Maglev array full: no room for {0} more slots (raise --max-maglev-slots)")]
     MaglevFull(u32),
+    #[error("frontend map full ({0} entries; raise --max-frontends)")]
+    FrontendsFull(u32),
+    #[error(
+        "source-range map full: {need} more entries do not fit in {capacity} (raise --max-source-ranges)"
+    )]
+    SourceRangesFull { need: u32, capacity: u32 },
+    #[error("membership map full ({0} entries; raise --max-members)")]
+    MembersFull(u32),
+}
+
+/// A plan: the writes, and the services left as they were because they did not fit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<MapOp>,
+    pub failed: Vec<(ServiceRef, PlanError)>,
+}
+
+impl Plan {
+    /// The ops when every service fit, else the first failure.
+    pub fn complete(self) -> Result<Vec<MapOp>, PlanError> {
+        match self.failed.into_iter().next() {
+            None => Ok(self.ops),
+            Some((_, e)) => Err(e),
+        }
+    }
 }
 
 /// What the maps hold, as far as the reconciler cares.
@@ -418,6 +466,14 @@ struct Planning<'a> {
     wanted_keys: BTreeSet<ServiceKey>,
     wanted_ranges: BTreeSet<(u32, IpNet)>,
     wanted_members: BTreeSet<MemberKey>,
+    /// Entries this plan adds to the frontend, source-range and membership maps: they are
+    /// written before anything is removed, so they must fit next to what the maps hold.
+    new_frontends: u32,
+    new_ranges: u32,
+    new_members: u32,
+    /// Backend ids that skipped services still use (their maps stay as they were).
+    kept_backend_ids: BTreeSet<u32>,
+    failed: Vec<(ServiceRef, PlanError)>,
     /// The last membership generation handed out.
     generation: u32,
 }
@@ -443,13 +499,40 @@ impl<'a> Planning<'a> {
             wanted_keys: BTreeSet::new(),
             wanted_ranges: BTreeSet::new(),
             wanted_members: BTreeSet::new(),
+            new_frontends: 0,
+            new_ranges: 0,
+            new_members: 0,
+            kept_backend_ids: BTreeSet::new(),
+            failed: Vec::new(),
             generation: applied.index.max_generation,
         }
     }
 
+    /// Plans service `sref`, or, when it does not fit, leaves what the maps hold of it (its
+    /// frontends now or as they were in `old`) as it is and reports it.
+    fn add(&mut self, sref: &ServiceRef, s: &DesiredService, old: Option<&DesiredService>) {
+        let queued = self.set_backends.len();
+        let mut fresh = Vec::new();
+        let result = self.backends(s, &mut fresh).and_then(|()| self.service(sref.proto, s));
+        if let Err(e) = result {
+            // `service` fails before queueing anything; `backends` only queues backend writes.
+            self.set_backends.truncate(queued);
+            for addr in fresh {
+                // Ids taken for it go back, so the services after it can have them.
+                if let Some(id) = self.backend_ids.remove(&addr)
+                    && self.applied.index.by_addr.get(&addr) != Some(&id)
+                {
+                    self.new_backend_ids.remove(&id);
+                }
+            }
+            self.keep(sref.proto, s, old);
+            self.failed.push((sref.clone(), e));
+        }
+    }
+
     /// Gives every endpoint of `s` a backend id: the one the maps hold for its `ip:port`,
-    /// else a free one.
-    fn backends(&mut self, s: &DesiredService) -> Result<(), PlanError> {
+    /// else a free one. `fresh` gets the addresses that had none in this plan yet.
+    fn backends(&mut self, s: &DesiredService, fresh: &mut Vec<(IpAddr, u16)>) -> Result<(), PlanError> {
         for b in s.backends.iter().chain(&s.kept) {
             let addr = (b.ip, b.port);
             if self.backend_ids.contains_key(&addr) {
@@ -461,6 +544,7 @@ impl<'a> Planning<'a> {
                     .ok_or(PlanError::BackendsFull(self.limits.backends))?,
             };
             self.backend_ids.insert(addr, id);
+            fresh.push(addr);
             let value = BackendValue::new(b.ip, b.port, backend_flags(b));
             if self.applied.backends.get(&id) != Some(&value) {
                 self.set_backends.push(MapOp::SetBackend { id, value });
@@ -471,29 +555,47 @@ impl<'a> Planning<'a> {
 
     /// Plans service `s` (its backends already have ids): its id — that of the first of its
     /// frontends already applied and not claimed yet, else a free one —, its table, source
-    /// ranges and frontend entries.
+    /// ranges and frontend entries. Every check comes before the first write is queued.
     fn service(&mut self, proto: u8, s: &DesiredService) -> Result<(), PlanError> {
-        let applied = self.applied;
+        let (applied, limits) = (self.applied, self.limits);
         let keys: Vec<ServiceKey> =
             s.frontends.iter().map(|(ip, port)| ServiceKey::new(*ip, *port, proto)).collect();
+        let new_keys = keys.iter().filter(|k| !applied.services.contains_key(k)).count() as u32;
+        if applied.services.len() as u32 + self.new_frontends + new_keys > limits.frontends {
+            return Err(PlanError::FrontendsFull(limits.frontends));
+        }
         let previous = keys
             .iter()
             .filter_map(|k| applied.services.get(k))
             .find(|v| !self.claimed.contains(&v.service_id));
         let service_id = match previous {
             Some(v) => v.service_id,
-            None => take_free(&applied.index.service_ids, &mut self.new_service_ids, self.limits.services)
-                .ok_or(PlanError::ServicesFull(self.limits.services))?,
+            None => take_free(&applied.index.service_ids, &mut self.new_service_ids, limits.services)
+                .ok_or(PlanError::ServicesFull(limits.services))?,
+        };
+        let checked = self
+            .fits(s, service_id)
+            .and_then(|counts| Ok((counts, self.service_value(s, service_id, previous)?)));
+        let ((new_ranges, members, new_members), value) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                if previous.is_none() {
+                    self.new_service_ids.remove(&service_id);
+                }
+                return Err(e);
+            }
         };
         self.claimed.insert(service_id);
-        let value = self.service_value(s, service_id, previous)?;
+        self.new_frontends += new_keys;
+        self.new_ranges += new_ranges;
+        self.new_members += new_members;
         for net in &s.source_ranges {
             self.wanted_ranges.insert((service_id, *net));
             if !applied.source_ranges.contains(&(service_id, *net)) {
                 self.allow.push(MapOp::AllowSource { service_id, net: *net });
             }
         }
-        self.members(s, service_id);
+        self.members(members);
         for key in keys {
             self.wanted_keys.insert(key);
             if applied.services.get(&key) != Some(&value) {
@@ -503,12 +605,70 @@ impl<'a> Planning<'a> {
         Ok(())
     }
 
-    /// The memberships of service `service_id`: its usable backends, and its terminating ones
-    /// kept for their flows. A new membership gets a new generation; a changed one keeps it.
-    fn members(&mut self, s: &DesiredService, service_id: u32) {
+    /// Whether `s`'s source ranges and memberships fit next to what the maps and this plan
+    /// hold: the new ranges, the memberships wanted and how many of them are new.
+    fn fits(
+        &self,
+        s: &DesiredService,
+        service_id: u32,
+    ) -> Result<(u32, BTreeMap<MemberKey, u32>, u32), PlanError> {
+        let (applied, limits) = (self.applied, self.limits);
+        let new_ranges = s
+            .source_ranges
+            .iter()
+            .filter(|net| !applied.source_ranges.contains(&(service_id, **net)))
+            .count() as u32;
+        if applied.source_ranges.len() as u32 + self.new_ranges + new_ranges > limits.source_ranges {
+            return Err(PlanError::SourceRangesFull { need: new_ranges, capacity: limits.source_ranges });
+        }
+        let members = self.member_flags(s, service_id);
+        let new_members = members.keys().filter(|k| !applied.members.contains_key(k)).count() as u32;
+        if applied.members.len() as u32 + self.new_members + new_members > limits.members {
+            return Err(PlanError::MembersFull(limits.members));
+        }
+        Ok((new_ranges, members, new_members))
+    }
+
+    /// Keeps a skipped service's entries as the maps hold them: its frontends (`s`'s and
+    /// `old`'s) with their ids, source ranges, memberships and the backends its tables use.
+    fn keep(&mut self, proto: u8, s: &DesiredService, old: Option<&DesiredService>) {
+        let applied = self.applied;
+        let frontends = s.frontends.iter().chain(old.into_iter().flat_map(|o| &o.frontends));
+        for (ip, port) in frontends {
+            let key = ServiceKey::new(*ip, *port, proto);
+            let Some(v) = applied.services.get(&key) else { continue };
+            self.wanted_keys.insert(key);
+            if !self.claimed.insert(v.service_id) {
+                continue;
+            }
+            let id = v.service_id;
+            self.wanted_ranges.extend(applied.source_ranges.iter().filter(|(sid, _)| *sid == id).copied());
+            for key in applied.members.keys().filter(|k| k.service_id == id) {
+                self.wanted_members.insert(*key);
+                self.kept_backend_ids.insert(key.backend_id);
+            }
+            if let Some(ids) = applied.table_members.get(&v.maglev_offset) {
+                self.kept_backend_ids.extend(ids.iter().copied());
+            }
+        }
+    }
+
+    /// The memberships service `service_id` wants: its usable backends, and its terminating
+    /// ones kept for their flows.
+    fn member_flags(&self, s: &DesiredService, service_id: u32) -> BTreeMap<MemberKey, u32> {
         let usable = s.backends.iter().map(|b| (b, MEMBER_F_USABLE));
+        let mut wanted = BTreeMap::new();
         for (b, flags) in usable.chain(s.kept.iter().map(|b| (b, 0))) {
             let key = MemberKey { service_id, backend_id: self.backend_ids[&(b.ip, b.port)] };
+            wanted.entry(key).or_insert(flags);
+        }
+        wanted
+    }
+
+    /// Queues the memberships `wanted`. A new membership gets a new generation; a changed
+    /// one keeps it.
+    fn members(&mut self, wanted: BTreeMap<MemberKey, u32>) {
+        for (key, flags) in wanted {
             if !self.wanted_members.insert(key) {
                 continue;
             }
@@ -597,6 +757,7 @@ impl<'a> Planning<'a> {
         let key = ServiceKey::new(vip, 0, 0);
         self.wanted_keys.insert(key);
         if !self.applied.services.contains_key(&key) {
+            self.new_frontends += 1;
             self.set_services.push(MapOp::SetService { key, value: ServiceValue::default() });
         }
     }
@@ -611,19 +772,21 @@ impl<'a> Planning<'a> {
         ops.append(&mut self.set_services);
         ops
     }
+
+    /// Whether backend id `id` stays: a planned or a skipped service uses it.
+    fn backend_stays(&self, id: u32) -> bool {
+        self.kept_backend_ids.contains(&id)
+    }
 }
 
 /// The ops that take the maps from `applied` to `desired`.
-pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec<MapOp>, PlanError> {
+pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Plan {
     let mut p = Planning::new(applied, limits);
-    for s in desired.services.values() {
-        p.backends(s)?;
-    }
-    for (sref, s) in &desired.services {
-        p.service(sref.proto, s)?;
-    }
     for vip in &desired.cluster_vips {
         p.cluster_vip(*vip);
+    }
+    for (sref, s) in &desired.services {
+        p.add(sref, s, None);
     }
     let mut ops = p.writes();
     ops.extend(
@@ -647,35 +810,28 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Result<Vec
         applied
             .backends
             .keys()
-            .filter(|id| !wanted_ids.contains(id))
+            .filter(|id| !wanted_ids.contains(id) && !p.backend_stays(**id))
             .map(|id| MapOp::RemoveBackend { id: *id }),
     );
-    Ok(ops)
+    Plan { ops, failed: p.failed }
 }
 
 /// The ops for one Model delta, looking only at the datapath services it names (plus the
 /// VIPs and endpoints it says came or went): the same ops, in the same order and by the same
 /// rules, as `plan` would need (tested: after them `plan` has nothing left to do). A delta
 /// that says "all" is planned in full.
-pub fn plan_changes(
-    desired: &Desired,
-    delta: &Delta,
-    applied: &Applied,
-    limits: &Limits,
-) -> Result<Vec<MapOp>, PlanError> {
+pub fn plan_changes(desired: &Desired, delta: &Delta, applied: &Applied, limits: &Limits) -> Plan {
     if delta.all {
         return plan(desired, applied, limits);
     }
     let mut p = Planning::new(applied, limits);
-    let changed = || delta.services.keys().filter_map(|r| desired.services.get(r).map(|s| (r, s)));
-    for (_, s) in changed() {
-        p.backends(s)?;
-    }
-    for (sref, s) in changed() {
-        p.service(sref.proto, s)?;
-    }
     for vip in &delta.vips_added {
         p.cluster_vip(*vip);
+    }
+    for (sref, old) in &delta.services {
+        if let Some(s) = desired.services.get(sref) {
+            p.add(sref, s, old.as_ref());
+        }
     }
     let mut ops = p.writes();
     // Frontends the changed services had and no longer have, and VIPs that went.
@@ -706,9 +862,10 @@ pub fn plan_changes(
             .iter()
             .filter(|a| !p.backend_ids.contains_key(a))
             .filter_map(|a| applied.index.by_addr.get(a))
+            .filter(|id| !p.backend_stays(**id))
             .map(|id| MapOp::RemoveBackend { id: *id }),
     );
-    Ok(ops)
+    Plan { ops, failed: p.failed }
 }
 
 #[cfg(test)]

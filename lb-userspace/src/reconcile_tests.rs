@@ -4,7 +4,15 @@ use crate::{
     model::{Family, Scope, ServiceRef},
 };
 
-const LIMITS: Limits = Limits { max_table: 65_537, maglev_slots: 100_000, backends: 1_000, services: 1_000 };
+const LIMITS: Limits = Limits {
+    max_table: 65_537,
+    maglev_slots: 100_000,
+    backends: 1_000,
+    services: 1_000,
+    frontends: 1 << 20,
+    source_ranges: 16_384,
+    members: 1 << 20,
+};
 
 fn sref(name: &str) -> ServiceRef {
     ServiceRef {
@@ -41,10 +49,10 @@ fn desired(services: Vec<(&str, DesiredService)>) -> Desired {
 /// planning again yields nothing. Returns the ops.
 fn sync(dp: &mut FakeDataplane, d: &Desired) -> Vec<MapOp> {
     let mut applied = Applied::read(dp).unwrap();
-    let ops = plan(d, &applied, &LIMITS).unwrap();
+    let ops = plan(d, &applied, &LIMITS).complete().unwrap();
     execute(dp, &mut applied, &ops).unwrap();
     assert_eq!(applied, Applied::read(dp).unwrap(), "recorded state differs from the maps");
-    assert_eq!(plan(d, &applied, &LIMITS).unwrap(), vec![], "second plan is not empty");
+    assert_eq!(plan(d, &applied, &LIMITS).complete().unwrap(), vec![], "second plan is not empty");
     ops
 }
 
@@ -138,7 +146,7 @@ fn restart_reads_the_maps_and_plans_nothing_and_keeps_ids() {
     let ids = (value(&dp, 10).service_id, value(&dp, 11).service_id, backend_id(&dp, 3));
     // A new agent: only the maps survive.
     let applied = Applied::read(&dp).unwrap();
-    assert_eq!(plan(&d, &applied, &LIMITS).unwrap(), vec![]);
+    assert_eq!(plan(&d, &applied, &LIMITS).complete().unwrap(), vec![]);
     // Services listed in another order (another name) keep their ids too.
     let d2 = desired(vec![("z", service(10, &[1, 2])), ("b", service(11, &[3, 4]))]);
     sync(&mut dp, &d2);
@@ -217,9 +225,113 @@ fn source_ranges_are_allowed_before_the_flip_and_removed_after() {
 fn limits_are_reported() {
     let small = Limits { backends: 3, ..LIMITS };
     let d = desired(vec![("web", service(10, &[1, 2, 3]))]);
-    assert_eq!(plan(&d, &Applied::default(), &small), Err(PlanError::BackendsFull(3)));
+    assert_eq!(plan(&d, &Applied::default(), &small).complete(), Err(PlanError::BackendsFull(3)));
     let small = Limits { maglev_slots: 100, ..LIMITS };
-    assert_eq!(plan(&d, &Applied::default(), &small), Err(PlanError::MaglevFull(307)));
+    assert_eq!(plan(&d, &Applied::default(), &small).complete(), Err(PlanError::MaglevFull(307)));
+    let small = Limits { frontends: 0, ..LIMITS };
+    assert_eq!(plan(&d, &Applied::default(), &small).complete(), Err(PlanError::FrontendsFull(0)));
+    let small = Limits { members: 2, ..LIMITS };
+    assert_eq!(plan(&d, &Applied::default(), &small).complete(), Err(PlanError::MembersFull(2)));
+    let mut s = service(10, &[1]);
+    s.source_ranges = vec!["198.18.0.0/24".parse().unwrap(), "198.18.1.0/24".parse().unwrap()];
+    let small = Limits { source_ranges: 1, ..LIMITS };
+    assert_eq!(
+        plan(&desired(vec![("web", s)]), &Applied::default(), &small).complete(),
+        Err(PlanError::SourceRangesFull { need: 2, capacity: 1 })
+    );
+    let msg = PlanError::SourceRangesFull { need: 2, capacity: 1 }.to_string();
+    assert!(msg.contains("--max-source-ranges"), "{msg}");
+}
+
+/// The services of `d`, each with its own frontend and backends 10*i+1..=10*i+n.
+fn many(n: u8, backends: u8) -> Vec<(String, DesiredService)> {
+    (1..=n)
+        .map(|i| (format!("svc{i:02}"), service(i, &(1..=backends).map(|b| 10 * i + b).collect::<Vec<_>>())))
+        .collect()
+}
+
+fn desired_of(services: &[(String, DesiredService)]) -> Desired {
+    desired(services.iter().map(|(n, s)| (n.as_str(), s.clone())).collect())
+}
+
+/// Plans with `limits`, applies, and checks the maps hold what was recorded.
+fn sync_with(dp: &mut FakeDataplane, d: &Desired, limits: &Limits) -> Vec<(ServiceRef, PlanError)> {
+    let mut applied = Applied::read(dp).unwrap();
+    let p = plan(d, &applied, limits);
+    execute(dp, &mut applied, &p.ops).unwrap();
+    assert_eq!(applied, Applied::read(dp).unwrap(), "recorded state differs from the maps");
+    p.failed
+}
+
+#[test]
+fn a_service_over_a_limit_is_skipped_and_the_others_are_applied() {
+    // Each of the 5 small services takes 2 backends; "big" wants 30, over --max-backends.
+    let mut services = many(5, 2);
+    services.push(("big".into(), service(99, &(100..130).collect::<Vec<_>>())));
+    let limits = Limits { backends: 20, ..LIMITS };
+    let mut dp = FakeDataplane::default();
+    let failed = sync_with(&mut dp, &desired_of(&services), &limits);
+    assert_eq!(failed, vec![(sref("big"), PlanError::BackendsFull(20))]);
+    for i in 1..=5 {
+        assert_eq!(value(&dp, i).backend_count, 2);
+    }
+    // Nothing of the skipped service reached a map.
+    assert!(!dp.services.contains_key(&ServiceKey::new(IpAddr::from([198, 19, 0, 99]), 80, PROTO_TCP)));
+    assert_eq!(dp.backends.len(), 10);
+    assert_eq!(dp.members.len(), 10);
+}
+
+#[test]
+fn a_skipped_service_keeps_what_the_maps_held_while_the_rest_changes() {
+    let mut services = many(3, 2);
+    let mut dp = FakeDataplane::default();
+    let limits = Limits { maglev_slots: 1_000, ..LIMITS };
+    assert_eq!(sync_with(&mut dp, &desired_of(&services), &limits), vec![]);
+    let before = (value(&dp, 1), table(&dp, 1));
+    // svc01 grows past the Maglev array; svc02 loses an endpoint; svc03 goes.
+    services[0].1 = service(1, &(11..=30).collect::<Vec<_>>());
+    services[1].1 = service(2, &[21]);
+    services.pop();
+    let failed = sync_with(&mut dp, &desired_of(&services), &limits);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, sref("svc01"));
+    assert!(matches!(failed[0].1, PlanError::MaglevFull(_)));
+    assert_eq!((value(&dp, 1), table(&dp, 1)), before, "the skipped service serves as before");
+    for id in &before.1 {
+        assert!(dp.backends.contains_key(id), "backend {id} of the kept table stays");
+    }
+    assert_eq!(value(&dp, 2).backend_count, 1, "an endpoint removal elsewhere is applied");
+    assert!(!dp.services.contains_key(&ServiceKey::new(IpAddr::from([198, 19, 0, 3]), 80, PROTO_TCP)));
+    // Once it fits, it is programmed, and what it no longer uses goes.
+    let limits = Limits { maglev_slots: 100_000, ..LIMITS };
+    assert_eq!(sync_with(&mut dp, &desired_of(&services), &limits), vec![]);
+    assert_eq!(value(&dp, 1).backend_count, 20);
+    assert_eq!(plan(&desired_of(&services), &Applied::read(&dp).unwrap(), &limits), Plan::default());
+}
+
+#[test]
+fn plan_changes_keeps_a_skipped_service_and_its_endpoints() {
+    let services = many(2, 2);
+    let mut dp = FakeDataplane::default();
+    let limits = Limits { source_ranges: 2, ..LIMITS };
+    sync_with(&mut dp, &desired_of(&services), &limits);
+    let old = services[0].1.clone();
+    let mut grown = service(1, &[12, 13]);
+    grown.source_ranges = (0..3).map(|i| format!("198.18.{i}.0/24").parse().unwrap()).collect();
+    let now = desired_of(&[("svc01".to_string(), grown), services[1].clone()]);
+    // The Model says endpoint .11 is gone (svc01 dropped it) and svc01 changed.
+    let delta = Delta {
+        services: [(sref("svc01"), Some(old))].into(),
+        backends_gone: [(be(11).ip, be(11).port)].into(),
+        ..Default::default()
+    };
+    let mut applied = Applied::read(&dp).unwrap();
+    let before = value(&dp, 1);
+    let p = plan_changes(&now, &delta, &applied, &limits);
+    assert_eq!(p.failed, vec![(sref("svc01"), PlanError::SourceRangesFull { need: 3, capacity: 2 })]);
+    assert_eq!(p.ops, vec![], "nothing partial, and the kept table's endpoint stays");
+    execute(&mut dp, &mut applied, &p.ops).unwrap();
+    assert_eq!(value(&dp, 1), before);
 }
 
 #[test]
@@ -251,8 +363,8 @@ fn plan_changes_reports_full_maps_like_plan() {
     let delta = Delta { services: [(sref("a"), None)].into(), ..Default::default() };
     let small = Limits { backends: 3, ..LIMITS };
     let applied = Applied::default();
-    assert_eq!(plan_changes(&d, &delta, &applied, &small), Err(PlanError::BackendsFull(3)));
-    assert_eq!(plan(&d, &applied, &small), Err(PlanError::BackendsFull(3)));
+    assert_eq!(plan_changes(&d, &delta, &applied, &small).complete(), Err(PlanError::BackendsFull(3)));
+    assert_eq!(plan(&d, &applied, &small).complete(), Err(PlanError::BackendsFull(3)));
     let one_id = Limits { services: 1, ..LIMITS };
-    assert_eq!(plan_changes(&d, &delta, &applied, &one_id), Err(PlanError::ServicesFull(1)));
+    assert_eq!(plan_changes(&d, &delta, &applied, &one_id).complete(), Err(PlanError::ServicesFull(1)));
 }

@@ -403,10 +403,28 @@ impl Lab {
 
     /// Whether node `node`'s datapath has the TCP frontend `ip:port` (read from its pins).
     pub fn has_frontend(&self, node: u8, ip: IpAddr, port: u16) -> anyhow::Result<bool> {
+        Ok(self.frontend(node, ip, port)?.is_some())
+    }
+
+    /// Node `node`'s TCP frontend entry for `ip:port`, if it has one (read from its pins).
+    pub fn frontend(
+        &self,
+        node: u8,
+        ip: IpAddr,
+        port: u16,
+    ) -> anyhow::Result<Option<lb_common::abi::ServiceValue>> {
         use lb_userspace::dataplane::{AyaDataplane, Dataplane as _};
         let key = lb_common::abi::ServiceKey::new(ip, port, lb_common::abi::PROTO_TCP);
         let dp = AyaDataplane::open(&self.pin_dir(node))?;
-        Ok(dp.services()?.iter().any(|(k, _)| *k == key))
+        Ok(dp.services()?.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v))
+    }
+
+    /// Node `node`'s agent's `/metrics` page.
+    pub fn metrics(&self, node: u8) -> anyhow::Result<String> {
+        sh(&mut in_ns(
+            &self.node_netns(node),
+            &["curl", "-s", "--max-time", "2", "http://127.0.0.1:10249/metrics"],
+        ))
     }
 
     /// Whether node `node`'s datapath has backend `ip:port` (read from its pins).

@@ -582,9 +582,7 @@ fn kube_source_programs_the_datapath_and_a_lost_api_server_keeps_it() {
     reach_all(&ns, sa(vip(), 80), Proto::Tcp, &["web-2", "web-3"]);
 
     // Programming latency is measured like kube-proxy does.
-    let metrics =
-        lab::sh(&mut lab::in_ns(&lab.node_netns(1), &["curl", "-s", "http://127.0.0.1:10249/metrics"]))
-            .unwrap();
+    let metrics = lab.metrics(1).unwrap();
     let count = metrics
         .lines()
         .find_map(|l| l.strip_prefix("kubeproxy_network_programming_duration_seconds_count "))
@@ -892,6 +890,122 @@ fn healthz_fails_while_syncs_fail_and_recovers() {
     let (_, failures) = asker.finish();
     assert!(failures.is_empty(), "the datapath kept serving: {failures:?}");
     assert!(lab.agent_log(1).contains("service ids exhausted"), "{}", lab.agent_log(1));
+}
+
+/// 50 ClusterIP Services next to `web`; `svc-7`'s endpoints are `seven`.
+fn fifty_services(all: &[&Pod], seven: &[&Pod]) -> String {
+    (1..=50)
+        .map(|i| {
+            let name = format!("svc-{i}");
+            service(
+                &name,
+                &format!("  clusterIP: 198.19.1.{i}\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}}}\n"),
+                "",
+            ) + &slice_yaml(&format!("{name}-1"), &name, &[("http", POD_PORT, "TCP")], &ready(if i == 7 { seven } else { all }))
+                + "---\n"
+        })
+        .collect()
+}
+
+/// A Service with `endpoints` made-up endpoints (198.18.200.x, never asked) and `extra` spec.
+fn big_service(endpoints: u8, type_: &str, extra: &str, status: &str) -> String {
+    let eps: Vec<String> = (1..=endpoints)
+        .map(|i| format!("{{addresses: ['198.18.200.{i}'], nodeName: node-2, conditions: {{ready: true}}}}"))
+        .collect();
+    service(
+        "big",
+        &format!(
+            "  type: {type_}\n  clusterIP: 198.19.2.1\n{extra}  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30090}}\n"
+        ),
+        status,
+    ) + &format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: big-1, labels: {{kubernetes.io/service-name: big}}}}\naddressType: IPv4\nports: [{{name: http, port: {POD_PORT}, protocol: TCP}}]\nendpoints: [{}]\n",
+        eps.join(", ")
+    )
+}
+
+/// One Service over each capacity, next to 50 good ones: it alone is skipped, named in the
+/// log and in `lb_service_unprogrammed` with the flag that raises the limit, while the 50
+/// are programmed, an endpoint change in one of them during the failure is applied, and
+/// `web` serves throughout (restarts included). Nothing of the skipped Service's port
+/// reaches a map.
+#[test]
+fn a_service_over_a_capacity_is_skipped_and_everything_else_applied() {
+    let Some(mut lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all, Proto::Tcp);
+    // svc-7 with all three endpoints, and with two.
+    let (fifty, fifty_changed) = (fifty_services(&all, &all), fifty_services(&all, &all[..2]));
+    lab.write_manifest("others.yaml", &fifty).unwrap();
+    let others_up =
+        |lab: &Lab| (1..=50).all(|i| lab.has_frontend(1, IpAddr::from([198, 19, 1, i]), 80).unwrap_or(false));
+    wait_for(Duration::from_secs(5), || Ok(others_up(&lab))).expect("50 Services programmed");
+    let frontends: u32 = lab
+        .metrics(1)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("lb_frontends ")?.parse().ok())
+        .expect("lb_frontends");
+    let asker = Asker::start(&client, sa(vip(), 80));
+    let lb = format!("loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}");
+    let ranges = "  loadBalancerSourceRanges: [198.18.0.0/24, 198.18.1.0/24, 198.18.2.0/24, 198.18.3.0/24, 198.18.4.0/24]\n";
+    // web: 2 service ids and 6 memberships; the 50: 50 ids and 150 memberships; 3 endpoints.
+    // Ids start at 1, so a capacity of N holds N - 1 of them.
+    let cases: Vec<(&str, String, String)> = vec![
+        ("--max-services", "53".into(), big_service(3, "ClusterIP", "", "")),
+        ("--max-backends", "8".into(), big_service(10, "ClusterIP", "", "")),
+        ("--max-maglev-slots", "20000".into(), big_service(50, "ClusterIP", "", "")),
+        ("--max-members", "158".into(), big_service(3, "ClusterIP", "", "")),
+        ("--max-frontends", (frontends + 1).to_string(), big_service(3, "ClusterIP", "", "")),
+        ("--max-source-ranges", "4".into(), big_service(3, "LoadBalancer", ranges, &lb)),
+    ];
+    let seven = IpAddr::from([198, 19, 1, 7]);
+    for (flag, value, big) in cases {
+        lab.stop_agent(1);
+        lab.start_agent(1, &[flag, &value]).unwrap();
+        let t0 = Instant::now();
+        lab.write_manifest("big.yaml", &big).unwrap();
+        let said = |lab: &Lab| {
+            lab.agent_log(1)
+                .lines()
+                .any(|l| l.contains("default/big") && l.contains("not programmed") && l.contains(flag))
+        };
+        wait_for(LIVE * 2, || Ok(said(&lab))).unwrap_or_else(|e| panic!("{flag}: {e}\n{}", lab.agent_log(1)));
+        // An endpoint change elsewhere is applied during the failure.
+        lab.write_manifest("others.yaml", &fifty_changed).unwrap();
+        wait_for(LIVE, || Ok(lab.frontend(1, seven, 80)?.map(|v| v.backend_count) == Some(2)))
+            .unwrap_or_else(|e| panic!("{flag}: svc-7's change not applied: {e}\n{}", lab.agent_log(1)));
+        assert!(t0.elapsed() < LIVE * 3, "{flag}: {:?}", t0.elapsed());
+        assert!(others_up(&lab), "{flag}: the 50 stay programmed");
+        let metrics = lab.metrics(1).unwrap();
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("lb_service_unprogrammed{service=\"default/big") && l.contains(flag)),
+            "{flag}:\n{metrics}"
+        );
+        if flag != "--max-source-ranges" {
+            // The whole Service is one port, skipped before any write.
+            assert!(!lab.has_frontend(1, IpAddr::from([198, 19, 2, 1]), 80).unwrap(), "{flag}");
+            assert!(!lab.has_backend(1, IpAddr::from([198, 18, 200, 1]), POD_PORT).unwrap(), "{flag}");
+        } else {
+            // Its ClusterIP and NodePort are programmed; its LoadBalancer frontend is not, and
+            // none of its ranges is in the map.
+            assert!(!lab.has_frontend(1, LB_IP.parse().unwrap(), 80).unwrap());
+            let dp = lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(1)).unwrap();
+            use lb_userspace::dataplane::Dataplane as _;
+            assert_eq!(dp.source_ranges().unwrap(), vec![], "nothing partial");
+        }
+        // Back to the good state for the next case.
+        lab.remove_manifest("big.yaml").unwrap();
+        lab.write_manifest("others.yaml", &fifty).unwrap();
+        wait_for(LIVE, || Ok(lab.frontend(1, seven, 80)?.map(|v| v.backend_count) == Some(3))).unwrap();
+        wait_for(LIVE, || Ok(!lab.metrics(1)?.contains("lb_service_unprogrammed{")))
+            .unwrap_or_else(|e| panic!("{flag}: still reported: {e}\n{}", lab.agent_log(1)));
+    }
+    let (_, failures) = asker.finish();
+    assert!(failures.is_empty(), "web failed: {failures:?}");
 }
 
 /// The agent runs with exactly the DaemonSet's capabilities (the deploy test keeps that list

@@ -394,8 +394,15 @@ fn new_flows_never_land_on_another_services_backend_while_services_are_rewritten
         let (stop, syncs, pin_dir) = (stop.clone(), syncs.clone(), l.pin_dir.clone());
         std::thread::spawn(move || {
             let mut dp = AyaDataplane::open(&pin_dir).unwrap();
-            let limits =
-                Limits { max_table: 65_537, maglev_slots: 1 << 20, backends: 262_144, services: 1_000 };
+            let limits = Limits {
+                max_table: 65_537,
+                maglev_slots: 1 << 20,
+                backends: 262_144,
+                services: 1_000,
+                frontends: 1 << 20,
+                source_ranges: 16_384,
+                members: 1 << 20,
+            };
             let mut applied = Applied::read(&dp).unwrap();
             applied.track_ranges(limits.maglev_slots);
             let mut seed = 0x1234_5678_u64;
@@ -430,7 +437,7 @@ fn new_flows_never_land_on_another_services_backend_while_services_are_rewritten
                     services.insert(sref, s);
                 }
                 let desired = Desired { services, ..Default::default() };
-                let ops = plan(&desired, &applied, &limits).unwrap();
+                let ops = plan(&desired, &applied, &limits).complete().unwrap();
                 execute(&mut dp, &mut applied, &ops).unwrap();
                 syncs.fetch_add(1, Ordering::Relaxed);
                 // A hundred full rewrites a second: a busy cluster's worth, and more.

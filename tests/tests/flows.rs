@@ -324,9 +324,7 @@ fn agent_restart_with_doubled_max_flows_fails_no_request() {
     assert!(failures.is_empty(), "{} of {asked} requests failed: {failures:?}", failures.len());
     assert!(lab.agent_log(1).contains("migrated into new maps"), "{}", lab.agent_log(1));
     assert_eq!(AyaDataplane::open(&lab.pin_dir(1)).unwrap().flow_capacity().unwrap(), before * 2);
-    let metrics =
-        lab::sh(&mut lab::in_ns(&lab.node_netns(1), &["curl", "-s", "http://127.0.0.1:10249/metrics"]))
-            .unwrap();
+    let metrics = lab.metrics(1).unwrap();
     assert!(metrics.contains(&format!("lb_conntrack_capacity {doubled}")), "{metrics}");
     eprintln!("upgrade: {asked} requests over the restart, none failed; capacity {before} -> {doubled}");
 }

@@ -21,7 +21,15 @@ use lb_userspace::{
 };
 use serde_json::{Value, json};
 
-const LIMITS: Limits = Limits { max_table: 65_537, maglev_slots: 1 << 20, backends: 4096, services: 4096 };
+const LIMITS: Limits = Limits {
+    max_table: 65_537,
+    maglev_slots: 1 << 20,
+    backends: 4096,
+    services: 4096,
+    frontends: 1 << 20,
+    source_ranges: 16_384,
+    members: 1 << 20,
+};
 
 fn node() -> NodeContext {
     NodeContext {
@@ -51,7 +59,7 @@ fn expected(api: &ApiStandIn) -> View {
     let desired = model::desired(&api.cluster(), &node());
     let mut dp = FakeDataplane::default();
     let mut applied = Applied::default();
-    let ops = reconcile::plan(&desired, &applied, &LIMITS).unwrap();
+    let ops = reconcile::plan(&desired, &applied, &LIMITS).complete().unwrap();
     reconcile::execute(&mut dp, &mut applied, &ops).unwrap();
     view(&dp)
 }
@@ -77,7 +85,8 @@ impl Agent {
     fn sync_once(&mut self) {
         let Some(changes) = self.src.take_changes() else { return };
         let delta = self.src.with_cluster(|c| self.model.update(c, &node(), &changes));
-        let ops = reconcile::plan_changes(self.model.desired(), &delta, &self.applied, &LIMITS).unwrap();
+        let ops =
+            reconcile::plan_changes(self.model.desired(), &delta, &self.applied, &LIMITS).complete().unwrap();
         reconcile::execute(&mut self.dp, &mut self.applied, &ops).unwrap();
     }
 
@@ -264,7 +273,7 @@ async fn api_unavailable_at_start_and_later_never_empties_the_datapath() {
         let mut dp = FakeDataplane::default();
         let mut applied = Applied::default();
         let desired = model::desired(&api.cluster(), &node());
-        let ops = reconcile::plan(&desired, &applied, &LIMITS).unwrap();
+        let ops = reconcile::plan(&desired, &applied, &LIMITS).complete().unwrap();
         reconcile::execute(&mut dp, &mut applied, &ops).unwrap();
         let before = view(&dp);
         api.set_unavailable(true);

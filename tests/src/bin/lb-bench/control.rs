@@ -62,7 +62,7 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
     let model_ms = ms(t.elapsed());
     let mut applied = Applied::default();
     applied.track_ranges(limits.maglev_slots);
-    let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits)?;
+    let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits).complete()?;
     reconcile::execute(&mut l.dp, &mut applied, &ops)?;
     let full_ms = ms(t.elapsed());
 
@@ -76,7 +76,7 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
     c.slices.insert(slice_key.clone(), slice(last, &eps, PROTO));
     let changes = model::Changes { slices: [slice_key].into(), ..Default::default() };
     let delta = state.update(&c, &node(), &changes);
-    let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits)?;
+    let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits).complete()?;
     reconcile::execute(&mut l.dp, &mut applied, &ops)?;
     let mut i = 0u32;
     loop {

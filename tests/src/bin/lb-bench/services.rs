@@ -300,11 +300,6 @@ pub fn capacities(n: u32) -> (loader::Capacities, Limits) {
         maglev_slots: (n + 4) * m,
         ..Default::default()
     };
-    let limits = Limits {
-        max_table: lb_common::maglev::DEFAULT_MAX_TABLE,
-        maglev_slots: caps.maglev_slots,
-        backends: caps.backends,
-        services: caps.services,
-    };
+    let limits = Limits::of(&caps);
     (caps, limits)
 }

@@ -284,7 +284,7 @@ pub fn ours(n: u32, proto: Proto) -> anyhow::Result<Loaded> {
     let mut l = Loaded::with_caps(&caps);
     let desired = model::desired(&cluster(n, proto), &node());
     let mut applied = Applied::default();
-    let ops = reconcile::plan(&desired, &applied, &limits)?;
+    let ops = reconcile::plan(&desired, &applied, &limits).complete()?;
     reconcile::execute(&mut l.dp, &mut applied, &ops)?;
     Ok(l)
 }
