@@ -309,6 +309,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     // The Model between syncs; what a sync could not program is retried with backoff.
     let mut model_state = model::ModelState::default();
     let mut retry = Retry::new();
+    // The Model's notes already logged.
+    let mut said: BTreeSet<(String, String)> = BTreeSet::new();
     applied.track_ranges(cfg.capacities.maglev_slots);
     let mut tick = tokio::time::interval(manifests::POLL);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -443,9 +445,12 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 applied.track_ranges(limits.maglev_slots);
             }
         }
-        for (sref, why) in &desired.skipped {
-            log(start, format!("skipped {sref}: {why}"));
+        // Each note once, while it holds (a Service skipped, a warning about it).
+        let notes: BTreeSet<(String, String)> = desired.notes.iter().cloned().collect();
+        for (what, why) in notes.difference(&said) {
+            log(start, format!("{what}: {why}"));
         }
+        said = notes;
         st.health_checks = desired.health_checks.clone();
         drop(st);
         sync_health_servers(&mut health_servers, &desired.health_checks, &status, start);

@@ -224,8 +224,10 @@ pub struct Desired {
     pub node_ips: Vec<IpAddr>,
     /// `healthCheckNodePort` -> the service and its ready local endpoints (ETP=Local).
     pub health_checks: BTreeMap<u16, HealthCheck>,
-    /// Services skipped with the reason (ExternalName, headless, another proxy's, invalid).
-    pub skipped: Vec<(String, String)>,
+    /// What to tell the operator about Services, by Service (or port): those skipped and why
+    /// (ExternalName, headless, another proxy's, a frontend another Service owns), and
+    /// warnings (a port name no slice has, a family without slices).
+    pub notes: Vec<(String, String)>,
 }
 
 fn proto_of(p: Option<&str>) -> Option<u8> {
@@ -267,7 +269,7 @@ pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
     for ((ns, name), svc) in &cluster.services {
         let mut one = Desired { node_ips: out.node_ips.clone(), ..Default::default() };
         if let Some(why) = ignored(svc) {
-            one.skipped.push((format!("{ns}/{name}"), why.to_string()));
+            one.notes.push((format!("{ns}/{name}"), format!("skipped: {why}")));
         } else if let Some(spec) = svc.spec.as_ref() {
             let svc_slices = slices.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
             service(&mut one, node, ns, name, svc, svc_slices);
@@ -277,11 +279,11 @@ pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
         each.push(one);
     }
     for mut one in each {
-        claims.settle(&mut one.services, &mut one.skipped);
+        claims.settle(&mut one.services, &mut one.notes);
         out.services.append(&mut one.services);
         out.cluster_vips.append(&mut one.cluster_vips);
         out.health_checks.append(&mut one.health_checks);
-        out.skipped.append(&mut one.skipped);
+        out.notes.append(&mut one.notes);
     }
     out
 }
@@ -300,7 +302,7 @@ struct Claim {
 }
 
 /// Every frontend's claimants. Two Services (or two ports of one) that claim the same
-/// frontend do not take it from each other: the first claim has it, the others are skipped
+/// frontend do not take it from each other: the first claim has it, the others are notes
 /// for it and reported, and removing or changing one of them never touches the frontend of
 /// the one that has it.
 #[derive(Debug, Default)]
@@ -346,12 +348,8 @@ impl Claims {
     }
 
     /// Keeps in `services` only the frontends each one has first claim on; notes the others
-    /// in `skipped`. A datapath service left without a frontend goes.
-    fn settle(
-        &self,
-        services: &mut BTreeMap<ServiceRef, DesiredService>,
-        skipped: &mut Vec<(String, String)>,
-    ) {
+    /// in `notes`. A datapath service left without a frontend goes.
+    fn settle(&self, services: &mut BTreeMap<ServiceRef, DesiredService>, notes: &mut Vec<(String, String)>) {
         for (r, v) in services.iter_mut() {
             v.frontends.retain(|(ip, port)| {
                 let Some(first) = self.0.get(&(*ip, *port, r.proto)).and_then(|s| s.first()) else { return true };
@@ -359,10 +357,10 @@ impl Claims {
                     return true;
                 }
                 let w = &first.sref;
-                skipped.push((
+                notes.push((
                     format!("{}/{}:{}", r.namespace, r.name, r.port_name),
                     format!(
-                        "frontend {}:{port}/{} is already {}/{}:{}'s (claimed first: older, or first by name); not programmed for this one",
+                        "skipped: frontend {}:{port}/{} is already {}/{}:{}'s (claimed first: older, or first by name); not programmed for this one",
                         fmt_ip(*ip),
                         lb_common::abi::proto_name(r.proto),
                         w.namespace,
@@ -461,9 +459,10 @@ fn service(
             .insert(port, HealthCheck { service: format!("{ns}/{name}"), local_endpoints: local.len() });
     }
 
+    warn_about_slices(out, ns, name, spec, &cips, slices);
     for port in spec.ports.iter().flatten() {
         let Some(proto) = proto_of(port.protocol.as_deref()) else {
-            out.skipped.push((format!("{ns}/{name}:{}", port.port), "protocol not supported".into()));
+            out.notes.push((format!("{ns}/{name}:{}", port.port), "skipped: protocol not supported".into()));
             continue;
         };
         let Ok(svc_port) = u16::try_from(port.port) else { continue };
@@ -513,6 +512,58 @@ fn service(
                 };
                 out.services.insert(key, value);
             }
+        }
+    }
+}
+
+/// Notes what leaves a Service without endpoints although it has slices, which kube-proxy
+/// users otherwise find only by a failing request: a port name (and protocol) no slice port
+/// has, and a ClusterIP family no slice has.
+fn warn_about_slices(
+    out: &mut Desired,
+    ns: &str,
+    name: &str,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    cips: &[IpAddr],
+    slices: &[&EndpointSlice],
+) {
+    if slices.is_empty() {
+        return;
+    }
+    for family in [Family::V4, Family::V6] {
+        let (label, address_type) = match family {
+            Family::V4 => ("IPv4", "IPv4"),
+            Family::V6 => ("IPv6", "IPv6"),
+        };
+        if let Some(ip) = cips.iter().find(|ip| Family::of(ip) == family)
+            && !slices.iter().any(|s| s.address_type == address_type)
+        {
+            out.notes.push((
+                format!("{ns}/{name}"),
+                format!("warning: {label} clusterIP {ip} but no {address_type} EndpointSlice; it has no endpoints in that family"),
+            ));
+        }
+    }
+    let slice_ports: Vec<_> = slices.iter().flat_map(|s| s.ports.iter().flatten()).collect();
+    if slice_ports.is_empty() {
+        return;
+    }
+    for port in spec.ports.iter().flatten() {
+        let want = port.name.as_deref().unwrap_or("");
+        let proto = port.protocol.as_deref().unwrap_or("TCP");
+        let matched = slice_ports.iter().any(|p| {
+            p.name.as_deref().unwrap_or("") == want && p.protocol.as_deref().unwrap_or("TCP") == proto
+        });
+        if !matched {
+            out.notes.push((
+                format!(
+                    "{ns}/{name}:{}",
+                    if want.is_empty() { port.port.to_string() } else { want.to_string() }
+                ),
+                format!(
+                    "warning: no EndpointSlice port is named {want:?} ({proto}); this port has no endpoints"
+                ),
+            ));
         }
     }
 }
@@ -628,7 +679,7 @@ pub struct ModelState {
     vips: BTreeMap<Key, Vec<IpAddr>>,
     vip_users: BTreeMap<IpAddr, u32>,
     health_ports: BTreeMap<Key, Vec<u16>>,
-    skipped: BTreeMap<Key, Vec<(String, String)>>,
+    notes: BTreeMap<Key, Vec<(String, String)>>,
     /// EndpointSlice → its Service (by the service-name label), and the reverse.
     slice_owner: BTreeMap<Key, Key>,
     slices_of: BTreeMap<Key, BTreeSet<Key>>,
@@ -713,7 +764,7 @@ impl ModelState {
         self.vips_born.clear();
         let users = &self.backend_users;
         delta.backends_gone.retain(|a| !users.contains_key(a));
-        self.desired.skipped = self.skipped.values().flatten().cloned().collect();
+        self.desired.notes = self.notes.values().flatten().cloned().collect();
         delta
     }
 
@@ -739,7 +790,7 @@ impl ModelState {
                 self.compute(cluster, node, &key, svc, None);
             }
         }
-        self.desired.skipped = self.skipped.values().flatten().cloned().collect();
+        self.desired.notes = self.notes.values().flatten().cloned().collect();
         Delta { all: true, ..Default::default() }
     }
 
@@ -775,7 +826,7 @@ impl ModelState {
         for port in self.health_ports.remove(key).unwrap_or_default() {
             self.desired.health_checks.remove(&port);
         }
-        self.skipped.remove(key);
+        self.notes.remove(key);
         claims.into_iter().map(|(fe, _)| fe).collect()
     }
 
@@ -792,7 +843,7 @@ impl ModelState {
         let (ns, name) = key;
         let mut out = Desired { node_ips: self.desired.node_ips.clone(), ..Default::default() };
         if let Some(why) = ignored(svc) {
-            self.skipped.insert(key.clone(), vec![(format!("{ns}/{name}"), why.to_string())]);
+            self.notes.insert(key.clone(), vec![(format!("{ns}/{name}"), format!("skipped: {why}"))]);
             return;
         }
         let Some(spec) = svc.spec.as_ref() else { return };
@@ -801,7 +852,7 @@ impl ModelState {
         service(&mut out, node, ns, name, svc, &slices);
         let claims = self.claims.add(svc, &out.services);
         self.claims_of.insert(key.clone(), claims);
-        self.claims.settle(&mut out.services, &mut out.skipped);
+        self.claims.settle(&mut out.services, &mut out.notes);
         let vips = cluster_ips(spec);
         for ip in &vips {
             if bump(&mut self.vip_users, *ip, true) == 1 {
@@ -819,8 +870,8 @@ impl ModelState {
             self.health_ports.insert(key.clone(), out.health_checks.keys().copied().collect());
             self.desired.health_checks.append(&mut out.health_checks);
         }
-        if !out.skipped.is_empty() {
-            self.skipped.insert(key.clone(), out.skipped);
+        if !out.notes.is_empty() {
+            self.notes.insert(key.clone(), out.notes);
         }
         let refs: Vec<ServiceRef> = out.services.keys().cloned().collect();
         for (r, v) in out.services {

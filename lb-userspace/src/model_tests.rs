@@ -275,6 +275,39 @@ fn dual_stack_frontends_get_endpoints_of_their_family() {
 }
 
 #[test]
+fn a_port_name_no_slice_has_and_a_family_without_slices_are_warned_about() {
+    let warnings = |d: &Desired| -> Vec<String> {
+        d.notes
+            .iter()
+            .filter(|(_, why)| why.starts_with("warning:"))
+            .map(|(w, why)| format!("{w} {why}"))
+            .collect()
+    };
+    // Matched by name and protocol, in the slices' family: nothing to say.
+    let good = service(&format!("clusterIP: 198.19.0.10, {HTTP}"), "") + &three_pods();
+    assert_eq!(warnings(&run(&good)), Vec::<String>::new());
+    // The Service says `web`, the slice `http`; and a UDP port the slice has only as TCP.
+    let yaml = service(
+        "clusterIP: 198.19.0.10, ports: [{name: web, port: 80, targetPort: 9376}, {name: http, port: 81, protocol: UDP}]",
+        "",
+    ) + &three_pods();
+    let w = warnings(&run(&yaml));
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].starts_with("default/web:web ") && w[0].contains("no EndpointSlice port is named \"web\" (TCP)")
+    );
+    assert!(w[1].starts_with("default/web:http ") && w[1].contains("(UDP)"));
+    // An IPv6 ClusterIP with only IPv4 slices.
+    let yaml = service(&format!("clusterIP: 'fd00:19::10', ipFamilies: [IPv6], {HTTP}"), "") + &three_pods();
+    let w = warnings(&run(&yaml));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("IPv6 clusterIP fd00:19::10 but no IPv6 EndpointSlice"), "{w:?}");
+    // No slices at all is not a mismatch (a Service waiting for pods).
+    let alone = service(&format!("clusterIP: 'fd00:19::10', {HTTP}"), "");
+    assert!(warnings(&run(&alone)).is_empty());
+}
+
+#[test]
 fn ignored_services() {
     let cases = [
         ("type: ExternalName, externalName: example.com", "ExternalName"),
@@ -283,11 +316,11 @@ fn ignored_services() {
     for (spec, why) in cases {
         let d = run(&(service(spec, "") + &three_pods()));
         assert!(d.services.is_empty(), "{spec}");
-        assert!(d.skipped[0].1.contains(why));
+        assert!(d.notes[0].1.contains(why));
     }
     let other = "apiVersion: v1\nkind: Service\nmetadata: {name: web, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n";
     let d = run(other);
-    assert!(d.services.is_empty() && d.skipped[0].1.contains("another proxy"));
+    assert!(d.services.is_empty() && d.notes[0].1.contains("another proxy"));
 }
 
 #[test]
@@ -538,7 +571,7 @@ fn a_frontend_claimed_twice_stays_with_the_older_service() {
         let d = run(&yaml);
         assert_eq!(owner(&d), ["zzz/web"], "{label}: the older one, though its name sorts last");
         let note =
-            d.skipped.iter().find(|(what, _)| what.starts_with("aaa/thief")).expect("the loser is reported");
+            d.notes.iter().find(|(what, _)| what.starts_with("aaa/thief")).expect("the loser is reported");
         assert!(note.1.contains("198.19.0.10:80/TCP") && note.1.contains("zzz/web"), "{note:?}");
     }
     // Incrementally: the newer one comes and goes, then the older one goes.
@@ -600,8 +633,8 @@ fn a_port_number_twice_in_one_service_is_programmed_once_and_reported() {
     assert_eq!(with_80.len(), 1);
     assert_eq!(with_80[0].port_name, "a");
     assert!(
-        d.skipped.iter().any(|(what, why)| what == "default/web:b" && why.contains("default/web:a")),
+        d.notes.iter().any(|(what, why)| what == "default/web:b" && why.contains("default/web:a")),
         "{:?}",
-        d.skipped
+        d.notes
     );
 }

@@ -1008,6 +1008,115 @@ fn a_service_over_a_capacity_is_skipped_and_everything_else_applied() {
     assert!(failures.is_empty(), "web failed: {failures:?}");
 }
 
+/// Every kind of bad or odd input a user may leave in the folder gets its log line (named
+/// by file and field), while `web` serves throughout: rejected objects keep the rest of
+/// the folder applied, warnings leave the object applied, special files are skipped once.
+#[test]
+fn bad_and_odd_manifests_are_each_reported_while_web_serves() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all, Proto::Tcp);
+    let asker = Asker::start(&client, sa(vip(), 80));
+    let api = |spec: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: api}}\nspec: {{clusterIP: 198.19.0.30, {spec}}}\n---\n"
+        )
+    };
+    let api_slice = slice_yaml("api-1", "api", &[("http", POD_PORT, "TCP")], &ready(&all));
+    let dir = lab.state.manifests.clone();
+    let bad = dir.join("bad.yaml");
+    let said = |what: &str, want: &[&str]| {
+        wait_for(LIVE * 3, || Ok(lab.agent_log(1).lines().any(|l| want.iter().all(|w| l.contains(w)))))
+            .unwrap_or_else(|e| panic!("{what}: no line with {want:?}: {e}\n{}", lab.agent_log(1)));
+    };
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "one port number twice",
+            api("ports: [{name: a, port: 80}, {name: b, port: 80}]"),
+            vec!["bad.yaml", "spec.ports[1]: Duplicate value: port 80"],
+        ),
+        (
+            "one port name twice",
+            api("ports: [{name: a, port: 80}, {name: a, port: 81}]"),
+            vec!["bad.yaml", "spec.ports[1].name: Duplicate value"],
+        ),
+        (
+            "type: Bogus",
+            api("type: Bogus, ports: [{port: 80}]"),
+            vec!["bad.yaml", "spec.type: Unsupported value: \"Bogus\""],
+        ),
+        (
+            "externalTrafficPolicy: Lcoal",
+            api("externalTrafficPolicy: Lcoal, ports: [{port: 80}]"),
+            vec!["bad.yaml", "spec.externalTrafficPolicy: Unsupported value: \"Lcoal\""],
+        ),
+        (
+            "targetPort 0",
+            api("ports: [{port: 80, targetPort: 0}]"),
+            vec!["bad.yaml", "spec.ports[0].targetPort: Invalid value: 0"],
+        ),
+        (
+            "targetPort 70000",
+            api("ports: [{port: 80, targetPort: 70000}]"),
+            vec!["bad.yaml", "spec.ports[0].targetPort: Invalid value: 70000"],
+        ),
+        (
+            "unknown fields",
+            api("selektor: {app: api}, ports: [{name: http, port: 80, targetport: 9376}]") + &api_slice,
+            vec![
+                "bad.yaml",
+                "Service default/api: unknown fields spec.ports[0].targetport, spec.selektor (ignored)",
+            ],
+        ),
+        (
+            "a port name no slice has",
+            api(&format!("ports: [{{name: web, port: 80, targetPort: {POD_PORT}}}]")) + &api_slice,
+            vec!["default/api:web", "no EndpointSlice port is named \"web\""],
+        ),
+        (
+            "an IPv6 ClusterIP with only IPv4 slices",
+            api(&format!("ports: [{{name: http, port: 80, targetPort: {POD_PORT}}}]"))
+                .replace("clusterIP: 198.19.0.30", "clusterIP: '2001:2:0:19::30', ipFamilies: [IPv6]")
+                + &api_slice,
+            vec!["default/api", "IPv6 clusterIP 2001:2:0:19::30 but no IPv6 EndpointSlice"],
+        ),
+    ];
+    for (what, yaml, want) in cases {
+        lab.write_manifest("bad.yaml", &yaml).unwrap();
+        said(what, &want);
+        lab.remove_manifest("bad.yaml").unwrap();
+    }
+    // A byte-order mark is read: the Service is programmed.
+    let api_vip: IpAddr = "198.19.0.30".parse().unwrap();
+    let good_api = api(&format!("ports: [{{name: http, port: 80, targetPort: {POD_PORT}}}]")) + &api_slice;
+    lab.write_manifest("bad.yaml", &format!("\u{feff}{good_api}")).unwrap();
+    wait_for(LIVE, || lab.has_frontend(1, api_vip, 80)).expect("a file with a byte-order mark is applied");
+    // A directory where that file was: it goes (its Service with it), and one line says why.
+    std::fs::remove_file(&bad).unwrap();
+    std::fs::create_dir(&bad).unwrap();
+    said("a directory", &["bad.yaml: skipped: a directory"]);
+    wait_for(LIVE, || Ok(!lab.has_frontend(1, api_vip, 80)?)).unwrap();
+    std::fs::remove_dir(&bad).unwrap();
+    // A FIFO, a dangling link, a link loop: one line each, once.
+    let fifo = std::ffi::CString::new(dir.join("fifo.yaml").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    std::os::unix::fs::symlink(dir.join("nowhere"), dir.join("dangling.yaml")).unwrap();
+    std::os::unix::fs::symlink(dir.join("loop.yaml"), dir.join("loop.yaml")).unwrap();
+    said("a FIFO", &["fifo.yaml: skipped: not a regular file"]);
+    said("a dangling link", &["dangling.yaml: skipped: No such file or directory"]);
+    said("a link loop", &["loop.yaml: skipped: Too many levels of symbolic links"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let log = lab.agent_log(1);
+    for name in ["fifo.yaml", "dangling.yaml", "loop.yaml"] {
+        assert_eq!(log.matches(&format!("{name}: skipped")).count(), 1, "{name} reported once:\n{log}");
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+    let (_, failures) = asker.finish();
+    assert!(failures.is_empty(), "web failed: {failures:?}\n{}", lab.agent_log(1));
+}
+
 /// The agent runs with exactly the DaemonSet's capabilities (the deploy test keeps that list
 /// equal to `deploy/daemonset.yaml`; CAP_SYS_RESOURCE, which only kernels before 5.11 need,
 /// may be absent from this machine's bounding set): it attaches and serves. With one of

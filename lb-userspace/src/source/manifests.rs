@@ -172,6 +172,12 @@ fn flow_nesting(text: &str, limit: usize) -> usize {
 /// A UTF-8 byte-order mark is skipped; a `kind: List` (what `kubectl get -o yaml` writes)
 /// stands for its items.
 pub fn parse(text: &str, json: bool) -> Result<Vec<Object>, String> {
+    parse_with_warnings(text, json).map(|(objects, _)| objects)
+}
+
+/// `parse`, plus a warning for each field the objects do not have (a typo such as
+/// `targetport`, which the API server would drop with a warning too).
+pub fn parse_with_warnings(text: &str, json: bool) -> Result<(Vec<Object>, Vec<String>), String> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.len() > MAX_FILE_BYTES {
         return Err(format!("{} bytes, over the {MAX_FILE_BYTES}-byte limit for a manifest", text.len()));
@@ -195,34 +201,70 @@ pub fn parse(text: &str, json: bool) -> Result<Vec<Object>, String> {
         Some(items) if v.get("kind").and_then(|k| k.as_str()) == Some("List") => items.clone(),
         _ => vec![v],
     });
-    let mut out = Vec::new();
+    let (mut out, mut warnings) = (Vec::new(), Vec::new());
     for (i, doc) in docs.enumerate() {
-        if let Some(o) = object(doc).map_err(|e| format!("document {}: {e}", i + 1))? {
+        if let Some((o, unknown)) = object(doc).map_err(|e| format!("document {}: {e}", i + 1))? {
+            if !unknown.is_empty() {
+                let fields = if unknown.len() == 1 { "field" } else { "fields" };
+                warnings.push(format!("{}: unknown {fields} {} (ignored)", o.describe(), unknown.join(", ")));
+            }
             out.push(o);
         }
     }
-    Ok(out)
+    Ok((out, warnings))
 }
 
-/// One document: `Ok(None)` for kinds we do not use (a folder may hold Deployments too).
-fn object(doc: serde_json::Value) -> Result<Option<Object>, String> {
+/// One document, and the fields it has that its kind does not: `Ok(None)` for kinds we do
+/// not use (a folder may hold Deployments too).
+fn object(doc: serde_json::Value) -> Result<Option<(Object, Vec<String>)>, String> {
     let api = doc.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("").to_string();
     let kind = doc.get("kind").and_then(|v| v.as_str()).ok_or("no kind")?.to_string();
-    let o = match (api.as_str(), kind.as_str()) {
-        ("v1", "Service") => Object::Service(Box::new(from_value(doc)?)),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(Box::new(from_value(doc)?)),
-        ("v1", "Node") => Object::Node(Box::new(from_value(doc)?)),
+    let (o, known) = match (api.as_str(), kind.as_str()) {
+        ("v1", "Service") => typed(&doc, Object::Service)?,
+        ("discovery.k8s.io/v1", "EndpointSlice") => typed(&doc, Object::EndpointSlice)?,
+        ("v1", "Node") => typed(&doc, Object::Node)?,
         (_, "Service" | "EndpointSlice" | "Node") => {
             return Err(format!("{kind}: unsupported apiVersion {api:?}"));
         }
         _ => return Ok(None),
     };
     validate(&o).map_err(|e| format!("{}: {e}", o.describe()))?;
-    Ok(Some(o))
+    let mut unknown = Vec::new();
+    unknown_fields(&doc, &known, "", &mut unknown);
+    Ok(Some((o, unknown)))
 }
 
-fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
-    serde_json::from_value(v).map_err(|e| e.to_string())
+/// The typed object, and it written back (what it kept of the document).
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(
+    doc: &serde_json::Value,
+    wrap: impl FnOnce(Box<T>) -> Object,
+) -> Result<(Object, serde_json::Value), String> {
+    let t: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let known = serde_json::to_value(&t).map_err(|e| e.to_string())?;
+    Ok((wrap(Box::new(t)), known))
+}
+
+/// The paths of `doc`'s fields that `known` (the document as its type read it) lacks; null
+/// values are not fields.
+fn unknown_fields(doc: &serde_json::Value, known: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (doc, known) {
+        (Value::Object(d), Value::Object(k)) => {
+            for (field, v) in d.iter().filter(|(_, v)| !v.is_null()) {
+                let here = if path.is_empty() { field.clone() } else { format!("{path}.{field}") };
+                match k.get(field) {
+                    Some(kv) => unknown_fields(v, kv, &here, out),
+                    None => out.push(here),
+                }
+            }
+        }
+        (Value::Array(d), Value::Array(k)) => {
+            for (i, (dv, kv)) in d.iter().zip(k).enumerate() {
+                unknown_fields(dv, kv, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn ip(s: &str, what: &str) -> Result<IpAddr, String> {
@@ -391,16 +433,16 @@ fn validate(o: &Object) -> Result<(), String> {
 
 /// Reads and parses one file.
 pub fn load_file(path: &Path) -> Result<Vec<Object>, ManifestError> {
-    read_file(path).map(|(_, objs)| objs)
+    read_file(path).map(|(_, objs, _)| objs)
 }
 
-/// Reads and parses one file: its text and objects.
-fn read_file(path: &Path) -> Result<(String, Vec<Object>), ManifestError> {
+/// Reads and parses one file: its text, objects and warnings.
+fn read_file(path: &Path) -> Result<(String, Vec<Object>, Vec<String>), ManifestError> {
     let err = |reason: String| ManifestError::File { path: path.to_path_buf(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let json = path.extension().is_some_and(|e| e == "json");
-    let objs = parse(&text, json).map_err(err)?;
-    Ok((text, objs))
+    let (objs, warnings) = parse_with_warnings(&text, json).map_err(err)?;
+    Ok((text, objs, warnings))
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -564,7 +606,8 @@ impl Folder {
             }
             let mut old = self.files.remove(&path).unwrap_or_default();
             match read_file(&path) {
-                Ok((text, objs)) => {
+                Ok((text, objs, warnings)) => {
+                    self.warnings.extend(warnings.into_iter().map(|w| format!("{}: {w}", path.display())));
                     self.save(&path, &text);
                     let new = FileObjects::new(stamp, objs);
                     for id in old.ids.keys().chain(new.ids.keys()) {
@@ -578,7 +621,7 @@ impl Folder {
                     // Keep the objects of its last good version: this process's, or, after a
                     // restart, the copy saved on disk.
                     if old.ids.is_empty()
-                        && let Some(Ok((_, objs))) =
+                        && let Some(Ok((_, objs, _))) =
                             self.saved(&path).filter(|p| p.exists()).map(|p| read_file(&p))
                     {
                         self.warnings.push(format!(
@@ -754,6 +797,22 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn unknown_fields_are_warned_about_by_path() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, colour: blue}\nspec:\n  clusterIP: 198.19.0.10\n  selektor: {app: web}\n  ports: [{name: http, port: 80, targetport: 9376}]\nstatus: {}\n";
+        let (objs, warnings) = parse_with_warnings(yaml, false).unwrap();
+        assert_eq!(objs.len(), 1);
+        assert_eq!(
+            warnings,
+            [
+                "Service shop/web: unknown fields metadata.colour, spec.ports[0].targetport, spec.selektor (ignored)"
+            ]
+        );
+        // Everything the lab and the examples write is known, nulls included.
+        let known = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 9376, protocol: TCP}]\nendpoints: [{addresses: ['198.18.1.10'], nodeName: node-1, hints: null, conditions: {ready: true, serving: true, terminating: false}}]\n";
+        assert_eq!(parse_with_warnings(known, false).unwrap().1, Vec::<String>::new());
     }
 
     #[test]
