@@ -65,6 +65,8 @@ pub struct AgentConfig {
     /// Forward translated packets at XDP (`CFG_F_XDP_FORWARD`) out of `xdp_ifaces`.
     pub xdp_forward: bool,
     pub tc_ifaces: Vec<String>,
+    /// `--netlink-attach`: the old kernels' attach modes, forced.
+    pub legacy_attach: attach::Legacy,
     pub nodeport_addresses: NodePortAddresses,
     pub pin_dir: PathBuf,
     pub metrics_bind: SocketAddr,
@@ -252,7 +254,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }));
 
     for iface in &cfg.xdp_ifaces {
-        let (how, _holder) = attach::attach_pinned(&mut ebpf, Hook::Xdp, iface, &cfg.pin_dir)?;
+        let (how, _holder) =
+            attach::attach_pinned(&mut ebpf, Hook::Xdp, iface, &cfg.pin_dir, cfg.legacy_attach)?;
         if let Err(e) = attach::accept_local(iface) {
             log(
                 start,
@@ -284,7 +287,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     remove_stale_link_pins(&cfg, &tc_patterns, start);
     // Every program is swapped in now: what the old programs wrote to migrated maps since
     // the first copy is copied again, and the old maps go.
-    sync_links(&mut ebpf, &cfg.pin_dir, &tc_patterns, &mut tc_links, &status, start);
+    sync_links(&mut ebpf, &cfg, &tc_patterns, &mut tc_links, &status, start);
     let mut last_link_scan = Instant::now();
     if !migration.is_empty() {
         let n = migration.finish().context("finishing the pinned-map migration")?;
@@ -363,7 +366,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         lock(&status).loop_turn = Instant::now();
         if links_changed.swap(false, Ordering::AcqRel) || last_link_scan.elapsed() > Duration::from_secs(1) {
             last_link_scan = Instant::now();
-            sync_links(&mut ebpf, &cfg.pin_dir, &tc_patterns, &mut tc_links, &status, start);
+            sync_links(&mut ebpf, &cfg, &tc_patterns, &mut tc_links, &status, start);
         }
         // New changes, plus the services skipped last time once their retry is due.
         let now = Instant::now();
@@ -564,7 +567,7 @@ fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr], clock: Option<(
 /// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.
 fn sync_links(
     ebpf: &mut Ebpf,
-    pin_dir: &std::path::Path,
+    cfg: &AgentConfig,
     patterns: &links::Patterns,
     tc_links: &mut BTreeMap<String, (u32, attach::Holder)>,
     status: &Shared,
@@ -575,7 +578,7 @@ fn sync_links(
         tc_links.iter().filter(|(n, (idx, _))| want.get(*n) != Some(idx)).map(|(n, _)| n.clone()).collect();
     for name in stale {
         if let Some((_, holder)) = tc_links.remove(&name) {
-            holder.release(ebpf);
+            holder.release();
         }
         lock(status).tc.remove(&name);
         log(start, format!("TC detached from {name} (link gone)"));
@@ -584,7 +587,7 @@ fn sync_links(
         if tc_links.contains_key(&name) {
             continue;
         }
-        match attach::attach_pinned(ebpf, Hook::Tc, &name, pin_dir) {
+        match attach::attach_pinned(ebpf, Hook::Tc, &name, &cfg.pin_dir, cfg.legacy_attach) {
             Ok((how, holder)) => {
                 let _ = attach::accept_local(&name);
                 tc_links.insert(name.clone(), (idx, holder));

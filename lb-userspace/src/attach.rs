@@ -3,29 +3,60 @@
 //! clsact qdisc + netlink filter.
 //!
 //! `attach_*_link` return links owned by the `Ebpf` object (gone with it). The agent uses
-//! `attach_pinned`: the bpf_link is pinned under `<pin dir>/links/`, so the program stays
-//! attached when the agent stops, and a restarted agent swaps its new program into the same
-//! link atomically (`bpf_link_update`): no packet ever meets an interface without the
-//! datapath. Removing the pin (or the whole pin dir) detaches it.
+//! `attach_pinned`, and every mode it can end up in outlives the agent, so the datapath keeps
+//! running while the agent restarts and the next agent swaps its program in place:
+//! * bpf_link XDP and tcx: the link is pinned under `<pin dir>/links/`, and a restarted agent
+//!   swaps its program into the same link (`bpf_link_update`). Removing the pin (or the
+//!   whole pin dir) detaches it.
+//! * netlink XDP (kernels before 5.9, or `--netlink-attach xdp`): the attachment belongs to
+//!   the interface; the next agent replaces our program in place (`xdp_netlink`).
+//! * a clsact filter (kernels before 6.6, or `--netlink-attach tc`): at priority
+//!   `CLSACT_PRIORITY` and handle `CLSACT_HANDLE`, which the next agent replaces in place; the
+//!   link aya hands back is forgotten, so dropping it does not detach.
+//!
+//! An agent that finds our program attached in another mode than it would choose keeps
+//! traffic flowing: a netlink XDP program of ours is replaced in place (the mode stays), and
+//! a tcx link or clsact filter of ours is removed once the new attachment is in.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf,
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, qdisc_add_clsact},
+        tc::{
+            NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
+            qdisc_add_clsact,
+        },
         xdp::{XdpLink, XdpLinkId},
     },
 };
 
-use crate::loader::{TC_PROGRAM, XDP_PROGRAM};
+use crate::{
+    loader::{TC_PROGRAM, XDP_PROGRAM},
+    xdp_netlink,
+};
+
+/// Where our clsact filter sits ("LB"), so that the next agent finds and replaces it.
+pub const CLSACT_PRIORITY: u16 = 0x4c42;
+pub const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error("attaching {program} to {iface}: {source}")]
     Program { program: &'static str, iface: String, source: aya::programs::ProgramError },
+    #[error("attaching {XDP_PROGRAM} to {iface} through netlink: {source}")]
+    Netlink { iface: String, source: std::io::Error },
+    #[error(
+        "{iface} already has another XDP program ({name}, id {id}); not replacing it (remove it with `ip link set dev {iface} xdp off`)"
+    )]
+    Foreign { iface: String, name: String, id: u32 },
+    #[error("keeping {program}'s link on {iface}: {reason}")]
+    Link { program: &'static str, iface: String, reason: String },
     #[error("program {0} missing (was the object loaded?)")]
     Missing(&'static str),
 }
@@ -37,9 +68,12 @@ pub enum Attached {
     /// Generic (skb) XDP: works everywhere, much slower. Reported by the caller as a warning,
     /// a metric and in `lb status`.
     XdpGeneric,
+    /// Through netlink (no bpf_link), native or generic.
+    XdpNetlink,
+    XdpNetlinkGeneric,
     Tcx,
     TcClsact,
-    /// Took over the link a previous agent pinned (its mode is unchanged).
+    /// Took over what a previous agent attached (its mode is unchanged).
     Replaced,
 }
 
@@ -59,98 +93,245 @@ impl Hook {
     }
 }
 
+/// The attach modes of kernels without bpf_link XDP or tcx, forced on a newer kernel to test
+/// them (`--netlink-attach`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Legacy {
+    pub netlink_xdp: bool,
+    pub clsact: bool,
+}
+
 /// Where the link of `hook` on `iface` is pinned.
 pub fn link_pin_path(pin_dir: &Path, hook: Hook, iface: &str) -> PathBuf {
     pin_dir.join("links").join(format!("{}-{iface}", hook.name()))
 }
 
-/// What keeps an attachment alive.
+/// What keeps an attachment, and how to end it. None of them ends with the agent.
 #[derive(Debug)]
 pub enum Holder {
-    /// The pin in bpffs: survives the agent.
+    /// A bpf_link pinned in bpffs.
     Pinned(PathBuf),
-    /// A link the `Ebpf` object owns (netlink attachments cannot be pinned): detached with
-    /// it, when the agent exits.
-    OwnedXdp(XdpLinkId),
-    OwnedTc(SchedClassifierLinkId),
+    /// Our program attached through netlink, with its mode flags.
+    NetlinkXdp { ifindex: u32, flags: u32 },
+    /// Our clsact filter on `iface`.
+    Clsact(String),
 }
 
 impl Holder {
-    /// Releases the attachment: unpins (detaching the program) or detaches the owned link.
-    pub fn release(self, ebpf: &mut Ebpf) {
+    /// Ends the attachment: unpins (detaching the program), or removes our netlink program or
+    /// filter (the interface may be gone already, which removed them).
+    pub fn release(self) {
         match self {
             Holder::Pinned(path) => {
                 let _ = std::fs::remove_file(path);
             }
-            Holder::OwnedXdp(id) => {
-                if let Some(Ok(prog)) = ebpf.program_mut(XDP_PROGRAM).map(<&mut Xdp>::try_from) {
-                    let _ = prog.detach(id);
+            Holder::NetlinkXdp { ifindex, flags } => {
+                if ours(ifindex).is_some() {
+                    let _ = xdp_netlink::set(ifindex, None, flags);
                 }
             }
-            Holder::OwnedTc(id) => detach_tc(ebpf, id),
+            Holder::Clsact(iface) => remove_clsact(&iface),
         }
     }
 }
 
-/// Attaches `hook`'s program to `iface`, taking over a link pinned by an earlier agent if
-/// there is a live one, and pins the result.
+/// Attaches `hook`'s program to `iface` in a mode that outlives the agent, taking over what
+/// an earlier agent attached there.
 pub fn attach_pinned(
     ebpf: &mut Ebpf,
     hook: Hook,
     iface: &str,
     pin_dir: &Path,
+    legacy: Legacy,
 ) -> Result<(Attached, Holder), AttachError> {
     let path = link_pin_path(pin_dir, hook, iface);
     let _ = std::fs::create_dir_all(path.parent().unwrap_or(pin_dir));
-    let err =
-        |program: &'static str| move |source| AttachError::Program { program, iface: iface.into(), source };
     match hook {
         Hook::Xdp => {
-            let replaced = take_over(&path).and_then(|fd| XdpLink::try_from(fd).ok()).and_then(|link| {
-                let prog: &mut Xdp = ebpf.program_mut(XDP_PROGRAM)?.try_into().ok()?;
-                prog.attach_to_link(link).ok()
-            });
-            let (how, id) = match replaced {
-                Some(id) => (Attached::Replaced, id),
-                None => attach_xdp_link(ebpf, iface)?,
-            };
-            let prog: &mut Xdp = ebpf
-                .program_mut(XDP_PROGRAM)
-                .ok_or(AttachError::Missing(XDP_PROGRAM))?
-                .try_into()
-                .map_err(err(XDP_PROGRAM))?;
-            let link = prog.take_link(id).map_err(err(XDP_PROGRAM))?;
-            match FdLink::try_from(link).map(|fd| fd.pin(&path)) {
-                Ok(Ok(_)) => Ok((how, Holder::Pinned(path))),
-                // A netlink attachment (old kernel): the conversion dropped (detached) it;
-                // attach again and keep it owned.
-                _ => attach_xdp_link(ebpf, iface).map(|(how, id)| (how, Holder::OwnedXdp(id))),
+            if legacy.netlink_xdp {
+                // A bpf_link and a netlink program cannot share an interface: the link goes
+                // first (a switch of mode is the one case with a gap).
+                drop(take_over(&path));
+            } else if let Some(done) = xdp_link_pinned(ebpf, iface, &path)? {
+                return Ok(done);
             }
+            xdp_netlink_attach(ebpf, iface)
         }
         Hook::Tc => {
-            let replaced =
-                take_over(&path).and_then(|fd| SchedClassifierLink::try_from(fd).ok()).and_then(|link| {
-                    let prog: &mut SchedClassifier = ebpf.program_mut(TC_PROGRAM)?.try_into().ok()?;
-                    prog.attach_to_link(link).ok()
-                });
-            let (how, id) = match replaced {
-                Some(id) => (Attached::Replaced, id),
-                None => attach_tc_link(ebpf, iface)?,
-            };
-            if how == Attached::TcClsact {
-                return Ok((how, Holder::OwnedTc(id)));
+            if !legacy.clsact
+                && let Some(done) = tcx_pinned(ebpf, iface, &path)?
+            {
+                remove_clsact(iface);
+                return Ok(done);
             }
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(TC_PROGRAM)
-                .ok_or(AttachError::Missing(TC_PROGRAM))?
-                .try_into()
-                .map_err(err(TC_PROGRAM))?;
-            let link = prog.take_link(id).map_err(err(TC_PROGRAM))?;
-            match FdLink::try_from(link).map(|fd| fd.pin(&path)) {
-                Ok(Ok(_)) => Ok((how, Holder::Pinned(path))),
-                _ => attach_tc_link(ebpf, iface).map(|(how, id)| (how, Holder::OwnedTc(id))),
-            }
+            let done = clsact_attach(ebpf, iface)?;
+            // A tcx link of ours from before goes once the filter is in.
+            drop(take_over(&path));
+            Ok(done)
         }
+    }
+}
+
+fn program_err(
+    program: &'static str,
+    iface: &str,
+) -> impl FnOnce(aya::programs::ProgramError) -> AttachError {
+    let iface = iface.to_string();
+    move |source| AttachError::Program { program, iface, source }
+}
+
+fn link_err<E: std::fmt::Display>(program: &'static str, iface: &str) -> impl FnOnce(E) -> AttachError {
+    let iface = iface.to_string();
+    move |e| AttachError::Link { program, iface, reason: e.to_string() }
+}
+
+/// XDP through a pinned bpf_link; `None` when this kernel (or the interface's current
+/// attachment, a netlink program) leaves only the netlink path.
+fn xdp_link_pinned(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    path: &Path,
+) -> Result<Option<(Attached, Holder)>, AttachError> {
+    let replaced = take_over(path).and_then(|fd| XdpLink::try_from(fd).ok()).and_then(|link| {
+        let prog: &mut Xdp = ebpf.program_mut(XDP_PROGRAM)?.try_into().ok()?;
+        prog.attach_to_link(link).ok()
+    });
+    let (how, id) = match replaced {
+        Some(id) => (Attached::Replaced, id),
+        None => match attach_xdp_link(ebpf, iface) {
+            Ok(attached) => attached,
+            // EBUSY from a netlink program of ours, or no bpf_link XDP at all.
+            Err(_) if ours_on(iface).is_some() => return Ok(None),
+            Err(e) => return Err(e),
+        },
+    };
+    let prog: &mut Xdp = xdp_program(ebpf, iface)?;
+    let link = prog.take_link(id).map_err(program_err(XDP_PROGRAM, iface))?;
+    match FdLink::try_from(link) {
+        Ok(fd) => {
+            fd.pin(path).map_err(link_err(XDP_PROGRAM, iface))?;
+            Ok(Some((how, Holder::Pinned(path.to_path_buf()))))
+        }
+        // aya fell back to netlink (no bpf_link XDP here): the conversion dropped, so
+        // detached, it. Our own netlink path keeps it attached across restarts.
+        Err(_) => Ok(None),
+    }
+}
+
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, iface: &str) -> Result<&'a mut Xdp, AttachError> {
+    ebpf.program_mut(XDP_PROGRAM)
+        .ok_or(AttachError::Missing(XDP_PROGRAM))?
+        .try_into()
+        .map_err(program_err(XDP_PROGRAM, iface))
+}
+
+/// The ifindex of `iface` and, if our XDP program is attached there through netlink, its
+/// mode flags.
+fn ours_on(iface: &str) -> Option<(u32, u32)> {
+    let ifindex = crate::links::interfaces().get(iface).copied()?;
+    ours(ifindex).map(|flags| (ifindex, flags))
+}
+
+/// The mode flags of our XDP program on `ifindex`, if it is ours that is attached.
+fn ours(ifindex: u32) -> Option<u32> {
+    let a = xdp_netlink::attached(ifindex).ok()??;
+    let flags = if a.mode == xdp_netlink::XDP_ATTACHED_SKB {
+        xdp_netlink::XDP_FLAGS_SKB_MODE
+    } else {
+        xdp_netlink::XDP_FLAGS_DRV_MODE
+    };
+    (xdp_netlink::program_name(a.prog_id)?.as_str() == XDP_PROGRAM).then_some(flags)
+}
+
+/// XDP through netlink: our program replaced in place if it is there, else attached native
+/// first, generic if the driver cannot. A foreign program is left alone.
+fn xdp_netlink_attach(ebpf: &mut Ebpf, iface: &str) -> Result<(Attached, Holder), AttachError> {
+    let nl_err = |source| AttachError::Netlink { iface: iface.to_string(), source };
+    let ifindex = crate::links::interfaces()
+        .get(iface)
+        .copied()
+        .ok_or_else(|| nl_err(std::io::Error::from_raw_os_error(libc::ENODEV)))?;
+    let prog = xdp_program(ebpf, iface)?;
+    let fd = prog.fd().map_err(program_err(XDP_PROGRAM, iface))?.as_fd().as_raw_fd();
+    if let Some(flags) = ours(ifindex) {
+        xdp_netlink::set(ifindex, Some(fd), flags).map_err(nl_err)?;
+        return Ok((Attached::Replaced, Holder::NetlinkXdp { ifindex, flags }));
+    }
+    if let Some(a) = xdp_netlink::attached(ifindex).map_err(nl_err)? {
+        let name = xdp_netlink::program_name(a.prog_id).unwrap_or_else(|| "?".into());
+        return Err(AttachError::Foreign { iface: iface.to_string(), name, id: a.prog_id });
+    }
+    let native = xdp_netlink::XDP_FLAGS_DRV_MODE;
+    match xdp_netlink::set(ifindex, Some(fd), native | xdp_netlink::XDP_FLAGS_UPDATE_IF_NOEXIST) {
+        Ok(()) => Ok((Attached::XdpNetlink, Holder::NetlinkXdp { ifindex, flags: native })),
+        Err(e) => {
+            eprintln!("warning: {iface}: native XDP unavailable ({e}); using generic XDP (slow path)");
+            let generic = xdp_netlink::XDP_FLAGS_SKB_MODE;
+            xdp_netlink::set(ifindex, Some(fd), generic | xdp_netlink::XDP_FLAGS_UPDATE_IF_NOEXIST)
+                .map_err(nl_err)?;
+            Ok((Attached::XdpNetlinkGeneric, Holder::NetlinkXdp { ifindex, flags: generic }))
+        }
+    }
+}
+
+/// TC through a pinned tcx link; `None` when this kernel has no tcx.
+fn tcx_pinned(ebpf: &mut Ebpf, iface: &str, path: &Path) -> Result<Option<(Attached, Holder)>, AttachError> {
+    let replaced = take_over(path).and_then(|fd| SchedClassifierLink::try_from(fd).ok()).and_then(|link| {
+        let prog: &mut SchedClassifier = ebpf.program_mut(TC_PROGRAM)?.try_into().ok()?;
+        prog.attach_to_link(link).ok()
+    });
+    let prog = tc_program(ebpf, iface)?;
+    let (how, id) = match replaced {
+        Some(id) => (Attached::Replaced, id),
+        None => match prog.attach(iface, TcAttachType::Ingress) {
+            Ok(id) => (Attached::Tcx, id),
+            Err(_) => return Ok(None),
+        },
+    };
+    let link = prog.take_link(id).map_err(program_err(TC_PROGRAM, iface))?;
+    let fd = FdLink::try_from(link).map_err(link_err(TC_PROGRAM, iface))?;
+    fd.pin(path).map_err(link_err(TC_PROGRAM, iface))?;
+    Ok(Some((how, Holder::Pinned(path.to_path_buf()))))
+}
+
+fn tc_program<'a>(ebpf: &'a mut Ebpf, iface: &str) -> Result<&'a mut SchedClassifier, AttachError> {
+    ebpf.program_mut(TC_PROGRAM)
+        .ok_or(AttachError::Missing(TC_PROGRAM))?
+        .try_into()
+        .map_err(program_err(TC_PROGRAM, iface))
+}
+
+/// Our clsact filter on `iface`: an earlier agent's replaced in place, else a new one.
+fn clsact_attach(ebpf: &mut Ebpf, iface: &str) -> Result<(Attached, Holder), AttachError> {
+    // "Exists" is fine.
+    let _ = qdisc_add_clsact(iface);
+    let prog = tc_program(ebpf, iface)?;
+    let ours =
+        SchedClassifierLink::attached(iface, TcAttachType::Ingress, CLSACT_PRIORITY, CLSACT_HANDLE, None)
+            .map_err(link_err(TC_PROGRAM, iface))?;
+    let (how, id) = match prog.attach_to_link(ours) {
+        Ok(id) => (Attached::Replaced, id),
+        Err(_) => {
+            let options = NlOptions { priority: CLSACT_PRIORITY, handle: CLSACT_HANDLE, classid: None };
+            let id = prog
+                .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(options))
+                .map_err(program_err(TC_PROGRAM, iface))?;
+            (Attached::TcClsact, id)
+        }
+    };
+    // Dropping the link would remove the filter: it is to stay when the agent exits.
+    let link = prog.take_link(id).map_err(program_err(TC_PROGRAM, iface))?;
+    std::mem::forget(link);
+    Ok((how, Holder::Clsact(iface.to_string())))
+}
+
+/// Removes our clsact filter from `iface`, if there is one.
+fn remove_clsact(iface: &str) {
+    if let Ok(link) =
+        SchedClassifierLink::attached(iface, TcAttachType::Ingress, CLSACT_PRIORITY, CLSACT_HANDLE, None)
+    {
+        // Dropping it detaches it (an error when there is none, ignored).
+        drop(link);
     }
 }
 
@@ -219,13 +400,6 @@ pub fn attach_tc_link(
                 source,
             })
         }
-    }
-}
-
-/// Detaches a TC link (its interface may already be gone, which detached it in the kernel).
-pub fn detach_tc(ebpf: &mut Ebpf, id: SchedClassifierLinkId) {
-    if let Some(Ok(prog)) = ebpf.program_mut(TC_PROGRAM).map(<&mut SchedClassifier>::try_from) {
-        let _ = prog.detach(id);
     }
 }
 

@@ -19,3 +19,4 @@ pub mod reconcile;
 pub mod refcount;
 pub mod retry;
 pub mod source;
+pub mod xdp_netlink;

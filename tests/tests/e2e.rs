@@ -1117,6 +1117,64 @@ fn bad_and_odd_manifests_are_each_reported_while_web_serves() {
     assert!(failures.is_empty(), "web failed: {failures:?}\n{}", lab.agent_log(1));
 }
 
+/// In each attach mode of kernels without bpf_link XDP or tcx, forced with
+/// `--netlink-attach`, the programs stay attached while the agent is stopped, and the next
+/// agent replaces them in place: a client asking the ClusterIP (the pod's TC hook) and one
+/// asking a NodePort from outside (the node's XDP hook) every 50 ms see no failure across
+/// the stop, the time without an agent and the restart.
+#[test]
+fn each_fallback_attach_mode_survives_a_restart() {
+    let Some(mut lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let (client, client_if) = (lab.pod("client").ns.clone(), lab.pod("client").host_if.clone());
+    let ext = lab.ext_ns();
+    let node_port = sa(node_ip(1), 30080);
+    apply(&lab, &(web("NodePort", "") + &web_slice(&ready(&all))), "NodePort up", || {
+        matches!(tcp_ask(&ext, node_port, ASK), Answer::Reply(..))
+    });
+    let node = lab.node_netns(1);
+    let xdp_prog = || lab::sh(&mut lab::in_ns(&node, &["ip", "-d", "link", "show", "dev", "eth0"])).unwrap();
+    let tc_filters =
+        || lab::sh(&mut lab::in_ns(&node, &["tc", "filter", "show", "dev", &client_if, "ingress"])).unwrap();
+    for (hooks, mode) in [("xdp", "(XdpNetlink)"), ("tc", "(TcClsact)")] {
+        // Into the mode before the clients start: leaving a bpf_link for netlink XDP has a gap.
+        lab.stop_agent(1);
+        lab.start_agent(1, &["--netlink-attach", hooks]).unwrap();
+        assert!(lab.agent_log(1).contains(mode), "{hooks}: {}", lab.agent_log(1));
+        let inside = Asker::start(&client, sa(vip(), 80));
+        let outside = Asker::start(&ext, node_port);
+        std::thread::sleep(Duration::from_millis(500));
+        lab.stop_agent(1);
+        // No agent: the programs are still there, and serve.
+        if hooks == "xdp" {
+            let link = xdp_prog();
+            assert!(link.contains("prog/xdp") && !link.contains("link_id"), "netlink XDP stays:\n{link}");
+        } else {
+            let filters = tc_filters();
+            assert!(
+                filters.contains("pref 19522") && filters.contains("lb_tc_pod"),
+                "clsact filter stays:\n{filters}"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let log_before = lab.agent_log(1).len();
+        lab.start_agent(1, &["--netlink-attach", hooks]).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, inside) = inside.finish();
+        let (_, outside) = outside.finish();
+        let log = lab.agent_log(1);
+        assert!(
+            inside.is_empty() && outside.is_empty(),
+            "{hooks}: ClusterIP {inside:?}, NodePort {outside:?}\n{log}"
+        );
+        let attach = if hooks == "xdp" { "XDP attached to eth0 (Replaced)" } else { "(Replaced)" };
+        assert!(log[log_before..].contains(attach), "{hooks}: replaced in place:\n{}", &log[log_before..]);
+        if hooks == "tc" {
+            assert_eq!(tc_filters().matches("direct-action").count(), 1, "one filter:\n{}", tc_filters());
+        }
+    }
+}
+
 /// The agent runs with exactly the DaemonSet's capabilities (the deploy test keeps that list
 /// equal to `deploy/daemonset.yaml`; CAP_SYS_RESOURCE, which only kernels before 5.11 need,
 /// may be absent from this machine's bounding set): it attaches and serves. With one of

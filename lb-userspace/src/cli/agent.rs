@@ -7,6 +7,7 @@ use clap::Args;
 use lb_common::abi::CtTimeouts;
 use lb_userspace::{
     agent::{AgentConfig, Algorithm, NoBackendResponse},
+    attach::Legacy,
     loader::Capacities,
     model::NodePortAddresses,
 };
@@ -40,6 +41,12 @@ pub struct AgentArgs {
     /// replies from local backends). Globs follow links as they appear. Repeatable.
     #[arg(long = "tc-iface", value_name = "IFACE|GLOB")]
     pub tc_ifaces: Vec<String>,
+    /// Attach these hooks the way kernels without bpf_link XDP (before 5.9) or tcx (before
+    /// 6.6) need, which the agent otherwise picks only on such kernels: `xdp` through
+    /// netlink, `tc` as a clsact filter. For testing that path on a newer kernel; both
+    /// outlive the agent like the default modes. Comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "xdp,tc")]
+    pub netlink_attach: Vec<NetlinkHook>,
     /// Node addresses that serve NodePorts: `primary` (the node's first address of each
     /// family) or a comma-separated CIDR list.
     #[arg(long, default_value = "primary", value_name = "CIDR,..|primary")]
@@ -176,6 +183,13 @@ fn hostname() -> String {
     if ok { String::from_utf8_lossy(&buf[..end]).into_owned() } else { String::new() }
 }
 
+/// A hook `--netlink-attach` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetlinkHook {
+    Xdp,
+    Tc,
+}
+
 impl AgentArgs {
     pub fn config(self) -> AgentConfig {
         AgentConfig {
@@ -185,6 +199,10 @@ impl AgentArgs {
             xdp_ifaces: self.xdp_ifaces,
             xdp_forward: self.xdp_forward,
             tc_ifaces: self.tc_ifaces,
+            legacy_attach: Legacy {
+                netlink_xdp: self.netlink_attach.contains(&NetlinkHook::Xdp),
+                clsact: self.netlink_attach.contains(&NetlinkHook::Tc),
+            },
             nodeport_addresses: self.nodeport_addresses,
             pin_dir: self.pin_dir,
             metrics_bind: self.metrics_bind_address,
