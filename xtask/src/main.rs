@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | test | bench | lab | demo`.
+//! Project tasks: `cargo xtask setup | test | audit | bench | lab | demo`.
 //!
 //! xtask deliberately depends on nothing of the project itself: on a fresh machine it must
 //! build (and install bpf-linker) before the eBPF crate can be compiled.
 
+mod audit;
 mod bench;
 mod lab;
 mod run;
@@ -27,6 +28,14 @@ enum Cmd {
     /// L3 end-to-end tests on network-namespace labs with the real agent (root).
     /// With LB_REQUIRE_PRIVILEGED=1 a privileged test that cannot run is a failure.
     Test,
+    /// Dependency audit: cargo-deny's advisories (against the RustSec snapshot kept in
+    /// deny/advisory-db), licenses, bans and sources. Part of `test`.
+    Audit {
+        /// Refresh deny/advisory-db from a clone of the RustSec advisory database at this
+        /// path (on a machine that reaches it), instead of auditing.
+        #[arg(long, value_name = "CLONE")]
+        refresh: Option<std::path::PathBuf>,
+    },
     /// The walkthrough on a network-namespace lab: a 3-replica Service reached through its
     /// ClusterIP from a pod and its NodePort from outside, a pod removed, no endpoints.
     /// Installs what is missing and builds first; removes the lab at the end. Root.
@@ -47,6 +56,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Setup => setup::run(),
+        Cmd::Audit { refresh } => {
+            setup::run()?;
+            audit::run(refresh)
+        }
         Cmd::Test => {
             setup::run()?;
             test::run()

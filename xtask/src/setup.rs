@@ -39,6 +39,7 @@ pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_deny()?;
     eprintln!("setup: everything present ({} ms)", t.elapsed().as_millis());
     Ok(())
 }
@@ -115,6 +116,16 @@ fn rust_src() -> anyhow::Result<()> {
             ]))
         }
     }
+}
+
+/// cargo-deny for `cargo xtask audit` (its database folder name is tied to the version).
+fn cargo_deny() -> anyhow::Result<()> {
+    if output(Command::new("cargo").args(["deny", "--version"])).is_some_and(|v| v.contains("0.20.2")) {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-deny (two minutes, once per machine)");
+    run_cmd(Command::new("cargo").args(["install", "cargo-deny", "--version", "0.20.2", "--locked"]))
+        .context("installing cargo-deny")
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: every tier, in order, each failing loudly.
 //!
-//! * lint — `cargo fmt --check`, `cargo clippy -D warnings`
+//! * lint — `cargo fmt --check`, `cargo clippy -D warnings`; audit — `cargo deny` against the
+//!   advisory snapshot in `deny/advisory-db`
 //! * L1 — host unit tests (lb-common, lb-userspace) and the kube source against an API
 //!   server stand-in: no root needed
 //! * L2 — BPF_PROG_TEST_RUN fixtures (lb-tests) and the `lb` CLI against real pinned maps:
@@ -35,6 +36,7 @@ pub fn run_lint() -> anyhow::Result<()> {
 
 pub fn run() -> anyhow::Result<()> {
     run_lint()?;
+    crate::audit::run(None)?;
     eprintln!("== L1 host unit tests");
     run_cmd(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace", "--lib", "--bins"]))?;
     // The Kubernetes source against the in-process API server stand-in (no root needed).
