@@ -394,6 +394,16 @@ pub struct FakeDataplane {
     pub log: Vec<String>,
 }
 
+/// Deleting an absent key fails in the kernel (ENOENT); so it does in the fake, so that a
+/// plan deleting anything twice fails its tests.
+fn absent_is_an_error(was_there: bool, map: &'static str) -> Result<()> {
+    if was_there {
+        Ok(())
+    } else {
+        Err(DataplaneError::Map { map, source: aya::maps::MapError::KeyNotFound })
+    }
+}
+
 impl Dataplane for FakeDataplane {
     fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
         self.log.push(format!("set_service {}:{}", key.ip(), key.port()));
@@ -403,8 +413,7 @@ impl Dataplane for FakeDataplane {
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         self.log.push(format!("remove_service {}:{}", key.ip(), key.port()));
-        self.services.remove(key);
-        Ok(())
+        absent_is_an_error(self.services.remove(key).is_some(), "lb_services")
     }
 
     fn set_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
@@ -452,8 +461,7 @@ impl Dataplane for FakeDataplane {
 
     fn disallow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
         self.log.push(format!("disallow_source {service_id} {net}"));
-        self.source_ranges.remove(&(service_id, *net));
-        Ok(())
+        absent_is_an_error(self.source_ranges.remove(&(service_id, *net)), "lb_source_ranges")
     }
 
     fn source_ranges(&self) -> Result<Vec<(u32, IpNet)>> {
@@ -468,8 +476,8 @@ impl Dataplane for FakeDataplane {
 
     fn remove_member(&mut self, key: &MemberKey) -> Result<()> {
         self.log.push(format!("remove_member {}/{}", key.service_id, key.backend_id));
-        self.members.remove(key);
-        Ok(())
+        // Like the kernel: deleting an absent key is an error (ENOENT).
+        absent_is_an_error(self.members.remove(key).is_some(), "lb_members")
     }
 
     fn members(&self) -> Result<Vec<(MemberKey, MemberValue)>> {

@@ -855,7 +855,8 @@ pub fn plan_changes(desired: &Desired, delta: &Delta, applied: &Applied, limits:
             .filter(|r| old_ids.contains(&r.0) && !p.wanted_ranges.contains(r))
             .map(|(service_id, net)| MapOp::DisallowSource { service_id: *service_id, net: *net }),
     );
-    ops.extend(p.gone_members(old_ids.iter().copied().chain(p.claimed.iter().copied())));
+    let member_ids: BTreeSet<u32> = old_ids.iter().chain(&p.claimed).copied().collect();
+    ops.extend(p.gone_members(member_ids.into_iter()));
     ops.extend(
         delta
             .backends_gone

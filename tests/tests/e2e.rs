@@ -844,16 +844,7 @@ fn healthz_fails_while_syncs_fail_and_recovers() {
     let all = pods(&lab, &["web-1", "web-2", "web-3"]);
     let client = lab.pod("client").ns.clone();
     web_up(&lab, &client, &all, Proto::Tcp);
-    let node = lab.node_netns(1);
-    let get = |path: &str| -> (String, Duration) {
-        let t = Instant::now();
-        let out =
-            lab::in_ns(&node, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2"])
-                .arg(format!("http://127.0.0.1:10256{path}"))
-                .output()
-                .unwrap();
-        (String::from_utf8_lossy(&out.stdout).into_owned(), t.elapsed())
-    };
+    let get = |path: &str| health(&lab, 1, path);
     assert_eq!(get("/healthz").0, "200");
     let asker = Asker::start(&client, sa(vip(), 80));
     let extra: String = (0..3)
@@ -1087,6 +1078,19 @@ fn bad_and_odd_manifests_are_each_reported_while_web_serves() {
         said(what, &want);
         lab.remove_manifest("bad.yaml").unwrap();
     }
+    // 200 000-deep nesting: refused before the parser runs, within a second, while the
+    // health endpoints answer.
+    let t0 = Instant::now();
+    lab.write_manifest("bad.yaml", &format!("a: {}{}\n", "[".repeat(200_000), "]".repeat(200_000))).unwrap();
+    let mut slowest = Duration::ZERO;
+    while !lab.agent_log(1).contains("bad.yaml: nested deeper than 100 levels") {
+        assert!(t0.elapsed() < LIVE, "deep nesting not refused within a second:\n{}", lab.agent_log(1));
+        let (code, took) = health(&lab, 1, "/healthz");
+        assert_eq!(code, "200");
+        slowest = slowest.max(took);
+    }
+    assert!(slowest < Duration::from_millis(500), "/healthz answered slowly: {slowest:?}");
+    lab.remove_manifest("bad.yaml").unwrap();
     // A byte-order mark is read: the Service is programmed.
     let api_vip: IpAddr = "198.19.0.30".parse().unwrap();
     let good_api = api(&format!("ports: [{{name: http, port: 80, targetPort: {POD_PORT}}}]")) + &api_slice;

@@ -12,7 +12,7 @@ use std::{
 
 use lb_tests::{
     harness::privileged,
-    lab::{Answer, Bins, Lab, POD_PORT, Pod, in_netns, sa, slice_yaml, tcp_ask, udp_ask, wait_for},
+    lab::{Answer, Bins, Lab, POD_PORT, Pod, in_netns, in_ns, sa, slice_yaml, tcp_ask, udp_ask, wait_for},
 };
 
 pub const VIP: &str = "198.19.0.10";
@@ -85,6 +85,19 @@ pub fn pods<'a>(lab: &'a Lab, names: &[&str]) -> Vec<&'a Pod> {
 
 pub fn ready<'a>(pods: &[&'a Pod]) -> Vec<(&'a Pod, &'static str)> {
     pods.iter().map(|p| (*p, READY)).collect()
+}
+
+/// `GET path` on node `node`'s health port (10256): the status code and how long it took.
+pub fn health(lab: &Lab, node: u8, path: &str) -> (String, Duration) {
+    let t = Instant::now();
+    let out = in_ns(
+        &lab.node_netns(node),
+        &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2"],
+    )
+    .arg(format!("http://127.0.0.1:10256{path}"))
+    .output()
+    .unwrap();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), t.elapsed())
 }
 
 pub fn syncs(lab: &Lab, node: u8) -> usize {
