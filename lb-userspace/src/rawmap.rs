@@ -213,6 +213,24 @@ pub fn lookup_batch_all(fd: BorrowedFd<'_>, l: &Layout, batch: u32) -> std::io::
     }
 }
 
+/// Every entry of the map, as `lookup_batch_all` gives them: batched where the map type
+/// supports it, else (LPM tries) one key at a time.
+pub fn read_all(fd: BorrowedFd<'_>, l: &Layout) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    match lookup_batch_all(fd, l, 4096) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP) | Some(524)) => {
+            let (mut keys, mut values) = (Vec::new(), Vec::new());
+            for key in self::keys(fd, l)? {
+                if let Some(v) = lookup(fd, l, &key)? {
+                    keys.extend_from_slice(&key);
+                    values.extend_from_slice(&v);
+                }
+            }
+            Ok((keys, values))
+        }
+        other => other,
+    }
+}
+
 /// Deletes `keys` (a flat buffer of `key_size`-byte keys) in one call; keys already gone
 /// are skipped. Returns how many were deleted.
 pub fn delete_batch(fd: BorrowedFd<'_>, l: &Layout, keys: &[u8]) -> std::io::Result<usize> {

@@ -378,7 +378,12 @@ impl Lab {
             Ok(sh(&mut in_ns(&ns, &["curl", "-sf", "--max-time", "1", "http://127.0.0.1:10256/healthz"]))
                 .is_ok())
         })
-        .with_context(|| format!("agent on node-{node} not healthy; log {}", log_path.display()))?;
+        .with_context(|| {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!("agent on node-{node} not healthy; the end of its log:\n{}", tail.join("\n"))
+        })?;
         Ok(())
     }
 
