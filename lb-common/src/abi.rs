@@ -304,6 +304,39 @@ pub struct Config {
     pub tick_ns: u64,
     pub tick_j0: u64,
     pub tick_t0: u64,
+    /// Rate limit of TCP RST and ICMP answers, per CPU (a token bucket kept as credit in
+    /// nanoseconds): one answer costs `answer_cost_ns` of credit, and credit accrues with
+    /// time up to `answer_cap_ns` (the burst). Zero cost: no limit.
+    pub answer_cost_ns: u64,
+    pub answer_cap_ns: u64,
+}
+
+/// One CPU's answer credit (`lb_answer_bucket`): nanoseconds of credit, and when it was last
+/// brought up to date.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnswerBucket {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+impl AnswerBucket {
+    /// Whether an answer may go at `now`, taking its cost if so: the credit grows by the
+    /// time passed, capped at `cap_ns`. The same arithmetic in the programs and in tests.
+    #[inline(always)]
+    pub fn take(&mut self, now: u64, cost_ns: u64, cap_ns: u64) -> bool {
+        if cost_ns == 0 {
+            return true;
+        }
+        let grown = self.credit_ns.saturating_add(now.saturating_sub(self.last_ns));
+        self.credit_ns = if grown > cap_ns { cap_ns } else { grown };
+        self.last_ns = now;
+        if self.credit_ns < cost_ns {
+            return false;
+        }
+        self.credit_ns -= cost_ns;
+        true
+    }
 }
 
 impl Default for Config {
@@ -318,6 +351,8 @@ impl Default for Config {
             tick_ns: 0,
             tick_j0: 0,
             tick_t0: 0,
+            answer_cost_ns: 0,
+            answer_cap_ns: 0,
         }
     }
 }
@@ -359,7 +394,9 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 20);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(offset_of!(AffinityValue, last_seen_ns) == 8);
-    assert!(size_of::<Config>() == 96);
+    assert!(size_of::<Config>() == 112);
+    assert!(offset_of!(Config, answer_cost_ns) == 96);
+    assert!(size_of::<AnswerBucket>() == 16);
     assert!(offset_of!(Config, tick_ns) == 72);
     assert!(offset_of!(Config, snat_port_min) == 4);
     assert!(offset_of!(Config, snat_v6) == 24);
@@ -474,6 +511,28 @@ pub use host::*;
 mod tests {
     use super::*;
     use std::net::IpAddr;
+
+    #[test]
+    fn the_answer_bucket_allows_its_burst_then_its_rate() {
+        const MS: u64 = 1_000_000;
+        // 100 answers a second (10 ms each), bursts of 5.
+        let (cost, cap) = (10 * MS, 50 * MS);
+        let mut b = AnswerBucket::default();
+        let t0 = 1_000_000 * MS;
+        let burst = (0..20).filter(|_| b.take(t0, cost, cap)).count();
+        assert_eq!(burst, 5, "a full bucket gives its burst, then nothing at the same instant");
+        // Over one second in 1 ms steps: 100 more, never more than the rate.
+        let mut given = 0;
+        for ms in 1..=1000 {
+            given += (0..3).filter(|_| b.take(t0 + ms * MS, cost, cap)).count();
+        }
+        assert_eq!(given, 100);
+        // A long pause refills only up to the burst.
+        let later = (0..20).filter(|_| b.take(t0 + 3600 * 1000 * MS, cost, cap)).count();
+        assert_eq!(later, 5);
+        // No cost: no limit.
+        assert!((0..1000).all(|_| b.take(t0, 0, 0)));
+    }
 
     #[test]
     fn v4_round_trips_through_mapped_form() {

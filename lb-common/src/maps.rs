@@ -22,6 +22,9 @@ pub const MEMBERS: &str = "lb_members";
 pub const SNAT_CURSOR: &str = "lb_snat_cursor";
 /// Per-CPU working space of the programs (not pinned: it holds nothing between packets).
 pub const SCRATCH: &str = "lb_scratch";
+/// Each CPU's credit for TCP RST and ICMP answers (PERCPU_ARRAY of one `AnswerBucket`; not
+/// pinned: a restart merely refills it).
+pub const ANSWER_BUCKET: &str = "lb_answer_bucket";
 /// Datapath-wide settings (ARRAY of one `Config`).
 pub const CONFIG: &str = "lb_config";
 /// `loadBalancerSourceRanges`: LPM_TRIE of `SourceRangeKey -> u8` (present = allowed).
@@ -36,6 +39,9 @@ pub const STATS_REASON: &str = "lb_stats_reason";
 pub const STATS_SERVICE: &str = "lb_stats_service";
 /// Per-CPU counters per backend id.
 pub const STATS_BACKEND: &str = "lb_stats_backend";
+
+/// The maps that are not pinned: they hold nothing a restart must keep.
+pub const UNPINNED: [&str; 2] = [SCRATCH, ANSWER_BUCKET];
 
 /// Every pinned map, in the order the agent opens them.
 pub const ALL: [&str; 15] = [

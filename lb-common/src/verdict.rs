@@ -23,7 +23,8 @@ pub enum Reason {
     DropNoBackend = 7,
     /// Ethernet header cut short: dropped.
     TruncatedEth = 8,
-    /// IPv4/IPv6 header cut short or invalid (IHL < 5, bad version): dropped.
+    /// IPv4/IPv6 header invalid (IHL < 5, bad version, total length below the header) in a
+    /// packet to a ClusterIP: dropped. (To any other address: `MalformedPassed`.)
     MalformedIp = 9,
     /// TCP/UDP header cut short in a packet for a frontend: dropped.
     TruncatedL4 = 10,
@@ -56,10 +57,24 @@ pub enum Reason {
     /// A direct connection's reply tuple clashed with a live Service flow: its source port
     /// was rewritten (as netfilter does) and the flow recorded.
     PortClash = 23,
+    /// A malformed IP header or a cut-short TCP/UDP header in a packet that is not for a
+    /// frontend: passed untouched (the stack decides, as without us).
+    MalformedPassed = 24,
+    /// An IPv6 packet with an IPv4-mapped address (`::ffff:a.b.c.d`, never valid on the
+    /// wire): passed untouched, never matched against IPv4 state.
+    V4MappedV6 = 25,
+    /// A TCP RST or ICMP answer over the answer rate (`--answer-rate`): dropped instead.
+    AnswerRateLimited = 26,
+    /// Writing the translation into the packet failed (a load, store or bound): dropped.
+    RewriteFailed = 27,
+    /// A checksum helper refused the update: dropped.
+    ChecksumFailed = 28,
+    /// Making room for (or trimming) an answer failed: dropped instead of answered.
+    AdjustRoomFailed = 29,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 30;
 
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -87,6 +102,12 @@ impl Reason {
         Reason::RejectNoFlow,
         Reason::FlowTableFull,
         Reason::PortClash,
+        Reason::MalformedPassed,
+        Reason::V4MappedV6,
+        Reason::AnswerRateLimited,
+        Reason::RewriteFailed,
+        Reason::ChecksumFailed,
+        Reason::AdjustRoomFailed,
     ];
 
     /// Stable snake_case name used in metrics labels and CLI output.
@@ -116,6 +137,12 @@ impl Reason {
             Reason::RejectNoFlow => "reject_no_flow",
             Reason::FlowTableFull => "flow_table_full",
             Reason::PortClash => "port_clash",
+            Reason::MalformedPassed => "malformed_passed",
+            Reason::V4MappedV6 => "v4_mapped_v6",
+            Reason::AnswerRateLimited => "answer_rate_limited",
+            Reason::RewriteFailed => "rewrite_failed",
+            Reason::ChecksumFailed => "checksum_failed",
+            Reason::AdjustRoomFailed => "adjust_room_failed",
         }
     }
 }
@@ -148,6 +175,12 @@ impl Reason {
             21 => Reason::RejectNoFlow,
             22 => Reason::FlowTableFull,
             23 => Reason::PortClash,
+            24 => Reason::MalformedPassed,
+            25 => Reason::V4MappedV6,
+            26 => Reason::AnswerRateLimited,
+            27 => Reason::RewriteFailed,
+            28 => Reason::ChecksumFailed,
+            29 => Reason::AdjustRoomFailed,
             _ => Reason::MapError,
         }
     }

@@ -13,7 +13,7 @@ use crate::{
     maps::{SERVICES, Scratch},
     nat::{Packet, Side, apply},
     parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_RST, TCP_SYN, parse},
-    reject::reject,
+    reject::{self, reject},
     select, stats,
 };
 
@@ -23,10 +23,24 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     let mut h = Headers::default();
     let out = match parse(pkt.data(), pkt.data_end(), &mut h) {
         Ok(()) => handle(pkt, &h, bytes),
+        // Malformed but not for a frontend: untouched, as any packet not ours.
+        Err((Action::Drop, Reason::MalformedIp | Reason::TruncatedL4)) if !for_frontend(&h) => {
+            (Action::Pass, Reason::MalformedPassed)
+        }
         Err(out) => out,
     };
     stats::reason(out.1, bytes);
     out
+}
+
+/// Whether a malformed packet was meant for a frontend: its address and port (when the
+/// ports could be read), or a ClusterIP (whose every port is ours). Not inlined: its keys
+/// would otherwise sit in the entry function's frame, under the deepest call chain.
+#[inline(never)]
+fn for_frontend(h: &Headers) -> bool {
+    (h.dport != 0
+        && SERVICES.get_ptr(&ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 }).is_some())
+        || is_cluster_ip(h)
 }
 
 /// Rewrites `side` to the flow's address (forward: destination to the backend; reply: source
@@ -34,7 +48,13 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
 /// checksum arithmetic spills registers, and in its own frame that stack is not added to
 /// the new-flow path's.
 #[inline(never)]
-fn translate<P: Packet>(pkt: &mut P, h: &Headers, side: Side, v: &FlowValue, bytes: u32) -> Result<(), ()> {
+fn translate<P: Packet>(
+    pkt: &mut P,
+    h: &Headers,
+    side: Side,
+    v: &FlowValue,
+    bytes: u32,
+) -> Result<(), Reason> {
     apply(pkt, h, side, &v.addr, v.port)?;
     if v.flags & FLOW_F_SNAT != 0 {
         apply(pkt, h, side.other(), &v.nat_addr, v.nat_port)?;
@@ -56,8 +76,8 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
         return match conntrack::fragment(h) {
             Some(f) => {
                 let side = if f.direction == FLOW_FORWARD { Side::Dst } else { Side::Src };
-                if pkt.rewrite_v4_l3(h, side, f.addr).is_err() {
-                    return MAP_ERR;
+                if let Err(r) = pkt.rewrite_v4_l3(h, side, f.addr) {
+                    return (Action::Drop, r);
                 }
                 stats::service(f.service_id, bytes);
                 (Action::Pass, Reason::FragmentFollowed)
@@ -94,7 +114,6 @@ fn is_syn(h: &Headers) -> bool {
 /// pick a backend anew and was removed).
 #[inline(never)]
 fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, s: *mut Scratch) -> u32 {
-    const MAP_ERR: u32 = pack(Action::Drop, Reason::MapError);
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let (key, v) = unsafe { (&(*s).key, &mut (*s).flow) };
     let Some(p) = conntrack::lookup(key, v) else { return NOT_KNOWN };
@@ -104,7 +123,7 @@ fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, s: *mut Scratch) 
         conntrack::touch(key, p, v, h, now);
         return match translate(pkt, h, Side::Src, v, bytes) {
             Ok(()) => pack(Action::Pass, Reason::Reply),
-            Err(()) => MAP_ERR,
+            Err(r) => pack(Action::Drop, r),
         };
     }
     // A flow keeps its backend across table changes while the backend stays in its
@@ -121,7 +140,7 @@ fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, s: *mut Scratch) 
     conntrack::touch(key, p, v, h, now);
     match translate(pkt, h, Side::Dst, v, bytes) {
         Ok(()) => pack(Action::Pass, Reason::FlowHit),
-        Err(()) => MAP_ERR,
+        Err(r) => pack(Action::Drop, r),
     }
 }
 
@@ -187,7 +206,7 @@ fn translate_new<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, reason: Reason
     // SAFETY: this CPU's scratch slot, used by this packet only.
     match translate(pkt, h, Side::Dst, unsafe { &(*s).flow }, bytes) {
         Ok(()) => pack(Action::Pass, reason),
-        Err(()) => pack(Action::Drop, Reason::MapError),
+        Err(r) => pack(Action::Drop, r),
     }
 }
 
@@ -252,8 +271,12 @@ fn refuse<P: Packet>(pkt: &mut P, h: &Headers, reason: Reason) -> u32 {
         // dropping is what a closed port would look like to the sender anyway.
         return pack(Action::Drop, Reason::RejectFailed);
     }
+    // Over the answer rate: dropped, as the kernel does past `icmp_msgs_per_sec`.
+    if !reject::answer_allowed() {
+        return pack(Action::Drop, Reason::AnswerRateLimited);
+    }
     match reject(pkt, h) {
         Ok(()) => pack(Action::Bounce, reason),
-        Err(()) => pack(Action::Drop, Reason::RejectFailed),
+        Err(r) => pack(Action::Drop, r),
     }
 }

@@ -78,3 +78,8 @@ pub struct Scratch {
 
 #[map(name = "lb_scratch")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's credit for TCP RST and ICMP answers (`reject::answer_allowed`). Not pinned: a
+/// restart merely refills it.
+#[map(name = "lb_answer_bucket")]
+pub static ANSWER_BUCKET: PerCpuArray<AnswerBucket> = PerCpuArray::with_max_entries(1, 0);

@@ -15,9 +15,14 @@ use aya_ebpf::{
 use lb_common::{
     abi::{Addr, PROTO_UDP},
     csum,
+    verdict::Reason,
 };
 
 use crate::parse::{FRAG_LATER, Headers, ptr_at};
+
+const REWRITE: Reason = Reason::RewriteFailed;
+const CSUM: Reason = Reason::ChecksumFailed;
+const ROOM: Reason = Reason::AdjustRoomFailed;
 
 /// Which side of the packet a rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -50,13 +55,14 @@ pub trait Packet {
     /// Length of the whole packet (for byte counters).
     fn len(&self) -> u32;
     /// Rewrites address and port on one side, checksums included.
-    fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), ()>;
+    /// The error says which step failed (`RewriteFailed`, `ChecksumFailed`).
+    fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), Reason>;
     /// Rewrites only the IPv4 address on one side (non-first fragments carry no L4 header).
-    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), ()>;
-    /// Inserts `n` bytes right after the `l2_len`-byte link header.
-    fn grow_after_l2(&mut self, l2_len: usize, n: u32) -> Result<(), ()>;
-    /// Cuts the packet to `len` bytes.
-    fn truncate(&mut self, len: u32) -> Result<(), ()>;
+    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), Reason>;
+    /// Inserts `n` bytes right after the `l2_len`-byte link header (`AdjustRoomFailed`).
+    fn grow_after_l2(&mut self, l2_len: usize, n: u32) -> Result<(), Reason>;
+    /// Cuts the packet to `len` bytes (`AdjustRoomFailed`).
+    fn truncate(&mut self, len: u32) -> Result<(), Reason>;
 }
 
 #[inline(always)]
@@ -91,27 +97,27 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), ()> {
+    fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), Reason> {
         let (data, end) = (Packet::data(self), Packet::data_end(self));
         let old_addr: Addr;
         // SAFETY (all derefs below): pointers come from ptr_at, bounds-checked.
         unsafe {
             if h.v6 {
-                let a = ptr_at::<Addr>(data, end, addr_off(h, side)).ok_or(())?;
+                let a = ptr_at::<Addr>(data, end, addr_off(h, side)).ok_or(REWRITE)?;
                 old_addr = a.read_unaligned();
                 a.write_unaligned(*addr);
             } else {
-                let a = ptr_at::<u32>(data, end, addr_off(h, side)).ok_or(())?;
+                let a = ptr_at::<u32>(data, end, addr_off(h, side)).ok_or(REWRITE)?;
                 let old = a.read_unaligned();
                 old_addr = lb_common::abi::v4_mapped(old);
                 a.write_unaligned(addr[3]);
-                let c = ptr_at::<u16>(data, end, h.l3_off + 10).ok_or(())?;
+                let c = ptr_at::<u16>(data, end, h.l3_off + 10).ok_or(REWRITE)?;
                 c.write_unaligned(csum::update32(c.read_unaligned(), old, addr[3]));
             }
-            let p = ptr_at::<u16>(data, end, port_off(h, side)).ok_or(())?;
+            let p = ptr_at::<u16>(data, end, port_off(h, side)).ok_or(REWRITE)?;
             let old_port = p.read_unaligned();
             p.write_unaligned(port);
-            let c = ptr_at::<u16>(data, end, h.l4_csum_off()).ok_or(())?;
+            let c = ptr_at::<u16>(data, end, h.l4_csum_off()).ok_or(REWRITE)?;
             let udp = h.proto == PROTO_UDP;
             c.write_unaligned(csum::l4_rewrite(c.read_unaligned(), &old_addr, addr, old_port, port, udp));
         }
@@ -119,24 +125,24 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), ()> {
+    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), Reason> {
         let (data, end) = (Packet::data(self), Packet::data_end(self));
         // SAFETY: bounds-checked pointers.
         unsafe {
-            let a = ptr_at::<u32>(data, end, addr_off(h, side)).ok_or(())?;
+            let a = ptr_at::<u32>(data, end, addr_off(h, side)).ok_or(REWRITE)?;
             let old = a.read_unaligned();
             a.write_unaligned(addr);
-            let c = ptr_at::<u16>(data, end, h.l3_off + 10).ok_or(())?;
+            let c = ptr_at::<u16>(data, end, h.l3_off + 10).ok_or(REWRITE)?;
             c.write_unaligned(csum::update32(c.read_unaligned(), old, addr));
         }
         Ok(())
     }
 
     #[inline(always)]
-    fn grow_after_l2(&mut self, l2_len: usize, n: u32) -> Result<(), ()> {
+    fn grow_after_l2(&mut self, l2_len: usize, n: u32) -> Result<(), Reason> {
         // SAFETY: helper call on our own context.
         if unsafe { bpf_xdp_adjust_head(self.ctx, -(n as i32)) } != 0 {
-            return Err(());
+            return Err(ROOM);
         }
         // Move the link header to the new front; the gap is then right after it.
         let (data, end) = (Packet::data(self), Packet::data_end(self));
@@ -147,8 +153,8 @@ impl Packet for XdpContext {
             if i >= l2_len {
                 break;
             }
-            let from = ptr_at::<u16>(data, end, n + i).ok_or(())?;
-            let to = ptr_at::<u16>(data, end, i).ok_or(())?;
+            let from = ptr_at::<u16>(data, end, n + i).ok_or(ROOM)?;
+            let to = ptr_at::<u16>(data, end, i).ok_or(ROOM)?;
             // SAFETY: bounds-checked pointers.
             unsafe { to.write_unaligned(from.read_unaligned()) };
             i += 2;
@@ -157,12 +163,12 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn truncate(&mut self, len: u32) -> Result<(), ()> {
+    fn truncate(&mut self, len: u32) -> Result<(), Reason> {
         let cur = Packet::len(self) as i32;
         // SAFETY: helper call on our own context.
         match unsafe { bpf_xdp_adjust_tail(self.ctx, len as i32 - cur) } {
             0 => Ok(()),
-            _ => Err(()),
+            _ => Err(ROOM),
         }
     }
 }
@@ -184,12 +190,12 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), ()> {
+    fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), Reason> {
         let csum_off = h.l4_csum_off();
         let mangled = if h.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
         let a_off = addr_off(h, side);
         if h.v6 {
-            let old: Addr = self.load(a_off).map_err(|_| ())?;
+            let old: Addr = self.load(a_off).map_err(|_| REWRITE)?;
             let mut i = 0;
             while i < 4 {
                 self.l4_csum_replace(
@@ -198,42 +204,42 @@ impl Packet for TcContext {
                     addr[i] as u64,
                     BPF_F_PSEUDO_HDR as u64 | mangled | 4,
                 )
-                .map_err(|_| ())?;
+                .map_err(|_| CSUM)?;
                 i += 1;
             }
-            self.store(a_off, addr, 0).map_err(|_| ())?;
+            self.store(a_off, addr, 0).map_err(|_| REWRITE)?;
         } else {
-            let old: u32 = self.load(a_off).map_err(|_| ())?;
-            self.l3_csum_replace(h.l3_off + 10, old as u64, addr[3] as u64, 4).map_err(|_| ())?;
+            let old: u32 = self.load(a_off).map_err(|_| REWRITE)?;
+            self.l3_csum_replace(h.l3_off + 10, old as u64, addr[3] as u64, 4).map_err(|_| CSUM)?;
             self.l4_csum_replace(csum_off, old as u64, addr[3] as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
-                .map_err(|_| ())?;
-            self.store(a_off, &addr[3], 0).map_err(|_| ())?;
+                .map_err(|_| CSUM)?;
+            self.store(a_off, &addr[3], 0).map_err(|_| REWRITE)?;
         }
         let p_off = port_off(h, side);
-        let old_port: u16 = self.load(p_off).map_err(|_| ())?;
-        self.l4_csum_replace(csum_off, old_port as u64, port as u64, mangled | 2).map_err(|_| ())?;
-        self.store(p_off, &port, 0).map_err(|_| ())
+        let old_port: u16 = self.load(p_off).map_err(|_| REWRITE)?;
+        self.l4_csum_replace(csum_off, old_port as u64, port as u64, mangled | 2).map_err(|_| CSUM)?;
+        self.store(p_off, &port, 0).map_err(|_| REWRITE)
     }
 
     #[inline(always)]
-    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), ()> {
+    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), Reason> {
         let a_off = addr_off(h, side);
-        let old: u32 = self.load(a_off).map_err(|_| ())?;
-        self.l3_csum_replace(h.l3_off + 10, old as u64, addr as u64, 4).map_err(|_| ())?;
-        self.store(a_off, &addr, 0).map_err(|_| ())
+        let old: u32 = self.load(a_off).map_err(|_| REWRITE)?;
+        self.l3_csum_replace(h.l3_off + 10, old as u64, addr as u64, 4).map_err(|_| CSUM)?;
+        self.store(a_off, &addr, 0).map_err(|_| REWRITE)
     }
 
     #[inline(always)]
-    fn grow_after_l2(&mut self, _l2_len: usize, n: u32) -> Result<(), ()> {
-        self.adjust_room(n as i32, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ())
+    fn grow_after_l2(&mut self, _l2_len: usize, n: u32) -> Result<(), Reason> {
+        self.adjust_room(n as i32, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ROOM)
     }
 
     #[inline(always)]
-    fn truncate(&mut self, len: u32) -> Result<(), ()> {
+    fn truncate(&mut self, len: u32) -> Result<(), Reason> {
         // SAFETY: helper call on our own skb.
         match unsafe { bpf_skb_change_tail(self.skb.skb, len, 0) } {
             0 => Ok(()),
-            _ => Err(()),
+            _ => Err(ROOM),
         }
     }
 }
@@ -241,6 +247,6 @@ impl Packet for TcContext {
 /// Applies a translation to whatever kind of packet this is: full L3+L4 rewrite, or just the
 /// IPv4 address for a non-first fragment.
 #[inline(always)]
-pub fn apply<P: Packet>(pkt: &mut P, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), ()> {
+pub fn apply<P: Packet>(pkt: &mut P, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), Reason> {
     if h.frag == FRAG_LATER { pkt.rewrite_v4_l3(h, side, addr[3]) } else { pkt.rewrite(h, side, addr, port) }
 }

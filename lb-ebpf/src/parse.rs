@@ -1,9 +1,12 @@
 //! Header parsing: Ethernet (one optional 802.1Q tag), IPv4 (any IHL), IPv6 (no extension
 //! headers), TCP and UDP. Every read is bounds-checked against `data_end`; the outcome for
-//! a packet we cannot or must not handle is a verdict and a reason, never a fault.
+//! a packet we cannot or must not handle is a verdict and a reason, never a fault. A
+//! malformed packet still leaves in `Headers` what could be read of its destination (the
+//! caller drops it only if it was for a frontend), and an IPv6 packet with an IPv4-mapped
+//! address is never ours: it must not match IPv4 state.
 
 use lb_common::{
-    abi::{Addr, PROTO_TCP, PROTO_UDP, v4_mapped},
+    abi::{Addr, PROTO_TCP, PROTO_UDP, is_v4, v4_mapped},
     verdict::{Action, Reason},
 };
 
@@ -154,6 +157,7 @@ const BAD_IP: Outcome = (Action::Drop, Reason::MalformedIp);
 #[inline(always)]
 fn parse_v4(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), Outcome> {
     let ip: Ipv4Hdr = read(data, end, l3).ok_or(BAD_IP)?;
+    h.dst = v4_mapped(ip.dst);
     if ip.vihl >> 4 != 4 {
         return Err(BAD_IP);
     }
@@ -188,8 +192,12 @@ fn parse_v4(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), O
 #[inline(always)]
 fn parse_v6(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), Outcome> {
     let ip: Ipv6Hdr = read(data, end, l3).ok_or(BAD_IP)?;
+    h.dst = ip.dst;
     if (ip.vtc_flow as u8) >> 4 != 6 {
         return Err(BAD_IP);
+    }
+    if is_v4(&ip.src) || is_v4(&ip.dst) {
+        return Err((Action::Pass, Reason::V4MappedV6));
     }
     if ip.next != PROTO_TCP && ip.next != PROTO_UDP {
         // Hop-by-hop, routing, fragment, destination options: not translated (documented).
@@ -207,18 +215,18 @@ fn parse_v6(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), O
 }
 
 /// Ports (and TCP flags); the whole fixed L4 header must be present, checksum included.
+/// The ports are read first, so a cut-short header still tells which frontend it was for.
 #[inline(always)]
 fn parse_l4(data: usize, end: usize, h: &mut Headers) -> Result<(), Outcome> {
     const TRUNC: Outcome = (Action::Drop, Reason::TruncatedL4);
+    let ports: [u16; 2] = read(data, end, h.l4_off).ok_or(TRUNC)?;
+    h.sport = ports[0];
+    h.dport = ports[1];
     if h.proto == PROTO_TCP {
         let t: TcpHdr = read(data, end, h.l4_off).ok_or(TRUNC)?;
-        h.sport = t.sport;
-        h.dport = t.dport;
         h.tcp_flags = t.flags;
     } else {
-        let u: UdpHdr = read(data, end, h.l4_off).ok_or(TRUNC)?;
-        h.sport = u.sport;
-        h.dport = u.dport;
+        let _: UdpHdr = read(data, end, h.l4_off).ok_or(TRUNC)?;
     }
     Ok(())
 }

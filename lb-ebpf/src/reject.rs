@@ -5,25 +5,46 @@
 //! Layout of the ICMP answer, the same for both hooks (only "make room" differs):
 //! `[link header][new IP header][ICMP header][original IP header][first 8 bytes of L4]`.
 
-use lb_common::{abi::PROTO_TCP, csum};
+use lb_common::{abi::PROTO_TCP, csum, verdict::Reason};
 
 use crate::{
+    conntrack,
+    maps::ANSWER_BUCKET,
     nat::Packet,
     parse::{Headers, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr, ptr_at, read},
+    select,
 };
+
+/// Building the answer failed (a bound, or a RST that must not be answered).
+const FAIL: Reason = Reason::RejectFailed;
 
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 
-/// Turns the packet into its rejection. `Err`: the caller drops it instead.
+/// Whether this CPU may send one more answer now (`Config::answer_cost_ns`: like the
+/// kernel's `icmp_msgs_per_sec` and `icmp_msgs_burst`, so that spoofed sources cannot turn
+/// the datapath into a reflector at line rate), taking it if so.
 #[inline(always)]
-pub fn reject<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
+pub fn answer_allowed() -> bool {
+    let Some(c) = select::config_ref() else { return true };
+    let (cost, cap) = (c.answer_cost_ns, c.answer_cap_ns);
+    if cost == 0 {
+        return true;
+    }
+    let Some(b) = ANSWER_BUCKET.get_ptr_mut(0) else { return true };
+    // SAFETY: this CPU's slot, used by this packet only.
+    unsafe { (*b).take(conntrack::now(), cost, cap) }
+}
+
+/// Turns the packet into its rejection. `Err`: why not; the caller drops it instead.
+#[inline(always)]
+pub fn reject<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), Reason> {
     if h.proto == PROTO_TCP { tcp_rst(pkt, h) } else { port_unreachable(pkt, h) }
 }
 
 #[inline(always)]
-fn write<T>(data: usize, end: usize, off: usize, v: T) -> Result<(), ()> {
-    let p = ptr_at::<T>(data, end, off).ok_or(())?;
+fn write<T>(data: usize, end: usize, off: usize, v: T) -> Result<(), Reason> {
+    let p = ptr_at::<T>(data, end, off).ok_or(FAIL)?;
     // SAFETY: bounds-checked pointer into the packet.
     unsafe { p.write_unaligned(v) };
     Ok(())
@@ -64,14 +85,14 @@ fn pseudo_sum(src: &[u32; 4], dst: &[u32; 4], v6: bool, proto: u8, len: u16) -> 
 
 /// Sums `len` bytes (a multiple of 4, at most 80) of the packet from `off`.
 #[inline(always)]
-fn sum_packet(data: usize, end: usize, off: usize, len: usize) -> Result<u32, ()> {
+fn sum_packet(data: usize, end: usize, off: usize, len: usize) -> Result<u32, Reason> {
     let mut acc = 0u32;
     let mut i = 0;
     while i < 20 {
         if i * 4 >= len {
             break;
         }
-        let w: u32 = read(data, end, off + i * 4).ok_or(())?;
+        let w: u32 = read(data, end, off + i * 4).ok_or(FAIL)?;
         acc = csum::add32(acc, w);
         i += 1;
     }
@@ -79,28 +100,28 @@ fn sum_packet(data: usize, end: usize, off: usize, len: usize) -> Result<u32, ()
 }
 
 #[inline(always)]
-fn swap_macs(data: usize, end: usize) -> Result<(), ()> {
-    let dst: [u8; 6] = read(data, end, 0).ok_or(())?;
-    let src: [u8; 6] = read(data, end, 6).ok_or(())?;
+fn swap_macs(data: usize, end: usize) -> Result<(), Reason> {
+    let dst: [u8; 6] = read(data, end, 0).ok_or(FAIL)?;
+    let src: [u8; 6] = read(data, end, 6).ok_or(FAIL)?;
     write(data, end, 0, src)?;
     write(data, end, 6, dst)
 }
 
 #[inline(always)]
-fn tcp_rst<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
+fn tcp_rst<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), Reason> {
     if h.tcp_flags & TCP_RST != 0 {
-        return Err(()); // never answer a RST
+        return Err(FAIL); // never answer a RST
     }
     let (data, end) = (pkt.data(), pkt.data_end());
-    let t: TcpHdr = read(data, end, h.l4_off).ok_or(())?;
+    let t: TcpHdr = read(data, end, h.l4_off).ok_or(FAIL)?;
     let (seq, ack) = (u32::from_be(t.seq), u32::from_be(t.ack));
     let doff = ((t.doff >> 4) as u32) * 4;
     let l3_len = (h.l4_off - h.l3_off) as u32;
     let (ip_payload, v4) = if h.v6 {
-        let ip: Ipv6Hdr = read(data, end, h.l3_off).ok_or(())?;
+        let ip: Ipv6Hdr = read(data, end, h.l3_off).ok_or(FAIL)?;
         (u16::from_be(ip.payload_len) as u32, None)
     } else {
-        let ip: Ipv4Hdr = read(data, end, h.l3_off).ok_or(())?;
+        let ip: Ipv4Hdr = read(data, end, h.l3_off).ok_or(FAIL)?;
         ((u16::from_be(ip.tot_len) as u32).saturating_sub(l3_len), Some(ip))
     };
     let seg_len = ip_payload.saturating_sub(doff)
@@ -165,7 +186,7 @@ fn tcp_rst<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
 }
 
 #[inline(always)]
-fn port_unreachable<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
+fn port_unreachable<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), Reason> {
     let l2 = h.l3_off;
     let quote = h.l4_off - h.l3_off + 8; // original IP header + 8 bytes of UDP
     let room: usize = if h.v6 { 40 + 8 } else { 20 + 8 };

@@ -82,6 +82,8 @@ pub struct AgentConfig {
     pub snat_ports: (u16, u16),
     /// `/healthz` fails when changes have waited longer than this for a successful sync.
     pub healthz_stale_after: Duration,
+    /// `--answer-rate` (per second, 0: unlimited) and `--answer-burst`, node totals.
+    pub answer_limit: (u32, u32),
     /// `--state-dir`: the manifest files' last good copies.
     pub state_dir: PathBuf,
 }
@@ -555,6 +557,7 @@ fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr], clock: Option<(
     if cfg.xdp_forward {
         c.flags |= CFG_F_XDP_FORWARD;
     }
+    (c.answer_cost_ns, c.answer_cap_ns) = answer_bucket(cfg.answer_limit, aya::util::nr_cpus().unwrap_or(1));
     if let Some(v4) = node_addresses.iter().find(|a| a.is_ipv4()) {
         c.snat_v4 = addr_from_ip(*v4);
     }
@@ -562,6 +565,19 @@ fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr], clock: Option<(
         c.snat_v6 = addr_from_ip(*v6);
     }
     c
+}
+
+/// Each CPU's answer bucket for a node-wide `(rate per second, burst)` over `cpus` CPUs:
+/// (cost of one answer, credit cap), in ns. Each CPU gets its share of both, at least one.
+pub fn answer_bucket((rate, burst): (u32, u32), cpus: usize) -> (u64, u64) {
+    if rate == 0 {
+        return (0, 0);
+    }
+    let cpus = cpus.max(1) as u64;
+    let per_cpu = (u64::from(rate) / cpus).max(1);
+    let cost = 1_000_000_000 / per_cpu;
+    let burst = (u64::from(burst) / cpus).max(1);
+    (cost, cost * burst)
 }
 
 /// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.

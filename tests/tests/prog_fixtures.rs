@@ -206,31 +206,111 @@ fn icmp_passes_untouched() {
 }
 
 #[test]
-fn truncated_headers_are_dropped_and_counted() {
+fn malformed_packets_pass_untouched_unless_for_a_frontend() {
     require_root!();
     let mut l = Loaded::new();
     program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    // VIP4 is a ClusterIP: every port of it is ours.
+    l.dp.set_service(&ServiceKey::new(ip(VIP4), 0, 0), &ServiceValue::default()).unwrap();
     let full = Spec::tcp(CLIENT4, 1234, VIP4, 80).build();
+    let elsewhere = Spec::tcp(CLIENT4, 1234, "198.19.0.99", 80).build();
+    let bad_ihl = |p: &[u8]| {
+        let mut p = p.to_vec();
+        p[14] = 0x44;
+        p
+    };
     // Ethernet cut short: a VLAN tag without the inner ethertype. (BPF_PROG_TEST_RUN refuses
     // frames under 14 bytes, so the kernel never hands us a shorter one either.)
     let mut vlan = full[..14].to_vec();
     vlan[12..14].copy_from_slice(&[0x81, 0x00]);
     assert_eq!(l.run_xdp(&vlan).0, XDP_DROP);
-    // IPv4 header cut short.
-    assert_eq!(l.run_xdp(&full[..14 + 12]).0, XDP_DROP);
-    // TCP header cut short (ports present, checksum missing).
+    // For a frontend: dropped. TCP cut short (ports present, checksum missing), and an IHL
+    // below 5 to the ClusterIP.
     assert_eq!(l.run_xdp(&full[..14 + 20 + 10]).0, XDP_DROP);
-    // IHL below 5.
-    let mut bad = full.clone();
-    bad[14] = 0x44;
-    assert_eq!(l.run_xdp(&bad).0, XDP_DROP);
-    // IPv6 header cut short.
-    let v6 = Spec::udp(CLIENT6, 1, VIP6, 53).build();
-    // (At TC the kernel refuses such a frame before the program runs.)
-    assert_eq!(l.run_xdp(&v6[..14 + 30]).0, XDP_DROP);
-    assert_eq!(reason(&l, Reason::TruncatedEth), 1);
-    assert_eq!(reason(&l, Reason::MalformedIp), 3);
+    assert_eq!(l.run_xdp(&bad_ihl(&full)).0, XDP_DROP);
     assert_eq!(reason(&l, Reason::TruncatedL4), 1);
+    assert_eq!(reason(&l, Reason::MalformedIp), 1);
+    // Not for a frontend: passed byte for byte, at both hooks. The same two, to another
+    // address; a header cut before its destination; and an IPv6 header cut short.
+    let v6 = Spec::udp(CLIENT6, 1, VIP6, 53).build();
+    let cases: [(Vec<u8>, bool); 5] = [
+        (elsewhere[..14 + 20 + 10].to_vec(), true),
+        (bad_ihl(&elsewhere), true),
+        (full[..14 + 12].to_vec(), false),
+        (v6[..14 + 30].to_vec(), false),
+        // A port of VIP4 that no frontend serves is still the ClusterIP's: see above. A TCP
+        // header cut before its ports, to an address that is no ClusterIP:
+        (elsewhere[..14 + 20 + 2].to_vec(), true),
+    ];
+    let mut passed = 0;
+    for (p, at_tc) in &cases {
+        assert_eq!(l.run_xdp(p), (XDP_PASS, p.clone()), "{p:02x?}");
+        passed += 1;
+        // (At TC the kernel refuses frames whose IP header is cut short before the program.)
+        if *at_tc {
+            assert_eq!(l.run_tc(p), (TC_ACT_UNSPEC, p.clone()));
+            passed += 1;
+        }
+    }
+    assert_eq!(reason(&l, Reason::MalformedPassed), passed);
+    assert_eq!(reason(&l, Reason::TruncatedEth), 1);
+    assert_eq!((reason(&l, Reason::TruncatedL4), reason(&l, Reason::MalformedIp)), (1, 1));
+}
+
+#[test]
+fn an_ipv4_mapped_ipv6_packet_never_matches_ipv4_state() {
+    require_root!();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    l.dp.set_service(&ServiceKey::new(ip(VIP4), 0, 0), &ServiceValue::default()).unwrap();
+    let to_vip = Spec::tcp(CLIENT6, 40_000, "::ffff:198.19.0.10", 80).build();
+    let from_mapped = Spec::tcp("::ffff:198.18.100.1", 40_000, VIP6, 80).build();
+    for p in [&to_vip, &from_mapped] {
+        assert_eq!(l.run_xdp(p), (XDP_PASS, p.clone()));
+        assert_eq!(l.run_tc(p), (TC_ACT_UNSPEC, p.clone()));
+    }
+    assert_eq!(reason(&l, Reason::V4MappedV6), 4);
+    assert_eq!(reason(&l, Reason::NewFlow), 0);
+}
+
+/// Pins this thread to CPU 0: the answer budget is per CPU.
+fn on_cpu_zero() {
+    // SAFETY: a zeroed cpu_set_t with bit 0 set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+}
+
+#[test]
+fn answers_are_rate_limited_per_cpu() {
+    require_root!();
+    on_cpu_zero();
+    let mut l = Loaded::new();
+    program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &[], 0, 0);
+    program(&mut l.dp, 2, (VIP4, 53, PROTO_UDP), &[], 0, 0);
+    // One answer a second, bursts of three.
+    let (cost, cap) = (1_000_000_000, 3_000_000_000);
+    l.dp.set_config(&Config { answer_cost_ns: cost, answer_cap_ns: cap, ..Config::default() }).unwrap();
+    let mut answered = 0;
+    for i in 0..10u16 {
+        let syn = Spec::tcp(CLIENT4, 40_000 + i, VIP4, 80).build();
+        let dgram = Spec::udp(CLIENT4, 40_000 + i, VIP4, 53).build();
+        for p in [syn, dgram] {
+            match l.run_xdp(&p).0 {
+                XDP_TX => answered += 1,
+                rc => assert_eq!(rc, XDP_DROP),
+            }
+        }
+    }
+    assert_eq!(answered, 3, "the burst, then nothing within the same second");
+    assert_eq!(reason(&l, Reason::AnswerRateLimited), 17);
+    assert_eq!(reason(&l, Reason::RejectNoBackend), 3);
+    // No limit configured: every one answered.
+    l.dp.set_config(&Config::default()).unwrap();
+    let syn = Spec::tcp(CLIENT4, 50_000, VIP4, 80).build();
+    assert!((0..20).all(|_| l.run_xdp(&syn).0 == XDP_TX));
 }
 
 #[test]
@@ -537,7 +617,7 @@ fn object_maps_match_the_shared_names() {
     require_root!();
     let l = Loaded::new();
     let mut names: Vec<&str> =
-        l.ebpf.maps().map(|(n, _)| n).filter(|n| *n != lb_common::maps::SCRATCH).collect();
+        l.ebpf.maps().map(|(n, _)| n).filter(|n| !lb_common::maps::UNPINNED.contains(n)).collect();
     names.sort();
     let mut want = lb_common::maps::ALL.to_vec();
     want.sort();

@@ -99,6 +99,14 @@ pub struct AgentArgs {
     /// (`net.ipv4.ip_local_port_range`, 32768-60999 by default).
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range, value_name = "FROM-TO")]
     pub snat_port_range: (u16, u16),
+    /// TCP RSTs and ICMP port-unreachables the datapath may send per second (node total,
+    /// shared out per CPU), like the kernel's `icmp_msgs_per_sec`: spoofed sources cannot
+    /// make it a reflector. Answers over it are dropped (`answer_rate_limited`). 0: no limit.
+    #[arg(long, default_value_t = 1000, value_name = "PER_SECOND")]
+    pub answer_rate: u32,
+    /// Answers that may go at once above the rate (node total), like `icmp_msgs_burst`.
+    #[arg(long, default_value_t = 50)]
+    pub answer_burst: u32,
     /// Flow-table entries (forward and reply count separately). Changing it on a running node
     /// migrates the table (no flow lost).
     #[arg(long, default_value_t = Capacities::default().flows)]
@@ -234,6 +242,7 @@ impl AgentArgs {
             snat_ports: self.snat_port_range,
             state_dir: self.state_dir,
             healthz_stale_after: std::time::Duration::from_secs(self.healthz_stale_after.into()),
+            answer_limit: (self.answer_rate, self.answer_burst),
         }
     }
 }
