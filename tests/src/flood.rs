@@ -1,6 +1,6 @@
-//! A SYN flood for the L3 flood test: TCP SYNs from random sources inside one lab prefix (the
-//! lab's own address plan: nothing leaves it, and the backends' answers to those sources
-//! die at the nodes for want of a route), paced and bounded in time.
+//! Floods for the L3 tests: TCP SYNs (or UDP datagrams) from random sources inside one lab
+//! prefix (the lab's own address plan: nothing leaves it, and answers to those sources die
+//! at the nodes for want of a route), paced and bounded in time.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -12,8 +12,15 @@ use crate::{
     lab::spawn_in_netns,
 };
 
-/// A running flood; `join` for the number of SYNs sent.
+/// A running flood; `join` for the number of packets sent.
 pub struct Flood(std::thread::JoinHandle<anyhow::Result<std::io::Result<u64>>>);
+
+/// What a flood sends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Syn,
+    Udp,
+}
 
 impl Flood {
     /// Floods `dst` from namespace `ns` with SYNs from random addresses of `sources` (a
@@ -25,11 +32,23 @@ impl Flood {
         pps: u64,
         duration: Duration,
     ) -> anyhow::Result<Flood> {
+        Self::start_kind(ns, dst, sources, pps, duration, Kind::Syn)
+    }
+
+    /// `start`, sending `kind`.
+    pub fn start_kind(
+        ns: &str,
+        dst: SocketAddrV4,
+        sources: (Ipv4Addr, u8),
+        pps: u64,
+        duration: Duration,
+        kind: Kind,
+    ) -> anyhow::Result<Flood> {
         assert!(
             u32::from(sources.0) >> 17 == u32::from(Ipv4Addr::new(198, 18, 0, 0)) >> 17,
             "lab sources only"
         );
-        Ok(Flood(spawn_in_netns(ns, move || send(dst, sources, pps, duration))?))
+        Ok(Flood(spawn_in_netns(ns, move || send(dst, sources, pps, duration, kind))?))
     }
 
     pub fn join(self) -> anyhow::Result<u64> {
@@ -43,6 +62,7 @@ fn send(
     (net, bits): (Ipv4Addr, u8),
     pps: u64,
     duration: Duration,
+    kind: Kind,
 ) -> std::io::Result<u64> {
     // SAFETY: a raw IPv4 socket; IPPROTO_RAW implies IP_HDRINCL (we write the header).
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
@@ -76,8 +96,11 @@ fn send(
         let host = (r as u32) & ((1u32 << host_bits) - 1);
         let src = Ipv4Addr::from(u32::from(net) | host.max(1));
         let sport = 1024 + ((r >> 32) as u16 % 60_000);
-        let pkt =
-            Spec::tcp(&src.to_string(), sport, &dst.ip().to_string(), dst.port()).flags(TCP_SYN).build();
+        let (src, to_ip) = (src.to_string(), dst.ip().to_string());
+        let pkt = match kind {
+            Kind::Syn => Spec::tcp(&src, sport, &to_ip, dst.port()).flags(TCP_SYN).build(),
+            Kind::Udp => Spec::udp(&src, sport, &to_ip, dst.port()).payload(b"flood").build(),
+        };
         let ip = &pkt[14..];
         // SAFETY: sendto with a valid buffer and address.
         let rc = unsafe {

@@ -17,7 +17,7 @@ use std::{
 
 use lb_common::verdict::Reason;
 use lb_tests::{
-    flood::Flood,
+    flood::{Flood, Kind},
     lab::{self, Lab, Pod, node_ip, sa, spawn_in_netns},
 };
 use lb_userspace::{conntrack_gc, dataplane::AyaDataplane};
@@ -196,6 +196,50 @@ fn a_syn_flood_at_a_nodeport_never_breaks_an_established_connection() {
         Duration::from_secs(15),
         "after the flood",
     );
+}
+
+/// A SYN flood and then a UDP flood from random lab sources at a NodePort with no endpoints,
+/// each for two seconds at 20 000 packets a second: the RSTs and ICMP port-unreachables sent
+/// back stay within `--answer-rate` (plus the burst), the rest are dropped and counted.
+#[test]
+fn answers_to_a_flood_stay_within_the_answer_rate() {
+    let Some(mut lab) = lab() else { return };
+    const RATE: u64 = 200;
+    const BURST: u64 = 20;
+    lab.stop_agent(1);
+    lab.start_agent(1, &["--answer-rate", &RATE.to_string(), "--answer-burst", &BURST.to_string()]).unwrap();
+    apply(&lab, &(web("NodePort", "") + &web_slice(&[])), "no endpoints", || {
+        lab.has_frontend(1, IpAddr::V4(node_ip(1)), 30080).unwrap_or(false)
+    });
+    let ext = lab.ext_ns();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    for kind in [Kind::Syn, Kind::Udp] {
+        // Let the buckets refill from any earlier answers.
+        std::thread::sleep(Duration::from_secs(1));
+        let before = (counter(&lab, 1, Reason::RejectNoBackend), counter(&lab, 1, Reason::AnswerRateLimited));
+        let t0 = Instant::now();
+        let flood = Flood::start_kind(
+            &ext,
+            SocketAddrV4::new(node_ip(1), 30080),
+            ("198.18.128.0".parse().unwrap(), 17),
+            20_000,
+            Duration::from_secs(2),
+            kind,
+        )
+        .unwrap();
+        let sent = flood.join().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let window = t0.elapsed().as_secs_f64();
+        let answered = counter(&lab, 1, Reason::RejectNoBackend) - before.0;
+        let limited = counter(&lab, 1, Reason::AnswerRateLimited) - before.1;
+        // Each CPU gets its share of the rate and of the burst, rounded down, at least one.
+        let most = (RATE as f64 * window) as u64 + BURST + cpus;
+        eprintln!(
+            "{kind:?} flood: {sent} sent in {window:.2} s, {answered} answered (at most {most}), {limited} dropped"
+        );
+        assert!(answered > 0 && answered <= most, "{kind:?}: {answered} answers, at most {most}");
+        assert!(limited + answered >= sent * 9 / 10, "{kind:?}: {sent} sent, {answered} + {limited} seen");
+    }
 }
 
 fn wait_for_ok(mut f: impl FnMut() -> bool, within: Duration, what: &str) {
