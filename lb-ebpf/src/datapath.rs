@@ -38,6 +38,10 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
 /// would otherwise sit in the entry function's frame, under the deepest call chain.
 #[inline(never)]
 fn for_frontend(h: &Headers) -> bool {
+    // An IPv4-mapped destination in an IPv6 header never names IPv4 state.
+    if h.v6 && is_v4(&h.dst) {
+        return false;
+    }
     (h.dport != 0
         && SERVICES.get_ptr(&ServiceKey { addr: h.dst, port: h.dport, proto: h.proto, _pad: 0 }).is_some())
         || is_cluster_ip(h)

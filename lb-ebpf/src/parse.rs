@@ -192,6 +192,7 @@ fn parse_v4(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), O
 #[inline(always)]
 fn parse_v6(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), Outcome> {
     let ip: Ipv6Hdr = read(data, end, l3).ok_or(BAD_IP)?;
+    h.v6 = true;
     h.dst = ip.dst;
     if (ip.vtc_flow as u8) >> 4 != 6 {
         return Err(BAD_IP);

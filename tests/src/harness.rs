@@ -87,6 +87,22 @@ impl Loaded {
     }
 }
 
+/// One BPF_PROG_TEST_RUN call: (return code, output packet), or the kernel's refusal (it
+/// turns down some frames before the program runs, such as a cut-short IPv6 header at TC).
+pub fn try_run<P>(prog: &P, pkt: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; pkt.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ..TestRunOptions::new()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
+}
+
 /// One BPF_PROG_TEST_RUN call, repeat 1: (return code, output packet, kernel-reported ns).
 pub fn run_timed<P>(prog: &P, pkt: &[u8]) -> (u32, Vec<u8>, u64)
 where

@@ -36,6 +36,16 @@ enum Cmd {
         #[arg(long, value_name = "CLONE")]
         refresh: Option<std::path::PathBuf>,
     },
+    /// Fuzzing: random and mangled packets through both real programs (BPF_PROG_TEST_RUN)
+    /// against the host oracle of tests/tests/fuzz.rs; prints packets per second and the
+    /// cases met. `test` runs a short version (100 000 packets). Root.
+    Fuzz {
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// The generator's seed (a failure names the one it ran with).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// The walkthrough on a network-namespace lab: a 3-replica Service reached through its
     /// ClusterIP from a pod and its NodePort from outside, a pod removed, no endpoints.
     /// Installs what is missing and builds first; removes the lab at the end. Root.
@@ -56,6 +66,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Setup => setup::run(),
+        Cmd::Fuzz { packets, seed } => {
+            setup::run()?;
+            test::fuzz(packets, seed)
+        }
         Cmd::Audit { refresh } => {
             setup::run()?;
             audit::run(refresh)

@@ -4,7 +4,8 @@
 //!   advisory snapshot in `deny/advisory-db`
 //! * L1 — host unit tests (lb-common, lb-userspace) and the kube source against an API
 //!   server stand-in: no root needed
-//! * L2 — BPF_PROG_TEST_RUN fixtures (lb-tests) and the `lb` CLI against real pinned maps:
+//! * L2 — BPF_PROG_TEST_RUN fixtures (lb-tests), 100 000 fuzzed packets against a host oracle,
+//!   and the `lb` CLI against real pinned maps:
 //!   root; with `LB_REQUIRE_PRIVILEGED=1` a test that cannot run fails instead of skipping.
 //! * L3 — the real `lb agent` on network-namespace labs with real clients (root, same rule),
 //!   then the flow-table soak, flood, churn and resize tests (about seven minutes).
@@ -52,6 +53,8 @@ pub fn run() -> anyhow::Result<()> {
         "prog_fixtures",
         "--test",
         "flow_life_cycle",
+        "--test",
+        "fuzz",
     ]))?;
     run_cmd(cargo().args(["test", "-p", "lb-userspace", "--test", "cli"]))?;
     // The lab runs the `lb` binary, which integration tests of lb-tests do not build.
@@ -73,4 +76,15 @@ pub fn run() -> anyhow::Result<()> {
     ]))?;
     eprintln!("== all test tiers passed");
     Ok(())
+}
+
+/// `cargo xtask fuzz`: the fuzz test with `packets` packets, its figures printed.
+pub fn fuzz(packets: u64, seed: Option<u64>) -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args(["test", "-p", "lb-tests", "--test", "fuzz", "--", "--nocapture"])
+        .env("LB_FUZZ_PACKETS", packets.to_string());
+    if let Some(seed) = seed {
+        c.env("LB_FUZZ_SEED", seed.to_string());
+    }
+    run_cmd(&mut c)
 }
