@@ -39,12 +39,18 @@ pub const STATS_REASON: &str = "lb_stats_reason";
 pub const STATS_SERVICE: &str = "lb_stats_service";
 /// Per-CPU counters per backend id.
 pub const STATS_BACKEND: &str = "lb_stats_backend";
+/// Pod interfaces whose sources are checked (HASH `ifindex -> ifindex`): each attached TC
+/// interface, with the interface its addresses may also route through (its bridge, or
+/// itself).
+pub const POD_PORTS: &str = "lb_pod_ports";
+/// Pod interfaces at most (`lb_pod_ports`).
+pub const MAX_POD_PORTS: u32 = 65_536;
 
 /// The maps that are not pinned: they hold nothing a restart must keep.
 pub const UNPINNED: [&str; 2] = [SCRATCH, ANSWER_BUCKET];
 
 /// Every pinned map, in the order the agent opens them.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -60,6 +66,7 @@ pub const ALL: [&str; 15] = [
     STATS_XDP_FORWARD,
     MEMBERS,
     SNAT_CURSOR,
+    POD_PORTS,
 ];
 
 /// Frontend entries (VIP, port, proto); the loader can raise it.

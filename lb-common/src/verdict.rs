@@ -71,10 +71,13 @@ pub enum Reason {
     ChecksumFailed = 28,
     /// Making room for (or trimming) an answer failed: dropped instead of answered.
     AdjustRoomFailed = 29,
+    /// A packet from a pod interface that would create or change flow state under a source
+    /// address the kernel does not route back to that interface: dropped.
+    SpoofedSource = 30,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 31;
 
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -108,6 +111,7 @@ impl Reason {
         Reason::RewriteFailed,
         Reason::ChecksumFailed,
         Reason::AdjustRoomFailed,
+        Reason::SpoofedSource,
     ];
 
     /// Stable snake_case name used in metrics labels and CLI output.
@@ -143,6 +147,7 @@ impl Reason {
             Reason::RewriteFailed => "rewrite_failed",
             Reason::ChecksumFailed => "checksum_failed",
             Reason::AdjustRoomFailed => "adjust_room_failed",
+            Reason::SpoofedSource => "spoofed_source",
         }
     }
 }
@@ -181,6 +186,7 @@ impl Reason {
             27 => Reason::RewriteFailed,
             28 => Reason::ChecksumFailed,
             29 => Reason::AdjustRoomFailed,
+            30 => Reason::SpoofedSource,
             _ => Reason::MapError,
         }
     }

@@ -12,7 +12,7 @@ use crate::{
     conntrack,
     maps::{SERVICES, Scratch},
     nat::{Packet, Side, apply},
-    parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_RST, TCP_SYN, parse},
+    parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
     reject::{self, reject},
     select, stats,
 };
@@ -121,6 +121,14 @@ fn known_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, s: *mut Scratch) 
     // SAFETY: this CPU's scratch slot, used by this packet only.
     let (key, v) = unsafe { (&(*s).key, &mut (*s).flow) };
     let Some(p) = conntrack::lookup(key, v) else { return NOT_KNOWN };
+    // A SYN, FIN or RST changes the flow's state: only its own pod may send one.
+    if P::POD_FACING
+        && h.proto == PROTO_TCP
+        && h.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
+        && !pkt.source_ok(h)
+    {
+        return pack(Action::Drop, Reason::SpoofedSource);
+    }
     // The clock only once a flow is found: the miss path does without.
     let now = conntrack::now();
     if v.direction == FLOW_REPLY {
@@ -164,6 +172,9 @@ fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, s: *mut Scratch) ->
             return refuse(pkt, h, Reason::RejectUnknownPort);
         }
         if P::POD_FACING && is_syn(h) && conntrack::direct_clash(h, conntrack::now()) {
+            if !pkt.source_ok(h) {
+                return pack(Action::Drop, Reason::SpoofedSource);
+            }
             // Recorded as a flow translated to itself: service and backend id 0 (never a
             // real id), where only the source port moves.
             let be = BackendValue { addr: h.dst, port: h.dport, flags: BE_F_PRESENT, _pad: 0 };
@@ -171,6 +182,10 @@ fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, s: *mut Scratch) ->
         }
         return pack(Action::Pass, Reason::NoFrontend);
     };
+    // A new flow (or its refusal) only under the pod's own address.
+    if P::POD_FACING && !pkt.source_ok(h) {
+        return pack(Action::Drop, Reason::SpoofedSource);
+    }
     match unpack(new_flow(h, key, &svc, bytes)) {
         (Action::Pass, Reason::NewFlow) => {
             // SAFETY: this CPU's scratch slot; `new_flow` left the chosen id there.

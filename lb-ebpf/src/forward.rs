@@ -10,34 +10,14 @@
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_fib_lookup, programs::XdpContext};
 use lb_common::abi::*;
 
-use crate::maps::{STATS_XDP_FORWARD, XDP_TX_PORTS};
+use crate::{
+    fib::{AF_INET, AF_INET6, BPF_FIB_LKUP_RET_SUCCESS, FibParams},
+    maps::{STATS_XDP_FORWARD, XDP_TX_PORTS},
+};
 
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-
-/// `struct bpf_fib_lookup` (64 bytes), with its unions as plain fields.
-#[repr(C)]
-#[derive(Default)]
-struct FibParams {
-    family: u8,
-    l4_protocol: u8,
-    sport: u16,
-    dport: u16,
-    tot_len: u16,
-    ifindex: u32,
-    tos_flowinfo: u32,
-    src: [u32; 4],
-    dst: [u32; 4],
-    vlan: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
-}
-
-const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 
 #[inline(always)]
 fn count(slot: u32, bytes: u64) {

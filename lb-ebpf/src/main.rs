@@ -10,12 +10,14 @@ use lb_ebpf as _;
 
 mod conntrack;
 mod datapath;
+mod fib;
 mod forward;
 mod maps;
 mod nat;
 mod parse;
 mod reject;
 mod select;
+mod source_check;
 mod stats;
 
 use aya_ebpf::{

@@ -83,3 +83,8 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// restart merely refills it.
 #[map(name = "lb_answer_bucket")]
 pub static ANSWER_BUCKET: PerCpuArray<AnswerBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Pod interfaces whose sources `source_check` verifies: ifindex -> the other interface its
+/// pods' addresses may route through (its bridge, or itself).
+#[map(name = "lb_pod_ports")]
+pub static POD_PORTS: HashMap<u32, u32> = HashMap::pinned(MAX_POD_PORTS, 0);

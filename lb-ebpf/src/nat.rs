@@ -63,6 +63,9 @@ pub trait Packet {
     fn grow_after_l2(&mut self, l2_len: usize, n: u32) -> Result<(), Reason>;
     /// Cuts the packet to `len` bytes (`AdjustRoomFailed`).
     fn truncate(&mut self, len: u32) -> Result<(), Reason>;
+    /// Whether the packet's source may create or change flow state here
+    /// (`source_check`; only pod interfaces check).
+    fn source_ok(&self, h: &Headers) -> bool;
 }
 
 #[inline(always)]
@@ -171,6 +174,11 @@ impl Packet for XdpContext {
             _ => Err(ROOM),
         }
     }
+
+    #[inline(always)]
+    fn source_ok(&self, _h: &Headers) -> bool {
+        true
+    }
 }
 
 impl Packet for TcContext {
@@ -241,6 +249,13 @@ impl Packet for TcContext {
             0 => Ok(()),
             _ => Err(ROOM),
         }
+    }
+
+    #[inline(always)]
+    fn source_ok(&self, h: &Headers) -> bool {
+        // SAFETY: reading our own skb's ingress ifindex.
+        let ingress = unsafe { (*self.skb.skb).ifindex };
+        crate::source_check::source_ok(self.skb.skb.cast(), ingress, &h.src, h.v6)
     }
 }
 

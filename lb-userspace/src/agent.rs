@@ -67,6 +67,9 @@ pub struct AgentConfig {
     pub tc_ifaces: Vec<String>,
     /// `--netlink-attach`: the old kernels' attach modes, forced.
     pub legacy_attach: attach::Legacy,
+    /// `--pod-source-check strict`: the TC program checks pod sources on the interfaces it
+    /// is attached to.
+    pub pod_source_check: bool,
     pub nodeport_addresses: NodePortAddresses,
     pub pin_dir: PathBuf,
     pub metrics_bind: SocketAddr,
@@ -295,6 +298,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         let n = migration.finish().context("finishing the pinned-map migration")?;
         log(start, format!("migration done ({n} entries written meanwhile copied again)"));
     }
+    let mut checked = pod_ports(&cfg, &tc_links);
+    dp.set_pod_ports(&checked)?;
     let gc_stop = Arc::new(AtomicBool::new(false));
     let gc = spawn_gc(&cfg, gc_stop.clone(), start);
 
@@ -369,6 +374,13 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         if links_changed.swap(false, Ordering::AcqRel) || last_link_scan.elapsed() > Duration::from_secs(1) {
             last_link_scan = Instant::now();
             sync_links(&mut ebpf, &cfg, &tc_patterns, &mut tc_links, &status, start);
+            let want = pod_ports(&cfg, &tc_links);
+            if want != checked {
+                if let Err(e) = dp.set_pod_ports(&want) {
+                    log(start, format!("warning: pod source checks not updated: {e}"));
+                }
+                checked = want;
+            }
         }
         // New changes, plus the services skipped last time once their retry is due.
         let now = Instant::now();
@@ -581,6 +593,22 @@ pub fn answer_bucket((rate, burst): (u32, u32), cpus: usize) -> (u64, u64) {
 }
 
 /// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.
+/// The pod interfaces whose sources the TC program checks: every attached one, with its
+/// bridge (or itself); none with `--pod-source-check off`.
+fn pod_ports(cfg: &AgentConfig, tc_links: &BTreeMap<String, (u32, attach::Holder)>) -> BTreeMap<u32, u32> {
+    if !cfg.pod_source_check {
+        return BTreeMap::new();
+    }
+    let all = links::interfaces();
+    tc_links
+        .iter()
+        .map(|(name, (ifindex, _))| {
+            let also = links::master(name).and_then(|m| all.get(&m).copied()).unwrap_or(*ifindex);
+            (*ifindex, also)
+        })
+        .collect()
+}
+
 fn sync_links(
     ebpf: &mut Ebpf,
     cfg: &AgentConfig,

@@ -90,6 +90,7 @@ pub struct AyaDataplane {
     stats_backend: PerCpuArray<MapData, Counter>,
     xdp_tx_ports: DevMapHash<MapData>,
     stats_xdp_forward: PerCpuArray<MapData, Counter>,
+    pod_ports: HashMap<MapData, u32, u32>,
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<MapData> {
@@ -130,7 +131,27 @@ impl AyaDataplane {
                 maps::STATS_XDP_FORWARD,
             )?))
             .map_err(map_err(maps::STATS_XDP_FORWARD))?,
+            pod_ports: HashMap::try_from(Map::HashMap(open(pin_dir, maps::POD_PORTS)?))
+                .map_err(map_err(maps::POD_PORTS))?,
         })
+    }
+
+    /// Makes `ports` (pod interface -> the interface its addresses may also route through)
+    /// the interfaces whose sources the TC program checks, and only those.
+    pub fn set_pod_ports(&mut self, ports: &std::collections::BTreeMap<u32, u32>) -> Result<()> {
+        let old: Vec<u32> = self.pod_ports.keys().filter_map(|k| k.ok()).collect();
+        for k in old.iter().filter(|k| !ports.contains_key(k)) {
+            self.pod_ports.remove(k).map_err(map_err(maps::POD_PORTS))?;
+        }
+        for (ifindex, also) in ports {
+            self.pod_ports.insert(ifindex, also, 0).map_err(map_err(maps::POD_PORTS))?;
+        }
+        Ok(())
+    }
+
+    /// The interfaces whose sources are checked, with their bridge (or themselves).
+    pub fn pod_ports(&self) -> Vec<(u32, u32)> {
+        self.pod_ports.iter().filter_map(|r| r.ok()).collect()
     }
 
     /// Makes `ifindexes` the ports XDP forwarding may redirect to (and only those).

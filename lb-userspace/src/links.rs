@@ -33,6 +33,12 @@ pub fn interfaces() -> BTreeMap<String, u32> {
     out
 }
 
+/// The interface `name` is enslaved to (a bridge, a bond), if any: its `master` in sysfs.
+pub fn master(name: &str) -> Option<String> {
+    let link = std::fs::read_link(format!("/sys/class/net/{name}/master")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
 /// Interface addresses (no loopback, no link-local), in the order the kernel lists them.
 pub fn addresses() -> Vec<(String, IpAddr)> {
     let mut out = Vec::new();

@@ -64,17 +64,7 @@ fn send(
     duration: Duration,
     kind: Kind,
 ) -> std::io::Result<u64> {
-    // SAFETY: a raw IPv4 socket; IPPROTO_RAW implies IP_HDRINCL (we write the header).
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let to = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.ip().octets()) },
-        sin_zero: [0; 8],
-    };
+    let raw = Raw::open(*dst.ip())?;
     let host_bits = 32 - bits as u32;
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64;
     let mut next = move || {
@@ -101,23 +91,68 @@ fn send(
             Kind::Syn => Spec::tcp(&src, sport, &to_ip, dst.port()).flags(TCP_SYN).build(),
             Kind::Udp => Spec::udp(&src, sport, &to_ip, dst.port()).payload(b"flood").build(),
         };
-        let ip = &pkt[14..];
-        // SAFETY: sendto with a valid buffer and address.
-        let rc = unsafe {
-            libc::sendto(
-                fd,
-                ip.as_ptr().cast(),
-                ip.len(),
-                0,
-                (&to as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as u32,
-            )
-        };
-        if rc >= 0 {
+        if raw.send(&pkt[14..]) {
             sent += 1;
         }
     }
-    // SAFETY: closing our own socket.
-    unsafe { libc::close(fd) };
     Ok(sent)
+}
+
+/// A raw IPv4 socket: sends IP packets as written, source address included.
+struct Raw {
+    fd: i32,
+    to: libc::sockaddr_in,
+}
+
+impl Raw {
+    fn open(dst: Ipv4Addr) -> std::io::Result<Raw> {
+        // SAFETY: a raw IPv4 socket; IPPROTO_RAW implies IP_HDRINCL (we write the header).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
+            sin_zero: [0; 8],
+        };
+        Ok(Raw { fd, to })
+    }
+
+    /// Sends one IP packet; whether the kernel took it.
+    fn send(&self, ip: &[u8]) -> bool {
+        // SAFETY: sendto with a valid buffer and address.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd,
+                ip.as_ptr().cast(),
+                ip.len(),
+                0,
+                (&self.to as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        rc >= 0
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        // SAFETY: closing our own socket.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// Sends `frames` (built with `Spec`: the Ethernet header is left out) from namespace `ns`
+/// to `dst` through a raw socket, source addresses as written: for spoofing tests. Returns
+/// how many the kernel took.
+pub fn send_raw(ns: &str, dst: Ipv4Addr, frames: Vec<Vec<u8>>) -> anyhow::Result<u64> {
+    let sent = spawn_in_netns(ns, move || -> std::io::Result<u64> {
+        let raw = Raw::open(dst)?;
+        Ok(frames.iter().filter(|f| raw.send(&f[14..])).count() as u64)
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
+    Ok(sent?)
 }

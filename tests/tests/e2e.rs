@@ -1179,6 +1179,48 @@ fn each_fallback_attach_mode_survives_a_restart() {
     }
 }
 
+/// A pod cannot create flow state under another pod's address. The client pod holds a
+/// direct keep-alive connection to web-1 (a scrape, say) while web-2 sends SYNs, ACKs and
+/// RSTs with the client's address and port to the VIP, whose only endpoint is web-1. Such a
+/// SYN used to plant the reply entry `web-1 -> client` of a Service flow, which then
+/// rewrote web-1's answers on the direct connection to come from the VIP, and it broke.
+/// Now the connection never fails and every spoofed packet is refused and counted.
+#[test]
+fn a_pod_cannot_create_flow_state_under_another_pods_address() {
+    use lb_common::verdict::Reason;
+    use lb_tests::harness::{Spec, TCP_ACK, TCP_RST, TCP_SYN};
+    let Some(mut lab) = lab() else { return };
+    // LB_TEST_POD_SOURCE_CHECK=off shows the attack working.
+    let check = std::env::var("LB_TEST_POD_SOURCE_CHECK").unwrap_or_else(|_| "strict".into());
+    lab.stop_agent(1);
+    lab.start_agent(1, &["--pod-source-check", &check]).unwrap();
+    let web1 = lab.pod("web-1").clone();
+    let client = lab.pod("client").clone();
+    web_up(&lab, &client.ns, &[&web1], Proto::Tcp);
+    let mut direct = Conn::open(&client.ns, sa(web1.ip, POD_PORT));
+    assert_eq!(direct.ask().as_deref(), Some("web-1"));
+    let port = direct.0.get_ref().local_addr().unwrap().port();
+    let spoofed = || {
+        lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(1))
+            .unwrap()
+            .reason_counter(Reason::SpoofedSource)
+            .unwrap()
+            .packets
+    };
+    let before = spoofed();
+    let frames: Vec<Vec<u8>> = (0..20)
+        .flat_map(|_| [TCP_SYN, TCP_ACK, TCP_RST])
+        .map(|f| Spec { seq: 7, ..Spec::tcp(&client.ip.to_string(), port, VIP, 80) }.flags(f).build())
+        .collect();
+    let sent = lb_tests::flood::send_raw(&lab.pod("web-2").ns, VIP.parse().unwrap(), frames).unwrap();
+    assert_eq!(sent, 60);
+    for i in 0..20 {
+        assert_eq!(direct.ask().as_deref(), Some("web-1"), "the direct connection failed at request {i}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(spoofed() - before, 60, "every spoofed packet refused");
+}
+
 /// The agent runs with exactly the DaemonSet's capabilities (the deploy test keeps that list
 /// equal to `deploy/daemonset.yaml`; CAP_SYS_RESOURCE, which only kernels before 5.11 need,
 /// may be absent from this machine's bounding set): it attaches and serves. With one of

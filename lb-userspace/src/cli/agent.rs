@@ -41,6 +41,12 @@ pub struct AgentArgs {
     /// replies from local backends). Globs follow links as they appear. Repeatable.
     #[arg(long = "tc-iface", value_name = "IFACE|GLOB")]
     pub tc_ifaces: Vec<String>,
+    /// Check that a packet from a pod interface which would create or change flow state
+    /// comes from an address the node routes back to that interface (or to the bridge it
+    /// belongs to): `strict`; or `off`, for networks where pods send from addresses routed
+    /// elsewhere.
+    #[arg(long, value_enum, default_value_t = SourceCheck::Strict)]
+    pub pod_source_check: SourceCheck,
     /// Attach these hooks the way kernels without bpf_link XDP (before 5.9) or tcx (before
     /// 6.6) need, which the agent otherwise picks only on such kernels: `xdp` through
     /// netlink, `tc` as a clsact filter. For testing that path on a newer kernel; both
@@ -191,6 +197,13 @@ fn hostname() -> String {
     if ok { String::from_utf8_lossy(&buf[..end]).into_owned() } else { String::new() }
 }
 
+/// `--pod-source-check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceCheck {
+    Strict,
+    Off,
+}
+
 /// A hook `--netlink-attach` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum NetlinkHook {
@@ -207,6 +220,7 @@ impl AgentArgs {
             xdp_ifaces: self.xdp_ifaces,
             xdp_forward: self.xdp_forward,
             tc_ifaces: self.tc_ifaces,
+            pod_source_check: self.pod_source_check == SourceCheck::Strict,
             legacy_attach: Legacy {
                 netlink_xdp: self.netlink_attach.contains(&NetlinkHook::Xdp),
                 clsact: self.netlink_attach.contains(&NetlinkHook::Tc),

@@ -1,0 +1,38 @@
+//! Pods may create or change flow state only under their own addresses. A packet that would
+//! (a new flow, a port clash, a SYN, FIN or RST of a known flow) arriving on a pod
+//! interface the agent attached (`lb_pod_ports`) must come from an address the kernel
+//! routes back out of that interface, or out of the bridge it belongs to: a strict
+//! reverse-path check through the FIB. Without it a pod could open, close or take over
+//! flows under another pod's address. Packets that only use state (data of a known flow)
+//! pay nothing; interfaces not in the map (none attached by an agent) are not checked.
+
+use aya_ebpf::helpers::generated::bpf_fib_lookup;
+use lb_common::abi::Addr;
+
+use crate::{
+    fib::{
+        AF_INET, AF_INET6, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, FibParams,
+    },
+    maps::POD_PORTS,
+};
+
+/// Whether `src`, seen arriving on `ingress`, is routed back there. `ctx`: the program's
+/// context, for the helper. Not inlined: the 64-byte FIB block stays off the callers' frames.
+#[inline(never)]
+pub fn source_ok(ctx: *mut core::ffi::c_void, ingress: u32, src: &Addr, v6: bool) -> bool {
+    // SAFETY: copied out at once.
+    let Some(also) = (unsafe { POD_PORTS.get(&ingress).copied() }) else { return true };
+    let mut p = FibParams { ifindex: ingress, ..Default::default() };
+    if v6 {
+        p.family = AF_INET6;
+        p.dst = *src;
+    } else {
+        p.family = AF_INET;
+        p.dst[0] = src[3];
+    }
+    // SAFETY: helper call with the program's context and a 64-byte parameter block.
+    let rc = unsafe { bpf_fib_lookup(ctx, (&mut p as *mut FibParams).cast(), 64, 0) };
+    (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+        && (p.ifindex == ingress || p.ifindex == also)
+}
