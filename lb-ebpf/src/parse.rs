@@ -157,12 +157,10 @@ const BAD_IP: Outcome = (Action::Drop, Reason::MalformedIp);
 #[inline(always)]
 fn parse_v4(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), Outcome> {
     let ip: Ipv4Hdr = read(data, end, l3).ok_or(BAD_IP)?;
-    h.dst = v4_mapped(ip.dst);
-    if ip.vihl >> 4 != 4 {
-        return Err(BAD_IP);
-    }
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    if ihl < 20 || data + l3 + ihl > end || (u16::from_be(ip.tot_len) as usize) < ihl {
+    if ip.vihl >> 4 != 4 || ihl < 20 || data + l3 + ihl > end || (u16::from_be(ip.tot_len) as usize) < ihl {
+        // Malformed: its destination still says whether it was for a frontend.
+        h.dst = v4_mapped(ip.dst);
         return Err(BAD_IP);
     }
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
@@ -192,9 +190,10 @@ fn parse_v4(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), O
 #[inline(always)]
 fn parse_v6(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), Outcome> {
     let ip: Ipv6Hdr = read(data, end, l3).ok_or(BAD_IP)?;
-    h.v6 = true;
-    h.dst = ip.dst;
     if (ip.vtc_flow as u8) >> 4 != 6 {
+        // Malformed: its destination still says whether it was for a frontend.
+        h.v6 = true;
+        h.dst = ip.dst;
         return Err(BAD_IP);
     }
     if is_v4(&ip.src) || is_v4(&ip.dst) {
@@ -216,18 +215,26 @@ fn parse_v6(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), O
 }
 
 /// Ports (and TCP flags); the whole fixed L4 header must be present, checksum included.
-/// The ports are read first, so a cut-short header still tells which frontend it was for.
+/// A cut-short header still leaves its ports, if present, to tell which frontend it was for.
 #[inline(always)]
 fn parse_l4(data: usize, end: usize, h: &mut Headers) -> Result<(), Outcome> {
     const TRUNC: Outcome = (Action::Drop, Reason::TruncatedL4);
-    let ports: [u16; 2] = read(data, end, h.l4_off).ok_or(TRUNC)?;
-    h.sport = ports[0];
-    h.dport = ports[1];
     if h.proto == PROTO_TCP {
-        let t: TcpHdr = read(data, end, h.l4_off).ok_or(TRUNC)?;
-        h.tcp_flags = t.flags;
-    } else {
-        let _: UdpHdr = read(data, end, h.l4_off).ok_or(TRUNC)?;
+        if let Some(t) = read::<TcpHdr>(data, end, h.l4_off) {
+            h.sport = t.sport;
+            h.dport = t.dport;
+            h.tcp_flags = t.flags;
+            return Ok(());
+        }
+    } else if let Some(u) = read::<UdpHdr>(data, end, h.l4_off) {
+        h.sport = u.sport;
+        h.dport = u.dport;
+        return Ok(());
     }
-    Ok(())
+    // Cut short: the ports, if they are there, tell whether it was for a frontend.
+    if let Some(ports) = read::<[u16; 2]>(data, end, h.l4_off) {
+        h.sport = ports[0];
+        h.dport = ports[1];
+    }
+    Err(TRUNC)
 }
