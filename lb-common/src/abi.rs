@@ -311,6 +311,14 @@ pub struct Config {
     pub answer_cap_ns: u64,
 }
 
+/// A source address seen on a pod interface (`lb_pod_sources`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodSource {
+    pub ifindex: u32,
+    pub addr: Addr,
+}
+
 /// One CPU's answer credit (`lb_answer_bucket`): nanoseconds of credit, and when it was last
 /// brought up to date.
 #[repr(C)]
@@ -397,6 +405,7 @@ const _: () = {
     assert!(size_of::<Config>() == 112);
     assert!(offset_of!(Config, answer_cost_ns) == 96);
     assert!(size_of::<AnswerBucket>() == 16);
+    assert!(size_of::<PodSource>() == 20);
     assert!(offset_of!(Config, tick_ns) == 72);
     assert!(offset_of!(Config, snat_port_min) == 4);
     assert!(offset_of!(Config, snat_v6) == 24);

@@ -45,9 +45,13 @@ pub const STATS_BACKEND: &str = "lb_stats_backend";
 pub const POD_PORTS: &str = "lb_pod_ports";
 /// Pod interfaces at most (`lb_pod_ports`).
 pub const MAX_POD_PORTS: u32 = 65_536;
+/// Sources the pod source check passed lately (LRU `PodSource -> ns`; not pinned: a cache).
+pub const POD_SOURCES: &str = "lb_pod_sources";
+/// Entries of `lb_pod_sources`.
+pub const MAX_POD_SOURCES: u32 = 16_384;
 
 /// The maps that are not pinned: they hold nothing a restart must keep.
-pub const UNPINNED: [&str; 2] = [SCRATCH, ANSWER_BUCKET];
+pub const UNPINNED: [&str; 3] = [SCRATCH, ANSWER_BUCKET, POD_SOURCES];
 
 /// Every pinned map, in the order the agent opens them.
 pub const ALL: [&str; 16] = [

@@ -88,3 +88,8 @@ pub static ANSWER_BUCKET: PerCpuArray<AnswerBucket> = PerCpuArray::with_max_entr
 /// pods' addresses may route through (its bridge, or itself).
 #[map(name = "lb_pod_ports")]
 pub static POD_PORTS: HashMap<u32, u32> = HashMap::pinned(MAX_POD_PORTS, 0);
+
+/// Sources `source_check` passed lately, with when: a pod's next SYNs within a second skip
+/// the FIB lookup. Not pinned: a cache.
+#[map(name = "lb_pod_sources")]
+pub static POD_SOURCES: LruHashMap<PodSource, u64> = LruHashMap::with_max_entries(MAX_POD_SOURCES, 0);

@@ -5,17 +5,25 @@
 //! reverse-path check through the FIB. Without it a pod could open, close or take over
 //! flows under another pod's address. Packets that only use state (data of a known flow)
 //! pay nothing; interfaces not in the map (none attached by an agent) are not checked.
+//!
+//! A source that passed is remembered for a second (`lb_pod_sources`): a FIB lookup costs
+//! about a third of a new flow, a cache hit a few percent. Only sources that passed are
+//! remembered, so a spoofing pod cannot plant an entry.
 
 use aya_ebpf::helpers::generated::bpf_fib_lookup;
-use lb_common::abi::Addr;
+use lb_common::abi::{Addr, PodSource};
 
 use crate::{
+    conntrack,
     fib::{
         AF_INET, AF_INET6, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, FibParams,
     },
-    maps::POD_PORTS,
+    maps::{POD_PORTS, POD_SOURCES},
 };
+
+/// How long a source that passed is trusted without a new lookup.
+const TRUSTED_NS: u64 = 1_000_000_000;
 
 /// Whether `src`, seen arriving on `ingress`, is routed back there. `ctx`: the program's
 /// context, for the helper. Not inlined: the 64-byte FIB block stays off the callers' frames.
@@ -23,6 +31,14 @@ use crate::{
 pub fn source_ok(ctx: *mut core::ffi::c_void, ingress: u32, src: &Addr, v6: bool) -> bool {
     // SAFETY: copied out at once.
     let Some(also) = (unsafe { POD_PORTS.get(&ingress).copied() }) else { return true };
+    let key = PodSource { ifindex: ingress, addr: *src };
+    let now = conntrack::now();
+    // SAFETY: copied out at once.
+    if let Some(seen) = unsafe { POD_SOURCES.get(&key).copied() }
+        && now.wrapping_sub(seen) < TRUSTED_NS
+    {
+        return true;
+    }
     let mut p = FibParams { ifindex: ingress, ..Default::default() };
     if v6 {
         p.family = AF_INET6;
@@ -33,6 +49,13 @@ pub fn source_ok(ctx: *mut core::ffi::c_void, ingress: u32, src: &Addr, v6: bool
     }
     // SAFETY: helper call with the program's context and a 64-byte parameter block.
     let rc = unsafe { bpf_fib_lookup(ctx, (&mut p as *mut FibParams).cast(), 64, 0) };
-    (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-        && (p.ifindex == ingress || p.ifindex == also)
+    // Forwarding off on the interface (a family this node does not route): nothing to
+    // check against, and the kernel will not forward the packet anyway.
+    let ok = rc == BPF_FIB_LKUP_RET_FWD_DISABLED
+        || ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+            && (p.ifindex == ingress || p.ifindex == also));
+    if ok {
+        let _ = POD_SOURCES.insert(&key, &now, 0);
+    }
+    ok
 }

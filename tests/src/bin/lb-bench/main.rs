@@ -28,6 +28,7 @@ mod netns;
 mod plot;
 mod prog;
 mod services;
+mod source_check;
 mod topo;
 
 /// The options of a sweep over service counts against iptables and nftables.
