@@ -433,6 +433,7 @@ fn random_and_mangled_packets_get_the_oracles_verdict() {
 
     let mut r = Rng(seed);
     let mut cases: BTreeMap<String, u64> = BTreeMap::new();
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     let (mut run, mut refused) = (0u64, 0u64);
     let t0 = Instant::now();
     for n in 0..packets {
@@ -484,12 +485,38 @@ fn random_and_mangled_packets_get_the_oracles_verdict() {
             }
             Expect::Unchecked => {}
         }
-        let case = format!("{hook} {}", format!("{want:?}").split('(').next().unwrap());
-        *cases.entry(case).or_default() += 1;
+        let kind = format!("{want:?}").split(['(', ' ']).next().unwrap().to_string();
+        *cases.entry(format!("{hook} {kind}")).or_default() += 1;
+        *kinds.entry(kind).or_default() += 1;
     }
     let took = t0.elapsed();
     let counted: u64 = Reason::ALL.iter().map(|r| reason(&l, *r)).sum();
     assert_eq!(counted, run, "every packet run is counted under exactly one reason");
+    // The counters by kind of verdict match the oracle's (up to the cases it does not model).
+    let sum = |rs: &[Reason]| rs.iter().map(|r| reason(&l, *r)).sum::<u64>();
+    use Reason::*;
+    let groups: [(&str, u64); 4] = [
+        (
+            "Untouched",
+            sum(&[NotIp, NotTcpUdp, NoFrontend, MalformedPassed, V4MappedV6, Ipv6ExtHeader, FragmentUnknown]),
+        ),
+        ("Translated", sum(&[NewFlow, FlowHit, Reply])),
+        ("Fragment", sum(&[FragmentFollowed])),
+        ("Answered", sum(&[RejectNoBackend, RejectUnknownPort, RejectNoFlow])),
+    ];
+    let slack = kinds.get("Unchecked").copied().unwrap_or(0);
+    let mut grouped = 0;
+    for (kind, n) in groups {
+        let want = kinds.get(kind).copied().unwrap_or(0);
+        assert!(n.abs_diff(want) <= slack, "{kind}: {n} counted, the oracle expects {want} (±{slack})");
+        grouped += n;
+    }
+    let dropped = kinds.get("Dropped").copied().unwrap_or(0);
+    assert!(
+        (run - grouped).abs_diff(dropped) <= slack,
+        "Dropped: {} counted, the oracle expects {dropped}",
+        run - grouped
+    );
     eprintln!(
         "fuzz: {run} packets through the programs ({refused} refused by the kernel before them) in {:.1} s, {:.0} packets/s",
         took.as_secs_f64(),
