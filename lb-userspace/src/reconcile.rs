@@ -772,11 +772,6 @@ impl<'a> Planning<'a> {
         ops.append(&mut self.set_services);
         ops
     }
-
-    /// Whether backend id `id` stays: a planned or a skipped service uses it.
-    fn backend_stays(&self, id: u32) -> bool {
-        self.kept_backend_ids.contains(&id)
-    }
 }
 
 /// The ops that take the maps from `applied` to `desired`.
@@ -810,7 +805,7 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Plan {
         applied
             .backends
             .keys()
-            .filter(|id| !wanted_ids.contains(id) && !p.backend_stays(**id))
+            .filter(|id| !wanted_ids.contains(id) && !p.kept_backend_ids.contains(id))
             .map(|id| MapOp::RemoveBackend { id: *id }),
     );
     Plan { ops, failed: p.failed }
@@ -863,7 +858,7 @@ pub fn plan_changes(desired: &Desired, delta: &Delta, applied: &Applied, limits:
             .iter()
             .filter(|a| !p.backend_ids.contains_key(a))
             .filter_map(|a| applied.index.by_addr.get(a))
-            .filter(|id| !p.backend_stays(**id))
+            .filter(|id| !p.kept_backend_ids.contains(id))
             .map(|id| MapOp::RemoveBackend { id: *id }),
     );
     Plan { ops, failed: p.failed }

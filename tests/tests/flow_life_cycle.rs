@@ -11,16 +11,7 @@ use common::*;
 use lb_common::{abi::*, ct, verdict::Reason};
 use lb_userspace::{conntrack_gc, dataplane::Dataplane};
 
-const VIP4: &str = "198.19.0.10";
 const VIP4_B: &str = "198.19.0.11";
-const CLIENT4: &str = "198.18.100.1";
-const NODE4: &str = "198.18.0.1";
-
-const BES4: [Be; 3] = [
-    Be { id: 1, ip: "198.18.1.1", port: 9376 },
-    Be { id: 2, ip: "198.18.1.2", port: 9376 },
-    Be { id: 3, ip: "198.18.1.3", port: 9376 },
-];
 
 fn state(l: &Loaded, key: &FlowKey) -> u8 {
     l.dp.flow(key).expect("flow entry").state

@@ -22,19 +22,6 @@ use common::*;
 use lb_common::{abi::*, verdict::Reason};
 use lb_userspace::dataplane::Dataplane;
 
-const VIP4: &str = "198.19.0.10";
-const VIP6: &str = "2001:db8:19::10";
-const BES4: [Be; 3] = [
-    Be { id: 1, ip: "198.18.1.1", port: 9376 },
-    Be { id: 2, ip: "198.18.1.2", port: 9376 },
-    Be { id: 3, ip: "198.18.1.3", port: 9376 },
-];
-const BES6: [Be; 3] = [
-    Be { id: 11, ip: "2001:db8:18::1:1", port: 9376 },
-    Be { id: 12, ip: "2001:db8:18::1:2", port: 9376 },
-    Be { id: 13, ip: "2001:db8:18::1:3", port: 9376 },
-];
-
 /// (source, source port, destination, destination port, protocol).
 type Tuple = (IpAddr, u16, IpAddr, u16, u8);
 

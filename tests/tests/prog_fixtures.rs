@@ -10,22 +10,6 @@ use common::*;
 use lb_common::{abi::*, verdict::Reason};
 use lb_userspace::dataplane::Dataplane;
 
-const VIP4: &str = "198.19.0.10";
-const VIP6: &str = "2001:db8:19::10";
-const CLIENT4: &str = "198.18.100.1";
-const CLIENT6: &str = "2001:db8:18::100";
-
-const BES4: [Be; 3] = [
-    Be { id: 1, ip: "198.18.1.1", port: 9376 },
-    Be { id: 2, ip: "198.18.1.2", port: 9376 },
-    Be { id: 3, ip: "198.18.1.3", port: 9376 },
-];
-const BES6: [Be; 3] = [
-    Be { id: 11, ip: "2001:db8:18::1:1", port: 9376 },
-    Be { id: 12, ip: "2001:db8:18::1:2", port: 9376 },
-    Be { id: 13, ip: "2001:db8:18::1:3", port: 9376 },
-];
-
 fn backend_ip(bes: &[Be], id: u32) -> std::net::IpAddr {
     ip(bes.iter().find(|b| b.id == id).expect("predicted id is one of ours").ip)
 }
@@ -648,8 +632,6 @@ fn reload_reuses_pinned_maps() {
 
 // ---------------------------------------------------------------------------------------
 // Source NAT, source ranges, unserved ClusterIP ports.
-
-const NODE4: &str = "198.18.0.1";
 
 fn set_node_address(l: &mut Loaded) {
     let c = Config { snat_v4: addr_from_ip(ip(NODE4)), ..Config::default() };

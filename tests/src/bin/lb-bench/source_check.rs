@@ -8,9 +8,14 @@
 use std::{collections::BTreeMap, process::Command};
 
 use anyhow::{Context as _, ensure};
+
+use crate::netns::Scratch;
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::abi::PROTO_TCP;
-use lb_tests::{harness::*, lab::spawn_in_netns};
+use lb_tests::{
+    harness::*,
+    lab::{sh, spawn_in_netns},
+};
 
 const BES: [Be; 4] = [
     Be { id: 1, ip: "198.18.1.1", port: 9376 },
@@ -18,21 +23,6 @@ const BES: [Be; 4] = [
     Be { id: 3, ip: "198.18.1.3", port: 9376 },
     Be { id: 4, ip: "198.18.1.4", port: 9376 },
 ];
-
-/// A network namespace removed on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let st = Command::new(args[0]).args(&args[1..]).status().with_context(|| args.join(" "))?;
-    ensure!(st.success(), "{} failed", args.join(" "));
-    Ok(())
-}
 
 /// `struct __sk_buff` naming `ifindex` (its field at byte 40), the rest zero.
 fn skb_ctx(ifindex: u32) -> [u8; 192] {
@@ -81,8 +71,7 @@ fn time_new_flows(l: &mut Loaded, ifindex: u32, calls: u32, fresh: bool) -> anyh
 pub type CheckCosts = ((f64, f64), (f64, f64));
 
 pub fn measure(calls: u32) -> anyhow::Result<CheckCosts> {
-    let ns = Netns(format!("lbb-src-{}", std::process::id()));
-    sh(&["ip", "netns", "add", &ns.0])?;
+    let ns = Scratch::new("src")?;
     for cmd in [
         "ip link add lbb0 type veth peer name lbb1",
         "ip link set lbb0 up",
@@ -91,9 +80,7 @@ pub fn measure(calls: u32) -> anyhow::Result<CheckCosts> {
         "ip route add 198.18.128.0/17 dev lbb0",
         "sysctl -qw net.ipv4.ip_forward=1",
     ] {
-        let mut args = vec!["ip", "netns", "exec", ns.0.as_str()];
-        args.extend(cmd.split(' '));
-        sh(&args)?;
+        sh(Command::new("ip").args(["netns", "exec", &ns.0]).args(cmd.split(' ')))?;
     }
     // Two runs of two series of new flows, two entries each, within the 65 536-entry test
     // table: a fresh one per run.
