@@ -33,6 +33,7 @@ use crate::{
     source::{
         kube::{self as kube_source, KubeSource},
         manifests::{self, Folder},
+        watch::Watch,
     },
 };
 
@@ -330,8 +331,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 .with_state(&cfg.state_dir.join("manifests"))
                 .with_context(|| format!("--state-dir {}", cfg.state_dir.display()))?;
             let w = wake.clone();
-            if let Err(e) = manifests::watch(dir, folder.writing(), move || w.notify_one()) {
-                log(start, format!("warning: no inotify on {} ({e}); polling only", dir.display()));
+            match Watch::start(dir, move || w.notify_one()) {
+                Ok(watch) => folder.watched_by(watch),
+                Err(e) => log(start, format!("warning: no inotify on {} ({e}); polling only", dir.display())),
             }
             log(
                 start,
@@ -359,8 +361,14 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     };
 
     loop {
+        // A file read after its close is applied once it has settled: look again then.
+        let settle = match &source {
+            Source::Folder(folder) => folder.settle_deadline(),
+            Source::Kube(_) => None,
+        };
         tokio::select! {
             _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(settle.unwrap_or_else(Instant::now).into()), if settle.is_some() => {}
             _ = wake.notified() => {
                 if matches!(source, Source::Folder(_)) {
                     // Let a burst of file events (an editor's write) settle into one sync.

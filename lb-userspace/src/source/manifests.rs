@@ -11,7 +11,8 @@ use std::{
     net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::{
@@ -20,77 +21,21 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
+use super::watch::Watch;
 use crate::model::{Changes, Cluster, SERVICE_NAME_LABEL};
 
 /// How often the folder is checked without an inotify event.
 pub const POLL: Duration = Duration::from_millis(250);
 
-/// When each file was last closed after writing, or moved into place (inotify). A changed
-/// file is applied only once such an event is newer than its content (its mtime), so a file
-/// rewritten in place (`cat x > f`, or in chunks) is never applied half-written — even when
-/// a poll reads it before the watcher thread has seen the write.
-pub type Writing = std::sync::Arc<std::sync::Mutex<BTreeMap<std::ffi::OsString, std::time::SystemTime>>>;
+/// How long a file read after its writer closed it must then stay closed before it is
+/// applied. The kernel makes a write visible a moment before it queues the write's event,
+/// so a read that races a rewrite is only known to be whole once no event has come for a
+/// while after it.
+pub const SETTLE: Duration = Duration::from_millis(50);
 
-/// A changed file with no close event newer than its content is read anyway once its
-/// content is this old (a writer that never closes must not freeze its file's changes).
+/// A changed file that its writer has not closed is read anyway once its content is this
+/// old (a writer that never closes must not freeze its file's changes).
 pub const WRITER_PATIENCE: Duration = Duration::from_secs(2);
-
-/// Calls `on_change` whenever something in `dir` is created, written, moved or deleted
-/// (inotify, from a reader thread for the life of the process), and keeps `writing` up to
-/// date: a write puts the file in, its close (or a move into place, or its removal) takes it out.
-pub fn watch(dir: &Path, writing: Writing, on_change: impl Fn() + Send + 'static) -> std::io::Result<()> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    use std::os::unix::ffi::OsStrExt as _;
-    // SAFETY: inotify syscalls; the fd is owned by `OwnedFd` from here on.
-    let fd = unsafe {
-        let fd = libc::inotify_init1(libc::IN_CLOEXEC);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        OwnedFd::from_raw_fd(fd)
-    };
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mask = libc::IN_CLOSE_WRITE
-        | libc::IN_MOVED_TO
-        | libc::IN_MOVED_FROM
-        | libc::IN_DELETE
-        | libc::IN_CREATE
-        | libc::IN_MODIFY
-        | libc::IN_ATTRIB;
-    // SAFETY: valid fd and C string.
-    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    std::thread::Builder::new().name("inotify-manifests".into()).spawn(move || {
-        let mut buf = vec![0u8; 16 * 1024];
-        const HEADER: usize = size_of::<libc::inotify_event>();
-        loop {
-            // SAFETY: reading into our own buffer.
-            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            if n <= 0 {
-                return;
-            }
-            let mut off = 0;
-            while off + HEADER <= n as usize {
-                // SAFETY: the kernel wrote a whole event header at `off`.
-                let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
-                let name_bytes = &buf[off + HEADER..(off + HEADER + ev.len as usize).min(n as usize)];
-                let name = std::ffi::OsStr::from_bytes(name_bytes.split(|b| *b == 0).next().unwrap_or(&[]));
-                if ev.mask & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) != 0 {
-                    let mut w = writing.lock().unwrap_or_else(|e| e.into_inner());
-                    w.insert(name.to_os_string(), std::time::SystemTime::now());
-                }
-                off += HEADER + ev.len as usize;
-            }
-            on_change();
-        }
-    })?;
-    Ok(())
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -437,7 +382,10 @@ pub fn load_file(path: &Path) -> Result<Vec<Object>, ManifestError> {
 }
 
 /// Reads and parses one file: its text, objects and warnings.
-fn read_file(path: &Path) -> Result<(String, Vec<Object>, Vec<String>), ManifestError> {
+/// A file's text, its objects and its warnings; or why it is not good.
+type FileRead = Result<(String, Vec<Object>, Vec<String>), ManifestError>;
+
+fn read_file(path: &Path) -> FileRead {
     let err = |reason: String| ManifestError::File { path: path.to_path_buf(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let json = path.extension().is_some_and(|e| e == "json");
@@ -477,14 +425,14 @@ impl FileObjects {
     }
 }
 
-/// Whether a file whose content is `md` may be read: closed (or moved into place) after it
-/// was last written, or unchanged for `WRITER_PATIENCE`. Known limit: the mtime comes from
-/// the kernel's coarse clock, so a rewrite that starts within one tick (a few ms) of the
-/// previous close can pass for closed; recording the file's stamp at each close would
-/// close that gap.
-fn closed_since_written(md: &std::fs::Metadata, closed: Option<&std::time::SystemTime>) -> bool {
-    let Ok(written) = md.modified() else { return true };
-    closed.is_some_and(|c| *c >= written) || written.elapsed().is_ok_and(|age| age >= WRITER_PATIENCE)
+/// A file version's identity without reading it: mtime, size and inode.
+fn stamp(md: &std::fs::Metadata) -> Stamp {
+    (md.mtime(), md.mtime_nsec(), md.size(), md.ino())
+}
+
+/// Whether a file not closed since its last write has been left alone for `WRITER_PATIENCE`.
+fn written_long_ago(md: &std::fs::Metadata) -> bool {
+    md.modified().is_ok_and(|w| w.elapsed().is_ok_and(|age| age >= WRITER_PATIENCE))
 }
 
 /// The folder's state: the last good objects of every file, merged into one `Cluster` that is
@@ -496,9 +444,9 @@ pub struct Folder {
     merged: Cluster,
     changes: Changes,
     warnings: Vec<String>,
-    /// The watcher's close events (from `watch`); `None`: not watched, files are applied as
-    /// soon as seen.
-    writing: Option<Writing>,
+    /// What tells whether a file's writer has closed it; `None`: not watched, files are
+    /// applied as soon as seen.
+    watch: Option<Arc<Watch>>,
     /// Where each file's last good text is kept, so a restart while a file is broken still
     /// serves its last good objects.
     state: Option<PathBuf>,
@@ -506,6 +454,17 @@ pub struct Folder {
     reported: BTreeSet<PathBuf>,
     /// The folder has been read once.
     read_once: bool,
+    /// Files read after a close, waiting out `SETTLE` before they are applied.
+    settling: BTreeMap<PathBuf, Settling>,
+}
+
+/// A file's content read after its close number `close`.
+#[derive(Debug)]
+struct Settling {
+    stamp: Stamp,
+    close: u64,
+    read_at: Instant,
+    read: FileRead,
 }
 
 impl Folder {
@@ -520,9 +479,9 @@ impl Folder {
         Ok(self)
     }
 
-    /// The record `watch` keeps of close events; from now on a changed file waits for one.
-    pub fn writing(&mut self) -> Writing {
-        self.writing.get_or_insert_with(Writing::default).clone()
+    /// From now on a changed file waits until its writer has closed it (or `WRITER_PATIENCE`).
+    pub fn watched_by(&mut self, watch: Arc<Watch>) {
+        self.watch = Some(watch);
     }
 
     fn saved(&self, path: &Path) -> Option<PathBuf> {
@@ -547,8 +506,6 @@ impl Folder {
     pub fn refresh(&mut self) -> Result<(bool, Vec<ManifestError>), ManifestError> {
         let dir_err = |source| ManifestError::Dir { dir: self.dir.clone(), source };
         let mut seen = BTreeMap::new();
-        let closes: Option<BTreeMap<std::ffi::OsString, std::time::SystemTime>> =
-            self.writing.as_ref().map(|w| w.lock().unwrap_or_else(|e| e.into_inner()).clone());
         for entry in std::fs::read_dir(&self.dir).map_err(dir_err)? {
             let Ok(entry) = entry else { continue };
             let path = entry.path();
@@ -571,27 +528,30 @@ impl Folder {
                 }
             };
             self.reported.remove(&path);
-            let stamp = (md.mtime(), md.mtime_nsec(), md.size(), md.ino());
-            // Changed but not closed since (being written): its previous version stays.
+            let stamp = stamp(&md);
             let changed = self.files.get(&path).is_none_or(|f| f.stamp != stamp);
-            let closed = path.file_name().and_then(|n| closes.as_ref().map(|c| c.get(n)));
-            // (Not on the first read: whatever is there at start is taken as it is.)
+            // Watched, changed and not closed since (being written): its previous version
+            // stays. (Not on the first read: whatever is there at start is taken as it is.)
+            let mut close = None;
             if changed
                 && self.read_once
-                && let Some(closed) = closed
-                && !closed_since_written(&md, closed)
+                && let (Some(watch), Some(name)) = (&self.watch, path.file_name())
             {
-                if let Some(f) = self.files.get(&path) {
-                    seen.insert(path.clone(), f.stamp);
+                close = watch.closed(name);
+                if close.is_none() && !written_long_ago(&md) {
+                    if let Some(f) = self.files.get(&path) {
+                        seen.insert(path.clone(), (f.stamp, None));
+                    }
+                    continue;
                 }
-                continue;
             }
-            seen.insert(path, stamp);
+            seen.insert(path, (stamp, close));
         }
         let mut errors = Vec::new();
         // Identities whose object may differ now.
         let mut dirty: BTreeSet<Id> = BTreeSet::new();
         let gone: Vec<PathBuf> = self.files.keys().filter(|p| !seen.contains_key(*p)).cloned().collect();
+        self.settling.retain(|p, _| seen.contains_key(p));
         for path in gone {
             if let Some(f) = self.files.remove(&path) {
                 dirty.extend(f.ids.into_keys());
@@ -600,12 +560,26 @@ impl Folder {
                 let _ = std::fs::remove_file(saved);
             }
         }
-        for (path, stamp) in seen {
+        for (path, (stamp, close)) in seen {
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
+            let read = match close {
+                Some(close) => match self.settled(&path, stamp, close) {
+                    Some(read) => read,
+                    None => continue,
+                },
+                None => {
+                    let read = read_file(&path);
+                    if std::fs::metadata(&path).ok().map(|md| self::stamp(&md)) != Some(stamp) {
+                        // Written while being read: its previous version stays for now.
+                        continue;
+                    }
+                    read
+                }
+            };
             let mut old = self.files.remove(&path).unwrap_or_default();
-            match read_file(&path) {
+            match read {
                 Ok((text, objs, warnings)) => {
                     self.warnings.extend(warnings.into_iter().map(|w| format!("{}: {w}", path.display())));
                     self.save(&path, &text);
@@ -644,6 +618,33 @@ impl Folder {
         }
         self.read_once = true;
         Ok((!self.changes.is_empty(), errors))
+    }
+
+    /// When a file read after its close will have settled: the next `refresh` due then.
+    pub fn settle_deadline(&self) -> Option<Instant> {
+        self.settling.values().map(|s| s.read_at + SETTLE).min()
+    }
+
+    /// `path`'s content as its writer closed it (close number `close`), once it was read and
+    /// then found still closed `SETTLE` later; `None` meanwhile (read now, or waiting).
+    fn settled(&mut self, path: &Path, stamp: Stamp, close: u64) -> Option<FileRead> {
+        let (watch, name) = (self.watch.clone()?, path.file_name()?);
+        if let Some(s) = self.settling.get(path)
+            && s.close == close
+            && s.stamp == stamp
+        {
+            if s.read_at.elapsed() < SETTLE {
+                return None;
+            }
+            let s = self.settling.remove(path)?;
+            if watch.still_closed(name, close) {
+                return Some(s.read);
+            }
+        }
+        // First seen closed, or written again since: read it (again) and wait.
+        let read = read_file(path);
+        self.settling.insert(path.to_path_buf(), Settling { stamp, close, read_at: Instant::now(), read });
+        None
     }
 
     /// Brings one object of the merged state up to date: the first file (by name) that
@@ -911,26 +912,97 @@ mod tests {
         let _ = std::fs::remove_dir_all(&state);
     }
 
-    /// A file open for writing is left at its previous version until its writer closes it.
+    /// A file open for writing is left at its previous version until its writer closes it
+    /// (the real inotify watch).
     #[test]
     fn a_file_being_written_is_applied_once_closed() {
+        use std::io::Write as _;
         let dir = scratch_dir("writing");
         std::fs::write(dir.join("web.yaml"), WEB).unwrap();
         let mut folder = Folder::new(&dir);
-        let closes = folder.writing();
+        let watch = Watch::start(&dir, || {}).unwrap();
+        folder.watched_by(watch.clone());
         folder.refresh().unwrap();
         assert_eq!(folder.cluster().services.len(), 1, "what is there at start is read at once");
         let two = format!("{WEB}---\n{}", WEB.replace("name: web", "name: api").replace(".10", ".11"));
-        // Watched, and no close since this write yet: the half-written text is not read.
-        std::fs::write(dir.join("web.yaml"), &two[..WEB.len() + 10]).unwrap();
+        let mut f = std::fs::File::create(dir.join("web.yaml")).unwrap();
+        f.write_all(&two.as_bytes()[..WEB.len() + 10]).unwrap();
+        // Until the watcher has seen the write, "not closed" would hold for the wrong reason.
+        wait_until(|| watch.closed("web.yaml".as_ref()).is_none());
         folder.refresh().unwrap();
-        assert_eq!(folder.cluster().services.len(), 1);
-        std::fs::write(dir.join("web.yaml"), &two).unwrap();
+        assert_eq!(folder.cluster().services.len(), 1, "half-written: not read");
+        f.write_all(&two.as_bytes()[WEB.len() + 10..]).unwrap();
         folder.refresh().unwrap();
-        assert_eq!(folder.cluster().services.len(), 1, "still no close");
-        closes.lock().unwrap().insert("web.yaml".into(), std::time::SystemTime::now());
+        assert_eq!(folder.cluster().services.len(), 1, "whole, but still open");
+        drop(f);
+        wait_until(|| watch.closed("web.yaml".as_ref()).is_some());
         folder.refresh().unwrap();
-        assert_eq!(folder.cluster().services.len(), 2, "applied once closed");
+        assert_eq!(folder.cluster().services.len(), 1, "read once closed, but not yet settled");
+        let deadline = folder.settle_deadline().expect("waiting to settle");
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+        folder.refresh().unwrap();
+        assert_eq!(folder.cluster().services.len(), 2, "applied once settled");
+        assert_eq!(folder.settle_deadline(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn wait_until(f: impl Fn() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the watcher saw nothing in 5 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// `cat x > f` over and over (truncate, write in small chunks, close; mostly back to
+    /// back, every tenth time a pause), with the folder re-read as fast as it can be
+    /// meanwhile, through the real inotify watch: no truncated or half-written file is ever
+    /// applied, and the rewrites are (in the pauses).
+    #[test]
+    fn a_file_rewritten_in_place_over_and_over_is_never_read_half_written() {
+        use std::io::Write as _;
+        let dir = scratch_dir("rewrites");
+        let api = WEB.replace("name: web", "name: api").replace(".10", ".11");
+        // Two versions of one file, both with two Services, differing in a port.
+        let versions =
+            [format!("{WEB}---\n{api}"), format!("{WEB}---\n{}", api.replace("port: 80", "port: 81"))];
+        std::fs::write(dir.join("web.yaml"), &versions[0]).unwrap();
+        let mut folder = Folder::new(&dir);
+        folder.watched_by(Watch::start(&dir, || {}).unwrap());
+        folder.refresh().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (dir, stop, versions) = (dir.clone(), stop.clone(), versions.clone());
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut f = std::fs::File::create(dir.join("web.yaml")).unwrap();
+                    for chunk in versions[n % 2].as_bytes().chunks(16) {
+                        f.write_all(chunk).unwrap();
+                    }
+                    drop(f);
+                    n += 1;
+                    if n.is_multiple_of(10) {
+                        std::thread::sleep(SETTLE * 2);
+                    }
+                }
+                n
+            })
+        };
+        let (t0, mut refreshes, mut applied) = (std::time::Instant::now(), 0, 0);
+        while t0.elapsed() < Duration::from_secs(3) {
+            let (changed, errors) = folder.refresh().unwrap();
+            assert!(errors.is_empty(), "a half-written file was read: {errors:?}");
+            let services = &folder.cluster().services;
+            assert_eq!(services.len(), 2, "after {refreshes} reads: {services:?}");
+            applied += usize::from(changed);
+            folder.take_changes();
+            refreshes += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rewrites = writer.join().unwrap();
+        assert!(rewrites > 100 && refreshes > 100, "{rewrites} rewrites, {refreshes} reads");
+        assert!(applied > 0, "no rewrite applied in {rewrites}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

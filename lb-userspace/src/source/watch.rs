@@ -1,0 +1,161 @@
+//! Watching the manifest folder with inotify: wake the sync loop on any change, and know for
+//! each file whether its writer has closed it since it last changed, so that a file rewritten
+//! in place (`cat x > f`, or written in chunks) is never applied half-written.
+//!
+//! Why this is exact, with no timestamps: the kernel queues a write's event before the write
+//! returns, in order. The reader thread consumes the queue under `state`'s lock. So a reader
+//! of a file that, holding that lock, finds the file's close still current and nothing
+//! queued, knows nothing has touched the file between its close and that moment.
+
+use std::{
+    collections::BTreeMap,
+    ffi::{OsStr, OsString},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::unix::ffi::OsStrExt as _,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+/// An inotify watch on one folder, with its reader thread.
+pub struct Watch {
+    fd: OwnedFd,
+    state: Mutex<Closes>,
+}
+
+/// Which files are closed since their last change: name → the close's number. A file that
+/// changed since its close has no entry.
+#[derive(Default)]
+struct Closes {
+    last: u64,
+    by_name: BTreeMap<OsString, u64>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("fd", &self.fd).finish_non_exhaustive()
+    }
+}
+
+impl Watch {
+    /// Watches `dir` for the life of the process, calling `on_change` after each batch of
+    /// events (something created, written, closed, moved or deleted).
+    pub fn start(dir: &Path, on_change: impl Fn() + Send + 'static) -> std::io::Result<Arc<Watch>> {
+        // SAFETY: inotify syscalls; the fd is owned by `OwnedFd` from here on.
+        let fd = unsafe {
+            let fd = libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            OwnedFd::from_raw_fd(fd)
+        };
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mask = libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_DELETE
+            | libc::IN_CREATE
+            | libc::IN_MODIFY
+            | libc::IN_ATTRIB;
+        // SAFETY: valid fd and C string.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let watch = Arc::new(Watch { fd, state: Mutex::default() });
+        let reader = watch.clone();
+        std::thread::Builder::new().name("inotify-manifests".into()).spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            while reader.wait_readable() {
+                if reader.consume(&mut buf).is_err() {
+                    return;
+                }
+                on_change();
+            }
+        })?;
+        Ok(watch)
+    }
+
+    /// The number of `name`'s last close, if it is closed since it last changed.
+    pub fn closed(&self, name: &OsStr) -> Option<u64> {
+        self.lock().by_name.get(name).copied()
+    }
+
+    /// Whether `name` is still as it was at close number `close`: that close is still its
+    /// last event, and no event waits unread.
+    pub fn still_closed(&self, name: &OsStr, close: u64) -> bool {
+        let state = self.lock();
+        // A failed poll counts as "something waits": the safe answer.
+        state.by_name.get(name) == Some(&close) && matches!(self.poll(0), Ok(false))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Closes> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks until events wait; false if the fd failed.
+    fn wait_readable(&self) -> bool {
+        loop {
+            match self.poll(-1) {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Whether an event waits, within `timeout_ms` (-1: forever).
+    fn poll(&self, timeout_ms: i32) -> std::io::Result<bool> {
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        match unsafe { libc::poll(&mut pfd, 1, timeout_ms) } {
+            n if n < 0 => Err(std::io::Error::last_os_error()),
+            n => Ok(n > 0),
+        }
+    }
+
+    /// Reads and applies every waiting event, under the lock.
+    fn consume(&self, buf: &mut [u8]) -> std::io::Result<()> {
+        const HEADER: usize = size_of::<libc::inotify_event>();
+        let mut state = self.lock();
+        loop {
+            // SAFETY: reading into our own buffer.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.kind() {
+                    std::io::ErrorKind::WouldBlock => Ok(()),
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => Err(e),
+                };
+            }
+            let n = n as usize;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let mut off = 0;
+            while off + HEADER <= n {
+                // SAFETY: the kernel wrote a whole event header at `off`.
+                let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
+                let name = &buf[off + HEADER..(off + HEADER + ev.len as usize).min(n)];
+                let name = OsStr::from_bytes(name.split(|b| *b == 0).next().unwrap_or(&[]));
+                state.apply(ev.mask, name);
+                off += HEADER + ev.len as usize;
+            }
+        }
+    }
+}
+
+impl Closes {
+    fn apply(&mut self, mask: u32, name: &OsStr) {
+        if mask & libc::IN_Q_OVERFLOW != 0 {
+            // Events were lost: no close can be trusted.
+            self.by_name.clear();
+        } else if mask & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) != 0 {
+            self.last += 1;
+            self.by_name.insert(name.to_os_string(), self.last);
+        } else {
+            self.by_name.remove(name);
+        }
+    }
+}
