@@ -313,11 +313,16 @@ pub struct Config {
 
 /// A source address seen on a pod interface (`lb_pod_sources`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PodSource {
     pub ifindex: u32,
     pub addr: Addr,
 }
+
+/// `lb_pod_sources` value of a source the agent knows from a host route out of its
+/// interface: trusted until the agent removes it, where a source the FIB passed is trusted
+/// for a second.
+pub const KNOWN_SOURCE: u64 = u64::MAX;
 
 /// One CPU's answer credit (`lb_answer_bucket`): nanoseconds of credit, and when it was last
 /// brought up to date.
@@ -431,6 +436,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::MemberKey {}
     unsafe impl aya::Pod for super::MemberValue {}
+    unsafe impl aya::Pod for super::PodSource {}
 }
 
 #[cfg(any(feature = "user", test))]

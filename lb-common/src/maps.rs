@@ -45,7 +45,8 @@ pub const STATS_BACKEND: &str = "lb_stats_backend";
 pub const POD_PORTS: &str = "lb_pod_ports";
 /// Pod interfaces at most (`lb_pod_ports`).
 pub const MAX_POD_PORTS: u32 = 65_536;
-/// Sources the pod source check passed lately (LRU `PodSource -> ns`; not pinned: a cache).
+/// Sources the pod source check passed lately (LRU `PodSource -> ns`; not pinned: a cache),
+/// and the ones the agent knows from host routes (value `abi::KNOWN_SOURCE`: no expiry).
 pub const POD_SOURCES: &str = "lb_pod_sources";
 /// Entries of `lb_pod_sources`.
 pub const MAX_POD_SOURCES: u32 = 16_384;

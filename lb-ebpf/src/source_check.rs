@@ -8,10 +8,12 @@
 //!
 //! A source that passed is remembered for a second (`lb_pod_sources`): a FIB lookup costs
 //! about a third of a new flow, a cache hit a few percent. Only sources that passed are
-//! remembered, so a spoofing pod cannot plant an entry.
+//! remembered, so a spoofing pod cannot plant an entry. The agent puts there, with no
+//! expiry, the pod addresses it finds in host routes out of each interface (the usual
+//! veth-per-pod CNI), so a pod's first packet is a cache hit too.
 
 use aya_ebpf::helpers::generated::bpf_fib_lookup;
-use lb_common::abi::{Addr, PodSource};
+use lb_common::abi::{Addr, KNOWN_SOURCE, PodSource};
 
 use crate::{
     conntrack,
@@ -35,7 +37,7 @@ pub fn source_ok(ctx: *mut core::ffi::c_void, ingress: u32, src: &Addr, v6: bool
     let now = conntrack::now();
     // SAFETY: copied out at once.
     if let Some(seen) = unsafe { POD_SOURCES.get(&key).copied() }
-        && now.wrapping_sub(seen) < TRUSTED_NS
+        && (seen == KNOWN_SOURCE || now.wrapping_sub(seen) < TRUSTED_NS)
     {
         return true;
     }

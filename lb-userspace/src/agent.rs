@@ -28,6 +28,7 @@ use crate::{
     http::{self, Histogram, Response},
     links, loader,
     model::{self, HealthCheck, NodeContext, NodePortAddresses},
+    pod_sources,
     reconcile::{self, Applied, Limits},
     retry::Retry,
     source::{
@@ -301,6 +302,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let mut checked = pod_ports(&cfg, &tc_links);
     dp.set_pod_ports(&checked)?;
+    let mut known = BTreeSet::new();
+    sync_known_sources(&mut ebpf, &cfg, &tc_links, &mut known, start);
     let gc_stop = Arc::new(AtomicBool::new(false));
     let gc = spawn_gc(&cfg, gc_stop.clone(), start);
 
@@ -389,6 +392,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
                 checked = want;
             }
+            sync_known_sources(&mut ebpf, &cfg, &tc_links, &mut known, start);
         }
         // New changes, plus the services skipped last time once their retry is due.
         let now = Instant::now();
@@ -600,7 +604,6 @@ pub fn answer_bucket((rate, burst): (u32, u32), cpus: usize) -> (u64, u64) {
     (cost, cost * burst)
 }
 
-/// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.
 /// The pod interfaces whose sources the TC program checks: every attached one, with its
 /// bridge (or itself); none with `--pod-source-check off`.
 fn pod_ports(cfg: &AgentConfig, tc_links: &BTreeMap<String, (u32, attach::Holder)>) -> BTreeMap<u32, u32> {
@@ -617,6 +620,37 @@ fn pod_ports(cfg: &AgentConfig, tc_links: &BTreeMap<String, (u32, attach::Holder
         .collect()
 }
 
+/// Gives the pod source check the host routes out of the checked interfaces as known
+/// sources; says so when their number changes.
+fn sync_known_sources(
+    ebpf: &mut Ebpf,
+    cfg: &AgentConfig,
+    tc_links: &BTreeMap<String, (u32, attach::Holder)>,
+    known: &mut BTreeSet<lb_common::abi::PodSource>,
+    start: Instant,
+) {
+    let checked: BTreeMap<String, u32> = match cfg.pod_source_check {
+        true => tc_links.iter().map(|(name, (ifindex, _))| (name.clone(), *ifindex)).collect(),
+        false => BTreeMap::new(),
+    };
+    let want = pod_sources::wanted(&checked);
+    if want == *known {
+        return;
+    }
+    match pod_sources::apply(ebpf, &want, known) {
+        Ok(()) => log(
+            start,
+            format!(
+                "pod source check: {} addresses known from host routes out of {} interfaces",
+                want.len(),
+                checked.len()
+            ),
+        ),
+        Err(e) => log(start, format!("warning: pod source check's known addresses not updated: {e}")),
+    }
+}
+
+/// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.
 fn sync_links(
     ebpf: &mut Ebpf,
     cfg: &AgentConfig,

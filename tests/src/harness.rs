@@ -85,6 +85,27 @@ impl Loaded {
     pub fn run_tc(&self, pkt: &[u8]) -> (u32, Vec<u8>) {
         run(self.tc(), pkt)
     }
+
+    /// Runs `lb_tc_pod` once on `pkt` arriving on interface `ifindex`: the return code.
+    pub fn run_tc_on(&self, pkt: &[u8], ifindex: u32) -> u32 {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let ctx = skb_ctx(ifindex);
+        let opts = TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        };
+        self.tc().test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+}
+
+/// A `struct __sk_buff` test context naming `ifindex` (its field at byte 40), the rest zero:
+/// a TC test run "arriving on" that interface.
+pub fn skb_ctx(ifindex: u32) -> [u8; 192] {
+    let mut c = [0u8; 192];
+    c[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    c
 }
 
 /// One BPF_PROG_TEST_RUN call: (return code, output packet), or the kernel's refusal (it

@@ -7,3 +7,4 @@ pub mod demo;
 pub mod flood;
 pub mod harness;
 pub mod lab;
+pub mod netns;

@@ -1219,6 +1219,17 @@ fn a_pod_cannot_create_flow_state_under_another_pods_address() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(spoofed() - before, 60, "every spoofed packet refused");
+    if check == "strict" {
+        // Every pod interface's host route is a known source: a pod's first SYN is a hash hit.
+        let log = lab.agent_log(1);
+        let line = log.lines().rfind(|l| l.contains("addresses known from host routes")).expect(&log);
+        let n = |before: &str| -> usize {
+            let head = &line[..line.find(before).unwrap()];
+            head.split_whitespace().last().unwrap().parse().unwrap()
+        };
+        let (known, interfaces) = (n(" addresses known"), n(" interfaces"));
+        assert!(interfaces >= 3 && known >= interfaces, "{line}");
+    }
 }
 
 /// The agent runs with exactly the DaemonSet's capabilities (the deploy test keeps that list

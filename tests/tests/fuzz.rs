@@ -1,11 +1,12 @@
 //! L2 fuzzing of the real programs: random frames, and valid Ethernet/VLAN/IPv4/IPv6/TCP/UDP
 //! packets with random fields, lengths, flags, options and fragments (some then cut short or
 //! with a byte changed), through `lb_xdp` and `lb_tc_pod` by BPF_PROG_TEST_RUN, each checked
-//! against a host oracle: the verdict; the exact bytes of a packet not for us; the addresses,
-//! ports and (for packets not mangled on purpose) every checksum of a translated one; a
-//! valid RST or ICMP answer. Flows, replies and fragments carry over from packet to packet,
-//! as they do in the kernel, and the oracle keeps the same state. Every packet is counted
-//! under exactly one verdict reason.
+//! against a host oracle: the verdict; the exact bytes of a packet not for us; the addresses
+//! and ports of a translated one and, for packets not mangled on purpose, every other byte
+//! and valid checksums; a valid RST or ICMP answer. Flows (with their TCP state, from
+//! `lb_common::ct`), replies and fragments carry over from packet to packet, as they do in the
+//! kernel, and the oracle keeps the same state. Every packet is counted under exactly one
+//! verdict reason, and each reason's counter equals the oracle's count for it.
 //!
 //! `cargo xtask test` runs `LB_FUZZ_PACKETS` (default 100 000); `cargo xtask fuzz` a million.
 
@@ -13,13 +14,13 @@
 mod common;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     time::Instant,
 };
 
 use common::*;
-use lb_common::{abi::*, verdict::Reason};
+use lb_common::{abi::*, ct, verdict::Reason};
 use lb_userspace::dataplane::Dataplane;
 
 /// (source, source port, destination, destination port, protocol).
@@ -71,7 +72,9 @@ struct Parsed {
 
 enum Parse {
     Ok(Parsed),
-    NotOurs,
+    /// Not TCP or UDP over IP: passed untouched, for this reason.
+    NotOurs(Reason),
+    /// A VLAN tag cut short.
     Drop,
     /// Malformed: what could be read of its destination, protocol and port.
     Malformed(Option<IpAddr>, u8, u16),
@@ -116,7 +119,7 @@ fn parse(p: &[u8]) -> Parse {
             }
             let proto = p[l3 + 9];
             if proto != PROTO_TCP && proto != PROTO_UDP {
-                return Parse::NotOurs;
+                return Parse::NotOurs(Reason::NotTcpUdp);
             }
             let frag = be16(p, l3 + 6);
             let later = frag & 0x1fff != 0;
@@ -132,15 +135,18 @@ fn parse(p: &[u8]) -> Parse {
                 return Parse::Malformed(Some(dst), 0, 0);
             }
             if is_mapped(&src) || is_mapped(&dst) {
-                return Parse::NotOurs;
+                return Parse::NotOurs(Reason::V4MappedV6);
             }
             let proto = p[l3 + 6];
+            if matches!(proto, 0 | 43 | 44 | 60) {
+                return Parse::NotOurs(Reason::Ipv6ExtHeader);
+            }
             if proto != PROTO_TCP && proto != PROTO_UDP {
-                return Parse::NotOurs;
+                return Parse::NotOurs(Reason::NotTcpUdp);
             }
             (true, src, dst, proto, l3 + 40, false, false, 0)
         }
-        _ => return Parse::NotOurs,
+        _ => return Parse::NotOurs(Reason::NotIp),
     };
     let mut h = Parsed {
         l3,
@@ -178,8 +184,8 @@ fn parse(p: &[u8]) -> Parse {
 struct Oracle {
     frontends: Vec<Frontend>,
     cluster_ips: Vec<IpAddr>,
-    /// Forward tuples with a flow.
-    flows: HashSet<Tuple>,
+    /// Forward tuples with a flow -> the state of that direction (`lb_common::ct`).
+    flows: HashMap<Tuple, u8>,
     /// Reply tuple -> the frontend address and port the reply leaves from.
     replies: HashMap<Tuple, (IpAddr, u16)>,
     /// (source, destination, IP id, protocol) of translated first fragments -> whether a
@@ -192,35 +198,45 @@ impl Oracle {
         self.frontends.iter().find(|f| f.vip == dst && f.port == port && f.proto == proto)
     }
 
-    /// A refusal at `tc` or the node hook: an answer, or a drop where none can be built (a
-    /// fragment, a RST, or an ICMP answer to a VLAN-tagged frame at TC, where the kernel
-    /// cannot make room in front of a tagged frame's IP header).
-    fn refuse(h: &Parsed, tc: bool) -> Expect {
-        let icmp_in_tagged_skb = tc && h.proto == PROTO_UDP && h.l3 == 18;
-        if h.first_fragment || (h.proto == PROTO_TCP && h.flags & TCP_RST != 0) || icmp_in_tagged_skb {
-            Expect::Dropped
+    /// A refusal for `reason` at `tc` or the node hook: an answer, or a drop where none can
+    /// be built (a fragment, a RST, or an ICMP answer to a VLAN-tagged frame at TC, where the
+    /// kernel cannot make room in front of a tagged frame's IP header).
+    fn refuse(h: &Parsed, tc: bool, reason: Reason) -> (Expect, Reason) {
+        if h.first_fragment || (h.proto == PROTO_TCP && h.flags & TCP_RST != 0) {
+            (Expect::Dropped, Reason::RejectFailed)
+        } else if tc && h.proto == PROTO_UDP && h.l3 == 18 {
+            (Expect::Dropped, Reason::AdjustRoomFailed)
         } else {
-            Expect::Answered
+            (Expect::Answered, reason)
         }
     }
 
-    /// What must happen to `p` at the pod hook (`tc`) or the node hook; updates the state.
-    fn expect(&mut self, p: &[u8], tc: bool) -> Expect {
+    /// What must happen to `p` at the pod hook (`tc`) or the node hook, and the reason it is
+    /// counted under (`None`: not modelled); updates the state.
+    fn expect(&mut self, p: &[u8], tc: bool) -> (Expect, Option<Reason>) {
+        let (expect, reason) = self.verdict(p, tc);
+        let modelled = !matches!(expect, Expect::Unchecked);
+        (expect, modelled.then_some(reason))
+    }
+
+    fn verdict(&mut self, p: &[u8], tc: bool) -> (Expect, Reason) {
+        use Reason::*;
         let h = match parse(p) {
-            Parse::NotOurs => return Expect::Untouched,
-            Parse::Drop => return Expect::Dropped,
+            Parse::NotOurs(reason) => return (Expect::Untouched, reason),
+            Parse::Drop => return (Expect::Dropped, TruncatedEth),
             Parse::Malformed(dst, proto, dport) => {
                 let ours = dst.is_some_and(|d| {
                     (dport != 0 && self.frontend(d, dport, proto).is_some()) || self.cluster_ips.contains(&d)
                 });
-                return if ours { Expect::Dropped } else { Expect::Untouched };
+                let bad = if proto == 0 { MalformedIp } else { TruncatedL4 };
+                return if ours { (Expect::Dropped, bad) } else { (Expect::Untouched, MalformedPassed) };
             }
             Parse::Ok(h) => h,
         };
         if h.later_fragment {
             return match self.fragments.get(&(h.src, h.dst, h.ip_id, h.proto)) {
-                Some((reply, addr)) => Expect::Fragment { reply: *reply, addr: *addr },
-                None => Expect::Untouched,
+                Some((reply, addr)) => (Expect::Fragment { reply: *reply, addr: *addr }, FragmentFollowed),
+                None => (Expect::Untouched, FragmentUnknown),
             };
         }
         let tuple = (h.src, h.sport, h.dst, h.dport, h.proto);
@@ -229,24 +245,31 @@ impl Oracle {
             if h.first_fragment {
                 self.fragments.insert((h.src, h.dst, h.ip_id, h.proto), (true, vip));
             }
-            return Expect::Translated((vip, port, h.dst, h.dport, h.proto));
+            return (Expect::Translated((vip, port, h.dst, h.dport, h.proto)), Reply);
         }
         let Some(f) = self.frontend(h.dst, h.dport, h.proto) else {
             if tc && self.cluster_ips.contains(&h.dst) {
-                return Self::refuse(&h, tc);
+                return Self::refuse(&h, tc, RejectUnknownPort);
             }
             if tc && syn && self.replies.contains_key(&(h.dst, h.dport, h.src, h.sport, h.proto)) {
-                return Expect::Unchecked;
+                return (Expect::Unchecked, PortClash);
             }
-            return Expect::Untouched;
+            return (Expect::Untouched, NoFrontend);
         };
-        let known = self.flows.contains(&tuple);
+        let state = self.flows.get(&tuple).copied();
+        // A SYN on a flow whose connection ended opens a new flow.
+        let reopen = syn && matches!(state, Some(ct::CT_FIN | ct::CT_CLOSED));
+        let known = state.is_some() && !reopen;
         if !known {
             if f.bes.is_empty() {
-                return Self::refuse(&h, tc);
+                return Self::refuse(&h, tc, RejectNoBackend);
             }
             if h.proto == PROTO_TCP && !syn {
-                return if h.flags & TCP_RST != 0 { Expect::Dropped } else { Self::refuse(&h, tc) };
+                return if h.flags & TCP_RST != 0 {
+                    (Expect::Dropped, NoFlowRst)
+                } else {
+                    Self::refuse(&h, tc, RejectNoFlow)
+                };
             }
         }
         let id = f.programmed.predict(&FlowKey::new(h.src, h.sport, h.dst, h.dport, h.proto));
@@ -254,14 +277,16 @@ impl Oracle {
         let (be_ip, vip, port) = (ip(be.ip), f.vip, f.port);
         if !known && be_ip == h.src {
             // A hairpin: source NAT, and no node address is configured here.
-            return Expect::Dropped;
+            return (Expect::Dropped, SnatFailed);
         }
-        self.flows.insert(tuple);
+        let state = state.filter(|_| known).map_or(ct::CT_NEW, |s| ct::next_state(s, h.proto, h.flags));
+        self.flows.insert(tuple, state);
         self.replies.insert((be_ip, be.port, h.src, h.sport, h.proto), (vip, port));
         if h.first_fragment {
             self.fragments.insert((h.src, h.dst, h.ip_id, h.proto), (false, be_ip));
         }
-        Expect::Translated((h.src, h.sport, be_ip, be.port, h.proto))
+        let reason = if known { FlowHit } else { NewFlow };
+        (Expect::Translated((h.src, h.sport, be_ip, be.port, h.proto)), reason)
     }
 }
 
@@ -376,6 +401,44 @@ fn mutate(r: &mut Rng, mut p: Vec<u8>) -> (Vec<u8>, bool) {
     (p, false)
 }
 
+/// `p` with its addresses and ports set to `t` (where the oracle's parser finds them); a
+/// later fragment gets only the address (`reply`: its source, else its destination).
+fn rewritten(p: &[u8], t: &Tuple) -> Vec<u8> {
+    let Parse::Ok(h) = parse(p) else { panic!("a translated packet parses") };
+    let mut out = p.to_vec();
+    let (s, d, n) = if h.v6 { (h.l3 + 8, h.l3 + 24, 16) } else { (h.l3 + 12, h.l3 + 16, 4) };
+    out[s..s + n].copy_from_slice(&ip_bytes(t.0));
+    out[d..d + n].copy_from_slice(&ip_bytes(t.2));
+    if !h.later_fragment {
+        out[h.l4..h.l4 + 2].copy_from_slice(&t.1.to_be_bytes());
+        out[h.l4 + 2..h.l4 + 4].copy_from_slice(&t.3.to_be_bytes());
+    }
+    out
+}
+
+/// `p` with its IPv4 header and TCP/UDP checksums zeroed: what is left must match byte for
+/// byte (the checksums themselves are checked by `inspect`; an updated one may be 0xffff
+/// where one computed afresh is 0, both valid).
+fn without_checksums(p: &[u8]) -> Vec<u8> {
+    let Parse::Ok(h) = parse(p) else { panic!("a translated packet parses") };
+    let mut out = p.to_vec();
+    if !h.v6 {
+        out[h.l3 + 10..h.l3 + 12].fill(0);
+    }
+    let at = h.l4 + if h.proto == PROTO_TCP { 16 } else { 6 };
+    if !h.later_fragment && out.len() >= at + 2 {
+        out[at..at + 2].fill(0);
+    }
+    out
+}
+
+/// A later fragment's addresses, with its source (`reply`) or destination set to `to`
+/// (ports unused: a later fragment has none).
+fn tuple_of_fragment(p: &[u8], reply: bool, to: IpAddr) -> Option<Tuple> {
+    let Parse::Ok(h) = parse(p) else { return None };
+    Some(if reply { (to, 0, h.dst, 0, h.proto) } else { (h.src, 0, to, 0, h.proto) })
+}
+
 /// The tuple of a frame the oracle parsed (addresses and ports where they are).
 fn tuple_of(p: &[u8]) -> Option<Tuple> {
     match parse(p) {
@@ -397,7 +460,7 @@ fn random_and_mangled_packets_get_the_oracles_verdict() {
     let mut o = Oracle {
         frontends: Vec::new(),
         cluster_ips: vec![ip(VIP4)],
-        flows: HashSet::new(),
+        flows: HashMap::new(),
         replies: HashMap::new(),
         fragments: HashMap::new(),
     };
@@ -420,7 +483,8 @@ fn random_and_mangled_packets_get_the_oracles_verdict() {
 
     let mut r = Rng(seed);
     let mut cases: BTreeMap<String, u64> = BTreeMap::new();
-    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+    // The reasons the oracle expects to be counted, and the packets it does not model.
+    let (mut reasons, mut slack) = ([0u64; Reason::COUNT as usize], 0u64);
     let (mut run, mut refused) = (0u64, 0u64);
     let t0 = Instant::now();
     for n in 0..packets {
@@ -433,7 +497,11 @@ fn random_and_mangled_packets_get_the_oracles_verdict() {
             continue;
         };
         run += 1;
-        let want = o.expect(&p, tc);
+        let (want, want_reason) = o.expect(&p, tc);
+        match want_reason {
+            Some(r) => reasons[r as usize] += 1,
+            None => slack += 1,
+        }
         let (pass, drop, answer) =
             if tc { (TC_ACT_UNSPEC, TC_ACT_SHOT, TC_ACT_REDIRECT) } else { (XDP_PASS, XDP_DROP, XDP_TX) };
         let hook = if tc { "tc" } else { "xdp" };
@@ -455,13 +523,9 @@ fn random_and_mangled_packets_get_the_oracles_verdict() {
                 assert_eq!(rc, pass, "{}", what());
                 assert_eq!(tuple_of(&out).as_ref(), Some(t), "{}", what());
                 if !mangled {
-                    let seen = inspect(&out);
-                    assert_eq!(
-                        (seen.src, seen.sport, seen.dst, seen.dport),
-                        (t.0, t.1, t.2, t.3),
-                        "{}",
-                        what()
-                    );
+                    inspect(&out);
+                    let want = without_checksums(&rewritten(&p, t));
+                    assert_eq!(without_checksums(&out), want, "every byte: {}", what());
                 }
             }
             Expect::Fragment { reply, addr: a } => {
@@ -469,40 +533,32 @@ fn random_and_mangled_packets_get_the_oracles_verdict() {
                 let l3 = if be16(&p, 12) == 0x8100 { 18 } else { 14 };
                 let at = if *reply { l3 + 12 } else { l3 + 16 };
                 assert_eq!(addr(&out[at..at + 4]), *a, "{}", what());
+                if !mangled {
+                    inspect(&out);
+                    let Some(t) = tuple_of_fragment(&p, *reply, *a) else { unreachable!() };
+                    let want = without_checksums(&rewritten(&p, &t));
+                    assert_eq!(without_checksums(&out), want, "every byte: {}", what());
+                }
             }
             Expect::Unchecked => {}
         }
         let kind = format!("{want:?}").split(['(', ' ']).next().unwrap().to_string();
         *cases.entry(format!("{hook} {kind}")).or_default() += 1;
-        *kinds.entry(kind).or_default() += 1;
     }
     let took = t0.elapsed();
     let counted: u64 = Reason::ALL.iter().map(|r| reason(&l, *r)).sum();
     assert_eq!(counted, run, "every packet run is counted under exactly one reason");
-    // The counters by kind of verdict match the oracle's (up to the cases it does not model).
-    let sum = |rs: &[Reason]| rs.iter().map(|r| reason(&l, *r)).sum::<u64>();
-    use Reason::*;
-    let groups: [(&str, u64); 4] = [
-        (
-            "Untouched",
-            sum(&[NotIp, NotTcpUdp, NoFrontend, MalformedPassed, V4MappedV6, Ipv6ExtHeader, FragmentUnknown]),
-        ),
-        ("Translated", sum(&[NewFlow, FlowHit, Reply])),
-        ("Fragment", sum(&[FragmentFollowed])),
-        ("Answered", sum(&[RejectNoBackend, RejectUnknownPort, RejectNoFlow])),
-    ];
-    let slack = kinds.get("Unchecked").copied().unwrap_or(0);
-    let mut grouped = 0;
-    for (kind, n) in groups {
-        let want = kinds.get(kind).copied().unwrap_or(0);
-        assert!(n.abs_diff(want) <= slack, "{kind}: {n} counted, the oracle expects {want} (±{slack})");
-        grouped += n;
-    }
-    let dropped = kinds.get("Dropped").copied().unwrap_or(0);
+    // Each reason's counter matches the oracle's count (up to the packets it does not model).
+    let wrong: Vec<String> = Reason::ALL
+        .iter()
+        .map(|r| (r, reason(&l, *r), reasons[*r as usize]))
+        .filter(|(_, got, want)| got.abs_diff(*want) > slack)
+        .map(|(r, got, want)| format!("{r:?}: {got} counted, the oracle expects {want}"))
+        .collect();
     assert!(
-        (run - grouped).abs_diff(dropped) <= slack,
-        "Dropped: {} counted, the oracle expects {dropped}",
-        run - grouped
+        wrong.is_empty(),
+        "counters off by more than {slack} (the packets not modelled):\n{}",
+        wrong.join("\n")
     );
     eprintln!(
         "fuzz: {run} packets through the programs ({refused} refused by the kernel before them) in {:.1} s, {:.0} packets/s",
@@ -511,6 +567,10 @@ fn random_and_mangled_packets_get_the_oracles_verdict() {
     );
     for (case, n) in &cases {
         eprintln!("  {case:<18} {n}");
+    }
+    eprintln!("  by reason (each equal to the oracle's count, ±{slack} not modelled):");
+    for r in Reason::ALL.iter().filter(|r| reasons[**r as usize] > 0) {
+        eprintln!("    {:<22} {}", r.name(), reason(&l, *r));
     }
     for want in
         ["xdp Untouched", "tc Untouched", "xdp Translated", "tc Translated", "xdp Answered", "xdp Dropped"]

@@ -28,7 +28,8 @@ use lb_userspace::{
 };
 use serde_json::json;
 
-use crate::{netns::Scratch, services::*};
+use crate::services::*;
+use lb_tests::netns::Scratch;
 
 const PROTO: Proto = Proto::Tcp;
 

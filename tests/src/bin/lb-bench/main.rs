@@ -24,7 +24,6 @@ mod control;
 mod first_packet;
 mod forward;
 mod load;
-mod netns;
 mod plot;
 mod prog;
 mod services;

@@ -29,7 +29,8 @@ use lb_userspace::{
     reconcile::{self, Applied},
 };
 
-use crate::{netns::Scratch, services::*};
+use crate::services::*;
+use lb_tests::netns::Scratch;
 
 /// Packet-rate runs use UDP services (a UDP packet is a flow of its own); first-packet runs
 /// TCP (connect() times the SYN → SYN/ACK).

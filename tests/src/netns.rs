@@ -1,4 +1,5 @@
-//! Scratch network namespaces for the kernel baselines and the forwarding benchmarks.
+//! Scratch network namespaces: for the benchmarks' kernel baselines and forwarding, and for
+//! tests that need an interface of their own.
 
 use std::{
     fs,
@@ -67,4 +68,18 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+/// A scratch namespace `role` with a veth pair `lbb0`/`lbb1` up, forwarding on, and each of
+/// `routes` (`ip route add ROUTE dev lbb0`): an interface a pod could sit behind, for the
+/// pod source check's FIB lookup.
+pub fn routed_veth(role: &str, routes: &[&str]) -> anyhow::Result<Scratch> {
+    let ns = Scratch::new(role)?;
+    let setup = ["link add lbb0 type veth peer name lbb1", "link set lbb0 up", "link set lbb1 up"];
+    let routes = routes.iter().map(|r| format!("route add {r} dev lbb0"));
+    for args in setup.iter().map(|s| s.to_string()).chain(routes) {
+        crate::lab::nsip(&ns.0, &args)?;
+    }
+    crate::lab::sysctl(&ns.0, "net.ipv4.ip_forward", "1")?;
+    Ok(ns)
 }
