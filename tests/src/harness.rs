@@ -232,7 +232,7 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 /// A packet to build. Defaults: TCP SYN, no options, complete checksums.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Spec {
     pub src: IpAddr,
     pub dst: IpAddr,

@@ -40,8 +40,9 @@ pub fn run() -> anyhow::Result<()> {
     crate::audit::run(None)?;
     eprintln!("== L1 host unit tests");
     run_cmd(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace", "--lib", "--bins"]))?;
-    // The Kubernetes source against the in-process API server stand-in (no root needed).
-    run_cmd(cargo().args(["test", "-p", "lb-tests", "--test", "kube_source"]))?;
+    // The Kubernetes source against the in-process API server stand-in, and the datapath's
+    // header parser compiled for the host (no root needed).
+    run_cmd(cargo().args(["test", "-p", "lb-tests", "--test", "kube_source", "--test", "parser"]))?;
     eprintln!("== L2 BPF_PROG_TEST_RUN fixtures (root)");
     run_cmd(cargo().args([
         "test",
