@@ -311,6 +311,20 @@ pub struct Config {
     pub answer_cap_ns: u64,
 }
 
+/// A checked pod interface (`lb_pod_ports` value): the interface its addresses may also
+/// route through (its bridge, or itself), and up to two addresses of its pod that the agent
+/// found in host routes out of it (`NO_ADDR`: none). A source equal to one of them passes the
+/// check with no further lookup; any other goes through the FIB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodPort {
+    pub also: u32,
+    pub addrs: [Addr; 2],
+}
+
+/// An empty `PodPort` address slot: ff..ff, a multicast address, never a packet's source.
+pub const NO_ADDR: Addr = [u32::MAX; 4];
+
 /// A source address seen on a pod interface (`lb_pod_sources`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -318,11 +332,6 @@ pub struct PodSource {
     pub ifindex: u32,
     pub addr: Addr,
 }
-
-/// `lb_pod_sources` value of a source the agent knows from a host route out of its
-/// interface: trusted until the agent removes it, where a source the FIB passed is trusted
-/// for a second.
-pub const KNOWN_SOURCE: u64 = u64::MAX;
 
 /// One CPU's answer credit (`lb_answer_bucket`): nanoseconds of credit, and when it was last
 /// brought up to date.
@@ -411,6 +420,7 @@ const _: () = {
     assert!(offset_of!(Config, answer_cost_ns) == 96);
     assert!(size_of::<AnswerBucket>() == 16);
     assert!(size_of::<PodSource>() == 20);
+    assert!(size_of::<PodPort>() == 36);
     assert!(offset_of!(Config, tick_ns) == 72);
     assert!(offset_of!(Config, snat_port_min) == 4);
     assert!(offset_of!(Config, snat_v6) == 24);
@@ -437,12 +447,25 @@ mod pod {
     unsafe impl aya::Pod for super::MemberKey {}
     unsafe impl aya::Pod for super::MemberValue {}
     unsafe impl aya::Pod for super::PodSource {}
+    unsafe impl aya::Pod for super::PodPort {}
 }
 
 #[cfg(any(feature = "user", test))]
 mod host {
     use super::*;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    impl PodPort {
+        /// Interface `also` with the first two of `addrs` (the rest go unlisted: the FIB
+        /// answers for them).
+        pub fn new(also: u32, addrs: &[IpAddr]) -> Self {
+            let mut p = PodPort { also, addrs: [NO_ADDR; 2] };
+            for (slot, ip) in p.addrs.iter_mut().zip(addrs) {
+                *slot = addr_from_ip(*ip);
+            }
+            p
+        }
+    }
 
     /// Host `IpAddr` -> 16-byte packet-order form.
     pub fn addr_from_ip(ip: IpAddr) -> Addr {

@@ -39,14 +39,14 @@ pub const STATS_REASON: &str = "lb_stats_reason";
 pub const STATS_SERVICE: &str = "lb_stats_service";
 /// Per-CPU counters per backend id.
 pub const STATS_BACKEND: &str = "lb_stats_backend";
-/// Pod interfaces whose sources are checked (HASH `ifindex -> ifindex`): each attached TC
-/// interface, with the interface its addresses may also route through (its bridge, or
-/// itself).
+/// Pod interfaces whose sources are checked (HASH `ifindex -> abi::PodPort`): each attached
+/// TC interface, with the interface its addresses may also route through (its bridge, or
+/// itself) and the pod's addresses the agent knows from host routes.
 pub const POD_PORTS: &str = "lb_pod_ports";
 /// Pod interfaces at most (`lb_pod_ports`).
 pub const MAX_POD_PORTS: u32 = 65_536;
-/// Sources the pod source check passed lately (LRU `PodSource -> ns`; not pinned: a cache),
-/// and the ones the agent knows from host routes (value `abi::KNOWN_SOURCE`: no expiry).
+/// Sources the pod source check passed lately through the FIB (LRU `PodSource -> ns`; not
+/// pinned: a cache).
 pub const POD_SOURCES: &str = "lb_pod_sources";
 /// Entries of `lb_pod_sources`.
 pub const MAX_POD_SOURCES: u32 = 16_384;

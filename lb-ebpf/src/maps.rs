@@ -87,7 +87,7 @@ pub static ANSWER_BUCKET: PerCpuArray<AnswerBucket> = PerCpuArray::with_max_entr
 /// Pod interfaces whose sources `source_check` verifies: ifindex -> the other interface its
 /// pods' addresses may route through (its bridge, or itself).
 #[map(name = "lb_pod_ports")]
-pub static POD_PORTS: HashMap<u32, u32> = HashMap::pinned(MAX_POD_PORTS, 0);
+pub static POD_PORTS: HashMap<u32, PodPort> = HashMap::pinned(MAX_POD_PORTS, 0);
 
 /// Sources `source_check` passed lately, with when: a pod's next SYNs within a second skip
 /// the FIB lookup. Not pinned: a cache.

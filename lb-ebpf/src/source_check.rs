@@ -8,12 +8,14 @@
 //!
 //! A source that passed is remembered for a second (`lb_pod_sources`): a FIB lookup costs
 //! about a third of a new flow, a cache hit a few percent. Only sources that passed are
-//! remembered, so a spoofing pod cannot plant an entry. The agent puts there, with no
-//! expiry, the pod addresses it finds in host routes out of each interface (the usual
-//! veth-per-pod CNI), so a pod's first packet is a cache hit too.
+//! remembered, so a spoofing pod cannot plant an entry.
+//!
+//! Before either, the pod's own addresses: the agent puts in each interface's `lb_pod_ports`
+//! entry the addresses it finds in host routes out of it (the usual veth-per-pod CNI gives
+//! each pod one per family), so a pod's packets pass on the lookup the check makes anyway.
 
 use aya_ebpf::helpers::generated::bpf_fib_lookup;
-use lb_common::abi::{Addr, KNOWN_SOURCE, PodSource};
+use lb_common::abi::{Addr, PodSource};
 
 use crate::{
     conntrack,
@@ -32,12 +34,15 @@ const TRUSTED_NS: u64 = 1_000_000_000;
 #[inline(never)]
 pub fn source_ok(ctx: *mut core::ffi::c_void, ingress: u32, src: &Addr, v6: bool) -> bool {
     // SAFETY: copied out at once.
-    let Some(also) = (unsafe { POD_PORTS.get(&ingress).copied() }) else { return true };
+    let Some(port) = (unsafe { POD_PORTS.get(&ingress).copied() }) else { return true };
+    if port.addrs[0] == *src || port.addrs[1] == *src {
+        return true;
+    }
     let key = PodSource { ifindex: ingress, addr: *src };
     let now = conntrack::now();
     // SAFETY: copied out at once.
     if let Some(seen) = unsafe { POD_SOURCES.get(&key).copied() }
-        && (seen == KNOWN_SOURCE || now.wrapping_sub(seen) < TRUSTED_NS)
+        && now.wrapping_sub(seen) < TRUSTED_NS
     {
         return true;
     }
@@ -55,7 +60,7 @@ pub fn source_ok(ctx: *mut core::ffi::c_void, ingress: u32, src: &Addr, v6: bool
     // check against, and the kernel will not forward the packet anyway.
     let ok = rc == BPF_FIB_LKUP_RET_FWD_DISABLED
         || ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-            && (p.ifindex == ingress || p.ifindex == also));
+            && (p.ifindex == ingress || p.ifindex == port.also));
     if ok {
         let _ = POD_SOURCES.insert(&key, &now, 0);
     }

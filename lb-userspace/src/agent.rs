@@ -28,9 +28,9 @@ use crate::{
     http::{self, Histogram, Response},
     links, loader,
     model::{self, HealthCheck, NodeContext, NodePortAddresses},
-    pod_sources,
     reconcile::{self, Applied, Limits},
     retry::Retry,
+    routes,
     source::{
         kube::{self as kube_source, KubeSource},
         manifests::{self, Folder},
@@ -302,8 +302,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let mut checked = pod_ports(&cfg, &tc_links);
     dp.set_pod_ports(&checked)?;
-    let mut known = BTreeSet::new();
-    sync_known_sources(&mut ebpf, &cfg, &tc_links, &mut known, start);
+    log_pod_ports(&checked, start);
     let gc_stop = Arc::new(AtomicBool::new(false));
     let gc = spawn_gc(&cfg, gc_stop.clone(), start);
 
@@ -387,12 +386,12 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             sync_links(&mut ebpf, &cfg, &tc_patterns, &mut tc_links, &status, start);
             let want = pod_ports(&cfg, &tc_links);
             if want != checked {
-                if let Err(e) = dp.set_pod_ports(&want) {
-                    log(start, format!("warning: pod source checks not updated: {e}"));
+                match dp.set_pod_ports(&want) {
+                    Ok(()) => log_pod_ports(&want, start),
+                    Err(e) => log(start, format!("warning: pod source checks not updated: {e}")),
                 }
                 checked = want;
             }
-            sync_known_sources(&mut ebpf, &cfg, &tc_links, &mut known, start);
         }
         // New changes, plus the services skipped last time once their retry is due.
         let now = Instant::now();
@@ -605,49 +604,41 @@ pub fn answer_bucket((rate, burst): (u32, u32), cpus: usize) -> (u64, u64) {
 }
 
 /// The pod interfaces whose sources the TC program checks: every attached one, with its
-/// bridge (or itself); none with `--pod-source-check off`.
-fn pod_ports(cfg: &AgentConfig, tc_links: &BTreeMap<String, (u32, attach::Holder)>) -> BTreeMap<u32, u32> {
+/// bridge (or itself) and the addresses host routes send out of it (its pod's, with a
+/// veth-per-pod CNI); none with `--pod-source-check off`.
+fn pod_ports(
+    cfg: &AgentConfig,
+    tc_links: &BTreeMap<String, (u32, attach::Holder)>,
+) -> BTreeMap<u32, PodPort> {
     if !cfg.pod_source_check {
         return BTreeMap::new();
     }
     let all = links::interfaces();
+    let routes = routes::host_routes();
     tc_links
         .iter()
         .map(|(name, (ifindex, _))| {
             let also = links::master(name).and_then(|m| all.get(&m).copied()).unwrap_or(*ifindex);
-            (*ifindex, also)
+            // One address per family first: a dual-stack pod's two.
+            let mine: Vec<IpAddr> = routes.iter().filter(|(i, _)| i == name).map(|(_, a)| *a).collect();
+            let v4 = mine.iter().find(|a| a.is_ipv4());
+            let v6 = mine.iter().find(|a| a.is_ipv6());
+            let addrs: Vec<IpAddr> = v4.into_iter().chain(v6).chain(&mine).copied().collect();
+            (*ifindex, PodPort::new(also, &addrs))
         })
         .collect()
 }
 
-/// Gives the pod source check the host routes out of the checked interfaces as known
-/// sources; says so when their number changes.
-fn sync_known_sources(
-    ebpf: &mut Ebpf,
-    cfg: &AgentConfig,
-    tc_links: &BTreeMap<String, (u32, attach::Holder)>,
-    known: &mut BTreeSet<lb_common::abi::PodSource>,
-    start: Instant,
-) {
-    let checked: BTreeMap<String, u32> = match cfg.pod_source_check {
-        true => tc_links.iter().map(|(name, (ifindex, _))| (name.clone(), *ifindex)).collect(),
-        false => BTreeMap::new(),
-    };
-    let want = pod_sources::wanted(&checked);
-    if want == *known {
-        return;
-    }
-    match pod_sources::apply(ebpf, &want, known) {
-        Ok(()) => log(
-            start,
-            format!(
-                "pod source check: {} addresses known from host routes out of {} interfaces",
-                want.len(),
-                checked.len()
-            ),
+/// Says how many interfaces the source check covers and how many pod addresses it knows.
+fn log_pod_ports(ports: &BTreeMap<u32, PodPort>, start: Instant) {
+    let known: usize = ports.values().map(|p| p.addrs.iter().filter(|a| **a != NO_ADDR).count()).sum();
+    log(
+        start,
+        format!(
+            "pod source check on {} interfaces, {known} pod addresses known from host routes",
+            ports.len()
         ),
-        Err(e) => log(start, format!("warning: pod source check's known addresses not updated: {e}")),
-    }
+    );
 }
 
 /// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.

@@ -90,7 +90,7 @@ pub struct AyaDataplane {
     stats_backend: PerCpuArray<MapData, Counter>,
     xdp_tx_ports: DevMapHash<MapData>,
     stats_xdp_forward: PerCpuArray<MapData, Counter>,
-    pod_ports: HashMap<MapData, u32, u32>,
+    pod_ports: HashMap<MapData, u32, PodPort>,
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<MapData> {
@@ -136,21 +136,23 @@ impl AyaDataplane {
         })
     }
 
-    /// Makes `ports` (pod interface -> the interface its addresses may also route through)
-    /// the interfaces whose sources the TC program checks, and only those.
-    pub fn set_pod_ports(&mut self, ports: &std::collections::BTreeMap<u32, u32>) -> Result<()> {
+    /// Makes `ports` (pod interface -> the interface its addresses may also route through,
+    /// and its pod's known addresses) the interfaces whose sources the TC program checks,
+    /// and only those.
+    pub fn set_pod_ports(&mut self, ports: &std::collections::BTreeMap<u32, PodPort>) -> Result<()> {
         let old: Vec<u32> = self.pod_ports.keys().filter_map(|k| k.ok()).collect();
         for k in old.iter().filter(|k| !ports.contains_key(k)) {
             self.pod_ports.remove(k).map_err(map_err(maps::POD_PORTS))?;
         }
-        for (ifindex, also) in ports {
-            self.pod_ports.insert(ifindex, also, 0).map_err(map_err(maps::POD_PORTS))?;
+        for (ifindex, port) in ports {
+            self.pod_ports.insert(ifindex, port, 0).map_err(map_err(maps::POD_PORTS))?;
         }
         Ok(())
     }
 
-    /// The interfaces whose sources are checked, with their bridge (or themselves).
-    pub fn pod_ports(&self) -> Vec<(u32, u32)> {
+    /// The interfaces whose sources are checked, with their bridge (or themselves) and known
+    /// addresses.
+    pub fn pod_ports(&self) -> Vec<(u32, PodPort)> {
         self.pod_ports.iter().filter_map(|r| r.ok()).collect()
     }
 

@@ -13,7 +13,6 @@ pub mod loader;
 pub mod maglev;
 pub mod model;
 pub mod pins;
-pub mod pod_sources;
 pub mod range_alloc;
 pub mod rawmap;
 pub mod reconcile;

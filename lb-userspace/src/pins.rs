@@ -48,7 +48,7 @@ pub enum How {
 }
 
 /// Maps the agent fills itself on every start.
-const REWRITTEN: [&str; 2] = [maps::CONFIG, maps::XDP_TX_PORTS];
+const REWRITTEN: [&str; 3] = [maps::CONFIG, maps::XDP_TX_PORTS, maps::POD_PORTS];
 
 /// The layouts this build's object wants for its pinned maps, with `max_entries` overridden
 /// as the loader will.

@@ -2,8 +2,8 @@
 //! with no gateway, as veth-per-pod CNIs install them for each pod. Read from
 //! /proc/net/route (the main table) and /proc/net/ipv6_route (every table).
 //!
-//! The agent hands them to the pod source check as known sources (`lb_pod_sources` entries
-//! that do not expire), so that a pod's first packet pays a hash lookup, not a FIB lookup.
+//! The agent gives them to the pod source check with each interface (`lb_pod_ports`), so
+//! that a pod's packets pass on the lookup the check makes anyway, not on a FIB lookup.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

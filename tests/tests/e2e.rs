@@ -1222,12 +1222,12 @@ fn a_pod_cannot_create_flow_state_under_another_pods_address() {
     if check == "strict" {
         // Every pod interface's host route is a known source: a pod's first SYN is a hash hit.
         let log = lab.agent_log(1);
-        let line = log.lines().rfind(|l| l.contains("addresses known from host routes")).expect(&log);
+        let line = log.lines().rfind(|l| l.contains("pod addresses known from host routes")).expect(&log);
         let n = |before: &str| -> usize {
             let head = &line[..line.find(before).unwrap()];
             head.split_whitespace().last().unwrap().parse().unwrap()
         };
-        let (known, interfaces) = (n(" addresses known"), n(" interfaces"));
+        let (known, interfaces) = (n(" pod addresses known"), n(" interfaces"));
         assert!(interfaces >= 3 && known >= interfaces, "{line}");
     }
 }

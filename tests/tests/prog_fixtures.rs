@@ -841,37 +841,42 @@ fn an_incompatible_pin_is_refused_by_name() {
     assert!(msg.contains("lb_affinity") && msg.contains("value size"), "{msg}");
 }
 
-/// The pod source check trusts the sources the agent knows from host routes, and only on
-/// their own interface. In a namespace whose pod interface `lbb0` routes 198.18.100.0/24 and
-/// 198.18.101.9/32, a SYN from 198.18.101.7 (no route) arriving on `lbb0` is refused; known
-/// for another interface, still refused; known for `lbb0`, translated; no longer known,
-/// refused again. `pod_sources::wanted` finds `lbb0`'s host route and not its /24.
+/// The pod source check trusts the addresses the agent gives each interface, and only there.
+/// In a namespace whose pod interface `lbb0` routes 198.18.100.0/24 and 198.18.101.9/32, a
+/// SYN from 198.18.101.7 (no route) arriving on `lbb0` is refused; given to `lbb1`, still
+/// refused; given to `lbb0` (either slot), translated; taken back, refused again. The
+/// agent's reading of host routes finds `lbb0`'s /32 and not its /24.
 #[test]
-fn known_pod_sources_pass_only_on_their_own_interface() {
+fn known_pod_addresses_pass_only_on_their_own_interface() {
     use lb_tests::{lab::in_netns, netns::routed_veth};
-    use lb_userspace::{links, pod_sources};
-    use std::collections::{BTreeMap, BTreeSet};
+    use lb_userspace::{links, routes};
+    use std::{collections::BTreeMap, net::IpAddr};
     require_root!();
     let ns = routed_veth("known", &["198.18.100.0/24", "198.18.101.9/32"]).unwrap();
     in_netns(&ns.0, || {
         let (pod, other) = (links::interfaces()["lbb0"], links::interfaces()["lbb1"]);
         let mut l = Loaded::new();
         program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
-        l.dp.set_pod_ports(&BTreeMap::from([(pod, pod)])).unwrap();
         let syn = |port| Spec::tcp("198.18.101.7", port, VIP4, 80).build();
-        let source = |ifindex, ip: &str| PodSource { ifindex, addr: addr_from_ip(ip.parse().unwrap()) };
-        let mut had = BTreeSet::new();
+        let (me, v6) = (ip("198.18.101.7"), ip("2001:2::7"));
+        let set = |l: &mut Loaded, ports: &[(u32, &[IpAddr])]| {
+            let ports = ports.iter().map(|(i, a)| (*i, PodPort::new(pod, a))).collect::<BTreeMap<_, _>>();
+            l.dp.set_pod_ports(&ports).unwrap();
+        };
+        set(&mut l, &[(pod, &[])]);
         assert_eq!(l.run_tc_on(&syn(1000), pod), TC_ACT_SHOT, "no route, not known");
-        pod_sources::apply(&mut l.ebpf, &BTreeSet::from([source(other, "198.18.101.7")]), &mut had).unwrap();
+        set(&mut l, &[(pod, &[]), (other, &[me])]);
         assert_eq!(l.run_tc_on(&syn(1001), pod), TC_ACT_SHOT, "known on another interface");
-        pod_sources::apply(&mut l.ebpf, &BTreeSet::from([source(pod, "198.18.101.7")]), &mut had).unwrap();
+        set(&mut l, &[(pod, &[me])]);
         assert_eq!(l.run_tc_on(&syn(1002), pod), TC_ACT_UNSPEC, "known here: translated");
-        assert_eq!(reason(&l, Reason::NewFlow), 1);
-        pod_sources::apply(&mut l.ebpf, &BTreeSet::new(), &mut had).unwrap();
-        assert_eq!(l.run_tc_on(&syn(1003), pod), TC_ACT_SHOT, "no longer known");
+        set(&mut l, &[(pod, &[v6, me])]);
+        assert_eq!(l.run_tc_on(&syn(1003), pod), TC_ACT_UNSPEC, "in the second slot too");
+        set(&mut l, &[(pod, &[v6])]);
+        assert_eq!(l.run_tc_on(&syn(1004), pod), TC_ACT_SHOT, "no longer known");
+        assert_eq!(reason(&l, Reason::NewFlow), 2);
         assert_eq!(reason(&l, Reason::SpoofedSource), 3);
-        let wanted = pod_sources::wanted(&BTreeMap::from([("lbb0".to_string(), pod)]));
-        assert_eq!(wanted, BTreeSet::from([source(pod, "198.18.101.9")]));
+        let found: Vec<_> = routes::host_routes().into_iter().filter(|(i, _)| i == "lbb0").collect();
+        assert_eq!(found, vec![("lbb0".to_string(), ip("198.18.101.9"))]);
     })
     .unwrap();
 }
