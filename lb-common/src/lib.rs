@@ -4,6 +4,7 @@
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod abi;
+pub mod addr_filter;
 pub mod csum;
 pub mod ct;
 pub mod hash;

@@ -51,11 +51,14 @@ pub const POD_SOURCES: &str = "lb_pod_sources";
 /// Entries of `lb_pod_sources`.
 pub const MAX_POD_SOURCES: u32 = 16_384;
 
+/// The address pre-filter (ARRAY of `addr_filter::WORDS` u64, mmapable): see `addr_filter`.
+pub const ADDR_FILTER: &str = "lb_addr_filter";
+
 /// The maps that are not pinned: they hold nothing a restart must keep.
 pub const UNPINNED: [&str; 3] = [SCRATCH, ANSWER_BUCKET, POD_SOURCES];
 
 /// Every pinned map, in the order the agent opens them.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -72,6 +75,7 @@ pub const ALL: [&str; 16] = [
     MEMBERS,
     SNAT_CURSOR,
     POD_PORTS,
+    ADDR_FILTER,
 ];
 
 /// Frontend entries (VIP, port, proto); the loader can raise it.

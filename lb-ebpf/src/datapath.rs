@@ -10,7 +10,7 @@ use lb_common::{
 
 use crate::{
     conntrack,
-    maps::{SERVICES, Scratch},
+    maps::{ADDR_FILTER, SERVICES, Scratch},
     nat::{Packet, Side, apply},
     parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
     reject::{self, reject},
@@ -22,6 +22,9 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     let bytes = pkt.len();
     let mut h = Headers::default();
     let out = match parse(pkt.data(), pkt.data_end(), &mut h) {
+        // Neither address is one we act on: none of ours, without the table lookups. (A later
+        // fragment carries no ports; its own table decides.)
+        Ok(()) if h.frag != FRAG_LATER && none_of_ours(&h) => (Action::Pass, Reason::NoFrontend),
         Ok(()) => handle(pkt, &h, bytes),
         // Malformed but not for a frontend: untouched, as any packet not ours.
         Err((Action::Drop, Reason::MalformedIp | Reason::TruncatedL4)) if !for_frontend(&h) => {
@@ -31,6 +34,20 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     };
     stats::reason(out.1, bytes);
     out
+}
+
+/// Whether neither address of the packet is listed in the address pre-filter
+/// (`lb_common::addr_filter`). A failed read counts as listed: the full lookups decide. Not
+/// inlined: its temporaries stay off the entry function's frame, under the deepest chain.
+#[inline(never)]
+fn none_of_ours(h: &Headers) -> bool {
+    !listed(&h.dst) && !listed(&h.src)
+}
+
+#[inline(always)]
+fn listed(addr: &Addr) -> bool {
+    let (word, bit) = lb_common::addr_filter::slot(addr);
+    ADDR_FILTER.get(word).is_none_or(|w| *w & bit != 0)
 }
 
 /// Whether a malformed packet was meant for a frontend: its address and port (when the

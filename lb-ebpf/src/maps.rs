@@ -85,9 +85,13 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 pub static ANSWER_BUCKET: PerCpuArray<AnswerBucket> = PerCpuArray::with_max_entries(1, 0);
 
 /// Pod interfaces whose sources `source_check` verifies: ifindex -> the other interface its
-/// pods' addresses may route through (its bridge, or itself).
+/// pod's addresses may route through (its bridge, or itself), and those addresses.
 #[map(name = "lb_pod_ports")]
 pub static POD_PORTS: HashMap<u32, PodPort> = HashMap::pinned(MAX_POD_PORTS, 0);
+
+/// The address pre-filter (`lb_common::addr_filter`); written by the agent through mmap.
+#[map(name = "lb_addr_filter")]
+pub static ADDR_FILTER: Array<u64> = Array::pinned(lb_common::addr_filter::WORDS, BPF_F_MMAPABLE);
 
 /// Sources `source_check` passed lately, with when: a pod's next SYNs within a second skip
 /// the FIB lookup. Not pinned: a cache.

@@ -22,6 +22,7 @@ use aya::Ebpf;
 use lb_common::{abi::*, verdict::Reason};
 
 use crate::{
+    addr_filter,
     attach::{self, Attached, Hook},
     conntrack_gc,
     dataplane::{AyaDataplane, Dataplane},
@@ -135,6 +136,9 @@ struct Status {
 #[derive(Default)]
 struct GcState {
     last: Option<conntrack_gc::PassStats>,
+    /// When the last pass began, and the addresses its flows act on: for the sync loop to
+    /// narrow the address pre-filter.
+    for_filter: Option<(Instant, Vec<Addr>)>,
     passes: u64,
     errors: u64,
     expired_pairs: u64,
@@ -152,7 +156,8 @@ fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>, start: Instant) -> Arc<std
             let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
             g.passes += 1;
             match r {
-                Ok(p) => {
+                Ok(mut p) => {
+                    g.for_filter = Some((Instant::now() - p.took, std::mem::take(&mut p.referenced)));
                     g.expired_pairs += p.removed_pairs as u64;
                     g.orphans += p.removed_orphans as u64;
                     // At most a line a minute, and only when something happened.
@@ -188,6 +193,29 @@ fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>, start: Instant) -> Arc<std
         });
     });
     state
+}
+
+fn lock_gc(gc: &std::sync::Mutex<GcState>) -> std::sync::MutexGuard<'_, GcState> {
+    gc.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Lists in the address pre-filter every address the pinned maps name: frontends, backends
+/// and both ends of every flow.
+fn list_pinned_addresses(
+    dp: &mut AyaDataplane,
+    applied: &Applied,
+    pin_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+    let map = conntrack_gc::open(pin_dir)?;
+    let fd = map.fd().as_fd();
+    let flows = conntrack_gc::entries(fd, &crate::rawmap::layout(fd)?)?;
+    let mut all = addr_filter::named(applied);
+    all.extend(flows.iter().flat_map(|(k, _)| [k.src, k.dst]));
+    for a in &all {
+        dp.list_address(a);
+    }
+    Ok(())
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
@@ -231,6 +259,10 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let mut dp = AyaDataplane::open(&cfg.pin_dir)?;
     let mut applied = Applied::read(&dp)?;
+    // Before any program of this build runs: a new filter (a first start, an upgrade) must
+    // list what the pinned maps already name.
+    list_pinned_addresses(&mut dp, &applied, &cfg.pin_dir).context("filling the address pre-filter")?;
+    let mut retention = addr_filter::Retention::default();
     log(
         start,
         format!(
@@ -392,6 +424,13 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
                 checked = want;
             }
+        }
+        // A GC pass finished: unlist what no entry and no flow acts on any more.
+        let pass = lock_gc(&gc).for_filter.take();
+        if let Some((began, referenced)) = pass {
+            let listed = dp.take_listed();
+            retention.synced(addr_filter::named(&applied), &listed, Instant::now());
+            dp.set_address_filter(&retention.after_pass(&referenced, began));
         }
         // New changes, plus the services skipped last time once their retry is due.
         let now = Instant::now();

@@ -114,6 +114,9 @@ pub struct PassStats {
     pub snat_ports: BTreeMap<IpAddr, u64>,
     pub took: Duration,
     pub under_pressure: bool,
+    /// The addresses the flows in the table act on (a forward entry's destination, a reply
+    /// entry's source), sorted: what the address pre-filter must keep listing.
+    pub referenced: Vec<Addr>,
 }
 
 impl PassStats {
@@ -149,6 +152,10 @@ pub fn pass(fd: BorrowedFd<'_>, timeouts: &CtTimeouts, now: u64) -> std::io::Res
     let mut stats = PassStats { entries: all.len(), capacity: l.max_entries, ..Default::default() };
     stats.under_pressure = stats.fill() > PRESSURE_FILL;
     let index: FastMap<FlowKey, usize> = all.iter().enumerate().map(|(i, (k, _))| (*k, i)).collect();
+    let referenced: FastMap<Addr, ()> =
+        all.iter().map(|(k, v)| (if v.direction == FLOW_FORWARD { k.dst } else { k.src }, ())).collect();
+    stats.referenced = referenced.into_keys().collect();
+    stats.referenced.sort_unstable();
     let mut paired = vec![false; all.len()];
     let mut doomed: Vec<(FlowKey, FlowValue)> = Vec::new();
     let mut orphans: Vec<FlowKey> = Vec::new();

@@ -3,7 +3,7 @@
 //! them is running or not), `FakeDataplane` keeps the same state in memory for tests.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -91,6 +91,9 @@ pub struct AyaDataplane {
     xdp_tx_ports: DevMapHash<MapData>,
     stats_xdp_forward: PerCpuArray<MapData, Counter>,
     pod_ports: HashMap<MapData, u32, PodPort>,
+    addr_filter: MmapArray,
+    /// Addresses listed since `take_listed`.
+    listed: BTreeSet<Addr>,
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<MapData> {
@@ -133,7 +136,55 @@ impl AyaDataplane {
             .map_err(map_err(maps::STATS_XDP_FORWARD))?,
             pod_ports: HashMap::try_from(Map::HashMap(open(pin_dir, maps::POD_PORTS)?))
                 .map_err(map_err(maps::POD_PORTS))?,
+            addr_filter: MmapArray::new(open(pin_dir, maps::ADDR_FILTER)?, maps::ADDR_FILTER)?,
+            listed: BTreeSet::new(),
         })
+    }
+
+    /// Sets `addr`'s bit in the address pre-filter (`lb_common::addr_filter`): done before any
+    /// entry naming it is written, so the datapath never filters out a packet it must handle.
+    pub fn list_address(&mut self, addr: &Addr) {
+        self.listed.insert(*addr);
+        let (word, bit) = lb_common::addr_filter::slot(addr);
+        let cur: u64 = self.addr_filter.read(word);
+        if cur & bit == 0 {
+            self.addr_filter.write(word, cur | bit);
+        }
+    }
+
+    /// Makes the address pre-filter hold exactly the bits of `addrs` (the agent's narrowing,
+    /// once no entry and no live flow names the others). Returns the words changed.
+    pub fn set_address_filter<'a>(&mut self, addrs: impl IntoIterator<Item = &'a Addr>) -> usize {
+        let mut want = vec![0u64; lb_common::addr_filter::WORDS as usize];
+        for a in addrs {
+            let (word, bit) = lb_common::addr_filter::slot(a);
+            want[word as usize] |= bit;
+        }
+        let mut changed = 0;
+        for (i, w) in want.into_iter().enumerate() {
+            // A word is stored whole: a reader sees the old one or the new one.
+            if self.addr_filter.read::<u64>(i as u32) != w {
+                self.addr_filter.write(i as u32, w);
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    /// Whether `addr`'s bit is set in the address pre-filter.
+    pub fn address_listed(&self, addr: &Addr) -> bool {
+        let (word, bit) = lb_common::addr_filter::slot(addr);
+        self.addr_filter.read::<u64>(word) & bit != 0
+    }
+
+    /// The addresses listed since the last call.
+    pub fn take_listed(&mut self) -> BTreeSet<Addr> {
+        std::mem::take(&mut self.listed)
+    }
+
+    /// Bits set in the address pre-filter.
+    pub fn address_filter_bits(&self) -> u32 {
+        (0..lb_common::addr_filter::WORDS).map(|i| self.addr_filter.read::<u64>(i).count_ones()).sum()
     }
 
     /// Makes `ports` (pod interface -> the interface its addresses may also route through,
@@ -202,6 +253,8 @@ impl AyaDataplane {
 
     /// Writes one flow-table entry as it is (tests: entries with chosen timestamps).
     pub fn set_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        self.list_address(&key.src);
+        self.list_address(&key.dst);
         self.conntrack.insert(key, value, 0).map_err(map_err(maps::CONNTRACK))
     }
 
@@ -253,6 +306,7 @@ impl AyaDataplane {
 
 impl Dataplane for AyaDataplane {
     fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.list_address(&key.addr);
         self.services.insert(key, value, 0).map_err(map_err(maps::SERVICES))
     }
 
@@ -264,6 +318,9 @@ impl Dataplane for AyaDataplane {
         let capacity = self.backends.len();
         if id >= capacity {
             return Err(DataplaneError::OutOfRange { map: maps::BACKENDS, index: id, capacity });
+        }
+        if value.flags & BE_F_PRESENT != 0 {
+            self.list_address(&value.addr);
         }
         self.backends.set(id, value, 0).map_err(map_err(maps::BACKENDS))
     }

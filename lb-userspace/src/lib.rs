@@ -1,6 +1,7 @@
 //! The `lb` agent and CLI as a library, so tests drive the same loader and `Dataplane` the
 //! agent uses.
 
+pub mod addr_filter;
 pub mod agent;
 pub mod attach;
 pub mod bpffs;
