@@ -31,6 +31,20 @@ use crate::refcount::bump;
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label that names the controller managing a slice.
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+/// Its value on slices mirrored from a hand-written Endpoints object.
+pub const MIRROR_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
+
+/// Whether `slice` was mirrored from an Endpoints object.
+pub fn is_mirrored(slice: &EndpointSlice) -> bool {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MIRROR_CONTROLLER)
+}
 /// A Service with this label belongs to another proxy.
 pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -414,6 +428,12 @@ fn service(
     slices: &[&EndpointSlice],
 ) {
     let Some(spec) = svc.spec.as_ref() else { return };
+    // Mirrored slices count only for a Service without a selector: those are the only ones
+    // the mirroring controller mirrors.
+    let selected = spec.selector.as_ref().is_some_and(|s| !s.is_empty());
+    let slices: Vec<&EndpointSlice> =
+        slices.iter().copied().filter(|s| !(selected && is_mirrored(s))).collect();
+    let slices = slices.as_slice();
     let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");

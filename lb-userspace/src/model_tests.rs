@@ -638,3 +638,25 @@ fn a_port_number_twice_in_one_service_is_programmed_once_and_reported() {
         d.notes
     );
 }
+
+/// A hand-written Endpoints object (manifest mode): a Service without a selector gets its
+/// ready addresses as backends (a not-ready one is left out, as from a slice), on the
+/// Endpoints' port; the same Service with a selector ignores it, as the mirroring controller
+/// mirrors only selector-less Services.
+#[test]
+fn hand_written_endpoints_serve_a_service_without_a_selector_only() {
+    let endpoints = "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\nsubsets:\n- addresses: [{ip: 198.18.7.1}, {ip: 198.18.7.2, nodeName: node-a}]\n  notReadyAddresses: [{ip: 198.18.7.3}]\n  ports: [{name: http, port: 9376}]\n---\n";
+    let d = run(&(service(&format!("clusterIP: 198.19.0.10, {HTTP}"), "") + endpoints));
+    let s = svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4);
+    assert_eq!(ips(&s.backends), ["198.18.7.1:9376", "198.18.7.2:9376"]);
+    assert_eq!(s.backends.iter().filter(|b| b.local).count(), 1, "nodeName carried over");
+    let selected = format!("clusterIP: 198.19.0.10, selector: {{app: web}}, {HTTP}");
+    let d = run(&(service(&selected, "") + endpoints));
+    assert!(svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4).backends.is_empty());
+    let d = run(&(service(&selected, "") + endpoints + &three_pods()));
+    assert_eq!(
+        svc(&d, "http", PROTO_TCP, Scope::Cluster, Family::V4).backends.len(),
+        3,
+        "its own slices still count"
+    );
+}

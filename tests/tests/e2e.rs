@@ -1233,6 +1233,34 @@ fn a_pod_cannot_create_flow_state_under_another_pods_address() {
     }
 }
 
+/// A Service without a selector and a hand-written `v1/Endpoints` object of the same name
+/// (manifest mode; in a cluster the mirroring controller turns it into slices): served on
+/// the Endpoints' addresses, and a change to the Endpoints is live within a second.
+#[test]
+fn a_selectorless_service_with_hand_written_endpoints_is_served_and_follows_them() {
+    let Some(lab) = lab() else { return };
+    let client = lab.pod("client").ns.clone();
+    let (web1, web2) = (lab.pod("web-1").clone(), lab.pod("web-2").clone());
+    let db: IpAddr = "198.19.0.12".parse().unwrap();
+    let manifest = |pod: &Pod| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: db}}\nspec: {{clusterIP: {db}, ports: [{{name: sql, port: 80, targetPort: {POD_PORT}}}]}}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: db}}\nsubsets:\n- addresses: [{{ip: {}}}]\n  ports: [{{name: sql, port: {POD_PORT}}}]\n",
+            pod.ip
+        )
+    };
+    let answered_by =
+        |name: &str| matches!(tcp_ask(&client, sa(db, 80), ASK), Answer::Reply(p, _) if p == name);
+    lab.write_manifest("db.yaml", &manifest(&web1)).unwrap();
+    wait_for(LIVE * 3, || Ok(answered_by("web-1"))).unwrap_or_else(|e| panic!("{e}\n{}", lab.agent_log(1)));
+    lab.write_manifest("db.yaml", &manifest(&web2)).unwrap();
+    let took = wait_for(LIVE, || Ok(answered_by("web-2")))
+        .unwrap_or_else(|e| panic!("the change was not live within a second: {e}\n{}", lab.agent_log(1)));
+    eprintln!("Endpoints change live in {took:?}");
+    for _ in 0..5 {
+        assert!(answered_by("web-2"), "only the new address serves");
+    }
+}
+
 /// The address pre-filter unlists an address only when nothing acts on it any more. With
 /// GC passes every second, web is deleted while the client holds a keep-alive connection
 /// through its VIP: the connection keeps working, as with kube-proxy, whose conntrack entry

@@ -148,7 +148,14 @@ pub fn parse_with_warnings(text: &str, json: bool) -> Result<(Vec<Object>, Vec<S
     });
     let (mut out, mut warnings) = (Vec::new(), Vec::new());
     for (i, doc) in docs.enumerate() {
-        if let Some((o, unknown)) = object(doc).map_err(|e| format!("document {}: {e}", i + 1))? {
+        let doc_err = |e| format!("document {}: {e}", i + 1);
+        if doc.get("apiVersion").and_then(|v| v.as_str()) == Some("v1")
+            && doc.get("kind").and_then(|v| v.as_str()) == Some("Endpoints")
+        {
+            let (slices, said) = endpoints(doc).map_err(doc_err)?;
+            warnings.extend(said);
+            out.extend(slices);
+        } else if let Some((o, unknown)) = object(doc).map_err(doc_err)? {
             if !unknown.is_empty() {
                 let fields = if unknown.len() == 1 { "field" } else { "fields" };
                 warnings.push(format!("{}: unknown {fields} {} (ignored)", o.describe(), unknown.join(", ")));
@@ -177,6 +184,31 @@ fn object(doc: serde_json::Value) -> Result<Option<(Object, Vec<String>)>, Strin
     let mut unknown = Vec::new();
     unknown_fields(&doc, &known, "", &mut unknown);
     Ok(Some((o, unknown)))
+}
+
+/// A `v1/Endpoints` document: the EndpointSlices that mirror it (`endpoints::mirror`), and
+/// what to say about it.
+fn endpoints(doc: serde_json::Value) -> Result<(Vec<Object>, Vec<String>), String> {
+    let ep: k8s_openapi::api::core::v1::Endpoints =
+        serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let what = format!(
+        "Endpoints {}/{}",
+        ep.metadata.namespace.as_deref().unwrap_or("default"),
+        ep.metadata.name.as_deref().unwrap_or("")
+    );
+    let (slices, said) = super::endpoints::mirror(&ep).map_err(|e| format!("{what}: {e}"))?;
+    let mut warnings: Vec<String> = said.into_iter().map(|w| format!("{what}: {w}")).collect();
+    let mut unknown = Vec::new();
+    unknown_fields(&doc, &serde_json::to_value(&ep).map_err(|e| e.to_string())?, "", &mut unknown);
+    if !unknown.is_empty() {
+        warnings.push(format!("{what}: unknown fields {} (ignored)", unknown.join(", ")));
+    }
+    let slices = slices.into_iter().map(|s| Object::EndpointSlice(Box::new(s)));
+    let slices: Vec<Object> = slices.collect();
+    for s in &slices {
+        validate(s).map_err(|e| format!("{what}: {e}"))?;
+    }
+    Ok((slices, warnings))
 }
 
 /// The typed object, and it written back (what it kept of the document).
