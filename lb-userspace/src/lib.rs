@@ -21,4 +21,5 @@ pub mod refcount;
 pub mod retry;
 pub mod routes;
 pub mod source;
+pub mod topology;
 pub mod xdp_netlink;

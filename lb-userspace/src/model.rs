@@ -27,7 +27,7 @@ use k8s_openapi::api::{
 };
 use lb_common::abi::{PROTO_TCP, PROTO_UDP};
 
-use crate::refcount::bump;
+use crate::{refcount::bump, topology};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -122,6 +122,11 @@ impl NodeContext {
             })
             .unwrap_or_default();
         if from_node.is_empty() { self.fallback_addresses.clone() } else { from_node }
+    }
+
+    /// This node's zone: its Node's `topology.kubernetes.io/zone` label.
+    pub fn zone(&self, cluster: &Cluster) -> Option<String> {
+        cluster.node(&self.name)?.metadata.labels.as_ref()?.get(topology::ZONE_LABEL).cloned()
     }
 
     /// The addresses that serve NodePorts on this node.
@@ -236,6 +241,8 @@ pub struct Desired {
     pub cluster_vips: BTreeSet<IpAddr>,
     /// Node addresses that serve NodePorts.
     pub node_ips: Vec<IpAddr>,
+    /// This node's zone (`topology.kubernetes.io/zone`), for topology hints.
+    pub node_zone: Option<String>,
     /// `healthCheckNodePort` -> the service and its ready local endpoints (ETP=Local).
     pub health_checks: BTreeMap<u16, HealthCheck>,
     /// What to tell the operator about Services, by Service (or port): those skipped and why
@@ -269,7 +276,8 @@ fn ignored(svc: &Service) -> Option<&'static str> {
 
 /// The Model: `(cluster objects, this node) -> desired state`.
 pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
-    let mut out = Desired { node_ips: node.nodeport_ips(cluster), ..Default::default() };
+    let mut out =
+        Desired { node_ips: node.nodeport_ips(cluster), node_zone: node.zone(cluster), ..Default::default() };
     // Slices by the Service they belong to.
     let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for ((ns, _), s) in &cluster.slices {
@@ -281,7 +289,11 @@ pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
     let mut claims = Claims::default();
     let mut each = Vec::new();
     for ((ns, name), svc) in &cluster.services {
-        let mut one = Desired { node_ips: out.node_ips.clone(), ..Default::default() };
+        let mut one = Desired {
+            node_ips: out.node_ips.clone(),
+            node_zone: out.node_zone.clone(),
+            ..Default::default()
+        };
         if let Some(why) = ignored(svc) {
             one.notes.push((format!("{ns}/{name}"), format!("skipped: {why}")));
         } else if let Some(spec) = svc.spec.as_ref() {
@@ -508,7 +520,8 @@ fn service(
                 if frontends.is_empty() {
                     continue;
                 }
-                let (backends, kept) = endpoints(node, port, proto, family, slices, local_only);
+                let zone = out.node_zone.as_deref();
+                let (backends, kept) = endpoints(node, zone, port, proto, family, slices, local_only);
                 let key = ServiceRef {
                     namespace: ns.to_string(),
                     name: name.to_string(),
@@ -593,6 +606,7 @@ fn warn_about_slices(
 /// KEP-1669: ready endpoints if any, else serving+terminating ones.
 fn endpoints(
     node: &NodeContext,
+    zone: Option<&str>,
     port: &ServicePort,
     proto: u8,
     family: Family,
@@ -604,8 +618,8 @@ fn endpoints(
         Family::V4 => "IPv4",
         Family::V6 => "IPv6",
     };
-    let mut ready = BTreeSet::new();
-    let mut serving_terminating = BTreeSet::new();
+    let mut ready = Vec::new();
+    let mut serving_terminating = Vec::new();
     for slice in slices.iter().filter(|s| s.address_type == family_name) {
         let Some(target) = slice.ports.iter().flatten().find_map(|p| {
             let same = p.name.as_deref().unwrap_or("") == want_name
@@ -625,15 +639,31 @@ fn endpoints(
             if Family::of(&ip) != family {
                 continue;
             }
-            let be = Backend { ip, port: target, local, terminating };
+            let be = (Backend { ip, port: target, local, terminating }, topology::Hints::of(ep));
             if is_ready {
-                ready.insert(be);
+                ready.push(be);
             } else if serving && terminating {
-                serving_terminating.insert(be);
+                serving_terminating.push(be);
             }
         }
     }
-    if ready.is_empty() { (serving_terminating, BTreeSet::new()) } else { (ready, serving_terminating) }
+    // Topology hints narrow what is reached cluster-wide, never the local endpoints.
+    let mode = if local_only {
+        topology::Mode::All
+    } else {
+        topology::mode(ready.iter().map(|(_, h)| h), &node.name, zone)
+    };
+    let usable = |list: &[(Backend, topology::Hints)]| -> BTreeSet<Backend> {
+        list.iter().filter(|(_, h)| topology::available(mode, h, &node.name, zone)).map(|(b, _)| *b).collect()
+    };
+    let all =
+        |list: &[(Backend, topology::Hints)]| -> BTreeSet<Backend> { list.iter().map(|(b, _)| *b).collect() };
+    let ready_here = usable(&ready);
+    if ready_here.is_empty() {
+        (usable(&serving_terminating), BTreeSet::new())
+    } else {
+        (ready_here, all(&serving_terminating))
+    }
 }
 
 /// `(ready, serving, terminating)` with Kubernetes' defaults for unset conditions: ready and
@@ -731,7 +761,11 @@ impl ModelState {
     /// Brings the desired state up to date with `cluster` after `changes`.
     pub fn update(&mut self, cluster: &Cluster, node: &NodeContext, changes: &Changes) -> Delta {
         let node_ips = node.nodeport_ips(cluster);
-        if changes.all || !self.ready || node_ips != self.desired.node_ips {
+        if changes.all
+            || !self.ready
+            || node_ips != self.desired.node_ips
+            || node.zone(cluster) != self.desired.node_zone
+        {
             return self.rebuild(cluster, node);
         }
         // The Services to recompute: those changed, and the owners (before and after) of
@@ -792,6 +826,7 @@ impl ModelState {
     fn rebuild(&mut self, cluster: &Cluster, node: &NodeContext) -> Delta {
         *self = ModelState { ready: true, ..Default::default() };
         self.desired.node_ips = node.nodeport_ips(cluster);
+        self.desired.node_zone = node.zone(cluster);
         for (key, slice) in &cluster.slices {
             if let Some(svc) = owner(key, slice) {
                 self.slice_owner.insert(key.clone(), svc.clone());
@@ -861,7 +896,11 @@ impl ModelState {
         mut delta: Option<&mut Delta>,
     ) {
         let (ns, name) = key;
-        let mut out = Desired { node_ips: self.desired.node_ips.clone(), ..Default::default() };
+        let mut out = Desired {
+            node_ips: self.desired.node_ips.clone(),
+            node_zone: self.desired.node_zone.clone(),
+            ..Default::default()
+        };
         if let Some(why) = ignored(svc) {
             self.notes.insert(key.clone(), vec![(format!("{ns}/{name}"), format!("skipped: {why}"))]);
             return;

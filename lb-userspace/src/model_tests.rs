@@ -660,3 +660,49 @@ fn hand_written_endpoints_serve_a_service_without_a_selector_only() {
         "its own slices still count"
     );
 }
+
+/// Topology hints with kube-proxy's rules, on node-a (zone given on its Node): endpoint A on
+/// node-a, B on node-b, each with the hints given; the cluster-wide backends chosen.
+#[test]
+fn topology_hints_narrow_cluster_wide_traffic_as_kube_proxy_does() {
+    let run_in = |zone: Option<&str>, svc_extra: &str, a: &str, b: &str| -> Vec<String> {
+        let labels =
+            zone.map(|z| format!(", labels: {{topology.kubernetes.io/zone: {z}}}")).unwrap_or_default();
+        let node = format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node-a{labels}}}\n---\n");
+        let hinted = |ip: &str, on: &str, hints: &str| {
+            format!("{{addresses: ['{ip}'], nodeName: {on}, hints: {{{hints}}}}},")
+        };
+        let yaml = node
+            + &service(&format!("clusterIP: 198.19.0.10, {svc_extra}{HTTP}"), "")
+            + &slice(
+                "web-1",
+                "IPv4",
+                "{name: http, port: 9376, protocol: TCP}",
+                &(hinted("198.18.1.10", NODE, a) + &hinted("198.18.2.10", "node-b", b)),
+            );
+        let cluster = cluster_from(parse(&yaml, false).expect("test YAML parses"));
+        let node = NodeContext {
+            name: NODE.into(),
+            nodeport_addresses: NodePortAddresses::Primary,
+            fallback_addresses: vec![],
+        };
+        ips(&svc(&desired(&cluster, &node), "http", PROTO_TCP, Scope::Cluster, Family::V4).backends)
+    };
+    let (a, b) = ("198.18.1.10:9376", "198.18.2.10:9376");
+    let z = |zone: &str| format!("forZones: [{{name: {zone}}}]");
+    let n = |node: &str, zone: &str| format!("forNodes: [{{name: {node}}}], forZones: [{{name: {zone}}}]");
+    // Same zone: only the endpoint for this node's zone.
+    assert_eq!(run_in(Some("z1"), "", &z("z1"), &z("z2")), [a]);
+    assert_eq!(run_in(Some("z2"), "", &z("z1"), &z("z2")), [b]);
+    // No endpoint for this zone, no zone on the node, or one endpoint without hints: all.
+    assert_eq!(run_in(Some("z3"), "", &z("z1"), &z("z2")), [a, b]);
+    assert_eq!(run_in(None, "", &z("z1"), &z("z2")), [a, b]);
+    assert_eq!(run_in(Some("z1"), "", &z("z1"), ""), [a, b]);
+    // Same node first (PreferSameNode), both in one zone.
+    assert_eq!(run_in(Some("z1"), "", &n(NODE, "z1"), &n("node-b", "z1")), [a]);
+    // No node hint for this node: the zone hints decide.
+    assert_eq!(run_in(Some("z1"), "", &n("node-c", "z1"), &n("node-b", "z1")), [a, b]);
+    // internalTrafficPolicy Local: the local endpoint, whatever the hints say.
+    assert_eq!(run_in(Some("z1"), "internalTrafficPolicy: Local, ", &z("z2"), &z("z1")), [a]);
+    assert_eq!(run_in(Some("z1"), "", &z("z2"), &z("z1")), [b]);
+}

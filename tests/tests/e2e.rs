@@ -1233,6 +1233,53 @@ fn a_pod_cannot_create_flow_state_under_another_pods_address() {
     }
 }
 
+/// Topology hints as the EndpointSlice controller writes them for `trafficDistribution:
+/// PreferSameNode` (each endpoint for its own node): a client on node-1 reaches only node-1's
+/// pods, one on node-2 only node-2's; once node-2 has no ready endpoint, its client spreads
+/// over node-1's.
+#[test]
+fn prefer_same_node_keeps_traffic_on_the_node_and_spreads_when_it_has_no_endpoint() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let (client1, client2) = (lab.pod("client").ns.clone(), lab.pod("client-2").ns.clone());
+    let slice = |web3_ready: bool| {
+        let eps: Vec<String> = all
+            .iter()
+            .map(|p| {
+                let ready = p.name != "web-3" || web3_ready;
+                format!(
+                    "{{addresses: ['{}'], nodeName: node-{n}, conditions: {{ready: {ready}}}, hints: {{forNodes: [{{name: node-{n}}}]}}}}",
+                    p.ip,
+                    n = p.node
+                )
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: {POD_PORT}, protocol: TCP}}]\nendpoints: [{}]\n",
+            eps.join(", ")
+        )
+    };
+    let served = |ns: &str| -> BTreeSet<String> {
+        (0..16)
+            .filter_map(|_| match tcp_ask(ns, sa(vip(), 80), ASK) {
+                Answer::Reply(pod, _) => Some(pod),
+                _ => None,
+            })
+            .collect()
+    };
+    let names = |list: &[&str]| -> BTreeSet<String> { list.iter().map(|s| s.to_string()).collect() };
+    let spec = "  trafficDistribution: PreferSameNode\n";
+    apply(&lab, &(web("ClusterIP", spec) + &slice(true)), "web with hints", || {
+        served(&client2) == names(&["web-3"])
+    });
+    assert_eq!(served(&client1), names(&["web-1", "web-2"]), "node-1's client stays on node-1");
+    assert_eq!(served(&client2), names(&["web-3"]), "node-2's client stays on node-2");
+    apply(&lab, &(web("ClusterIP", spec) + &slice(false)), "web-3 not ready", || {
+        !served(&client2).contains("web-3")
+    });
+    assert_eq!(served(&client2), names(&["web-1", "web-2"]), "no endpoint on node-2: spread over the rest");
+}
+
 /// A Service without a selector and a hand-written `v1/Endpoints` object of the same name
 /// (manifest mode; in a cluster the mirroring controller turns it into slices): served on
 /// the Endpoints' addresses, and a change to the Endpoints is live within a second.
