@@ -945,6 +945,8 @@ fn render_datapath(pin_dir: &std::path::Path) -> String {
                 s += &format!("lb_xdp_forward_packets_total{{result=\"{result}\"}} {}\n", c.packets);
             }
         }
+        s += "# HELP lb_address_filter_bits Bits set in the address pre-filter (of 1048576): frontend, backend and live-flow addresses, less hash collisions.\n# TYPE lb_address_filter_bits gauge\n";
+        s += &format!("lb_address_filter_bits {}\n", dp.address_filter_bits());
         let ids: BTreeSet<u32> =
             dp.services().unwrap_or_default().iter().map(|(_, v)| v.service_id).collect();
         s += "# HELP lb_service_packets_total Packets per datapath service id.\n# TYPE lb_service_packets_total counter\n";

@@ -1337,12 +1337,18 @@ fn a_deleted_services_open_connection_keeps_its_addresses_listed_until_it_ends()
     wait_for(Duration::from_secs(10), || Ok(others.iter().all(|p| !listed(&lab, p.ip.into()))))
         .unwrap_or_else(|e| panic!("backends without flows stay listed: {e}\n{}", lab.agent_log(1)));
     assert!(listed(&lab, vip()) && listed(&lab, mine[0].ip.into()), "the open connection's addresses");
+    let bits = |lab: &Lab| -> u64 {
+        let m = lab.metrics(1).unwrap();
+        m.lines().find_map(|l| l.strip_prefix("lb_address_filter_bits ")?.parse().ok()).expect(&m)
+    };
+    let with_the_connection = bits(&lab);
     for i in 0..5 {
         assert_eq!(conn.ask().as_deref(), Some(who.as_str()), "request {i} after web was deleted");
     }
     drop(conn);
     wait_for(Duration::from_secs(10), || Ok(!listed(&lab, vip())))
         .unwrap_or_else(|e| panic!("the VIP stays listed after its last flow: {e}\n{}", lab.agent_log(1)));
+    assert!(bits(&lab) < with_the_connection, "lb_address_filter_bits goes down");
 }
 
 /// The agent runs with exactly the DaemonSet's capabilities (the deploy test keeps that list
