@@ -335,6 +335,50 @@ fn remove_clsact(iface: &str) {
     }
 }
 
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    /// Pinned links (bpf_link XDP, tcx), by pin name.
+    pub links: Vec<String>,
+    /// Interfaces our netlink XDP program was detached from.
+    pub netlink_xdp: Vec<String>,
+    /// Interfaces our clsact filter was removed from.
+    pub clsact: Vec<String>,
+    /// Whether the pin dir was there (and is gone).
+    pub pin_dir: bool,
+}
+
+/// `lb agent --cleanup`: detaches every program of ours from this network namespace's
+/// interfaces (pinned links, netlink XDP, our clsact filter) and removes the pin dir with its
+/// maps. The caller holds the pin dir's lock, so no agent is running on it. Finding nothing
+/// to do is fine.
+pub fn cleanup(pin_dir: &Path) -> std::io::Result<Cleaned> {
+    let mut out = Cleaned::default();
+    if let Ok(dir) = std::fs::read_dir(pin_dir.join("links")) {
+        for entry in dir.flatten() {
+            // Unpinning the last reference detaches the link.
+            std::fs::remove_file(entry.path())?;
+            out.links.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    for (name, ifindex) in crate::links::interfaces() {
+        if let Some(flags) = ours(ifindex)
+            && xdp_netlink::set(ifindex, None, flags).is_ok()
+        {
+            out.netlink_xdp.push(name.clone());
+        }
+        // Every filter running our program, by its name (an error when there is none).
+        if aya::programs::tc::qdisc_detach_program(&name, TcAttachType::Ingress, TC_PROGRAM).is_ok() {
+            out.clsact.push(name);
+        }
+    }
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(pin_dir)?;
+        out.pin_dir = true;
+    }
+    Ok(out)
+}
+
 /// The link pinned at `path`, if one is there. The pin is removed at once: the link is
 /// pinned again once it runs our program; a stale one (its interface went away, which
 /// detached it) is simply dropped and the caller attaches afresh.

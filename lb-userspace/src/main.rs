@@ -40,10 +40,34 @@ fn main() -> anyhow::Result<()> {
         Cmd::Agent(mut args) => {
             // `--pin-dir` is global: it applies to the agent too.
             args.pin_dir = cli.pin_dir;
+            if args.cleanup {
+                return cleanup(&args.pin_dir);
+            }
             lb_userspace::agent::run(args.config())
         }
         Cmd::Inspect(cmd) => cli::inspect::run(cmd, &cli.pin_dir, cli.output == Format::Json),
     }
+}
+
+/// `lb agent --cleanup`: everything of ours detached and the pins gone, said line by line.
+fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let _lock = lb_userspace::bpffs::lock_pin_dir(pin_dir)?;
+    let done = lb_userspace::attach::cleanup(pin_dir)
+        .map_err(|e| anyhow::anyhow!("cleaning up {}: {e}", pin_dir.display()))?;
+    for link in &done.links {
+        println!("detached pinned link {link}");
+    }
+    for iface in &done.netlink_xdp {
+        println!("detached XDP (netlink) from {iface}");
+    }
+    for iface in &done.clsact {
+        println!("removed the clsact filter from {iface}");
+    }
+    match done.pin_dir {
+        true => println!("removed {} and its maps", pin_dir.display()),
+        false => println!("{}: not there; nothing pinned", pin_dir.display()),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

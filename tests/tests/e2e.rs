@@ -1233,6 +1233,48 @@ fn a_pod_cannot_create_flow_state_under_another_pods_address() {
     }
 }
 
+/// `lb agent --cleanup` (kube-proxy's flag) after an agent stopped, in the default attach
+/// modes (bpf_link XDP, tcx) and in the netlink ones: nothing of ours stays attached (no XDP
+/// on eth0, no clsact filter of ours on the client's interface), the pin dir is gone, and
+/// the client's requests to the VIP are no longer answered. A second run finds nothing and
+/// succeeds too.
+#[test]
+fn cleanup_detaches_everything_removes_the_pins_and_can_run_twice() {
+    let Some(mut lab) = lab() else { return };
+    let all: Vec<Pod> = pods(&lab, &["web-1", "web-2", "web-3"]).into_iter().cloned().collect();
+    let (client, client_if) = (lab.pod("client").ns.clone(), lab.pod("client").host_if.clone());
+    let node = lab.node_netns(1);
+    let pin_dir = lab.pin_dir(1);
+    let lb = lab.state.bins.lb.to_string_lossy().into_owned();
+    for extra in [&[][..], &["--netlink-attach", "xdp,tc"][..]] {
+        lab.stop_agent(1);
+        // Written afresh below, so that its sync is one to wait for.
+        let _ = lab.remove_manifest("web.yaml");
+        lab.start_agent(1, extra).unwrap();
+        web_up(&lab, &client, &all.iter().collect::<Vec<_>>(), Proto::Tcp);
+        lab.stop_agent(1);
+        for run in 1..=2 {
+            let out = lab::sh(&mut lab::in_ns(
+                &node,
+                &[&lb, "agent", "--pin-dir", pin_dir.to_str().unwrap(), "--cleanup"],
+            ))
+            .unwrap_or_else(|e| panic!("{extra:?}: cleanup run {run}: {e}"));
+            eprintln!("{extra:?}, run {run}:\n{out}");
+        }
+        let link = lab::sh(&mut lab::in_ns(&node, &["ip", "-d", "link", "show", "dev", "eth0"])).unwrap();
+        assert!(!link.contains("xdp"), "{extra:?}: XDP still on eth0:\n{link}");
+        let filters =
+            lab::sh(&mut lab::in_ns(&node, &["tc", "filter", "show", "dev", &client_if, "ingress"])).unwrap();
+        assert!(!filters.contains("lb_tc_pod"), "{extra:?}: our filter stays:\n{filters}");
+        assert!(!pin_dir.exists(), "{extra:?}: {} stays", pin_dir.display());
+        assert!(
+            !matches!(tcp_ask(&client, sa(vip(), 80), ASK), Answer::Reply(..)),
+            "{extra:?}: the VIP still answers: a program of ours is still attached"
+        );
+    }
+    lab.start_agent(1, &[]).unwrap();
+}
+
 /// Topology hints as the EndpointSlice controller writes them for `trafficDistribution:
 /// PreferSameNode` (each endpoint for its own node): a client on node-1 reaches only node-1's
 /// pods, one on node-2 only node-2's; once node-2 has no ready endpoint, its client spreads

@@ -60,6 +60,12 @@ pub struct AgentArgs {
     /// Set from the global `--pin-dir`.
     #[arg(skip)]
     pub pin_dir: PathBuf,
+    /// Detach every program of ours from this node's interfaces (pinned XDP and tcx links,
+    /// netlink XDP, our clsact filter), remove the pin dir with its maps, and exit
+    /// (kube-proxy's flag). Refused while an agent runs on the pin dir; finding nothing to
+    /// remove is fine. Run it after stopping the DaemonSet to take the datapath out.
+    #[arg(long)]
+    pub cleanup: bool,
     /// Prometheus metrics (`/metrics`).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: SocketAddr,
