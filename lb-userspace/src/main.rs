@@ -32,6 +32,13 @@ enum Cmd {
     Agent(Box<cli::agent::AgentArgs>),
     #[command(flatten)]
     Inspect(cli::inspect::Inspect),
+    /// Print a shell completion script: `lb completions bash > /etc/bash_completion.d/lb`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `lb man | man -l -`.
+    Man,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +53,31 @@ fn main() -> anyhow::Result<()> {
             lb_userspace::agent::run(args.config())
         }
         Cmd::Inspect(cmd) => cli::inspect::run(cmd, &cli.pin_dir, cli.output == Format::Json),
+        Cmd::Completions { shell } => print(&completions(shell)),
+        Cmd::Man => print(&man_page()?),
+    }
+}
+
+fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "lb", &mut out);
+    out
+}
+
+fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+    Ok(out)
+}
+
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is no error.
+fn print(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
 }
 
@@ -68,6 +100,24 @@ fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         false => println!("{}: not there; nothing pinned", pin_dir.display()),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod generated_docs {
+    /// Completions for each shell and the man page come from the same clap definitions, so
+    /// they name the subcommands and the newest flags.
+    #[test]
+    fn completions_and_the_man_page_cover_the_cli() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let text = String::from_utf8(super::completions(shell)).unwrap();
+            assert!(
+                text.contains("agent") && text.contains("cleanup") && text.contains("pin-dir"),
+                "{shell}"
+            );
+        }
+        let man = String::from_utf8(super::man_page().unwrap()).unwrap();
+        assert!(man.starts_with(".ie") && man.contains(".TH lb 1") && man.contains("agent"), "{man}");
+    }
 }
 
 #[cfg(test)]
