@@ -945,6 +945,16 @@ fn render_datapath(pin_dir: &std::path::Path) -> String {
                 s += &format!("lb_xdp_forward_packets_total{{result=\"{result}\"}} {}\n", c.packets);
             }
         }
+        s += "# HELP lb_agent_resident_bytes The agent's resident memory (VmRSS).\n# TYPE lb_agent_resident_bytes gauge\n";
+        if let Some(b) = crate::memory::resident_bytes() {
+            s += &format!("lb_agent_resident_bytes {b}\n");
+        }
+        s += "# HELP lb_map_memory_bytes Kernel memory of each pinned map (its fdinfo memlock).\n# TYPE lb_map_memory_bytes gauge\n";
+        for name in lb_common::maps::ALL {
+            if let Some(b) = crate::memory::map_bytes(&pin_dir.join(name)) {
+                s += &format!("lb_map_memory_bytes{{map=\"{name}\"}} {b}\n");
+            }
+        }
         s += "# HELP lb_address_filter_bits Bits set in the address pre-filter (of 1048576): frontend, backend and live-flow addresses, less hash collisions.\n# TYPE lb_address_filter_bits gauge\n";
         s += &format!("lb_address_filter_bits {}\n", dp.address_filter_bits());
         let ids: BTreeSet<u32> =

@@ -12,6 +12,7 @@ pub mod http;
 pub mod links;
 pub mod loader;
 pub mod maglev;
+pub mod memory;
 pub mod model;
 pub mod pins;
 pub mod range_alloc;

@@ -1384,6 +1384,19 @@ fn a_deleted_services_open_connection_keeps_its_addresses_listed_until_it_ends()
         m.lines().find_map(|l| l.strip_prefix("lb_address_filter_bits ")?.parse().ok()).expect(&m)
     };
     let with_the_connection = bits(&lab);
+    // The memory figures beside it: the agent's resident set and each map's kernel memory.
+    let metrics = lab.metrics(1).unwrap();
+    let gauge = |prefix: &str| -> u64 {
+        metrics.lines().find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok()).unwrap_or(0)
+    };
+    for l in
+        metrics.lines().filter(|l| l.starts_with("lb_map_memory_bytes") || l.starts_with("lb_agent_resident"))
+    {
+        eprintln!("{l}");
+    }
+    assert!(gauge("lb_agent_resident_bytes ") > 1 << 20, "{metrics}");
+    assert!(gauge("lb_map_memory_bytes{map=\"lb_conntrack\"}") > 1 << 20, "{metrics}");
+    assert!(gauge("lb_map_memory_bytes{map=\"lb_addr_filter\"}") >= 128 << 10, "{metrics}");
     for i in 0..5 {
         assert_eq!(conn.ask().as_deref(), Some(who.as_str()), "request {i} after web was deleted");
     }
