@@ -29,58 +29,98 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         404 => "Not Found",
+        405 => "Method Not Allowed",
         503 => "Service Unavailable",
         _ => "",
     }
 }
 
-/// The path of a `GET`/`HEAD` request, or None for anything we do not answer.
-async fn read_path(stream: &mut TcpStream) -> Option<String> {
+/// Connections served at once per server; more are closed at once. Probes and scrapes
+/// need a handful; a pod opening thousands must not exhaust the agent's file descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its whole request head.
+const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// The pause after a failed accept (out of file descriptors, say), instead of spinning.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What a client asked.
+enum Request {
+    /// `GET` or `HEAD` (no body in the answer) of a path.
+    Get { path: String, head: bool },
+    /// Any other method: answered 405.
+    OtherMethod,
+}
+
+/// The request head, read within `READ_DEADLINE`; None for a client that sent nothing
+/// usable in time.
+async fn read_request(stream: &mut TcpStream) -> Option<Request> {
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() > 16 * 1024 {
-            return None;
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            if buf.len() > 16 * 1024 {
+                return None;
+            }
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
-        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+        Some(())
+    };
+    tokio::time::timeout(READ_DEADLINE, read).await.ok()??;
     let line = buf.split(|b| *b == b'\n').next()?;
     let line = std::str::from_utf8(line).ok()?.trim_end();
     let mut parts = line.split(' ');
-    let _method = parts.next().filter(|m| *m == "GET" || *m == "HEAD")?;
-    Some(parts.next()?.split('?').next()?.to_string())
+    let method = parts.next()?;
+    if method != "GET" && method != "HEAD" {
+        return Some(Request::OtherMethod);
+    }
+    let path = parts.next()?.split('?').next()?.to_string();
+    Some(Request::Get { path, head: method == "HEAD" })
 }
 
-/// Serves `handler` on `listener` until the task is dropped.
+/// Serves `handler` on `listener` until the task is dropped: `GET` and `HEAD`, at most
+/// `MAX_CONNECTIONS` at once, each request head within a deadline.
 pub fn serve<H, F>(listener: TcpListener, handler: H) -> impl Future<Output = ()>
 where
     H: Fn(String) -> F + 'static,
     F: Future<Output = Response> + 'static,
 {
     let handler = Rc::new(handler);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let mut stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            // Over the limit: closed unanswered.
+            let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
             let handler = handler.clone();
             tokio::task::spawn_local(async move {
-                let Some(path) = read_path(&mut stream).await else { return };
-                let r = handler(path).await;
-                let head = format!(
-                    "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                let _slot = slot;
+                let (r, head) = match read_request(&mut stream).await {
+                    None => return,
+                    Some(Request::OtherMethod) => (Response::text(405, "only GET and HEAD\n"), false),
+                    Some(Request::Get { path, head }) => (handler(path).await, head),
+                };
+                let allow = if r.status == 405 { "Allow: GET, HEAD\r\n" } else { "" };
+                let head_text = format!(
+                    "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
                     r.status,
                     reason(r.status),
                     r.content_type,
                     r.body.len()
                 );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(r.body.as_bytes()).await;
+                let _ = stream.write_all(head_text.as_bytes()).await;
+                if !head {
+                    let _ = stream.write_all(r.body.as_bytes()).await;
+                }
                 let _ = stream.shutdown().await;
             });
         }
@@ -174,6 +214,46 @@ mod tests {
                     s.read_to_string(&mut out).await.unwrap();
                     assert!(out.starts_with(want), "{out}");
                 }
+            })
+            .await;
+    }
+
+    async fn ask(addr: SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    /// Another method gets 405 with `Allow`; `HEAD` gets the head and no body; connections
+    /// over `MAX_CONNECTIONS` are closed unanswered, and served again once the others end.
+    #[tokio::test(flavor = "current_thread")]
+    async fn methods_head_and_the_connection_limit() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = l.local_addr().unwrap();
+                tokio::task::spawn_local(serve(l, |_| async { Response::text(200, "body") }));
+                let post = ask(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+                assert!(
+                    post.starts_with("HTTP/1.1 405 Method Not Allowed") && post.contains("Allow: GET, HEAD"),
+                    "{post}"
+                );
+                let head = ask(addr, "HEAD /metrics HTTP/1.1\r\n\r\n").await;
+                assert!(head.contains("Content-Length: 4") && !head.ends_with("body"), "{head}");
+                assert!(ask(addr, "GET / HTTP/1.1\r\n\r\n").await.ends_with("body"));
+                // Idle clients holding every slot.
+                let mut idle = Vec::new();
+                for _ in 0..MAX_CONNECTIONS {
+                    idle.push(TcpStream::connect(addr).await.unwrap());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                assert_eq!(ask(addr, "GET / HTTP/1.1\r\n\r\n").await, "", "over the limit: closed");
+                drop(idle);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                assert!(ask(addr, "GET / HTTP/1.1\r\n\r\n").await.ends_with("body"), "served again");
             })
             .await;
     }
