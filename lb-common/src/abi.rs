@@ -327,7 +327,7 @@ pub const NO_ADDR: Addr = [u32::MAX; 4];
 
 /// A source address seen on a pod interface (`lb_pod_sources`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodSource {
     pub ifindex: u32,
     pub addr: Addr,
@@ -446,7 +446,6 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::MemberKey {}
     unsafe impl aya::Pod for super::MemberValue {}
-    unsafe impl aya::Pod for super::PodSource {}
     unsafe impl aya::Pod for super::PodPort {}
 }
 

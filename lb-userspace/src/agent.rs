@@ -102,8 +102,9 @@ fn log(start: Instant, msg: impl AsRef<str>) {
 /// The status the loop writes and the HTTP servers (on their own thread) read.
 type Shared = Arc<std::sync::Mutex<Status>>;
 
-fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Status> {
-    s.lock().unwrap_or_else(|e| e.into_inner())
+/// The guarded value, even if a thread panicked holding it (what it guards stays usable).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the HTTP servers report.
@@ -153,7 +154,7 @@ fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>, start: Instant) -> Arc<std
     std::thread::spawn(move || {
         let mut last_log = Instant::now() - Duration::from_secs(3600);
         conntrack_gc::run(&pin_dir, timeouts, interval, &stop, |r| {
-            let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = lock(&st);
             g.passes += 1;
             match r {
                 Ok(mut p) => {
@@ -193,10 +194,6 @@ fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>, start: Instant) -> Arc<std
         });
     });
     state
-}
-
-fn lock_gc(gc: &std::sync::Mutex<GcState>) -> std::sync::MutexGuard<'_, GcState> {
-    gc.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Lists in the address pre-filter every address the pinned maps name: frontends, backends
@@ -426,7 +423,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
         // A GC pass finished: unlist what no entry and no flow acts on any more.
-        let pass = lock_gc(&gc).for_filter.take();
+        let pass = lock(&gc).for_filter.take();
         if let Some((began, referenced)) = pass {
             let listed = dp.take_listed();
             retention.synced(addr_filter::named(&applied), &listed, Instant::now());
@@ -814,8 +811,7 @@ fn spawn_http(
                     "/metrics" => {
                         // The datapath's counters (a walk of the flow table among them) are read
                         // on a blocking thread.
-                        let status = render_status(&lock(&st))
-                            + &render_gc(&gc.lock().unwrap_or_else(|e| e.into_inner()));
+                        let status = render_status(&lock(&st)) + &render_gc(&lock(&gc));
                         let pins = pin_dir.clone();
                         return futures::future::Either::Left(async move {
                             let datapath = tokio::task::spawn_blocking(move || render_datapath(&pins))

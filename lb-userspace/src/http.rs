@@ -208,10 +208,7 @@ mod tests {
                     if path == "/healthz" { Response::text(200, "ok") } else { Response::text(404, "no") }
                 }));
                 for (path, want) in [("/healthz", "HTTP/1.1 200 OK"), ("/nope", "HTTP/1.1 404 Not Found")] {
-                    let mut s = TcpStream::connect(addr).await.unwrap();
-                    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-                    let mut out = String::new();
-                    s.read_to_string(&mut out).await.unwrap();
+                    let out = ask(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
                     assert!(out.starts_with(want), "{out}");
                 }
             })

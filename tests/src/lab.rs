@@ -432,6 +432,11 @@ impl Lab {
         ))
     }
 
+    /// The value of `series` (name and labels, as in the text) in a `/metrics` text.
+    pub fn metric(metrics: &str, series: &str) -> Option<u64> {
+        metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     /// Whether node `node`'s datapath has backend `ip:port` (read from its pins).
     pub fn has_backend(&self, node: u8, ip: IpAddr, port: u16) -> anyhow::Result<bool> {
         use lb_userspace::dataplane::{AyaDataplane, Dataplane as _};

@@ -583,18 +583,10 @@ fn kube_source_programs_the_datapath_and_a_lost_api_server_keeps_it() {
 
     // Programming latency is measured like kube-proxy does.
     let metrics = lab.metrics(1).unwrap();
-    let count = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("kubeproxy_network_programming_duration_seconds_count "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let count = Lab::metric(&metrics, "kubeproxy_network_programming_duration_seconds_count").unwrap_or(0);
     assert!(count >= 2, "programming latency not observed:\n{metrics}");
     // The datapath's counters come with it (read off the agent's loop).
-    let new_flows = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("lb_packets_total{reason=\"new_flow\"} "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let new_flows = Lab::metric(&metrics, "lb_packets_total{reason=\"new_flow\"}").unwrap_or(0);
     assert!(new_flows > 0, "no datapath counters:\n{metrics}");
     assert!(
         metrics.contains("lb_conntrack_entries_total ") && metrics.contains("lb_xdp_forward_packets_total{")
@@ -932,12 +924,7 @@ fn a_service_over_a_capacity_is_skipped_and_everything_else_applied() {
     let others_up =
         |lab: &Lab| (1..=50).all(|i| lab.has_frontend(1, IpAddr::from([198, 19, 1, i]), 80).unwrap_or(false));
     wait_for(Duration::from_secs(5), || Ok(others_up(&lab))).expect("50 Services programmed");
-    let frontends: u32 = lab
-        .metrics(1)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("lb_frontends ")?.parse().ok())
-        .expect("lb_frontends");
+    let frontends = Lab::metric(&lab.metrics(1).unwrap(), "lb_frontends").expect("lb_frontends");
     let asker = Asker::start(&client, sa(vip(), 80));
     let lb = format!("loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}");
     let ranges = "  loadBalancerSourceRanges: [198.18.0.0/24, 198.18.1.0/24, 198.18.2.0/24, 198.18.3.0/24, 198.18.4.0/24]\n";
@@ -1381,20 +1368,18 @@ fn a_deleted_services_open_connection_keeps_its_addresses_listed_until_it_ends()
     assert!(listed(&lab, vip()) && listed(&lab, mine[0].ip.into()), "the open connection's addresses");
     let bits = |lab: &Lab| -> u64 {
         let m = lab.metrics(1).unwrap();
-        m.lines().find_map(|l| l.strip_prefix("lb_address_filter_bits ")?.parse().ok()).expect(&m)
+        Lab::metric(&m, "lb_address_filter_bits").expect(&m)
     };
     let with_the_connection = bits(&lab);
     // The memory figures beside it: the agent's resident set and each map's kernel memory.
     let metrics = lab.metrics(1).unwrap();
-    let gauge = |prefix: &str| -> u64 {
-        metrics.lines().find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok()).unwrap_or(0)
-    };
+    let gauge = |series: &str| Lab::metric(&metrics, series).unwrap_or(0);
     for l in
         metrics.lines().filter(|l| l.starts_with("lb_map_memory_bytes") || l.starts_with("lb_agent_resident"))
     {
         eprintln!("{l}");
     }
-    assert!(gauge("lb_agent_resident_bytes ") > 1 << 20, "{metrics}");
+    assert!(gauge("lb_agent_resident_bytes") > 1 << 20, "{metrics}");
     assert!(gauge("lb_map_memory_bytes{map=\"lb_conntrack\"}") > 1 << 20, "{metrics}");
     assert!(gauge("lb_map_memory_bytes{map=\"lb_addr_filter\"}") >= 128 << 10, "{metrics}");
     for i in 0..5 {

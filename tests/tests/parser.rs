@@ -26,8 +26,8 @@ use lb_tests::harness::Spec;
 use parse::{FRAG_NONE, Headers, Outcome};
 use proptest::prelude::*;
 
-/// What `parse` says of `pkt`, with the bytes after its end set to `tail`.
-fn parse_with_tail(pkt: &[u8], tail: u8) -> (Result<(), Outcome>, Vec<u64>) {
+/// What `parse` says of `pkt`, with the 64 bytes after its end set to `tail`.
+fn parse_after(pkt: &[u8], tail: u8) -> (Result<(), Outcome>, Headers) {
     // u32 words: 4-byte aligned; the packet starts at byte 2.
     let mut words = vec![0u32; (pkt.len() + 2 + 64).div_ceil(4)];
     // SAFETY: the byte view of our own buffer, within its length.
@@ -36,7 +36,12 @@ fn parse_with_tail(pkt: &[u8], tail: u8) -> (Result<(), Outcome>, Vec<u64>) {
     buf[2..2 + pkt.len()].copy_from_slice(pkt);
     let data = buf.as_ptr() as usize + 2;
     let mut h = Headers::default();
-    let out = parse::parse(data, data + pkt.len(), &mut h);
+    (parse::parse(data, data + pkt.len(), &mut h), h)
+}
+
+/// The outcome and every header field, with the bytes after the end set to `tail`.
+fn parse_with_tail(pkt: &[u8], tail: u8) -> (Result<(), Outcome>, Vec<u64>) {
+    let (out, h) = parse_after(pkt, tail);
     (out, fields(&h))
 }
 
@@ -49,13 +54,7 @@ fn fields(h: &Headers) -> Vec<u64> {
 }
 
 fn parse_ok(pkt: &[u8]) -> (Result<(), Outcome>, Headers) {
-    let mut words = vec![0u32; (pkt.len() + 2).div_ceil(4)];
-    // SAFETY: as above.
-    let buf = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 4) };
-    buf[2..2 + pkt.len()].copy_from_slice(pkt);
-    let data = buf.as_ptr() as usize + 2;
-    let mut h = Headers::default();
-    (parse::parse(data, data + pkt.len(), &mut h), h)
+    parse_after(pkt, 0)
 }
 
 fn address(v6: bool) -> impl Strategy<Value = IpAddr> {
