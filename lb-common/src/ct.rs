@@ -146,7 +146,7 @@ pub fn reverse_key(key: &FlowKey, v: &FlowValue) -> FlowKey {
         sport: v.port,
         dport: if snat { v.nat_port } else { key.sport },
         proto: key.proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     }
 }
 
@@ -173,7 +173,7 @@ pub fn forward_key(key: &FlowKey, v: &FlowValue) -> FlowKey {
         sport: if snat { v.nat_port } else { key.dport },
         dport: v.port,
         proto: key.proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     }
 }
 

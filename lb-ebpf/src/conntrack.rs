@@ -47,7 +47,7 @@ pub fn now() -> u64 {
 
 #[inline(always)]
 pub fn flow_key(h: &Headers) -> FlowKey {
-    FlowKey { src: h.src, dst: h.dst, sport: h.sport, dport: h.dport, proto: h.proto, _pad: [0; 3] }
+    FlowKey { src: h.src, dst: h.dst, sport: h.sport, dport: h.dport, proto: h.proto, _pad: [0, 0, 0] }
 }
 
 /// This CPU's scratch slot: flow values being worked on, kept off the 512-byte stack.
@@ -243,7 +243,9 @@ fn try_create(
     let (fwd, rev) = unsafe { (&mut (*s).flow, &mut (*s).rev) };
     // Field by field: a struct literal would be built on the stack first.
     fwd.addr = backend.addr;
-    fwd.nat_addr = [0; 4];
+    // SAFETY: a field of this CPU's scratch slot. Volatile: four zero stores would be merged
+    // into a `memset` call (see `zero`).
+    unsafe { core::ptr::addr_of_mut!(fwd.nat_addr).write_volatile([0, 0, 0, 0]) };
     fwd.port = backend.port;
     fwd.nat_port = 0;
     fwd.direction = FLOW_FORWARD;
@@ -299,7 +301,7 @@ fn try_create(
 #[inline(never)]
 pub fn direct_clash(h: &Headers, now: u64) -> bool {
     let rkey =
-        FlowKey { src: h.dst, dst: h.src, sport: h.dport, dport: h.sport, proto: h.proto, _pad: [0; 3] };
+        FlowKey { src: h.dst, dst: h.src, sport: h.dport, dport: h.sport, proto: h.proto, _pad: [0, 0, 0] };
     let is_reply = CONNTRACK.get_ptr(&rkey).is_some_and(|p| {
         // SAFETY: a valid map value pointer; one byte read.
         unsafe { core::ptr::addr_of!((*p).direction).read_volatile() == FLOW_REPLY }
@@ -318,7 +320,7 @@ pub fn remember_fragment(h: &Headers, side: Side, addr: &Addr, service_id: u32) 
     let v = FragmentValue {
         addr: addr[3],
         direction: if side == Side::Dst { FLOW_FORWARD } else { FLOW_REPLY },
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
         service_id,
     };
     let _ = FRAGMENTS.insert(&fragment_key(h), &v, 0);

@@ -14,14 +14,16 @@ use crate::{
     nat::{Packet, Side, apply},
     parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
     reject::{self, reject},
-    select, stats,
+    select, stats, zero,
 };
 
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     let bytes = pkt.len();
-    let mut h = Headers::default();
-    let out = match parse(pkt.data(), pkt.data_end(), &mut h) {
+    // SAFETY: all-zero `Headers` are valid (integers, bools, addresses).
+    let mut h = core::mem::MaybeUninit::uninit();
+    let h: &mut Headers = unsafe { zero::zeroed(&mut h) };
+    let out = match parse(pkt.data(), pkt.data_end(), h) {
         // Neither address is one we act on: none of ours, without the table lookups. (A later
         // fragment carries no ports; its own table decides.)
         Ok(()) if h.frag != FRAG_LATER && none_of_ours(&h) => (Action::Pass, Reason::NoFrontend),
@@ -195,7 +197,10 @@ fn frontend<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32, s: *mut Scratch) ->
             // Recorded as a flow translated to itself: service and backend id 0 (never a
             // real id), where only the source port moves.
             let be = BackendValue { addr: h.dst, port: h.dport, flags: BE_F_PRESENT, _pad: 0 };
-            return record(pkt, h, key, &ServiceValue::default(), 0, &be, bytes, Reason::PortClash);
+            let mut none = core::mem::MaybeUninit::uninit();
+            // SAFETY: all-zero `ServiceValue` is valid (integers).
+            let none: &ServiceValue = unsafe { zero::zeroed(&mut none) };
+            return record(pkt, h, key, none, 0, &be, bytes, Reason::PortClash);
         }
         return pack(Action::Pass, Reason::NoFrontend);
     };

@@ -11,7 +11,6 @@ pub const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
 /// `struct bpf_fib_lookup` (64 bytes), with its unions as plain fields.
 #[repr(C)]
-#[derive(Default)]
 pub struct FibParams {
     pub family: u8,
     pub l4_protocol: u8,

@@ -19,6 +19,7 @@ mod reject;
 mod select;
 mod source_check;
 mod stats;
+mod zero;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},

@@ -46,7 +46,10 @@ pub fn source_ok(ctx: *mut core::ffi::c_void, ingress: u32, src: &Addr, v6: bool
     {
         return true;
     }
-    let mut p = FibParams { ifindex: ingress, ..Default::default() };
+    // SAFETY: all-zero `FibParams` are valid (integers).
+    let mut p = core::mem::MaybeUninit::uninit();
+    let p: &mut FibParams = unsafe { crate::zero::zeroed(&mut p) };
+    p.ifindex = ingress;
     if v6 {
         p.family = AF_INET6;
         p.dst = *src;
@@ -55,7 +58,7 @@ pub fn source_ok(ctx: *mut core::ffi::c_void, ingress: u32, src: &Addr, v6: bool
         p.dst[0] = src[3];
     }
     // SAFETY: helper call with the program's context and a 64-byte parameter block.
-    let rc = unsafe { bpf_fib_lookup(ctx, (&mut p as *mut FibParams).cast(), 64, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx, (p as *mut FibParams).cast(), 64, 0) };
     // Forwarding off on the interface (a family this node does not route): nothing to
     // check against, and the kernel will not forward the packet anyway.
     let ok = rc == BPF_FIB_LKUP_RET_FWD_DISABLED

@@ -41,8 +41,18 @@ pub fn run() -> anyhow::Result<()> {
     eprintln!("== L1 host unit tests");
     run_cmd(cargo().args(["test", "-p", "lb-common", "-p", "lb-userspace", "--lib", "--bins"]))?;
     // The Kubernetes source against the in-process API server stand-in, and the datapath's
-    // header parser compiled for the host (no root needed).
-    run_cmd(cargo().args(["test", "-p", "lb-tests", "--test", "kube_source", "--test", "parser"]))?;
+    // header parser compiled for the host, the datapath object's shape (no root needed).
+    run_cmd(cargo().args([
+        "test",
+        "-p",
+        "lb-tests",
+        "--test",
+        "kube_source",
+        "--test",
+        "parser",
+        "--test",
+        "datapath_object",
+    ]))?;
     eprintln!("== L2 BPF_PROG_TEST_RUN fixtures (root)");
     run_cmd(cargo().args([
         "test",
