@@ -30,6 +30,7 @@ use crate::{
     links, loader,
     model::{self, HealthCheck, NodeContext, NodePortAddresses},
     reconcile::{self, Applied, Limits},
+    report,
     retry::Retry,
     routes,
     source::{
@@ -130,6 +131,7 @@ struct Status {
     contested_frontends: usize,
     /// Services the planner skipped (a map at its capacity), with why.
     unprogrammed: Vec<(String, String)>,
+    last_sync: Option<report::LastSync>,
     health_checks: BTreeMap<u16, HealthCheck>,
 }
 
@@ -137,6 +139,8 @@ struct Status {
 #[derive(Default)]
 struct GcState {
     last: Option<conntrack_gc::PassStats>,
+    /// When `last` ended.
+    last_at: Option<Instant>,
     /// When the last pass began, and the addresses its flows act on: for the sync loop to
     /// narrow the address pre-filter.
     for_filter: Option<(Instant, Vec<Addr>)>,
@@ -183,6 +187,7 @@ fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>, start: Instant) -> Arc<std
                         );
                     }
                     g.last = Some(p);
+                    g.last_at = Some(Instant::now());
                 }
                 Err(e) => {
                     g.errors += 1;
@@ -286,6 +291,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         backends: applied.backends.len(),
         contested_frontends: 0,
         unprogrammed: Vec::new(),
+        last_sync: None,
         health_checks: BTreeMap::new(),
     }));
 
@@ -390,6 +396,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("a client exists without --manifests"),
     };
+    let mut reporter = Reporter::new(&cfg, start);
+    reporter.write(&status, &gc, start);
 
     loop {
         // A file read after its close is applied once it has settled: look again then.
@@ -429,6 +437,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             retention.synced(addr_filter::named(&applied), &listed, Instant::now());
             dp.set_address_filter(&retention.after_pass(&referenced, began));
         }
+        if reporter.due() {
+            reporter.write(&status, &gc, start);
+        }
         // New changes, plus the services skipped last time once their retry is due.
         let now = Instant::now();
         let due = retry.due(now);
@@ -465,9 +476,18 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         for line in retry.settle(desired, &delta, &plan.failed, result.is_ok(), Instant::now()) {
             log(start, line);
         }
+        reporter.synced = true;
         let mut st = lock(&status);
         st.syncs += 1;
         st.sync_duration.observe(took.as_secs_f64());
+        st.last_sync = Some(report::LastSync {
+            at: report::timestamp_ago(Duration::ZERO),
+            duration_ms: took.as_secs_f64() * 1e3,
+            ok: result.is_ok() && plan.failed.is_empty(),
+            services: desired.services.len(),
+            frontends: applied.services.len(),
+            backends: applied.backends.len(),
+        });
         st.frontends = applied.services.len();
         st.backends = applied.backends.len();
         st.contested_frontends = model_state.contested_frontends();
@@ -529,6 +549,89 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
     );
     Ok(())
+}
+
+/// Writes the agent's report for `lb status` (`report`): after a sync, and every
+/// `report::EVERY` for the GC's figures.
+struct Reporter {
+    pin_dir: std::path::PathBuf,
+    base: report::Report,
+    last: Instant,
+    /// A sync happened since the last write.
+    synced: bool,
+}
+
+impl Reporter {
+    fn new(cfg: &AgentConfig, start: Instant) -> Reporter {
+        let source = match &cfg.manifests {
+            Some(dir) => {
+                report::SourceState { kind: "manifests".into(), detail: dir.display().to_string(), errors: 0 }
+            }
+            None => report::SourceState {
+                kind: "kubernetes".into(),
+                detail: format!("node {}", cfg.node_name),
+                errors: 0,
+            },
+        };
+        let base = report::Report {
+            version: env!("CARGO_PKG_VERSION").into(),
+            datapath_object: report::object_hash(loader::EBPF_OBJECT),
+            pid: std::process::id(),
+            started_at: report::timestamp_ago(start.elapsed()),
+            source,
+            ..Default::default()
+        };
+        Reporter { pin_dir: cfg.pin_dir.clone(), base, last: Instant::now(), synced: false }
+    }
+
+    fn due(&self) -> bool {
+        self.synced || self.last.elapsed() >= report::EVERY
+    }
+
+    fn write(&mut self, status: &Shared, gc: &std::sync::Mutex<GcState>, start: Instant) {
+        let mut r = self.base.clone();
+        {
+            let st = lock(status);
+            r.source.errors = st.source_errors;
+            let xdp = st.xdp.iter().map(|(i, how)| (i, "xdp", how));
+            let tc = st.tc.iter().map(|(i, (_, how))| (i, "tc", how));
+            r.attachments = xdp
+                .chain(tc)
+                .map(|(i, hook, how)| report::Attachment {
+                    interface: i.clone(),
+                    hook: hook.into(),
+                    mode: how.mode().into(),
+                })
+                .collect();
+            r.syncs = st.syncs;
+            r.sync_errors = st.sync_errors;
+            r.last_sync = st.last_sync.clone();
+            r.skipped = st
+                .unprogrammed
+                .iter()
+                .map(|(s, why)| report::Skipped { service: s.clone(), why: why.clone() })
+                .collect();
+            r.contested_frontends = st.contested_frontends;
+        }
+        let g = lock(gc);
+        if let (Some(p), Some(ended)) = (&g.last, g.last_at) {
+            r.flow_table = Some(report::FlowTable {
+                entries: p.entries,
+                capacity: p.capacity,
+                by_state: p.by_state.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                snat_ports: p.snat_ports.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                at: report::timestamp_ago(ended.elapsed()),
+                pass_ms: p.took.as_secs_f64() * 1e3,
+            });
+        }
+        drop(g);
+        r.written_at = report::timestamp_ago(Duration::ZERO);
+        if let Err(e) = report::write(&self.pin_dir, &r) {
+            log(start, format!("warning: cannot write the status report: {e}"));
+        }
+        self.last = Instant::now();
+        self.synced = false;
+    }
 }
 
 /// Where objects come from, and what changed since the last sync.

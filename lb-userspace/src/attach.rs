@@ -77,6 +77,21 @@ pub enum Attached {
     Replaced,
 }
 
+impl Attached {
+    /// The mode as `lb status` names it.
+    pub fn mode(self) -> &'static str {
+        match self {
+            Attached::XdpNative => "native (bpf_link)",
+            Attached::XdpGeneric => "generic (bpf_link; slow fallback)",
+            Attached::XdpNetlink => "native (netlink)",
+            Attached::XdpNetlinkGeneric => "generic (netlink; slow fallback)",
+            Attached::Tcx => "tcx",
+            Attached::TcClsact => "clsact",
+            Attached::Replaced => "taken over (mode kept)",
+        }
+    }
+}
+
 /// Which hook, for pin names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {

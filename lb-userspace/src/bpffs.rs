@@ -113,6 +113,24 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, LockError> {
     Err(LockError::Held { pin_dir: pin_dir.to_path_buf(), pid: fl.l_pid, lock })
 }
 
+/// The pid of the agent holding `pin_dir`'s lock, if one does (from another process: POSIX
+/// locks do not conflict with their own holder).
+pub fn lock_holder(pin_dir: &Path) -> Option<i32> {
+    let file = File::open(lock_path(pin_dir)).ok()?;
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: fcntl F_GETLK on our own fd with a valid struct flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) } != 0 {
+        return None;
+    }
+    (fl.l_type != libc::F_UNLCK as i16).then_some(fl.l_pid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +148,7 @@ mod tests {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         assert!(text.contains(&format!("another lb agent (pid {})", std::process::id())), "{text}");
+        assert!(text.contains(&format!("holder Some({})", std::process::id())), "{text}");
         drop(first);
         assert!(lock_pin_dir(&dir).is_ok(), "released on drop");
         let _ = std::fs::remove_file(lock_path(&dir));
@@ -139,6 +158,7 @@ mod tests {
     #[test]
     fn child_takes_the_lock() {
         let Some(dir) = std::env::var_os("LB_LOCK_TEST_DIR") else { return };
+        println!("holder {:?}", lock_holder(Path::new(&dir)));
         match lock_pin_dir(Path::new(&dir)) {
             Ok(_) => println!("child got the lock"),
             Err(e) => println!("{e}"),

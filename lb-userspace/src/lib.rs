@@ -19,6 +19,7 @@ pub mod range_alloc;
 pub mod rawmap;
 pub mod reconcile;
 pub mod refcount;
+pub mod report;
 pub mod retry;
 pub mod routes;
 pub mod source;

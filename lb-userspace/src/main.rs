@@ -32,6 +32,10 @@ enum Cmd {
     Agent(Box<cli::agent::AgentArgs>),
     #[command(flatten)]
     Inspect(cli::inspect::Inspect),
+    /// The agent on this pin dir at a glance: running or not, its source, last sync, skipped
+    /// Services, attachments, the flow table, and each map's fill. Exits 1 when no agent
+    /// runs there.
+    Status,
     /// Print a shell completion script: `lb completions bash > /etc/bash_completion.d/lb`.
     Completions {
         #[arg(value_enum)]
@@ -53,6 +57,7 @@ fn main() -> anyhow::Result<()> {
             lb_userspace::agent::run(args.config())
         }
         Cmd::Inspect(cmd) => cli::inspect::run(cmd, &cli.pin_dir, cli.output == Format::Json),
+        Cmd::Status => cli::status::run(&cli.pin_dir, cli.output == Format::Json),
         Cmd::Completions { shell } => print(&completions(shell)),
         Cmd::Man => print(&man_page()?),
     }
@@ -98,6 +103,12 @@ fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     match done.pin_dir {
         true => println!("removed {} and its maps", pin_dir.display()),
         false => println!("{}: not there; nothing pinned", pin_dir.display()),
+    }
+    let report = lb_userspace::report::path(pin_dir);
+    if lb_userspace::report::remove(pin_dir)
+        .map_err(|e| anyhow::anyhow!("removing {}: {e}", report.display()))?
+    {
+        println!("removed the status report {}", report.display());
     }
     Ok(())
 }

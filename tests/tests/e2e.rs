@@ -1262,6 +1262,86 @@ fn cleanup_detaches_everything_removes_the_pins_and_can_run_twice() {
     lab.start_agent(1, &[]).unwrap();
 }
 
+/// `lb status` for `node`: whether it exited 0 (an agent runs), its JSON, and its table.
+fn status(lab: &Lab, node: u8) -> (bool, serde_json::Value, String) {
+    let (lb, pin_dir) = (lab.state.bins.lb.to_string_lossy().into_owned(), lab.pin_dir(node));
+    let run = |json: bool| {
+        let mut args = vec![lb.as_str(), "--pin-dir", pin_dir.to_str().unwrap(), "status"];
+        if json {
+            args.extend(["-o", "json"]);
+        }
+        lab::in_ns(&lab.node_netns(node), &args).output().expect("lb status runs")
+    };
+    let (json, table) = (run(true), run(false));
+    assert_eq!(json.status.code(), table.status.code(), "both forms exit alike");
+    let value = serde_json::from_slice(&json.stdout)
+        .unwrap_or_else(|e| panic!("lb status -o json: {e}:\n{}", String::from_utf8_lossy(&json.stdout)));
+    (json.status.success(), value, String::from_utf8_lossy(&table.stdout).into_owned())
+}
+
+/// `lb status` names the running agent and what it runs (its source, its attachments, its
+/// last sync, the flow table as its GC saw it, each map's fill and capacity), a Service a
+/// capacity keeps out, and, once the agent stops, says so and exits 1.
+#[test]
+fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fill() {
+    let Some(mut lab) = lab() else { return };
+    let all: Vec<Pod> = pods(&lab, &["web-1", "web-2", "web-3"]).into_iter().cloned().collect();
+    let (client, client_if) = (lab.pod("client").ns.clone(), lab.pod("client").host_if.clone());
+    lab.stop_agent(1);
+    lab.start_agent(1, &["--max-services", "3", "--conntrack-gc-interval", "1s"]).unwrap();
+    let pid = lab.state.agents.iter().find(|a| a.node == 1).unwrap().pid as i64;
+    web_up(&lab, &client, &all.iter().collect::<Vec<_>>(), Proto::Tcp);
+    // web takes two service ids (its TCP and UDP ports): a third Service does not fit.
+    lab.write_manifest("big.yaml", &big_service(3, "ClusterIP", "", "")).unwrap();
+    let skipped = |s: &serde_json::Value| {
+        s["report"]["skipped"].as_array().into_iter().flatten().any(|k| {
+            k["service"].as_str().unwrap_or("").starts_with("default/big")
+                && k["why"].as_str().unwrap_or("").contains("--max-services")
+        })
+    };
+    let mut s = serde_json::Value::Null;
+    wait_for(LIVE * 3, || {
+        s = status(&lab, 1).1;
+        Ok(skipped(&s) && !s["report"]["flow_table"].is_null())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {s:#}\n{}", lab.agent_log(1)));
+    let (running, s, table) = status(&lab, 1);
+    assert!(running, "{table}");
+    let r = &s["report"];
+    assert_eq!(s["agent_pid"].as_i64(), Some(pid), "{s:#}");
+    assert_eq!(r["pid"].as_i64(), Some(pid));
+    assert_eq!(r["datapath_object"], s["cli_datapath_object"], "the agent runs this build's datapath");
+    assert_eq!(r["source"]["kind"], "manifests");
+    assert_eq!(r["source"]["detail"].as_str(), lab.state.manifests.to_str());
+    let attached = |iface: &str, hook: &str| {
+        r["attachments"].as_array().unwrap().iter().any(|a| a["interface"] == iface && a["hook"] == hook)
+    };
+    assert!(attached("eth0", "xdp") && attached(&client_if, "tc"), "{:#}", r["attachments"]);
+    assert!(r["last_sync"]["at"].is_string() && r["last_sync"]["duration_ms"].is_f64(), "{r:#}");
+    assert!(r["syncs"].as_u64().unwrap() >= 2, "{r:#}");
+    let map = |name: &str| s["maps"].as_array().unwrap().iter().find(|m| m["name"] == name).cloned().unwrap();
+    let metrics = lab.metrics(1).unwrap();
+    let frontends = Lab::metric(&metrics, "lb_frontends").unwrap();
+    assert_eq!(map("lb_services")["entries"].as_u64(), Some(frontends), "{:#}", map("lb_services"));
+    assert_eq!(map("lb_services")["type"], "hash");
+    assert_eq!(map("lb_conntrack")["capacity"].as_u64(), Some(lb_common::maps::DEFAULT_MAX_FLOWS as u64));
+    assert_eq!(r["flow_table"]["capacity"], map("lb_conntrack")["capacity"]);
+    assert!(map("lb_conntrack")["memory_bytes"].as_u64().unwrap() > 0);
+    assert!(map("lb_backends")["entries"].is_null(), "an array has no count of its own");
+    for want in
+        ["running, pid", "this lb's too", "manifests", "default/big", "--max-services", "lb_conntrack"]
+    {
+        assert!(table.contains(want), "no {want:?} in:\n{table}");
+    }
+    lab.remove_manifest("big.yaml").unwrap();
+    lab.stop_agent(1);
+    let (running, s, table) = status(&lab, 1);
+    assert!(!running, "exit 0 without an agent:\n{table}");
+    assert!(s["agent_pid"].is_null() && s["report"]["pid"].as_i64() == Some(pid), "{s:#}");
+    assert!(table.contains("NOT RUNNING"), "{table}");
+    lab.start_agent(1, &[]).unwrap();
+}
+
 /// Topology hints as the EndpointSlice controller writes them for `trafficDistribution:
 /// PreferSameNode` (each endpoint for its own node): a client on node-1 reaches only node-1's
 /// pods, one on node-2 only node-2's; once node-2 has no ready endpoint, its client spreads

@@ -3,3 +3,4 @@
 pub mod agent;
 pub mod explain;
 pub mod inspect;
+pub mod status;

@@ -1,0 +1,168 @@
+//! The agent's report for `lb status`: what only the running agent knows (its source, its
+//! attachments, its last sync, the Services it skipped, the flow table as its GC last saw
+//! it), written as JSON beside the pin dir's lock file after each sync and at most every
+//! `EVERY` otherwise, replaced atomically. `lb status` adds what the kernel says now:
+//! whether the agent still holds the lock, and each map's fill.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// How often the report is rewritten when no sync happened (the GC figures move).
+pub const EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// `lb` version of the agent.
+    pub version: String,
+    /// `object_hash` of the datapath object the agent loaded.
+    pub datapath_object: String,
+    pub pid: u32,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339: when this report was written.
+    pub written_at: String,
+    pub source: SourceState,
+    pub attachments: Vec<Attachment>,
+    pub syncs: u64,
+    pub sync_errors: u64,
+    pub last_sync: Option<LastSync>,
+    /// Services the planner could not program (a capacity), with why.
+    pub skipped: Vec<Skipped>,
+    /// Frontends claimed by more than one Service port.
+    pub contested_frontends: usize,
+    pub flow_table: Option<FlowTable>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SourceState {
+    /// `manifests` or `kubernetes`.
+    pub kind: String,
+    /// The manifest folder, or the node whose objects are watched.
+    pub detail: String,
+    /// Objects rejected (bad manifests) or failed watch requests so far.
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Attachment {
+    pub interface: String,
+    /// `xdp` or `tc`.
+    pub hook: String,
+    /// How: `native`, `generic`, `netlink`, `tcx`, `clsact`, `replaced`.
+    pub mode: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LastSync {
+    /// RFC 3339.
+    pub at: String,
+    pub duration_ms: f64,
+    pub ok: bool,
+    pub services: usize,
+    pub frontends: usize,
+    pub backends: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Skipped {
+    pub service: String,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlowTable {
+    /// Entries (both directions) when the GC pass began.
+    pub entries: usize,
+    pub capacity: u32,
+    /// Flow pairs by state.
+    pub by_state: BTreeMap<String, u64>,
+    /// Source-NAT ports held, per node address.
+    pub snat_ports: BTreeMap<String, u64>,
+    /// RFC 3339: when that GC pass ended.
+    pub at: String,
+    pub pass_ms: f64,
+}
+
+/// Where the report of the agent on `pin_dir` is: beside its lock file.
+pub fn path(pin_dir: &Path) -> PathBuf {
+    crate::bpffs::lock_path(pin_dir).with_extension("status.json")
+}
+
+/// Writes `report` for `pin_dir`: to a temporary file, then renamed over the last one, so a
+/// reader sees one whole report or the previous one.
+pub fn write(pin_dir: &Path, report: &Report) -> std::io::Result<()> {
+    let to = path(pin_dir);
+    let tmp = to.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(report)?)?;
+    std::fs::rename(&tmp, &to)
+}
+
+/// The last report written for `pin_dir`, if any.
+pub fn read(pin_dir: &Path) -> anyhow::Result<Option<Report>> {
+    let p = path(pin_dir);
+    match std::fs::read(&p) {
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", p.display())),
+    }
+}
+
+/// Removes the report of `pin_dir` (`--cleanup`). Absent is fine.
+pub fn remove(pin_dir: &Path) -> std::io::Result<bool> {
+    match std::fs::remove_file(path(pin_dir)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A short, stable name of a datapath object (FNV-1a, 64 bits): enough to tell two builds
+/// apart in `lb status`, not a security digest.
+pub fn object_hash(object: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in object {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// RFC 3339 of a point `ago` before now.
+pub fn timestamp_ago(ago: Duration) -> String {
+    let now = jiff::Timestamp::now();
+    let then = jiff::SignedDuration::try_from(ago).ok().and_then(|d| now.checked_sub(d).ok()).unwrap_or(now);
+    format!("{then:.3}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_survives_the_round_trip_and_is_replaced_whole() {
+        let pin_dir = std::env::temp_dir().join(format!("lb-report-test-{}", std::process::id()));
+        let mut r = Report { version: "1".into(), pid: 7, syncs: 3, ..Default::default() };
+        r.skipped.push(Skipped { service: "default/big".into(), why: "no room".into() });
+        write(&pin_dir, &r).unwrap();
+        assert_eq!(read(&pin_dir).unwrap(), Some(r.clone()));
+        r.syncs = 4;
+        write(&pin_dir, &r).unwrap();
+        assert_eq!(read(&pin_dir).unwrap().unwrap().syncs, 4);
+        assert!(remove(&pin_dir).unwrap());
+        assert_eq!(read(&pin_dir).unwrap(), None);
+        assert!(!remove(&pin_dir).unwrap(), "a second removal finds nothing");
+    }
+
+    #[test]
+    fn object_hashes_tell_builds_apart() {
+        assert_eq!(object_hash(b""), "cbf29ce484222325");
+        assert_ne!(object_hash(b"a"), object_hash(b"b"));
+    }
+}
