@@ -387,6 +387,54 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// `Event::kind`: a dropped packet.
+pub const EVENT_DROP: u8 = 1;
+/// `Event::kind`: a packet answered with a TCP RST or ICMP unreachable.
+pub const EVENT_REJECT: u8 = 2;
+/// `Event::hook`.
+pub const HOOK_XDP: u8 = 1;
+pub const HOOK_TC: u8 = 2;
+
+/// One datapath event in `lb_events` (ring buffer), for `lb monitor`: the packet's headers
+/// as they arrived and the verdict's reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Event {
+    /// CLOCK_MONOTONIC, coarse.
+    pub time_ns: u64,
+    pub src: Addr,
+    pub dst: Addr,
+    pub ifindex: u32,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// `EVENT_*`.
+    pub kind: u8,
+    /// `verdict::Reason`.
+    pub reason: u8,
+    pub len: u32,
+}
+
+/// `lb_monitor[0]`: whether events are wanted. A reader renews `until_ns` (CLOCK_MONOTONIC)
+/// while it runs, so a reader killed without clean-up stops the events within seconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorLease {
+    pub until_ns: u64,
+    /// Bits `1 << EVENT_*` wanted.
+    pub kinds: u32,
+    pub _pad: u32,
+}
+
+/// `lb_stats_events` slots: events written, and events lost to a full ring.
+pub const EVENTS_SENT: u32 = 0;
+pub const EVENTS_LOST: u32 = 1;
+pub const EVENTS_SLOTS: u32 = 2;
+
 // The ABI lock: the kernel and the agent must agree on every size and offset.
 const _: () = {
     use core::mem::{offset_of, size_of};
@@ -426,6 +474,8 @@ const _: () = {
     assert!(offset_of!(Config, snat_v6) == 24);
     assert!(offset_of!(Config, timeouts) == 40);
     assert!(size_of::<Counter>() == 16);
+    assert!(size_of::<Event>() == 56);
+    assert!(size_of::<MonitorLease>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -433,6 +483,7 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, and have no padding (see the asserts above), so
     // every byte pattern is a valid value.
     unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::MonitorLease {}
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::FlowKey {}

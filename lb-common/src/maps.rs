@@ -54,11 +54,19 @@ pub const MAX_POD_SOURCES: u32 = 16_384;
 /// The address pre-filter (ARRAY of `addr_filter::WORDS` u64, mmapable): see `addr_filter`.
 pub const ADDR_FILTER: &str = "lb_addr_filter";
 
+/// Datapath events for `lb monitor` (RINGBUF of `abi::Event`).
+pub const EVENTS: &str = "lb_events";
+/// Bytes of `lb_events`.
+pub const EVENTS_BYTES: u32 = 1 << 18;
+/// Whether a monitor wants events (ARRAY of one `abi::MonitorLease`).
+pub const MONITOR: &str = "lb_monitor";
+/// Per-CPU counters of events sent and lost (`abi::EVENTS_*` slots).
+pub const STATS_EVENTS: &str = "lb_stats_events";
 /// The maps that are not pinned: they hold nothing a restart must keep.
 pub const UNPINNED: [&str; 3] = [SCRATCH, ANSWER_BUCKET, POD_SOURCES];
 
 /// Every pinned map, in the order the agent opens them.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 20] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -76,6 +84,9 @@ pub const ALL: [&str; 17] = [
     SNAT_CURSOR,
     POD_PORTS,
     ADDR_FILTER,
+    EVENTS,
+    MONITOR,
+    STATS_EVENTS,
 ];
 
 /// Frontend entries (VIP, port, proto); the loader can raise it.

@@ -9,7 +9,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack, events,
     maps::{ADDR_FILTER, SERVICES, Scratch},
     nat::{Packet, Side, apply},
     parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
@@ -35,6 +35,7 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
         Err(out) => out,
     };
     stats::reason(out.1, bytes);
+    events::verdict(pkt, h, out, bytes);
     out
 }
 

@@ -10,6 +10,7 @@ use lb_ebpf as _;
 
 mod conntrack;
 mod datapath;
+mod events;
 mod fib;
 mod forward;
 mod maps;

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{abi::*, maps::*};
 
@@ -97,3 +97,13 @@ pub static ADDR_FILTER: Array<u64> = Array::pinned(lb_common::addr_filter::WORDS
 /// the FIB lookup. Not pinned: a cache.
 #[map(name = "lb_pod_sources")]
 pub static POD_SOURCES: LruHashMap<PodSource, u64> = LruHashMap::with_max_entries(MAX_POD_SOURCES, 0);
+
+/// Events for `lb monitor` (`abi::Event`), written only while a monitor's lease runs.
+#[map(name = "lb_events")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+#[map(name = "lb_monitor")]
+pub static MONITOR: Array<MonitorLease> = Array::pinned(1, 0);
+
+#[map(name = "lb_stats_events")]
+pub static STATS_EVENTS: PerCpuArray<Counter> = PerCpuArray::pinned(EVENTS_SLOTS, 0);

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    abi::{Addr, PROTO_UDP},
+    abi::{Addr, HOOK_TC, HOOK_XDP, PROTO_UDP},
     csum,
     verdict::Reason,
 };
@@ -50,6 +50,10 @@ pub trait Packet {
     /// stale reverse entry a pod's direct SYN would collide with. The node-interface hook
     /// keeps its miss path to one lookup.
     const POD_FACING: bool;
+    /// `abi::HOOK_*`, for events.
+    const HOOK: u8;
+    /// The interface the packet arrived on.
+    fn ifindex(&self) -> u32;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Length of the whole packet (for byte counters).
@@ -85,6 +89,13 @@ fn port_off(h: &Headers, side: Side) -> usize {
 
 impl Packet for XdpContext {
     const POD_FACING: bool = false;
+    const HOOK: u8 = HOOK_XDP;
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the program's own context; a plain field.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -183,6 +194,13 @@ impl Packet for XdpContext {
 
 impl Packet for TcContext {
     const POD_FACING: bool = true;
+    const HOOK: u8 = HOOK_TC;
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the program's own skb; a plain field.
+        unsafe { (*self.skb.skb).ifindex }
+    }
 
     #[inline(always)]
     fn data(&self) -> usize {

@@ -1044,6 +1044,12 @@ fn render_datapath(pin_dir: &std::path::Path) -> String {
                 s += &format!("lb_xdp_forward_packets_total{{result=\"{result}\"}} {}\n", c.packets);
             }
         }
+        s += "# HELP lb_monitor_events_total Datapath events for `lb monitor`: written to the ring, or lost to a full one (none while no monitor runs).\n# TYPE lb_monitor_events_total counter\n";
+        for (slot, result) in [(EVENTS_SENT, "sent"), (EVENTS_LOST, "lost")] {
+            if let Ok(c) = dp.events_counter(slot) {
+                s += &format!("lb_monitor_events_total{{result=\"{result}\"}} {}\n", c.packets);
+            }
+        }
         s += "# HELP lb_agent_resident_bytes The agent's resident memory (VmRSS).\n# TYPE lb_agent_resident_bytes gauge\n";
         if let Some(b) = crate::memory::resident_bytes() {
             s += &format!("lb_agent_resident_bytes {b}\n");

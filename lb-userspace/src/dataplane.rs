@@ -90,6 +90,7 @@ pub struct AyaDataplane {
     stats_backend: PerCpuArray<MapData, Counter>,
     xdp_tx_ports: DevMapHash<MapData>,
     stats_xdp_forward: PerCpuArray<MapData, Counter>,
+    stats_events: PerCpuArray<MapData, Counter>,
     pod_ports: HashMap<MapData, u32, PodPort>,
     addr_filter: MmapArray,
     /// Addresses listed since `take_listed`.
@@ -134,6 +135,8 @@ impl AyaDataplane {
                 maps::STATS_XDP_FORWARD,
             )?))
             .map_err(map_err(maps::STATS_XDP_FORWARD))?,
+            stats_events: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::STATS_EVENTS)?))
+                .map_err(map_err(maps::STATS_EVENTS))?,
             pod_ports: HashMap::try_from(Map::HashMap(open(pin_dir, maps::POD_PORTS)?))
                 .map_err(map_err(maps::POD_PORTS))?,
             addr_filter: MmapArray::new(open(pin_dir, maps::ADDR_FILTER)?, maps::ADDR_FILTER)?,
@@ -234,6 +237,11 @@ impl AyaDataplane {
     /// XDP forwarding counter `slot` (`XDP_FWD_*`), summed over CPUs.
     pub fn xdp_forward_counter(&self, slot: u32) -> Result<Counter> {
         Self::sum(&self.stats_xdp_forward, maps::STATS_XDP_FORWARD, slot)
+    }
+
+    /// Monitor events written (`EVENTS_SENT`) or lost to a full ring (`EVENTS_LOST`).
+    pub fn events_counter(&self, slot: u32) -> Result<Counter> {
+        Self::sum(&self.stats_events, maps::STATS_EVENTS, slot)
     }
 
     /// Every flow-table entry.

@@ -32,6 +32,9 @@ enum Cmd {
     Agent(Box<cli::agent::AgentArgs>),
     #[command(flatten)]
     Inspect(cli::inspect::Inspect),
+    /// Dropped and rejected packets as they happen, with the reason: `lb monitor --type drop
+    /// -o json`. The datapath writes events only while a monitor runs.
+    Monitor(cli::monitor::MonitorArgs),
     /// The agent on this pin dir at a glance: running or not, its source, last sync, skipped
     /// Services, attachments, the flow table, and each map's fill. Exits 1 when no agent
     /// runs there.
@@ -58,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Inspect(cmd) => cli::inspect::run(cmd, &cli.pin_dir, cli.output == Format::Json),
         Cmd::Status => cli::status::run(&cli.pin_dir, cli.output == Format::Json),
+        Cmd::Monitor(args) => cli::monitor::run(args, &cli.pin_dir, cli.output == Format::Json),
         Cmd::Completions { shell } => print(&completions(shell)),
         Cmd::Man => print(&man_page()?),
     }

@@ -47,8 +47,8 @@ pub enum How {
     Rewritten,
 }
 
-/// Maps the agent fills itself on every start.
-const REWRITTEN: [&str; 3] = [maps::CONFIG, maps::XDP_TX_PORTS, maps::POD_PORTS];
+/// Maps the agent fills itself on every start (and the event ring, whose events are not kept).
+const REWRITTEN: [&str; 4] = [maps::CONFIG, maps::XDP_TX_PORTS, maps::POD_PORTS, maps::EVENTS];
 
 /// The layouts this build's object wants for its pinned maps, with `max_entries` overridden
 /// as the loader will.

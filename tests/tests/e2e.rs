@@ -1342,6 +1342,92 @@ fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fil
     lab.start_agent(1, &[]).unwrap();
 }
 
+/// `lb monitor -o json`: a TCP and a UDP packet to a ClusterIP port no Service serves (each
+/// refused) and one to a Service whose only endpoint is on the other node under
+/// `internalTrafficPolicy: Local` (dropped) show up with their reason, hook, interface and
+/// addresses. Without a monitor the datapath writes no event, also once one has exited.
+#[test]
+fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a_reader() {
+    use std::io::BufRead as _;
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let (client, client_ip, client_if) = {
+        let c = lab.pod("client");
+        (c.ns.clone(), c.ip.to_string(), c.host_if.clone())
+    };
+    web_up(&lab, &client, &all, Proto::Tcp);
+    let sent = || Lab::metric(&lab.metrics(1).unwrap(), "lb_monitor_events_total{result=\"sent\"}").unwrap();
+    let before = sent();
+    assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
+    assert_eq!(sent(), before, "an event written with no monitor running");
+
+    let (lb, pin_dir) = (lab.state.bins.lb.to_string_lossy().into_owned(), lab.pin_dir(1));
+    let mut monitor = lab::in_ns(
+        &lab.node_netns(1),
+        &[&lb, "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json", "--count", "3"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // It says so once its lease is set.
+    let mut said = String::new();
+    std::io::BufReader::new(monitor.stderr.take().unwrap()).read_line(&mut said).unwrap();
+    assert!(said.contains("monitor:"), "{said}");
+    assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
+    assert_eq!(udp_ask(&client, sa(vip(), 81), 0, ASK), Answer::Refused);
+    let w3 = lab.pod("web-3").clone();
+    let local = web("ClusterIP", "  internalTrafficPolicy: Local\n") + &web_slice(&[(&w3, READY)]);
+    apply(&lab, &local, "local only", || {
+        lab.frontend(1, vip(), 80)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.flags & lb_common::abi::SVC_F_DROP_NO_BACKEND != 0 || v.backend_count == 0)
+    });
+    assert_eq!(tcp_ask(&client, sa(vip(), 80), ASK), Answer::Timeout);
+    let out = wait_child(&mut monitor, Duration::from_secs(10));
+    let events: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert_eq!(events.len(), 3, "{out}");
+    let want = [
+        ("reject", "reject_unknown_port", "tcp", format!("{}:81", VIP)),
+        ("reject", "reject_unknown_port", "udp", format!("{}:81", VIP)),
+        ("drop", "drop_no_backend", "tcp", format!("{}:80", VIP)),
+    ];
+    for (e, (kind, reason, proto, dst)) in events.iter().zip(want) {
+        assert_eq!((e["type"].as_str(), e["reason"].as_str()), (Some(kind), Some(reason)), "{e}");
+        assert_eq!(e["protocol"].as_str(), Some(proto), "{e}");
+        assert_eq!(e["dst"].as_str(), Some(dst.as_str()), "{e}");
+        assert!(e["src"].as_str().unwrap().starts_with(&format!("{client_ip}:")), "{e}");
+        assert_eq!(
+            (e["interface"].as_str(), e["hook"].as_str()),
+            (Some(client_if.as_str()), Some("tc")),
+            "{e}"
+        );
+    }
+    // The monitor gave its lease up on exit.
+    let before = sent();
+    assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
+    assert_eq!(sent(), before, "an event written after the monitor exited");
+}
+
+/// Waits for `child` to exit (killing it after `limit`) and returns its stdout.
+fn wait_child(child: &mut std::process::Child, limit: Duration) -> String {
+    use std::io::Read as _;
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    out
+}
+
 /// Topology hints as the EndpointSlice controller writes them for `trafficDistribution:
 /// PreferSameNode` (each endpoint for its own node): a client on node-1 reaches only node-1's
 /// pods, one on node-2 only node-2's; once node-2 has no ready endpoint, its client spreads

@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod explain;
 pub mod inspect;
+pub mod monitor;
 pub mod status;

@@ -1,0 +1,73 @@
+//! Events for `lb monitor`: a dropped or rejected packet, with its headers as it arrived and
+//! the verdict's reason, written to the `lb_events` ring buffer while a monitor holds a lease
+//! (`abi::MonitorLease`). Without one, the drop and reject paths pay one array read and a
+//! clock read; the hit and new-flow paths nothing.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{
+    abi::*,
+    verdict::{Action, Reason},
+};
+
+use crate::{
+    maps::{EVENTS, MONITOR, STATS_EVENTS},
+    nat::Packet,
+    parse::Headers,
+};
+
+/// Reports a drop or a rejection (`out`) of packet `h` if a monitor wants it.
+#[inline(always)]
+pub fn verdict<P: Packet>(pkt: &P, h: &Headers, out: (Action, Reason), bytes: u32) {
+    let kind = match out.0 {
+        Action::Drop => EVENT_DROP,
+        Action::Bounce => EVENT_REJECT,
+        Action::Pass => return,
+    };
+    emit(h, (kind as u32) << 8 | out.1 as u32, pkt.ifindex(), P::HOOK as u32, bytes);
+}
+
+/// Not inlined: its frame stays off the packet paths' stack, and the drop paths share it.
+#[inline(never)]
+fn emit(h: &Headers, kind_reason: u32, ifindex: u32, hook: u32, bytes: u32) {
+    let kind = (kind_reason >> 8) as u8;
+    let Some(lease) = MONITOR.get_ptr(0) else { return };
+    // SAFETY: a valid map value pointer; two plain reads.
+    let (until, kinds) = unsafe { ((*lease).until_ns, (*lease).kinds) };
+    if kinds & (1 << kind) == 0 {
+        return;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now > until {
+        return;
+    }
+    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
+        count(EVENTS_LOST);
+        return;
+    };
+    let e = slot.as_mut_ptr();
+    // SAFETY: the reserved slot is ours until submitted; every field is written.
+    unsafe {
+        (*e).time_ns = now;
+        (*e).src = h.src;
+        (*e).dst = h.dst;
+        (*e).ifindex = ifindex;
+        (*e).sport = h.sport;
+        (*e).dport = h.dport;
+        (*e).proto = h.proto;
+        (*e).hook = hook as u8;
+        (*e).kind = kind;
+        (*e).reason = kind_reason as u8;
+        (*e).len = bytes;
+    }
+    slot.submit(0);
+    count(EVENTS_SENT);
+}
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(c) = STATS_EVENTS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { (*c).packets += 1 };
+    }
+}

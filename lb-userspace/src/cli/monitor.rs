@@ -1,0 +1,234 @@
+//! `lb monitor`: dropped and rejected packets as they happen, with the reason, from the
+//! datapath's event ring (`lb_events`). While it runs it renews a lease in `lb_monitor`
+//! (`abi::MonitorLease`); without one the programs write no event, and a monitor killed
+//! without clean-up stops them within `LEASE` anyway.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya::maps::{Array, Map, MapData, RingBuf};
+use clap::{Args, ValueEnum};
+use lb_common::{
+    abi::*,
+    maps::{EVENTS, MONITOR},
+    verdict::Reason,
+};
+use serde::Serialize;
+
+/// How long a lease lasts; it is renewed every second.
+const LEASE: Duration = Duration::from_secs(3);
+
+#[derive(Args)]
+pub struct MonitorArgs {
+    /// Which events: `drop`, `reject` (a TCP RST or ICMP unreachable sent back); both by
+    /// default. Repeat or separate with commas.
+    #[arg(long = "type", value_enum, value_delimiter = ',')]
+    types: Vec<Kind>,
+    /// Only these verdict reasons (as `lb stats` names them: `reject_no_backend`,
+    /// `source_range_denied`, `malformed_ip`, ...). Repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    reason: Vec<String>,
+    /// Exit after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Kind {
+    Drop,
+    Reject,
+}
+
+impl Kind {
+    fn bit(self) -> u32 {
+        1 << match self {
+            Kind::Drop => EVENT_DROP,
+            Kind::Reject => EVENT_REJECT,
+        }
+    }
+}
+
+/// One decoded event, as `-o json` prints it.
+#[derive(Serialize)]
+struct Shown {
+    /// RFC 3339.
+    time: String,
+    interface: String,
+    hook: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    reason: &'static str,
+    protocol: String,
+    src: String,
+    dst: String,
+    bytes: u32,
+}
+
+/// Streams events from the datapath pinned in `pin_dir` until interrupted (or `--count`).
+pub fn run(args: MonitorArgs, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let reasons = wanted_reasons(&args.reason)?;
+    let kinds = if args.types.is_empty() { vec![Kind::Drop, Kind::Reject] } else { args.types.clone() };
+    let bits = kinds.iter().fold(0, |b, k| b | k.bit());
+    let open = |name: &str| -> anyhow::Result<Map> {
+        let pin = pin_dir.join(name);
+        let data = MapData::from_pin(&pin).with_context(|| {
+            format!(
+                "{}: no such pinned map (is the agent's datapath, of this version, on --pin-dir?)",
+                pin.display()
+            )
+        })?;
+        Ok(Map::from_map_data(data)?)
+    };
+    let mut ring = RingBuf::try_from(open(EVENTS)?)?;
+    let lease: Array<MapData, MonitorLease> = Array::try_from(open(MONITOR)?)?;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    let mut lease = Lease { map: lease, bits, renewed: None };
+    lease.renew()?;
+    eprintln!(
+        "monitor: {} events from {} (Ctrl-C to stop)",
+        kinds
+            .iter()
+            .map(|k| if *k == Kind::Drop { "drop" } else { "reject" })
+            .collect::<Vec<_>>()
+            .join(" and "),
+        pin_dir.display()
+    );
+    let names: BTreeMap<u32, String> =
+        lb_userspace::links::interfaces().into_iter().map(|(n, i)| (i, n)).collect();
+    let mut shown = 0u64;
+    while !STOP.load(Ordering::Relaxed) && args.count.is_none_or(|c| shown < c) {
+        lease.renew_if_due()?;
+        let mut idle = true;
+        while let Some(item) = ring.next() {
+            idle = false;
+            let Some(e) = decode(&item) else { continue };
+            drop(item);
+            if !reasons.as_ref().is_none_or(|r| r.contains(&e.reason)) || bits & (1 << e.kind) == 0 {
+                continue;
+            }
+            let s = show(&e, &names);
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "{} {:<14} {:<3} {:<6} {:<24} {:<4} {} -> {} ({} bytes)",
+                    s.time, s.interface, s.hook, s.kind, s.reason, s.protocol, s.src, s.dst, s.bytes
+                );
+            }
+            shown += 1;
+            if args.count.is_some_and(|c| shown >= c) {
+                break;
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    lease.end();
+    Ok(())
+}
+
+/// Set by SIGINT and SIGTERM: the loop ends and the lease is given up.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// The reasons asked for, checked against the datapath's names.
+fn wanted_reasons(names: &[String]) -> anyhow::Result<Option<Vec<u8>>> {
+    if names.is_empty() {
+        return Ok(None);
+    }
+    names
+        .iter()
+        .map(|n| {
+            Reason::ALL.iter().find(|r| r.name() == n).map(|r| *r as u8).ok_or_else(|| {
+                let all: Vec<&str> = Reason::ALL.iter().map(|r| r.name()).collect();
+                anyhow::anyhow!("--reason {n}: no such reason (have: {})", all.join(", "))
+            })
+        })
+        .collect::<anyhow::Result<Vec<u8>>>()
+        .map(Some)
+}
+
+fn decode(bytes: &[u8]) -> Option<Event> {
+    // SAFETY: `Event` is plain data; the length is checked and the read unaligned.
+    (bytes.len() >= size_of::<Event>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+fn show(e: &Event, names: &BTreeMap<u32, String>) -> Shown {
+    let endpoint = |a: &Addr, port: u16| match (ip_from_addr(a), e.proto) {
+        (IpAddr::V6(ip), PROTO_TCP | PROTO_UDP) => format!("[{ip}]:{}", u16::from_be(port)),
+        (ip, PROTO_TCP | PROTO_UDP) => format!("{ip}:{}", u16::from_be(port)),
+        (ip, _) => ip.to_string(),
+    };
+    Shown {
+        time: wall_clock(e.time_ns),
+        interface: names.get(&e.ifindex).cloned().unwrap_or_else(|| format!("if{}", e.ifindex)),
+        hook: if e.hook == HOOK_XDP { "xdp" } else { "tc" },
+        kind: if e.kind == EVENT_DROP { "drop" } else { "reject" },
+        reason: Reason::ALL.get(e.reason as usize).map_or("?", |r| r.name()),
+        protocol: match e.proto {
+            PROTO_TCP => "tcp".into(),
+            PROTO_UDP => "udp".into(),
+            p => format!("ip-proto-{p}"),
+        },
+        src: endpoint(&e.src, e.sport),
+        dst: endpoint(&e.dst, e.dport),
+        bytes: e.len,
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// RFC 3339 of a CLOCK_MONOTONIC reading (the programs' clock), through the wall clock now.
+fn wall_clock(mono_ns: u64) -> String {
+    let ago = Duration::from_nanos(monotonic_ns().saturating_sub(mono_ns));
+    lb_userspace::report::timestamp_ago(ago)
+}
+
+/// This monitor's claim on events: renewed every second, given up on exit.
+struct Lease {
+    map: Array<MapData, MonitorLease>,
+    bits: u32,
+    renewed: Option<std::time::Instant>,
+}
+
+impl Lease {
+    fn renew(&mut self) -> anyhow::Result<()> {
+        let now = monotonic_ns();
+        // Another monitor's live lease keeps the kinds it asked for.
+        let other = self.map.get(&0, 0).ok().filter(|l| l.until_ns > now).map_or(0, |l| l.kinds);
+        let until_ns = now + LEASE.as_nanos() as u64;
+        self.map.set(0, MonitorLease { until_ns, kinds: self.bits | other, _pad: 0 }, 0)?;
+        self.renewed = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    fn renew_if_due(&mut self) -> anyhow::Result<()> {
+        if self.renewed.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            self.renew()?;
+        }
+        Ok(())
+    }
+
+    /// Ends the lease now (another monitor renews its own within a second).
+    fn end(&mut self) {
+        let _ = self.map.set(0, MonitorLease::default(), 0);
+    }
+}
