@@ -476,7 +476,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         for line in retry.settle(desired, &delta, &plan.failed, result.is_ok(), Instant::now()) {
             log(start, line);
         }
-        reporter.synced = true;
+        if delta.all || !delta.services.is_empty() {
+            reporter.names(desired);
+        }
         let mut st = lock(&status);
         st.syncs += 1;
         st.sync_duration.observe(took.as_secs_f64());
@@ -538,6 +540,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         st.health_checks = desired.health_checks.clone();
         drop(st);
         sync_health_servers(&mut health_servers, &desired.health_checks, &status, start);
+        reporter.write(&status, &gc, start);
     }
     gc_stop.store(true, Ordering::Relaxed);
     log(
@@ -551,14 +554,14 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the agent's report for `lb status` (`report`): after a sync, and every
-/// `report::EVERY` for the GC's figures.
+/// Writes the agent's report for `lb status` (`report`), and the frontend names when they
+/// changed: after each sync, and every `report::EVERY` for the GC's figures.
 struct Reporter {
     pin_dir: std::path::PathBuf,
     base: report::Report,
     last: Instant,
-    /// A sync happened since the last write.
-    synced: bool,
+    names: BTreeMap<String, report::FrontendName>,
+    names_changed: bool,
 }
 
 impl Reporter {
@@ -581,11 +584,41 @@ impl Reporter {
             source,
             ..Default::default()
         };
-        Reporter { pin_dir: cfg.pin_dir.clone(), base, last: Instant::now(), synced: false }
+        Reporter {
+            pin_dir: cfg.pin_dir.clone(),
+            base,
+            last: Instant::now(),
+            names: BTreeMap::new(),
+            names_changed: true,
+        }
+    }
+
+    /// The Service behind each frontend of `desired`, and behind each ClusterIP as a whole.
+    fn names(&mut self, desired: &model::Desired) {
+        let mut names = BTreeMap::new();
+        for (sref, ds) in &desired.services {
+            let name = report::FrontendName {
+                namespace: sref.namespace.clone(),
+                service: sref.name.clone(),
+                port: sref.port_name.clone(),
+            };
+            let proto = if sref.proto == PROTO_UDP { "udp" } else { "tcp" };
+            for &(ip, port) in &ds.frontends {
+                names.insert(report::frontend_key(ip, Some((port, proto))), name.clone());
+                if desired.cluster_vips.contains(&ip) {
+                    let whole = report::FrontendName { port: String::new(), ..name.clone() };
+                    names.insert(report::frontend_key(ip, None), whole);
+                }
+            }
+        }
+        if names != self.names {
+            self.names = names;
+            self.names_changed = true;
+        }
     }
 
     fn due(&self) -> bool {
-        self.synced || self.last.elapsed() >= report::EVERY
+        self.last.elapsed() >= report::EVERY
     }
 
     fn write(&mut self, status: &Shared, gc: &std::sync::Mutex<GcState>, start: Instant) {
@@ -625,12 +658,17 @@ impl Reporter {
             });
         }
         drop(g);
+        if self.names_changed {
+            match report::write_names(&self.pin_dir, &self.names) {
+                Ok(()) => self.names_changed = false,
+                Err(e) => log(start, format!("warning: cannot write the frontend names: {e}")),
+            }
+        }
         r.written_at = report::timestamp_ago(Duration::ZERO);
         if let Err(e) = report::write(&self.pin_dir, &r) {
             log(start, format!("warning: cannot write the status report: {e}"));
         }
         self.last = Instant::now();
-        self.synced = false;
     }
 }
 

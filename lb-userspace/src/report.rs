@@ -114,13 +114,54 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Option<Report>> {
     }
 }
 
-/// Removes the report of `pin_dir` (`--cleanup`). Absent is fine.
+/// Removes the report and the frontend names of `pin_dir` (`--cleanup`): whether there was
+/// a report. Absent is fine.
 pub fn remove(pin_dir: &Path) -> std::io::Result<bool> {
-    match std::fs::remove_file(path(pin_dir)) {
+    let gone = |p: PathBuf| match std::fs::remove_file(p) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
+    };
+    gone(names_path(pin_dir))?;
+    gone(path(pin_dir))
+}
+
+/// The Service behind a frontend, for `lb monitor` (which sees only addresses).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FrontendName {
+    pub namespace: String,
+    pub service: String,
+    /// The Service port's name (empty for an unnamed port, or for a whole ClusterIP).
+    pub port: String,
+}
+
+/// Where the frontend names of the agent on `pin_dir` are, beside its report. Kept apart
+/// from it: they change only when Services do, and may be many.
+pub fn names_path(pin_dir: &Path) -> PathBuf {
+    crate::bpffs::lock_path(pin_dir).with_extension("frontends.json")
+}
+
+/// The key of a frontend in the names file: `ip:port/proto` (`[ip]:port/proto` for IPv6),
+/// or the bare address of a ClusterIP (any port of it).
+pub fn frontend_key(ip: std::net::IpAddr, port_proto: Option<(u16, &str)>) -> String {
+    match (ip, port_proto) {
+        (_, None) => ip.to_string(),
+        (std::net::IpAddr::V6(v6), Some((port, proto))) => format!("[{v6}]:{port}/{proto}"),
+        (v4, Some((port, proto))) => format!("{v4}:{port}/{proto}"),
     }
+}
+
+/// Writes the frontend names, replacing the last ones whole.
+pub fn write_names(pin_dir: &Path, names: &BTreeMap<String, FrontendName>) -> std::io::Result<()> {
+    let to = names_path(pin_dir);
+    let tmp = to.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(names)?)?;
+    std::fs::rename(&tmp, &to)
+}
+
+/// The frontend names the agent on `pin_dir` wrote last (none if it never did).
+pub fn read_names(pin_dir: &Path) -> BTreeMap<String, FrontendName> {
+    std::fs::read(names_path(pin_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
 }
 
 /// A short, stable name of a datapath object (FNV-1a, 64 bits): enough to tell two builds
@@ -155,8 +196,17 @@ mod tests {
         r.syncs = 4;
         write(&pin_dir, &r).unwrap();
         assert_eq!(read(&pin_dir).unwrap().unwrap().syncs, 4);
+        let names = BTreeMap::from([(
+            frontend_key("198.19.0.10".parse().unwrap(), Some((80, "tcp"))),
+            FrontendName { namespace: "default".into(), service: "web".into(), port: "http".into() },
+        )]);
+        write_names(&pin_dir, &names).unwrap();
+        assert_eq!(read_names(&pin_dir), names);
+        assert!(names.contains_key("198.19.0.10:80/tcp"));
+        assert_eq!(frontend_key("2001:2::1".parse().unwrap(), Some((80, "udp"))), "[2001:2::1]:80/udp");
         assert!(remove(&pin_dir).unwrap());
         assert_eq!(read(&pin_dir).unwrap(), None);
+        assert!(read_names(&pin_dir).is_empty());
         assert!(!remove(&pin_dir).unwrap(), "a second removal finds nothing");
     }
 

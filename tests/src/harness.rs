@@ -64,7 +64,13 @@ impl Loaded {
                 panic!("load datapath: {e:?}");
             }
         };
-        let dp = AyaDataplane::open(&pin_dir).expect("open pinned maps");
+        let dp = match AyaDataplane::open(&pin_dir) {
+            Ok(dp) => dp,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&pin_dir);
+                panic!("open pinned maps: {e:?}");
+            }
+        };
         Loaded { ebpf, dp, pin_dir }
     }
 

@@ -532,7 +532,9 @@ pub fn teardown_state(state: &State, kill: bool) {
     if kill {
         for pid in state.agents.iter().map(|a| a.pid).chain(state.pods.iter().filter_map(|p| p.server)) {
             // Only if the pid still runs one of the lab's binaries: pids get reused.
+            // A binary rebuilt since shows as `PATH (deleted)`: still the lab's.
             let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            let exe = PathBuf::from(exe.to_string_lossy().trim_end_matches(" (deleted)"));
             if exe == state.bins.lb || exe == state.bins.serve {
                 // SAFETY: plain kill of a process this lab started.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };

@@ -1389,12 +1389,21 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
     let events: Vec<serde_json::Value> =
         out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
     assert_eq!(events.len(), 3, "{out}");
+    // A port the ClusterIP does not serve is named by the ClusterIP's Service; a frontend by
+    // its Service port.
     let want = [
-        ("reject", "reject_unknown_port", "tcp", format!("{}:81", VIP)),
-        ("reject", "reject_unknown_port", "udp", format!("{}:81", VIP)),
-        ("drop", "drop_no_backend", "tcp", format!("{}:80", VIP)),
+        ("reject", "reject_unknown_port", "tcp", format!("{}:81", VIP), "default/web"),
+        ("reject", "reject_unknown_port", "udp", format!("{}:81", VIP), "default/web"),
+        ("drop", "drop_no_backend", "tcp", format!("{}:80", VIP), "default/web:http"),
     ];
-    for (e, (kind, reason, proto, dst)) in events.iter().zip(want) {
+    for (e, (kind, reason, proto, dst, service)) in events.iter().zip(want) {
+        assert_eq!(
+            e["service"].as_str(),
+            Some(service),
+            "{e}\nnames: {:?}\n{}",
+            std::fs::read_to_string(lb_userspace::report::names_path(&pin_dir)),
+            lab.agent_log(1)
+        );
         assert_eq!((e["type"].as_str(), e["reason"].as_str()), (Some(kind), Some(reason)), "{e}");
         assert_eq!(e["protocol"].as_str(), Some(proto), "{e}");
         assert_eq!(e["dst"].as_str(), Some(dst.as_str()), "{e}");

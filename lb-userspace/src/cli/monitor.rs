@@ -19,6 +19,7 @@ use lb_common::{
     maps::{EVENTS, MONITOR},
     verdict::Reason,
 };
+use lb_userspace::report::{self, FrontendName};
 use serde::Serialize;
 
 /// How long a lease lasts; it is renewed every second.
@@ -34,6 +35,10 @@ pub struct MonitorArgs {
     /// `source_range_denied`, `malformed_ip`, ...). Repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     reason: Vec<String>,
+    /// Only packets to this Service's frontends, `NAMESPACE/NAME` (from the agent's
+    /// frontend names: packets to no frontend never match).
+    #[arg(long, value_name = "NS/NAME")]
+    service: Option<String>,
     /// Exit after this many events.
     #[arg(long)]
     count: Option<u64>,
@@ -68,6 +73,8 @@ struct Shown {
     src: String,
     dst: String,
     bytes: u32,
+    /// The Service of the destination frontend, `namespace/name[:port]`, if it is one.
+    service: Option<String>,
 }
 
 /// Streams events from the datapath pinned in `pin_dir` until interrupted (or `--count`).
@@ -102,26 +109,43 @@ pub fn run(args: MonitorArgs, pin_dir: &Path, json: bool) -> anyhow::Result<()> 
             .join(" and "),
         pin_dir.display()
     );
-    let names: BTreeMap<u32, String> =
+    let ifaces: BTreeMap<u32, String> =
         lb_userspace::links::interfaces().into_iter().map(|(n, i)| (i, n)).collect();
+    let mut services = Names::new(pin_dir);
     let mut shown = 0u64;
     while !STOP.load(Ordering::Relaxed) && args.count.is_none_or(|c| shown < c) {
         lease.renew_if_due()?;
         let mut idle = true;
         while let Some(item) = ring.next() {
+            if idle {
+                // A batch begins: the names as the agent wrote them last (one stat).
+                services.reload_if_changed();
+            }
             idle = false;
             let Some(e) = decode(&item) else { continue };
             drop(item);
             if !reasons.as_ref().is_none_or(|r| r.contains(&e.reason)) || bits & (1 << e.kind) == 0 {
                 continue;
             }
-            let s = show(&e, &names);
+            let s = show(&e, &ifaces, &services);
+            if args.service.as_ref().is_some_and(|want| !services.is(&e, want)) {
+                continue;
+            }
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
                 println!(
-                    "{} {:<14} {:<3} {:<6} {:<24} {:<4} {} -> {} ({} bytes)",
-                    s.time, s.interface, s.hook, s.kind, s.reason, s.protocol, s.src, s.dst, s.bytes
+                    "{} {:<14} {:<3} {:<6} {:<24} {:<4} {} -> {}{} ({} bytes)",
+                    s.time,
+                    s.interface,
+                    s.hook,
+                    s.kind,
+                    s.reason,
+                    s.protocol,
+                    s.src,
+                    s.dst,
+                    s.service.as_ref().map_or(String::new(), |n| format!(" [{n}]")),
+                    s.bytes
                 );
             }
             shown += 1;
@@ -166,7 +190,7 @@ fn decode(bytes: &[u8]) -> Option<Event> {
     (bytes.len() >= size_of::<Event>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
-fn show(e: &Event, names: &BTreeMap<u32, String>) -> Shown {
+fn show(e: &Event, ifaces: &BTreeMap<u32, String>, services: &Names) -> Shown {
     let endpoint = |a: &Addr, port: u16| match (ip_from_addr(a), e.proto) {
         (IpAddr::V6(ip), PROTO_TCP | PROTO_UDP) => format!("[{ip}]:{}", u16::from_be(port)),
         (ip, PROTO_TCP | PROTO_UDP) => format!("{ip}:{}", u16::from_be(port)),
@@ -174,7 +198,7 @@ fn show(e: &Event, names: &BTreeMap<u32, String>) -> Shown {
     };
     Shown {
         time: wall_clock(e.time_ns),
-        interface: names.get(&e.ifindex).cloned().unwrap_or_else(|| format!("if{}", e.ifindex)),
+        interface: ifaces.get(&e.ifindex).cloned().unwrap_or_else(|| format!("if{}", e.ifindex)),
         hook: if e.hook == HOOK_XDP { "xdp" } else { "tc" },
         kind: if e.kind == EVENT_DROP { "drop" } else { "reject" },
         reason: Reason::ALL.get(e.reason as usize).map_or("?", |r| r.name()),
@@ -186,6 +210,51 @@ fn show(e: &Event, names: &BTreeMap<u32, String>) -> Shown {
         src: endpoint(&e.src, e.sport),
         dst: endpoint(&e.dst, e.dport),
         bytes: e.len,
+        service: services.of(e).map(|n| {
+            let port = if n.port.is_empty() { String::new() } else { format!(":{}", n.port) };
+            format!("{}/{}{port}", n.namespace, n.service)
+        }),
+    }
+}
+
+/// The agent's frontend names (`report::read_names`), reread when the file changes.
+struct Names {
+    pin_dir: std::path::PathBuf,
+    seen: Option<std::time::SystemTime>,
+    by_frontend: BTreeMap<String, FrontendName>,
+}
+
+impl Names {
+    fn new(pin_dir: &Path) -> Names {
+        let mut n = Names { pin_dir: pin_dir.to_path_buf(), seen: None, by_frontend: BTreeMap::new() };
+        n.reload_if_changed();
+        n
+    }
+
+    fn reload_if_changed(&mut self) {
+        let modified = std::fs::metadata(report::names_path(&self.pin_dir)).and_then(|m| m.modified()).ok();
+        if modified != self.seen {
+            self.seen = modified;
+            self.by_frontend = report::read_names(&self.pin_dir);
+        }
+    }
+
+    /// The Service of the event's destination: its frontend, else its ClusterIP.
+    fn of(&self, e: &Event) -> Option<&FrontendName> {
+        let ip = ip_from_addr(&e.dst);
+        let proto = match e.proto {
+            PROTO_TCP => "tcp",
+            PROTO_UDP => "udp",
+            _ => return self.by_frontend.get(&report::frontend_key(ip, None)),
+        };
+        self.by_frontend
+            .get(&report::frontend_key(ip, Some((u16::from_be(e.dport), proto))))
+            .or_else(|| self.by_frontend.get(&report::frontend_key(ip, None)))
+    }
+
+    /// Whether the event's destination belongs to `want` (`namespace/name`).
+    fn is(&self, e: &Event, want: &str) -> bool {
+        self.of(e).is_some_and(|n| format!("{}/{}", n.namespace, n.service) == want)
     }
 }
 
