@@ -79,6 +79,7 @@ fn type_name(t: u32) -> (&'static str, bool) {
         10 => ("lru_percpu_hash", true),
         11 => ("lpm_trie", true),
         25 => ("devmap_hash", true),
+        27 => ("ringbuf", false),
         _ => ("other", false),
     }
 }
