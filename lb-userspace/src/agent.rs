@@ -27,7 +27,7 @@ use crate::{
     conntrack_gc,
     dataplane::{AyaDataplane, Dataplane},
     http::{self, Histogram, Response},
-    links, loader,
+    links, loader, logging,
     model::{self, HealthCheck, NodeContext, NodePortAddresses},
     reconcile::{self, Applied, Limits},
     report,
@@ -93,11 +93,13 @@ pub struct AgentConfig {
     pub answer_limit: (u32, u32),
     /// `--state-dir`: the manifest files' last good copies.
     pub state_dir: PathBuf,
+    pub log_format: logging::LogFormat,
 }
 
-/// Log line with the time since start, so a reader can see how fast things happened.
-fn log(start: Instant, msg: impl AsRef<str>) {
-    eprintln!("[{:>9.3}s] {}", start.elapsed().as_secs_f64(), msg.as_ref());
+/// A log line (`logging`): with the time since start, so a reader can see how fast things
+/// happened.
+fn log(msg: impl AsRef<str>) {
+    logging::line(msg.as_ref());
 }
 
 /// The status the loop writes and the HTTP servers (on their own thread) read.
@@ -116,6 +118,11 @@ struct Status {
     sync_errors: u64,
     source_errors: u64,
     last_sync_ok: Option<Instant>,
+    /// The same in seconds since the epoch (`kubeproxy_sync_proxy_rules_last_timestamp_seconds`).
+    last_sync_ok_unix: f64,
+    /// Service and EndpointSlice changes the source reported (kube-proxy's change counters).
+    service_changes: u64,
+    endpoint_changes: u64,
     /// Since when changes have waited for a successful sync (None: nothing pending).
     pending_since: Option<Instant>,
     /// The sync loop's last turn: /livez fails when it stops turning.
@@ -131,6 +138,8 @@ struct Status {
     contested_frontends: usize,
     /// Services the planner skipped (a map at its capacity), with why.
     unprogrammed: Vec<(String, String)>,
+    /// The Service behind each frontend (`Reporter::names`), for the metrics' labels.
+    frontend_names: Arc<BTreeMap<String, report::FrontendName>>,
     last_sync: Option<report::LastSync>,
     health_checks: BTreeMap<u16, HealthCheck>,
 }
@@ -151,7 +160,7 @@ struct GcState {
 }
 
 /// Starts the GC thread; it stops when `stop` is set.
-fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>, start: Instant) -> Arc<std::sync::Mutex<GcState>> {
+fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>) -> Arc<std::sync::Mutex<GcState>> {
     let state = Arc::new(std::sync::Mutex::new(GcState::default()));
     let (st, pin_dir, timeouts, interval) =
         (state.clone(), cfg.pin_dir.clone(), cfg.timeouts, cfg.gc_interval);
@@ -170,21 +179,18 @@ fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>, start: Instant) -> Arc<std
                         && last_log.elapsed() > Duration::from_secs(60)
                     {
                         last_log = Instant::now();
-                        log(
-                            start,
-                            format!(
-                                "conntrack GC: {} entries ({:.0}% full{}), removed {} closed or idle flows in {:.1} ms",
-                                p.entries,
-                                p.fill() * 100.0,
-                                if p.under_pressure {
-                                    ", under pressure: unfinished handshakes expire early"
-                                } else {
-                                    ""
-                                },
-                                p.removed_pairs,
-                                p.took.as_secs_f64() * 1e3
-                            ),
-                        );
+                        log(format!(
+                            "conntrack GC: {} entries ({:.0}% full{}), removed {} closed or idle flows in {:.1} ms",
+                            p.entries,
+                            p.fill() * 100.0,
+                            if p.under_pressure {
+                                ", under pressure: unfinished handshakes expire early"
+                            } else {
+                                ""
+                            },
+                            p.removed_pairs,
+                            p.took.as_secs_f64() * 1e3
+                        ));
                     }
                     g.last = Some(p);
                     g.last_at = Some(Instant::now());
@@ -192,7 +198,7 @@ fn spawn_gc(cfg: &AgentConfig, stop: Arc<AtomicBool>, start: Instant) -> Arc<std
                 Err(e) => {
                     g.errors += 1;
                     if g.errors.is_power_of_two() {
-                        log(start, format!("error: conntrack GC pass failed ({e}); {} so far", g.errors));
+                        log(format!("error: conntrack GC pass failed ({e}); {} so far", g.errors));
                     }
                 }
             }
@@ -222,6 +228,7 @@ fn list_pinned_addresses(
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    logging::init(cfg.log_format);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, run_async(cfg))
@@ -251,13 +258,10 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let (mut ebpf, migration) = loader::load_migrating(&cfg.pin_dir, &cfg.capacities)
         .with_context(|| format!("loading the datapath with maps pinned in {}", cfg.pin_dir.display()))?;
     if !migration.is_empty() {
-        log(
-            start,
-            format!(
-                "pinned maps with another layout migrated into new maps: {}",
-                migration.describe().join(", ")
-            ),
-        );
+        log(format!(
+            "pinned maps with another layout migrated into new maps: {}",
+            migration.describe().join(", ")
+        ));
     }
     let mut dp = AyaDataplane::open(&cfg.pin_dir)?;
     let mut applied = Applied::read(&dp)?;
@@ -265,15 +269,12 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     // list what the pinned maps already name.
     list_pinned_addresses(&mut dp, &applied, &cfg.pin_dir).context("filling the address pre-filter")?;
     let mut retention = addr_filter::Retention::default();
-    log(
-        start,
-        format!(
-            "datapath loaded; pinned maps in {} hold {} frontends and {} backends",
-            cfg.pin_dir.display(),
-            applied.services.len(),
-            applied.backends.len()
-        ),
-    );
+    log(format!(
+        "datapath loaded; pinned maps in {} hold {} frontends and {} backends",
+        cfg.pin_dir.display(),
+        applied.services.len(),
+        applied.backends.len()
+    ));
 
     let status: Shared = Arc::new(std::sync::Mutex::new(Status {
         sync_duration: Histogram::kube_proxy_buckets(),
@@ -282,6 +283,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         sync_errors: 0,
         source_errors: 0,
         last_sync_ok: None,
+        last_sync_ok_unix: 0.0,
+        service_changes: 0,
+        endpoint_changes: 0,
         pending_since: None,
         loop_turn: Instant::now(),
         stale_after: cfg.healthz_stale_after,
@@ -291,6 +295,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         backends: applied.backends.len(),
         contested_frontends: 0,
         unprogrammed: Vec::new(),
+        frontend_names: Arc::default(),
         last_sync: None,
         health_checks: BTreeMap::new(),
     }));
@@ -299,12 +304,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         let (how, _holder) =
             attach::attach_pinned(&mut ebpf, Hook::Xdp, iface, &cfg.pin_dir, cfg.legacy_attach)?;
         if let Err(e) = attach::accept_local(iface) {
-            log(
-                start,
-                format!("warning: {iface}: cannot set accept_local ({e}); SNAT replies may be dropped"),
-            );
+            log(format!("warning: {iface}: cannot set accept_local ({e}); SNAT replies may be dropped"));
         }
-        log(start, format!("XDP attached to {iface} ({how:?})"));
+        log(format!("XDP attached to {iface} ({how:?})"));
         lock(&status).xdp.insert(iface.clone(), how);
     }
     // Forwarding at XDP may send only out of our own XDP interfaces; without --xdp-forward
@@ -316,41 +318,40 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     dp.set_xdp_tx_ports(&tx_ports)?;
     if cfg.xdp_forward {
-        log(start, format!("XDP forwarding on, out of {}", cfg.xdp_ifaces.join(", ")));
+        log(format!("XDP forwarding on, out of {}", cfg.xdp_ifaces.join(", ")));
     }
     // Link and manifest events wake the loop at once; the tick is the safety net.
     let wake = Arc::new(tokio::sync::Notify::new());
     let links_changed = Arc::new(AtomicBool::new(true));
     let w = wake.clone();
     if let Err(e) = links::watch(links_changed.clone(), move || w.notify_one()) {
-        log(start, format!("warning: no netlink link events ({e}); rescanning interfaces every second"));
+        log(format!("warning: no netlink link events ({e}); rescanning interfaces every second"));
     }
     let mut tc_links: BTreeMap<String, (u32, attach::Holder)> = BTreeMap::new();
-    remove_stale_link_pins(&cfg, &tc_patterns, start);
+    remove_stale_link_pins(&cfg, &tc_patterns);
     // Every program is swapped in now: what the old programs wrote to migrated maps since
     // the first copy is copied again, and the old maps go.
-    sync_links(&mut ebpf, &cfg, &tc_patterns, &mut tc_links, &status, start);
+    sync_links(&mut ebpf, &cfg, &tc_patterns, &mut tc_links, &status);
     let mut last_link_scan = Instant::now();
     if !migration.is_empty() {
         let n = migration.finish().context("finishing the pinned-map migration")?;
-        log(start, format!("migration done ({n} entries written meanwhile copied again)"));
+        log(format!("migration done ({n} entries written meanwhile copied again)"));
     }
     let mut checked = pod_ports(&cfg, &tc_links);
     dp.set_pod_ports(&checked)?;
-    log_pod_ports(&checked, start);
+    log_pod_ports(&checked);
     let gc_stop = Arc::new(AtomicBool::new(false));
-    let gc = spawn_gc(&cfg, gc_stop.clone(), start);
+    let gc = spawn_gc(&cfg, gc_stop.clone());
 
-    spawn_http(&cfg, status.clone(), gc.clone(), start)?;
+    spawn_http(&cfg, status.clone(), gc.clone())?;
     let mut health_servers: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
 
     let limits = Limits::of(&cfg.capacities);
     let mut config = Config::default();
     let clock = conntrack_gc::tick_calibration();
     match clock {
-        Some((tick, _, _)) => log(start, format!("flow clock: jiffies, {} Hz", 1_000_000_000 / tick)),
+        Some((tick, _, _)) => log(format!("flow clock: jiffies, {} Hz", 1_000_000_000 / tick)),
         None => log(
-            start,
             "warning: /proc/timer_list unreadable: the datapath reads its clock through a helper (slower)",
         ),
     }
@@ -370,34 +371,28 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             let w = wake.clone();
             match Watch::start(dir, move || w.notify_one()) {
                 Ok(watch) => folder.watched_by(watch),
-                Err(e) => log(start, format!("warning: no inotify on {} ({e}); polling only", dir.display())),
+                Err(e) => log(format!("warning: no inotify on {} ({e}); polling only", dir.display())),
             }
-            log(
-                start,
-                format!(
-                    "watching {} (inotify, and a poll every {} ms)",
-                    dir.display(),
-                    manifests::POLL.as_millis()
-                ),
-            );
+            log(format!(
+                "watching {} (inotify, and a poll every {} ms)",
+                dir.display(),
+                manifests::POLL.as_millis()
+            ));
             Source::Folder(Box::new(folder))
         }
         (None, Some(client)) => {
-            let logger = move |m: String| log(start, m);
+            let logger = move |m: String| log(m);
             let src = KubeSource::start(client, &cfg.node_name, wake.clone(), logger);
-            log(
-                start,
-                format!(
-                    "watching Services, EndpointSlices and Node {} through the API server",
-                    cfg.node_name
-                ),
-            );
+            log(format!(
+                "watching Services, EndpointSlices and Node {} through the API server",
+                cfg.node_name
+            ));
             Source::Kube(src)
         }
         (None, None) => unreachable!("a client exists without --manifests"),
     };
     let mut reporter = Reporter::new(&cfg, start);
-    reporter.write(&status, &gc, start);
+    reporter.write(&status, &gc);
 
     loop {
         // A file read after its close is applied once it has settled: look again then.
@@ -420,12 +415,12 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         lock(&status).loop_turn = Instant::now();
         if links_changed.swap(false, Ordering::AcqRel) || last_link_scan.elapsed() > Duration::from_secs(1) {
             last_link_scan = Instant::now();
-            sync_links(&mut ebpf, &cfg, &tc_patterns, &mut tc_links, &status, start);
+            sync_links(&mut ebpf, &cfg, &tc_patterns, &mut tc_links, &status);
             let want = pod_ports(&cfg, &tc_links);
             if want != checked {
                 match dp.set_pod_ports(&want) {
-                    Ok(()) => log_pod_ports(&want, start),
-                    Err(e) => log(start, format!("warning: pod source checks not updated: {e}")),
+                    Ok(()) => log_pod_ports(&want),
+                    Err(e) => log(format!("warning: pod source checks not updated: {e}")),
                 }
                 checked = want;
             }
@@ -438,17 +433,22 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
             dp.set_address_filter(&retention.after_pass(&referenced, began));
         }
         if reporter.due() {
-            reporter.write(&status, &gc, start);
+            reporter.write(&status, &gc);
         }
         // New changes, plus the services skipped last time once their retry is due.
         let now = Instant::now();
         let due = retry.due(now);
-        let changes = match source.changed(&status, start) {
+        let changes = match source.changed(&status) {
             Some(c) => c,
             None if due => model::Changes::default(),
             None => continue,
         };
-        lock(&status).pending_since.get_or_insert_with(Instant::now);
+        {
+            let mut st = lock(&status);
+            st.pending_since.get_or_insert_with(Instant::now);
+            st.service_changes += changes.services.len() as u64;
+            st.endpoint_changes += changes.slices.len() as u64;
+        }
         let t0 = Instant::now();
         let node = NodeContext {
             name: cfg.node_name.clone(),
@@ -465,19 +465,17 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         if want_config != config {
             dp.set_config(&want_config)?;
             config = want_config;
-            log(
-                start,
-                format!("source NAT address {:?} / {:?}", nat_ip(&config.snat_v4), nat_ip(&config.snat_v6)),
-            );
+            log(format!("source NAT address {:?} / {:?}", nat_ip(&config.snat_v4), nat_ip(&config.snat_v6)));
         }
         let plan = reconcile::plan_changes(desired, &delta, &applied, &limits);
         let result = reconcile::execute(&mut dp, &mut applied, &plan.ops);
         let took = t0.elapsed();
         for line in retry.settle(desired, &delta, &plan.failed, result.is_ok(), Instant::now()) {
-            log(start, line);
+            log(line);
         }
         if delta.all || !delta.services.is_empty() {
             reporter.names(desired);
+            lock(&status).frontend_names = reporter.names.clone();
         }
         let mut st = lock(&status);
         st.syncs += 1;
@@ -500,6 +498,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         match result {
             Ok(()) => {
                 st.last_sync_ok = Some(Instant::now());
+                st.last_sync_ok_unix = jiff::Timestamp::now().as_millisecond() as f64 / 1e3;
                 // Skipped services keep changes pending: /healthz fails once they are stale.
                 if retry.is_empty() {
                     st.pending_since = None;
@@ -509,23 +508,28 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
                         st.programming_duration.observe(secs.max(0.0));
                     }
                 }
-                log(
-                    start,
-                    format!(
-                        "synced: {} services ({} not programmed), {} frontends, {} backends; {} changed, {} map writes in {:.2} ms",
-                        desired.services.len(),
-                        retry.skipped_count(),
-                        applied.services.len(),
-                        applied.backends.len(),
-                        if delta.all { "all".to_string() } else { delta.services.len().to_string() },
-                        plan.ops.len(),
-                        took.as_secs_f64() * 1e3
-                    ),
+                let changed = if delta.all { "all".to_string() } else { delta.services.len().to_string() };
+                let duration_ms = took.as_secs_f64() * 1e3;
+                tracing::info!(
+                    uptime_s = logging::uptime_s(),
+                    services = desired.services.len(),
+                    not_programmed = retry.skipped_count(),
+                    frontends = applied.services.len(),
+                    backends = applied.backends.len(),
+                    changed = changed.as_str(),
+                    writes = plan.ops.len(),
+                    duration_ms,
+                    "synced: {} services ({} not programmed), {} frontends, {} backends; {changed} changed, {} map writes in {duration_ms:.2} ms",
+                    desired.services.len(),
+                    retry.skipped_count(),
+                    applied.services.len(),
+                    applied.backends.len(),
+                    plan.ops.len(),
                 );
             }
             Err(e) => {
                 st.sync_errors += 1;
-                log(start, format!("error: sync failed: {e:#}; will retry in full"));
+                log(format!("error: sync failed: {e:#}; will retry in full"));
                 // Re-read what the kernel really holds before planning again.
                 applied = Applied::read(&dp)?;
                 applied.track_ranges(limits.maglev_slots);
@@ -534,23 +538,20 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         // Each note once, while it holds (a Service skipped, a warning about it).
         let notes: BTreeSet<(String, String)> = desired.notes.iter().cloned().collect();
         for (what, why) in notes.difference(&said) {
-            log(start, format!("{what}: {why}"));
+            log(format!("{what}: {why}"));
         }
         said = notes;
         st.health_checks = desired.health_checks.clone();
         drop(st);
-        sync_health_servers(&mut health_servers, &desired.health_checks, &status, start);
-        reporter.write(&status, &gc, start);
+        sync_health_servers(&mut health_servers, &desired.health_checks, &status);
+        reporter.write(&status, &gc);
     }
     gc_stop.store(true, Ordering::Relaxed);
-    log(
-        start,
-        format!(
-            "stopping: the datapath stays attached and its maps pinned in {} (a restarted agent takes over; \
+    log(format!(
+        "stopping: the datapath stays attached and its maps pinned in {} (a restarted agent takes over; \
              remove that directory to detach)",
-            cfg.pin_dir.display()
-        ),
-    );
+        cfg.pin_dir.display()
+    ));
     Ok(())
 }
 
@@ -560,7 +561,7 @@ struct Reporter {
     pin_dir: std::path::PathBuf,
     base: report::Report,
     last: Instant,
-    names: BTreeMap<String, report::FrontendName>,
+    names: Arc<BTreeMap<String, report::FrontendName>>,
     names_changed: bool,
 }
 
@@ -588,7 +589,7 @@ impl Reporter {
             pin_dir: cfg.pin_dir.clone(),
             base,
             last: Instant::now(),
-            names: BTreeMap::new(),
+            names: Arc::default(),
             names_changed: true,
         }
     }
@@ -611,8 +612,8 @@ impl Reporter {
                 }
             }
         }
-        if names != self.names {
-            self.names = names;
+        if names != *self.names {
+            self.names = Arc::new(names);
             self.names_changed = true;
         }
     }
@@ -621,7 +622,7 @@ impl Reporter {
         self.last.elapsed() >= report::EVERY
     }
 
-    fn write(&mut self, status: &Shared, gc: &std::sync::Mutex<GcState>, start: Instant) {
+    fn write(&mut self, status: &Shared, gc: &std::sync::Mutex<GcState>) {
         let mut r = self.base.clone();
         {
             let st = lock(status);
@@ -661,12 +662,12 @@ impl Reporter {
         if self.names_changed {
             match report::write_names(&self.pin_dir, &self.names) {
                 Ok(()) => self.names_changed = false,
-                Err(e) => log(start, format!("warning: cannot write the frontend names: {e}")),
+                Err(e) => log(format!("warning: cannot write the frontend names: {e}")),
             }
         }
         r.written_at = report::timestamp_ago(Duration::ZERO);
         if let Err(e) = report::write(&self.pin_dir, &r) {
-            log(start, format!("warning: cannot write the status report: {e}"));
+            log(format!("warning: cannot write the status report: {e}"));
         }
         self.last = Instant::now();
     }
@@ -680,20 +681,20 @@ enum Source {
 
 impl Source {
     /// What changed since the last call, if anything (the first time: everything).
-    fn changed(&mut self, status: &Shared, start: Instant) -> Option<model::Changes> {
+    fn changed(&mut self, status: &Shared) -> Option<model::Changes> {
         match self {
             Source::Folder(folder) => {
                 match folder.refresh() {
                     Ok((_, errors)) => {
                         for e in &errors {
                             lock(status).source_errors += 1;
-                            log(start, format!("error: {e}; keeping its last good content"));
+                            log(format!("error: {e}; keeping its last good content"));
                         }
                     }
-                    Err(e) => log(start, format!("error: {e}")),
+                    Err(e) => log(format!("error: {e}")),
                 }
                 for w in folder.take_warnings() {
-                    log(start, format!("warning: {w}"));
+                    log(format!("warning: {w}"));
                 }
                 Some(folder.take_changes()).filter(|c| !c.is_empty())
             }
@@ -807,15 +808,12 @@ fn pod_ports(
 }
 
 /// Says how many interfaces the source check covers and how many pod addresses it knows.
-fn log_pod_ports(ports: &BTreeMap<u32, PodPort>, start: Instant) {
+fn log_pod_ports(ports: &BTreeMap<u32, PodPort>) {
     let known: usize = ports.values().map(|p| p.addrs.iter().filter(|a| **a != NO_ADDR).count()).sum();
-    log(
-        start,
-        format!(
-            "pod source check on {} interfaces, {known} pod addresses known from host routes",
-            ports.len()
-        ),
-    );
+    log(format!(
+        "pod source check on {} interfaces, {known} pod addresses known from host routes",
+        ports.len()
+    ));
 }
 
 /// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.
@@ -825,7 +823,6 @@ fn sync_links(
     patterns: &links::Patterns,
     tc_links: &mut BTreeMap<String, (u32, attach::Holder)>,
     status: &Shared,
-    start: Instant,
 ) {
     let want = patterns.select(&links::interfaces());
     let stale: Vec<String> =
@@ -835,7 +832,7 @@ fn sync_links(
             holder.release();
         }
         lock(status).tc.remove(&name);
-        log(start, format!("TC detached from {name} (link gone)"));
+        log(format!("TC detached from {name} (link gone)"));
     }
     for (name, idx) in want {
         if tc_links.contains_key(&name) {
@@ -846,17 +843,17 @@ fn sync_links(
                 let _ = attach::accept_local(&name);
                 tc_links.insert(name.clone(), (idx, holder));
                 lock(status).tc.insert(name.clone(), (idx, how));
-                log(start, format!("TC attached to {name} ({how:?})"));
+                log(format!("TC attached to {name} ({how:?})"));
             }
             // The link may have vanished between listing and attaching; the next scan decides.
-            Err(e) => log(start, format!("warning: {e}")),
+            Err(e) => log(format!("warning: {e}")),
         }
     }
 }
 
 /// Pins left by an earlier agent for interfaces this one will not serve (gone, or no longer
 /// named by the flags): removing them detaches those programs.
-fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns, start: Instant) {
+fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns) {
     let present = links::interfaces();
     let Ok(dir) = std::fs::read_dir(cfg.pin_dir.join("links")) else { return };
     for entry in dir.flatten() {
@@ -868,7 +865,7 @@ fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns, start: Instan
         };
         if !keep {
             let _ = std::fs::remove_file(entry.path());
-            log(start, format!("removed stale link pin {name}"));
+            log(format!("removed stale link pin {name}"));
         }
     }
 }
@@ -878,7 +875,6 @@ fn sync_health_servers(
     servers: &mut BTreeMap<u16, tokio::task::JoinHandle<()>>,
     want: &BTreeMap<u16, HealthCheck>,
     status: &Shared,
-    start: Instant,
 ) {
     servers.retain(|port, task| {
         let keep = want.contains_key(port);
@@ -898,7 +894,7 @@ fn sync_health_servers(
         {
             Ok(l) => l,
             Err(e) => {
-                log(start, format!("warning: healthCheckNodePort {port}: {e}"));
+                log(format!("warning: healthCheckNodePort {port}: {e}"));
                 continue;
             }
         };
@@ -923,12 +919,7 @@ fn sync_health_servers(
 /// `/metrics` on `--metrics-bind-address`, `/healthz` and `/livez` on `--healthz-bind-address`,
 /// served from a thread of their own: they answer within milliseconds whatever the sync loop
 /// is doing (parsing a file, planning, writing maps).
-fn spawn_http(
-    cfg: &AgentConfig,
-    status: Shared,
-    gc: Arc<std::sync::Mutex<GcState>>,
-    start: Instant,
-) -> anyhow::Result<()> {
+fn spawn_http(cfg: &AgentConfig, status: Shared, gc: Arc<std::sync::Mutex<GcState>>) -> anyhow::Result<()> {
     let bind = |addr: SocketAddr, what: &str| {
         std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -953,11 +944,13 @@ fn spawn_http(
                         // The datapath's counters (a walk of the flow table among them) are read
                         // on a blocking thread.
                         let status = render_status(&lock(&st)) + &render_gc(&lock(&gc));
+                        let names = lock(&st).frontend_names.clone();
                         let pins = pin_dir.clone();
                         return futures::future::Either::Left(async move {
-                            let datapath = tokio::task::spawn_blocking(move || render_datapath(&pins))
-                                .await
-                                .unwrap_or_default();
+                            let datapath =
+                                tokio::task::spawn_blocking(move || render_datapath(&pins, &names))
+                                    .await
+                                    .unwrap_or_default();
                             Response::text(200, status + &datapath)
                         });
                     }
@@ -978,13 +971,10 @@ fn spawn_http(
             .await;
         });
     })?;
-    log(
-        start,
-        format!(
-            "metrics on http://{}/metrics, health on http://{}/healthz",
-            cfg.metrics_bind, cfg.healthz_bind
-        ),
-    );
+    log(format!(
+        "metrics on http://{}/metrics, health on http://{}/healthz",
+        cfg.metrics_bind, cfg.healthz_bind
+    ));
     Ok(())
 }
 
@@ -1032,6 +1022,21 @@ fn render_status(st: &Status) -> String {
     let gauge = |name: &str, help: &str, v: String| {
         format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n")
     };
+    s += &gauge(
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "When the datapath maps were last synced successfully (seconds since the epoch).",
+        format!("{:.3}", st.last_sync_ok_unix),
+    );
+    s += &counter(
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "Service changes the source reported.",
+        st.service_changes,
+    );
+    s += &counter(
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "EndpointSlice changes the source reported.",
+        st.endpoint_changes,
+    );
     s += &counter("lb_syncs_total", "Syncs of the datapath maps.", st.syncs);
     s += &counter("lb_sync_errors_total", "Syncs that failed (state kept, retried).", st.sync_errors);
     s += &counter(
@@ -1059,8 +1064,9 @@ fn render_status(st: &Status) -> String {
     s
 }
 
-/// The datapath's counters, straight from the pinned maps.
-fn render_datapath(pin_dir: &std::path::Path) -> String {
+/// The datapath's counters, straight from the pinned maps; per-Service series labelled with
+/// the Service of one of the id's frontends (`names`).
+fn render_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::FrontendName>) -> String {
     let mut s = String::new();
     if let Ok(dp) = AyaDataplane::open(pin_dir) {
         s += "# HELP lb_packets_total Packets by datapath verdict reason.\n# TYPE lb_packets_total counter\n";
@@ -1100,12 +1106,32 @@ fn render_datapath(pin_dir: &std::path::Path) -> String {
         }
         s += "# HELP lb_address_filter_bits Bits set in the address pre-filter (of 1048576): frontend, backend and live-flow addresses, less hash collisions.\n# TYPE lb_address_filter_bits gauge\n";
         s += &format!("lb_address_filter_bits {}\n", dp.address_filter_bits());
-        let ids: BTreeSet<u32> =
-            dp.services().unwrap_or_default().iter().map(|(_, v)| v.service_id).collect();
-        s += "# HELP lb_service_packets_total Packets per datapath service id.\n# TYPE lb_service_packets_total counter\n";
-        for id in ids {
+        // Each service id with the Service (namespace, name, port, protocol) of a frontend
+        // of it. The id stays a label: a port has one id per scope (cluster, external) and
+        // IP family, so the names alone could repeat.
+        let mut ids: BTreeMap<u32, String> = BTreeMap::new();
+        for (k, v) in dp.services().unwrap_or_default() {
+            let key_proto = if k.proto == PROTO_UDP { "udp" } else { "tcp" };
+            let name = names.get(&report::frontend_key(k.ip(), Some((k.port(), key_proto))));
+            let labels = match name {
+                Some(n) => format!(
+                    "namespace=\"{}\",service=\"{}\",port=\"{}\",protocol=\"{}\",",
+                    n.namespace,
+                    n.service,
+                    n.port,
+                    proto_name(k.proto)
+                ),
+                None => String::new(),
+            };
+            let entry = ids.entry(v.service_id).or_default();
+            if entry.is_empty() {
+                *entry = labels;
+            }
+        }
+        s += "# HELP lb_service_packets_total Packets per datapath service (a Service port, per scope and IP family), both directions.\n# TYPE lb_service_packets_total counter\n";
+        for (id, labels) in ids {
             if let Ok(c) = dp.service_counter(id) {
-                s += &format!("lb_service_packets_total{{service_id=\"{id}\"}} {}\n", c.packets);
+                s += &format!("lb_service_packets_total{{{labels}service_id=\"{id}\"}} {}\n", c.packets);
             }
         }
         s +=

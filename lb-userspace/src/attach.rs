@@ -280,7 +280,9 @@ fn xdp_netlink_attach(ebpf: &mut Ebpf, iface: &str) -> Result<(Attached, Holder)
     match xdp_netlink::set(ifindex, Some(fd), native | xdp_netlink::XDP_FLAGS_UPDATE_IF_NOEXIST) {
         Ok(()) => Ok((Attached::XdpNetlink, Holder::NetlinkXdp { ifindex, flags: native })),
         Err(e) => {
-            eprintln!("warning: {iface}: native XDP unavailable ({e}); using generic XDP (slow path)");
+            crate::logging::line(&format!(
+                "warning: {iface}: native XDP unavailable ({e}); using generic XDP (slow path)"
+            ));
             let generic = xdp_netlink::XDP_FLAGS_SKB_MODE;
             xdp_netlink::set(ifindex, Some(fd), generic | xdp_netlink::XDP_FLAGS_UPDATE_IF_NOEXIST)
                 .map_err(nl_err)?;
@@ -417,9 +419,9 @@ pub fn attach_xdp_link(ebpf: &mut Ebpf, iface: &str) -> Result<(Attached, XdpLin
         Ok(id) => Ok((Attached::XdpNative, id)),
         Err(native) => match prog.attach(iface, XdpMode::Skb) {
             Ok(id) => {
-                eprintln!(
+                crate::logging::line(&format!(
                     "warning: {iface}: native XDP unavailable ({native}); using generic XDP (slow path)"
-                );
+                ));
                 Ok((Attached::XdpGeneric, id))
             }
             Err(source) => Err(AttachError::Program { program: XDP_PROGRAM, iface: iface.into(), source }),

@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod http;
 pub mod links;
 pub mod loader;
+pub mod logging;
 pub mod maglev;
 pub mod memory;
 pub mod model;

@@ -1288,7 +1288,9 @@ fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fil
     let all: Vec<Pod> = pods(&lab, &["web-1", "web-2", "web-3"]).into_iter().cloned().collect();
     let (client, client_if) = (lab.pod("client").ns.clone(), lab.pod("client").host_if.clone());
     lab.stop_agent(1);
-    lab.start_agent(1, &["--max-services", "3", "--conntrack-gc-interval", "1s"]).unwrap();
+    let earlier = lab.agent_log(1).len();
+    let flags = ["--max-services", "3", "--conntrack-gc-interval", "1s", "--log-format", "json"];
+    lab.start_agent(1, &flags).unwrap();
     let pid = lab.state.agents.iter().find(|a| a.node == 1).unwrap().pid as i64;
     web_up(&lab, &client, &all.iter().collect::<Vec<_>>(), Proto::Tcp);
     // web takes two service ids (its TCP and UDP ports): a third Service does not fit.
@@ -1333,6 +1335,33 @@ fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fil
     {
         assert!(table.contains(want), "no {want:?} in:\n{table}");
     }
+    // --log-format json: every line an object with the documented fields; a sync's counts.
+    let log = lab.agent_log(1)[earlier..].to_string();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for l in &lines {
+        assert!(
+            l["timestamp"].is_string()
+                && l["level"].is_string()
+                && l["message"].is_string()
+                && l["uptime_s"].is_f64(),
+            "{l}"
+        );
+    }
+    let synced =
+        lines.iter().find(|l| l["message"].as_str().unwrap().starts_with("synced:")).expect("a sync line");
+    assert!(
+        synced["services"].is_u64() && synced["writes"].is_u64() && synced["duration_ms"].is_f64(),
+        "{synced}"
+    );
+    assert!(
+        lines.iter().any(|l| l["level"] == "ERROR"
+            || l["level"] == "WARN"
+            || l["message"].as_str().unwrap().contains("not programmed")),
+        "big's skip is logged:\n{log}"
+    );
     lab.remove_manifest("big.yaml").unwrap();
     lab.stop_agent(1);
     let (running, s, table) = status(&lab, 1);
@@ -1418,6 +1447,59 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
     let before = sent();
     assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
     assert_eq!(sent(), before, "an event written after the monitor exited");
+}
+
+/// `/metrics` labels each Service port's packet counter with its namespace, Service, port
+/// name and protocol, and counts exactly: 10 UDP exchanges with web add 20 packets (request
+/// and reply) to web's UDP port on the client's node. kube-proxy's last-sync timestamp and
+/// change counters are there too.
+#[test]
+fn metrics_count_each_service_port_by_name_exactly() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all, Proto::Udp);
+    let series =
+        "lb_service_packets_total{namespace=\"default\",service=\"web\",port=\"udp\",protocol=\"UDP\",";
+    let udp_packets = || {
+        let metrics = lab.metrics(1).unwrap();
+        let lines: Vec<&str> =
+            metrics.lines().filter(|l| l.starts_with("lb_service_packets_total{")).collect();
+        for l in &lines {
+            let labels = &l[l.find('{').unwrap() + 1..l.find('}').unwrap()];
+            let names: Vec<&str> = labels.split(',').map(|kv| kv.split('=').next().unwrap()).collect();
+            assert!(
+                names == ["namespace", "service", "port", "protocol", "service_id"]
+                    || names == ["service_id"],
+                "label names: {l}"
+            );
+        }
+        let mine: Vec<&&str> = lines.iter().filter(|l| l.starts_with(series)).collect();
+        assert_eq!(
+            mine.len(),
+            1,
+            "one series for web's UDP port in the cluster scope:\n{}",
+            lines.join("\n")
+        );
+        mine[0].rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    let before = udp_packets();
+    for i in 0..10 {
+        assert!(matches!(udp_ask(&client, sa(vip(), 80), 0, ASK), Answer::Reply(..)), "exchange {i}");
+    }
+    assert_eq!(udp_packets() - before, 20, "a request and a reply per exchange");
+    let metrics = lab.metrics(1).unwrap();
+    let last: Option<f64> = metrics.lines().find_map(|l| {
+        l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds ")?.trim().parse().ok()
+    });
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(last.is_some_and(|t| t > now - 600.0 && t <= now), "{metrics}");
+    assert!(
+        Lab::metric(&metrics, "kubeproxy_sync_proxy_rules_service_changes_total").is_some_and(|n| n >= 1)
+    );
+    assert!(
+        Lab::metric(&metrics, "kubeproxy_sync_proxy_rules_endpoint_changes_total").is_some_and(|n| n >= 1)
+    );
 }
 
 /// Waits for `child` to exit (killing it after `limit`) and returns its stdout.

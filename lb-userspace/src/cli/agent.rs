@@ -9,6 +9,7 @@ use lb_userspace::{
     agent::{AgentConfig, Algorithm, NoBackendResponse},
     attach::Legacy,
     loader::Capacities,
+    logging::LogFormat,
     model::NodePortAddresses,
 };
 
@@ -57,6 +58,11 @@ pub struct AgentArgs {
     /// family) or a comma-separated CIDR list.
     #[arg(long, default_value = "primary", value_name = "CIDR,..|primary")]
     pub nodeport_addresses: NodePortAddresses,
+    /// Log lines as `text` (`[uptime] message`) or `json` (one object per line: `timestamp`,
+    /// `level`, `message`, `uptime_s`, and a sync's counts). `RUST_LOG` filters (default
+    /// `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Set from the global `--pin-dir`.
     #[arg(skip)]
     pub pin_dir: PathBuf,
@@ -261,6 +267,7 @@ impl AgentArgs {
             gc_interval: std::time::Duration::from_secs(self.conntrack_gc_interval.into()),
             snat_ports: self.snat_port_range,
             state_dir: self.state_dir,
+            log_format: self.log_format,
             healthz_stale_after: std::time::Duration::from_secs(self.healthz_stale_after.into()),
             answer_limit: (self.answer_rate, self.answer_burst),
         }

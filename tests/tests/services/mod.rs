@@ -100,8 +100,10 @@ pub fn health(lab: &Lab, node: u8, path: &str) -> (String, Duration) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), t.elapsed())
 }
 
+/// Syncs in the agent's log, text or JSON (`--log-format`).
 pub fn syncs(lab: &Lab, node: u8) -> usize {
-    lab.agent_log(node).matches("] synced:").count()
+    let log = lab.agent_log(node);
+    log.matches("] synced:").count() + log.matches("\"message\":\"synced:").count()
 }
 
 /// Applies `yaml` as web.yaml, waits until both nodes' agents have synced since, then until
