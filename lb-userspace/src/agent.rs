@@ -94,6 +94,10 @@ pub struct AgentConfig {
     /// `--state-dir`: the manifest files' last good copies.
     pub state_dir: PathBuf,
     pub log_format: logging::LogFormat,
+    /// `--config-sync-period`: a full re-plan against the kernel's maps this often.
+    pub config_sync_period: Option<Duration>,
+    /// What `--config` applied and ignored, logged at start.
+    pub config_note: Option<String>,
 }
 
 /// A log line (`logging`): with the time since start, so a reader can see how fast things
@@ -236,6 +240,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     let start = Instant::now();
+    if let Some(note) = &cfg.config_note {
+        log(note);
+    }
     if let Some(dir) = cfg.manifests.as_ref().filter(|d| !d.is_dir()) {
         anyhow::bail!("--manifests {}: not a directory", dir.display());
     }
@@ -391,6 +398,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("a client exists without --manifests"),
     };
+    let mut last_resync = Instant::now();
     let mut reporter = Reporter::new(&cfg, start);
     reporter.write(&status, &gc);
 
@@ -438,11 +446,21 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         // New changes, plus the services skipped last time once their retry is due.
         let now = Instant::now();
         let due = retry.due(now);
-        let changes = match source.changed(&status) {
+        let resync = cfg.config_sync_period.is_some_and(|p| last_resync.elapsed() >= p);
+        let mut changes = match source.changed(&status) {
             Some(c) => c,
-            None if due => model::Changes::default(),
+            None if due || resync => model::Changes::default(),
             None => continue,
         };
+        if resync {
+            // Everything re-planned against what the kernel holds now: repairs a map
+            // someone else wrote to, or an entry a bug lost.
+            last_resync = Instant::now();
+            changes.all = true;
+            applied = Applied::read(&dp)?;
+            applied.track_ranges(limits.maglev_slots);
+            log("periodic resync (--config-sync-period): everything re-planned against the maps");
+        }
         {
             let mut st = lock(&status);
             st.pending_since.get_or_insert_with(Instant::now);

@@ -49,7 +49,7 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = with_config_file(Cli::parse(), std::env::args_os().collect())?;
     match cli.cmd {
         Cmd::Agent(mut args) => {
             // `--pin-dir` is global: it applies to the agent too.
@@ -65,6 +65,27 @@ fn main() -> anyhow::Result<()> {
         Cmd::Completions { shell } => print(&completions(shell)),
         Cmd::Man => print(&man_page()?),
     }
+}
+
+/// `lb agent --config FILE`: the command line again, with the flags the file stands for
+/// that it does not give itself (`cli::kube_proxy_config`), so they go through the same
+/// parsers and checks.
+fn with_config_file(cli: Cli, argv: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let Cmd::Agent(args) = &cli.cmd else { return Ok(cli) };
+    let Some(path) = args.config.clone() else { return Ok(cli) };
+    let matches = Cli::command().try_get_matches_from(&argv)?;
+    let sub = matches.subcommand_matches("agent").expect("the agent subcommand");
+    let (extra, note) = cli::kube_proxy_config::extra_args(&path, sub)?;
+    let all = argv.into_iter().chain(extra.into_iter().map(Into::into));
+    let matches = Cli::command()
+        .try_get_matches_from(all)
+        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let Cmd::Agent(args) = &mut cli.cmd {
+        args.config_note = Some(note);
+    }
+    Ok(cli)
 }
 
 fn completions(shell: clap_complete::Shell) -> Vec<u8> {
@@ -138,3 +159,55 @@ mod generated_docs {
 #[cfg(test)]
 #[path = "cli/deploy_tests.rs"]
 mod deploy_tests;
+
+#[cfg(test)]
+mod config_file {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn agent(argv: &[&str]) -> anyhow::Result<Box<cli::agent::AgentArgs>> {
+        let argv: Vec<std::ffi::OsString> = argv.iter().map(Into::into).collect();
+        match with_config_file(Cli::try_parse_from(&argv)?, argv)?.cmd {
+            Cmd::Agent(a) => Ok(a),
+            _ => unreachable!(),
+        }
+    }
+
+    /// The file's values take effect, a flag on the command line wins over the file, and
+    /// the log line names what was applied, overridden and ignored.
+    #[test]
+    fn the_file_sets_flags_the_command_line_does_not_give() {
+        let path = std::env::temp_dir().join(format!("lb-kube-proxy-config-{}.yaml", std::process::id()));
+        std::fs::write(
+            &path,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\n\
+             metricsBindAddress: 127.0.0.1:20249\nhealthzBindAddress: 0.0.0.0:20256\nhostnameOverride: node-from-file\n\
+             configSyncPeriod: 5m\nconntrack: {tcpEstablishedTimeout: 2h0m0s, udpTimeout: 0s, maxPerCore: 32768}\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let a =
+            agent(&["lb", "agent", "--manifests", "/tmp", "--config", file, "--node-name", "node-from-flag"])
+                .unwrap();
+        assert_eq!(a.metrics_bind_address, "127.0.0.1:20249".parse().unwrap());
+        assert_eq!(a.healthz_bind_address, "0.0.0.0:20256".parse().unwrap());
+        assert_eq!(a.node_name, "node-from-flag", "the flag wins");
+        assert_eq!(a.conntrack_tcp_timeout_established, 7200);
+        assert_eq!(a.conntrack_udp_timeout, 30, "0s leaves the default");
+        assert_eq!(a.config_sync_period, 300);
+        let note = a.config_note.unwrap();
+        for want in [
+            "overridden by flags node_name",
+            "ignored (no equivalent in lb) mode, conntrack.maxPerCore",
+            "metrics_bind_address",
+        ] {
+            assert!(note.contains(want), "{want:?} not in {note:?}");
+        }
+        // A bad value in the file is refused, naming the file.
+        std::fs::write(&path, "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmetricsBindAddress: nowhere\n").unwrap();
+        let err = agent(&["lb", "agent", "--manifests", "/tmp", "--config", file]).unwrap_err();
+        assert!(format!("{err:#}").contains(file) && format!("{err:#}").contains("nowhere"), "{err:#}");
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -1502,6 +1502,43 @@ fn metrics_count_each_service_port_by_name_exactly() {
     );
 }
 
+/// `--config` with kube-proxy's file: its `configSyncPeriod` takes effect (a frontend
+/// deleted from the pinned map behind the agent's back is back within the period), and the
+/// log names what the file set and what it ignored.
+#[test]
+fn kube_proxy_config_file_sets_the_resync_that_repairs_a_map() {
+    use lb_userspace::dataplane::Dataplane as _;
+    let Some(mut lab) = lab() else { return };
+    let all: Vec<Pod> = pods(&lab, &["web-1", "web-2", "web-3"]).into_iter().cloned().collect();
+    let client = lab.pod("client").ns.clone();
+    let file = lab.state.dir.join("kube-proxy.conf");
+    std::fs::write(
+        &file,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: iptables\n\
+         configSyncPeriod: 2s\nconntrack: {udpTimeout: 45s}\n",
+    )
+    .unwrap();
+    lab.stop_agent(1);
+    lab.start_agent(1, &["--config", file.to_str().unwrap()]).unwrap();
+    web_up(&lab, &client, &all.iter().collect::<Vec<_>>(), Proto::Tcp);
+    let log = lab.agent_log(1);
+    assert!(
+        log.contains("applied config_sync_period, conntrack_udp_timeout;")
+            && log.contains("ignored (no equivalent in lb) mode"),
+        "{log}"
+    );
+    let key = lb_common::abi::ServiceKey::new(vip(), 80, lb_common::abi::PROTO_TCP);
+    let mut dp = lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(1)).unwrap();
+    dp.remove_service(&key).unwrap();
+    assert!(!lab.has_frontend(1, vip(), 80).unwrap());
+    let took = wait_for(Duration::from_secs(5), || lab.has_frontend(1, vip(), 80))
+        .unwrap_or_else(|e| panic!("not repaired: {e}\n{}", lab.agent_log(1)));
+    eprintln!("frontend restored {took:?} after its removal (period 2 s)");
+    assert!(matches!(tcp_ask(&client, sa(vip(), 80), ASK), Answer::Reply(..)));
+    lab.stop_agent(1);
+    lab.start_agent(1, &[]).unwrap();
+}
+
 /// Waits for `child` to exit (killing it after `limit`) and returns its stdout.
 fn wait_child(child: &mut std::process::Child, limit: Duration) -> String {
     use std::io::Read as _;

@@ -156,6 +156,28 @@ pub struct AgentArgs {
     /// per agent, like `--pin-dir`.
     #[arg(long, default_value = "/var/lib/lb", value_name = "DIR")]
     pub state_dir: PathBuf,
+    /// kube-proxy's configuration file (`KubeProxyConfiguration`, or the `kube-proxy`
+    /// ConfigMap holding it as `config.conf`): its bind addresses, `nodePortAddresses`,
+    /// `hostnameOverride`, `clientConnection.kubeconfig`, `conntrack` timeouts and
+    /// `configSyncPeriod` become the flags they stand for; a flag given here wins. Fields
+    /// without an equivalent are logged once, by name.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// How often everything is re-planned against what the kernel holds, besides the
+    /// changes the source reports (kube-proxy's flag; `0` turns it off).
+    #[arg(long, default_value = "15m", value_parser = parse_sync_period, value_name = "DURATION")]
+    pub config_sync_period: u32,
+    /// What `--config` did, for the log (set by `main`).
+    #[arg(skip)]
+    pub config_note: Option<String>,
+}
+
+/// `--config-sync-period`: a duration, or 0 (off).
+fn parse_sync_period(s: &str) -> Result<u32, String> {
+    if s.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '0').is_empty() {
+        return Ok(0);
+    }
+    parse_duration_secs(s)
 }
 
 /// A Go-style duration as kube-proxy takes it (`24h0m0s`, `1h`, `90s`, `500ms` rounds up to
@@ -268,6 +290,9 @@ impl AgentArgs {
             snat_ports: self.snat_port_range,
             state_dir: self.state_dir,
             log_format: self.log_format,
+            config_sync_period: (self.config_sync_period > 0)
+                .then(|| std::time::Duration::from_secs(self.config_sync_period.into())),
+            config_note: self.config_note,
             healthz_stale_after: std::time::Duration::from_secs(self.healthz_stale_after.into()),
             answer_limit: (self.answer_rate, self.answer_burst),
         }

@@ -3,5 +3,6 @@
 pub mod agent;
 pub mod explain;
 pub mod inspect;
+pub mod kube_proxy_config;
 pub mod monitor;
 pub mod status;
