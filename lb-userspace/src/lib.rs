@@ -8,6 +8,8 @@ pub mod bpffs;
 pub mod caps;
 pub mod conntrack_gc;
 pub mod dataplane;
+pub mod describe;
+pub mod explain;
 pub mod http;
 pub mod links;
 pub mod loader;

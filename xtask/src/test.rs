@@ -66,6 +66,8 @@ pub fn run() -> anyhow::Result<()> {
         "flow_life_cycle",
         "--test",
         "fuzz",
+        "--test",
+        "explain_agrees",
     ]))?;
     run_cmd(cargo().args(["test", "-p", "lb-userspace", "--test", "cli"]))?;
     // The lab runs the `lb` binary, which integration tests of lb-tests do not build.

@@ -6,7 +6,10 @@ use std::path::Path;
 use anyhow::Context as _;
 use clap::Subcommand;
 use lb_common::{abi::*, ct, verdict::Reason};
-use lb_userspace::dataplane::{AyaDataplane, Dataplane};
+use lb_userspace::{
+    dataplane::{AyaDataplane, Dataplane},
+    describe::{backend_flags, fmt_ip, service_flags},
+};
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -47,7 +50,7 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
     let dp = AyaDataplane::open(pin_dir).with_context(|| format!("pin dir {}", pin_dir.display()))?;
     match cmd {
         Inspect::Explain { src, dst } => {
-            let lines = super::explain::explain(&dp, &src, &dst)?;
+            let lines = lb_userspace::explain::explain(&dp, &src, &dst)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&lines)?);
             } else {
@@ -213,32 +216,4 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-pub(super) fn fmt_ip(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-        v4 => v4.to_string(),
-    }
-}
-
-/// The names of the bits of `f` set, comma-separated.
-fn flag_names(f: u32, names: &[(u32, &str)]) -> String {
-    names.iter().filter(|(bit, _)| f & bit != 0).map(|(_, n)| *n).collect::<Vec<_>>().join(",")
-}
-
-fn service_flags(f: u32) -> String {
-    flag_names(
-        f,
-        &[
-            (SVC_F_AFFINITY, "affinity"),
-            (SVC_F_DROP_NO_BACKEND, "drop-no-backend"),
-            (SVC_F_EXTERNAL, "external"),
-            (SVC_F_SOURCE_RANGES, "source-ranges"),
-        ],
-    )
-}
-
-pub(super) fn backend_flags(f: u8) -> String {
-    flag_names(f.into(), &[(BE_F_TERMINATING.into(), "terminating"), (BE_F_LOCAL.into(), "local")])
 }

@@ -1,7 +1,6 @@
 //! The `lb` command line: the agent's flags and the read-only inspection commands.
 
 pub mod agent;
-pub mod explain;
 pub mod inspect;
 pub mod kube_proxy_config;
 pub mod monitor;

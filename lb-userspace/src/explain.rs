@@ -4,11 +4,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use crate::{
+    dataplane::{AyaDataplane, Dataplane},
+    describe::{backend_flags, fmt_ip},
+};
 use anyhow::{Context as _, bail};
 use lb_common::{abi::*, hash::flow_hash, maglev};
-use lb_userspace::dataplane::{AyaDataplane, Dataplane};
-
-use super::inspect::{backend_flags, fmt_ip};
 
 /// Source port assumed when none is given (the slot depends on it).
 const DEFAULT_SPORT: u16 = 40_000;
