@@ -24,6 +24,7 @@ mod control;
 mod first_packet;
 mod forward;
 mod load;
+mod monitor_cost;
 mod plot;
 mod prog;
 mod services;

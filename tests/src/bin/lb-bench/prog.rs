@@ -49,7 +49,7 @@ impl Drop for StatsOff {
     }
 }
 
-fn median(mut v: Vec<u64>) -> f64 {
+pub fn median(mut v: Vec<u64>) -> f64 {
     v.sort_unstable();
     v[v.len() / 2] as f64
 }
@@ -91,8 +91,8 @@ struct Row {
 }
 
 /// A loaded object with its maps pinned in a private directory (removed on drop).
-struct Variant {
-    ebpf: Ebpf,
+pub struct Variant {
+    pub ebpf: Ebpf,
     pin_dir: PathBuf,
 }
 
@@ -104,7 +104,7 @@ impl Drop for Variant {
 
 const BACKENDS: u32 = 4;
 
-fn load(object: &[u8], tag: &str, caps: &loader::Capacities) -> anyhow::Result<Variant> {
+pub fn load(object: &[u8], tag: &str, caps: &loader::Capacities) -> anyhow::Result<Variant> {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}-{tag}", std::process::id()));
     fs::create_dir_all(&pin_dir)?;
     let mut l = EbpfLoader::new();
@@ -259,6 +259,11 @@ pub fn run(
     }
     eprintln!("bench prog: the pod source check on the TC new-flow path ...");
     let check = crate::source_check::measure(calls)?;
+    eprintln!("bench prog: the reject path with and without a monitor ...");
+    let (unwatched, watched) = crate::monitor_cost::measure(calls)?;
+    let floor = time(empty, calls, XDP_PASS, &mut |_| {
+        Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).flags(TCP_ACK).build()
+    })?;
     let mut md = report(&rows, quick, calls, baseline.as_ref().map(|(n, _)| n.as_str()));
     let case = |what: &str, (on, off): (f64, f64)| {
         format!("{what} {on:.0} ns with it, {off:.0} ns without, {:.2}× gross", on / off)
@@ -269,6 +274,10 @@ pub fn run(
         case("one address no host route names, routed out of the interface (a FIB lookup, then remembered for a second)", check.remembered),
         case("every SYN from a new such address (a FIB lookup each)", check.new),
     ));
+    md.push_str(&format!(
+        "\nThe reject path and `lb monitor` (a SYN to a Service with no endpoint, answered with a RST at XDP; alternating blocks of 500): {unwatched:.0} ns gross with no monitor, {watched:.0} ns while a monitor holds the lease (the event written to the ring); net of the empty program ({floor:.0} ns), {:.2}×.\n",
+        (watched - floor).max(1.0) / (unwatched - floor).max(1.0)
+    ));
     println!("{md}");
     fs::create_dir_all(&out)?;
     fs::write(out.join("prog.md"), &md)?;
@@ -277,6 +286,7 @@ pub fn run(
         "kernel": crate::kernel(),
         "calls": calls,
         "baseline": baseline.as_ref().map(|(n, _)| n.clone()),
+        "reject_ns": {"no_monitor": unwatched, "monitor": watched, "empty": floor},
         "rows": rows.iter().map(|r| json!({
             "services": r.services, "empty_ns": r.empty, "ours": costs(&r.ours),
             "baseline": r.baseline.as_ref().map(costs),
