@@ -299,7 +299,7 @@ fn is_cluster_ip(h: &Headers) -> bool {
 
 #[inline(always)]
 fn no_backend(svc: &ServiceValue) -> Outcome {
-    if svc.flags & SVC_F_DROP_NO_BACKEND != 0 || select::config_flags() & CFG_F_NO_BACKEND_DROP != 0 {
+    if lb_common::rules::no_backend_drops(svc, select::config_flags()) {
         return (Action::Drop, Reason::DropNoBackend);
     }
     (Action::Bounce, Reason::RejectNoBackend)

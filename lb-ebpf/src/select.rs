@@ -54,7 +54,7 @@ pub fn still_member(v: &FlowValue) -> bool {
 /// its Service would otherwise see its own address as the source).
 #[inline(always)]
 pub fn needs_snat(svc: &ServiceValue, be: &BackendValue, key: &FlowKey) -> bool {
-    (svc.flags & SVC_F_EXTERNAL != 0 && be.flags & BE_F_LOCAL == 0) || be.addr == key.src
+    lb_common::rules::needs_snat(svc, be, &key.src)
 }
 
 /// `loadBalancerSourceRanges`: is `src` inside one of the service's ranges?
@@ -111,15 +111,12 @@ fn pick_slot(svc: &ServiceValue, key: &FlowKey) -> Option<u32> {
 #[inline(always)]
 fn pick_with_affinity(svc: &ServiceValue, key: &FlowKey, now: u64) -> Option<u32> {
     let akey = AffinityKey { client: key.src, service_id: svc.service_id };
-    let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
     if let Some(p) = AFFINITY.get_ptr_mut(&akey) {
         // SAFETY: a valid map value pointer, copied at once.
         let a = unsafe { p.read() };
-        // Honoured only under the membership it was made for: the backend is still a usable
-        // member, and has not left and come back (maybe as another pod under the same id).
-        let current = member(svc.service_id, a.backend_id)
-            .is_some_and(|m| m.generation == a.generation && m.flags & MEMBER_F_USABLE != 0);
-        if now.wrapping_sub(a.last_seen_ns) < timeout_ns && current && backend(a.backend_id).is_some() {
+        // Honoured only under the membership it was made for (`rules::affinity_honoured`).
+        let m = member(svc.service_id, a.backend_id);
+        if lb_common::rules::affinity_honoured(svc, &a, m, backend(a.backend_id).is_some(), now) {
             // SAFETY: valid pointer; at worst refreshes a recycled entry's timestamp.
             unsafe { core::ptr::addr_of_mut!((*p).last_seen_ns).write_volatile(now) };
             return Some(a.backend_id);

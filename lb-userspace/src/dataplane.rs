@@ -83,6 +83,7 @@ pub struct AyaDataplane {
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     flow_capacity: u32,
     members: HashMap<MapData, MemberKey, MemberValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     config: Array<MapData, Config>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     stats_reason: PerCpuArray<MapData, Counter>,
@@ -118,6 +119,8 @@ impl AyaDataplane {
             flow_capacity,
             members: HashMap::try_from(Map::HashMap(open(pin_dir, maps::MEMBERS)?))
                 .map_err(map_err(maps::MEMBERS))?,
+            affinity: HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::AFFINITY)?))
+                .map_err(map_err(maps::AFFINITY))?,
             config: Array::try_from(Map::Array(open(pin_dir, maps::CONFIG)?))
                 .map_err(map_err(maps::CONFIG))?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(pin_dir, maps::SOURCE_RANGES)?))
@@ -278,6 +281,16 @@ impl AyaDataplane {
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
         self.conntrack.get(key, 0).ok()
+    }
+
+    /// The affinity entry of a client of a service, if any (`lb explain`).
+    pub fn affinity(&self, key: &AffinityKey) -> Option<AffinityValue> {
+        self.affinity.get(key, 0).ok()
+    }
+
+    /// A backend's membership of a service, if any.
+    pub fn member(&self, key: &MemberKey) -> Option<MemberValue> {
+        self.members.get(key, 0).ok()
     }
 
     /// Drops every flow-table entry (tests, `lb conntrack flush`).

@@ -5,11 +5,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::{
+    conntrack_gc::monotonic_ns,
     dataplane::{AyaDataplane, Dataplane},
     describe::{backend_flags, fmt_ip},
 };
 use anyhow::{Context as _, bail};
-use lb_common::{abi::*, hash::flow_hash, maglev};
+use lb_common::{abi::*, hash::flow_hash, maglev, rules};
 
 /// Source port assumed when none is given (the slot depends on it).
 const DEFAULT_SPORT: u16 = 40_000;
@@ -93,8 +94,7 @@ pub fn explain(dp: &AyaDataplane, src: &str, dst: &str) -> anyhow::Result<Vec<St
     }
     let config = dp.config()?;
     if svc.backend_count == 0 {
-        let drop = svc.flags & SVC_F_DROP_NO_BACKEND != 0 || config.flags & CFG_F_NO_BACKEND_DROP != 0;
-        out.push(if drop {
+        out.push(if rules::no_backend_drops(&svc, config.flags) {
             "no usable backend: dropped (traffic policy Local without a local endpoint, or --no-backend-response drop)".into()
         } else {
             "no usable backend: refused (TCP RST / ICMP port unreachable)".into()
@@ -102,8 +102,23 @@ pub fn explain(dp: &AyaDataplane, src: &str, dst: &str) -> anyhow::Result<Vec<St
         return Ok(out);
     }
     if svc.flags & SVC_F_AFFINITY != 0 {
+        let akey = AffinityKey { client: addr_from_ip(sip), service_id: svc.service_id };
+        let entry = dp.affinity(&akey).filter(|a| {
+            let member = dp.member(&MemberKey { service_id: svc.service_id, backend_id: a.backend_id });
+            rules::affinity_honoured(&svc, a, member, backend(dp, a.backend_id).is_some(), monotonic_ns())
+        });
+        if let Some(a) = entry {
+            out.push(format!(
+                "sessionAffinity ClientIP ({} s): this client's entry decides",
+                svc.affinity_timeout
+            ));
+            let be = backend(dp, a.backend_id);
+            out.push(format!("picked: {}", backend_line(a.backend_id, be.as_ref())));
+            snat_line(&mut out, &svc, be, sip, &config);
+            return Ok(out);
+        }
         out.push(format!(
-            "sessionAffinity ClientIP ({} s): an unexpired affinity entry of this client wins; else:",
+            "sessionAffinity ClientIP ({} s): no live entry for this client; the slot decides and makes one:",
             svc.affinity_timeout
         ));
     }
@@ -116,16 +131,24 @@ pub fn explain(dp: &AyaDataplane, src: &str, dst: &str) -> anyhow::Result<Vec<St
     out.push(format!("new flow: flow hash {hash:#010x}, slot {slot} of {} -> backend {id}", svc.maglev_size));
     let be = backend(dp, id);
     out.push(format!("picked: {}", backend_line(id, be.as_ref())));
-    if let Some(b) = be {
-        let external = svc.flags & SVC_F_EXTERNAL != 0 && b.flags & BE_F_LOCAL == 0;
-        let hairpin = b.ip() == sip;
-        if external || hairpin {
-            let snat = if sip.is_ipv4() { config.snat_v4 } else { config.snat_v6 };
-            let why = if hairpin { "hairpin" } else { "external frontend, backend on another node" };
-            out.push(format!("source NAT to {} ({why})", ip_from_addr(&snat)));
-        } else {
-            out.push("client address kept (no source NAT)".into());
-        }
-    }
+    snat_line(&mut out, &svc, be, sip, &config);
     Ok(out)
+}
+
+/// Whether the flow to `be` is source-NATed (`rules::needs_snat`), and why.
+fn snat_line(
+    out: &mut Vec<String>,
+    svc: &ServiceValue,
+    be: Option<BackendValue>,
+    sip: IpAddr,
+    config: &Config,
+) {
+    let Some(b) = be else { return };
+    if rules::needs_snat(svc, &b, &addr_from_ip(sip)) {
+        let snat = if sip.is_ipv4() { config.snat_v4 } else { config.snat_v6 };
+        let why = if b.ip() == sip { "hairpin" } else { "external frontend, backend on another node" };
+        out.push(format!("source NAT to {} ({why})", ip_from_addr(&snat)));
+    } else {
+        out.push("client address kept (no source NAT)".into());
+    }
 }

@@ -1,9 +1,10 @@
 //! L2: `lb explain` agrees with the datapath. For 1 000 random flows over services of every
-//! kind it distinguishes (plain, UDP, session affinity, an external frontend with local and
-//! remote backends, hence source NAT, and one with no backend), explain's prediction — the
-//! backend, source NAT or not, the refusal — is checked against what the real program does
-//! to a packet of that flow. Explain re-derives datapath rules on the host (the slot, the
-//! no-backend verdict, when to source-NAT): this is where a drift between them shows.
+//! kind it distinguishes (plain, UDP, session affinity with returning clients, an external
+//! frontend with local and remote backends, hence source NAT, and one with no backend),
+//! explain's prediction — the backend, source NAT or not, the refusal — is checked against
+//! what the real program does to a packet of that flow. Explain applies the datapath's rules
+//! on the host (the slot, and `lb_common::rules`: the no-backend verdict, when to
+//! source-NAT, when an affinity entry decides): this is where a drift between them shows.
 
 #[macro_use]
 mod common;
@@ -102,15 +103,20 @@ fn explain_predicts_what_the_datapath_does_for_1000_random_flows() {
     let mut l = Loaded::new();
     setup(&mut l);
     let mut rng = Rng(0x9e37_79b9);
-    let (mut translated, mut natted, mut refused) = (0, 0, 0);
+    let (mut translated, mut natted, mut refused, mut sticky) = (0, 0, 0, 0);
     for i in 0..FLOWS {
         let (vip, port, proto) = FRONTENDS[(rng.next() % FRONTENDS.len() as u32) as usize];
-        // A fresh client for each flow: an affinity entry of an earlier flow would decide
-        // instead of the slot (explain says so, but cannot name that backend).
-        let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i).to_string();
+        // A fresh client for each flow, but for the affinity service: 16 clients come back
+        // there, so their affinity entries decide (explain reads them).
+        let client = if port == 443 {
+            Ipv4Addr::new(198, 18, 127, (rng.next() % 16) as u8 + 1).to_string()
+        } else {
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i).to_string()
+        };
         let sport = 1024 + (rng.next() % 60_000) as u16;
         let dst = format!("{vip}:{port}/{}", if proto == PROTO_UDP { "udp" } else { "tcp" });
         let lines = lb_userspace::explain::explain(&l.dp, &format!("{client}:{sport}"), &dst).unwrap();
+        sticky += lines.iter().any(|l| l.contains("this client's entry decides")) as u32;
         let spec = if proto == PROTO_UDP {
             Spec::udp(&client, sport, vip, port)
         } else {
@@ -138,7 +144,10 @@ fn explain_predicts_what_the_datapath_does_for_1000_random_flows() {
         }
     }
     eprintln!(
-        "{FLOWS} flows: {translated} translated as explained ({natted} source-NATed), {refused} refused"
+        "{FLOWS} flows: {translated} translated as explained ({natted} source-NATed, {sticky} by an affinity entry), {refused} refused"
     );
-    assert!(natted > 50 && refused > 100 && translated - natted > 500, "every kind of flow was drawn");
+    assert!(
+        natted > 50 && refused > 100 && sticky > 100 && translated - natted > 500,
+        "every kind of flow was drawn"
+    );
 }

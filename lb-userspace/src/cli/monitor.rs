@@ -19,7 +19,10 @@ use lb_common::{
     maps::{EVENTS, MONITOR},
     verdict::Reason,
 };
-use lb_userspace::report::{self, FrontendName};
+use lb_userspace::{
+    conntrack_gc::monotonic_ns,
+    report::{self, FrontendName},
+};
 use serde::Serialize;
 
 /// How long a lease lasts; it is renewed every second.
@@ -256,13 +259,6 @@ impl Names {
     fn is(&self, e: &Event, want: &str) -> bool {
         self.of(e).is_some_and(|n| format!("{}/{}", n.namespace, n.service) == want)
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime into a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// RFC 3339 of a CLOCK_MONOTONIC reading (the programs' clock), through the wall clock now.
