@@ -28,7 +28,8 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the agent: load and attach the datapath, keep it in sync with the manifests.
+    /// Run the agent: load and attach the datapath, keep it in sync with the cluster (or a
+    /// folder of manifests).
     Agent(Box<cli::agent::AgentArgs>),
     #[command(flatten)]
     Inspect(cli::inspect::Inspect),

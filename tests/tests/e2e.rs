@@ -1372,9 +1372,10 @@ fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fil
 }
 
 /// `lb monitor -o json`: a TCP and a UDP packet to a ClusterIP port no Service serves (each
-/// refused) and one to a Service whose only endpoint is on the other node under
-/// `internalTrafficPolicy: Local` (dropped) show up with their reason, hook, interface and
-/// addresses. Without a monitor the datapath writes no event, also once one has exited.
+/// refused), one to a Service whose only endpoint is on the other node under
+/// `internalTrafficPolicy: Local` (dropped), and one from outside to a LoadBalancer IP whose
+/// source ranges leave it out (dropped at XDP) show up with their reason, hook, interface,
+/// addresses and Service. Without a monitor the datapath writes no event, also once one has exited.
 #[test]
 fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a_reader() {
     use std::io::BufRead as _;
@@ -1393,7 +1394,7 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
     let (lb, pin_dir) = (lab.state.bins.lb.to_string_lossy().into_owned(), lab.pin_dir(1));
     let mut monitor = lab::in_ns(
         &lab.node_netns(1),
-        &[&lb, "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json", "--count", "3"],
+        &[&lb, "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json", "--count", "4"],
     )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
@@ -1414,10 +1415,22 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
             .is_some_and(|v| v.flags & lb_common::abi::SVC_F_DROP_NO_BACKEND != 0 || v.backend_count == 0)
     });
     assert_eq!(tcp_ask(&client, sa(vip(), 80), ASK), Answer::Timeout);
+    // From outside, to a LoadBalancer IP whose source ranges leave the client out: dropped
+    // at XDP on the node's interface.
+    let denied = service(
+        "web",
+        &format!(
+            "  type: LoadBalancer\n  clusterIP: {VIP}\n  loadBalancerSourceRanges: [198.18.9.0/24]\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n"
+        ),
+        &format!("loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}"),
+    ) + &web_slice(&ready(&all));
+    let lb_ip: IpAddr = LB_IP.parse().unwrap();
+    apply(&lab, &denied, "denied", || lab.has_frontend(1, lb_ip, 80).unwrap_or(false));
+    assert_eq!(tcp_ask(&lab.ext_ns(), sa(lb_ip, 80), ASK), Answer::Timeout);
     let out = wait_child(&mut monitor, Duration::from_secs(10));
     let events: Vec<serde_json::Value> =
         out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
-    assert_eq!(events.len(), 3, "{out}");
+    assert_eq!(events.len(), 4, "{out}");
     // A port the ClusterIP does not serve is named by the ClusterIP's Service; a frontend by
     // its Service port.
     let want = [
@@ -1425,7 +1438,7 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
         ("reject", "reject_unknown_port", "udp", format!("{}:81", VIP), "default/web"),
         ("drop", "drop_no_backend", "tcp", format!("{}:80", VIP), "default/web:http"),
     ];
-    for (e, (kind, reason, proto, dst, service)) in events.iter().zip(want) {
+    for (e, (kind, reason, proto, dst, service)) in events[..3].iter().zip(want) {
         assert_eq!(
             e["service"].as_str(),
             Some(service),
@@ -1443,6 +1456,16 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
             "{e}"
         );
     }
+    let e = &events[3];
+    assert_eq!(
+        (e["type"].as_str(), e["reason"].as_str()),
+        (Some("drop"), Some("source_range_denied")),
+        "{e}"
+    );
+    assert_eq!((e["interface"].as_str(), e["hook"].as_str()), (Some("eth0"), Some("xdp")), "{e}");
+    assert_eq!(e["dst"].as_str(), Some(format!("{LB_IP}:80").as_str()), "{e}");
+    assert!(e["src"].as_str().unwrap().starts_with(&format!("{EXT_IP}:")), "{e}");
+    assert_eq!(e["service"].as_str(), Some("default/web:http"), "{e}");
     // The monitor gave its lease up on exit.
     let before = sent();
     assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
