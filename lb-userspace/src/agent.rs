@@ -621,9 +621,8 @@ impl Reporter {
                 service: sref.name.clone(),
                 port: sref.port_name.clone(),
             };
-            let proto = if sref.proto == PROTO_UDP { "udp" } else { "tcp" };
             for &(ip, port) in &ds.frontends {
-                names.insert(report::frontend_key(ip, Some((port, proto))), name.clone());
+                names.insert(report::frontend_key(ip, Some((port, sref.proto))), name.clone());
                 if desired.cluster_vips.contains(&ip) {
                     let whole = report::FrontendName { port: String::new(), ..name.clone() };
                     names.insert(report::frontend_key(ip, None), whole);
@@ -1129,8 +1128,7 @@ fn render_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::F
         // IP family, so the names alone could repeat.
         let mut ids: BTreeMap<u32, String> = BTreeMap::new();
         for (k, v) in dp.services().unwrap_or_default() {
-            let key_proto = if k.proto == PROTO_UDP { "udp" } else { "tcp" };
-            let name = names.get(&report::frontend_key(k.ip(), Some((k.port(), key_proto))));
+            let name = names.get(&report::frontend_key(k.ip(), Some((k.port(), k.proto))));
             let labels = match name {
                 Some(n) => format!(
                     "namespace=\"{}\",service=\"{}\",port=\"{}\",protocol=\"{}\",",

@@ -93,13 +93,7 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, LockError> {
         .truncate(false)
         .open(&lock)
         .map_err(io)?;
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
+    let mut fl = whole_file_write_lock();
     // SAFETY: fcntl record locking on our own fd with a valid struct flock.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) } == 0 {
         return Ok(PinDirLock { _file: file, path: lock });
@@ -113,17 +107,22 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, LockError> {
     Err(LockError::Held { pin_dir: pin_dir.to_path_buf(), pid: fl.l_pid, lock })
 }
 
-/// The pid of the agent holding `pin_dir`'s lock, if one does (from another process: POSIX
-/// locks do not conflict with their own holder).
-pub fn lock_holder(pin_dir: &Path) -> Option<i32> {
-    let file = File::open(lock_path(pin_dir)).ok()?;
-    let mut fl = libc::flock {
+/// A write lock over the whole file, for `F_SETLK` and `F_GETLK`.
+fn whole_file_write_lock() -> libc::flock {
+    libc::flock {
         l_type: libc::F_WRLCK as i16,
         l_whence: libc::SEEK_SET as i16,
         l_start: 0,
         l_len: 0,
         l_pid: 0,
-    };
+    }
+}
+
+/// The pid of the agent holding `pin_dir`'s lock, if one does (from another process: POSIX
+/// locks do not conflict with their own holder).
+pub fn lock_holder(pin_dir: &Path) -> Option<i32> {
+    let file = File::open(lock_path(pin_dir)).ok()?;
+    let mut fl = whole_file_write_lock();
     // SAFETY: fcntl F_GETLK on our own fd with a valid struct flock.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) } != 0 {
         return None;

@@ -2,7 +2,7 @@
 //! each pinned map (the `memlock` its fdinfo reports: what the kernel charges for it).
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::Path,
 };
 
@@ -15,8 +15,12 @@ pub fn resident_bytes() -> Option<u64> {
 /// The kernel memory of the map pinned at `pin`, in bytes.
 pub fn map_bytes(pin: &Path) -> Option<u64> {
     let map = aya::maps::MapData::from_pin(pin).ok()?;
-    let fdinfo =
-        std::fs::read_to_string(format!("/proc/self/fdinfo/{}", map.fd().as_fd().as_raw_fd())).ok()?;
+    fd_bytes(map.fd().as_fd())
+}
+
+/// The kernel memory of the map behind `fd`, in bytes.
+pub fn fd_bytes(fd: BorrowedFd<'_>) -> Option<u64> {
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
     field(&fdinfo, "memlock:")
 }
 

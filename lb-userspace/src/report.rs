@@ -96,10 +96,14 @@ pub fn path(pin_dir: &Path) -> PathBuf {
 /// Writes `report` for `pin_dir`: to a temporary file, then renamed over the last one, so a
 /// reader sees one whole report or the previous one.
 pub fn write(pin_dir: &Path, report: &Report) -> std::io::Result<()> {
-    let to = path(pin_dir);
+    replace(&path(pin_dir), &serde_json::to_vec_pretty(report)?)
+}
+
+/// Writes `bytes` to a temporary file beside `to`, then renames it over `to`.
+fn replace(to: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = to.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(report)?)?;
-    std::fs::rename(&tmp, &to)
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, to)
 }
 
 /// The last report written for `pin_dir`, if any.
@@ -141,22 +145,20 @@ pub fn names_path(pin_dir: &Path) -> PathBuf {
     crate::bpffs::lock_path(pin_dir).with_extension("frontends.json")
 }
 
-/// The key of a frontend in the names file: `ip:port/proto` (`[ip]:port/proto` for IPv6),
-/// or the bare address of a ClusterIP (any port of it).
-pub fn frontend_key(ip: std::net::IpAddr, port_proto: Option<(u16, &str)>) -> String {
+/// The key of a frontend in the names file: `ip:port/tcp|udp` (`[ip]:port/...` for IPv6)
+/// from a port and an `abi::PROTO_*`, or the bare address of a ClusterIP (any port of it).
+pub fn frontend_key(ip: std::net::IpAddr, port_proto: Option<(u16, u8)>) -> String {
+    let name = |proto| if proto == lb_common::abi::PROTO_UDP { "udp" } else { "tcp" };
     match (ip, port_proto) {
         (_, None) => ip.to_string(),
-        (std::net::IpAddr::V6(v6), Some((port, proto))) => format!("[{v6}]:{port}/{proto}"),
-        (v4, Some((port, proto))) => format!("{v4}:{port}/{proto}"),
+        (std::net::IpAddr::V6(v6), Some((port, proto))) => format!("[{v6}]:{port}/{}", name(proto)),
+        (v4, Some((port, proto))) => format!("{v4}:{port}/{}", name(proto)),
     }
 }
 
 /// Writes the frontend names, replacing the last ones whole.
 pub fn write_names(pin_dir: &Path, names: &BTreeMap<String, FrontendName>) -> std::io::Result<()> {
-    let to = names_path(pin_dir);
-    let tmp = to.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(names)?)?;
-    std::fs::rename(&tmp, &to)
+    replace(&names_path(pin_dir), &serde_json::to_vec(names)?)
 }
 
 /// The frontend names the agent on `pin_dir` wrote last (none if it never did).
@@ -197,13 +199,14 @@ mod tests {
         write(&pin_dir, &r).unwrap();
         assert_eq!(read(&pin_dir).unwrap().unwrap().syncs, 4);
         let names = BTreeMap::from([(
-            frontend_key("198.19.0.10".parse().unwrap(), Some((80, "tcp"))),
+            frontend_key("198.19.0.10".parse().unwrap(), Some((80, lb_common::abi::PROTO_TCP))),
             FrontendName { namespace: "default".into(), service: "web".into(), port: "http".into() },
         )]);
         write_names(&pin_dir, &names).unwrap();
         assert_eq!(read_names(&pin_dir), names);
         assert!(names.contains_key("198.19.0.10:80/tcp"));
-        assert_eq!(frontend_key("2001:2::1".parse().unwrap(), Some((80, "udp"))), "[2001:2::1]:80/udp");
+        let udp = frontend_key("2001:2::1".parse().unwrap(), Some((80, lb_common::abi::PROTO_UDP)));
+        assert_eq!(udp, "[2001:2::1]:80/udp");
         assert!(remove(&pin_dir).unwrap());
         assert_eq!(read(&pin_dir).unwrap(), None);
         assert!(read_names(&pin_dir).is_empty());

@@ -434,15 +434,7 @@ fn change_to_datapath_latency_is_measured_and_under_a_second() {
 fn load_balancer_source_ranges_allow_drop_and_nodeport_bypass() {
     let Some(lab) = lab() else { return };
     let all = pods(&lab, &["web-1", "web-3"]);
-    let lb = |ranges: &str| {
-        service(
-            "web",
-            &format!(
-                "  type: LoadBalancer\n  clusterIP: {VIP}\n  loadBalancerSourceRanges: [{ranges}]\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n"
-            ),
-            &format!("loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}"),
-        ) + &web_slice(&ready(&all))
-    };
+    let lb = |ranges: &str| web_lb_with_ranges(ranges) + &web_slice(&ready(&all));
     let ext = lab.ext_ns();
     let lb_ip: IpAddr = LB_IP.parse().unwrap();
     apply(&lab, &lb(&format!("{EXT_IP}/32")), "allowed", || {
@@ -1417,13 +1409,7 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
     assert_eq!(tcp_ask(&client, sa(vip(), 80), ASK), Answer::Timeout);
     // From outside, to a LoadBalancer IP whose source ranges leave the client out: dropped
     // at XDP on the node's interface.
-    let denied = service(
-        "web",
-        &format!(
-            "  type: LoadBalancer\n  clusterIP: {VIP}\n  loadBalancerSourceRanges: [198.18.9.0/24]\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n"
-        ),
-        &format!("loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}"),
-    ) + &web_slice(&ready(&all));
+    let denied = web_lb_with_ranges("198.18.9.0/24") + &web_slice(&ready(&all));
     let lb_ip: IpAddr = LB_IP.parse().unwrap();
     apply(&lab, &denied, "denied", || lab.has_frontend(1, lb_ip, 80).unwrap_or(false));
     assert_eq!(tcp_ask(&lab.ext_ns(), sa(lb_ip, 80), ASK), Answer::Timeout);

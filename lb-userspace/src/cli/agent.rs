@@ -172,9 +172,14 @@ pub struct AgentArgs {
     pub config_note: Option<String>,
 }
 
+/// Whether `s` is a zero duration (`0`, `0s`, `0h0m0s`): kube-proxy's "not set".
+pub fn is_zero_duration(s: &str) -> bool {
+    s.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '0').is_empty()
+}
+
 /// `--config-sync-period`: a duration, or 0 (off).
 fn parse_sync_period(s: &str) -> Result<u32, String> {
-    if s.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '0').is_empty() {
+    if is_zero_duration(s) {
         return Ok(0);
     }
     parse_duration_secs(s)

@@ -136,7 +136,7 @@ fn field(out: &mut FromFile, path: &str, value: &Value) -> anyhow::Result<()> {
         _ => text,
     };
     let duration = path.starts_with("conntrack.") || path == "configSyncPeriod";
-    let unset = text.is_empty() || (duration && is_zero_duration(&text));
+    let unset = text.is_empty() || (duration && super::agent::is_zero_duration(&text));
     if !unset {
         out.flags.push((flag, text));
     }
@@ -155,10 +155,6 @@ fn bind_address(out: &mut FromFile, value: &Value, top: &serde_yaml_ng::Mapping)
         out.flags.push(("nodeport_addresses", format!("{ip}/{bits}")));
     }
     Ok(())
-}
-
-fn is_zero_duration(s: &str) -> bool {
-    s.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '0').is_empty()
 }
 
 #[cfg(test)]

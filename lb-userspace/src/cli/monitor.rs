@@ -130,10 +130,13 @@ pub fn run(args: MonitorArgs, pin_dir: &Path, json: bool) -> anyhow::Result<()> 
             if !reasons.as_ref().is_none_or(|r| r.contains(&e.reason)) || bits & (1 << e.kind) == 0 {
                 continue;
             }
-            let s = show(&e, &ifaces, &services);
-            if args.service.as_ref().is_some_and(|want| !services.is(&e, want)) {
+            let service = services.of(&e);
+            let named =
+                |want: &String| service.is_some_and(|n| format!("{}/{}", n.namespace, n.service) == *want);
+            if args.service.as_ref().is_some_and(|want| !named(want)) {
                 continue;
             }
+            let s = show(&e, &ifaces, service);
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -193,7 +196,7 @@ fn decode(bytes: &[u8]) -> Option<Event> {
     (bytes.len() >= size_of::<Event>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
-fn show(e: &Event, ifaces: &BTreeMap<u32, String>, services: &Names) -> Shown {
+fn show(e: &Event, ifaces: &BTreeMap<u32, String>, service: Option<&FrontendName>) -> Shown {
     let endpoint = |a: &Addr, port: u16| match (ip_from_addr(a), e.proto) {
         (IpAddr::V6(ip), PROTO_TCP | PROTO_UDP) => format!("[{ip}]:{}", u16::from_be(port)),
         (ip, PROTO_TCP | PROTO_UDP) => format!("{ip}:{}", u16::from_be(port)),
@@ -213,7 +216,7 @@ fn show(e: &Event, ifaces: &BTreeMap<u32, String>, services: &Names) -> Shown {
         src: endpoint(&e.src, e.sport),
         dst: endpoint(&e.dst, e.dport),
         bytes: e.len,
-        service: services.of(e).map(|n| {
+        service: service.map(|n| {
             let port = if n.port.is_empty() { String::new() } else { format!(":{}", n.port) };
             format!("{}/{}{port}", n.namespace, n.service)
         }),
@@ -245,19 +248,10 @@ impl Names {
     /// The Service of the event's destination: its frontend, else its ClusterIP.
     fn of(&self, e: &Event) -> Option<&FrontendName> {
         let ip = ip_from_addr(&e.dst);
-        let proto = match e.proto {
-            PROTO_TCP => "tcp",
-            PROTO_UDP => "udp",
-            _ => return self.by_frontend.get(&report::frontend_key(ip, None)),
-        };
-        self.by_frontend
-            .get(&report::frontend_key(ip, Some((u16::from_be(e.dport), proto))))
-            .or_else(|| self.by_frontend.get(&report::frontend_key(ip, None)))
-    }
-
-    /// Whether the event's destination belongs to `want` (`namespace/name`).
-    fn is(&self, e: &Event, want: &str) -> bool {
-        self.of(e).is_some_and(|n| format!("{}/{}", n.namespace, n.service) == want)
+        let frontend = matches!(e.proto, PROTO_TCP | PROTO_UDP)
+            .then(|| self.by_frontend.get(&report::frontend_key(ip, Some((u16::from_be(e.dport), e.proto)))))
+            .flatten();
+        frontend.or_else(|| self.by_frontend.get(&report::frontend_key(ip, None)))
     }
 }
 

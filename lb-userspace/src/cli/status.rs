@@ -62,7 +62,7 @@ fn maps(pin_dir: &Path) -> Vec<MapFill> {
                 kind,
                 entries,
                 capacity: layout.max_entries,
-                memory_bytes: memory::map_bytes(&pin),
+                memory_bytes: memory::fd_bytes(map.fd().as_fd()),
             })
         })
         .collect()

@@ -67,6 +67,18 @@ pub fn web(type_: &str, extra: &str) -> String {
     )
 }
 
+/// web as a LoadBalancer (`LB_IP`, TCP only) that admits only `ranges`
+/// (`loadBalancerSourceRanges`, comma-separated).
+pub fn web_lb_with_ranges(ranges: &str) -> String {
+    service(
+        "web",
+        &format!(
+            "  type: LoadBalancer\n  clusterIP: {VIP}\n  loadBalancerSourceRanges: [{ranges}]\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n"
+        ),
+        &format!("loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}"),
+    )
+}
+
 pub fn web_slice(endpoints: &[(&Pod, &str)]) -> String {
     slice_yaml("web-1", "web", &[("http", POD_PORT, "TCP"), ("udp", POD_PORT, "UDP")], endpoints)
 }

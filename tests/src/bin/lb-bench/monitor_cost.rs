@@ -28,13 +28,8 @@ pub fn measure(calls: u32) -> anyhow::Result<(f64, f64)> {
         let none = ServiceValue { service_id: 1, ..Default::default() };
         services.insert(ServiceKey::new(ip(vip), 80, PROTO_TCP), none, 0)?;
     }
-    {
-        // Listed in the address pre-filter, as the agent lists every frontend.
-        let mut filter: Array<_, u64> =
-            Array::try_from(v.ebpf.map_mut(lb_common::maps::ADDR_FILTER).context("lb_addr_filter")?)?;
-        let (word, bit) = lb_common::addr_filter::slot(&addr_from_ip(ip(vip)));
-        filter.set(word, bit, 0)?;
-    }
+    // Listed in the address pre-filter, as the agent lists every frontend.
+    crate::prog::list_addresses(&mut v.ebpf, std::iter::once(ip(vip)))?;
     let mut lease: Array<MapData, MonitorLease> =
         Array::try_from(v.ebpf.take_map("lb_monitor").context("lb_monitor")?)?;
     let mut ring = RingBuf::try_from(v.ebpf.take_map("lb_events").context("lb_events")?)?;

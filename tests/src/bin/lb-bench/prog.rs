@@ -153,20 +153,9 @@ fn program(ebpf: &mut Ebpf, services: u32, target: u32) -> anyhow::Result<()> {
     {
         c.set(0, Config { tick_ns, tick_j0, tick_t0, ..Config::default() }, 0)?;
     }
-    // The address pre-filter, where the object has one: every VIP and backend listed, as the
-    // agent's dataplane does.
-    if let Some(map) = ebpf.map_mut(lb_common::maps::ADDR_FILTER) {
-        let mut filter: Array<_, u64> = Array::try_from(map)?;
-        let vips = (0..services).map(|s| ip(&vip(s)));
-        let mut words: std::collections::BTreeMap<u32, u64> = Default::default();
-        for a in vips.chain((1..=BACKENDS).map(|i| ip(&format!("198.18.1.{i}")))) {
-            let (word, bit) = lb_common::addr_filter::slot(&addr_from_ip(a));
-            *words.entry(word).or_default() |= bit;
-        }
-        for (word, bits) in words {
-            filter.set(word, bits, 0)?;
-        }
-    }
+    // The address pre-filter: every VIP and backend listed, as the agent's dataplane does.
+    let vips = (0..services).map(|s| ip(&vip(s)));
+    list_addresses(ebpf, vips.chain((1..=BACKENDS).map(|i| ip(&format!("198.18.1.{i}")))))?;
     let mut sv: HashMap<_, ServiceKey, ServiceValue> =
         HashMap::try_from(ebpf.map_mut("lb_services").context("lb_services")?)?;
     for s in 0..services {
@@ -179,6 +168,22 @@ fn program(ebpf: &mut Ebpf, services: u32, target: u32) -> anyhow::Result<()> {
             affinity_timeout: 0,
         };
         sv.insert(ServiceKey::new(ip(&vip(s)), port(s), PROTO_TCP), value, 0)?;
+    }
+    Ok(())
+}
+
+/// Sets the address pre-filter bits of `addrs`, where the object has a filter (a baseline
+/// may not).
+pub fn list_addresses(ebpf: &mut Ebpf, addrs: impl Iterator<Item = std::net::IpAddr>) -> anyhow::Result<()> {
+    let Some(map) = ebpf.map_mut(lb_common::maps::ADDR_FILTER) else { return Ok(()) };
+    let mut filter: Array<_, u64> = Array::try_from(map)?;
+    let mut words: std::collections::BTreeMap<u32, u64> = Default::default();
+    for a in addrs {
+        let (word, bit) = lb_common::addr_filter::slot(&addr_from_ip(a));
+        *words.entry(word).or_default() |= bit;
+    }
+    for (word, bits) in words {
+        filter.set(word, bits, 0)?;
     }
     Ok(())
 }
