@@ -238,6 +238,11 @@ impl ApiStandIn {
         let g = self.shared.inner.lock().unwrap();
         g.requests.iter().filter(|r| r.contains(&prefix) && !r.contains("watch=true")).count()
     }
+
+    /// Requests of any kind (lists and watches, failed ones too) made so far.
+    pub fn requests(&self) -> usize {
+        self.shared.inner.lock().unwrap().requests.len()
+    }
 }
 
 async fn handle(
