@@ -309,6 +309,36 @@ pub struct Config {
     /// time up to `answer_cap_ns` (the burst). Zero cost: no limit.
     pub answer_cost_ns: u64,
     pub answer_cap_ns: u64,
+    /// The agent's network namespace (its `SO_NETNS_COOKIE`): the connect-time programs act
+    /// only on sockets there (the node's own processes). Zero: they act on none.
+    pub host_netns_cookie: u64,
+}
+
+/// A host socket's view of a Service (`lb_sock_rev` key): the socket (its cookie) and the
+/// backend the connect-time program sent it to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// The frontend a host socket asked for (`lb_sock_rev` value): what `getpeername` and
+/// `recvmsg` show instead of the backend, and the (service, backend) pair whose membership
+/// the agent checks for connected UDP sockets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub _pad2: u32,
 }
 
 /// A checked pod interface (`lb_pod_ports` value): the interface its addresses may also
@@ -375,6 +405,7 @@ impl Default for Config {
             tick_t0: 0,
             answer_cost_ns: 0,
             answer_cap_ns: 0,
+            host_netns_cookie: 0,
         }
     }
 }
@@ -462,9 +493,11 @@ const _: () = {
     assert!(size_of::<FragmentKey>() == 12);
     assert!(size_of::<FragmentValue>() == 12);
     assert!(size_of::<AffinityKey>() == 20);
+    assert!(size_of::<SockRevKey>() == 32);
+    assert!(size_of::<SockRevValue>() == 32);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(offset_of!(AffinityValue, last_seen_ns) == 8);
-    assert!(size_of::<Config>() == 112);
+    assert!(size_of::<Config>() == 120);
     assert!(offset_of!(Config, answer_cost_ns) == 96);
     assert!(size_of::<AnswerBucket>() == 16);
     assert!(size_of::<PodSource>() == 20);
@@ -498,6 +531,8 @@ mod pod {
     unsafe impl aya::Pod for super::MemberKey {}
     unsafe impl aya::Pod for super::MemberValue {}
     unsafe impl aya::Pod for super::PodPort {}
+    unsafe impl aya::Pod for super::SockRevKey {}
+    unsafe impl aya::Pod for super::SockRevValue {}
 }
 
 #[cfg(any(feature = "user", test))]

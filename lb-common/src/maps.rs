@@ -62,11 +62,15 @@ pub const EVENTS_BYTES: u32 = 1 << 18;
 pub const MONITOR: &str = "lb_monitor";
 /// Per-CPU counters of events sent and lost (`abi::EVENTS_*` slots).
 pub const STATS_EVENTS: &str = "lb_stats_events";
+/// Host sockets pointed at a backend at connect time: `SockRevKey -> SockRevValue`
+/// (LRU_HASH), for `getpeername`, `recvmsg` and the agent's check of connected UDP sockets.
+pub const SOCK_REV: &str = "lb_sock_rev";
+pub const DEFAULT_MAX_SOCK_REV: u32 = 65_536;
 /// The maps that are not pinned: they hold nothing a restart must keep.
 pub const UNPINNED: [&str; 3] = [SCRATCH, ANSWER_BUCKET, POD_SOURCES];
 
 /// Every pinned map, in the order the agent opens them.
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 21] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -87,6 +91,7 @@ pub const ALL: [&str; 20] = [
     EVENTS,
     MONITOR,
     STATS_EVENTS,
+    SOCK_REV,
 ];
 
 /// Frontend entries (VIP, port, proto); the loader can raise it.

@@ -74,10 +74,16 @@ pub enum Reason {
     /// A packet from a pod interface that would create or change flow state under a source
     /// address the kernel does not route back to that interface: dropped.
     SpoofedSource = 30,
+    /// A socket in the node's own network namespace connected (or sent a UDP datagram) to a
+    /// frontend: pointed at a backend at connect time, its packets need no translation.
+    HostConnect = 31,
+    /// The same to a frontend with no usable backend, or to a ClusterIP port it does not
+    /// serve: the call failed with ECONNREFUSED.
+    HostRefused = 32,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 33;
 
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -112,6 +118,8 @@ impl Reason {
         Reason::ChecksumFailed,
         Reason::AdjustRoomFailed,
         Reason::SpoofedSource,
+        Reason::HostConnect,
+        Reason::HostRefused,
     ];
 
     /// Stable snake_case name used in metrics labels and CLI output.
@@ -148,6 +156,8 @@ impl Reason {
             Reason::ChecksumFailed => "checksum_failed",
             Reason::AdjustRoomFailed => "adjust_room_failed",
             Reason::SpoofedSource => "spoofed_source",
+            Reason::HostConnect => "host_connect",
+            Reason::HostRefused => "host_refused",
         }
     }
 }
@@ -187,6 +197,8 @@ impl Reason {
             28 => Reason::ChecksumFailed,
             29 => Reason::AdjustRoomFailed,
             30 => Reason::SpoofedSource,
+            31 => Reason::HostConnect,
+            32 => Reason::HostRefused,
             _ => Reason::MapError,
         }
     }

@@ -1,7 +1,9 @@
 //! Entry points of the datapath. `lb_xdp` runs on node interfaces (external clients, replies
 //! from remote backends), `lb_tc_pod` on the host side of pod interfaces (pod clients,
 //! replies from local backends). Both run the same decision (`datapath::process`); this file
-//! only maps verdicts to each hook's return codes, in one place.
+//! only maps verdicts to each hook's return codes, in one place. The `lb_connect*`,
+//! `lb_sendmsg*`, `lb_recvmsg*` and `lb_getpeername*` programs serve the node's own sockets
+//! at connect time (`sock`).
 #![no_std]
 #![no_main]
 
@@ -18,6 +20,7 @@ mod nat;
 mod parse;
 mod reject;
 mod select;
+mod sock;
 mod source_check;
 mod stats;
 mod zero;
@@ -25,8 +28,8 @@ mod zero;
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::bpf_redirect,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::verdict::{Action, Reason};
 
@@ -64,6 +67,48 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
     }
+}
+
+// Connect-time load balancing for the node's own sockets (`sock`).
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, true)
 }
 
 #[unsafe(link_section = "license")]

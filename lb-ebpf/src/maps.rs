@@ -102,6 +102,10 @@ pub static POD_SOURCES: LruHashMap<PodSource, u64> = LruHashMap::with_max_entrie
 #[map(name = "lb_events")]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
+/// Host sockets pointed at a backend at connect time (`sock`): what they asked for.
+#[map(name = "lb_sock_rev")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(DEFAULT_MAX_SOCK_REV, 0);
+
 #[map(name = "lb_monitor")]
 pub static MONITOR: Array<MonitorLease> = Array::pinned(1, 0);
 

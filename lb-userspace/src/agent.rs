@@ -26,6 +26,7 @@ use crate::{
     attach::{self, Attached, Hook},
     conntrack_gc,
     dataplane::{AyaDataplane, Dataplane},
+    host_clients,
     http::{self, Histogram, Response},
     links, loader, logging,
     model::{self, HealthCheck, NodeContext, NodePortAddresses},
@@ -75,6 +76,9 @@ pub struct AgentConfig {
     /// is attached to.
     pub pod_source_check: bool,
     pub nodeport_addresses: NodePortAddresses,
+    /// `--cgroup-root`: where the connect-time programs for the node's own clients attach
+    /// (`host_clients`); `None`: not attached.
+    pub cgroup_root: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub metrics_bind: SocketAddr,
     pub healthz_bind: SocketAddr,
@@ -134,6 +138,8 @@ struct Status {
     /// `--healthz-stale-after`.
     stale_after: Duration,
     xdp: BTreeMap<String, Attached>,
+    /// The cgroup2 hierarchy the connect-time programs are attached to, if they are.
+    sock_cgroup: Option<std::path::PathBuf>,
     tc: BTreeMap<String, (u32, Attached)>,
     frontends: usize,
     backends: usize,
@@ -297,6 +303,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         loop_turn: Instant::now(),
         stale_after: cfg.healthz_stale_after,
         xdp: BTreeMap::new(),
+        sock_cgroup: None,
         tc: BTreeMap::new(),
         frontends: applied.services.len(),
         backends: applied.backends.len(),
@@ -334,6 +341,11 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Err(e) = links::watch(links_changed.clone(), move || w.notify_one()) {
         log(format!("warning: no netlink link events ({e}); rescanning interfaces every second"));
     }
+    let (host_cookie, sock_cgroup) = match cfg.cgroup_root.as_deref() {
+        Some(root) => attach_host_clients(&mut ebpf, root, &cfg.pin_dir),
+        None => (0, None),
+    };
+    lock(&status).sock_cgroup = sock_cgroup;
     let mut tc_links: BTreeMap<String, (u32, attach::Holder)> = BTreeMap::new();
     remove_stale_link_pins(&cfg, &tc_patterns);
     // Every program is swapped in now: what the old programs wrote to migrated maps since
@@ -479,7 +491,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         });
         retry.prepare(&mut delta, due, |a| model_state.uses_backend(a));
         let desired = model_state.desired();
-        let want_config = datapath_config(&cfg, &node_addresses, clock);
+        let mut want_config = datapath_config(&cfg, &node_addresses, clock);
+        want_config.host_netns_cookie = host_cookie;
         if want_config != config {
             dp.set_config(&want_config)?;
             config = want_config;
@@ -488,6 +501,15 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         let plan = reconcile::plan_changes(desired, &delta, &applied, &limits);
         let result = reconcile::execute(&mut dp, &mut applied, &plan.ops);
         let took = t0.elapsed();
+        if host_cookie != 0 && result.is_ok() && !plan.ops.is_empty() {
+            match host_clients::destroy_stale_udp(&dp) {
+                Ok(0) => {}
+                Ok(n) => log(format!(
+                    "closed {n} connected UDP socket(s) of the node whose backend left its Service (they reconnect to a live one)"
+                )),
+                Err(e) => log(format!("warning: checking the node's connected UDP sockets: {e}")),
+            }
+        }
         for line in retry.settle(desired, &delta, &plan.failed, result.is_ok(), Instant::now()) {
             log(line);
         }
@@ -654,6 +676,13 @@ impl Reporter {
                     mode: how.mode().into(),
                 })
                 .collect();
+            if let Some(cgroup) = &st.sock_cgroup {
+                r.attachments.push(report::Attachment {
+                    interface: cgroup.display().to_string(),
+                    hook: "sock".into(),
+                    mode: "cgroup connect, sendmsg, recvmsg, getpeername (bpf_link)".into(),
+                });
+            }
             r.syncs = st.syncs;
             r.sync_errors = st.sync_errors;
             r.last_sync = st.last_sync.clone();
@@ -870,6 +899,30 @@ fn sync_links(
 
 /// Pins left by an earlier agent for interfaces this one will not serve (gone, or no longer
 /// named by the flags): removing them detaches those programs.
+/// Attaches the connect-time programs for the node's own clients (`host_clients`); returns
+/// the network namespace cookie they act in and the cgroup2 hierarchy, or 0 (with a
+/// warning) when they cannot run here: the packet path works without them.
+fn attach_host_clients(
+    ebpf: &mut aya::Ebpf,
+    root: &std::path::Path,
+    pin_dir: &std::path::Path,
+) -> (u64, Option<std::path::PathBuf>) {
+    let attached = host_clients::cgroup2_root(root)
+        .map_err(anyhow::Error::from)
+        .and_then(|r| host_clients::attach(ebpf, &r, pin_dir).map(|()| r))
+        .and_then(|r| Ok((r, host_clients::netns_cookie()?)));
+    match attached {
+        Ok((r, cookie)) => {
+            log(format!("clients on this node served at connect time (cgroup {})", r.display()));
+            (cookie, Some(r))
+        }
+        Err(e) => {
+            log(format!("warning: clients on this node (its shell, hostNetwork pods) are not served: {e:#}"));
+            (0, None)
+        }
+    }
+}
+
 fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns) {
     let present = links::interfaces();
     let Ok(dir) = std::fs::read_dir(cfg.pin_dir.join("links")) else { return };
@@ -878,6 +931,7 @@ fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns) {
         let keep = match name.split_once('-') {
             Some(("xdp", iface)) => cfg.xdp_ifaces.iter().any(|i| i == iface),
             Some(("tc", iface)) => tc.matches(iface) && present.contains_key(iface),
+            Some(("sock", _)) => cfg.cgroup_root.is_some(),
             _ => true,
         };
         if !keep {

@@ -94,6 +94,7 @@ pub struct AyaDataplane {
     stats_events: PerCpuArray<MapData, Counter>,
     pod_ports: HashMap<MapData, u32, PodPort>,
     addr_filter: MmapArray,
+    sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
     /// Addresses listed since `take_listed`.
     listed: BTreeSet<Addr>,
 }
@@ -143,6 +144,8 @@ impl AyaDataplane {
             pod_ports: HashMap::try_from(Map::HashMap(open(pin_dir, maps::POD_PORTS)?))
                 .map_err(map_err(maps::POD_PORTS))?,
             addr_filter: MmapArray::new(open(pin_dir, maps::ADDR_FILTER)?, maps::ADDR_FILTER)?,
+            sock_rev: HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::SOCK_REV)?))
+                .map_err(map_err(maps::SOCK_REV))?,
             listed: BTreeSet::new(),
         })
     }
@@ -291,6 +294,21 @@ impl AyaDataplane {
     /// A backend's membership of a service, if any.
     pub fn member(&self, key: &MemberKey) -> Option<MemberValue> {
         self.members.get(key, 0).ok()
+    }
+
+    /// What a host socket connected to `key.addr` asked for (`sock`), if it was pointed
+    /// there at connect time.
+    pub fn sock_rev(&self, key: &SockRevKey) -> Option<SockRevValue> {
+        self.sock_rev.get(key, 0).ok()
+    }
+
+    /// Backend `id`'s entry, if it is in use.
+    pub fn backend(&self, id: u32) -> Option<BackendValue> {
+        if id >= self.backends_view.len {
+            return None;
+        }
+        let v: BackendValue = self.backends_view.read(id);
+        (v.flags & BE_F_PRESENT != 0).then_some(v)
     }
 
     /// Drops every flow-table entry (tests, `lb conntrack flush`).

@@ -135,6 +135,75 @@ pub fn explain(dp: &AyaDataplane, src: &str, dst: &str) -> anyhow::Result<Vec<St
     Ok(out)
 }
 
+/// `lb explain --from-host DST`: what a socket in the node's own network namespace gets at
+/// connect time (`lb_ebpf::sock`), with the same rules the program follows.
+pub fn explain_from_host(dp: &AyaDataplane, dst: &str) -> anyhow::Result<Vec<String>> {
+    let (dip, dport, proto) = parse_dst(dst)?;
+    let mut out = vec![format!(
+        "a socket of this node connecting to {}/{} (connect-time load balancing, cgroup sock_addr)",
+        ep(dip, dport),
+        proto_name(proto)
+    )];
+    let config = dp.config()?;
+    if config.host_netns_cookie == 0 {
+        out.push(
+            "connect-time load balancing is off (--cgroup-root off, or it could not attach: see the agent log): \
+             the socket connects as asked"
+                .into(),
+        );
+        return Ok(out);
+    }
+    let Some(svc) = dp.service(&ServiceKey::new(dip, dport, proto)) else {
+        out.push(if dp.service(&ServiceKey::new(dip, 0, 0)).is_some() {
+            "a ClusterIP, but not this port/protocol: the call fails with ECONNREFUSED".into()
+        } else {
+            "not a frontend: the socket connects as asked".into()
+        });
+        return Ok(out);
+    };
+    out.push(format!(
+        "frontend of service {}: {} backends, Maglev range {}+{}",
+        svc.service_id, svc.backend_count, svc.maglev_offset, svc.maglev_size
+    ));
+    if svc.backend_count == 0 {
+        out.push("no usable backend: the call fails with ECONNREFUSED".into());
+        return Ok(out);
+    }
+    let node = if dip.is_ipv4() { config.snat_v4 } else { config.snat_v6 };
+    if svc.flags & SVC_F_AFFINITY != 0 {
+        let akey = AffinityKey { client: node, service_id: svc.service_id };
+        let entry = dp.affinity(&akey).filter(|a| {
+            let member = dp.member(&MemberKey { service_id: svc.service_id, backend_id: a.backend_id });
+            rules::affinity_honoured(&svc, a, member, backend(dp, a.backend_id).is_some(), monotonic_ns())
+        });
+        if let Some(a) = entry {
+            out.push(format!(
+                "sessionAffinity ClientIP: the node's address {} has an entry, which decides",
+                ip_from_addr(&node)
+            ));
+            out.push(format!("picked: {}", backend_line(a.backend_id, backend(dp, a.backend_id).as_ref())));
+            return Ok(out);
+        }
+    }
+    // Each socket hashes its own cookie: any backend of the range, in proportion to its slots.
+    let slots = dp.read_maglev(svc.maglev_offset, svc.maglev_size)?;
+    let mut share: std::collections::BTreeMap<u32, u32> = Default::default();
+    for id in slots {
+        *share.entry(id).or_default() += 1;
+    }
+    out.push("each socket hashes its own cookie, so sockets spread over the range:".into());
+    for (id, n) in share {
+        let pct = 100.0 * f64::from(n) / f64::from(svc.maglev_size.max(1));
+        out.push(format!("  {pct:5.1}%  {}", backend_line(id, backend(dp, id).as_ref())));
+    }
+    out.push(
+        "the socket then talks to the backend directly (no translation, no source NAT); getpeername and \
+         UDP replies show the frontend"
+            .into(),
+    );
+    Ok(out)
+}
+
 /// Whether the flow to `be` is source-NATed (`rules::needs_snat`), and why.
 fn snat_line(
     out: &mut Vec<String>,

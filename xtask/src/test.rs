@@ -73,7 +73,18 @@ pub fn run() -> anyhow::Result<()> {
     // The lab runs the `lb` binary, which integration tests of lb-tests do not build.
     crate::lab::build()?;
     eprintln!("== L3 end-to-end on network-namespace labs (root)");
-    run_cmd(cargo().args(["test", "-p", "lb-tests", "--test", "e2e", "--", "--test-threads", "2"]))?;
+    run_cmd(cargo().args([
+        "test",
+        "-p",
+        "lb-tests",
+        "--test",
+        "e2e",
+        "--test",
+        "host_clients",
+        "--",
+        "--test-threads",
+        "2",
+    ]))?;
     // The flow table over time: a 200 000-connection soak, a SYN flood, five minutes of
     // endpoint churn, a resizing restart. One at a time: they measure what they load.
     run_cmd(cargo().args([

@@ -54,6 +54,14 @@ pub struct AgentArgs {
     /// outlive the agent like the default modes. Comma-separated.
     #[arg(long, value_delimiter = ',', value_name = "xdp,tc")]
     pub netlink_attach: Vec<NetlinkHook>,
+    /// The cgroup2 hierarchy where connect-time programs serve clients on the node itself
+    /// (its shell, daemons and hostNetwork pods), as kube-proxy's `nat OUTPUT` chain does: a
+    /// TCP connect or UDP send from the agent's network namespace to a frontend is pointed at
+    /// a backend, `getpeername` and replies show the Service address, no endpoint fails with
+    /// ECONNREFUSED. Other namespaces (pods) are left to the packet path. On a hybrid cgroup
+    /// host the default finds the cgroup2 mount (`/sys/fs/cgroup/unified`). `off`: none.
+    #[arg(long, default_value = lb_userspace::host_clients::DEFAULT_CGROUP_ROOT, value_name = "PATH|off")]
+    pub cgroup_root: PathBuf,
     /// Node addresses that serve NodePorts: `primary` (the node's first address of each
     /// family) or a comma-separated CIDR list.
     #[arg(long, default_value = "primary", value_name = "CIDR,..|primary")]
@@ -265,6 +273,7 @@ impl AgentArgs {
                 clsact: self.netlink_attach.contains(&NetlinkHook::Tc),
             },
             nodeport_addresses: self.nodeport_addresses,
+            cgroup_root: (self.cgroup_root.as_os_str() != "off").then_some(self.cgroup_root),
             pin_dir: self.pin_dir,
             metrics_bind: self.metrics_bind_address,
             healthz_bind: self.healthz_bind_address,

@@ -80,6 +80,11 @@ fn daemonset_runs_the_agent_like_kube_proxy_with_least_capabilities() {
     assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/livez"));
     assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/healthz"));
     assert!(c.volume_mounts.iter().flatten().any(|m| m.mount_path == "/sys/fs/bpf"));
+    // The host's cgroup2 hierarchy, where the connect-time programs attach.
+    let cgroup = c.volume_mounts.iter().flatten().find(|m| m.name == "cgroup").expect("cgroup mount");
+    let host_cgroup =
+        pod.volumes.iter().flatten().find(|v| v.name == "cgroup").and_then(|v| v.host_path.clone());
+    assert_eq!(host_cgroup.map(|h| h.path).as_deref(), Some("/sys/fs/cgroup"));
     // No privileged helper and no node-wide sysctl: the agent sets accept_local on the
     // interfaces it attaches to.
     assert!(pod.init_containers.is_none(), "no init container");
@@ -97,6 +102,7 @@ fn daemonset_runs_the_agent_like_kube_proxy_with_least_capabilities() {
         crate::Cmd::Agent(a) => {
             assert!(a.manifests.is_none() && a.kubeconfig.is_none(), "in-cluster configuration");
             assert_eq!(a.node_name, "node-1");
+            assert_eq!(a.cgroup_root.to_str(), Some(cgroup.mount_path.as_str()));
             assert_eq!(a.healthz_bind_address.port(), 10256);
             assert!(a.metrics_bind_address.ip().is_loopback(), "metrics on loopback, like kube-proxy");
         }

@@ -31,12 +31,18 @@ pub enum Inspect {
     },
     /// Packet counters by verdict reason, summed over CPUs.
     Stats,
-    /// Which backend a flow gets, and why: `lb explain 198.18.1.100:40000 198.19.0.10:80/tcp`.
+    /// Which backend a flow gets, and why: `lb explain 198.18.1.100:40000 198.19.0.10:80/tcp`;
+    /// for a socket of the node itself: `lb explain --from-host 198.19.0.10:80/tcp`.
     Explain {
-        /// Client address, `IP` or `IP:PORT`.
+        /// Explain a connect from the node's own network namespace (connect-time load
+        /// balancing): the one argument is the frontend.
+        #[arg(long)]
+        from_host: bool,
+        /// Client address, `IP` or `IP:PORT` (with `--from-host`: the frontend).
         src: String,
         /// Frontend, `IP:PORT[/tcp|udp]` (tcp by default).
-        dst: String,
+        #[arg(required_unless_present = "from_host")]
+        dst: Option<String>,
     },
 }
 
@@ -49,8 +55,13 @@ pub enum ListCmd {
 pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
     let dp = AyaDataplane::open(pin_dir).with_context(|| format!("pin dir {}", pin_dir.display()))?;
     match cmd {
-        Inspect::Explain { src, dst } => {
-            let lines = lb_userspace::explain::explain(&dp, &src, &dst)?;
+        Inspect::Explain { from_host, src, dst } => {
+            let lines = match (from_host, dst) {
+                (true, None) => lb_userspace::explain::explain_from_host(&dp, &src)?,
+                (true, Some(_)) => anyhow::bail!("--from-host takes one argument, the frontend"),
+                (false, Some(dst)) => lb_userspace::explain::explain(&dp, &src, &dst)?,
+                (false, None) => anyhow::bail!("want SRC and DST"),
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&lines)?);
             } else {
