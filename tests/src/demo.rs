@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the kube-proxy walkthrough on the lab. A 3-replica Service (port 80 ->
 //! targetPort 9376, NodePort 30080); requests from a pod to the ClusterIP and from outside
-//! to the NodePort, showing which pod answered; a pod removed from the EndpointSlice and
-//! traffic moving off it; the Service with no endpoints refusing at once. Each step checks
+//! to the NodePort and from the node's own shell, showing which pod answered; a selector-less
+//! Service with hand-written Endpoints; a pod removed from the EndpointSlice and traffic
+//! moving off it; the Service with no endpoints refusing at once. Each step checks
 //! what it shows; the run fails if one did not behave.
 
 use std::{
@@ -16,6 +17,18 @@ use crate::lab::{self, Answer, Bins, Lab, POD_PORT, curl, slice_yaml};
 
 pub const CLUSTER_IP: &str = "198.19.0.10";
 pub const NODE_PORT: u16 = 30080;
+/// The selector-less Service of the demo's hand-written Endpoints.
+pub const LEGACY_IP: &str = "198.19.0.30";
+
+/// A Service without a selector and its `v1/Endpoints`, pointing at `addr` (in a cluster:
+/// a database outside it, say).
+fn legacy_manifests(addr: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: legacy}}\nspec:\n  clusterIP: {LEGACY_IP}\n  \
+         ports: [{{name: http, port: 80, targetPort: {POD_PORT}}}]\n---\napiVersion: v1\nkind: Endpoints\n\
+         metadata: {{name: legacy}}\nsubsets:\n- addresses: [{{ip: {addr}}}]\n  ports: [{{name: http, port: {POD_PORT}}}]\n"
+    )
+}
 
 /// Service `web` and its EndpointSlice over the first `replicas` of web-1..web-3 (all ready).
 pub fn web_manifests(lab: &Lab, replicas: usize) -> String {
@@ -119,7 +132,29 @@ fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
     check_all(&ext, &node_url, seen, &["web-1", "web-2", "web-3"])?;
     println!("   (web-3 runs on node-2: node-1 source-NATs those flows, like kube-proxy's masquerade)");
 
-    step(4, "web-2 removed from the EndpointSlice");
+    let node = lab.node_netns(1);
+    step(4, &format!("12 requests from node-1's own shell: curl {cluster_url} (the classic first test)"));
+    println!(
+        "   (a process in the node's namespace: its connect is pointed at a pod, kube-proxy's `nat OUTPUT`)"
+    );
+    let seen = spread(&node, &cluster_url, 12)?;
+    check_all(&node, &cluster_url, seen, &["web-1", "web-2", "web-3"])?;
+
+    step(5, &format!("A Service without a selector and a hand-written Endpoints object: {LEGACY_IP}:80"));
+    let w3 = lab.pod("web-3").clone();
+    lab.write_manifest("legacy.yaml", &legacy_manifests(&w3.ip.to_string()))?;
+    let legacy_url = format!("http://{LEGACY_IP}/");
+    lab::wait_for(Duration::from_secs(2), || Ok(matches!(curl(&client, &legacy_url), Answer::Reply(..))))?;
+    println!(
+        "   (Endpoints {}:{POD_PORT}, mirrored into a slice as Kubernetes' mirroring controller does)",
+        w3.ip
+    );
+    let seen = spread(&client, &legacy_url, 3)?;
+    if seen.keys().any(|p| p != "web-3") {
+        bail!("the hand-written Endpoints name web-3 only: {seen:?}");
+    }
+
+    step(6, "web-2 removed from the EndpointSlice");
     let (w1, w3) = (lab.pod("web-1").clone(), lab.pod("web-3").clone());
     lab.write_manifest("web.yaml", &web_with(&[(&w1, "ready: true"), (&w3, "ready: true")]))?;
     // The change is in when neither node's datapath knows web-2 any more; then 30 requests
@@ -148,10 +183,15 @@ fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
         bail!("web-2 answered after its removal");
     }
 
-    step(5, "All endpoints removed: requests are refused at once (TCP RST), not left hanging");
+    step(7, "All endpoints removed: requests are refused at once (TCP RST), not left hanging");
     lab.write_manifest("web.yaml", &web_with(&[]))?;
     lab::wait_for(Duration::from_secs(2), || Ok(curl(&client, &cluster_url) == Answer::Refused))?;
-    for (who, ns, url) in [("pod `client`", &client, &cluster_url), ("external client", &ext, &node_url)] {
+    let clients = [
+        ("pod `client`", &client, &cluster_url),
+        ("node-1's shell", &node, &cluster_url),
+        ("external client", &ext, &node_url),
+    ];
+    for (who, ns, url) in clients {
         let t = Instant::now();
         let a = curl(ns, url);
         let ms = t.elapsed().as_secs_f64() * 1e3;

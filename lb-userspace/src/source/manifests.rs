@@ -893,7 +893,7 @@ mod tests {
     }
 
     #[test]
-    fn the_example_folder_parses_into_a_nodeport_service() {
+    fn the_example_folder_parses_into_a_nodeport_service_and_a_selectorless_one() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/manifests");
         let mut folder = Folder::new(&dir);
         let (_, errors) = folder.refresh().unwrap();
@@ -906,10 +906,21 @@ mod tests {
             fallback_addresses: vec![],
         };
         let d = crate::model::desired(cluster, &node);
-        let fronts: Vec<String> =
-            d.services.values().flat_map(|s| s.frontends.iter().map(|(ip, p)| format!("{ip}:{p}"))).collect();
-        assert_eq!(fronts, ["198.19.0.10:80", "198.18.0.1:30080"]);
-        assert!(d.services.values().all(|s| s.backends.len() == 3));
+        // Each datapath service of `name` (a scope of a port): its frontends and backends.
+        let of = |name: &str| -> Vec<(Vec<String>, usize)> {
+            d.services
+                .iter()
+                .filter(|(k, _)| k.name == name)
+                .map(|(_, s)| {
+                    (s.frontends.iter().map(|(ip, p)| format!("{ip}:{p}")).collect(), s.backends.len())
+                })
+                .collect()
+        };
+        let web: Vec<String> =
+            of("web").into_iter().flat_map(|(f, n)| f.into_iter().map(move |f| format!("{f} {n}"))).collect();
+        assert_eq!(web, ["198.19.0.10:80 3", "198.18.0.1:30080 3"]);
+        // The hand-written Endpoints, mirrored.
+        assert_eq!(of("legacy"), [(vec!["198.19.0.30:80".to_string()], 1)]);
     }
 
     fn scratch_dir(tag: &str) -> PathBuf {
