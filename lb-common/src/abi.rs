@@ -312,6 +312,10 @@ pub struct Config {
     /// The agent's network namespace (its `SO_NETNS_COOKIE`): the connect-time programs act
     /// only on sockets there (the node's own processes). Zero: they act on none.
     pub host_netns_cookie: u64,
+    /// Translated packets longer than this (L3 bytes) are checked against their route's MTU
+    /// (`lb_ebpf::pmtu`): the smallest MTU of the node's links and routes. 0: never.
+    pub mtu_floor: u32,
+    pub _pad2: u32,
 }
 
 /// A host socket's view of a Service (`lb_sock_rev` key): the socket (its cookie) and the
@@ -406,6 +410,8 @@ impl Default for Config {
             answer_cost_ns: 0,
             answer_cap_ns: 0,
             host_netns_cookie: 0,
+            mtu_floor: 0,
+            _pad2: 0,
         }
     }
 }
@@ -497,7 +503,7 @@ const _: () = {
     assert!(size_of::<SockRevValue>() == 32);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(offset_of!(AffinityValue, last_seen_ns) == 8);
-    assert!(size_of::<Config>() == 120);
+    assert!(size_of::<Config>() == 128);
     assert!(offset_of!(Config, answer_cost_ns) == 96);
     assert!(size_of::<AnswerBucket>() == 16);
     assert!(size_of::<PodSource>() == 20);

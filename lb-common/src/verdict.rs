@@ -80,10 +80,14 @@ pub enum Reason {
     /// The same to a frontend with no usable backend, or to a ClusterIP port it does not
     /// serve: the call failed with ECONNREFUSED.
     HostRefused = 32,
+    /// A translated packet too big for its route (IPv4 with DF, or IPv6): answered with ICMP
+    /// fragmentation needed / packet too big quoting it as it arrived (`pmtu`), so the
+    /// sender lowers its segment size instead of the path black-holing.
+    FragNeeded = 33,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 34;
 
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -120,6 +124,7 @@ impl Reason {
         Reason::SpoofedSource,
         Reason::HostConnect,
         Reason::HostRefused,
+        Reason::FragNeeded,
     ];
 
     /// Stable snake_case name used in metrics labels and CLI output.
@@ -158,6 +163,7 @@ impl Reason {
             Reason::SpoofedSource => "spoofed_source",
             Reason::HostConnect => "host_connect",
             Reason::HostRefused => "host_refused",
+            Reason::FragNeeded => "frag_needed",
         }
     }
 }
@@ -199,6 +205,7 @@ impl Reason {
             30 => Reason::SpoofedSource,
             31 => Reason::HostConnect,
             32 => Reason::HostRefused,
+            33 => Reason::FragNeeded,
             _ => Reason::MapError,
         }
     }

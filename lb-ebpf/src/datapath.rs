@@ -13,6 +13,7 @@ use crate::{
     maps::{ADDR_FILTER, SERVICES, Scratch},
     nat::{Packet, Side, apply},
     parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
+    pmtu,
     reject::{self, reject},
     select, stats, zero,
 };
@@ -27,7 +28,17 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
         // Neither address is one we act on: none of ours, without the table lookups. (A later
         // fragment carries no ports; its own table decides.)
         Ok(()) if h.frag != FRAG_LATER && none_of_ours(&h) => (Action::Pass, Reason::NoFrontend),
-        Ok(()) => handle(pkt, &h, bytes),
+        // At XDP, a translated packet too big for its route is answered instead (`pmtu`).
+        // Checked here, once the deciding frames are gone; not at TC, whose stack and
+        // verifier budget are spent.
+        Ok(()) => match handle(pkt, &h, bytes) {
+            (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply)
+                if !P::POD_FACING && pmtu::exceeded(pkt, &h) =>
+            {
+                unpack(pmtu::answer(pkt, &h))
+            }
+            out => out,
+        },
         // Malformed but not for a frontend: untouched, as any packet not ours.
         Err((Action::Drop, Reason::MalformedIp | Reason::TruncatedL4)) if !for_frontend(&h) => {
             (Action::Pass, Reason::MalformedPassed)

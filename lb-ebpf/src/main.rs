@@ -18,6 +18,7 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod pmtu;
 mod reject;
 mod select;
 mod sock;

@@ -74,6 +74,8 @@ pub struct Scratch {
     /// `reclaim`'s copies of a reply entry and its forward entry.
     pub a: FlowValue,
     pub b: FlowValue,
+    /// `pmtu`'s FIB query, and the MTU it found for the answer.
+    pub fib: crate::fib::FibParams,
 }
 
 #[map(name = "lb_scratch")]

@@ -54,6 +54,8 @@ pub trait Packet {
     const HOOK: u8;
     /// The interface the packet arrived on.
     fn ifindex(&self) -> u32;
+    /// The program's context, for helpers that take it (`bpf_fib_lookup`).
+    fn ctx_ptr(&self) -> *mut core::ffi::c_void;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Length of the whole packet (for byte counters).
@@ -95,6 +97,11 @@ impl Packet for XdpContext {
     fn ifindex(&self) -> u32 {
         // SAFETY: the program's own context; a plain field.
         unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn ctx_ptr(&self) -> *mut core::ffi::c_void {
+        self.ctx.cast()
     }
 
     #[inline(always)]
@@ -200,6 +207,11 @@ impl Packet for TcContext {
     fn ifindex(&self) -> u32 {
         // SAFETY: the program's own skb; a plain field.
         unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn ctx_ptr(&self) -> *mut core::ffi::c_void {
+        self.skb.skb.cast()
     }
 
     #[inline(always)]

@@ -232,3 +232,75 @@ fn port_unreachable<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), Reason> {
         write(data, end, icmp_off + 2, !csum::fold(sum))
     }
 }
+
+/// Turns the already translated packet into an ICMP "fragmentation needed" (IPv4) / ICMPv6
+/// "packet too big" naming `mtu` (`pmtu`), laid out as `port_unreachable`'s answer, quoting
+/// the packet as it arrived: the quote's addresses and ports are put back from `h`. (Its own
+/// function, not a variant of `port_unreachable`: the TC program's refuse path has no stack
+/// left for the generality.)
+#[inline(always)]
+pub fn too_big<P: Packet>(pkt: &mut P, h: &Headers, mtu: u16) -> Result<(), Reason> {
+    let l2 = h.l3_off;
+    let l3_len = h.l4_off - h.l3_off;
+    let quote = l3_len + 8;
+    let room: usize = if h.v6 { 40 + 8 } else { 20 + 8 };
+    pkt.grow_after_l2(l2, room as u32)?;
+    pkt.truncate((l2 + room + quote) as u32)?;
+    let (data, end) = (pkt.data(), pkt.data_end());
+    swap_macs(data, end)?;
+    let icmp_off = l2 + room - 8;
+    let icmp_len = 8 + quote;
+    // The quote as it arrived.
+    let q = l2 + room;
+    if h.v6 {
+        write(data, end, q + 8, h.src)?;
+        write(data, end, q + 24, h.dst)?;
+    } else {
+        write(data, end, q + 12, h.src[3])?;
+        write(data, end, q + 16, h.dst[3])?;
+        write(data, end, q + 10, 0u16)?;
+        let sum = sum_packet(data, end, q, l3_len)?;
+        write(data, end, q + 10, !csum::fold(sum))?;
+    }
+    write(data, end, q + l3_len, h.sport)?;
+    write(data, end, q + l3_len + 2, h.dport)?;
+    let info = (mtu as u32).to_be();
+    if h.v6 {
+        let ip = Ipv6Hdr {
+            vtc_flow: 0x6000_0000u32.to_be(),
+            payload_len: (icmp_len as u16).to_be(),
+            next: IPPROTO_ICMPV6,
+            hop: 64,
+            src: h.dst,
+            dst: h.src,
+        };
+        write(data, end, l2, ip)?;
+        // Type 2 (packet too big), code 0, the MTU as 32 bits.
+        write(data, end, icmp_off, [2u8, 0, 0, 0])?;
+        write(data, end, icmp_off + 4, info)?;
+        let sum = pseudo_sum(&h.dst, &h.src, true, IPPROTO_ICMPV6, icmp_len as u16)
+            + sum_packet(data, end, icmp_off, icmp_len)?;
+        write(data, end, icmp_off + 2, !csum::fold(sum))
+    } else {
+        let mut ip = Ipv4Hdr {
+            vihl: 0x45,
+            tos: 0,
+            tot_len: ((20 + icmp_len) as u16).to_be(),
+            id: 0,
+            frag: 0,
+            ttl: 64,
+            proto: IPPROTO_ICMP,
+            csum: 0,
+            src: h.dst[3],
+            dst: h.src[3],
+        };
+        ip.csum = !csum::fold(sum_struct(&ip));
+        write(data, end, l2, ip)?;
+        // Type 3 (destination unreachable), code 4 (fragmentation needed), next-hop MTU
+        // in the last 16 bits.
+        write(data, end, icmp_off, [3u8, 4, 0, 0])?;
+        write(data, end, icmp_off + 4, info)?;
+        let sum = sum_packet(data, end, icmp_off, icmp_len)?;
+        write(data, end, icmp_off + 2, !csum::fold(sum))
+    }
+}

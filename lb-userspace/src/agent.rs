@@ -493,10 +493,16 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         let desired = model_state.desired();
         let mut want_config = datapath_config(&cfg, &node_addresses, clock);
         want_config.host_netns_cookie = host_cookie;
+        want_config.mtu_floor = links::mtu_floor();
         if want_config != config {
             dp.set_config(&want_config)?;
             config = want_config;
-            log(format!("source NAT address {:?} / {:?}", nat_ip(&config.snat_v4), nat_ip(&config.snat_v6)));
+            log(format!(
+                "source NAT address {:?} / {:?}; packets over {} bytes checked against their route's MTU at XDP",
+                nat_ip(&config.snat_v4),
+                nat_ip(&config.snat_v6),
+                config.mtu_floor
+            ));
         }
         let plan = reconcile::plan_changes(desired, &delta, &applied, &limits);
         let result = reconcile::execute(&mut dp, &mut applied, &plan.ops);

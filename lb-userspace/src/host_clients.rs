@@ -18,7 +18,7 @@ use aya::{
 };
 use lb_common::abi::*;
 
-use crate::dataplane::AyaDataplane;
+use crate::{dataplane::AyaDataplane, netlink};
 
 /// The connect-time programs, each on its own hook.
 pub const PROGRAMS: [&str; 8] = [
@@ -162,16 +162,6 @@ const TCP_ESTABLISHED: u32 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-struct NlMsgHdr {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
 struct SockId {
     sport: u16,
     dport: u16,
@@ -202,69 +192,9 @@ struct DiagMsg {
     id: SockId,
 }
 
-#[repr(C)]
-struct Request {
-    hdr: NlMsgHdr,
-    req: DiagReq,
-}
-
 fn as_bytes<T>(v: &T) -> &[u8] {
     // SAFETY: plain-data repr(C) structs without padding holes read as bytes.
     unsafe { std::slice::from_raw_parts((v as *const T).cast(), size_of::<T>()) }
-}
-
-/// A sock_diag netlink socket.
-fn diag_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket call; the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG)
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd of ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn send(fd: &OwnedFd, kind: u16, flags: u16, req: DiagReq) -> io::Result<()> {
-    let msg =
-        Request { hdr: NlMsgHdr { len: size_of::<Request>() as u32, kind, flags, seq: 1, pid: 0 }, req };
-    let b = as_bytes(&msg);
-    // SAFETY: a valid buffer of its length.
-    let n = unsafe { libc::send(fd.as_raw_fd(), b.as_ptr().cast(), b.len(), 0) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-/// Reads netlink replies until the dump's end (or an ack), handing each message's payload
-/// to `each`. An error message ends it with that error.
-fn receive(fd: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<()> {
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        // SAFETY: a valid buffer of its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut rest = &buf[..n as usize];
-        while rest.len() >= size_of::<NlMsgHdr>() {
-            // SAFETY: at least a header's bytes; read unaligned.
-            let hdr: NlMsgHdr = unsafe { std::ptr::read_unaligned(rest.as_ptr().cast()) };
-            let len = (hdr.len as usize).min(rest.len());
-            if len < size_of::<NlMsgHdr>() {
-                return Ok(());
-            }
-            let payload = &rest[size_of::<NlMsgHdr>()..len];
-            match hdr.kind as i32 {
-                libc::NLMSG_DONE => return Ok(()),
-                libc::NLMSG_ERROR => {
-                    let errno = payload.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                    return if errno == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-errno)) };
-                }
-                _ => each(payload),
-            }
-            rest = &rest[(len + 3) & !3..];
-        }
-    }
 }
 
 /// A connected UDP socket of this network namespace: family and its sock_diag id.
@@ -274,27 +204,31 @@ struct UdpSocket {
 }
 
 fn connected_udp(family: u8) -> io::Result<Vec<UdpSocket>> {
-    let fd = diag_socket()?;
     let req = DiagReq {
         family,
         protocol: libc::IPPROTO_UDP as u8,
         states: 1 << TCP_ESTABLISHED,
         ..Default::default()
     };
-    send(&fd, SOCK_DIAG_BY_FAMILY, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, req)?;
     let mut out = Vec::new();
-    receive(&fd, |p| {
-        if p.len() >= size_of::<DiagMsg>() {
-            // SAFETY: a whole message's bytes; read unaligned.
-            let m: DiagMsg = unsafe { std::ptr::read_unaligned(p.as_ptr().cast()) };
-            out.push(UdpSocket { family: m.family, id: m.id });
-        }
-    })?;
+    netlink::exchange(
+        libc::NETLINK_SOCK_DIAG,
+        SOCK_DIAG_BY_FAMILY,
+        libc::NLM_F_DUMP,
+        as_bytes(&req),
+        |_, p| {
+            if p.len() >= size_of::<DiagMsg>() {
+                // SAFETY: a whole message's bytes; read unaligned.
+                let m: DiagMsg = unsafe { std::ptr::read_unaligned(p.as_ptr().cast()) };
+                out.push(UdpSocket { family: m.family, id: m.id });
+            }
+            true
+        },
+    )?;
     Ok(out)
 }
 
 fn destroy(s: &UdpSocket) -> io::Result<()> {
-    let fd = diag_socket()?;
     let req = DiagReq {
         family: s.family,
         protocol: libc::IPPROTO_UDP as u8,
@@ -302,8 +236,7 @@ fn destroy(s: &UdpSocket) -> io::Result<()> {
         id: s.id,
         ..Default::default()
     };
-    send(&fd, SOCK_DESTROY, (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16, req)?;
-    receive(&fd, |_| {})
+    netlink::exchange(libc::NETLINK_SOCK_DIAG, SOCK_DESTROY, libc::NLM_F_ACK, as_bytes(&req), |_, _| true)
 }
 
 /// The socket's destination as the datapath spells addresses.

@@ -18,6 +18,7 @@ pub mod logging;
 pub mod maglev;
 pub mod memory;
 pub mod model;
+pub mod netlink;
 pub mod pins;
 pub mod range_alloc;
 pub mod rawmap;

@@ -141,6 +141,19 @@ pub fn watch(changed: Arc<AtomicBool>, wake: impl Fn() + Send + 'static) -> std:
     Ok(())
 }
 
+/// The smallest MTU of this network namespace's interfaces and routes (a route's `mtu`
+/// metric): translated packets longer than it are checked against their route at XDP
+/// (`Config::mtu_floor`). 0 when nothing could be read.
+pub fn mtu_floor() -> u32 {
+    let links = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("mtu")).ok()?.trim().parse::<u32>().ok());
+    let routes = crate::netlink::route_mtus().unwrap_or_default();
+    links.chain(routes).filter(|m| *m >= 68).min().unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,10 +8,9 @@
 //! (a restarted agent gets EBUSY) and detaches when its link is dropped. Before replacing,
 //! the attached program's name is checked, so a foreign XDP program is never replaced.
 
-use std::{
-    io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-};
+use std::{io, os::fd::RawFd};
+
+use crate::netlink::{self, attrs, push_attr};
 
 // <linux/if_link.h>
 const IFLA_XDP_FD: u16 = 1;
@@ -19,7 +18,6 @@ const IFLA_XDP_ATTACHED: u16 = 2;
 const IFLA_XDP_FLAGS: u16 = 3;
 const IFLA_XDP_PROG_ID: u16 = 4;
 const NLA_F_NESTED: u16 = 1 << 15;
-const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
 pub const XDP_FLAGS_UPDATE_IF_NOEXIST: u32 = 1;
 pub const XDP_FLAGS_SKB_MODE: u32 = 2;
 pub const XDP_FLAGS_DRV_MODE: u32 = 4;
@@ -27,7 +25,6 @@ pub const XDP_FLAGS_DRV_MODE: u32 = 4;
 pub const XDP_ATTACHED_NONE: u8 = 0;
 pub const XDP_ATTACHED_SKB: u8 = 2;
 
-const NLMSG_HDR: usize = 16;
 const IFINFOMSG: usize = 16;
 
 /// The XDP program on an interface, as rtnetlink reports it.
@@ -81,95 +78,18 @@ fn ifinfomsg(ifindex: u32) -> Vec<u8> {
     m
 }
 
-fn push_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    buf.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(value);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
-
-/// The attributes in `buf`: (type without flags, value).
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let value = &buf[4..len];
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-        Some((kind, value))
-    })
-}
-
 /// Sends one request and returns the payload of its reply (empty for a plain ack); a
 /// negative ack is the error.
 fn request(kind: u16, flags: i32, body: &[u8]) -> io::Result<Vec<u8>> {
-    // SAFETY: a plain socket; owned by `OwnedFd` from here on.
-    let sock = unsafe {
-        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+    let mut reply = Vec::new();
+    netlink::exchange(libc::NETLINK_ROUTE, kind, flags, body, |k, payload| {
+        if k == libc::RTM_NEWLINK {
+            reply = payload.to_vec();
+            return false;
         }
-        OwnedFd::from_raw_fd(fd)
-    };
-    let mut msg = Vec::with_capacity(NLMSG_HDR + body.len());
-    msg.extend_from_slice(&((NLMSG_HDR + body.len()) as u32).to_ne_bytes());
-    msg.extend_from_slice(&kind.to_ne_bytes());
-    msg.extend_from_slice(&((libc::NLM_F_REQUEST | flags) as u16).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    msg.extend_from_slice(body);
-    // SAFETY: sending our own buffer on our socket (to the kernel: a zeroed sockaddr_nl).
-    let sent = unsafe {
-        let mut to: libc::sockaddr_nl = std::mem::zeroed();
-        to.nl_family = libc::AF_NETLINK as u16;
-        libc::sendto(
-            sock.as_raw_fd(),
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            &to as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        // SAFETY: reading into our own buffer.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let mut data = &buf[..n as usize];
-        while data.len() >= NLMSG_HDR {
-            let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
-            let kind = u16::from_ne_bytes([data[4], data[5]]);
-            if len < NLMSG_HDR || len > data.len() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink reply"));
-            }
-            let payload = &data[NLMSG_HDR..len];
-            match kind as i32 {
-                libc::NLMSG_ERROR => {
-                    let code = payload.get(..4).map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
-                    return if code == 0 { Ok(Vec::new()) } else { Err(io::Error::from_raw_os_error(-code)) };
-                }
-                libc::NLMSG_DONE => return Ok(Vec::new()),
-                _ if kind == libc::RTM_NEWLINK => return Ok(payload.to_vec()),
-                _ => {}
-            }
-            data = &data[len.next_multiple_of(4).min(data.len())..];
-        }
-    }
+        true
+    })?;
+    Ok(reply)
 }
 
 #[cfg(test)]

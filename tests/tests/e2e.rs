@@ -1753,3 +1753,60 @@ fn the_agent_runs_with_the_daemonsets_capabilities_and_names_a_missing_one() {
     assert_eq!(answered.0.len(), 3);
     assert!(text.contains("(Replaced)"), "took over the pinned links:\n{text}");
 }
+
+#[test]
+fn a_nodeport_upload_to_a_remote_backend_across_a_smaller_mtu_completes() {
+    let Some(lab) = lab() else { return };
+    // The path node-1 -> node-2 gets a smaller MTU (1400) than the clients' links (1500).
+    // Locked: the kernel's forwarding honours a route MTU either way, but its FIB helper for
+    // programs only a locked one (or the device's MTU, as a real underlay would have).
+    let node1 = lab.node_netns(1);
+    lab::sh(&mut lab::in_ns(
+        &node1,
+        &["ip", "route", "replace", "198.18.2.0/24", "via", &node_ip(2).to_string(), "mtu", "lock", "1400"],
+    ))
+    .unwrap();
+    let web3 = lab.pod("web-3").clone();
+    apply(&lab, &(web("NodePort", "") + &web_slice(&[(&web3, READY)])), "service up", || {
+        matches!(tcp_ask(&lab.ext_ns(), sa(node_ip(1), 30080), ASK), Answer::Reply(..))
+    });
+    let answered = || {
+        lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(1))
+            .unwrap()
+            .reason_counter(lb_common::verdict::Reason::FragNeeded)
+            .unwrap()
+            .packets
+    };
+    let before = answered();
+    // 1 MiB as one line from the external client through node-1's NodePort, source-NATed to
+    // web-3 on node-2; web-3 answers once it has the whole line. Full-size segments exceed
+    // the route: node-1's stack would send its "fragmentation needed" to the translated
+    // source, itself, and the upload would hang (frag_needed stays 0 without `pmtu`). The
+    // XDP program answers the client instead, which lowers its segment size.
+    let to = sa(node_ip(1), 30080);
+    let (answer, took) = in_netns(&lab.ext_ns(), move || -> std::io::Result<(String, Duration)> {
+        use std::io::{BufRead as _, Write as _};
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect_timeout(&to, ASK)?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut line = vec![b'x'; 1 << 20];
+        line.push(b'\n');
+        s.write_all(&line)?;
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer)?;
+        Ok((answer, t.elapsed()))
+    })
+    .unwrap()
+    .unwrap_or_else(|e| {
+        panic!(
+            "the upload did not complete: {e} ({} answers)\nnode-1 agent:\n{}",
+            answered() - before,
+            lab.agent_log(1)
+        )
+    });
+    println!("1 MiB upload across the 1400-byte path: {took:?}, {} frag-needed answers", answered() - before);
+    assert!(answer.starts_with("web-3 "), "{answer:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(answered() > before, "no fragmentation-needed answer counted");
+}

@@ -1,0 +1,93 @@
+//! Path MTU for translated packets at XDP. A packet we translate and pass up is forwarded by the
+//! node's stack; when it is too big for the route, the stack's ICMP "fragmentation needed"
+//! goes to the packet's translated source (the node itself when source-NATed) and quotes the
+//! translated header, which no client socket matches: the path black-holes. So a translated
+//! packet longer than `Config::mtu_floor` (the smallest MTU of the node's links and routes,
+//! set by the agent; 0 turns this off) is checked against the FIB, and one too big for its
+//! route (IPv4 with DF, or IPv6) is answered here instead: ICMP fragmentation needed / ICMPv6
+//! packet too big with the route's MTU, quoting the packet as it arrived, so the sender's
+//! socket (the client, or a backend for a reply) lowers its segment size.
+//!
+//! XDP only: external clients, whose path is the one that changes MTU (a NodePort to a
+//! remote backend across a smaller underlay). The TC program's stack and verifier budget are
+//! spent; pods get an MTU from their CNI that fits the node's paths.
+
+use aya_ebpf::helpers::generated::bpf_fib_lookup;
+use lb_common::verdict::{Action, Reason, pack};
+
+use crate::{
+    conntrack,
+    fib::{AF_INET, AF_INET6, BPF_FIB_LKUP_RET_FRAG_NEEDED, FibParams},
+    nat::Packet,
+    parse::{Headers, read},
+    reject, select,
+};
+
+/// IPv4 "don't fragment".
+const IP_DF: u16 = 0x4000;
+
+/// Whether the packet, as translated, exceeds its route's MTU, which is then left in the
+/// scratch slot for `answer`.
+#[inline(never)]
+pub fn exceeded<P: Packet>(pkt: &P, h: &Headers) -> bool {
+    let floor = select::config_ref().map_or(0, |c| c.mtu_floor);
+    let len = pkt.len().saturating_sub(h.l3_off as u32);
+    if floor == 0 || len <= floor {
+        return false;
+    }
+    let (data, end) = (pkt.data(), pkt.data_end());
+    // In the scratch slot, not on the stack.
+    let Some(s) = conntrack::scratch() else { return false };
+    // SAFETY: this CPU's scratch slot; `fib` is this step's.
+    let p: &mut FibParams = unsafe { &mut (*s).fib };
+    p.sport = 0;
+    p.dport = 0;
+    p.tos_flowinfo = 0;
+    p.vlan = 0;
+    p.l4_protocol = h.proto;
+    p.tot_len = len as u16;
+    p.ifindex = pkt.ifindex();
+    // The addresses as translated: read back from the packet.
+    if h.v6 {
+        let (Some(src), Some(dst)) = (read(data, end, h.l3_off + 8), read(data, end, h.l3_off + 24)) else {
+            return false;
+        };
+        p.family = AF_INET6;
+        p.src = src;
+        p.dst = dst;
+    } else {
+        // Without DF the stack fragments it.
+        let frag: u16 = read(data, end, h.l3_off + 6).unwrap_or(0);
+        let (Some(src), Some(dst)) = (read::<u32>(data, end, h.l3_off + 12), read(data, end, h.l3_off + 16))
+        else {
+            return false;
+        };
+        if u16::from_be(frag) & IP_DF == 0 {
+            return false;
+        }
+        p.family = AF_INET;
+        p.src = [src, 0, 0, 0];
+        p.dst = [dst, 0, 0, 0];
+    }
+    // SAFETY: a valid context and a 64-byte params struct.
+    let rc = unsafe { bpf_fib_lookup(pkt.ctx_ptr(), (p as *mut FibParams).cast(), 64, 0) };
+    // On FRAG_NEEDED the kernel wrote the MTU where `tot_len` was; it stays there.
+    rc == BPF_FIB_LKUP_RET_FRAG_NEEDED
+}
+
+/// Turns the packet `exceeded` found too big into its answer (rate-limited like every
+/// answer), naming the MTU left in the scratch slot and quoting the header as it arrived.
+/// Returns the outcome packed (`verdict::pack`: BPF functions cannot return pairs).
+#[inline(never)]
+pub fn answer<P: Packet>(pkt: &mut P, h: &Headers) -> u32 {
+    let Some(s) = conntrack::scratch() else { return pack(Action::Drop, Reason::MapError) };
+    // SAFETY: this CPU's scratch slot; `exceeded` left the MTU there for this packet.
+    let mtu = unsafe { (*s).fib.tot_len };
+    if !reject::answer_allowed() {
+        return pack(Action::Drop, Reason::AnswerRateLimited);
+    }
+    match reject::too_big(pkt, h, mtu) {
+        Ok(()) => pack(Action::Bounce, Reason::FragNeeded),
+        Err(r) => pack(Action::Drop, r),
+    }
+}
