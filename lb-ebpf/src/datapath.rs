@@ -33,7 +33,7 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
         // verifier budget are spent.
         Ok(()) => match handle(pkt, &h, bytes) {
             (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply)
-                if !P::POD_FACING && pmtu::exceeded(pkt, &h) =>
+                if !P::POD_FACING && pmtu::over_floor(pkt, &h) && pmtu::exceeded(pkt, &h) =>
             {
                 unpack(pmtu::answer(pkt, &h))
             }

@@ -26,15 +26,19 @@ use crate::{
 /// IPv4 "don't fragment".
 const IP_DF: u16 = 0x4000;
 
+/// Whether the packet is longer than `Config::mtu_floor`, so that `exceeded` must look.
+/// Inlined: every translated packet asks, and a call costs ~10 ns on the lab's CPUs.
+#[inline(always)]
+pub fn over_floor<P: Packet>(pkt: &P, h: &Headers) -> bool {
+    let floor = select::config_ref().map_or(0, |c| c.mtu_floor);
+    floor != 0 && pkt.len().saturating_sub(h.l3_off as u32) > floor
+}
+
 /// Whether the packet, as translated, exceeds its route's MTU, which is then left in the
 /// scratch slot for `answer`.
 #[inline(never)]
 pub fn exceeded<P: Packet>(pkt: &P, h: &Headers) -> bool {
-    let floor = select::config_ref().map_or(0, |c| c.mtu_floor);
     let len = pkt.len().saturating_sub(h.l3_off as u32);
-    if floor == 0 || len <= floor {
-        return false;
-    }
     let (data, end) = (pkt.data(), pkt.data_end());
     // In the scratch slot, not on the stack.
     let Some(s) = conntrack::scratch() else { return false };
