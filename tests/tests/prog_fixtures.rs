@@ -880,3 +880,102 @@ fn known_pod_addresses_pass_only_on_their_own_interface() {
     })
     .unwrap();
 }
+
+/// A network namespace of its own for a test whose program consults the FIB (removed on drop).
+struct FibNetns(String);
+
+impl FibNetns {
+    fn new(tag: &str, setup: &[&str]) -> FibNetns {
+        let ns = FibNetns(format!("lbfix-{tag}-{}", std::process::id()));
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().expect("ip");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&["netns", "add", &ns.0]);
+        for cmd in setup {
+            let args: Vec<&str> = ["-n", ns.0.as_str()].into_iter().chain(cmd.split_whitespace()).collect();
+            run(&args);
+        }
+        ns
+    }
+}
+
+impl Drop for FibNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn a_translated_packet_too_big_for_its_route_is_answered_quoting_it_as_it_arrived() {
+    require_root!();
+    // Backends behind a route with a (locked) 1400-byte MTU, forwarding on: what the FIB
+    // helper needs to answer FRAG_NEEDED.
+    let ns = FibNetns::new(
+        "pmtu",
+        &[
+            "link add d0 type veth peer name d1",
+            "link set d0 up",
+            "link set lo up",
+            "route add 198.18.2.0/24 dev d0 mtu lock 1400",
+            "-6 route add 2001:2:0:2::/64 dev d0 mtu lock 1400",
+        ],
+    );
+    for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0, "sysctl", "-q", "-w", key])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{key}");
+    }
+    // BPF_PROG_TEST_RUN runs XDP on the calling thread's namespace's loopback.
+    lb_tests::lab::in_netns(&ns.0, || {
+        let mut l = Loaded::new();
+        program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &[Be { id: 1, ip: "198.18.2.10", port: 9376 }], 0, 0);
+        program(
+            &mut l.dp,
+            2,
+            (VIP6, 80, PROTO_TCP),
+            &[Be { id: 2, ip: "2001:2:0:2::10", port: 9376 }],
+            8192,
+            0,
+        );
+        l.dp.set_config(&Config { mtu_floor: 1300, ..Config::default() }).unwrap();
+        for (client, vip, v6) in [(CLIENT4, VIP4, false), (CLIENT6, VIP6, true)] {
+            let syn = Spec::tcp(client, 40000, vip, 80);
+            assert_eq!(l.run_xdp(&syn.build()).0, XDP_PASS, "the SYN is small: translated");
+            // A full-size segment with DF (IPv6: always): too big for the 1400-byte route.
+            let mut big = Spec::tcp(client, 40000, vip, 80).flags(TCP_ACK).payload(&[0x5a; 1400]);
+            big.frag = 0x4000;
+            big.seq = 1001;
+            let input = big.build();
+            let (rc, out) = l.run_xdp(&input);
+            assert_eq!(rc, XDP_TX, "answered, not passed");
+            let seen = inspect(&out);
+            let want = if v6 { (2, 0) } else { (3, 4) };
+            assert_eq!((seen.src, seen.dst, seen.icmp), (ip(vip), ip(client), Some(want)));
+            // The route's MTU in the last 16 bits of the header (IPv6: of the 32-bit field).
+            assert_eq!(u16::from_be_bytes([seen.l4[6], seen.l4[7]]), 1400);
+            assert_eq!(&seen.l4[4..6], &[0, 0]);
+            // The quote: the IP header and 8 bytes of TCP exactly as the client sent them
+            // (the packet had been translated before it turned out too big).
+            let l3 = if v6 { 40 } else { 20 };
+            assert_eq!(&seen.l4[8..], &input[14..14 + l3 + 8]);
+            // Smaller ones still pass, translated.
+            let small = Spec::tcp(client, 40000, vip, 80).flags(TCP_ACK).payload(&[1; 1000]);
+            assert_eq!(l.run_xdp(&small.build()).0, XDP_PASS);
+        }
+        assert_eq!(reason(&l, Reason::FragNeeded), 2);
+        // Without DF an IPv4 packet is the stack's to fragment: passed.
+        let mut no_df = Spec::tcp(CLIENT4, 40000, VIP4, 80).flags(TCP_ACK).payload(&[0x5a; 1400]);
+        no_df.seq = 2401;
+        assert_eq!(l.run_xdp(&no_df.build()).0, XDP_PASS);
+        // A floor of 0 turns the check off.
+        l.dp.set_config(&Config::default()).unwrap();
+        let mut big = Spec::tcp(CLIENT4, 40000, VIP4, 80).flags(TCP_ACK).payload(&[0x5a; 1400]);
+        big.frag = 0x4000;
+        assert_eq!(l.run_xdp(&big.build()).0, XDP_PASS);
+        assert_eq!(reason(&l, Reason::FragNeeded), 2);
+    })
+    .unwrap();
+}
