@@ -95,6 +95,19 @@ fn node_clients_reach_services_at_connect_time_and_see_the_service_address() {
         assert!(why.contains(&format!("{}:{POD_PORT}", p.ip)), "{} missing from:\n{why}", p.name);
     }
 
+    // A restarted agent swaps its programs into place: still served, one link per hook.
+    let mut lab = lab;
+    lab.stop_agent(1);
+    assert!(
+        matches!(curl(&node, &format!("http://{vip_sa}/")), Answer::Reply(..)),
+        "served while the agent is down"
+    );
+    lab.start_agent(1, &[]).unwrap();
+    curl_reaches_all(&node, vip_sa, &["web-1", "web-2", "web-3"]);
+    let links = std::fs::read_dir(lab.pin_dir(1).join("links")).unwrap().flatten();
+    let sock_links = links.filter(|e| e.file_name().to_string_lossy().starts_with("sock-")).count();
+    assert_eq!(sock_links, 8, "one pinned link per connect-time hook");
+
     // getpeername shows the Service, not the backend; so does an unconnected UDP reply.
     let (peer, udp) = in_netns(&node, move || {
         let s = TcpStream::connect_timeout(&vip_sa, ASK).expect("connect");
