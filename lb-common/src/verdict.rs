@@ -84,10 +84,13 @@ pub enum Reason {
     /// fragmentation needed / packet too big quoting it as it arrived (`pmtu`), so the
     /// sender lowers its segment size instead of the path black-holing.
     FragNeeded = 33,
+    /// An ICMP/ICMPv6 error about one of our flows (its quote is a packet we translated):
+    /// translated back, outer destination and quote, for the sender to see (`related`).
+    IcmpRelated = 34,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
 
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -125,6 +128,7 @@ impl Reason {
         Reason::HostConnect,
         Reason::HostRefused,
         Reason::FragNeeded,
+        Reason::IcmpRelated,
     ];
 
     /// Stable snake_case name used in metrics labels and CLI output.
@@ -164,6 +168,7 @@ impl Reason {
             Reason::HostConnect => "host_connect",
             Reason::HostRefused => "host_refused",
             Reason::FragNeeded => "frag_needed",
+            Reason::IcmpRelated => "icmp_related",
         }
     }
 }
@@ -206,6 +211,7 @@ impl Reason {
             31 => Reason::HostConnect,
             32 => Reason::HostRefused,
             33 => Reason::FragNeeded,
+            34 => Reason::IcmpRelated,
             _ => Reason::MapError,
         }
     }

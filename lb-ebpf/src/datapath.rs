@@ -15,7 +15,7 @@ use crate::{
     parse::{FRAG_FIRST, FRAG_LATER, Headers, Outcome, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
     pmtu,
     reject::{self, reject},
-    select, stats, zero,
+    related, select, stats, zero,
 };
 
 #[inline(always)]
@@ -39,6 +39,8 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
             }
             out => out,
         },
+        // At XDP, an ICMP error about one of our flows is translated back (`related`).
+        Err((Action::Pass, Reason::NotTcpUdp)) if !P::POD_FACING => unpack(related::translate(pkt)),
         // Malformed but not for a frontend: untouched, as any packet not ours.
         Err((Action::Drop, Reason::MalformedIp | Reason::TruncatedL4)) if !for_frontend(&h) => {
             (Action::Pass, Reason::MalformedPassed)

@@ -20,6 +20,7 @@ mod nat;
 mod parse;
 mod pmtu;
 mod reject;
+mod related;
 mod select;
 mod sock;
 mod source_check;

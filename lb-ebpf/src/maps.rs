@@ -76,6 +76,8 @@ pub struct Scratch {
     pub b: FlowValue,
     /// `pmtu`'s FIB query, and the MTU it found for the answer.
     pub fib: crate::fib::FibParams,
+    /// `related`'s addresses.
+    pub related: crate::related::Work,
 }
 
 #[map(name = "lb_scratch")]

@@ -979,3 +979,72 @@ fn a_translated_packet_too_big_for_its_route_is_answered_quoting_it_as_it_arrive
     })
     .unwrap();
 }
+
+/// An ICMP error from `router` to `to` quoting the first 28 (IPv4) / 48 (IPv6) bytes of IP
+/// packet `quoted` (a frame), with `kind` (type, code) and 32 bits of `info`.
+fn icmp_error(router: &str, to: &str, kind: (u8, u8), info: u32, quoted: &[u8]) -> Vec<u8> {
+    let v6 = ip(router).is_ipv6();
+    let quote = &quoted[14..14 + if v6 { 48 } else { 28 }];
+    let mut icmp = vec![kind.0, kind.1, 0, 0];
+    icmp.extend_from_slice(&info.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let c = if v6 {
+        lb_common::csum::l4_checksum(&ip_bytes(ip(router)), &ip_bytes(ip(to)), 58, &icmp)
+    } else {
+        !lb_common::csum::fold(lb_common::csum::sum_bytes(&icmp))
+    };
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut outer = Spec::tcp(router, 0, to, 0);
+    outer.proto = if v6 { 58 } else { 1 };
+    outer.build_with_l4(&icmp)
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back_for_their_sender() {
+    require_root!();
+    let mut l = Loaded::new();
+    set_node_address(&mut l);
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    let svc6 = program(&mut l.dp, 2, (VIP6, 80, PROTO_TCP), &BES6, 8192, 0);
+    let ext = program(&mut l.dp, 3, (NODE4, 30080, PROTO_TCP), &BES4, 16384, SVC_F_EXTERNAL);
+    for (client, vip, svc, bes, router) in
+        [(CLIENT4, VIP4, &svc, &BES4[..], "198.18.0.254"), (CLIENT6, VIP6, &svc6, &BES6[..], "2001:2::fe")]
+    {
+        let syn = Spec::tcp(client, 40000, vip, 80);
+        assert_eq!(l.run_xdp(&syn.build()).0, XDP_PASS);
+        let be = bes.iter().find(|b| b.id == svc.predict(&syn.key())).unwrap();
+        // The backend's reply as it left us, restored to the frontend; a router on the way
+        // to the client finds it too big and tells its source, the frontend address.
+        let sent = Spec::tcp(be.ip, 9376, client, 40000).flags(TCP_SYN | TCP_ACK);
+        let (_, emitted) = l.run_xdp(&sent.build());
+        let code = if ip(vip).is_ipv6() { (2, 0) } else { (3, 4) };
+        let err = icmp_error(router, vip, code, 1400, &emitted);
+        let (rc, out) = l.run_xdp(&err);
+        assert_eq!(rc, XDP_PASS);
+        let seen = inspect(&out);
+        // Now to the backend, about the reply as the backend sent it: byte-exact quote,
+        // its IP checksum included.
+        assert_eq!((seen.src, seen.dst, seen.icmp), (ip(router), ip(be.ip), Some(code)), "{vip}");
+        let l3 = if ip(vip).is_ipv6() { 40 } else { 20 };
+        assert_eq!(&seen.l4[8..], &sent.build()[14..14 + l3 + 8], "{vip}: the quote as the backend sent it");
+        assert_eq!(&seen.l4[4..8], &1400u32.to_be_bytes());
+    }
+    // A source-NATed flow: an error about its forward packet comes to the node; it goes on
+    // to the client, about the packet as the client sent it.
+    let syn = Spec::tcp(CLIENT4, 40001, NODE4, 30080);
+    let (_, emitted) = l.run_xdp(&syn.build());
+    let be = BES4.iter().find(|b| b.id == ext.predict(&syn.key())).unwrap();
+    assert_eq!(inspect(&emitted).dst, ip(be.ip));
+    let err = icmp_error("198.18.0.254", NODE4, (3, 1), 0, &emitted);
+    let (rc, out) = l.run_xdp(&err);
+    assert_eq!(rc, XDP_PASS);
+    let seen = inspect(&out);
+    assert_eq!((seen.dst, seen.icmp), (ip(CLIENT4), Some((3, 1))));
+    assert_eq!(&seen.l4[8..], &syn.build()[14..14 + 28], "the quote as the client sent it");
+    assert_eq!(reason(&l, Reason::IcmpRelated), 3);
+    // An error about anything else passes untouched.
+    let other = Spec::tcp("198.18.0.77", 1234, "198.18.0.78", 80).build();
+    let err = icmp_error("198.18.0.254", "198.18.0.77", (3, 3), 0, &other);
+    assert_eq!(l.run_xdp(&err), (XDP_PASS, err.clone()));
+    assert_eq!(reason(&l, Reason::IcmpRelated), 3);
+}
