@@ -1810,3 +1810,38 @@ fn a_nodeport_upload_to_a_remote_backend_across_a_smaller_mtu_completes() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(answered() > before, "no fragmentation-needed answer counted");
 }
+
+#[test]
+fn a_closed_port_behind_a_vip_on_another_node_is_refused_to_a_udp_client_at_once() {
+    let Some(lab) = lab() else { return };
+    // web-3 (node-2) has nothing on 9999: its kernel answers ICMP port unreachable to the
+    // client pod on node-1, quoting the datagram as translated (to web-3:9999). That error
+    // reaches node-1's XDP, which translates it back (the quote to VIP:5353), so the
+    // client's connected socket sees ECONNREFUSED at once; untranslated, the quote matches
+    // no socket and the client waits out its timeout.
+    let web3 = lab.pod("web-3").clone();
+    let yaml = service(
+        "dns",
+        &format!(
+            "  clusterIP: {VIP}\n  ports:\n  - {{name: dns, port: 5353, protocol: UDP, targetPort: 9999}}\n"
+        ),
+        "",
+    ) + &slice_yaml("dns-1", "dns", &[("dns", 9999, "UDP")], &[(&web3, READY)]);
+    let client = lab.pod("client").ns.clone();
+    // Up when the client's datagrams reach web-3: the port is closed, so it refuses.
+    apply(&lab, &yaml, "service up", || udp_ask(&client, sa(vip(), 5353), 0, ASK) == Answer::Refused);
+    let related = || {
+        lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(1))
+            .unwrap()
+            .reason_counter(lb_common::verdict::Reason::IcmpRelated)
+            .unwrap()
+            .packets
+    };
+    let before = related();
+    let t = Instant::now();
+    assert_eq!(udp_ask(&client, sa(vip(), 5353), 0, Duration::from_secs(2)), Answer::Refused);
+    let took = t.elapsed();
+    println!("UDP to a closed port behind the VIP refused after {took:?}");
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+    assert!(related() > before, "no ICMP error translated at node-1's XDP");
+}
