@@ -52,6 +52,15 @@ fn backend_line(id: u32, be: Option<&BackendValue>) -> String {
     }
 }
 
+/// `client`'s affinity entry for `svc`, if the programs would honour it now
+/// (`rules::affinity_honoured`).
+fn honoured_affinity(dp: &AyaDataplane, svc: &ServiceValue, client: Addr) -> Option<AffinityValue> {
+    let a = dp.affinity(&AffinityKey { client, service_id: svc.service_id })?;
+    let member = dp.member(&MemberKey { service_id: svc.service_id, backend_id: a.backend_id });
+    rules::affinity_honoured(svc, &a, member, backend(dp, a.backend_id).is_some(), monotonic_ns())
+        .then_some(a)
+}
+
 /// The explanation, one finding per line.
 pub fn explain(dp: &AyaDataplane, src: &str, dst: &str) -> anyhow::Result<Vec<String>> {
     let (sip, sport, given) = parse_src(src)?;
@@ -102,12 +111,7 @@ pub fn explain(dp: &AyaDataplane, src: &str, dst: &str) -> anyhow::Result<Vec<St
         return Ok(out);
     }
     if svc.flags & SVC_F_AFFINITY != 0 {
-        let akey = AffinityKey { client: addr_from_ip(sip), service_id: svc.service_id };
-        let entry = dp.affinity(&akey).filter(|a| {
-            let member = dp.member(&MemberKey { service_id: svc.service_id, backend_id: a.backend_id });
-            rules::affinity_honoured(&svc, a, member, backend(dp, a.backend_id).is_some(), monotonic_ns())
-        });
-        if let Some(a) = entry {
+        if let Some(a) = honoured_affinity(dp, &svc, addr_from_ip(sip)) {
             out.push(format!(
                 "sessionAffinity ClientIP ({} s): this client's entry decides",
                 svc.affinity_timeout
@@ -170,20 +174,15 @@ pub fn explain_from_host(dp: &AyaDataplane, dst: &str) -> anyhow::Result<Vec<Str
         return Ok(out);
     }
     let node = if dip.is_ipv4() { config.snat_v4 } else { config.snat_v6 };
-    if svc.flags & SVC_F_AFFINITY != 0 {
-        let akey = AffinityKey { client: node, service_id: svc.service_id };
-        let entry = dp.affinity(&akey).filter(|a| {
-            let member = dp.member(&MemberKey { service_id: svc.service_id, backend_id: a.backend_id });
-            rules::affinity_honoured(&svc, a, member, backend(dp, a.backend_id).is_some(), monotonic_ns())
-        });
-        if let Some(a) = entry {
-            out.push(format!(
-                "sessionAffinity ClientIP: the node's address {} has an entry, which decides",
-                ip_from_addr(&node)
-            ));
-            out.push(format!("picked: {}", backend_line(a.backend_id, backend(dp, a.backend_id).as_ref())));
-            return Ok(out);
-        }
+    if svc.flags & SVC_F_AFFINITY != 0
+        && let Some(a) = honoured_affinity(dp, &svc, node)
+    {
+        out.push(format!(
+            "sessionAffinity ClientIP: the node's address {} has an entry, which decides",
+            ip_from_addr(&node)
+        ));
+        out.push(format!("picked: {}", backend_line(a.backend_id, backend(dp, a.backend_id).as_ref())));
+        return Ok(out);
     }
     // Each socket hashes its own cookie: any backend of the range, in proportion to its slots.
     let slots = dp.read_maglev(svc.maglev_offset, svc.maglev_size)?;

@@ -424,6 +424,13 @@ impl Lab {
         Ok(dp.services()?.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v))
     }
 
+    /// Packets node `node`'s datapath counted for verdict reason `r` (`lb stats`), read from
+    /// its pins.
+    pub fn counted(&self, node: u8, r: lb_common::verdict::Reason) -> anyhow::Result<u64> {
+        let dp = lb_userspace::dataplane::AyaDataplane::open(&self.pin_dir(node))?;
+        Ok(dp.reason_counter(r)?.packets)
+    }
+
     /// Node `node`'s agent's `/metrics` page.
     pub fn metrics(&self, node: u8) -> anyhow::Result<String> {
         sh(&mut in_ns(

@@ -1180,13 +1180,7 @@ fn a_pod_cannot_create_flow_state_under_another_pods_address() {
     let mut direct = Conn::open(&client.ns, sa(web1.ip, POD_PORT));
     assert_eq!(direct.ask().as_deref(), Some("web-1"));
     let port = direct.0.get_ref().local_addr().unwrap().port();
-    let spoofed = || {
-        lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(1))
-            .unwrap()
-            .reason_counter(Reason::SpoofedSource)
-            .unwrap()
-            .packets
-    };
+    let spoofed = || lab.counted(1, Reason::SpoofedSource).unwrap();
     let before = spoofed();
     let frames: Vec<Vec<u8>> = (0..20)
         .flat_map(|_| [TCP_SYN, TCP_ACK, TCP_RST])
@@ -1770,13 +1764,7 @@ fn a_nodeport_upload_to_a_remote_backend_across_a_smaller_mtu_completes() {
     apply(&lab, &(web("NodePort", "") + &web_slice(&[(&web3, READY)])), "service up", || {
         matches!(tcp_ask(&lab.ext_ns(), sa(node_ip(1), 30080), ASK), Answer::Reply(..))
     });
-    let answered = || {
-        lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(1))
-            .unwrap()
-            .reason_counter(lb_common::verdict::Reason::FragNeeded)
-            .unwrap()
-            .packets
-    };
+    let answered = || lab.counted(1, lb_common::verdict::Reason::FragNeeded).unwrap();
     let before = answered();
     // 1 MiB as one line from the external client through node-1's NodePort, source-NATed to
     // web-3 on node-2; web-3 answers once it has the whole line. Full-size segments exceed
@@ -1830,13 +1818,7 @@ fn a_closed_port_behind_a_vip_on_another_node_is_refused_to_a_udp_client_at_once
     let client = lab.pod("client").ns.clone();
     // Up when the client's datagrams reach web-3: the port is closed, so it refuses.
     apply(&lab, &yaml, "service up", || udp_ask(&client, sa(vip(), 5353), 0, ASK) == Answer::Refused);
-    let related = || {
-        lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(1))
-            .unwrap()
-            .reason_counter(lb_common::verdict::Reason::IcmpRelated)
-            .unwrap()
-            .packets
-    };
+    let related = || lab.counted(1, lb_common::verdict::Reason::IcmpRelated).unwrap();
     let before = related();
     let t = Instant::now();
     assert_eq!(udp_ask(&client, sa(vip(), 5353), 0, Duration::from_secs(2)), Answer::Refused);

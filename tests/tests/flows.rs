@@ -37,7 +37,7 @@ fn entries(lab: &Lab, node: u8) -> usize {
 }
 
 fn counter(lab: &Lab, node: u8, r: Reason) -> u64 {
-    AyaDataplane::open(&lab.pin_dir(node)).unwrap().reason_counter(r).unwrap().packets
+    lab.counted(node, r).unwrap()
 }
 
 /// `count` sequential connections from `ns` to `to`, each answered by `want`: the failures.

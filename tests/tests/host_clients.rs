@@ -16,11 +16,7 @@ use services::*;
 
 /// Connect-time decisions counted on `node` (`lb stats`: `host_connect`, `host_refused`).
 fn host_decisions(lab: &Lab, node: u8, r: Reason) -> u64 {
-    lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(node))
-        .unwrap()
-        .reason_counter(r)
-        .unwrap()
-        .packets
+    lab.counted(node, r).unwrap()
 }
 
 /// `lb explain --from-host DST` on node-1.
