@@ -511,6 +511,18 @@ pub struct FakeDataplane {
     pub members: BTreeMap<MemberKey, MemberValue>,
     /// Every write, in order, to check op ordering.
     pub log: Vec<String>,
+    /// Every write fails (a full map, a kernel refusing), as the sync loop must survive.
+    pub broken: bool,
+}
+
+impl FakeDataplane {
+    /// Fails like a kernel map write when `broken`.
+    fn write(&self, map: &'static str) -> Result<()> {
+        if self.broken {
+            return Err(DataplaneError::Map { map, source: aya::maps::MapError::KeyNotFound });
+        }
+        Ok(())
+    }
 }
 
 /// Deleting an absent key fails in the kernel (ENOENT); so it does in the fake, so that a
@@ -525,6 +537,7 @@ fn absent_is_an_error(was_there: bool, map: &'static str) -> Result<()> {
 
 impl Dataplane for FakeDataplane {
     fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.write("lb_services")?;
         self.log.push(format!("set_service {}:{}", key.ip(), key.port()));
         self.services.insert(*key, *value);
         Ok(())
@@ -536,6 +549,7 @@ impl Dataplane for FakeDataplane {
     }
 
     fn set_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
+        self.write("lb_backends")?;
         self.log.push(format!("set_backend {id}"));
         self.backends.insert(id, *value);
         Ok(())
@@ -548,6 +562,7 @@ impl Dataplane for FakeDataplane {
     }
 
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
+        self.write("lb_maglev")?;
         self.log.push(format!("write_maglev {offset}+{}", ids.len()));
         for (i, id) in ids.iter().enumerate() {
             self.maglev.insert(offset + i as u32, *id);
@@ -588,6 +603,7 @@ impl Dataplane for FakeDataplane {
     }
 
     fn set_member(&mut self, key: &MemberKey, value: &MemberValue) -> Result<()> {
+        self.write("lb_members")?;
         self.log.push(format!("set_member {}/{}", key.service_id, key.backend_id));
         self.members.insert(*key, *value);
         Ok(())

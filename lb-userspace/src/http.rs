@@ -1,13 +1,20 @@
 //! The agent's small HTTP servers: `/metrics` (Prometheus text), `/healthz` and `/livez`
-//! like kube-proxy's, and the `healthCheckNodePort` responders of ETP=Local Services. Plain
-//! HTTP/1.1, one request per connection: these are probes and scrapes, not user traffic.
+//! like kube-proxy's, and the `healthCheckNodePort` responders of ETP=Local Services.
+//! HTTP/1.1 by hyper, one request per connection: these are probes and scrapes, not user
+//! traffic, and whatever can reach the port (any pod) must not be able to wear the agent
+//! down: connections are capped, a request head must arrive within a deadline, a whole
+//! exchange within another, and a failing accept (out of file descriptors) backs off.
 
-use std::{future::Future, net::SocketAddr, rc::Rc};
+use std::{convert::Infallible, future::Future, rc::Rc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+use http_body_util::Full;
+use hyper::{
+    Method, Request, StatusCode,
+    body::{Bytes, Incoming},
+    header,
 };
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 
 /// A response: status code, content type, body.
 pub struct Response {
@@ -25,64 +32,41 @@ impl Response {
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
 /// Connections served at once per server; more are closed at once. Probes and scrapes
 /// need a handful; a pod opening thousands must not exhaust the agent's file descriptors.
 pub const MAX_CONNECTIONS: usize = 64;
 /// How long a client has to send its whole request head.
-const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a connection may live at all (a client reading its answer a byte at a time).
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 /// The pause after a failed accept (out of file descriptors, say), instead of spinning.
-const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The largest request head read; probes send a few hundred bytes.
+const MAX_HEAD: usize = 16 * 1024;
 
-/// What a client asked.
-enum Request {
-    /// `GET` or `HEAD` (no body in the answer) of a path.
-    Get { path: String, head: bool },
-    /// Any other method: answered 405.
-    OtherMethod,
-}
-
-/// The request head, read within `READ_DEADLINE`; None for a client that sent nothing
-/// usable in time.
-async fn read_request(stream: &mut TcpStream) -> Option<Request> {
-    let mut buf = Vec::with_capacity(1024);
-    let read = async {
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            if buf.len() > 16 * 1024 {
-                return None;
-            }
-            let n = stream.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        Some(())
+/// Answers one request: `GET` and `HEAD` (hyper leaves out the body) by `handler`, any
+/// other method 405 with `Allow`.
+async fn answer<H, F>(handler: &H, req: Request<Incoming>) -> hyper::Response<Full<Bytes>>
+where
+    H: Fn(String) -> F,
+    F: Future<Output = Response>,
+{
+    let r = if req.method() == Method::GET || req.method() == Method::HEAD {
+        handler(req.uri().path().to_string()).await
+    } else {
+        Response::text(405, "only GET and HEAD\n")
     };
-    tokio::time::timeout(READ_DEADLINE, read).await.ok()??;
-    let line = buf.split(|b| *b == b'\n').next()?;
-    let line = std::str::from_utf8(line).ok()?.trim_end();
-    let mut parts = line.split(' ');
-    let method = parts.next()?;
-    if method != "GET" && method != "HEAD" {
-        return Some(Request::OtherMethod);
+    let mut out = hyper::Response::new(Full::new(Bytes::from(r.body)));
+    *out.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = out.headers_mut();
+    headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static(r.content_type));
+    if r.status == 405 {
+        headers.insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
     }
-    let path = parts.next()?.split('?').next()?.to_string();
-    Some(Request::Get { path, head: method == "HEAD" })
+    out
 }
 
-/// Serves `handler` on `listener` until the task is dropped: `GET` and `HEAD`, at most
-/// `MAX_CONNECTIONS` at once, each request head within a deadline.
+/// Serves `handler` on `listener` until the task is dropped (see the module's limits).
 pub fn serve<H, F>(listener: TcpListener, handler: H) -> impl Future<Output = ()>
 where
     H: Fn(String) -> F + 'static,
@@ -92,7 +76,7 @@ where
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     async move {
         loop {
-            let mut stream = match listener.accept().await {
+            let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(_) => {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -104,98 +88,32 @@ where
             let handler = handler.clone();
             tokio::task::spawn_local(async move {
                 let _slot = slot;
-                let (r, head) = match read_request(&mut stream).await {
-                    None => return,
-                    Some(Request::OtherMethod) => (Response::text(405, "only GET and HEAD\n"), false),
-                    Some(Request::Get { path, head }) => (handler(path).await, head),
-                };
-                let allow = if r.status == 405 { "Allow: GET, HEAD\r\n" } else { "" };
-                let head_text = format!(
-                    "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
-                    r.status,
-                    reason(r.status),
-                    r.content_type,
-                    r.body.len()
-                );
-                let _ = stream.write_all(head_text.as_bytes()).await;
-                if !head {
-                    let _ = stream.write_all(r.body.as_bytes()).await;
-                }
-                let _ = stream.shutdown().await;
+                let service = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(answer(&*handler, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(READ_DEADLINE)
+                    .keep_alive(false)
+                    .max_buf_size(MAX_HEAD)
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
             });
         }
     }
 }
 
-/// Binds `addr`, naming it in the error.
-pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{what}: binding {addr}: {e}"))
-}
-
-/// A Prometheus histogram with fixed buckets (seconds).
-#[derive(Debug, Clone)]
-pub struct Histogram {
-    bounds: Vec<f64>,
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    /// kube-proxy's layout for its sync and programming durations: 1 ms doubling 15 times.
-    pub fn kube_proxy_buckets() -> Self {
-        let bounds: Vec<f64> = (0..15).map(|i| 0.001 * 2f64.powi(i)).collect();
-        Histogram { counts: vec![0; bounds.len()], bounds, sum: 0.0, count: 0 }
-    }
-
-    /// kube-proxy's layout for network programming latency: 0.25 s steps to 0.5 s, then 1 s
-    /// steps to 59 s, 5 s steps to 115 s, 30 s steps to 300 s.
-    pub fn network_programming_buckets() -> Self {
-        let mut bounds = vec![0.25, 0.5];
-        bounds.extend((1..=59).map(f64::from));
-        bounds.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
-        bounds.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
-        Histogram { counts: vec![0; bounds.len()], bounds, sum: 0.0, count: 0 }
-    }
-
-    pub fn observe(&mut self, v: f64) {
-        for (b, c) in self.bounds.iter().zip(&mut self.counts) {
-            if v <= *b {
-                *c += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    /// Prometheus text for `name` (with HELP and TYPE lines).
-    pub fn render(&self, name: &str, help: &str) -> String {
-        let mut s = format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            s += &format!("{name}_bucket{{le=\"{b}\"}} {c}\n");
-        }
-        s += &format!(
-            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n",
-            self.count, self.sum, self.count
-        );
-        s
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::net::SocketAddr;
 
-    #[test]
-    fn histogram_is_cumulative() {
-        let mut h = Histogram::kube_proxy_buckets();
-        h.observe(0.0005);
-        h.observe(0.003);
-        let text = h.render("x", "help");
-        assert!(text.contains("x_bucket{le=\"0.001\"} 1\n"));
-        assert!(text.contains("x_bucket{le=\"0.004\"} 2\n"));
-        assert!(text.contains("x_bucket{le=\"+Inf\"} 2\nx_sum 0.0035\nx_count 2\n"));
-    }
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpStream,
+    };
+
+    use super::*;
 
     #[tokio::test(flavor = "current_thread")]
     async fn serves_one_request_per_connection() {
@@ -235,11 +153,15 @@ mod tests {
                 tokio::task::spawn_local(serve(l, |_| async { Response::text(200, "body") }));
                 let post = ask(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
                 assert!(
-                    post.starts_with("HTTP/1.1 405 Method Not Allowed") && post.contains("Allow: GET, HEAD"),
+                    post.starts_with("HTTP/1.1 405 Method Not Allowed")
+                        && post.to_lowercase().contains("allow: get, head"),
                     "{post}"
                 );
                 let head = ask(addr, "HEAD /metrics HTTP/1.1\r\n\r\n").await;
-                assert!(head.contains("Content-Length: 4") && !head.ends_with("body"), "{head}");
+                assert!(
+                    head.to_lowercase().contains("content-length: 4") && !head.ends_with("body"),
+                    "{head}"
+                );
                 assert!(ask(addr, "GET / HTTP/1.1\r\n\r\n").await.ends_with("body"));
                 // Idle clients holding every slot.
                 let mut idle = Vec::new();

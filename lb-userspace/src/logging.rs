@@ -2,7 +2,9 @@
 //! `[  uptime s] message` lines; `--log-format json` one JSON object per line with
 //! `timestamp`, `level`, `message`, `uptime_s`, `target` and the event's own fields (a sync
 //! adds `services`, `not_programmed`, `frontends`, `backends`, `changed`, `writes`,
-//! `duration_ms`). `RUST_LOG` filters as usual (default `info`).
+//! `duration_ms`). Lines logged during a sync carry its span, `span`: `name` "sync", `all`,
+//! `service_changes`, `endpoint_changes`, and once known `writes` and `duration_ms`.
+//! `RUST_LOG` filters as usual (default `info`).
 
 use std::{fmt, sync::OnceLock, time::Instant};
 
@@ -35,7 +37,9 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.event_format(Text).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => {
+            builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
+        }
     };
 }
 

@@ -1342,6 +1342,15 @@ fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fil
         synced["services"].is_u64() && synced["writes"].is_u64() && synced["duration_ms"].is_f64(),
         "{synced}"
     );
+    // Inside the sync's span, with its counts and duration.
+    let span = &synced["span"];
+    assert!(
+        span["name"] == "sync"
+            && span["service_changes"].is_u64()
+            && span["writes"] == synced["writes"]
+            && span["duration_ms"].is_f64(),
+        "{synced}"
+    );
     assert!(
         lines.iter().any(|l| l["level"] == "ERROR"
             || l["level"] == "WARN"
@@ -1372,7 +1381,11 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
         (c.ns.clone(), c.ip.to_string(), c.host_if.clone())
     };
     web_up(&lab, &client, &all, Proto::Tcp);
-    let sent = || Lab::metric(&lab.metrics(1).unwrap(), "lb_monitor_events_total{result=\"sent\"}").unwrap();
+    // Read from the pinned counter itself: /metrics reads it at most once a second.
+    let sent = || {
+        let dp = lb_userspace::dataplane::AyaDataplane::open(&lab.pin_dir(1)).unwrap();
+        dp.events_counter(lb_common::abi::EVENTS_SENT).unwrap().packets
+    };
     let before = sent();
     assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
     assert_eq!(sent(), before, "an event written with no monitor running");
@@ -1462,34 +1475,48 @@ fn metrics_count_each_service_port_by_name_exactly() {
     let all = pods(&lab, &["web-1", "web-2", "web-3"]);
     let client = lab.pod("client").ns.clone();
     web_up(&lab, &client, &all, Proto::Udp);
-    let series =
-        "lb_service_packets_total{namespace=\"default\",service=\"web\",port=\"udp\",protocol=\"UDP\",";
+    // Parsed as Prometheus parses it: the per-Service series carry the documented labels.
     let udp_packets = || {
-        let metrics = lab.metrics(1).unwrap();
-        let lines: Vec<&str> =
-            metrics.lines().filter(|l| l.starts_with("lb_service_packets_total{")).collect();
-        for l in &lines {
-            let labels = &l[l.find('{').unwrap() + 1..l.find('}').unwrap()];
-            let names: Vec<&str> = labels.split(',').map(|kv| kv.split('=').next().unwrap()).collect();
+        let text = lab.metrics(1).unwrap();
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        let series: Vec<&prometheus_parse::Sample> =
+            scrape.samples.iter().filter(|s| s.metric == "lb_service_packets_total").collect();
+        for s in &series {
+            let mut names: Vec<&str> = s.labels.keys().map(String::as_str).collect();
+            names.sort();
             assert!(
-                names == ["namespace", "service", "port", "protocol", "service_id"]
+                names == ["namespace", "port", "protocol", "service", "service_id"]
                     || names == ["service_id"],
-                "label names: {l}"
+                "label names: {:?}",
+                s.labels
             );
         }
-        let mine: Vec<&&str> = lines.iter().filter(|l| l.starts_with(series)).collect();
-        assert_eq!(
-            mine.len(),
-            1,
-            "one series for web's UDP port in the cluster scope:\n{}",
-            lines.join("\n")
-        );
-        mine[0].rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+        let mine: Vec<&&prometheus_parse::Sample> = series
+            .iter()
+            .filter(|s| {
+                (
+                    s.labels.get("namespace"),
+                    s.labels.get("service"),
+                    s.labels.get("port"),
+                    s.labels.get("protocol"),
+                ) == (Some("default"), Some("web"), Some("udp"), Some("UDP"))
+            })
+            .collect();
+        assert_eq!(mine.len(), 1, "one series for web's UDP port in the cluster scope:\n{text}");
+        match mine[0].value {
+            prometheus_parse::Value::Counter(v) => v as u64,
+            ref other => panic!("lb_service_packets_total is a counter, not {other:?}"),
+        }
     };
     let before = udp_packets();
     for i in 0..10 {
         assert!(matches!(udp_ask(&client, sa(vip(), 80), 0, ASK), Answer::Reply(..)), "exchange {i}");
     }
+    // The datapath's counters are read at most once a second (metrics.rs): the count shows
+    // within the next read, and stays exact.
+    lab::wait_for(Duration::from_secs(3), || Ok(udp_packets() - before >= 20)).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(udp_packets() - before, 20, "a request and a reply per exchange");
     let metrics = lab.metrics(1).unwrap();
     let last: Option<f64> = metrics.lines().find_map(|l| {
@@ -1685,7 +1712,9 @@ fn a_deleted_services_open_connection_keeps_its_addresses_listed_until_it_ends()
     drop(conn);
     wait_for(Duration::from_secs(10), || Ok(!listed(&lab, vip())))
         .unwrap_or_else(|e| panic!("the VIP stays listed after its last flow: {e}\n{}", lab.agent_log(1)));
-    assert!(bits(&lab) < with_the_connection, "lb_address_filter_bits goes down");
+    // (/metrics reads the filter at most once a second.)
+    wait_for(Duration::from_secs(3), || Ok(bits(&lab) < with_the_connection))
+        .expect("lb_address_filter_bits goes down");
 }
 
 /// The agent runs with exactly the DaemonSet's capabilities (the deploy test keeps that list

@@ -1,0 +1,251 @@
+//! What the programs are attached to: XDP on the named interfaces, TC on every matching
+//! one as links come and go, and the connect-time programs on the node's cgroup2 root.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use aya::Ebpf;
+use lb_common::abi::*;
+
+use super::{AgentConfig, lock, log, state::Shared};
+use crate::{
+    addr_filter,
+    attach::{self, Hook},
+    conntrack_gc,
+    dataplane::AyaDataplane,
+    host_clients, links,
+    reconcile::Applied,
+    routes,
+};
+
+/// Lists in the address pre-filter every address the pinned maps name: frontends, backends
+/// and both ends of every flow.
+pub fn list_pinned_addresses(
+    dp: &mut AyaDataplane,
+    applied: &Applied,
+    pin_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+    let map = conntrack_gc::open(pin_dir)?;
+    let fd = map.fd().as_fd();
+    let flows = conntrack_gc::entries(fd, &crate::rawmap::layout(fd)?)?;
+    let mut all = addr_filter::named(applied);
+    all.extend(flows.iter().flat_map(|(k, _)| [k.src, k.dst]));
+    for a in &all {
+        dp.list_address(a);
+    }
+    Ok(())
+}
+
+/// The pod interfaces whose sources the TC program checks: every attached one, with its
+/// bridge (or itself) and the addresses host routes send out of it (its pod's, with a
+/// veth-per-pod CNI); none with `--pod-source-check off`.
+pub fn pod_ports(
+    cfg: &AgentConfig,
+    tc_links: &BTreeMap<String, (u32, attach::Holder)>,
+) -> BTreeMap<u32, PodPort> {
+    if !cfg.pod_source_check {
+        return BTreeMap::new();
+    }
+    let all = links::interfaces();
+    let routes = routes::host_routes();
+    tc_links
+        .iter()
+        .map(|(name, (ifindex, _))| {
+            let also = links::master(name).and_then(|m| all.get(&m).copied()).unwrap_or(*ifindex);
+            // One address per family first: a dual-stack pod's two.
+            let mine: Vec<IpAddr> = routes.iter().filter(|(i, _)| i == name).map(|(_, a)| *a).collect();
+            let v4 = mine.iter().find(|a| a.is_ipv4());
+            let v6 = mine.iter().find(|a| a.is_ipv6());
+            let addrs: Vec<IpAddr> = v4.into_iter().chain(v6).chain(&mine).copied().collect();
+            (*ifindex, PodPort::new(also, &addrs))
+        })
+        .collect()
+}
+
+/// Says how many interfaces the source check covers and how many pod addresses it knows.
+pub fn log_pod_ports(ports: &BTreeMap<u32, PodPort>) {
+    let known: usize = ports.values().map(|p| p.addrs.iter().filter(|a| **a != NO_ADDR).count()).sum();
+    log(format!(
+        "pod source check on {} interfaces, {known} pod addresses known from host routes",
+        ports.len()
+    ));
+}
+
+/// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.
+pub fn sync_links(
+    ebpf: &mut Ebpf,
+    cfg: &AgentConfig,
+    patterns: &links::Patterns,
+    tc_links: &mut BTreeMap<String, (u32, attach::Holder)>,
+    status: &Shared,
+) {
+    let want = patterns.select(&links::interfaces());
+    let stale: Vec<String> =
+        tc_links.iter().filter(|(n, (idx, _))| want.get(*n) != Some(idx)).map(|(n, _)| n.clone()).collect();
+    for name in stale {
+        if let Some((_, holder)) = tc_links.remove(&name) {
+            holder.release();
+        }
+        lock(status).tc.remove(&name);
+        log(format!("TC detached from {name} (link gone)"));
+    }
+    for (name, idx) in want {
+        if tc_links.contains_key(&name) {
+            continue;
+        }
+        match attach::attach_pinned(ebpf, Hook::Tc, &name, &cfg.pin_dir, cfg.legacy_attach) {
+            Ok((how, holder)) => {
+                let _ = attach::accept_local(&name);
+                tc_links.insert(name.clone(), (idx, holder));
+                lock(status).tc.insert(name.clone(), (idx, how));
+                log(format!("TC attached to {name} ({how:?})"));
+            }
+            // The link may have vanished between listing and attaching; the next scan decides.
+            Err(e) => log(format!("warning: {e}")),
+        }
+    }
+}
+
+/// Attaches the connect-time programs for the node's own clients (`host_clients`); returns
+/// the network namespace cookie they act in and the cgroup2 hierarchy, or 0 (with a
+/// warning) when they cannot run here: the packet path works without them.
+pub fn attach_host_clients(
+    ebpf: &mut aya::Ebpf,
+    root: &std::path::Path,
+    pin_dir: &std::path::Path,
+) -> (u64, Option<std::path::PathBuf>) {
+    let attached = host_clients::cgroup2_root(root)
+        .map_err(anyhow::Error::from)
+        .and_then(|r| host_clients::attach(ebpf, &r, pin_dir).map(|()| r))
+        .and_then(|r| Ok((r, host_clients::netns_cookie()?)));
+    match attached {
+        Ok((r, cookie)) => {
+            log(format!("clients on this node served at connect time (cgroup {})", r.display()));
+            (cookie, Some(r))
+        }
+        Err(e) => {
+            log(format!("warning: clients on this node (its shell, hostNetwork pods) are not served: {e:#}"));
+            (0, None)
+        }
+    }
+}
+
+/// Pins left by an earlier agent for interfaces this one will not serve (gone, or no longer
+/// named by the flags): removing them detaches those programs.
+pub fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns) {
+    let present = links::interfaces();
+    let Ok(dir) = std::fs::read_dir(cfg.pin_dir.join("links")) else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let keep = match name.split_once('-') {
+            Some(("xdp", iface)) => cfg.xdp_ifaces.iter().any(|i| i == iface),
+            Some(("tc", iface)) => tc.matches(iface) && present.contains_key(iface),
+            Some(("sock", _)) => cfg.cgroup_root.is_some(),
+            _ => true,
+        };
+        if !keep {
+            let _ = std::fs::remove_file(entry.path());
+            log(format!("removed stale link pin {name}"));
+        }
+    }
+}
+
+/// The programs' attachments the loop keeps up to date.
+pub struct Attachments {
+    pub ebpf: Ebpf,
+    tc_patterns: links::Patterns,
+    tc_links: BTreeMap<String, (u32, attach::Holder)>,
+    /// The pod ports the source check covers, as last written.
+    checked: BTreeMap<u32, PodPort>,
+    /// Set by netlink link events.
+    links_changed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    last_scan: std::time::Instant,
+    /// The network namespace cookie the connect-time programs act in (0: not attached).
+    pub host_cookie: u64,
+}
+
+impl Attachments {
+    /// Attaches everything at start: XDP to `--xdp-iface`, the connect-time programs, TC to
+    /// the matching links (and, with them, every program of this build is in), then the
+    /// pod source checks. Link events call `wake`.
+    pub fn start(
+        mut ebpf: Ebpf,
+        cfg: &AgentConfig,
+        dp: &mut AyaDataplane,
+        status: &Shared,
+        wake: impl Fn() + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let tc_patterns = links::Patterns::new(&cfg.tc_ifaces).context("--tc-iface")?;
+        let present = links::interfaces();
+        for iface in &cfg.xdp_ifaces {
+            let (how, _holder) =
+                attach::attach_pinned(&mut ebpf, Hook::Xdp, iface, &cfg.pin_dir, cfg.legacy_attach)?;
+            if let Err(e) = attach::accept_local(iface) {
+                log(format!("warning: {iface}: cannot set accept_local ({e}); SNAT replies may be dropped"));
+            }
+            log(format!("XDP attached to {iface} ({how:?})"));
+            lock(status).xdp.insert(iface.clone(), how);
+        }
+        // Forwarding at XDP may send only out of our own XDP interfaces; without
+        // --xdp-forward the map is emptied so a previous agent's ports do not linger.
+        let tx_ports: Vec<u32> = if cfg.xdp_forward {
+            cfg.xdp_ifaces.iter().filter_map(|i| present.get(i).copied()).collect()
+        } else {
+            vec![]
+        };
+        dp.set_xdp_tx_ports(&tx_ports)?;
+        if cfg.xdp_forward {
+            log(format!("XDP forwarding on, out of {}", cfg.xdp_ifaces.join(", ")));
+        }
+        let links_changed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        if let Err(e) = links::watch(links_changed.clone(), wake) {
+            log(format!("warning: no netlink link events ({e}); rescanning interfaces every second"));
+        }
+        let (host_cookie, sock_cgroup) = match cfg.cgroup_root.as_deref() {
+            Some(root) => attach_host_clients(&mut ebpf, root, &cfg.pin_dir),
+            None => (0, None),
+        };
+        lock(status).sock_cgroup = sock_cgroup;
+        remove_stale_link_pins(cfg, &tc_patterns);
+        let mut a = Attachments {
+            ebpf,
+            tc_patterns,
+            tc_links: BTreeMap::new(),
+            checked: BTreeMap::new(),
+            links_changed,
+            last_scan: std::time::Instant::now(),
+            host_cookie,
+        };
+        sync_links(&mut a.ebpf, cfg, &a.tc_patterns, &mut a.tc_links, status);
+        Ok(a)
+    }
+
+    /// Writes the pod source checks for the attached links (at start, after a migration).
+    pub fn check_pod_sources(&mut self, cfg: &AgentConfig, dp: &mut AyaDataplane) -> anyhow::Result<()> {
+        self.checked = pod_ports(cfg, &self.tc_links);
+        dp.set_pod_ports(&self.checked)?;
+        log_pod_ports(&self.checked);
+        Ok(())
+    }
+
+    /// After a link event, or a second after the last scan: attaches TC to new matching
+    /// links, forgets gone ones, and updates the pod source checks.
+    pub fn rescan(&mut self, cfg: &AgentConfig, dp: &mut AyaDataplane, status: &Shared) {
+        use std::sync::atomic::Ordering;
+        let event = self.links_changed.swap(false, Ordering::AcqRel);
+        if !event && self.last_scan.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        self.last_scan = std::time::Instant::now();
+        sync_links(&mut self.ebpf, cfg, &self.tc_patterns, &mut self.tc_links, status);
+        let want = pod_ports(cfg, &self.tc_links);
+        if want != self.checked {
+            match dp.set_pod_ports(&want) {
+                Ok(()) => log_pod_ports(&want),
+                Err(e) => log(format!("warning: pod source checks not updated: {e}")),
+            }
+            self.checked = want;
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! One sync: what the source changed, through the Model and the planner, into the maps.
+//! Kept apart from the loop that calls it (timers, links, HTTP) so that it can be tested
+//! on its own against `FakeDataplane`, failures and retries included.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use lb_common::abi::Config;
+
+use super::log;
+use crate::{
+    dataplane::{Dataplane, DataplaneError},
+    logging,
+    model::{self, Changes, Desired, NodeContext},
+    reconcile::{self, Applied, Limits},
+    retry::Retry,
+    source::ChangeSource,
+};
+
+/// What one sync did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub took: Duration,
+    /// The map writes went through (else the next plan is a full one, against the maps as
+    /// they are read back).
+    pub written: bool,
+    /// Map writes planned.
+    pub writes: usize,
+    /// Services the planner skipped this time (a map at its capacity).
+    pub skipped: usize,
+    /// Nothing is owed any more: every change is in the maps.
+    pub settled: bool,
+    /// Services and EndpointSlices the source reported changed.
+    pub service_changes: usize,
+    pub endpoint_changes: usize,
+    /// Services were planned, so the frontends' names may have changed.
+    pub services_touched: bool,
+    /// The datapath configuration was rewritten.
+    pub config_written: bool,
+}
+
+impl Outcome {
+    /// Everything planned is in the maps.
+    pub fn ok(&self) -> bool {
+        self.written && self.skipped == 0
+    }
+}
+
+/// The state that lives from one sync to the next.
+pub struct Syncer {
+    model: model::ModelState,
+    retry: Retry,
+    applied: Applied,
+    limits: Limits,
+    /// The datapath configuration last written.
+    config: Option<Config>,
+    /// The Model's notes already logged.
+    said: BTreeSet<(String, String)>,
+}
+
+impl Syncer {
+    /// Starts from what the maps hold (`Applied::read`).
+    pub fn new(mut applied: Applied, limits: Limits) -> Self {
+        applied.track_ranges(limits.maglev_slots);
+        Syncer {
+            model: model::ModelState::default(),
+            retry: Retry::new(),
+            applied,
+            limits,
+            config: None,
+            said: BTreeSet::new(),
+        }
+    }
+
+    pub fn desired(&self) -> &Desired {
+        self.model.desired()
+    }
+
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+
+    pub fn retry(&self) -> &Retry {
+        &self.retry
+    }
+
+    pub fn contested_frontends(&self) -> usize {
+        self.model.contested_frontends()
+    }
+
+    /// Syncs what `source` changed (and what is owed, once its retry is `now` due) into
+    /// `dp`; `resync` re-plans everything against the maps as they are. `config_for` makes
+    /// the datapath configuration from the node's addresses. None: nothing to do. A failed
+    /// map write is an outcome (retried in full); failing to read the maps back is an error.
+    pub fn sync<D: Dataplane, S: ChangeSource>(
+        &mut self,
+        dp: &mut D,
+        source: &mut S,
+        node: &NodeContext,
+        config_for: impl FnOnce(&[IpAddr]) -> Config,
+        resync: bool,
+        now: Instant,
+    ) -> Result<Option<Outcome>, DataplaneError> {
+        let due = self.retry.due(now);
+        let mut changes = match source.changed() {
+            Some(c) => c,
+            None if due || resync => Changes::default(),
+            None => return Ok(None),
+        };
+        if resync {
+            // Everything re-planned against what the kernel holds now: repairs a map
+            // someone else wrote to, or an entry a bug lost.
+            changes.all = true;
+            self.reread(dp)?;
+            log("periodic resync (--config-sync-period): everything re-planned against the maps");
+        }
+        let span = tracing::info_span!(
+            "sync",
+            all = changes.all,
+            service_changes = changes.services.len(),
+            endpoint_changes = changes.slices.len(),
+            writes = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let t0 = Instant::now();
+        let (mut delta, node_addresses) = source.with_cluster(|cluster| {
+            let delta = self.model.update(cluster, node, &changes);
+            (delta, node.addresses(cluster))
+        });
+        let model = &self.model;
+        self.retry.prepare(&mut delta, due, |a| model.uses_backend(a));
+        let desired = self.model.desired();
+        let want = config_for(&node_addresses);
+        let config_written = self.config != Some(want);
+        if config_written {
+            dp.set_config(&want)?;
+            self.config = Some(want);
+        }
+        let plan = reconcile::plan_changes(desired, &delta, &self.applied, &self.limits);
+        let result = reconcile::execute(dp, &mut self.applied, &plan.ops);
+        let took = t0.elapsed();
+        for line in self.retry.settle(desired, &delta, &plan.failed, result.is_ok(), now) {
+            log(line);
+        }
+        span.record("writes", plan.ops.len());
+        span.record("duration_ms", took.as_secs_f64() * 1e3);
+        let outcome = Outcome {
+            took,
+            written: result.is_ok(),
+            writes: plan.ops.len(),
+            skipped: plan.failed.len(),
+            settled: result.is_ok() && self.retry.is_empty(),
+            service_changes: changes.services.len(),
+            endpoint_changes: changes.slices.len(),
+            services_touched: delta.all || !delta.services.is_empty(),
+            config_written,
+        };
+        match result {
+            Ok(()) => {
+                let changed = if delta.all { "all".to_string() } else { delta.services.len().to_string() };
+                let duration_ms = took.as_secs_f64() * 1e3;
+                tracing::info!(
+                    uptime_s = logging::uptime_s(),
+                    services = desired.services.len(),
+                    not_programmed = self.retry.skipped_count(),
+                    frontends = self.applied.services.len(),
+                    backends = self.applied.backends.len(),
+                    changed = changed.as_str(),
+                    writes = plan.ops.len(),
+                    duration_ms,
+                    "synced: {} services ({} not programmed), {} frontends, {} backends; {changed} changed, {} map writes in {duration_ms:.2} ms",
+                    desired.services.len(),
+                    self.retry.skipped_count(),
+                    self.applied.services.len(),
+                    self.applied.backends.len(),
+                    plan.ops.len(),
+                );
+            }
+            Err(e) => {
+                log(format!("error: sync failed: {e:#}; will retry in full"));
+                // Re-read what the kernel really holds before planning again.
+                self.reread(dp)?;
+            }
+        }
+        // Each note once, while it holds (a Service skipped, a warning about it).
+        let notes: BTreeSet<(String, String)> = self.model.desired().notes.iter().cloned().collect();
+        for (what, why) in notes.difference(&self.said) {
+            log(format!("{what}: {why}"));
+        }
+        self.said = notes;
+        Ok(Some(outcome))
+    }
+
+    fn reread(&mut self, dp: &impl Dataplane) -> Result<(), DataplaneError> {
+        self.applied = Applied::read(dp)?;
+        self.applied.track_ranges(self.limits.maglev_slots);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "sync_tests.rs"]
+mod tests;
