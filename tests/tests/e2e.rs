@@ -1393,7 +1393,7 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
     let (lb, pin_dir) = (lab.state.bins.lb.to_string_lossy().into_owned(), lab.pin_dir(1));
     let mut monitor = lab::in_ns(
         &lab.node_netns(1),
-        &[&lb, "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json", "--count", "4"],
+        &[&lb, "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json", "--count", "5"],
     )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
@@ -1420,10 +1420,19 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
     let lb_ip: IpAddr = LB_IP.parse().unwrap();
     apply(&lab, &denied, "denied", || lab.has_frontend(1, lb_ip, 80).unwrap_or(false));
     assert_eq!(tcp_ask(&lab.ext_ns(), sa(lb_ip, 80), ASK), Answer::Timeout);
+    // A malformed frame: a TCP header cut short after 8 bytes, to the ClusterIP's port.
+    let vip_v4 = match vip() {
+        IpAddr::V4(v) => v,
+        IpAddr::V6(_) => unreachable!("the lab's ClusterIP is IPv4"),
+    };
+    let src: std::net::Ipv4Addr = client_ip.parse().unwrap();
+    lab::in_netns(&client, move || send_raw_ipv4(src, vip_v4, 6, &[0x9c, 0x40, 0, 80, 0, 0, 0, 1]))
+        .unwrap()
+        .unwrap();
     let out = wait_child(&mut monitor, Duration::from_secs(10));
     let events: Vec<serde_json::Value> =
         out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
-    assert_eq!(events.len(), 4, "{out}");
+    assert_eq!(events.len(), 5, "{out}");
     // A port the ClusterIP does not serve is named by the ClusterIP's Service; a frontend by
     // its Service port.
     let want = [
@@ -1459,10 +1468,59 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
     assert_eq!(e["dst"].as_str(), Some(format!("{LB_IP}:80").as_str()), "{e}");
     assert!(e["src"].as_str().unwrap().starts_with(&format!("{EXT_IP}:")), "{e}");
     assert_eq!(e["service"].as_str(), Some("default/web:http"), "{e}");
+    // The malformed frame: dropped at the client's TC, with its 5-tuple (the ports are in
+    // the 8 bytes it has) and the Service port it was for.
+    let e = &events[4];
+    assert_eq!((e["type"].as_str(), e["reason"].as_str()), (Some("drop"), Some("truncated_l4")), "{e}");
+    assert_eq!((e["interface"].as_str(), e["hook"].as_str()), (Some(client_if.as_str()), Some("tc")), "{e}");
+    assert_eq!(e["protocol"].as_str(), Some("tcp"), "{e}");
+    assert_eq!(e["src"].as_str(), Some(format!("{client_ip}:40000").as_str()), "{e}");
+    assert_eq!(e["dst"].as_str(), Some(format!("{VIP}:80").as_str()), "{e}");
+    assert_eq!(e["service"].as_str(), Some("default/web:http"), "{e}");
     // The monitor gave its lease up on exit.
     let before = sent();
     assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
     assert_eq!(sent(), before, "an event written after the monitor exited");
+}
+
+/// Sends one IPv4 packet with protocol `proto` and `payload` from this thread's network
+/// namespace (a raw socket: the kernel fills in the header's length and checksum).
+fn send_raw_ipv4(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    proto: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let mut pkt = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
+    pkt.extend_from_slice(&src.octets());
+    pkt.extend_from_slice(&dst.octets());
+    pkt.extend_from_slice(payload);
+    let len = pkt.len() as u16;
+    pkt[2..4].copy_from_slice(&len.to_be_bytes());
+    // SAFETY: plain socket calls on a descriptor this function owns and closes.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
+            sin_zero: [0; 8],
+        };
+        let sent = libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&raw const to).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if sent < 0 { Err(err) } else { Ok(()) }
+    }
 }
 
 /// `/metrics` labels each Service port's packet counter with its namespace, Service, port
@@ -1855,4 +1913,72 @@ fn a_closed_port_behind_a_vip_on_another_node_is_refused_to_a_udp_client_at_once
     println!("UDP to a closed port behind the VIP refused after {took:?}");
     assert!(took < Duration::from_millis(500), "took {took:?}");
     assert!(related() > before, "no ICMP error translated at node-1's XDP");
+}
+
+/// Fifty clients that trickle their request heads into the health port, a byte every
+/// 200 ms, hold connections but stop neither `/metrics` and `/healthz` for others nor the
+/// sync loop; the agent cuts each off at its header deadline (5 s).
+#[test]
+fn slow_clients_on_the_health_port_stop_neither_metrics_nor_syncs() {
+    use std::io::{Read as _, Write as _};
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all, Proto::Tcp);
+    let node = lab.node_netns(1);
+    let slow = lab::spawn_in_netns(&node, || {
+        let mut conns: Vec<std::net::TcpStream> =
+            (0..50).map(|_| std::net::TcpStream::connect("127.0.0.1:10256").expect("connect")).collect();
+        let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
+        for i in 0..20 {
+            for c in &mut conns {
+                let _ = c.write_all(&head[i..=i]);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_millis(2500));
+        // Closed by the agent: EOF or a reset, never an answer.
+        conns
+            .iter()
+            .filter(|c| {
+                c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                let mut buf = [0u8; 64];
+                match (&mut &**c).read(&mut buf) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                }
+            })
+            .count()
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..5 {
+        let t = Instant::now();
+        let m = lab.metrics(1).unwrap();
+        assert!(m.contains("lb_syncs_total"), "scrape {i}: {m}");
+        let health = lab::sh(&mut lab::in_ns(
+            &node,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                "http://127.0.0.1:10256/healthz",
+            ],
+        ))
+        .unwrap();
+        assert_eq!(health, "200", "healthz {i}");
+        assert!(t.elapsed() < Duration::from_secs(1), "scrape and probe {i} took {:?}", t.elapsed());
+    }
+    // The sync loop goes on: a change is in the datapath within a sync.
+    let (w1, w2) = (lab.pod("web-1").clone(), lab.pod("web-2").clone());
+    let one = web("ClusterIP", "") + &web_slice(&[(&w1, READY)]);
+    apply(&lab, &one, "web-1 only", || !lab.has_backend(1, IpAddr::V4(w2.ip), POD_PORT).unwrap_or(true));
+    let closed = slow.join().unwrap().unwrap();
+    assert_eq!(closed, 50, "slow clients cut off at the header deadline");
 }
