@@ -27,22 +27,22 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     let out = match parse(pkt.data(), pkt.data_end(), h) {
         // Neither address is one we act on: none of ours, without the table lookups. (A later
         // fragment carries no ports; its own table decides.)
-        Ok(()) if h.frag != FRAG_LATER && none_of_ours(&h) => (Action::Pass, Reason::NoFrontend),
+        Ok(()) if h.frag != FRAG_LATER && none_of_ours(h) => (Action::Pass, Reason::NoFrontend),
         // At XDP, a translated packet too big for its route is answered instead (`pmtu`).
         // Checked here, once the deciding frames are gone; not at TC, whose stack and
         // verifier budget are spent.
-        Ok(()) => match handle(pkt, &h, bytes) {
+        Ok(()) => match handle(pkt, h, bytes) {
             (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply)
-                if !P::POD_FACING && pmtu::over_floor(pkt, &h) && pmtu::exceeded(pkt, &h) =>
+                if !P::POD_FACING && pmtu::over_floor(pkt, h) && pmtu::exceeded(pkt, h) =>
             {
-                unpack(pmtu::answer(pkt, &h))
+                unpack(pmtu::answer(pkt, h))
             }
             out => out,
         },
         // At XDP, an ICMP error about one of our flows is translated back (`related`).
         Err((Action::Pass, Reason::NotTcpUdp)) if !P::POD_FACING => unpack(related::translate(pkt)),
         // Malformed but not for a frontend: untouched, as any packet not ours.
-        Err((Action::Drop, Reason::MalformedIp | Reason::TruncatedL4)) if !for_frontend(&h) => {
+        Err((Action::Drop, Reason::MalformedIp | Reason::TruncatedL4)) if !for_frontend(h) => {
             (Action::Pass, Reason::MalformedPassed)
         }
         Err(out) => out,

@@ -6,6 +6,9 @@
 //! at connect time (`sock`).
 #![no_std]
 #![no_main]
+// Map keys and values go to the helpers by reference on purpose: passed by value, a
+// 40-byte key is copied onto the 512-byte stack first.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 // The panic handler.
 use lb_ebpf as _;
@@ -61,7 +64,7 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     match datapath::process(&mut ctx).0 {
         // UNSPEC (tcx: "next"): let other programs on the hook see the packet too.
         Action::Pass => TC_ACT_UNSPEC,
-        Action::Drop => TC_ACT_SHOT as i32,
+        Action::Drop => TC_ACT_SHOT,
         Action::Bounce => {
             // SAFETY: reading our own skb's ifindex; redirect back out of the same device.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };

@@ -12,10 +12,12 @@ use core::mem::{MaybeUninit, align_of, size_of};
 /// All-zero bytes must be a valid `T` (integers, bools, arrays and structs of them).
 #[inline(always)]
 pub unsafe fn zeroed<T>(v: &mut MaybeUninit<T>) -> &mut T {
-    if const { align_of::<T>() >= 8 && size_of::<T>() % 8 == 0 } {
+    if const { align_of::<T>() >= 8 && size_of::<T>().is_multiple_of(8) } {
         fill::<T, u64>(v);
     } else {
-        const { assert!(align_of::<T>() >= 4 && size_of::<T>() % 4 == 0, "zeroed: 4-byte words at least") };
+        const {
+            assert!(align_of::<T>() >= 4 && size_of::<T>().is_multiple_of(4), "zeroed: 4-byte words at least")
+        };
         fill::<T, u32>(v);
     }
     // SAFETY: every byte was written; the caller vouches that zeros are a valid `T`.

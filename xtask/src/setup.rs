@@ -31,7 +31,7 @@ const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
 ];
 
-const EBPF_TOOLCHAIN: &str = "nightly";
+pub const EBPF_TOOLCHAIN: &str = "nightly";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 pub fn run() -> anyhow::Result<()> {
@@ -81,6 +81,10 @@ fn apt_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The eBPF toolchain's components: rust-src (eBPF builds core from source) and clippy
+/// (the lint tier checks the datapath for the BPF target too).
+const EBPF_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+
 fn rust_src() -> anyhow::Result<()> {
     let installed = output(Command::new("rustup").args([
         "component",
@@ -90,30 +94,24 @@ fn rust_src() -> anyhow::Result<()> {
         EBPF_TOOLCHAIN,
     ]));
     match installed {
-        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
-        Some(_) => {
-            eprintln!(
-                "setup: adding rust-src to the {EBPF_TOOLCHAIN} toolchain (eBPF builds core from source)"
-            );
-            run_cmd(Command::new("rustup").args([
-                "component",
-                "add",
-                "rust-src",
-                "--toolchain",
-                EBPF_TOOLCHAIN,
-            ]))
+        Some(list) => {
+            for c in EBPF_COMPONENTS.iter().filter(|c| !list.lines().any(|l| l.starts_with(*c))) {
+                eprintln!("setup: adding {c} to the {EBPF_TOOLCHAIN} toolchain");
+                run_cmd(Command::new("rustup").args(["component", "add", c, "--toolchain", EBPF_TOOLCHAIN]))?;
+            }
+            Ok(())
         }
         None => {
-            eprintln!("setup: installing the {EBPF_TOOLCHAIN} toolchain with rust-src for the eBPF target");
-            run_cmd(Command::new("rustup").args([
-                "toolchain",
-                "install",
-                EBPF_TOOLCHAIN,
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src",
-            ]))
+            eprintln!(
+                "setup: installing the {EBPF_TOOLCHAIN} toolchain with {} for the eBPF target",
+                EBPF_COMPONENTS.join(" and ")
+            );
+            let mut cmd = Command::new("rustup");
+            cmd.args(["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal"]);
+            for c in EBPF_COMPONENTS {
+                cmd.args(["--component", c]);
+            }
+            run_cmd(&mut cmd)
         }
     }
 }

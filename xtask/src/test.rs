@@ -1,6 +1,7 @@
 //! `cargo xtask test`: every tier, in order, each failing loudly.
 //!
-//! * lint — `cargo fmt --check`, `cargo clippy -D warnings`; audit — `cargo deny` against the
+//! * lint — `cargo fmt --check`, `cargo clippy -D warnings` (the datapath too, for the BPF
+//!   target); audit — `cargo deny` against the
 //!   advisory snapshot in `deny/advisory-db`
 //! * L1 — host unit tests (lb-common, lb-userspace) and the kube source against an API
 //!   server stand-in: no root needed
@@ -32,7 +33,33 @@ pub fn run_lint() -> anyhow::Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    // The datapath, for the target it runs on (its own target dir: a check build of core
+    // must not invalidate the real one aya-build makes).
+    run_cmd(
+        Command::new("rustup")
+            .current_dir(root())
+            .args([
+                "run",
+                crate::setup::EBPF_TOOLCHAIN,
+                "cargo",
+                "clippy",
+                "-q",
+                "-p",
+                "lb-ebpf",
+                "--lib",
+                "--bins",
+            ])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--target-dir",
+                "target/clippy-bpf",
+            ])
+            .args(["--", "-D", "warnings"]),
+    )
 }
 
 pub fn run() -> anyhow::Result<()> {
