@@ -1,7 +1,8 @@
 //! Events for `lb monitor`: a dropped or rejected packet, with its headers as it arrived and
 //! the verdict's reason, written to the `lb_events` ring buffer while a monitor holds a lease
 //! (`abi::MonitorLease`). Without one, the drop and reject paths pay one array read and a
-//! clock read; the hit and new-flow paths nothing.
+//! clock read; the hit and new-flow paths nothing. `--bpf-log debug` messages start here
+//! too (`bpf_log`).
 
 use aya_ebpf::{bindings::BPF_RB_NO_WAKEUP, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
@@ -29,6 +30,7 @@ pub fn verdict<P: Packet>(pkt: &P, h: &Headers, out: (Action, Reason), bytes: u3
 /// Not inlined: its frame stays off the packet paths' stack, and the drop paths share it.
 #[inline(never)]
 fn emit(h: &Headers, kind_reason: u32, ifindex: u32, hook: u32, bytes: u32) {
+    crate::bpf_log::verdict(h, kind_reason, ifindex);
     let kind = (kind_reason >> 8) as u8;
     let Some(lease) = MONITOR.get_ptr(0) else { return };
     // SAFETY: a valid map value pointer; two plain reads.

@@ -13,6 +13,7 @@
 // The panic handler.
 use lb_ebpf as _;
 
+mod bpf_log;
 mod conntrack;
 mod datapath;
 mod events;

@@ -109,6 +109,46 @@ pub fn load_migrating(
     pin_dir: &Path,
     caps: &Capacities,
 ) -> Result<(Ebpf, crate::pins::Migration), LoadError> {
+    load_migrating_with_log(pin_dir, caps, BpfLog::Off)
+}
+
+/// `--bpf-log`: which of the datapath's debug messages (`aya-log`) are compiled in at load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum BpfLog {
+    /// None: the verifier removes every message's code.
+    #[default]
+    Off,
+    Error,
+    /// Failed map writes, backend ids without a backend.
+    Warn,
+    /// And capacities met: flow table full, no source-NAT port.
+    Info,
+    /// And every other drop and refusal.
+    Debug,
+    Trace,
+}
+
+impl BpfLog {
+    /// `AYA_LOG_LEVEL`: aya-log's level number (0: nothing).
+    pub fn level(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Sets the datapath's log level in `loader` (every loader of our objects must: aya-log's
+/// default is everything on). Objects without aya-log are fine.
+pub fn set_bpf_log(loader: &mut EbpfLoader<'_>, log: BpfLog) {
+    // A static: the loader keeps a reference until `load`.
+    static LEVELS: [u8; 6] = [0, 1, 2, 3, 4, 5];
+    loader.override_global("AYA_LOG_LEVEL", &LEVELS[log.level() as usize], false);
+}
+
+/// `load_migrating`, with the datapath's debug messages at `log`.
+pub fn load_migrating_with_log(
+    pin_dir: &Path,
+    caps: &Capacities,
+    log: BpfLog,
+) -> Result<(Ebpf, crate::pins::Migration), LoadError> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
     if !bpffs::is_bpffs(&parent) && !bpffs::is_bpffs(pin_dir) {
         // The standard place is mounted on demand (once, whoever races us), like systemd
@@ -123,6 +163,7 @@ pub fn load_migrating(
     let migration = crate::pins::prepare(pin_dir, &crate::pins::wanted(EBPF_OBJECT, &sizes)?)?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
+    set_bpf_log(&mut loader, log);
     for (name, max) in &sizes {
         loader.map_max_entries(name, *max);
     }

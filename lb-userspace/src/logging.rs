@@ -30,10 +30,23 @@ pub fn uptime_s() -> f64 {
     START.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
-/// Installs the global subscriber (once; later calls keep the first).
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber (once; later calls keep the first). The datapath's
+/// messages (target `bpf`) pass up to `bpf`'s level, so `--bpf-log debug` needs no
+/// `RUST_LOG`.
+pub fn init(format: LogFormat, bpf: crate::loader::BpfLog) {
     let _ = START.set(Instant::now());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let bpf_level = match bpf {
+        crate::loader::BpfLog::Off => None,
+        crate::loader::BpfLog::Error => Some("error"),
+        crate::loader::BpfLog::Warn => Some("warn"),
+        crate::loader::BpfLog::Info => Some("info"),
+        crate::loader::BpfLog::Debug => Some("debug"),
+        crate::loader::BpfLog::Trace => Some("trace"),
+    };
+    if let Some(directive) = bpf_level.and_then(|l| format!("bpf={l}").parse().ok()) {
+        filter = filter.add_directive(directive);
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.event_format(Text).try_init(),

@@ -1982,3 +1982,34 @@ fn slow_clients_on_the_health_port_stop_neither_metrics_nor_syncs() {
     let closed = slow.join().unwrap().unwrap();
     assert_eq!(closed, 50, "slow clients cut off at the header deadline");
 }
+
+/// `--bpf-log debug`: a refused packet's reason and 5-tuple reach the agent's log from the
+/// datapath itself; with the default (`off`) the same refusal logs nothing.
+#[test]
+fn bpf_log_debug_brings_the_datapaths_refusals_into_the_agent_log() {
+    let Some(mut lab) = lab() else { return };
+    let all: Vec<Pod> = pods(&lab, &["web-1", "web-2", "web-3"]).into_iter().cloned().collect();
+    let c = lab.pod("client").clone();
+    let client = c.ns.clone();
+    web_up(&lab, &client, &all.iter().collect::<Vec<_>>(), Proto::Tcp);
+    let refusal = format!("datapath reject: reject_unknown_port on {}, tcp {}:", c.host_if, c.ip);
+    let to = format!(" -> {VIP}:81");
+    let logged = |lab: &Lab, from: usize| {
+        lab.agent_log(1)[from..].lines().any(|l| l.contains(&refusal) && l.contains(&to))
+    };
+    // Off (the default): nothing.
+    let from = lab.agent_log(1).len();
+    assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!logged(&lab, from), "{}", &lab.agent_log(1)[from..]);
+
+    lab.stop_agent(1);
+    let from = lab.agent_log(1).len();
+    lab.start_agent(1, &["--bpf-log", "debug"]).unwrap();
+    wait_for(LIVE * 3, || Ok(tcp_ask(&client, sa(vip(), 80), ASK).pod().is_some())).unwrap();
+    assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
+    wait_for(Duration::from_secs(3), || Ok(logged(&lab, from)))
+        .unwrap_or_else(|e| panic!("{e}: no {refusal:?} in\n{}", &lab.agent_log(1)[from..]));
+    lab.stop_agent(1);
+    lab.start_agent(1, &[]).unwrap();
+}

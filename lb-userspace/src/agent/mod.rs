@@ -8,6 +8,7 @@
 //! at thousands of services, so nothing else needs to run beside it.
 
 mod attachments;
+mod bpf_messages;
 mod metrics;
 mod serve;
 mod state;
@@ -102,6 +103,8 @@ pub struct AgentConfig {
     /// `--state-dir`: the manifest files' last good copies.
     pub state_dir: PathBuf,
     pub log_format: logging::LogFormat,
+    /// `--bpf-log`: the datapath's debug messages compiled in at load.
+    pub bpf_log: loader::BpfLog,
     /// `--config-sync-period`: a full re-plan against the kernel's maps this often.
     pub config_sync_period: Option<Duration>,
     /// What `--config` applied and ignored, logged at start.
@@ -121,7 +124,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    logging::init(cfg.log_format);
+    logging::init(cfg.log_format, cfg.bpf_log);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, run_async(cfg))
@@ -136,7 +139,10 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     // Before anything is touched: the capabilities, then one agent per pin dir.
     crate::caps::check()?;
     let _pin_lock = crate::bpffs::lock_pin_dir(&cfg.pin_dir)?;
-    let (ebpf, mut dp, applied, migration) = load(&cfg)?;
+    let (mut ebpf, mut dp, applied, migration) = load(&cfg)?;
+    if cfg.bpf_log != loader::BpfLog::Off {
+        bpf_messages::start(&mut ebpf, cfg.bpf_log);
+    }
     let status = Status::new(cfg.healthz_stale_after);
     // Link and manifest events wake the loop at once; the tick is the safety net.
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -206,7 +212,7 @@ async fn preflight(cfg: &AgentConfig) -> anyhow::Result<Option<kube::Client>> {
 /// Loads the datapath into the pinned maps (migrating those of another layout), and reads
 /// what they hold.
 fn load(cfg: &AgentConfig) -> anyhow::Result<(aya::Ebpf, AyaDataplane, Applied, crate::pins::Migration)> {
-    let (ebpf, migration) = loader::load_migrating(&cfg.pin_dir, &cfg.capacities)
+    let (ebpf, migration) = loader::load_migrating_with_log(&cfg.pin_dir, &cfg.capacities, cfg.bpf_log)
         .with_context(|| format!("loading the datapath with maps pinned in {}", cfg.pin_dir.display()))?;
     if !migration.is_empty() {
         log(format!(

@@ -8,6 +8,7 @@ use lb_common::abi::CtTimeouts;
 use lb_userspace::{
     agent::{AgentConfig, Algorithm, NoBackendResponse},
     attach::Legacy,
+    loader::BpfLog,
     loader::Capacities,
     logging::LogFormat,
     model::NodePortAddresses,
@@ -71,6 +72,12 @@ pub struct AgentArgs {
     /// `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// The datapath's own messages (why a packet was dropped or refused), read into this
+    /// log with target `bpf`: `warn` (failed map writes), `info` (and capacities met: flow
+    /// table full, no source-NAT port), `debug` (and every drop and refusal). Set at load:
+    /// `off` leaves no message code in the programs, so it costs nothing.
+    #[arg(long, value_enum, default_value_t = BpfLog::Off, value_name = "LEVEL")]
+    pub bpf_log: BpfLog,
     /// Set from the global `--pin-dir`.
     #[arg(skip)]
     pub pin_dir: PathBuf,
@@ -304,6 +311,7 @@ impl AgentArgs {
             snat_ports: self.snat_port_range,
             state_dir: self.state_dir,
             log_format: self.log_format,
+            bpf_log: self.bpf_log,
             config_sync_period: (self.config_sync_period > 0)
                 .then(|| std::time::Duration::from_secs(self.config_sync_period.into())),
             config_note: self.config_note,

@@ -109,6 +109,8 @@ pub fn load(object: &[u8], tag: &str, caps: &loader::Capacities) -> anyhow::Resu
     fs::create_dir_all(&pin_dir)?;
     let mut l = EbpfLoader::new();
     l.default_map_pin_directory(&pin_dir);
+    // As the agent loads it by default (--bpf-log off): no message code.
+    loader::set_bpf_log(&mut l, loader::BpfLog::Off);
     for (name, max) in caps.max_entries() {
         l.map_max_entries(name, max);
     }
