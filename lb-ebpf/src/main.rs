@@ -8,7 +8,10 @@
 #![no_main]
 // Map keys and values go to the helpers by reference on purpose: passed by value, a
 // 40-byte key is copied onto the 512-byte stack first.
-#![allow(clippy::needless_borrows_for_generic_args)]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, a 40-byte key is copied onto the 512-byte stack first"
+)]
 
 // The panic handler.
 use lb_ebpf as _;
