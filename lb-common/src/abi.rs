@@ -428,6 +428,8 @@ pub struct Counter {
 pub const EVENT_DROP: u8 = 1;
 /// `Event::kind`: a packet answered with a TCP RST or ICMP unreachable.
 pub const EVENT_REJECT: u8 = 2;
+/// A new flow translated to a backend (sampled: `MonitorLease::sample`).
+pub const EVENT_NEW_FLOW: u8 = 3;
 /// `Event::hook`.
 pub const HOOK_XDP: u8 = 1;
 pub const HOOK_TC: u8 = 2;
@@ -454,6 +456,11 @@ pub struct Event {
     /// `verdict::Reason`.
     pub reason: u8,
     pub len: u32,
+    /// A new flow's translated destination (its backend); zero for drops and rejects.
+    pub xlate: Addr,
+    /// Network byte order.
+    pub xlate_port: u16,
+    pub _pad: u16,
 }
 
 /// `lb_monitor[0]`: whether events are wanted. A reader renews `until_ns` (CLOCK_MONOTONIC)
@@ -464,7 +471,8 @@ pub struct MonitorLease {
     pub until_ns: u64,
     /// Bits `1 << EVENT_*` wanted.
     pub kinds: u32,
-    pub _pad: u32,
+    /// New flows: one in this many is reported (0 and 1: every one).
+    pub sample: u32,
 }
 
 /// `lb_stats_events` slots: events written, and events lost to a full ring.
@@ -513,7 +521,7 @@ const _: () = {
     assert!(offset_of!(Config, snat_v6) == 24);
     assert!(offset_of!(Config, timeouts) == 40);
     assert!(size_of::<Counter>() == 16);
-    assert!(size_of::<Event>() == 56);
+    assert!(size_of::<Event>() == 80);
     assert!(size_of::<MonitorLease>() == 16);
 };
 

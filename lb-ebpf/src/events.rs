@@ -1,10 +1,13 @@
 //! Events for `lb monitor`: a dropped or rejected packet, with its headers as it arrived and
 //! the verdict's reason, written to the `lb_events` ring buffer while a monitor holds a lease
-//! (`abi::MonitorLease`). Without one, the drop and reject paths pay one array read and a
-//! clock read; the hit and new-flow paths nothing. `--bpf-log debug` messages start here
-//! too (`bpf_log`).
+//! (`abi::MonitorLease`). New flows are reported too when the lease asks, one in `sample`.
+//! Without a lease, the drop, reject and new-flow paths pay a call and one array read; the
+//! hit path nothing. `--bpf-log debug` messages start here too (`bpf_log`).
 
-use aya_ebpf::{bindings::BPF_RB_NO_WAKEUP, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+};
 use lb_common::{
     abi::*,
     verdict::{Action, Reason},
@@ -16,13 +19,15 @@ use crate::{
     parse::Headers,
 };
 
-/// Reports a drop or a rejection (`out`) of packet `h` if a monitor wants it.
+/// Reports a drop or a rejection (`out`) of packet `h`, or a new flow (sampled), if a
+/// monitor wants it.
 #[inline(always)]
 pub fn verdict<P: Packet>(pkt: &P, h: &Headers, out: (Action, Reason), bytes: u32) {
-    let kind = match out.0 {
-        Action::Drop => EVENT_DROP,
-        Action::Bounce => EVENT_REJECT,
-        Action::Pass => return,
+    let kind = match out {
+        (Action::Drop, _) => EVENT_DROP,
+        (Action::Bounce, _) => EVENT_REJECT,
+        (Action::Pass, Reason::NewFlow) => EVENT_NEW_FLOW,
+        (Action::Pass, _) => return,
     };
     emit(h, (kind as u32) << 8 | out.1 as u32, pkt.ifindex(), P::HOOK as u32, bytes);
 }
@@ -30,11 +35,13 @@ pub fn verdict<P: Packet>(pkt: &P, h: &Headers, out: (Action, Reason), bytes: u3
 /// Not inlined: its frame stays off the packet paths' stack, and the drop paths share it.
 #[inline(never)]
 fn emit(h: &Headers, kind_reason: u32, ifindex: u32, hook: u32, bytes: u32) {
-    crate::bpf_log::verdict(h, kind_reason, ifindex);
     let kind = (kind_reason >> 8) as u8;
+    if kind != EVENT_NEW_FLOW {
+        crate::bpf_log::verdict(h, kind_reason, ifindex);
+    }
     let Some(lease) = MONITOR.get_ptr(0) else { return };
-    // SAFETY: a valid map value pointer; two plain reads.
-    let (until, kinds) = unsafe { ((*lease).until_ns, (*lease).kinds) };
+    // SAFETY: a valid map value pointer; plain reads.
+    let (until, kinds, sample) = unsafe { ((*lease).until_ns, (*lease).kinds, (*lease).sample) };
     if kinds & (1 << kind) == 0 {
         return;
     }
@@ -43,6 +50,16 @@ fn emit(h: &Headers, kind_reason: u32, ifindex: u32, hook: u32, bytes: u32) {
     if now > until {
         return;
     }
+    // SAFETY: helper without arguments.
+    if kind == EVENT_NEW_FLOW && sample > 1 && unsafe { bpf_get_prandom_u32() } % sample != 0 {
+        return;
+    }
+    // A new flow's backend: the flow just recorded in this CPU's scratch slot.
+    let (xlate, xlate_port) = match crate::conntrack::scratch() {
+        // SAFETY: this CPU's scratch slot, filled by this packet's new flow.
+        Some(s) if kind == EVENT_NEW_FLOW => unsafe { ((*s).flow.addr, (*s).flow.port) },
+        _ => ([0; 4], 0),
+    };
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         count(EVENTS_LOST);
         return;
@@ -61,6 +78,9 @@ fn emit(h: &Headers, kind_reason: u32, ifindex: u32, hook: u32, bytes: u32) {
         (*e).kind = kind;
         (*e).reason = kind_reason as u8;
         (*e).len = bytes;
+        (*e).xlate = xlate;
+        (*e).xlate_port = xlate_port;
+        (*e)._pad = 0;
     }
     // No wakeup: `lb monitor` polls the ring, and waking a waiter from the packet path
     // cost ~5 µs per event here.

@@ -2013,3 +2013,57 @@ fn bpf_log_debug_brings_the_datapaths_refusals_into_the_agent_log() {
     lab.stop_agent(1);
     lab.start_agent(1, &[]).unwrap();
 }
+
+/// `lb monitor --type new-flow`: each new flow to a Service with its backend after
+/// translation; `--sample 10` reports about one in ten (200 flows: between 4 and 60 shown,
+/// bounds a fair sampler misses once in millions of runs).
+#[test]
+fn monitor_shows_new_flows_with_their_backend_one_in_the_sample() {
+    use std::io::BufRead as _;
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all, Proto::Udp);
+    let (lb, pin_dir) = (lab.state.bins.lb.to_string_lossy().into_owned(), lab.pin_dir(1));
+    let monitor = |extra: &[&str]| {
+        let mut args = vec![lb.as_str(), "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json"];
+        args.extend_from_slice(extra);
+        let mut child = lab::in_ns(&lab.node_netns(1), &args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut said = String::new();
+        std::io::BufReader::new(child.stderr.take().unwrap()).read_line(&mut said).unwrap();
+        assert!(said.contains("new-flow"), "{said}");
+        child
+    };
+    let mut every = monitor(&["--type", "new-flow", "--count", "3"]);
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        match udp_ask(&client, sa(vip(), 80), 0, ASK) {
+            Answer::Reply(pod, _) => answered.push(pod),
+            other => panic!("{other:?}"),
+        }
+    }
+    let out = wait_child(&mut every, Duration::from_secs(10));
+    let events: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.len(), 3, "{out}");
+    for (e, pod) in events.iter().zip(&answered) {
+        assert_eq!((e["type"].as_str(), e["reason"].as_str()), (Some("new-flow"), Some("new_flow")), "{e}");
+        assert_eq!(e["dst"].as_str(), Some(format!("{VIP}:80").as_str()), "{e}");
+        assert_eq!(e["service"].as_str(), Some("default/web:udp"), "{e}");
+        let backend = lab.pod(pod);
+        assert_eq!(e["translated"].as_str(), Some(format!("{}:{POD_PORT}", backend.ip).as_str()), "{e}");
+    }
+
+    let mut sampled = monitor(&["--type", "new-flow", "--sample", "10"]);
+    for i in 0..200 {
+        assert!(matches!(udp_ask(&client, sa(vip(), 80), 0, ASK), Answer::Reply(..)), "flow {i}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = sampled.kill();
+    let out = wait_child(&mut sampled, Duration::from_secs(5));
+    let n = out.lines().count();
+    assert!((4..=60).contains(&n), "{n} of 200 new flows shown at --sample 10:\n{out}");
+}

@@ -1,5 +1,5 @@
-//! `lb monitor`: dropped and rejected packets as they happen, with the reason, from the
-//! datapath's event ring (`lb_events`). While it runs it renews a lease in `lb_monitor`
+//! `lb monitor`: dropped and rejected packets as they happen, with the reason, and new
+//! flows with their backend (sampled), from the datapath's event ring (`lb_events`). While it runs it renews a lease in `lb_monitor`
 //! (`abi::MonitorLease`); without one the programs write no event, and a monitor killed
 //! without clean-up stops them within `LEASE` anyway.
 
@@ -30,10 +30,15 @@ const LEASE: Duration = Duration::from_secs(3);
 
 #[derive(Args)]
 pub struct MonitorArgs {
-    /// Which events: `drop`, `reject` (a TCP RST or ICMP unreachable sent back); both by
-    /// default. Repeat or separate with commas.
+    /// Which events: `drop`, `reject` (a TCP RST or ICMP unreachable sent back), `new-flow`
+    /// (a new flow translated to a backend, one in `--sample`); drop and reject by default.
+    /// Repeat or separate with commas.
     #[arg(long = "type", value_enum, value_delimiter = ',')]
     types: Vec<Kind>,
+    /// With `--type new-flow`: report one new flow in N (chosen at random), so a traffic
+    /// generator's flood does not fill the ring. 1: every one.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    sample: u32,
     /// Only these verdict reasons (as `lb stats` names them: `reject_no_backend`,
     /// `source_range_denied`, `malformed_ip`, ...). Repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
@@ -51,13 +56,27 @@ pub struct MonitorArgs {
 enum Kind {
     Drop,
     Reject,
+    NewFlow,
 }
 
 impl Kind {
-    fn bit(self) -> u32 {
-        1 << match self {
+    fn event(self) -> u8 {
+        match self {
             Kind::Drop => EVENT_DROP,
             Kind::Reject => EVENT_REJECT,
+            Kind::NewFlow => EVENT_NEW_FLOW,
+        }
+    }
+
+    fn bit(self) -> u32 {
+        1 << self.event()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Drop => "drop",
+            Kind::Reject => "reject",
+            Kind::NewFlow => "new-flow",
         }
     }
 }
@@ -75,6 +94,9 @@ struct Shown {
     protocol: String,
     src: String,
     dst: String,
+    /// A new flow's destination after translation (its backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    translated: Option<String>,
     bytes: u32,
     /// The Service of the destination frontend, `namespace/name[:port]`, if it is one.
     service: Option<String>,
@@ -101,15 +123,14 @@ pub fn run(args: MonitorArgs, pin_dir: &Path, json: bool) -> anyhow::Result<()> 
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
-    let mut lease = Lease { map: lease, bits, renewed: None };
+    if args.sample == 0 {
+        anyhow::bail!("--sample 0: one in zero flows; use 1 for every one");
+    }
+    let mut lease = Lease { map: lease, bits, sample: args.sample, renewed: None };
     lease.renew()?;
     eprintln!(
         "monitor: {} events from {} (Ctrl-C to stop)",
-        kinds
-            .iter()
-            .map(|k| if *k == Kind::Drop { "drop" } else { "reject" })
-            .collect::<Vec<_>>()
-            .join(" and "),
+        kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(" and "),
         pin_dir.display()
     );
     let ifaces: BTreeMap<u32, String> =
@@ -141,7 +162,7 @@ pub fn run(args: MonitorArgs, pin_dir: &Path, json: bool) -> anyhow::Result<()> 
                 println!("{}", serde_json::to_string(&s)?);
             } else {
                 println!(
-                    "{} {:<14} {:<3} {:<6} {:<24} {:<4} {} -> {}{} ({} bytes)",
+                    "{} {:<14} {:<3} {:<8} {:<24} {:<4} {} -> {}{}{} ({} bytes)",
                     s.time,
                     s.interface,
                     s.hook,
@@ -150,6 +171,7 @@ pub fn run(args: MonitorArgs, pin_dir: &Path, json: bool) -> anyhow::Result<()> 
                     s.protocol,
                     s.src,
                     s.dst,
+                    s.translated.as_ref().map_or(String::new(), |t| format!(" => {t}")),
                     s.service.as_ref().map_or(String::new(), |n| format!(" [{n}]")),
                     s.bytes
                 );
@@ -206,7 +228,10 @@ fn show(e: &Event, ifaces: &BTreeMap<u32, String>, service: Option<&FrontendName
         time: wall_clock(e.time_ns),
         interface: ifaces.get(&e.ifindex).cloned().unwrap_or_else(|| format!("if{}", e.ifindex)),
         hook: if e.hook == HOOK_XDP { "xdp" } else { "tc" },
-        kind: if e.kind == EVENT_DROP { "drop" } else { "reject" },
+        kind: [Kind::Drop, Kind::Reject, Kind::NewFlow]
+            .into_iter()
+            .find(|k| k.event() == e.kind)
+            .map_or("?", |k| k.name()),
         reason: Reason::ALL.get(e.reason as usize).map_or("?", |r| r.name()),
         protocol: match e.proto {
             PROTO_TCP => "tcp".into(),
@@ -215,6 +240,7 @@ fn show(e: &Event, ifaces: &BTreeMap<u32, String>, service: Option<&FrontendName
         },
         src: endpoint(&e.src, e.sport),
         dst: endpoint(&e.dst, e.dport),
+        translated: (e.kind == EVENT_NEW_FLOW).then(|| endpoint(&e.xlate, e.xlate_port)),
         bytes: e.len,
         service: service.map(|n| {
             let port = if n.port.is_empty() { String::new() } else { format!(":{}", n.port) };
@@ -265,16 +291,25 @@ fn wall_clock(mono_ns: u64) -> String {
 struct Lease {
     map: Array<MapData, MonitorLease>,
     bits: u32,
+    sample: u32,
     renewed: Option<std::time::Instant>,
 }
 
 impl Lease {
     fn renew(&mut self) -> anyhow::Result<()> {
         let now = monotonic_ns();
-        // Another monitor's live lease keeps the kinds it asked for.
-        let other = self.map.get(&0, 0).ok().filter(|l| l.until_ns > now).map_or(0, |l| l.kinds);
+        // Another monitor's live lease keeps the kinds it asked for, and the finer sample.
+        let other = self.map.get(&0, 0).ok().filter(|l| l.until_ns > now);
+        let kinds = self.bits | other.map_or(0, |l| l.kinds);
+        let sample = other.filter(|l| l.kinds & (1 << EVENT_NEW_FLOW) != 0).map_or(self.sample, |l| {
+            if self.bits & (1 << EVENT_NEW_FLOW) == 0 {
+                l.sample.max(1)
+            } else {
+                self.sample.min(l.sample.max(1))
+            }
+        });
         let until_ns = now + LEASE.as_nanos() as u64;
-        self.map.set(0, MonitorLease { until_ns, kinds: self.bits | other, _pad: 0 }, 0)?;
+        self.map.set(0, MonitorLease { until_ns, kinds, sample }, 0)?;
         self.renewed = Some(std::time::Instant::now());
         Ok(())
     }

@@ -42,7 +42,7 @@ pub fn measure(calls: u32) -> anyhow::Result<(f64, f64)> {
         if i % BLOCK == 0 {
             let until_ns = if watching { u64::MAX } else { 0 };
             let kinds = 1 << EVENT_DROP | 1 << EVENT_REJECT;
-            lease.set(0, MonitorLease { until_ns, kinds, _pad: 0 }, 0)?;
+            lease.set(0, MonitorLease { until_ns, kinds, sample: 1 }, 0)?;
         }
         let (rc, _, ns) = run_timed(prog, &syn);
         anyhow::ensure!(rc == XDP_TX, "call {i}: return code {rc}, expected XDP_TX (a RST)");
