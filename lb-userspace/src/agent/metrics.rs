@@ -101,6 +101,12 @@ fn label(name: &str, value: impl ToString) -> Labels {
     vec![(name.to_string(), value.to_string())]
 }
 
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl AgentMetrics {
     pub fn new() -> Self {
         AgentMetrics {

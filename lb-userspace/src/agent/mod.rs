@@ -9,7 +9,7 @@
 
 mod attachments;
 mod bpf_messages;
-mod metrics;
+pub mod metrics;
 mod serve;
 mod state;
 pub mod sync;
