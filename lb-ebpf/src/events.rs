@@ -55,11 +55,7 @@ fn emit(h: &Headers, kind_reason: u32, ifindex: u32, hook: u32, bytes: u32) {
         return;
     }
     // A new flow's backend: the flow just recorded in this CPU's scratch slot.
-    let (xlate, xlate_port) = match crate::conntrack::scratch() {
-        // SAFETY: this CPU's scratch slot, filled by this packet's new flow.
-        Some(s) if kind == EVENT_NEW_FLOW => unsafe { ((*s).flow.addr, (*s).flow.port) },
-        _ => ([0; 4], 0),
-    };
+    let flow = if kind == EVENT_NEW_FLOW { crate::conntrack::scratch() } else { None };
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         count(EVENTS_LOST);
         return;
@@ -78,9 +74,24 @@ fn emit(h: &Headers, kind_reason: u32, ifindex: u32, hook: u32, bytes: u32) {
         (*e).kind = kind;
         (*e).reason = kind_reason as u8;
         (*e).len = bytes;
-        (*e).xlate = xlate;
-        (*e).xlate_port = xlate_port;
-        (*e)._pad = 0;
+        // Word by word, volatile: zeroes LLVM would merge into a `memset` call.
+        let x = &raw mut (*e).xlate;
+        match flow {
+            // This CPU's scratch slot, filled by this packet's new flow.
+            Some(f) => {
+                for i in 0..4 {
+                    core::ptr::write_volatile(&raw mut (*x)[i], (*f).flow.addr[i]);
+                }
+                core::ptr::write_volatile(&raw mut (*e).xlate_port, (*f).flow.port);
+            }
+            None => {
+                for i in 0..4 {
+                    core::ptr::write_volatile(&raw mut (*x)[i], 0);
+                }
+                core::ptr::write_volatile(&raw mut (*e).xlate_port, 0);
+            }
+        }
+        core::ptr::write_volatile(&raw mut (*e)._pad, 0);
     }
     // No wakeup: `lb monitor` polls the ring, and waking a waiter from the packet path
     // cost ~5 µs per event here.
