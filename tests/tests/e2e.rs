@@ -2067,3 +2067,42 @@ fn monitor_shows_new_flows_with_their_backend_one_in_the_sample() {
     let n = out.lines().count();
     assert!((4..=60).contains(&n), "{n} of 200 new flows shown at --sample 10:\n{out}");
 }
+
+/// `--min-sync-period 2s`: a change after a quiet spell is synced at once; changes in the
+/// next two seconds wait and go in together once the floor has passed.
+#[test]
+fn min_sync_period_holds_changes_to_the_floor_and_syncs_them_together() {
+    let Some(mut lab) = lab() else { return };
+    let all: Vec<Pod> = pods(&lab, &["web-1", "web-2", "web-3"]).into_iter().cloned().collect();
+    let client = lab.pod("client").ns.clone();
+    lab.stop_agent(1);
+    lab.start_agent(1, &["--min-sync-period", "2s"]).unwrap();
+    web_up(&lab, &client, &all.iter().collect::<Vec<_>>(), Proto::Tcp);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (w1, w2, w3) = (&all[0], &all[1], &all[2]);
+    let has = |p: &Pod| lab.has_backend(1, IpAddr::V4(p.ip), POD_PORT).unwrap();
+    let write = |eps: &[(&Pod, &str)]| {
+        lab.write_manifest("web.yaml", &(web("ClusterIP", "") + &web_slice(eps))).unwrap();
+    };
+    // After a quiet spell: at once.
+    write(&[(w1, READY)]);
+    let t0 = Instant::now();
+    wait_for(Duration::from_secs(1), || Ok(!has(w2) && !has(w3))).expect("the first change at once");
+    // Two more within the floor: held, then synced together.
+    write(&[(w1, READY), (w2, READY)]);
+    std::thread::sleep(Duration::from_millis(300));
+    write(&[(w1, READY), (w3, READY)]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500) && !has(w2) && !has(w3),
+        "a change synced within the floor ({:?} after the last sync)\n{}",
+        t0.elapsed(),
+        lab.agent_log(1)
+    );
+    wait_for(Duration::from_secs(4), || Ok(has(w3))).expect("the held changes, once the floor passed");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(1900), "synced {took:?} after the last sync, under the 2 s floor");
+    assert!(!has(w2), "the intermediate state is never programmed");
+    lab.stop_agent(1);
+    lab.start_agent(1, &[]).unwrap();
+}

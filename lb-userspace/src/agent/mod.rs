@@ -105,6 +105,8 @@ pub struct AgentConfig {
     pub log_format: logging::LogFormat,
     /// `--bpf-log`: the datapath's debug messages compiled in at load.
     pub bpf_log: loader::BpfLog,
+    /// `--min-sync-period`: the floor between two syncs (zero: none).
+    pub min_sync_period: Duration,
     /// `--config-sync-period`: a full re-plan against the kernel's maps this often.
     pub config_sync_period: Option<Duration>,
     /// What `--config` applied and ignored, logged at start.
@@ -168,6 +170,8 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         retention: addr_filter::Retention::default(),
         health_servers: BTreeMap::new(),
         last_resync: Instant::now(),
+        last_sync: None,
+        held_until: None,
         cfg,
         dp,
         attachments,
@@ -299,6 +303,10 @@ struct Agent {
     retention: addr_filter::Retention,
     health_servers: BTreeMap<u16, tokio::task::JoinHandle<()>>,
     last_resync: Instant,
+    /// When the last sync began (`--min-sync-period` counts from it).
+    last_sync: Option<Instant>,
+    /// Syncs held back by `--min-sync-period` until then.
+    held_until: Option<Instant>,
 }
 
 impl Agent {
@@ -311,9 +319,11 @@ impl Agent {
         loop {
             // A file read after its close is applied once it has settled: look again then.
             let settle = self.source.settle_deadline();
+            let held = self.held_until;
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = tokio::time::sleep_until(settle.unwrap_or_else(Instant::now).into()), if settle.is_some() => {}
+                _ = tokio::time::sleep_until(held.unwrap_or_else(Instant::now).into()), if held.is_some() => {}
                 _ = wake.notified() => {
                     if self.source.is_folder() {
                         // Let a burst of file events (an editor's write) settle into one sync.
@@ -342,6 +352,12 @@ impl Agent {
         if self.reporter.due() {
             self.reporter.write(&self.status, &self.gc);
         }
+        // --min-sync-period: what arrives sooner waits (in the source) for one sync then.
+        self.held_until =
+            self.last_sync.map(|t| t + self.cfg.min_sync_period).filter(|t| *t > Instant::now());
+        if self.held_until.is_some() {
+            return Ok(());
+        }
         let resync = self.cfg.config_sync_period.is_some_and(|p| self.last_resync.elapsed() >= p);
         if resync {
             self.last_resync = Instant::now();
@@ -361,6 +377,7 @@ impl Agent {
         let began = Instant::now();
         let outcome = self.syncer.sync(&mut self.dp, &mut self.source, &node, config_for, resync, began)?;
         if let Some(outcome) = outcome {
+            self.last_sync = Some(began);
             self.after_sync(&outcome, began);
         }
         Ok(())

@@ -173,15 +173,20 @@ pub struct AgentArgs {
     pub state_dir: PathBuf,
     /// kube-proxy's configuration file (`KubeProxyConfiguration`, or the `kube-proxy`
     /// ConfigMap holding it as `config.conf`): its bind addresses, `nodePortAddresses`,
-    /// `hostnameOverride`, `clientConnection.kubeconfig`, `conntrack` timeouts and
-    /// `configSyncPeriod` become the flags they stand for; a flag given here wins. Fields
-    /// without an equivalent are logged once, by name.
+    /// `hostnameOverride`, `clientConnection.kubeconfig`, `conntrack` timeouts,
+    /// `configSyncPeriod` and the modes' `minSyncPeriod` become the flags they stand for; a
+    /// flag given here wins. Fields without an equivalent are logged once, by name.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// How often everything is re-planned against what the kernel holds, besides the
     /// changes the source reports (kube-proxy's flag; `0` turns it off).
     #[arg(long, default_value = "15m", value_parser = parse_sync_period, value_name = "DURATION")]
     pub config_sync_period: u32,
+    /// kube-proxy's floor between syncs: changes that arrive sooner wait and go in one sync
+    /// (`1s`, `250ms`). Off by default: a change after a quiet spell is synced at once, and
+    /// under a stream of changes each sync takes all that arrived while the last one ran.
+    #[arg(long, default_value = "0s", value_parser = parse_min_sync_period, value_name = "DURATION")]
+    pub min_sync_period: std::time::Duration,
     /// What `--config` did, for the log (set by `main`).
     #[arg(skip)]
     pub config_note: Option<String>,
@@ -206,6 +211,28 @@ pub fn parse_duration_secs(s: &str) -> Result<u32, String> {
     if let Ok(n) = s.parse::<u32>() {
         return if n > 0 { Ok(n) } else { Err("must be at least 1s".into()) };
     }
+    let secs = go_duration_ms(s)?.div_ceil(1000);
+    match u32::try_from(secs) {
+        Ok(0) => Err("must be at least 1s".into()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("{s:?}: too long")),
+    }
+}
+
+/// `--min-sync-period`: a Go-style duration (`1s`, `250ms`, `0s`: off) or plain seconds.
+fn parse_min_sync_period(s: &str) -> Result<std::time::Duration, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(n));
+    }
+    let ms = go_duration_ms(s)?;
+    if ms > 60_000 {
+        return Err(format!("{s:?}: at most a minute (changes would wait that long)"));
+    }
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// A Go-style duration (`24h0m0s`, `90s`, `250ms`) in milliseconds.
+fn go_duration_ms(s: &str) -> Result<u64, String> {
     let mut total_ms: u64 = 0;
     let mut rest = s;
     while !rest.is_empty() {
@@ -221,15 +248,10 @@ pub fn parse_duration_secs(s: &str) -> Result<u32, String> {
             "ms" => 1,
             u => return Err(format!("{s:?}: unknown unit {u:?} (h, m, s, ms)")),
         };
-        total_ms += n * ms;
+        total_ms = total_ms.saturating_add(n.saturating_mul(ms));
         rest = &rest[unit..];
     }
-    let secs = total_ms.div_ceil(1000);
-    match u32::try_from(secs) {
-        Ok(0) => Err("must be at least 1s".into()),
-        Ok(v) => Ok(v),
-        Err(_) => Err(format!("{s:?}: too long")),
-    }
+    Ok(total_ms)
 }
 
 /// `FROM-TO`, inclusive, FROM <= TO, FROM >= 1024.
@@ -312,6 +334,7 @@ impl AgentArgs {
             state_dir: self.state_dir,
             log_format: self.log_format,
             bpf_log: self.bpf_log,
+            min_sync_period: self.min_sync_period,
             config_sync_period: (self.config_sync_period > 0)
                 .then(|| std::time::Duration::from_secs(self.config_sync_period.into())),
             config_note: self.config_note,
@@ -335,6 +358,17 @@ mod tests {
         assert!(parse_duration_secs("0s").is_err());
         assert!(parse_duration_secs("10d").is_err());
         assert!(parse_duration_secs("h").is_err());
+    }
+
+    #[test]
+    fn min_sync_periods_take_milliseconds() {
+        use std::time::Duration;
+        assert_eq!(parse_min_sync_period("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_min_sync_period("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_min_sync_period("1s500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_min_sync_period("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_min_sync_period("2m").is_err(), "over a minute");
+        assert!(parse_min_sync_period("fast").is_err());
     }
 
     #[test]

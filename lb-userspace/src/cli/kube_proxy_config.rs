@@ -48,7 +48,7 @@ pub struct FromFile {
 }
 
 /// The `KubeProxyConfiguration` fields the agent honours: the path, and the flag.
-const HONOURED: [(&str, &str); 10] = [
+const HONOURED: [(&str, &str); 13] = [
     ("metricsBindAddress", "metrics_bind_address"),
     ("healthzBindAddress", "healthz_bind_address"),
     ("nodePortAddresses", "nodeport_addresses"),
@@ -59,6 +59,10 @@ const HONOURED: [(&str, &str); 10] = [
     ("conntrack.udpTimeout", "conntrack_udp_timeout"),
     ("conntrack.udpStreamTimeout", "conntrack_udp_timeout_stream"),
     ("configSyncPeriod", "config_sync_period"),
+    // Per mode in this API version; lb has one mode, so whichever the file sets.
+    ("iptables.minSyncPeriod", "min_sync_period"),
+    ("nftables.minSyncPeriod", "min_sync_period"),
+    ("ipvs.minSyncPeriod", "min_sync_period"),
 ];
 
 /// Reads `path`.
@@ -97,7 +101,7 @@ pub fn parse(text: &str) -> anyhow::Result<FromFile> {
         match key {
             "apiVersion" | "kind" => {}
             // Nested objects: each field honoured or reported on its own.
-            "clientConnection" | "conntrack" => match value {
+            "clientConnection" | "conntrack" | "iptables" | "nftables" | "ipvs" => match value {
                 Value::Mapping(fields) => {
                     for (k, v) in fields {
                         field(&mut out, &format!("{key}.{}", k.as_str().unwrap_or_default()), v)?;
@@ -135,7 +139,7 @@ fn field(out: &mut FromFile, path: &str, value: &Value) -> anyhow::Result<()> {
         "metrics_bind_address" | "healthz_bind_address" if text.starts_with(':') => format!("0.0.0.0{text}"),
         _ => text,
     };
-    let duration = path.starts_with("conntrack.") || path == "configSyncPeriod";
+    let duration = path.starts_with("conntrack.") || path.ends_with("SyncPeriod");
     let unset = text.is_empty() || (duration && super::agent::is_zero_duration(&text));
     if !unset {
         out.flags.push((flag, text));
@@ -238,8 +242,9 @@ winkernel:
         assert_eq!(f.flags, vec![("kubeconfig", "/var/lib/kube-proxy/kubeconfig.conf".to_string())]);
         for name in [
             "clusterCIDR",
-            "iptables",
-            "ipvs",
+            "iptables.masqueradeAll",
+            "iptables.syncPeriod",
+            "ipvs.scheduler",
             "mode",
             "conntrack.maxPerCore",
             "clientConnection.qps",
@@ -258,7 +263,11 @@ winkernel:
             .replace("hostnameOverride: \"\"", "hostnameOverride: node-7")
             .replace("  tcpEstablishedTimeout: null", "  tcpEstablishedTimeout: 2h0m0s")
             .replace("  udpTimeout: 0s", "  udpTimeout: 45s")
-            .replace("nodePortAddresses: null", "nodePortAddresses: [198.18.0.0/24, 2001:2::/64]");
+            .replace("nodePortAddresses: null", "nodePortAddresses: [198.18.0.0/24, 2001:2::/64]")
+            .replace(
+                "  masqueradeBit: null\n  minSyncPeriod: 0s\n  syncPeriod: 0s\nipvs",
+                "  masqueradeBit: null\n  minSyncPeriod: 1s\n  syncPeriod: 0s\nipvs",
+            );
         let f = parse(&text).unwrap();
         for want in [
             ("metrics_bind_address", "0.0.0.0:10249"),
@@ -267,6 +276,7 @@ winkernel:
             ("conntrack_tcp_timeout_established", "2h0m0s"),
             ("conntrack_udp_timeout", "45s"),
             ("nodeport_addresses", "198.18.0.0/24,2001:2::/64"),
+            ("min_sync_period", "1s"),
         ] {
             assert!(f.flags.contains(&(want.0, want.1.to_string())), "{want:?} in {:?}", f.flags);
         }
