@@ -66,8 +66,12 @@ pub const STATS_EVENTS: &str = "lb_stats_events";
 /// (LRU_HASH), for `getpeername`, `recvmsg` and the agent's check of connected UDP sockets.
 pub const SOCK_REV: &str = "lb_sock_rev";
 pub const DEFAULT_MAX_SOCK_REV: u32 = 65_536;
+/// aya-log's message ring (`--bpf-log`), a fresh one per loaded program.
+pub const BPF_LOG: &str = "AYA_LOGS";
+/// The object's read-only globals (aya-log's level), frozen at load.
+pub const RODATA: &str = ".rodata";
 /// The maps that are not pinned: they hold nothing a restart must keep.
-pub const UNPINNED: [&str; 3] = [SCRATCH, ANSWER_BUCKET, POD_SOURCES];
+pub const UNPINNED: [&str; 5] = [SCRATCH, ANSWER_BUCKET, POD_SOURCES, BPF_LOG, RODATA];
 
 /// Every pinned map, in the order the agent opens them.
 pub const ALL: [&str; 21] = [
