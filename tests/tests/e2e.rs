@@ -2075,9 +2075,9 @@ fn min_sync_period_holds_changes_to_the_floor_and_syncs_them_together() {
     let Some(mut lab) = lab() else { return };
     let all: Vec<Pod> = pods(&lab, &["web-1", "web-2", "web-3"]).into_iter().cloned().collect();
     let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all.iter().collect::<Vec<_>>(), Proto::Tcp);
     lab.stop_agent(1);
     lab.start_agent(1, &["--min-sync-period", "2s"]).unwrap();
-    web_up(&lab, &client, &all.iter().collect::<Vec<_>>(), Proto::Tcp);
     std::thread::sleep(Duration::from_millis(2500));
     let (w1, w2, w3) = (&all[0], &all[1], &all[2]);
     let has = |p: &Pod| lab.has_backend(1, IpAddr::V4(p.ip), POD_PORT).unwrap();
