@@ -11,6 +11,8 @@ use aya::maps::{
     Array, DevMapHash, HashMap, Map, MapData, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
+use std::os::fd::AsFd as _;
+
 use ipnet::IpNet;
 use lb_common::{abi::*, maps, verdict::Reason};
 
@@ -22,6 +24,8 @@ pub enum DataplaneError {
     Map { map: &'static str, source: aya::maps::MapError },
     #[error("mapping the Maglev array: {0}")]
     Mmap(std::io::Error),
+    #[error("map {map}: writing an entry: {source}")]
+    Write { map: &'static str, source: std::io::Error },
     #[error("map {map}: index {index} out of range (capacity {capacity})")]
     OutOfRange { map: &'static str, index: u32, capacity: u32 },
 }
@@ -50,6 +54,54 @@ pub trait Dataplane {
     fn set_member(&mut self, key: &MemberKey, value: &MemberValue) -> Result<()>;
     fn remove_member(&mut self, key: &MemberKey) -> Result<()>;
     fn members(&self) -> Result<Vec<(MemberKey, MemberValue)>>;
+
+    /// Many `set_service`s, in order; on an error, those before it are written. The kernel
+    /// datapath makes it one syscall: a full sync of 100 000 Services is a handful of calls,
+    /// not a million.
+    fn set_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<()> {
+        entries.iter().try_for_each(|(k, v)| self.set_service(k, v))
+    }
+    /// Many `set_backend`s, in order (as `set_services`).
+    fn set_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<()> {
+        entries.iter().try_for_each(|(id, v)| self.set_backend(*id, v))
+    }
+    /// Many `set_member`s, in order (as `set_services`).
+    fn set_members(&mut self, entries: &[(MemberKey, MemberValue)]) -> Result<()> {
+        entries.iter().try_for_each(|(k, v)| self.set_member(k, v))
+    }
+}
+
+/// `values` as the bytes the kernel takes (plain `repr(C)` map types without padding).
+fn bytes_of<T: aya::Pod>(values: &[T]) -> &[u8] {
+    // SAFETY: `Pod` types are plain data without padding; the slice covers exactly them.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
+
+/// Writes `entries` into the hash map behind `fd` in one batch call; on an error, entry by
+/// entry from where the batch stopped, so the error names the entry and those before it
+/// are in.
+fn hash_batch<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    map: &'static str,
+    entries: &[(K, V)],
+) -> Result<()> {
+    let keys: Vec<K> = entries.iter().map(|(k, _)| *k).collect();
+    let values: Vec<V> = entries.iter().map(|(_, v)| *v).collect();
+    match crate::rawmap::update_batch(fd, std::mem::size_of::<K>(), bytes_of(&keys), bytes_of(&values)) {
+        Ok(()) => Ok(()),
+        Err((done, _)) => {
+            for (k, v) in &entries[done.min(entries.len())..] {
+                crate::rawmap::update(
+                    fd,
+                    bytes_of(std::slice::from_ref(k)),
+                    bytes_of(std::slice::from_ref(v)),
+                    0,
+                )
+                .map_err(|source| DataplaneError::Write { map, source })?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The trie key of `net` for `service_id` (the prefix counts the 32 id bits; IPv4 ranges are
@@ -95,6 +147,9 @@ pub struct AyaDataplane {
     pod_ports: HashMap<MapData, u32, PodPort>,
     addr_filter: MmapArray,
     sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
+    /// The frontend and membership maps again, for batched writes (`rawmap`).
+    services_fd: MapData,
+    members_fd: MapData,
     /// Addresses listed since `take_listed`.
     listed: BTreeSet<Addr>,
 }
@@ -146,6 +201,8 @@ impl AyaDataplane {
             addr_filter: MmapArray::new(open(pin_dir, maps::ADDR_FILTER)?, maps::ADDR_FILTER)?,
             sock_rev: HashMap::try_from(Map::LruHashMap(open(pin_dir, maps::SOCK_REV)?))
                 .map_err(map_err(maps::SOCK_REV))?,
+            services_fd: open(pin_dir, maps::SERVICES)?,
+            members_fd: open(pin_dir, maps::MEMBERS)?,
             listed: BTreeSet::new(),
         })
     }
@@ -427,6 +484,29 @@ impl Dataplane for AyaDataplane {
 
     fn members(&self) -> Result<Vec<(MemberKey, MemberValue)>> {
         self.members.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::MEMBERS))
+    }
+
+    fn set_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<()> {
+        for (k, _) in entries {
+            self.list_address(&k.addr);
+        }
+        hash_batch(self.services_fd.fd().as_fd(), maps::SERVICES, entries)
+    }
+
+    /// Through the array's mapping: no syscall at all.
+    fn set_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<()> {
+        for (id, v) in entries {
+            self.backends_view.check(*id, 1)?;
+            if v.flags & BE_F_PRESENT != 0 {
+                self.list_address(&v.addr);
+            }
+            self.backends_view.write(*id, *v);
+        }
+        Ok(())
+    }
+
+    fn set_members(&mut self, entries: &[(MemberKey, MemberValue)]) -> Result<()> {
+        hash_batch(self.members_fd.fd().as_fd(), maps::MEMBERS, entries)
     }
 }
 

@@ -88,7 +88,9 @@ pub fn rebuild(previous: Option<&[u32]>, backends: &[(u32, Vec<u8>)], size: u32)
             (offset, skip)
         })
         .collect();
-    let mut next = vec![0u64; sorted.len()];
+    // Each backend's next candidate slot, `(offset + j * skip) mod m` for its j-th try,
+    // stepped by an add and a compare instead of a division per probe (skip < m).
+    let mut pos: Vec<u64> = perms.iter().map(|(offset, _)| *offset).collect();
     let mut table = vec![u32::MAX; size as usize];
     let mut filled = 0usize;
     // Fair quotas: M/N each, the first M mod N backends (by name) one more.
@@ -109,17 +111,17 @@ pub fn rebuild(previous: Option<&[u32]>, backends: &[(u32, Vec<u8>)], size: u32)
         }
     }
     'fill: while filled < size as usize {
-        for (i, (offset, skip)) in perms.iter().enumerate() {
+        for (i, (_, skip)) in perms.iter().enumerate() {
             if count[i] >= quota[i] {
                 continue;
             }
-            let mut c = (offset + next[i] * skip) % m;
+            let step = |p: u64| if p + skip >= m { p + skip - m } else { p + skip };
+            let mut c = pos[i];
             while table[c as usize] != u32::MAX {
-                next[i] += 1;
-                c = (offset + next[i] * skip) % m;
+                c = step(c);
             }
             table[c as usize] = sorted[i].0;
-            next[i] += 1;
+            pos[i] = step(c);
             count[i] += 1;
             filled += 1;
             if filled == size as usize {
@@ -137,6 +139,75 @@ mod tests {
 
     fn backends(n: u32) -> Vec<(u32, Vec<u8>)> {
         (1..=n).map(|i| (i, format!("198.18.1.{i}:9376").into_bytes())).collect()
+    }
+
+    /// The population as the paper writes it (a division per probe), kept to check that the
+    /// stepped version builds the very same tables: other nodes and restarted agents must.
+    fn by_definition(previous: Option<&[u32]>, backends: &[(u32, Vec<u8>)], size: u32) -> Vec<u32> {
+        let mut sorted: Vec<&(u32, Vec<u8>)> = backends.iter().collect();
+        sorted.sort_by(|a, b| a.1.cmp(&b.1));
+        let m = size as u64;
+        let perms: Vec<(u64, u64)> = sorted
+            .iter()
+            .map(|(_, name)| {
+                let skip = if m > 1 { name_hash(name, 0x7f4a_7c15) % (m - 1) + 1 } else { 1 };
+                (name_hash(name, 0x9e37_79b9) % m, skip)
+            })
+            .collect();
+        let n = sorted.len() as u32;
+        let quota: Vec<u32> = (0..n).map(|i| size / n + u32::from(i < size % n)).collect();
+        let (mut next, mut count) = (vec![0u64; sorted.len()], vec![0u32; sorted.len()]);
+        let mut table = vec![u32::MAX; size as usize];
+        let mut filled = 0usize;
+        if let Some(prev) = previous {
+            for (slot, id) in prev.iter().enumerate() {
+                if let Some(i) = sorted.iter().position(|(b, _)| b == id)
+                    && count[i] < quota[i]
+                {
+                    table[slot] = *id;
+                    count[i] += 1;
+                    filled += 1;
+                }
+            }
+        }
+        'fill: while filled < size as usize {
+            for (i, (offset, skip)) in perms.iter().enumerate() {
+                if count[i] >= quota[i] {
+                    continue;
+                }
+                let mut c = (offset + next[i] * skip) % m;
+                while table[c as usize] != u32::MAX {
+                    next[i] += 1;
+                    c = (offset + next[i] * skip) % m;
+                }
+                table[c as usize] = sorted[i].0;
+                next[i] += 1;
+                count[i] += 1;
+                filled += 1;
+                if filled == size as usize {
+                    break 'fill;
+                }
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn stepping_builds_the_tables_the_definition_does() {
+        for n in [1u32, 2, 3, 4, 7, 10, 50] {
+            let all = backends(n);
+            let size = table_size(n as usize, 65_537);
+            let fresh = rebuild(None, &all, size);
+            assert_eq!(fresh, by_definition(None, &all, size), "{n} backends");
+            // One gone, one new: the previous table's slots kept as the definition keeps them.
+            let mut changed: Vec<(u32, Vec<u8>)> = all.iter().skip(1).cloned().collect();
+            changed.push((1000, b"198.18.9.9:9376".to_vec()));
+            assert_eq!(
+                rebuild(Some(&fresh), &changed, size),
+                by_definition(Some(&fresh), &changed, size),
+                "{n} backends, one replaced"
+            );
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// `BPF_NOEXIST`.
@@ -257,4 +258,29 @@ pub fn delete_batch(fd: BorrowedFd<'_>, l: &Layout, keys: &[u8]) -> std::io::Res
         }
     }
     Ok(deleted)
+}
+
+/// Writes `keys` and `values` (flat buffers of `key_size`- and `value_size`-byte entries,
+/// the same count) in one call. An error says how many went in before it (`Err((done, e))`).
+pub fn update_batch(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    keys: &[u8],
+    values: &[u8],
+) -> Result<(), (usize, std::io::Error)> {
+    let count = keys.len() / key_size.max(1);
+    if count == 0 {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    match sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => Ok(()),
+        Err(e) => Err((attr.count as usize, e)),
+    }
 }

@@ -353,21 +353,69 @@ pub fn execute(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) ->
 }
 
 fn execute_ops(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) -> Result<(), DataplaneError> {
-    for op in ops {
-        match op {
-            MapOp::SetBackend { id, value } => dp.set_backend(*id, value)?,
-            MapOp::AllowSource { service_id, net } => dp.allow_source(*service_id, net)?,
-            MapOp::SetMember { key, value } => dp.set_member(key, value)?,
-            MapOp::RemoveMember { key } => dp.remove_member(key)?,
-            MapOp::WriteMaglev { offset, table } => dp.write_maglev(*offset, table)?,
-            MapOp::SetService { key, value } => dp.set_service(key, value)?,
-            MapOp::RemoveService { key } => dp.remove_service(key)?,
-            MapOp::DisallowSource { service_id, net } => dp.disallow_source(*service_id, net)?,
-            MapOp::RemoveBackend { id } => dp.remove_backend(*id)?,
+    let mut i = 0;
+    while i < ops.len() {
+        // A run of writes of one kind (plans write them by phase) goes in one call.
+        let run = ops[i..].iter().take_while(|op| same_batch(op, &ops[i])).count().max(1);
+        let batch = &ops[i..i + run];
+        let written = match &ops[i] {
+            MapOp::SetService { .. } if run > 1 => dp.set_services(&collect(batch, |op| match op {
+                MapOp::SetService { key, value } => Some((*key, *value)),
+                _ => None,
+            })),
+            MapOp::SetBackend { .. } if run > 1 => dp.set_backends(&collect(batch, |op| match op {
+                MapOp::SetBackend { id, value } => Some((*id, *value)),
+                _ => None,
+            })),
+            MapOp::SetMember { .. } if run > 1 => dp.set_members(&collect(batch, |op| match op {
+                MapOp::SetMember { key, value } => Some((*key, *value)),
+                _ => None,
+            })),
+            op => execute_one(dp, op),
+        };
+        match written {
+            Ok(()) => batch.iter().for_each(|op| applied.record(op)),
+            // Which of a batch went in is not known: each is written again, one by one,
+            // so `applied` records exactly those the kernel took (a write is idempotent).
+            Err(_) if run > 1 => {
+                for op in batch {
+                    execute_one(dp, op)?;
+                    applied.record(op);
+                }
+            }
+            Err(e) => return Err(e),
         }
-        applied.record(op);
+        i += run;
     }
     Ok(())
+}
+
+fn execute_one(dp: &mut impl Dataplane, op: &MapOp) -> Result<(), DataplaneError> {
+    match op {
+        MapOp::SetBackend { id, value } => dp.set_backend(*id, value),
+        MapOp::AllowSource { service_id, net } => dp.allow_source(*service_id, net),
+        MapOp::SetMember { key, value } => dp.set_member(key, value),
+        MapOp::RemoveMember { key } => dp.remove_member(key),
+        MapOp::WriteMaglev { offset, table } => dp.write_maglev(*offset, table),
+        MapOp::SetService { key, value } => dp.set_service(key, value),
+        MapOp::RemoveService { key } => dp.remove_service(key),
+        MapOp::DisallowSource { service_id, net } => dp.disallow_source(*service_id, net),
+        MapOp::RemoveBackend { id } => dp.remove_backend(*id),
+    }
+}
+
+/// Whether `op` goes in one batch with `first`: both set frontends, backends or members.
+fn same_batch(op: &MapOp, first: &MapOp) -> bool {
+    matches!(
+        (first, op),
+        (MapOp::SetService { .. }, MapOp::SetService { .. })
+            | (MapOp::SetBackend { .. }, MapOp::SetBackend { .. })
+            | (MapOp::SetMember { .. }, MapOp::SetMember { .. })
+    )
+}
+
+fn collect<T>(ops: &[MapOp], f: impl Fn(&MapOp) -> Option<T>) -> Vec<T> {
+    ops.iter().filter_map(f).collect()
 }
 
 fn members_of(table: &[u32]) -> Vec<u32> {
