@@ -78,6 +78,15 @@ pub enum Which {
         #[arg(long)]
         nft_max: Option<u32>,
     },
+    /// The real agent's resident memory and its maps' kernel memory at 1k, 10k, 30k (and
+    /// 100k) Services, per Service, beside Cilium's Maglev cost.
+    Memory {
+        #[arg(long)]
+        quick: bool,
+        /// Service counts to sweep, comma-separated.
+        #[arg(long)]
+        services: Option<String>,
+    },
     /// New TCP connections per second from a lab pod, via the VIP and direct.
     Connrate {
         #[arg(long)]
@@ -198,6 +207,10 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             build_lab_binaries()?;
             bench("connrate", quick, None, None)
         }
+        Which::Memory { quick, services } => {
+            build_lab_binaries()?;
+            bench("memory", quick, services, None)
+        }
         Which::All { quick, baseline } => {
             run(Which::Prog { quick, services: None, baseline })?;
             run(Which::Conntrack { quick })?;
@@ -206,6 +219,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             run(Which::Control { quick, services: None, nft_max: None })?;
             run(Which::Latency { quick, services: None, nft_max: None })?;
             run(Which::Connrate { quick })?;
+            run(Which::Memory { quick, services: None })?;
             eprintln!("bench all: results in {}", root().join("target/bench").display());
             Ok(())
         }

@@ -24,6 +24,7 @@ mod control;
 mod first_packet;
 mod forward;
 mod load;
+mod memory;
 mod monitor_cost;
 mod plot;
 mod prog;
@@ -58,6 +59,16 @@ enum Cmd {
         quick: bool,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+    },
+    /// The real agent's resident memory and its maps' kernel memory at N Services.
+    Memory {
+        /// 1k, 10k, 30k instead of also 100k.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<u32>,
     },
     /// Full sync and one-endpoint change: ours vs iptables-restore vs nft -f; Maglev
     /// disruption.
@@ -125,6 +136,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Connrate { quick, out } => clients::connrate(quick, out),
         Cmd::Throughput { quick, out } => forward::throughput(quick, out),
         Cmd::Newflows(s) => forward::newflows(s.quick, s.out, &s.services, s.nft_max),
+        Cmd::Memory { quick, out, services } => {
+            let sweep = match (services.is_empty(), quick) {
+                (false, _) => services,
+                (true, true) => vec![1_000, 10_000, 30_000],
+                (true, false) => vec![1_000, 10_000, 30_000, 100_000],
+            };
+            memory::run(quick, out, &sweep)
+        }
         Cmd::Control { quick, out, services, nft_max } => {
             let sweep = if !services.is_empty() {
                 services

@@ -1,0 +1,205 @@
+//! `memory`: what Services cost in memory, as a user meets it — the real `lb agent` reading
+//! manifest files of N Services × 4 endpoints, with map capacities sized for N: the
+//! agent's resident set once synced (and its peak, the parse's), and the kernel memory of
+//! the maps (fdinfo `memlock`), per Service, beside Cilium's published Maglev cost (about
+//! 65 KB per Service at its default table size).
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use lb_tests::{lab::Bins, netns::Scratch};
+use serde_json::json;
+
+use crate::services::*;
+
+/// The maps whose size follows the Service count (the flow table follows connections).
+const PER_SERVICE_MAPS: [&str; 6] =
+    ["lb_services", "lb_backends", "lb_maglev", "lb_members", "lb_stats_service", "lb_stats_backend"];
+/// Cilium's Maglev cost per Service (its design document: ~65 KB at M = 16381).
+const CILIUM_MAGLEV_BYTES: f64 = 65_000.0;
+/// Goals of issue 15.
+const GOAL_MAP_BYTES: f64 = 8_192.0;
+const GOAL_RSS_BYTES: f64 = 4_096.0;
+
+struct Row {
+    services: u32,
+    rss: u64,
+    peak: u64,
+    maps_total: u64,
+    maps_scaled: u64,
+    sync_s: f64,
+}
+
+/// Services per manifest file (the agent refuses files over 16 MiB).
+const PER_FILE: u32 = 5_000;
+
+/// A manifest file of Services `from..to` and their slices (JSON documents: valid YAML).
+fn manifest(from: u32, to: u32) -> anyhow::Result<String> {
+    let mut s = String::new();
+    for i in from..to {
+        s += &serde_json::to_string(&service(i, Proto::Tcp))?;
+        s += "\n---\n";
+        s += &serde_json::to_string(&slice(i, &endpoints_of(i), Proto::Tcp))?;
+        s += "\n---\n";
+    }
+    Ok(s)
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn one(n: u32, bins: &Bins) -> anyhow::Result<Row> {
+    let ns = Scratch::new("mem")?;
+    let work = std::env::temp_dir().join(format!("lb-bench-memory-{}-{n}", std::process::id()));
+    // A bpffs of our own, outside /sys: `ip netns exec` remounts /sys, so pins under it
+    // would be invisible to this process.
+    let bpffs = work.join("bpf");
+    let pin_dir = bpffs.join("lb");
+    let result = (|| {
+        fs::create_dir_all(work.join("manifests"))?;
+        fs::create_dir_all(&bpffs)?;
+        let mounted = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs).status()?.success();
+        ensure!(mounted, "mount -t bpf bpf {}", bpffs.display());
+        for from in (0..n).step_by(PER_FILE as usize) {
+            let file = work.join(format!("manifests/services-{from}.yaml"));
+            fs::write(file, manifest(from, (from + PER_FILE).min(n))?)?;
+        }
+        let (caps, _) = capacities(n);
+        let log = fs::File::create(work.join("agent.log"))?;
+        let flags = [
+            ("--max-frontends", caps.frontends),
+            ("--max-services", caps.services),
+            ("--max-backends", caps.backends),
+            ("--max-maglev-slots", caps.maglev_slots),
+            ("--max-members", caps.backends),
+        ];
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.0]).arg(&bins.lb).arg("--pin-dir").arg(&pin_dir).arg("agent");
+        cmd.arg("--manifests").arg(work.join("manifests")).arg("--state-dir").arg(work.join("state"));
+        cmd.args(["--cgroup-root", "off", "--node-name", "bench"]);
+        for (flag, v) in flags {
+            cmd.arg(flag).arg(v.to_string());
+        }
+        let t0 = Instant::now();
+        let mut agent = cmd.stdout(Stdio::null()).stderr(log).spawn().context("starting lb agent")?;
+        let want = format!("synced: {n} services");
+        let synced = loop {
+            let text = fs::read_to_string(work.join("agent.log")).unwrap_or_default();
+            if text.contains(&want) {
+                break Ok(t0.elapsed().as_secs_f64());
+            }
+            if agent.try_wait()?.is_some() || t0.elapsed() > Duration::from_secs(300) {
+                break Err(anyhow::anyhow!("the agent did not sync {n} services:\n{text}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // Settled: what the agent keeps, once the parse's buffers are freed.
+        std::thread::sleep(Duration::from_secs(2));
+        // `ip netns exec` execs the agent: the child's pid is the agent's.
+        let pid = agent.id();
+        let rss = status_kib(pid, "VmRSS:").unwrap_or(0) * 1024;
+        let peak = status_kib(pid, "VmHWM:").unwrap_or(0) * 1024;
+        let bytes = |name: &str| lb_userspace::memory::map_bytes(&pin_dir.join(name)).unwrap_or(0);
+        let maps_total = lb_common::maps::ALL.iter().map(|m| bytes(m)).sum();
+        let maps_scaled = PER_SERVICE_MAPS.iter().map(|m| bytes(m)).sum();
+        // SAFETY: signalling the agent this function started.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        agent.wait()?;
+        let sync_s = synced?;
+        ensure!(rss > 0, "no VmRSS for the agent");
+        Ok(Row { services: n, rss, peak, maps_total, maps_scaled, sync_s })
+    })();
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(&bins.lb)
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .args(["agent", "--cleanup"])
+        .output();
+    let _ = fs::remove_dir_all(&pin_dir);
+    let _ = Command::new("umount").arg(&bpffs).status();
+    let _ = fs::remove_dir_all(&work);
+    drop(ns);
+    result
+}
+
+pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
+    if !lb_tests::harness::privileged() {
+        bail!("bench memory needs root");
+    }
+    let bins = Bins::beside(&std::env::current_exe()?)?;
+    let mut rows = Vec::new();
+    for &n in sweep {
+        eprintln!("bench memory: {n} services × {ENDPOINTS} endpoints ...");
+        let r = one(n, &bins)?;
+        eprintln!(
+            "  agent {:.1} MiB resident ({:.1} MiB peak), maps {:.1} MiB ({:.1} MiB scale with Services), synced in {:.1} s",
+            r.rss as f64 / 1048576.0,
+            r.peak as f64 / 1048576.0,
+            r.maps_total as f64 / 1048576.0,
+            r.maps_scaled as f64 / 1048576.0,
+            r.sync_s
+        );
+        rows.push(r);
+    }
+    let kb = |b: f64| b / 1000.0;
+    let mut md = format!(
+        "### `cargo xtask bench memory` — {}\n\nKernel {}. The real `lb agent` on manifest files (5 000 Services each) of N Services × {ENDPOINTS} endpoints (ClusterIP, one EndpointSlice each), map capacities sized for N; resident set 2 s after the first full sync, peak = VmHWM (the parse). Map memory = fdinfo `memlock`; \"per Service\" counts the maps that grow with Services ({}), not the flow table. Cilium's Maglev alone: ~65 KB per Service.\n\n| services | agent RSS (MiB) | peak (MiB) | RSS per Service (KB) | maps total (MiB) | Service maps (MiB) | per Service (KB) | vs Cilium Maglev | first sync (s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        if quick { "quick" } else { "full" },
+        super::kernel(),
+        PER_SERVICE_MAPS.join(", "),
+    );
+    for r in &rows {
+        let n = f64::from(r.services);
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.1} |",
+            r.services,
+            r.rss as f64 / 1048576.0,
+            r.peak as f64 / 1048576.0,
+            kb(r.rss as f64 / n),
+            r.maps_total as f64 / 1048576.0,
+            r.maps_scaled as f64 / 1048576.0,
+            kb(r.maps_scaled as f64 / n),
+            r.maps_scaled as f64 / n / CILIUM_MAGLEV_BYTES,
+            r.sync_s
+        );
+    }
+    if let Some(r) = rows.iter().max_by_key(|r| r.services) {
+        let n = f64::from(r.services);
+        let (maps, rss) = (r.maps_scaled as f64 / n, r.rss as f64 / n);
+        let _ = writeln!(
+            md,
+            "\nGoals at {} Services: map memory ≤ {:.1} KB per Service → {:.1} KB ({}); agent RSS ≤ {:.1} KB per Service once synced → {:.1} KB ({}).",
+            r.services,
+            kb(GOAL_MAP_BYTES),
+            kb(maps),
+            if maps <= GOAL_MAP_BYTES { "met" } else { "missed" },
+            kb(GOAL_RSS_BYTES),
+            kb(rss),
+            if rss <= GOAL_RSS_BYTES { "met" } else { "missed" },
+        );
+    }
+    println!("{md}");
+    fs::create_dir_all(&out)?;
+    fs::write(out.join("memory.md"), &md)?;
+    let j = json!({
+        "kernel": super::kernel(),
+        "rows": rows.iter().map(|r| json!({
+            "services": r.services, "agent_rss_bytes": r.rss, "agent_peak_bytes": r.peak,
+            "maps_bytes": r.maps_total, "service_maps_bytes": r.maps_scaled, "first_sync_s": r.sync_s,
+        })).collect::<Vec<_>>(),
+    });
+    fs::write(out.join("memory.json"), serde_json::to_string_pretty(&j)?)?;
+    eprintln!("bench memory: wrote {}", out.join("memory.md").display());
+    Ok(())
+}
