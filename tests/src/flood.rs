@@ -98,14 +98,15 @@ fn send(
     Ok(sent)
 }
 
-/// A raw IPv4 socket: sends IP packets as written, source address included.
-struct Raw {
+/// A raw IPv4 socket: sends IP packets as written, source address included (the kernel
+/// fills in the total length and the header checksum).
+pub struct Raw {
     fd: i32,
     to: libc::sockaddr_in,
 }
 
 impl Raw {
-    fn open(dst: Ipv4Addr) -> std::io::Result<Raw> {
+    pub fn open(dst: Ipv4Addr) -> std::io::Result<Raw> {
         // SAFETY: a raw IPv4 socket; IPPROTO_RAW implies IP_HDRINCL (we write the header).
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         if fd < 0 {
@@ -121,7 +122,7 @@ impl Raw {
     }
 
     /// Sends one IP packet; whether the kernel took it.
-    fn send(&self, ip: &[u8]) -> bool {
+    pub fn send(&self, ip: &[u8]) -> bool {
         // SAFETY: sendto with a valid buffer and address.
         let rc = unsafe {
             libc::sendto(

@@ -1425,10 +1425,11 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
         IpAddr::V4(v) => v,
         IpAddr::V6(_) => unreachable!("the lab's ClusterIP is IPv4"),
     };
-    let src: std::net::Ipv4Addr = client_ip.parse().unwrap();
-    lab::in_netns(&client, move || send_raw_ipv4(src, vip_v4, 6, &[0x9c, 0x40, 0, 80, 0, 0, 0, 1]))
-        .unwrap()
-        .unwrap();
+    let frame = lb_tests::harness::Spec::tcp(&client_ip, 40000, VIP, 80)
+        .build_with_l4(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1]);
+    let taken =
+        lab::in_netns(&client, move || lb_tests::flood::Raw::open(vip_v4).map(|r| r.send(&frame[14..])));
+    assert!(taken.unwrap().unwrap(), "the malformed frame was not sent");
     let out = wait_child(&mut monitor, Duration::from_secs(10));
     let events: Vec<serde_json::Value> =
         out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
@@ -1481,46 +1482,6 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
     let before = sent();
     assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
     assert_eq!(sent(), before, "an event written after the monitor exited");
-}
-
-/// Sends one IPv4 packet with protocol `proto` and `payload` from this thread's network
-/// namespace (a raw socket: the kernel fills in the header's length and checksum).
-fn send_raw_ipv4(
-    src: std::net::Ipv4Addr,
-    dst: std::net::Ipv4Addr,
-    proto: u8,
-    payload: &[u8],
-) -> std::io::Result<()> {
-    let mut pkt = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
-    pkt.extend_from_slice(&src.octets());
-    pkt.extend_from_slice(&dst.octets());
-    pkt.extend_from_slice(payload);
-    let len = pkt.len() as u16;
-    pkt[2..4].copy_from_slice(&len.to_be_bytes());
-    // SAFETY: plain socket calls on a descriptor this function owns and closes.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let to = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
-            sin_zero: [0; 8],
-        };
-        let sent = libc::sendto(
-            fd,
-            pkt.as_ptr().cast(),
-            pkt.len(),
-            0,
-            (&raw const to).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if sent < 0 { Err(err) } else { Ok(()) }
-    }
 }
 
 /// `/metrics` labels each Service port's packet counter with its namespace, Service, port

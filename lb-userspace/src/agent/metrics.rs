@@ -240,6 +240,16 @@ impl AgentMetrics {
         }
     }
 
+    /// What the programs are attached to, as the status says (at start, and after each
+    /// link scan: TC links come and go without a sync).
+    pub fn attachments(&self, st: &super::state::Status) {
+        for (iface, how) in &st.xdp {
+            let labels = vec![("iface".to_string(), iface.clone()), ("mode".to_string(), format!("{how:?}"))];
+            self.xdp_attached.get_or_create(&labels).set(1);
+        }
+        self.tc_attached.set(st.tc.len() as i64);
+    }
+
     /// The skipped services, with why.
     pub fn set_unprogrammed<'a>(&self, skipped: impl Iterator<Item = (String, String)> + 'a) {
         self.unprogrammed.clear();

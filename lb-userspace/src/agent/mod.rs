@@ -158,6 +158,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     attachments.check_pod_sources(&cfg, &mut dp)?;
     let metrics = AgentMetrics::new();
+    metrics.attachments(&lock(&status));
     let gc_stop = Arc::new(AtomicBool::new(false));
     let gc = state::spawn_gc(&cfg, gc_stop.clone(), metrics.gc.clone());
     let datapath = Datapath::new(cfg.pin_dir.clone());
@@ -342,6 +343,7 @@ impl Agent {
     fn turn(&mut self) -> anyhow::Result<()> {
         lock(&self.status).loop_turn = Instant::now();
         self.attachments.rescan(&self.cfg, &mut self.dp, &self.status);
+        self.metrics.attachments(&lock(&self.status));
         // A GC pass finished: unlist what no entry and no flow acts on any more.
         let pass = lock(&self.gc).for_filter.take();
         if let Some((began, referenced)) = pass {
@@ -447,14 +449,7 @@ impl Agent {
             }
         }
         st.health_checks = desired.health_checks.clone();
-        let xdp: Vec<(String, attach::Attached)> = st.xdp.iter().map(|(i, a)| (i.clone(), *a)).collect();
-        m.tc_attached.set(st.tc.len() as i64);
         drop(st);
-        for (iface, how) in xdp {
-            m.xdp_attached
-                .get_or_create(&vec![("iface".into(), iface), ("mode".into(), format!("{how:?}"))])
-                .set(1);
-        }
         serve::sync_health_servers(&mut self.health_servers, &desired.health_checks, &self.status);
         self.reporter.write(&self.status, &self.gc);
     }
