@@ -235,6 +235,24 @@ pub const XDP_FWD_TX: u32 = 1;
 pub const XDP_FWD_TO_STACK: u32 = 2;
 pub const XDP_FWD_SLOTS: u32 = 3;
 
+/// Config flag: packets `lb_tc_pod` has translated leave TC for their next hop (TC host
+/// routing: `bpf_redirect_peer` into a local pod, `bpf_redirect_neigh` otherwise) instead of
+/// going through the node's routing and netfilter.
+pub const CFG_F_HOST_ROUTING: u32 = 1 << 3;
+
+/// Slots of `lb_stats_host_routing`: what became of packets `lb_tc_pod` translated while
+/// host routing is on.
+/// Straight into a local pod's namespace (`bpf_redirect_peer`).
+pub const HOST_ROUTE_PEER: u32 = 0;
+/// Out of the FIB's egress interface, the kernel resolving the neighbour
+/// (`bpf_redirect_neigh`): a remote backend, or a local pod whose neighbour entry is not
+/// resolved yet.
+pub const HOST_ROUTE_NEIGH: u32 = 1;
+/// The FIB had no next hop to give (no route, local address, MTU, forwarding off): handed to
+/// the stack, which resolves it or answers.
+pub const HOST_ROUTE_TO_STACK: u32 = 2;
+pub const HOST_ROUTE_SLOTS: u32 = 3;
+
 /// Flow life times per state, seconds (kube-proxy's `--conntrack-*` flags; `ct::pair_timeout`
 /// says which applies).
 #[repr(C)]

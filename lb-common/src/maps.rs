@@ -33,6 +33,8 @@ pub const SOURCE_RANGES: &str = "lb_source_ranges";
 pub const XDP_TX_PORTS: &str = "lb_xdp_tx_ports";
 /// Per-CPU counters of XDP forwarding (`XDP_FWD_*` slots).
 pub const STATS_XDP_FORWARD: &str = "lb_stats_xdp_forward";
+/// Per-CPU counters of TC host routing (`HOST_ROUTE_*` slots).
+pub const STATS_HOST_ROUTING: &str = "lb_stats_host_routing";
 /// Per-CPU counters per verdict reason (PERCPU_ARRAY of `Counter`).
 pub const STATS_REASON: &str = "lb_stats_reason";
 /// Per-CPU counters per service id.
@@ -74,7 +76,7 @@ pub const RODATA: &str = ".rodata";
 pub const UNPINNED: [&str; 5] = [SCRATCH, ANSWER_BUCKET, POD_SOURCES, BPF_LOG, RODATA];
 
 /// Every pinned map, in the order the agent opens them.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 22] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -88,6 +90,7 @@ pub const ALL: [&str; 21] = [
     STATS_BACKEND,
     XDP_TX_PORTS,
     STATS_XDP_FORWARD,
+    STATS_HOST_ROUTING,
     MEMBERS,
     SNAT_CURSOR,
     POD_PORTS,

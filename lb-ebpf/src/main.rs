@@ -22,6 +22,7 @@ mod datapath;
 mod events;
 mod fib;
 mod forward;
+mod host_route;
 mod maps;
 mod nat;
 mod parse;
@@ -65,11 +66,14 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     if ctx.data_end() - ctx.data() < want as usize {
         let _ = ctx.pull_data(want);
     }
-    match datapath::process(&mut ctx).0 {
+    match datapath::process(&mut ctx) {
+        (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply | Reason::FragmentFollowed) => {
+            host_route::translated(&ctx).unwrap_or(TC_ACT_UNSPEC)
+        }
         // UNSPEC (tcx: "next"): let other programs on the hook see the packet too.
-        Action::Pass => TC_ACT_UNSPEC,
-        Action::Drop => TC_ACT_SHOT,
-        Action::Bounce => {
+        (Action::Pass, _) => TC_ACT_UNSPEC,
+        (Action::Drop, _) => TC_ACT_SHOT,
+        (Action::Bounce, _) => {
             // SAFETY: reading our own skb's ifindex; redirect back out of the same device.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             // SAFETY: helper call.

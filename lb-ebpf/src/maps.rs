@@ -52,6 +52,9 @@ pub static XDP_TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_XDP_TX_PORTS, 0);
 #[map(name = "lb_stats_xdp_forward")]
 pub static STATS_XDP_FORWARD: PerCpuArray<Counter> = PerCpuArray::pinned(XDP_FWD_SLOTS, 0);
 
+#[map(name = "lb_stats_host_routing")]
+pub static STATS_HOST_ROUTING: PerCpuArray<Counter> = PerCpuArray::pinned(HOST_ROUTE_SLOTS, 0);
+
 #[map(name = "lb_stats_reason")]
 pub static STATS_REASON: PerCpuArray<Counter> = PerCpuArray::pinned(lb_common::verdict::Reason::COUNT, 0);
 

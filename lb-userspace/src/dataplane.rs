@@ -143,6 +143,7 @@ pub struct AyaDataplane {
     stats_backend: PerCpuArray<MapData, Counter>,
     xdp_tx_ports: DevMapHash<MapData>,
     stats_xdp_forward: PerCpuArray<MapData, Counter>,
+    stats_host_routing: PerCpuArray<MapData, Counter>,
     stats_events: PerCpuArray<MapData, Counter>,
     pod_ports: HashMap<MapData, u32, PodPort>,
     addr_filter: MmapArray,
@@ -194,6 +195,11 @@ impl AyaDataplane {
                 maps::STATS_XDP_FORWARD,
             )?))
             .map_err(map_err(maps::STATS_XDP_FORWARD))?,
+            stats_host_routing: PerCpuArray::try_from(Map::PerCpuArray(open(
+                pin_dir,
+                maps::STATS_HOST_ROUTING,
+            )?))
+            .map_err(map_err(maps::STATS_HOST_ROUTING))?,
             stats_events: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, maps::STATS_EVENTS)?))
                 .map_err(map_err(maps::STATS_EVENTS))?,
             pod_ports: HashMap::try_from(Map::HashMap(open(pin_dir, maps::POD_PORTS)?))
@@ -300,6 +306,11 @@ impl AyaDataplane {
     /// XDP forwarding counter `slot` (`XDP_FWD_*`), summed over CPUs.
     pub fn xdp_forward_counter(&self, slot: u32) -> Result<Counter> {
         Self::sum(&self.stats_xdp_forward, maps::STATS_XDP_FORWARD, slot)
+    }
+
+    /// TC host routing counter `slot` (`HOST_ROUTE_*`), summed over CPUs.
+    pub fn host_routing_counter(&self, slot: u32) -> Result<Counter> {
+        Self::sum(&self.stats_host_routing, maps::STATS_HOST_ROUTING, slot)
     }
 
     /// Monitor events written (`EVENTS_SENT`) or lost to a full ring (`EVENTS_LOST`).

@@ -658,6 +658,87 @@ fn xdp_forward_sends_remote_backend_traffic_from_xdp() {
     assert_eq!(counter(XDP_FWD_REDIRECTED), 0);
 }
 
+/// TC host routing (on by default): a pod's requests to a ClusterIP and the local backends'
+/// replies leave TC straight for their next hop, past the node's netfilter. With
+/// `--host-routing=false`, node-1's FORWARD chain counts the client's packets to the backends
+/// and web-1/web-2's replies; with it on, the same traffic (TCP and UDP, to the local web-1
+/// and web-2 and the remote web-3) reaches every backend with the client's address kept, the
+/// chain counts none of it, and the host-routing counters show peer redirects (local pods)
+/// and neighbour redirects (web-3 through the underlay). A packet the FIB has no next hop
+/// for falls back to the stack and is counted so.
+#[test]
+fn host_routing_delivers_pod_traffic_past_the_nodes_stack() {
+    use lb_common::abi::{HOST_ROUTE_NEIGH, HOST_ROUTE_PEER, HOST_ROUTE_TO_STACK};
+    use lb_userspace::dataplane::AyaDataplane;
+
+    let Some(mut lab) = lab() else { return };
+    let ns = lab.pod("client").ns.clone();
+    let client = lab.pod("client").ip.to_string();
+    let node1 = lab.node_netns(1);
+    let iptables = |args: &str| {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        lab::sh(&mut lab::in_ns(&node1, &[&["iptables", "-w"], &args[..]].concat())).unwrap()
+    };
+    let local = format!("{},{}", lab.pod("web-1").ip, lab.pod("web-2").ip);
+    iptables(&format!("-I FORWARD -s {client} -j ACCEPT"));
+    iptables(&format!("-I FORWARD -s {local} -d {client} -j ACCEPT"));
+    // Packets counted by the two rules (the second is two rules, one per source).
+    let forwarded = || -> u64 {
+        iptables("-nvxL FORWARD")
+            .lines()
+            .filter(|l| l.contains(&client))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let exercise = || {
+        for p in [Proto::Tcp, Proto::Udp] {
+            let (seen, clients) = reach_all(&ns, sa(vip(), 80), p, &["web-1", "web-2", "web-3"]);
+            assert_eq!(seen.len(), 3, "{p:?}: {seen:?}");
+            assert_eq!(clients, BTreeSet::from([client.clone()]), "{p:?}: the pod source is kept");
+        }
+        assert!(matches!(curl(&ns, &format!("http://{}/", vip())), Answer::Reply(..)));
+    };
+
+    for node in [1, 2] {
+        lab.stop_agent(node);
+        lab.start_agent(node, &["--host-routing=false"]).unwrap();
+    }
+    web_up(&lab, &ns, &pods(&lab, &["web-1", "web-2", "web-3"]), Proto::Tcp);
+    let before = forwarded();
+    exercise();
+    let through_stack = forwarded() - before;
+    assert!(through_stack > 0, "without host routing the node forwards the pod's packets");
+
+    for node in [1, 2] {
+        lab.stop_agent(node);
+        lab.start_agent(node, &[]).unwrap();
+    }
+    assert!(lab.agent_log(1).contains("TC host routing on"), "{}", lab.agent_log(1));
+    let counter =
+        |slot| AyaDataplane::open(&lab.pin_dir(1)).unwrap().host_routing_counter(slot).unwrap().packets;
+    let (peer0, neigh0) = (counter(HOST_ROUTE_PEER), counter(HOST_ROUTE_NEIGH));
+    let before = forwarded();
+    exercise();
+    let (peer, neigh) = (counter(HOST_ROUTE_PEER) - peer0, counter(HOST_ROUTE_NEIGH) - neigh0);
+    assert_eq!(forwarded() - before, 0, "host-routed packets never reach the FORWARD chain");
+    // Each answer of web-1/web-2 took at least a request and a reply; each of web-3's a request.
+    assert!(peer >= 8, "peer redirects {peer}");
+    assert!(neigh >= 2, "neighbour redirects {neigh}");
+
+    // A backend the FIB has no next hop for (an unreachable route) is left to the stack,
+    // which refuses it as before, and counted.
+    let nowhere = lab::pod_ip(1, 50);
+    lab::sh(&mut lab::in_ns(&node1, &["ip", "route", "add", "unreachable", &format!("{nowhere}/32")]))
+        .unwrap();
+    let to_stack0 = counter(HOST_ROUTE_TO_STACK);
+    let gone = Pod { ip: nowhere, ..lab.pod("web-1").clone() };
+    apply(&lab, &(web("ClusterIP", "") + &web_slice(&ready(&[&gone]))), "unroutable backend", || {
+        lab.has_backend(1, IpAddr::V4(nowhere), POD_PORT).unwrap_or(false)
+    });
+    assert!(!matches!(tcp_ask(&ns, sa(vip(), 80), ASK), Answer::Reply(..)));
+    assert!(counter(HOST_ROUTE_TO_STACK) > to_stack0, "the unroutable packet was counted as to-stack");
+}
+
 /// One agent per pin dir: a second `lb agent` on node-1's pin dir exits at once, naming the
 /// running agent's pid, and the first one keeps serving.
 #[test]

@@ -87,6 +87,30 @@ pub enum Which {
         #[arg(long)]
         services: Option<String>,
     },
+    /// A stream of EndpointSlice updates at 100, 1 000 and 5 000 per second (30 s each) over
+    /// 30k and 100k Services: programming latency p50/p99 and CPU, the real agent on the
+    /// API stand-in vs kube-proxy-shaped iptables-restore and nft -f syncs. Builds the lab
+    /// binaries first.
+    Churn {
+        /// 10-second windows instead of 30.
+        #[arg(long)]
+        quick: bool,
+        /// Service counts, comma-separated (default 30000,100000).
+        #[arg(long)]
+        services: Option<String>,
+        /// Run nftables up to this many services (default 10000).
+        #[arg(long)]
+        nft_max: Option<u32>,
+    },
+    /// Pod → ClusterIP → pod in the lab (backend local and remote): iperf3 stream, request/
+    /// response and CPU per byte and per request — ours with TC host routing and without,
+    /// kube-proxy-shaped iptables and nftables, and direct pod to pod. Builds the lab
+    /// binaries first.
+    Podpath {
+        /// 2-second runs, once each, instead of 5-second runs, best of three.
+        #[arg(long)]
+        quick: bool,
+    },
     /// New TCP connections per second from a lab pod, via the VIP and direct.
     Connrate {
         #[arg(long)]
@@ -207,6 +231,14 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             build_lab_binaries()?;
             bench("connrate", quick, None, None)
         }
+        Which::Churn { quick, services, nft_max } => {
+            build_lab_binaries()?;
+            bench("churn", quick, services, nft_max)
+        }
+        Which::Podpath { quick } => {
+            build_lab_binaries()?;
+            bench("podpath", quick, None, None)
+        }
         Which::Memory { quick, services } => {
             build_lab_binaries()?;
             bench("memory", quick, services, None)
@@ -219,6 +251,8 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             run(Which::Control { quick, services: None, nft_max: None })?;
             run(Which::Latency { quick, services: None, nft_max: None })?;
             run(Which::Connrate { quick })?;
+            run(Which::Podpath { quick })?;
+            run(Which::Churn { quick, services: None, nft_max: None })?;
             run(Which::Memory { quick, services: None })?;
             eprintln!("bench all: results in {}", root().join("target/bench").display());
             Ok(())

@@ -198,6 +198,11 @@ impl Attachments {
         if cfg.xdp_forward {
             log(format!("XDP forwarding on, out of {}", cfg.xdp_ifaces.join(", ")));
         }
+        if cfg.host_routing {
+            log(
+                "TC host routing on: translated pod traffic goes straight to its next hop, past the node's netfilter",
+            );
+        }
         let links_changed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         if let Err(e) = links::watch(links_changed.clone(), wake) {
             log(format!("warning: no netlink link events ({e}); rescanning interfaces every second"));

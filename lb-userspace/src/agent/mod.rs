@@ -74,6 +74,8 @@ pub struct AgentConfig {
     pub xdp_ifaces: Vec<String>,
     /// Forward translated packets at XDP (`CFG_F_XDP_FORWARD`) out of `xdp_ifaces`.
     pub xdp_forward: bool,
+    /// `CFG_F_HOST_ROUTING`: translated packets leave TC for their next hop.
+    pub host_routing: bool,
     pub tc_ifaces: Vec<String>,
     /// `--netlink-attach`: the old kernels' attach modes, forced.
     pub legacy_attach: attach::Legacy,
@@ -491,6 +493,9 @@ fn datapath_config(cfg: &AgentConfig, node_addresses: &[IpAddr], clock: Option<(
     }
     if cfg.xdp_forward {
         c.flags |= CFG_F_XDP_FORWARD;
+    }
+    if cfg.host_routing {
+        c.flags |= CFG_F_HOST_ROUTING;
     }
     (c.answer_cost_ns, c.answer_cap_ns) = answer_bucket(cfg.answer_limit, aya::util::nr_cpus().unwrap_or(1));
     if let Some(v4) = node_addresses.iter().find(|a| a.is_ipv4()) {

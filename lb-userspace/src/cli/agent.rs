@@ -39,6 +39,15 @@ pub struct AgentArgs {
     /// yet (no neighbour entry, local, MTU) still go up the stack.
     #[arg(long)]
     pub xdp_forward: bool,
+    /// TC host routing (on; `--host-routing=false` turns it off): a packet the TC program
+    /// translated (a pod's request to a Service, a local backend's reply) goes straight to
+    /// its next hop: into a local backend pod with `bpf_redirect_peer`, to a remote one out
+    /// of the FIB's egress interface with `bpf_redirect_neigh`. Such packets skip the node's
+    /// routing, netfilter (no iptables rule or conntrack entry sees them) and qdisc. Packets
+    /// the FIB cannot resolve (no route, a local address, over the MTU) take the stack,
+    /// counted as `host-route-to-stack` in `lb stats`.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub host_routing: bool,
     /// Pod-facing interface name or glob (`lxc*`) for the TC program (ClusterIP for pods,
     /// replies from local backends). Globs follow links as they appear. Repeatable.
     #[arg(long = "tc-iface", value_name = "IFACE|GLOB")]
@@ -295,6 +304,7 @@ impl AgentArgs {
             node_name: self.node_name,
             xdp_ifaces: self.xdp_ifaces,
             xdp_forward: self.xdp_forward,
+            host_routing: self.host_routing,
             tc_ifaces: self.tc_ifaces,
             pod_source_check: self.pod_source_check == SourceCheck::Strict,
             legacy_attach: Legacy {

@@ -212,6 +212,14 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
             ] {
                 rows.push((name, dp.xdp_forward_counter(slot)?));
             }
+            // What became of translated packets at TC under --host-routing.
+            for (slot, name) in [
+                (HOST_ROUTE_PEER, "host-route-peer"),
+                (HOST_ROUTE_NEIGH, "host-route-neigh"),
+                (HOST_ROUTE_TO_STACK, "host-route-to-stack"),
+            ] {
+                rows.push((name, dp.host_routing_counter(slot)?));
+            }
             if json {
                 let v: serde_json::Map<_, _> = rows
                     .iter()

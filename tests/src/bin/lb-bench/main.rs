@@ -18,6 +18,7 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod churn;
 mod clients;
 mod conntrack;
 mod control;
@@ -27,7 +28,9 @@ mod load;
 mod memory;
 mod monitor_cost;
 mod plot;
+mod podpath;
 mod prog;
+mod scratch_agent;
 mod services;
 mod source_check;
 mod topo;
@@ -113,6 +116,29 @@ enum Cmd {
         #[arg(long, default_value = "baseline")]
         baseline_name: String,
     },
+    /// A stream of EndpointSlice updates at 100, 1 000 and 5 000 per second over N Services:
+    /// programming latency p50/p99 and CPU, ours (kube source) vs kube-proxy-shaped
+    /// iptables-restore and nft -f syncs.
+    Churn {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// Service counts (default 30000,100000).
+        #[arg(long, value_delimiter = ',', default_value = "30000,100000")]
+        services: Vec<u32>,
+        /// nft -f is run up to this many services (its full load is slow).
+        #[arg(long, default_value_t = 10_000)]
+        nft_max: u32,
+    },
+    /// Pod → ClusterIP → pod (local and remote backend): stream throughput, request/response
+    /// and CPU, ours with and without host routing vs iptables, nftables and direct.
+    Podpath {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// The flow table: GC pass cost by size, connection rate through source NAT.
     Conntrack {
         #[arg(long)]
@@ -132,6 +158,8 @@ fn main() -> anyhow::Result<()> {
             prog::run(quick, out, &services, baseline_object.map(|p| (baseline_name, p)))
         }
         Cmd::Conntrack { quick, out } => conntrack::run(quick, out),
+        Cmd::Podpath { quick, out } => podpath::run(quick, out),
+        Cmd::Churn { quick, out, services, nft_max } => churn::run(quick, out, &services, nft_max),
         Cmd::Latency(s) => clients::latency(s.quick, s.out, &s.services, s.nft_max),
         Cmd::Connrate { quick, out } => clients::connrate(quick, out),
         Cmd::Throughput { quick, out } => forward::throughput(quick, out),

@@ -4,19 +4,13 @@
 //! the maps (fdinfo `memlock`), per Service, beside Cilium's published Maglev cost (about
 //! 65 KB per Service at its default table size).
 
-use std::{
-    fmt::Write as _,
-    fs,
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{fmt::Write as _, fs, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, bail, ensure};
-use lb_tests::{lab::Bins, netns::Scratch};
+use anyhow::{bail, ensure};
+use lb_tests::lab::Bins;
 use serde_json::json;
 
-use crate::services::*;
+use crate::{scratch_agent::ScratchAgent, services::*};
 
 /// The maps whose size follows the Service count (the flow table follows connections).
 const PER_SERVICE_MAPS: [&str; 6] =
@@ -51,85 +45,25 @@ fn manifest(from: u32, to: u32) -> anyhow::Result<String> {
     Ok(s)
 }
 
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn one(n: u32, bins: &Bins) -> anyhow::Result<Row> {
-    let ns = Scratch::new("mem")?;
-    let work = std::env::temp_dir().join(format!("lb-bench-memory-{}-{n}", std::process::id()));
-    // A bpffs of our own, outside /sys: `ip netns exec` remounts /sys, so pins under it
-    // would be invisible to this process.
-    let bpffs = work.join("bpf");
-    let pin_dir = bpffs.join("lb");
-    let result = (|| {
-        fs::create_dir_all(work.join("manifests"))?;
-        fs::create_dir_all(&bpffs)?;
-        let mounted = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs).status()?.success();
-        ensure!(mounted, "mount -t bpf bpf {}", bpffs.display());
-        for from in (0..n).step_by(PER_FILE as usize) {
-            let file = work.join(format!("manifests/services-{from}.yaml"));
-            fs::write(file, manifest(from, (from + PER_FILE).min(n))?)?;
-        }
-        let (caps, _) = capacities(n);
-        let log = fs::File::create(work.join("agent.log"))?;
-        let flags = [
-            ("--max-frontends", caps.frontends),
-            ("--max-services", caps.services),
-            ("--max-backends", caps.backends),
-            ("--max-maglev-slots", caps.maglev_slots),
-            ("--max-members", caps.backends),
-        ];
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.0]).arg(&bins.lb).arg("--pin-dir").arg(&pin_dir).arg("agent");
-        cmd.arg("--manifests").arg(work.join("manifests")).arg("--state-dir").arg(work.join("state"));
-        cmd.args(["--cgroup-root", "off", "--node-name", "bench"]);
-        for (flag, v) in flags {
-            cmd.arg(flag).arg(v.to_string());
-        }
-        let t0 = Instant::now();
-        let mut agent = cmd.stdout(Stdio::null()).stderr(log).spawn().context("starting lb agent")?;
-        let want = format!("synced: {n} services");
-        let synced = loop {
-            let text = fs::read_to_string(work.join("agent.log")).unwrap_or_default();
-            if text.contains(&want) {
-                break Ok(t0.elapsed().as_secs_f64());
-            }
-            if agent.try_wait()?.is_some() || t0.elapsed() > Duration::from_secs(300) {
-                break Err(anyhow::anyhow!("the agent did not sync {n} services:\n{text}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        // Settled: what the agent keeps, once the parse's buffers are freed.
-        std::thread::sleep(Duration::from_secs(2));
-        // `ip netns exec` execs the agent: the child's pid is the agent's.
-        let pid = agent.id();
-        let rss = status_kib(pid, "VmRSS:").unwrap_or(0) * 1024;
-        let peak = status_kib(pid, "VmHWM:").unwrap_or(0) * 1024;
-        let bytes = |name: &str| lb_userspace::memory::map_bytes(&pin_dir.join(name)).unwrap_or(0);
-        let maps_total = lb_common::maps::ALL.iter().map(|m| bytes(m)).sum();
-        let maps_scaled = PER_SERVICE_MAPS.iter().map(|m| bytes(m)).sum();
-        // SAFETY: signalling the agent this function started.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        agent.wait()?;
-        let sync_s = synced?;
-        ensure!(rss > 0, "no VmRSS for the agent");
-        Ok(Row { services: n, rss, peak, maps_total, maps_scaled, sync_s })
-    })();
-    let _ = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(&bins.lb)
-        .arg("--pin-dir")
-        .arg(&pin_dir)
-        .args(["agent", "--cleanup"])
-        .output();
-    let _ = fs::remove_dir_all(&pin_dir);
-    let _ = Command::new("umount").arg(&bpffs).status();
-    let _ = fs::remove_dir_all(&work);
-    drop(ns);
-    result
+    let mut agent = ScratchAgent::prepare("mem", bins)?;
+    for from in (0..n).step_by(PER_FILE as usize) {
+        let file = agent.work.join(format!("manifests/services-{from}.yaml"));
+        fs::write(file, manifest(from, (from + PER_FILE).min(n))?)?;
+    }
+    let manifests = agent.work.join("manifests").to_string_lossy().into_owned();
+    let t0 = agent.start(n, &["--manifests", &manifests], &[])?;
+    let sync_s = agent.wait_synced(n, t0, Duration::from_secs(300))?;
+    // Settled: what the agent keeps, once the parse's buffers are freed.
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = agent.status_kib("VmRSS:").unwrap_or(0) * 1024;
+    let peak = agent.status_kib("VmHWM:").unwrap_or(0) * 1024;
+    let bytes = |name: &str| lb_userspace::memory::map_bytes(&agent.pin_dir.join(name)).unwrap_or(0);
+    let maps_total = lb_common::maps::ALL.iter().map(|m| bytes(m)).sum();
+    let maps_scaled = PER_SERVICE_MAPS.iter().map(|m| bytes(m)).sum();
+    agent.stop()?;
+    ensure!(rss > 0, "no VmRSS for the agent");
+    Ok(Row { services: n, rss, peak, maps_total, maps_scaled, sync_s })
 }
 
 pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {

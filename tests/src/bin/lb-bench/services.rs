@@ -201,13 +201,18 @@ pub fn iptables_service(out: &mut String, i: u32, eps: &[(Ipv4Addr, u16)], proto
 
 /// kube-proxy's iptables-mode nat table for `n` services.
 pub fn iptables_rules(n: u32, proto: Proto) -> String {
+    iptables_rules_for((0..n).map(|i| (i, endpoints_of(i))), proto)
+}
+
+/// kube-proxy's iptables-mode nat table for services `i` (at `vip(i)`) with their endpoints.
+pub fn iptables_rules_for(set: impl Iterator<Item = (u32, Vec<(Ipv4Addr, u16)>)>, proto: Proto) -> String {
     let p = proto.nft();
     let mut out = String::from(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
     );
     let mut services = String::new();
     let mut chains = String::new();
-    for i in 0..n {
+    for (i, eps) in set {
         let _ = writeln!(
             services,
             "-A KUBE-SERVICES -m comment --comment \"{NS}/svc-{i}:http cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {}",
@@ -215,7 +220,7 @@ pub fn iptables_rules(n: u32, proto: Proto) -> String {
             svc_port(i),
             svc_chain(i)
         );
-        iptables_service(&mut chains, i, &endpoints_of(i), proto, true);
+        iptables_service(&mut chains, i, &eps, proto, true);
     }
     out.push_str(&chains);
     out.push_str("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
@@ -260,6 +265,11 @@ pub fn nft_service(out: &mut String, i: u32, eps: &[(Ipv4Addr, u16)], proto: Pro
 
 /// kube-proxy's nftables-mode ruleset for `n` services.
 pub fn nft_rules(n: u32, proto: Proto) -> String {
+    nft_rules_for((0..n).map(|i| (i, endpoints_of(i))), proto)
+}
+
+/// kube-proxy's nftables-mode ruleset for services `i` (at `vip(i)`) with their endpoints.
+pub fn nft_rules_for(set: impl Iterator<Item = (u32, Vec<(Ipv4Addr, u16)>)>, proto: Proto) -> String {
     let p = proto.nft();
     let mut out = String::from(
         "add table ip kube-proxy\n\
@@ -271,9 +281,9 @@ pub fn nft_rules(n: u32, proto: Proto) -> String {
          add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority dstnat ; policy accept ; }\n\
          add rule ip kube-proxy nat-prerouting jump services\n",
     );
-    let mut elements = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        nft_service(&mut out, i, &endpoints_of(i), proto);
+    let mut elements = Vec::new();
+    for (i, eps) in set {
+        nft_service(&mut out, i, &eps, proto);
         elements.push(format!("{} . {p} . {} : goto {}", vip(i), svc_port(i), nft_svc_chain(i)));
     }
     for chunk in elements.chunks(1000) {

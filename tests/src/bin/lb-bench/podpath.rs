@@ -1,0 +1,370 @@
+//! `podpath`: pod → ClusterIP → pod in the two-node lab, to a backend on the client's node
+//! (local) and on the other node (remote): a TCP stream (iperf3) and request/response on one
+//! connection (lb-serve), with the machine's CPU time over each run. Variants, each in a
+//! fresh lab so no variant's hooks linger into the next:
+//!
+//! * direct: pod to pod, nothing loaded (the floor);
+//! * iptables, nftables: kube-proxy's rules for the same Services on the client's node;
+//! * ours through the stack (`--host-routing=false`) and with TC host routing.
+//!
+//! Goals (issue 15): CPU per byte ≥ 1.5× better than iptables, request/response ≥ 0.98× direct.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use lb_tests::{
+    harness::privileged,
+    lab::{Bins, Lab, POD_PORT, in_netns, in_ns, sa, sh, slice_yaml, wait_for},
+};
+use serde_json::json;
+
+use crate::{load::busy_ns, services::*};
+
+const STREAM_PORT: u16 = 5201;
+const GOAL_CPU_PER_BYTE: f64 = 1.5;
+const GOAL_RR_VS_DIRECT: f64 = 0.98;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Variant {
+    Direct,
+    Iptables,
+    Nftables,
+    OursStack,
+    OursHostRouting,
+}
+
+impl Variant {
+    const ALL: [Variant; 5] =
+        [Variant::Direct, Variant::Iptables, Variant::Nftables, Variant::OursStack, Variant::OursHostRouting];
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct pod → pod",
+            Variant::Iptables => "iptables (kube-proxy)",
+            Variant::Nftables => "nftables (kube-proxy)",
+            Variant::OursStack => "ours, through the stack",
+            Variant::OursHostRouting => "ours, host routing",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Iptables => "iptables",
+            Variant::Nftables => "nftables",
+            Variant::OursStack => "ours_stack",
+            Variant::OursHostRouting => "ours_host_routing",
+        }
+    }
+}
+
+/// Where the backend is: `web-1` on the client's node, `web-3` on the other.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    Local,
+    Remote,
+}
+
+impl Backend {
+    fn pod(self) -> &'static str {
+        match self {
+            Backend::Local => "web-1",
+            Backend::Remote => "web-3",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Local => "local",
+            Backend::Remote => "remote",
+        }
+    }
+}
+
+/// The Service (index into `services::vip`, port 80) for a backend and target port.
+fn service_index(b: Backend, target: u16) -> u32 {
+    20 + (b == Backend::Remote) as u32 + 2 * (target == STREAM_PORT) as u32
+}
+
+/// The four Services: request/response and stream, to the local and to the remote backend.
+fn services() -> impl Iterator<Item = (u32, Backend, u16)> {
+    [Backend::Local, Backend::Remote]
+        .into_iter()
+        .flat_map(|b| [POD_PORT, STREAM_PORT].map(|port| (service_index(b, port), b, port)))
+}
+
+/// The four Services with their one endpoint each, for the iptables and nftables rules.
+fn service_set(lab: &Lab) -> Vec<(u32, Vec<(Ipv4Addr, u16)>)> {
+    services().map(|(i, b, port)| (i, vec![(lab.pod(b.pod()).ip, port)])).collect()
+}
+
+fn manifests(lab: &Lab) -> String {
+    let mut y = String::new();
+    for (i, b, port) in services() {
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec: {{clusterIP: {}, ports: [{{name: http, port: {}, targetPort: {port}}}]}}\n---\n{}---\n",
+            vip(i),
+            svc_port(i),
+            slice_yaml(
+                &format!("svc-{i}-a"),
+                &format!("svc-{i}"),
+                &[("http", port, "TCP")],
+                &[(lab.pod(b.pod()), "ready: true")]
+            )
+        );
+    }
+    y
+}
+
+/// An iperf3 server in each backend pod, stopped (by pid) when dropped.
+struct Servers(Vec<Child>);
+
+impl Servers {
+    fn start(lab: &Lab) -> anyhow::Result<Servers> {
+        let mut v = Vec::new();
+        for b in [Backend::Local, Backend::Remote] {
+            let child = in_ns(&lab.pod(b.pod()).ns, &["iperf3", "-s", "-p", &STREAM_PORT.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting iperf3 -s (cargo xtask setup installs it)")?;
+            v.push(child);
+        }
+        let servers = Servers(v);
+        for b in [Backend::Local, Backend::Remote] {
+            let to = sa(lab.pod(b.pod()).ip, STREAM_PORT);
+            wait_for(Duration::from_secs(5), || {
+                in_netns(&lab.pod("client").ns, move || {
+                    TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok()
+                })
+            })
+            .with_context(|| format!("iperf3 server on {to}"))?;
+        }
+        Ok(servers)
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One measurement: what moved and the machine's CPU time for it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cell {
+    /// Stream: bytes received per second.
+    stream_bps: f64,
+    /// Stream: CPU ns per byte (= CPU seconds per GB).
+    stream_cpu_ns_per_byte: f64,
+    /// Request/response: round trips per second on one connection.
+    rr_per_s: f64,
+    /// Request/response: CPU µs per round trip.
+    rr_cpu_us: f64,
+}
+
+fn stream(ns: &str, to: SocketAddr, secs: u32) -> anyhow::Result<(f64, f64)> {
+    let cpu0 = busy_ns()?;
+    let out = sh(&mut in_ns(
+        ns,
+        &["iperf3", "-c", &to.ip().to_string(), "-p", &to.port().to_string(), "-t", &secs.to_string(), "-J"],
+    ))
+    .with_context(|| format!("iperf3 to {to}"))?;
+    let cpu = busy_ns()? - cpu0;
+    let j: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    let bytes = j["end"]["sum_received"]["bytes"].as_f64().context("iperf3: no bytes received")?;
+    let seconds = j["end"]["sum_received"]["seconds"].as_f64().context("iperf3: no duration")?;
+    ensure!(bytes > 0.0 && seconds > 0.0, "iperf3 to {to} moved nothing");
+    Ok((bytes / seconds, cpu as f64 / bytes))
+}
+
+fn request_response(ns: &str, to: SocketAddr, d: Duration) -> anyhow::Result<(f64, f64)> {
+    let cpu0 = busy_ns()?;
+    let (n, elapsed) = in_netns(ns, move || -> anyhow::Result<(u64, f64)> {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(1))
+            .with_context(|| format!("connect {to}"))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut w = s.try_clone()?;
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < d {
+            w.write_all(b"x\n")?;
+            line.clear();
+            r.read_line(&mut line)?;
+            ensure!(!line.is_empty(), "connection to {to} closed");
+            n += 1;
+        }
+        Ok((n, t.elapsed().as_secs_f64()))
+    })??;
+    let cpu = busy_ns()? - cpu0;
+    Ok((n as f64 / elapsed, cpu as f64 / n as f64 / 1000.0))
+}
+
+/// Both measurements of one variant and backend, the better of `reps` runs each (the VM's
+/// noise only ever slows a run down).
+fn cell(lab: &Lab, v: Variant, b: Backend, secs: u32, reps: u32) -> anyhow::Result<Cell> {
+    let ns = lab.pod("client").ns.clone();
+    let target = |port: u16| -> SocketAddr {
+        if v == Variant::Direct {
+            sa(lab.pod(b.pod()).ip, port)
+        } else {
+            let i = service_index(b, port);
+            sa(vip(i), svc_port(i))
+        }
+    };
+    let mut c = Cell::default();
+    for _ in 0..reps {
+        let (bps, cpu) = stream(&ns, target(STREAM_PORT), secs)?;
+        if bps > c.stream_bps {
+            (c.stream_bps, c.stream_cpu_ns_per_byte) = (bps, cpu);
+        }
+        let (rate, cpu) = request_response(&ns, target(POD_PORT), Duration::from_secs(secs.into()))?;
+        if rate > c.rr_per_s {
+            (c.rr_per_s, c.rr_cpu_us) = (rate, cpu);
+        }
+    }
+    eprintln!(
+        "  {} / {}: stream {:.2} Gbit/s at {:.3} CPU ns/byte; request/response {:.0}/s at {:.1} CPU µs each",
+        v.name(),
+        b.name(),
+        c.stream_bps * 8e-9,
+        c.stream_cpu_ns_per_byte,
+        c.rr_per_s,
+        c.rr_cpu_us
+    );
+    Ok(c)
+}
+
+/// A fresh lab set up for `v`: rules loaded or agents started, Services answering.
+fn lab_for(v: Variant, bins: &Bins, work: &std::path::Path) -> anyhow::Result<Lab> {
+    let mut lab = Lab::standard_topology(bins.clone())?;
+    let node1 = lab.node_netns(1);
+    match v {
+        Variant::Direct => {}
+        Variant::Iptables => {
+            let f = work.join("podpath.iptables");
+            fs::write(&f, iptables_rules_for(service_set(&lab).into_iter(), Proto::Tcp))?;
+            sh(in_ns(&node1, &["iptables-restore"]).stdin(fs::File::open(&f)?))
+                .context("iptables-restore")?;
+        }
+        Variant::Nftables => {
+            let f = work.join("podpath.nft");
+            fs::write(&f, nft_rules_for(service_set(&lab).into_iter(), Proto::Tcp))?;
+            sh(in_ns(&node1, &["nft", "-f"]).arg(&f)).context("nft -f")?;
+        }
+        Variant::OursStack | Variant::OursHostRouting => {
+            lab.write_manifest("nodes.yaml", &lab.node_manifests())?;
+            lab.write_manifest("podpath.yaml", &manifests(&lab))?;
+            let flag =
+                if v == Variant::OursHostRouting { "--host-routing=true" } else { "--host-routing=false" };
+            lab.start_agent(1, &[flag])?;
+            lab.start_agent(2, &[flag])?;
+            for (i, _, _) in services() {
+                wait_for(Duration::from_secs(5), || lab.has_frontend(1, IpAddr::V4(vip(i)), svc_port(i)))?;
+            }
+        }
+    }
+    Ok(lab)
+}
+
+pub fn run(quick: bool, out: PathBuf) -> anyhow::Result<()> {
+    ensure!(privileged(), "this benchmark needs root");
+    let bins = Bins::beside(&std::env::current_exe()?)?;
+    let (secs, reps) = if quick { (2, 1) } else { (5, 3) };
+    let work = std::env::temp_dir().join(format!("lb-bench-podpath-{}", std::process::id()));
+    fs::create_dir_all(&work)?;
+    let mut cells = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        for v in Variant::ALL {
+            eprintln!("bench podpath: {} ...", v.name());
+            let lab = lab_for(v, &bins, &work)?;
+            let _servers = Servers::start(&lab)?;
+            for b in [Backend::Local, Backend::Remote] {
+                cells.push((v, b, cell(&lab, v, b, secs, reps)?));
+            }
+        }
+        Ok(())
+    })();
+    let _ = fs::remove_dir_all(&work);
+    result?;
+    report(quick, &out, secs, reps, &cells)
+}
+
+fn report(
+    quick: bool,
+    out: &std::path::Path,
+    secs: u32,
+    reps: u32,
+    cells: &[(Variant, Backend, Cell)],
+) -> anyhow::Result<()> {
+    let get = |v: Variant, b: Backend| cells.iter().find(|(cv, cb, _)| *cv == v && *cb == b).map(|c| c.2);
+    let mut md = format!(
+        "### `cargo xtask bench podpath` — {}\n\nKernel {}. Two-node lab: a client pod → ClusterIP → a backend pod on the same node (local) or the other node (remote, through the underlay). Stream: iperf3, {secs} s; request/response: 2-byte request, one-line answer, one TCP connection, {secs} s; the better of {reps} run(s). CPU: the whole machine's busy time during the run (all of client, backend, both nodes' stacks). Each variant in a fresh lab; iptables and nftables are kube-proxy's rules for the same Services on the client's node.\n\n| variant | backend | stream (Gbit/s) | CPU ns per byte | request/response (/s) | CPU µs per request | CPU/byte vs iptables | req/resp vs direct |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+        if quick { "quick" } else { "full" },
+        super::kernel()
+    );
+    for (v, b, c) in cells {
+        let ipt = get(Variant::Iptables, *b).map(|i| i.stream_cpu_ns_per_byte / c.stream_cpu_ns_per_byte);
+        let direct = get(Variant::Direct, *b).map(|d| c.rr_per_s / d.rr_per_s);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.3} | {:.0} | {:.1} | {} | {} |",
+            v.name(),
+            b.name(),
+            c.stream_bps * 8e-9,
+            c.stream_cpu_ns_per_byte,
+            c.rr_per_s,
+            c.rr_cpu_us,
+            ipt.map(|r| format!("{r:.2}×")).unwrap_or_default(),
+            direct.map(|r| format!("{r:.2}×")).unwrap_or_default(),
+        );
+    }
+    md.push_str("\nGoals (ours with host routing): ");
+    for b in [Backend::Local, Backend::Remote] {
+        if let (Some(o), Some(i), Some(d)) =
+            (get(Variant::OursHostRouting, b), get(Variant::Iptables, b), get(Variant::Direct, b))
+        {
+            let cpu = i.stream_cpu_ns_per_byte / o.stream_cpu_ns_per_byte;
+            let rr = o.rr_per_s / d.rr_per_s;
+            let _ = write!(
+                md,
+                "{}: CPU per byte ≥ {GOAL_CPU_PER_BYTE}× better than iptables → {cpu:.2}× ({}); request/response ≥ {GOAL_RR_VS_DIRECT}× direct → {rr:.2}× ({}). ",
+                b.name(),
+                if cpu >= GOAL_CPU_PER_BYTE { "met" } else { "missed" },
+                if rr >= GOAL_RR_VS_DIRECT { "met" } else { "missed" },
+            );
+        }
+    }
+    md.push('\n');
+    println!("{md}");
+    fs::create_dir_all(out)?;
+    fs::write(out.join("podpath.md"), &md)?;
+    let j = json!({
+        "kernel": super::kernel(),
+        "seconds": secs,
+        "reps": reps,
+        "cells": cells.iter().map(|(v, b, c)| json!({
+            "variant": v.key(), "backend": b.name(),
+            "stream_bytes_per_s": c.stream_bps, "stream_cpu_ns_per_byte": c.stream_cpu_ns_per_byte,
+            "rr_per_s": c.rr_per_s, "rr_cpu_us": c.rr_cpu_us,
+        })).collect::<Vec<_>>(),
+    });
+    fs::write(out.join("podpath.json"), serde_json::to_string_pretty(&j)?)?;
+    eprintln!("bench podpath: wrote {}", out.join("podpath.md").display());
+    Ok(())
+}
