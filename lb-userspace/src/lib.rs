@@ -10,6 +10,7 @@ pub mod conntrack_gc;
 pub mod dataplane;
 pub mod describe;
 pub mod explain;
+pub mod free_ids;
 pub mod host_clients;
 pub mod http;
 pub mod links;

@@ -504,6 +504,10 @@ fn incremental_sync_leaves_nothing_for_a_full_plan() {
         assert_eq!(applied.index.by_addr, read.index.by_addr, "step {step}");
         assert_eq!(applied.index.service_ids, read.index.service_ids, "step {step}");
         assert_eq!(applied.index.table_users, read.index.table_users, "step {step}");
+        assert_eq!(applied.index.free_service_ids, read.index.free_service_ids, "step {step}");
+        // Once the quarantine (zero here) is over, the same backend ids are free.
+        applied.release_quarantine();
+        assert_eq!(applied.index.free_backend_ids, read.index.free_backend_ids, "step {step}");
         let rest = plan(state.desired(), &applied, &LIMITS).complete().unwrap();
         assert_eq!(rest, vec![], "step {step}: {changes:?} left work for a full plan (ops were {ops:?})");
     });

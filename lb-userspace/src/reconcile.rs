@@ -21,7 +21,7 @@
 //!   backend's share of flows moves (`maglev::rebuild`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
 };
 
@@ -30,6 +30,7 @@ use lb_common::abi::*;
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
+    free_ids::{FreeIds, IdPool},
     loader::Capacities,
     maglev,
     model::{Backend, Delta, Desired, DesiredService, NoBackend, ServiceRef},
@@ -143,6 +144,10 @@ pub struct Index {
     pub table_users: BTreeMap<u32, u32>,
     /// Free Maglev ranges; built on first use (it needs the capacity), then kept.
     pub ranges: Option<RangeAlloc>,
+    /// Backend ids neither in the backend map nor in quarantine.
+    pub free_backend_ids: FreeIds,
+    /// Service ids no frontend entry points at.
+    pub free_service_ids: FreeIds,
     /// The highest membership generation handed out.
     pub max_generation: u32,
     /// Maglev ranges and backend ids given up lately: not reused until `QUARANTINE` has
@@ -160,13 +165,14 @@ pub const QUARANTINE: std::time::Duration = std::time::Duration::from_millis(200
 pub struct Quarantine {
     /// `QUARANTINE`; tests that run many syncs in a row without a clock set zero.
     pub hold: std::time::Duration,
-    pub ranges: Vec<(std::time::Instant, u32, u32)>,
-    pub backend_ids: BTreeMap<u32, std::time::Instant>,
+    /// In the order they were given up (so the ones whose time is up are at the front).
+    pub ranges: VecDeque<(std::time::Instant, u32, u32)>,
+    pub backend_ids: VecDeque<(std::time::Instant, u32)>,
 }
 
 impl Default for Quarantine {
     fn default() -> Self {
-        Quarantine { hold: QUARANTINE, ranges: Vec::new(), backend_ids: BTreeMap::new() }
+        Quarantine { hold: QUARANTINE, ranges: VecDeque::new(), backend_ids: VecDeque::new() }
     }
 }
 
@@ -194,10 +200,12 @@ impl Applied {
         let mut index = Index {
             by_addr: backends.iter().map(|(id, b)| ((b.ip(), b.port()), *id)).collect(),
             max_generation: members.values().map(|m| m.generation).max().unwrap_or(0),
+            free_backend_ids: FreeIds::all_but(backends.keys().copied()),
             ..Default::default()
         };
         for v in services.values() {
             bump(&mut index.service_ids, v.service_id, true);
+            index.free_service_ids.take(v.service_id);
             if v.maglev_size > 0 {
                 bump(&mut index.table_users, v.maglev_offset, true);
             }
@@ -216,17 +224,33 @@ impl Applied {
     /// Frees the quarantined ranges and ids whose time is up.
     pub fn release_quarantine(&mut self) {
         let now = std::time::Instant::now();
-        let q = &mut self.index.quarantine;
-        let hold = q.hold;
-        q.backend_ids.retain(|_, t| now.duration_since(*t) < hold);
-        let (done, keep): (Vec<_>, Vec<_>) =
-            q.ranges.drain(..).partition(|(t, _, _)| now.duration_since(*t) >= hold);
-        q.ranges = keep;
-        if let Some(r) = &mut self.index.ranges {
-            for (_, off, len) in done {
+        let index = &mut self.index;
+        let hold = index.quarantine.hold;
+        let q = &mut index.quarantine;
+        while let Some(&(t, id)) = q.backend_ids.front()
+            && now.duration_since(t) >= hold
+        {
+            q.backend_ids.pop_front();
+            // (Unless a failed sync's redo quarantined it twice and it was reused meanwhile.)
+            if !self.backends.contains_key(&id) {
+                index.free_backend_ids.give(id);
+            }
+        }
+        while let Some(&(t, off, len)) = q.ranges.front()
+            && now.duration_since(t) >= hold
+        {
+            q.ranges.pop_front();
+            if let Some(r) = &mut index.ranges {
                 r.free(off, len);
             }
         }
+    }
+
+    /// When the first quarantined range or id is free again, if any is held.
+    pub fn quarantine_ends(&self) -> Option<std::time::Instant> {
+        let q = &self.index.quarantine;
+        let range = q.ranges.front().map(|(t, _, _)| *t);
+        range.into_iter().chain(q.backend_ids.front().map(|(t, _)| *t)).min().map(|t| t + q.hold)
     }
 
     /// The free Maglev ranges for a plan (built from the tables the first time).
@@ -256,7 +280,7 @@ impl Applied {
         {
             self.table_members.remove(&offset);
             if self.index.ranges.is_some() {
-                self.index.quarantine.ranges.push((std::time::Instant::now(), offset, t.len() as u32));
+                self.index.quarantine.ranges.push_back((std::time::Instant::now(), offset, t.len() as u32));
             }
         }
     }
@@ -272,6 +296,7 @@ impl Applied {
                     self.index.by_addr.remove(&(old.ip(), old.port()));
                 }
                 self.index.by_addr.insert((value.ip(), value.port()), *id);
+                self.index.free_backend_ids.take(*id);
             }
             MapOp::AllowSource { service_id, net } => {
                 self.source_ranges.insert((*service_id, *net));
@@ -292,6 +317,7 @@ impl Applied {
             }
             MapOp::SetService { key, value } => {
                 bump(&mut self.index.service_ids, value.service_id, true);
+                self.index.free_service_ids.take(value.service_id);
                 if value.maglev_size > 0 {
                     bump(&mut self.index.table_users, value.maglev_offset, true);
                 }
@@ -308,7 +334,7 @@ impl Applied {
                 self.source_ranges.remove(&(*service_id, *net));
             }
             MapOp::RemoveBackend { id } => {
-                self.index.quarantine.backend_ids.insert(*id, std::time::Instant::now());
+                self.index.quarantine.backend_ids.push_back((std::time::Instant::now(), *id));
                 if let Some(old) = self.backends.remove(id)
                     && self.index.by_addr.get(&(old.ip(), old.port())) == Some(id)
                 {
@@ -319,7 +345,9 @@ impl Applied {
     }
 
     fn forget_entry(&mut self, old: &ServiceValue) {
-        bump(&mut self.index.service_ids, old.service_id, false);
+        if bump(&mut self.index.service_ids, old.service_id, false) == 0 {
+            self.index.free_service_ids.give(old.service_id);
+        }
         if old.maglev_size > 0 {
             self.release_table(old.maglev_offset);
         }
@@ -463,35 +491,6 @@ fn service_flags(s: &DesiredService) -> u32 {
     f
 }
 
-/// The lowest id from `from` on that is neither a key of `used` nor in `taken` (a walk
-/// over the used ids in order: cheap even when they are dense).
-fn first_free<V>(used: &BTreeMap<u32, V>, taken: &BTreeSet<u32>, from: u32, capacity: u32) -> Option<u32> {
-    let mut want = from;
-    for id in used.range(from..).map(|(id, _)| *id).chain(std::iter::once(u32::MAX)) {
-        while want < id {
-            if !taken.contains(&want) {
-                return (want < capacity).then_some(want);
-            }
-            want += 1;
-        }
-        want = id.saturating_add(1);
-        if want >= capacity {
-            return None;
-        }
-    }
-    None
-}
-
-/// The lowest id free in `used` and not yet in `given` (ids this plan gave out, always
-/// holding 0), now given too. Ids are given in increasing order, so the search starts past
-/// the last one.
-fn take_free<V>(used: &BTreeMap<u32, V>, given: &mut BTreeSet<u32>, capacity: u32) -> Option<u32> {
-    let from = given.last().map_or(1, |last| last + 1);
-    let id = first_free(used, given, from, capacity)?;
-    given.insert(id);
-    Some(id)
-}
-
 /// A plan being built, shared by `plan` (every service) and `plan_changes` (the changed ones):
 /// the writes by phase, and the ids, ranges and entries it has taken so far.
 struct Planning<'a> {
@@ -504,9 +503,9 @@ struct Planning<'a> {
     set_services: Vec<MapOp>,
     /// Backend id of every `ip:port` the planned services use.
     backend_ids: BTreeMap<(IpAddr, u16), u32>,
-    /// Ids this plan gave out (id 0 is "none" in the Maglev array's unused slots).
-    new_backend_ids: BTreeSet<u32>,
-    new_service_ids: BTreeSet<u32>,
+    /// New backend ids this plan gave out.
+    new_backend_ids: IdPool,
+    new_service_ids: IdPool,
     /// Maglev ranges in use stay reserved for the whole plan (old tables serve until the flip).
     ranges: RangeAlloc,
     /// Service ids already given to a planned service.
@@ -537,11 +536,8 @@ impl<'a> Planning<'a> {
             tables: Vec::new(),
             set_services: Vec::new(),
             backend_ids: BTreeMap::new(),
-            // Quarantined ids count as given: not handed out again yet.
-            new_backend_ids: std::iter::once(0)
-                .chain(applied.index.quarantine.backend_ids.keys().copied())
-                .collect(),
-            new_service_ids: BTreeSet::from([0]),
+            new_backend_ids: IdPool::default(),
+            new_service_ids: IdPool::default(),
             ranges: applied.free_ranges(limits.maglev_slots),
             claimed: BTreeSet::new(),
             wanted_keys: BTreeSet::new(),
@@ -570,7 +566,7 @@ impl<'a> Planning<'a> {
                 if let Some(id) = self.backend_ids.remove(&addr)
                     && self.applied.index.by_addr.get(&addr) != Some(&id)
                 {
-                    self.new_backend_ids.remove(&id);
+                    self.new_backend_ids.give_back(id);
                 }
             }
             self.keep(sref.proto, s, old);
@@ -588,7 +584,9 @@ impl<'a> Planning<'a> {
             }
             let id = match self.applied.index.by_addr.get(&addr) {
                 Some(id) => *id,
-                None => take_free(&self.applied.backends, &mut self.new_backend_ids, self.limits.backends)
+                None => self
+                    .new_backend_ids
+                    .take(&self.applied.index.free_backend_ids, self.limits.backends)
                     .ok_or(PlanError::BackendsFull(self.limits.backends))?,
             };
             self.backend_ids.insert(addr, id);
@@ -618,7 +616,9 @@ impl<'a> Planning<'a> {
             .find(|v| !self.claimed.contains(&v.service_id));
         let service_id = match previous {
             Some(v) => v.service_id,
-            None => take_free(&applied.index.service_ids, &mut self.new_service_ids, limits.services)
+            None => self
+                .new_service_ids
+                .take(&applied.index.free_service_ids, limits.services)
                 .ok_or(PlanError::ServicesFull(limits.services))?,
         };
         let checked = self
@@ -628,7 +628,7 @@ impl<'a> Planning<'a> {
             Ok(v) => v,
             Err(e) => {
                 if previous.is_none() {
-                    self.new_service_ids.remove(&service_id);
+                    self.new_service_ids.give_back(service_id);
                 }
                 return Err(e);
             }

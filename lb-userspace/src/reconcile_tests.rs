@@ -345,19 +345,6 @@ fn table_size_is_kept_until_a_quarter() {
 }
 
 #[test]
-fn first_free_skips_used_and_taken_ids_within_capacity() {
-    let used: BTreeMap<u32, ()> = [1, 2, 3, 5, 6].into_iter().map(|i| (i, ())).collect();
-    let none = BTreeSet::new();
-    assert_eq!(first_free(&used, &none, 1, 100), Some(4));
-    assert_eq!(first_free(&used, &BTreeSet::from([4]), 1, 100), Some(7));
-    assert_eq!(first_free(&used, &none, 5, 100), Some(7));
-    assert_eq!(first_free(&used, &none, 0, 100), Some(0));
-    assert_eq!(first_free(&used, &BTreeSet::from([4, 7]), 1, 8), None);
-    assert_eq!(first_free(&BTreeMap::<u32, ()>::new(), &none, 1, 2), Some(1));
-    assert_eq!(first_free(&BTreeMap::<u32, ()>::new(), &none, 2, 2), None);
-}
-
-#[test]
 fn plan_changes_reports_full_maps_like_plan() {
     let d = desired(vec![("a", service(1, &[1, 2, 3]))]);
     let delta = Delta { services: [(sref("a"), None)].into(), ..Default::default() };
@@ -367,4 +354,33 @@ fn plan_changes_reports_full_maps_like_plan() {
     assert_eq!(plan(&d, &applied, &small).complete(), Err(PlanError::BackendsFull(3)));
     let one_id = Limits { services: 1, ..LIMITS };
     assert_eq!(plan_changes(&d, &delta, &applied, &one_id).complete(), Err(PlanError::ServicesFull(1)));
+}
+
+/// Ids held back in quarantine are skipped, but a high one must not push the search for a
+/// free id past the free low ones: under churn that reported "backend map full" with two
+/// thirds of the map free.
+#[test]
+fn a_quarantined_high_id_leaves_the_free_low_ids_usable() {
+    let limits = Limits { backends: 12, ..LIMITS };
+    let services = many(5, 2);
+    let mut dp = FakeDataplane::default();
+    assert_eq!(sync_with(&mut dp, &desired_of(&services), &limits), vec![]);
+    assert_eq!(dp.backends.keys().copied().collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    let mut applied = Applied::read(&dp).unwrap();
+    // svc01 goes (ids 1, 2), its quarantine ends; then svc05 goes (ids 9, 10: quarantined).
+    applied.index.quarantine.hold = std::time::Duration::ZERO;
+    let p = plan(&desired_of(&services[1..]), &applied, &limits);
+    execute(&mut dp, &mut applied, &p.ops).unwrap();
+    applied.release_quarantine();
+    applied.index.quarantine.hold = std::time::Duration::from_secs(60);
+    let p = plan(&desired_of(&services[1..4]), &applied, &limits);
+    execute(&mut dp, &mut applied, &p.ops).unwrap();
+    assert_eq!(applied.index.quarantine.backend_ids.iter().map(|(_, id)| *id).collect::<Vec<_>>(), [9, 10]);
+    // A new Service of two endpoints: ids 1 and 2 are free (11 too; 12 is past the capacity).
+    let mut now = services[1..4].to_vec();
+    now.push(("new".into(), service(99, &[201, 202])));
+    let p = plan(&desired_of(&now), &applied, &limits);
+    assert_eq!(p.failed, vec![], "ids 1 and 2 are free");
+    execute(&mut dp, &mut applied, &p.ops).unwrap();
+    assert!(dp.backends.contains_key(&1) && dp.backends.contains_key(&2));
 }

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 /// How often the report is rewritten when no sync happened (the GC figures move).
 pub const EVERY: Duration = Duration::from_secs(2);
+/// How soon after a sync the report is written again, at the soonest.
+pub const AFTER_SYNC: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Report {

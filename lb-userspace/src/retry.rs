@@ -66,6 +66,19 @@ impl Retry {
         !self.is_empty() && self.next.is_none_or(|t| now >= t)
     }
 
+    /// When the next try is due, if anything is owed.
+    pub fn next(&self) -> Option<Instant> {
+        if self.is_empty() { None } else { self.next }
+    }
+
+    /// Brings the next try forward to `t` at the latest: room held back for a moment (the
+    /// reconciler's quarantine) is free then, and waiting out a backoff would only add delay.
+    pub fn no_later_than(&mut self, t: Instant) {
+        if !self.is_empty() {
+            self.next = Some(self.next.map_or(t, |n| n.min(t)));
+        }
+    }
+
     /// A full plan is owed (after a map write failed).
     pub fn owe_full(&mut self) {
         self.full = true;

@@ -139,7 +139,12 @@ impl ApiStandIn {
     /// Serves the same state on another listener too.
     pub fn serve(&self, listener: std::net::TcpListener) {
         listener.set_nonblocking(true).unwrap();
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        // TCP_NODELAY, as the real API server (Go) sets on every connection: without it a
+        // watch event written behind an unacknowledged one waits for the delayed ACK (~40 ms).
+        let listener =
+            axum::serve::ListenerExt::tap_io(tokio::net::TcpListener::from_std(listener).unwrap(), |s| {
+                let _ = s.set_nodelay(true);
+            });
         let app = axum::Router::new().fallback(handle).with_state(self.shared.clone());
         tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();

@@ -175,6 +175,9 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         last_resync: Instant::now(),
         last_sync: None,
         held_until: None,
+        mtu_floor: ReadLately::default(),
+        host_addresses: ReadLately::default(),
+        contested_frontends: 0,
         cfg,
         dp,
         attachments,
@@ -310,11 +313,32 @@ struct Agent {
     last_sync: Option<Instant>,
     /// Syncs held back by `--min-sync-period` until then.
     held_until: Option<Instant>,
+    /// The MTUs of links and routes, and the node's own addresses (without a Node object):
+    /// a sysfs walk, a route dump and a link dump, not redone per sync under a stream.
+    mtu_floor: ReadLately<u32>,
+    host_addresses: ReadLately<Vec<IpAddr>>,
+    /// Frontends claimed by more than one Service: they change only with Services.
+    contested_frontends: usize,
+}
+
+/// A value read from the system at most once a second.
+#[derive(Default)]
+struct ReadLately<T> {
+    read: Option<(Instant, T)>,
+}
+
+impl<T: Clone> ReadLately<T> {
+    fn get(&mut self, read: impl FnOnce() -> T) -> T {
+        match &self.read {
+            Some((at, v)) if at.elapsed() < Duration::from_secs(1) => v.clone(),
+            _ => self.read.insert((Instant::now(), read())).1.clone(),
+        }
+    }
 }
 
 impl Agent {
-    /// Turns until SIGINT or SIGTERM: on each source or link event, on a settled file, and
-    /// at least every `manifests::POLL`.
+    /// Turns until SIGINT or SIGTERM: on each source or link event, on a settled file, when
+    /// a retry comes due, and at least every `manifests::POLL`.
     async fn run(&mut self, wake: &tokio::sync::Notify) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(manifests::POLL);
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -323,10 +347,13 @@ impl Agent {
             // A file read after its close is applied once it has settled: look again then.
             let settle = self.source.settle_deadline();
             let held = self.held_until;
+            // A retry comes due (not while --min-sync-period holds syncs back).
+            let retry = self.syncer.retry().next().filter(|_| held.is_none());
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = tokio::time::sleep_until(settle.unwrap_or_else(Instant::now).into()), if settle.is_some() => {}
                 _ = tokio::time::sleep_until(held.unwrap_or_else(Instant::now).into()), if held.is_some() => {}
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now).into()), if retry.is_some() => {}
                 _ = wake.notified() => {
                     if self.source.is_folder() {
                         // Let a burst of file events (an editor's write) settle into one sync.
@@ -369,13 +396,14 @@ impl Agent {
         let node = NodeContext {
             name: self.cfg.node_name.clone(),
             nodeport_addresses: self.cfg.nodeport_addresses.clone(),
-            fallback_addresses: fallback_addresses(&self.cfg.xdp_ifaces),
+            fallback_addresses: self.host_addresses.get(|| fallback_addresses(&self.cfg.xdp_ifaces)),
         };
+        let mtu_floor = self.mtu_floor.get(links::mtu_floor);
         let (cfg, clock, cookie) = (&self.cfg, self.clock, self.attachments.host_cookie);
         let config_for = |addresses: &[IpAddr]| {
             let mut c = datapath_config(cfg, addresses, clock);
             c.host_netns_cookie = cookie;
-            c.mtu_floor = links::mtu_floor();
+            c.mtu_floor = mtu_floor;
             c
         };
         let began = Instant::now();
@@ -409,7 +437,7 @@ impl Agent {
             }
         }
         let (desired, applied, retry) = (self.syncer.desired(), self.syncer.applied(), self.syncer.retry());
-        if o.services_touched {
+        if o.frontends_touched {
             self.reporter.names(desired);
             *lock(&self.datapath.names) = self.reporter.names.clone();
         }
@@ -420,7 +448,10 @@ impl Agent {
         m.source_errors(self.source.errors());
         m.frontends.set(applied.services.len() as i64);
         m.backends.set(applied.backends.len() as i64);
-        m.frontend_conflicts.set(self.syncer.contested_frontends() as i64);
+        if o.frontends_touched || o.service_changes > 0 {
+            self.contested_frontends = self.syncer.contested_frontends();
+        }
+        m.frontend_conflicts.set(self.contested_frontends as i64);
         m.set_unprogrammed(retry.skipped().map(|(s, e)| (s.to_string(), e.to_string())));
         let mut st = lock(&self.status);
         st.pending_since.get_or_insert(began);
@@ -437,7 +468,7 @@ impl Agent {
             frontends: applied.services.len(),
             backends: applied.backends.len(),
         });
-        st.contested_frontends = self.syncer.contested_frontends();
+        st.contested_frontends = self.contested_frontends;
         st.unprogrammed = retry.skipped().map(|(s, e)| (s.to_string(), e.to_string())).collect();
         if o.written {
             st.last_sync_ok = Some(Instant::now());
@@ -453,7 +484,10 @@ impl Agent {
         st.health_checks = desired.health_checks.clone();
         drop(st);
         serve::sync_health_servers(&mut self.health_servers, &desired.health_checks, &self.status);
-        self.reporter.write(&self.status, &self.gc);
+        self.reporter.dirty = true;
+        if self.reporter.due() {
+            self.reporter.write(&self.status, &self.gc);
+        }
     }
 }
 

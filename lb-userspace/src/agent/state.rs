@@ -138,6 +138,8 @@ pub struct Reporter {
     last: Instant,
     pub names: Arc<BTreeMap<String, report::FrontendName>>,
     names_changed: bool,
+    /// A sync changed what the report says since it was last written.
+    pub dirty: bool,
 }
 
 impl Reporter {
@@ -166,6 +168,7 @@ impl Reporter {
             last: Instant::now(),
             names: Arc::default(),
             names_changed: true,
+            dirty: true,
         }
     }
 
@@ -192,8 +195,12 @@ impl Reporter {
         }
     }
 
+    /// A write is due: the report is `report::EVERY` old, or a sync changed it and the last
+    /// write is `report::AFTER_SYNC` old (a stream of syncs writes it a few times a second,
+    /// not once per sync).
     pub fn due(&self) -> bool {
-        self.last.elapsed() >= report::EVERY
+        let age = self.last.elapsed();
+        age >= report::EVERY || (self.dirty && age >= report::AFTER_SYNC)
     }
 
     pub fn write(&mut self, status: &Shared, gc: &std::sync::Mutex<GcState>) {
@@ -251,5 +258,6 @@ impl Reporter {
             log(format!("warning: cannot write the status report: {e}"));
         }
         self.last = Instant::now();
+        self.dirty = false;
     }
 }

@@ -15,7 +15,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     logging,
     model::{self, Changes, Desired, NodeContext},
-    reconcile::{self, Applied, Limits},
+    reconcile::{self, Applied, Limits, PlanError},
     retry::Retry,
     source::ChangeSource,
 };
@@ -36,8 +36,9 @@ pub struct Outcome {
     /// Services and EndpointSlices the source reported changed.
     pub service_changes: usize,
     pub endpoint_changes: usize,
-    /// Services were planned, so the frontends' names may have changed.
-    pub services_touched: bool,
+    /// A planned Service came, went or changed its frontends, so the frontends' names may
+    /// have changed (an endpoint change alone leaves them).
+    pub frontends_touched: bool,
     /// The datapath configuration was rewritten.
     pub config_written: bool,
 }
@@ -140,11 +141,21 @@ impl Syncer {
             dp.set_config(&want)?;
             self.config = Some(want);
         }
+        // Room whose quarantine is over is free for this plan.
+        self.applied.release_quarantine();
         let plan = reconcile::plan_changes(desired, &delta, &self.applied, &self.limits);
         let result = reconcile::execute(dp, &mut self.applied, &plan.ops);
         let took = t0.elapsed();
         for line in self.retry.settle(desired, &delta, &plan.failed, result.is_ok(), now) {
             log(line);
+        }
+        // Under churn a map can be full only of room held back for a moment (ranges and ids
+        // in quarantine): what was skipped is tried again as soon as that room is free.
+        let held_back = |e: &PlanError| matches!(e, PlanError::MaglevFull(_) | PlanError::BackendsFull(_));
+        if plan.failed.iter().any(|(_, e)| held_back(e))
+            && let Some(t) = self.applied.quarantine_ends()
+        {
+            self.retry.no_later_than(t);
         }
         span.record("writes", plan.ops.len());
         span.record("duration_ms", took.as_secs_f64() * 1e3);
@@ -156,7 +167,12 @@ impl Syncer {
             settled: result.is_ok() && self.retry.is_empty(),
             service_changes: changes.services.len(),
             endpoint_changes: changes.slices.len(),
-            services_touched: delta.all || !delta.services.is_empty(),
+            frontends_touched: delta.all
+                || !delta.vips_added.is_empty()
+                || !delta.vips_removed.is_empty()
+                || delta.services.iter().any(|(sref, old)| {
+                    old.as_ref().map(|o| &o.frontends) != desired.services.get(sref).map(|d| &d.frontends)
+                }),
             config_written,
         };
         match result {

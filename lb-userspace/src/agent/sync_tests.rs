@@ -1,6 +1,6 @@
 //! The sync on its own: a fake source, `FakeDataplane`, and a clock the test moves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::{
@@ -153,4 +153,140 @@ fn the_configuration_is_written_when_it_changes() {
     let changed = s.sync(&mut dp, &mut src, &node(), |_| cfg(2000), true, t0).unwrap().unwrap();
     assert!(changed.config_written);
     assert_eq!(dp.config.snat_port_min, 2000);
+}
+
+/// Under churn the Maglev array can be full only of ranges in quarantine (a table changed
+/// moments ago keeps its old range unused for `QUARANTINE`). A Service skipped for that is
+/// tried again when the quarantine ends, not after the backoff (500 ms and doubling), and is
+/// then programmed.
+#[test]
+fn a_service_skipped_for_quarantined_room_is_retried_when_the_quarantine_ends() {
+    let mut dp = FakeDataplane::default();
+    let mut src = two_services();
+    // Two-endpoint tables take 211 slots: room for the two tables and one more.
+    let mut s = Syncer::new(Applied::read(&dp).unwrap(), Limits { maglev_slots: 3 * 211, ..limits() });
+    let t0 = Instant::now();
+    assert!(turn(&mut s, &mut dp, &mut src, t0).unwrap().ok());
+    // web-a changes twice in a row: the first change takes the spare range and quarantines
+    // its old one; the second finds no free range.
+    let change = |src: &mut FakeSource, pods: [&str; 2]| {
+        let yaml = service("web-a", "198.19.0.1", pods);
+        for (k, v) in cluster_from(parse(&yaml, false).unwrap()).slices {
+            src.cluster.slices.insert(k, v);
+        }
+        src.pending =
+            Some(Changes { slices: [("default".into(), "web-a-1".into())].into(), ..Default::default() });
+    };
+    change(&mut src, ["198.18.1.10", "198.18.1.12"]);
+    assert!(turn(&mut s, &mut dp, &mut src, Instant::now()).unwrap().ok());
+    change(&mut src, ["198.18.1.10", "198.18.1.13"]);
+    let now = Instant::now();
+    let skipped = turn(&mut s, &mut dp, &mut src, now).unwrap();
+    assert_eq!(skipped.skipped, 1, "{skipped:?}");
+    let next = s.retry().next().expect("a retry is owed");
+    assert!(
+        next <= now + crate::reconcile::QUARANTINE,
+        "retry in {:?}, not after the quarantine",
+        next - now
+    );
+    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    let retried = turn(&mut s, &mut dp, &mut src, Instant::now()).expect("the retry is due");
+    assert!(retried.ok() && retried.settled, "{retried:?}");
+    assert!(dp.backends.values().any(|b| b.ip() == IpAddr::from([198, 18, 1, 13])));
+}
+
+/// web-a's slice moved to `port` (its two endpoints keep their addresses).
+fn move_port(src: &mut FakeSource, port: u16, announce: bool) {
+    let slice = src.cluster.slices.get_mut(&("default".to_string(), "web-a-1".to_string())).unwrap();
+    slice.ports.as_mut().unwrap()[0].port = Some(port.into());
+    let change = Changes { slices: [("default".into(), "web-a-1".into())].into(), ..Default::default() };
+    if announce || src.pending.is_none() {
+        src.pending = Some(change);
+    }
+}
+
+/// A stream of endpoint changes, one sync each or several per sync: the backends of the
+/// versions left behind leave the maps; only the current ones stay.
+#[test]
+fn backends_left_behind_by_a_stream_of_changes_leave_the_maps() {
+    let mut dp = FakeDataplane::default();
+    let mut src = two_services();
+    let mut s = Syncer::new(Applied::read(&dp).unwrap(), limits());
+    assert!(turn(&mut s, &mut dp, &mut src, Instant::now()).unwrap().ok());
+    for (i, port) in (9000..9060).enumerate() {
+        move_port(&mut src, port, true);
+        // Every third change waits for the next one: two versions in one sync.
+        if i % 3 == 0 {
+            continue;
+        }
+        assert!(turn(&mut s, &mut dp, &mut src, Instant::now()).unwrap().ok());
+    }
+    let ports: BTreeSet<u16> = dp.backends.values().map(|b| b.port()).collect();
+    assert_eq!(dp.backends.len(), 4, "web-a's two at its last port and web-b's two: {ports:?}");
+}
+
+/// 40 Services of two endpoints; `rounds` syncs of 1 to 5 changes each (a change moves one
+/// Service's slice to a new port; a Service may change twice in one sync).
+fn churn(limits: Limits, rounds: u32) -> (Syncer, FakeDataplane, FakeSource) {
+    let yaml: String = (0..40)
+        .map(|i| {
+            service(
+                &format!("s{i}"),
+                &format!("198.19.1.{i}"),
+                [&format!("198.18.3.{i}"), &format!("198.18.4.{i}")],
+            )
+        })
+        .collect();
+    let cluster = cluster_from(parse(&yaml, false).unwrap());
+    let mut src = FakeSource { cluster, pending: Some(Changes::everything()) };
+    let mut dp = FakeDataplane::default();
+    let mut s = Syncer::new(Applied::read(&dp).unwrap(), limits);
+    assert!(turn(&mut s, &mut dp, &mut src, Instant::now()).unwrap().ok());
+    let mut seed = 7u64;
+    for round in 0..rounds {
+        let mut changes = Changes::default();
+        for _ in 0..1 + round % 5 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let name = format!("s{}-1", (seed >> 33) % 40);
+            let slice = src.cluster.slices.get_mut(&("default".to_string(), name.clone())).unwrap();
+            slice.ports.as_mut().unwrap()[0].port =
+                Some(10_000 + (round as i32 * 7 + (seed >> 40) as i32 % 7));
+            changes.slices.insert(("default".into(), name));
+        }
+        src.pending = Some(changes);
+        turn(&mut s, &mut dp, &mut src, Instant::now()).unwrap();
+    }
+    (s, dp, src)
+}
+
+/// With room for everything, every sync of a stream of changes is applied whole and the
+/// maps end with the current backends only.
+#[test]
+fn backends_left_behind_by_many_services_changing_together_leave_the_maps() {
+    // Room for every table and id a burst quarantines (this loop runs far faster than 200 ms
+    // per round).
+    let roomy = Limits { maglev_slots: 1 << 20, backends: 1 << 16, members: 1 << 16, ..limits() };
+    let (s, dp, _) = churn(roomy, 300);
+    assert!(s.retry().is_empty());
+    assert_eq!(dp.backends.len(), 80, "two per Service");
+}
+
+/// Tight room: Services are skipped while ranges and ids sit in quarantine. Once the
+/// stream stops and the quarantine ends, the retries program everything and the backends
+/// of the versions left behind leave the maps.
+#[test]
+fn services_skipped_under_churn_catch_up_and_leave_no_backend_behind() {
+    let tight = Limits { maglev_slots: 1 << 20, backends: 300, members: 1 << 16, ..limits() };
+    let (mut s, mut dp, mut src) = churn(tight, 300);
+    assert!(!s.retry().is_empty(), "the test must make the planner skip Services");
+    for _ in 0..10 {
+        std::thread::sleep(crate::reconcile::QUARANTINE);
+        turn(&mut s, &mut dp, &mut src, Instant::now() + Duration::from_secs(60));
+        if s.retry().is_empty() {
+            break;
+        }
+    }
+    assert!(s.retry().is_empty(), "{} still skipped", s.retry().skipped_count());
+    let ports: BTreeSet<u16> = dp.backends.values().map(|b| b.port()).collect();
+    assert_eq!(dp.backends.len(), 80, "two per Service: {} ports", ports.len());
 }

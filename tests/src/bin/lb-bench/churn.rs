@@ -133,6 +133,20 @@ fn slice_json(i: u32, port: u16) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::to_value(slice(i, &eps_at(i, port), Proto::Tcp))?)
 }
 
+/// Services in flight the capacities leave room for: a changed table takes a fresh range and
+/// its old one is held back for the reconciler's quarantine (200 ms), so at 5 000 updates/s
+/// about 1 000 tables and their backends are in flight at once.
+const IN_FLIGHT: u32 = 1_024;
+
+fn churn_capacities(n: u32) -> lb_userspace::loader::Capacities {
+    let (mut caps, _) = capacities(n);
+    let m = lb_userspace::maglev::table_size(ENDPOINTS as usize, lb_common::maglev::DEFAULT_MAX_TABLE);
+    caps.maglev_slots = (n + IN_FLIGHT) * m;
+    caps.backends = ENDPOINTS * (n + 2 * IN_FLIGHT);
+    caps.members = ENDPOINTS * (n + 2 * IN_FLIGHT);
+    caps
+}
+
 fn ours(n: u32, bins: &Bins, window: Duration) -> anyhow::Result<Vec<Window>> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let _guard = rt.enter();
@@ -148,7 +162,7 @@ fn ours(n: u32, bins: &Bins, window: Duration) -> anyhow::Result<Vec<Window>> {
     let kubeconfig = agent.work.join("kubeconfig");
     fs::write(&kubeconfig, ApiStandIn::kubeconfig(api.addr))?;
     let kc = kubeconfig.to_string_lossy().into_owned();
-    let t0 = agent.start(n, &["--kubeconfig", &kc], &[])?;
+    let t0 = agent.start(&churn_capacities(n), &["--kubeconfig", &kc], &[])?;
     let synced = agent.wait_synced(n, t0, Duration::from_secs(300))?;
     eprintln!("  ours: first sync of {n} services in {synced:.1} s");
     let pending: Arc<Mutex<HashMap<(Ipv4Addr, u16), Instant>>> = Arc::default();
@@ -163,8 +177,10 @@ fn ours(n: u32, bins: &Bins, window: Duration) -> anyhow::Result<Vec<Window>> {
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let dp = AyaDataplane::open(&pins)?;
                 while !stop.load(Ordering::Relaxed) {
+                    // A scan a millisecond (the resolution of the figures): scanning back to
+                    // back would take a core from the agent on this 2-core machine.
+                    std::thread::sleep(Duration::from_millis(1));
                     if pending.lock().unwrap().is_empty() {
-                        std::thread::sleep(Duration::from_micros(200));
                         continue;
                     }
                     let Ok(backends) = dp.backends() else { continue };
@@ -368,7 +384,7 @@ fn report(
     rows: &[(u32, Variant, Option<Vec<Window>>)],
 ) -> anyhow::Result<()> {
     let mut md = format!(
-        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events); CPU is the agent's. Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all.\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) |\n|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU is the agent's. Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all.\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) |\n|---:|---|---:|---:|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
         super::kernel(),
         window.as_secs(),

@@ -52,7 +52,7 @@ fn one(n: u32, bins: &Bins) -> anyhow::Result<Row> {
         fs::write(file, manifest(from, (from + PER_FILE).min(n))?)?;
     }
     let manifests = agent.work.join("manifests").to_string_lossy().into_owned();
-    let t0 = agent.start(n, &["--manifests", &manifests], &[])?;
+    let t0 = agent.start(&capacities(n).0, &["--manifests", &manifests], &[])?;
     let sync_s = agent.wait_synced(n, t0, Duration::from_secs(300))?;
     // Settled: what the agent keeps, once the parse's buffers are freed.
     std::thread::sleep(Duration::from_secs(2));

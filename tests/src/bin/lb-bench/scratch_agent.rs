@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use lb_tests::{lab::Bins, netns::Scratch};
 
-use crate::services::capacities;
+use lb_userspace::loader::Capacities;
 
 pub struct ScratchAgent {
     pub ns: Scratch,
@@ -27,6 +27,9 @@ impl ScratchAgent {
     /// The namespace, work folder (`<work>/manifests` made) and bpffs for a run named `role`.
     pub fn prepare(role: &str, bins: &Bins) -> anyhow::Result<ScratchAgent> {
         let ns = Scratch::new(role)?;
+        // Loopback: the API stand-in and the agent's own endpoints listen there.
+        let up = Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]).status()?.success();
+        ensure!(up, "ip -n {} link set lo up", ns.0);
         let work = std::env::temp_dir().join(format!("lb-bench-{role}-{}", std::process::id()));
         // A bpffs of our own, outside /sys: `ip netns exec` remounts /sys, so pins under it
         // would be invisible to this process.
@@ -40,17 +43,16 @@ impl ScratchAgent {
         Ok(me)
     }
 
-    /// Starts the agent (node `bench`, capacities for `n` Services) with `source` (its
-    /// `--manifests` or `--kubeconfig`) and `extra` flags; returns when it started.
-    pub fn start(&mut self, n: u32, source: &[&str], extra: &[&str]) -> anyhow::Result<Instant> {
-        let (caps, _) = capacities(n);
+    /// Starts the agent (node `bench`, capacities `caps`) with `source` (its `--manifests`
+    /// or `--kubeconfig`) and `extra` flags; returns when it started.
+    pub fn start(&mut self, caps: &Capacities, source: &[&str], extra: &[&str]) -> anyhow::Result<Instant> {
         let log = fs::File::create(self.work.join("agent.log"))?;
         let flags = [
             ("--max-frontends", caps.frontends),
             ("--max-services", caps.services),
             ("--max-backends", caps.backends),
             ("--max-maglev-slots", caps.maglev_slots),
-            ("--max-members", caps.backends),
+            ("--max-members", caps.members),
         ];
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns.0])

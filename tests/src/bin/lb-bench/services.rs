@@ -308,6 +308,7 @@ pub fn capacities(n: u32) -> (loader::Capacities, Limits) {
         services: n + 1024,
         backends: ENDPOINTS * n + 1024,
         maglev_slots: (n + 4) * m,
+        members: ENDPOINTS * n + 1024,
         ..Default::default()
     };
     let limits = Limits::of(&caps);
