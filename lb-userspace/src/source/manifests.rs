@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
-use super::watch::Watch;
+use super::{saver::Saver, watch::Watch};
 use crate::model::{Changes, Cluster, SERVICE_NAME_LABEL};
 
 /// How often the folder is checked without an inotify event.
@@ -473,6 +473,8 @@ fn written_long_ago(md: &std::fs::Metadata) -> bool {
 pub struct Folder {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileObjects>,
+    /// The files defining each object (a merge looks at those, not at every file).
+    owners: BTreeMap<Id, BTreeSet<PathBuf>>,
     merged: Cluster,
     changes: Changes,
     warnings: Vec<String>,
@@ -488,6 +490,11 @@ pub struct Folder {
     read_once: bool,
     /// Files read after a close, waiting out `SETTLE` before they are applied.
     settling: BTreeMap<PathBuf, Settling>,
+    /// Writes the copies in `state`.
+    saver: Option<Saver>,
+    /// Files changed and not closed yet: looked at again on each refresh (their writer may
+    /// never close them: `WRITER_PATIENCE`).
+    being_written: BTreeSet<PathBuf>,
 }
 
 /// A file's content read after its close number `close`.
@@ -508,6 +515,7 @@ impl Folder {
     pub fn with_state(mut self, state: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(state)?;
         self.state = Some(state.to_path_buf());
+        self.saver = Some(Saver::start()?);
         Ok(self)
     }
 
@@ -520,15 +528,10 @@ impl Folder {
         Some(self.state.as_ref()?.join(path.file_name()?))
     }
 
-    /// Saves `text` as `path`'s last good content (write, then rename: never half there).
-    fn save(&self, path: &Path, text: &str) {
-        let Some(to) = self.saved(path) else { return };
-        if std::fs::read_to_string(&to).is_ok_and(|old| old == text) {
-            return;
-        }
-        let tmp = to.with_extension("tmp-saving");
-        if std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &to)).is_err() {
-            let _ = std::fs::remove_file(&tmp);
+    /// Saves `text` as `path`'s last good content (`None`: the file is gone).
+    fn save(&self, path: &Path, text: Option<String>) {
+        if let (Some(saver), Some(to)) = (&self.saver, self.saved(path)) {
+            saver.put(to, text);
         }
     }
 
@@ -537,15 +540,32 @@ impl Folder {
     /// kept).
     pub fn refresh(&mut self) -> Result<(bool, Vec<ManifestError>), ManifestError> {
         let dir_err = |source| ManifestError::Dir { dir: self.dir.clone(), source };
+        // Watched: only the files touched since the last refresh (and those waiting for their
+        // writer) are looked at, not every file of the folder.
+        let touched = self.watch.as_ref().and_then(|w| w.take_touched()).filter(|_| self.read_once);
+        let whole = touched.is_none();
+        let paths: Vec<PathBuf> = match touched {
+            Some(names) => {
+                let waiting = self.settling.keys().chain(&self.being_written).cloned();
+                let touched = names.into_iter().map(|n| self.dir.join(n));
+                waiting.chain(touched).collect::<BTreeSet<_>>().into_iter().collect()
+            }
+            None => std::fs::read_dir(&self.dir)
+                .map_err(dir_err)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect(),
+        };
         let mut seen = BTreeMap::new();
-        for entry in std::fs::read_dir(&self.dir).map_err(dir_err)? {
-            let Ok(entry) = entry else { continue };
-            let path = entry.path();
+        for path in &paths {
+            let path = path.clone();
             if !is_manifest(&path) {
                 continue;
             }
+            self.being_written.remove(&path);
             let md = match std::fs::metadata(&path) {
                 Ok(md) if md.is_file() => md,
+                // Gone since its event.
+                Err(e) if !whole && e.kind() == std::io::ErrorKind::NotFound => continue,
                 other => {
                     // A FIFO, a directory, a dangling link or a link loop: once, not each poll.
                     if self.reported.insert(path.clone()) {
@@ -574,6 +594,7 @@ impl Folder {
                     if let Some(f) = self.files.get(&path) {
                         seen.insert(path.clone(), (f.stamp, None));
                     }
+                    self.being_written.insert(path);
                     continue;
                 }
             }
@@ -582,15 +603,24 @@ impl Folder {
         let mut errors = Vec::new();
         // Identities whose object may differ now.
         let mut dirty: BTreeSet<Id> = BTreeSet::new();
-        let gone: Vec<PathBuf> = self.files.keys().filter(|p| !seen.contains_key(*p)).cloned().collect();
-        self.settling.retain(|p, _| seen.contains_key(p));
+        // Gone: files not seen among those looked at (every file, when the whole folder was).
+        let gone: Vec<PathBuf> = if whole {
+            self.files.keys().filter(|p| !seen.contains_key(*p)).cloned().collect()
+        } else {
+            paths.iter().filter(|p| !seen.contains_key(*p) && self.files.contains_key(*p)).cloned().collect()
+        };
+        if whole {
+            self.settling.retain(|p, _| seen.contains_key(p));
+        } else {
+            for p in paths.iter().filter(|p| !seen.contains_key(*p)) {
+                self.settling.remove(p);
+            }
+        }
         for path in gone {
-            if let Some(f) = self.files.remove(&path) {
+            if let Some(f) = self.remove_file(&path) {
                 dirty.extend(f.ids.into_keys());
             }
-            if let Some(saved) = self.saved(&path) {
-                let _ = std::fs::remove_file(saved);
-            }
+            self.save(&path, None);
         }
         for (path, (stamp, close)) in seen {
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
@@ -610,18 +640,18 @@ impl Folder {
                     read
                 }
             };
-            let mut old = self.files.remove(&path).unwrap_or_default();
+            let mut old = self.remove_file(&path).unwrap_or_default();
             match read {
                 Ok((text, objs, warnings)) => {
                     self.warnings.extend(warnings.into_iter().map(|w| format!("{}: {w}", path.display())));
-                    self.save(&path, &text);
+                    self.save(&path, Some(text));
                     let new = FileObjects::new(stamp, objs);
                     for id in old.ids.keys().chain(new.ids.keys()) {
                         if old.get(id) != new.get(id) {
                             dirty.insert(id.clone());
                         }
                     }
-                    self.files.insert(path, new);
+                    self.insert_file(path, new);
                 }
                 Err(e) => {
                     // Keep the objects of its last good version: this process's, or, after a
@@ -640,7 +670,7 @@ impl Folder {
                     }
                     // Remember the stamp so the error is reported once per version of the
                     // file.
-                    self.files.insert(path, FileObjects { stamp, ..old });
+                    self.insert_file(path, FileObjects { stamp, ..old });
                     errors.push(e);
                 }
             }
@@ -658,9 +688,21 @@ impl Folder {
     }
 
     /// `path`'s content as its writer closed it (close number `close`), once it was read and
-    /// then found still closed `SETTLE` later; `None` meanwhile (read now, or waiting).
+    /// then found still closed `SETTLE` later (at once if it was renamed into place); `None`
+    /// meanwhile (read now, or waiting).
     fn settled(&mut self, path: &Path, stamp: Stamp, close: u64) -> Option<FileRead> {
         let (watch, name) = (self.watch.clone()?, path.file_name()?);
+        if watch.moved_in(name, close) {
+            // Renamed into place: whole already. Taken if nothing touched it while read.
+            self.settling.remove(path);
+            let read = read_file(path);
+            if watch.still_closed(name, close) {
+                return Some(read);
+            }
+            // Something else may have been written meanwhile: looked at again next refresh.
+            self.being_written.insert(path.to_path_buf());
+            return None;
+        }
         if let Some(s) = self.settling.get(path)
             && s.close == close
             && s.stamp == stamp
@@ -679,10 +721,32 @@ impl Folder {
         None
     }
 
+    fn insert_file(&mut self, path: PathBuf, f: FileObjects) {
+        for id in f.ids.keys() {
+            self.owners.entry(id.clone()).or_default().insert(path.clone());
+        }
+        self.files.insert(path, f);
+    }
+
+    fn remove_file(&mut self, path: &Path) -> Option<FileObjects> {
+        let f = self.files.remove(path)?;
+        for id in f.ids.keys() {
+            if let Some(owners) = self.owners.get_mut(id) {
+                owners.remove(path);
+                if owners.is_empty() {
+                    self.owners.remove(id);
+                }
+            }
+        }
+        Some(f)
+    }
+
     /// Brings one object of the merged state up to date: the first file (by name) that
     /// defines it wins; a duplicate elsewhere is reported.
     fn merge(&mut self, id: &Id) {
-        let mut defined = self.files.iter().filter_map(|(p, f)| f.get(id).map(|o| (p, o)));
+        let files = &self.files;
+        let mut defined =
+            self.owners.get(id).into_iter().flatten().filter_map(|p| files.get(p)?.get(id).map(|o| (p, o)));
         let winner = defined.next();
         for (dup, _) in defined {
             let first = winner.map(|(p, _)| p.display().to_string()).unwrap_or_default();
@@ -942,6 +1006,8 @@ mod tests {
         first.refresh().unwrap();
         assert_eq!(first.cluster().services.len(), 1);
         std::fs::write(dir.join("web.yaml"), "kind: Service\n  bad: [indent").unwrap();
+        // A restart: the first process is gone (its copies written as it stopped).
+        drop(first);
         let mut second = Folder::new(&dir).with_state(&state).unwrap();
         let (_, errors) = second.refresh().unwrap();
         assert_eq!(errors.len(), 1, "the broken file is reported");
@@ -950,9 +1016,62 @@ mod tests {
         // Removing the file removes the saved copy too.
         std::fs::remove_file(dir.join("web.yaml")).unwrap();
         second.refresh().unwrap();
-        assert!(second.cluster().services.is_empty() && !state.join("web.yaml").exists());
+        assert!(second.cluster().services.is_empty());
+        drop(second);
+        assert!(!state.join("web.yaml").exists());
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&state);
+    }
+
+    /// Watched, a refresh looks only at the files touched since the last one: a file renamed
+    /// into place is applied at that refresh (whole already: no `SETTLE`), a deleted one
+    /// goes, a new one comes, and the untouched ones stay as they were.
+    #[test]
+    fn a_watched_folder_takes_renames_at_once_and_follows_every_touched_file() {
+        let dir = scratch_dir("renames");
+        let svc = |name: &str, port: u16| {
+            WEB.replace("name: web", &format!("name: {name}")).replace("port: 80", &format!("port: {port}"))
+        };
+        for i in 0..50 {
+            std::fs::write(dir.join(format!("s{i}.yaml")), svc(&format!("s{i}"), 80)).unwrap();
+        }
+        let mut folder = Folder::new(&dir);
+        let watch = Watch::start(&dir, || {}).unwrap();
+        folder.watched_by(watch.clone());
+        folder.refresh().unwrap();
+        assert_eq!(folder.cluster().services.len(), 50);
+        let port_of = |f: &Folder, name: &str| {
+            f.cluster().services[&("default".to_string(), name.to_string())]
+                .spec
+                .as_ref()
+                .unwrap()
+                .ports
+                .as_ref()
+                .unwrap()[0]
+                .port
+        };
+        // A rename into place; the events are read by the watch's thread: wait for it.
+        std::fs::write(dir.join(".s7.tmp"), svc("s7", 81)).unwrap();
+        std::fs::rename(dir.join(".s7.tmp"), dir.join("s7.yaml")).unwrap();
+        wait_until(|| {
+            watch
+                .closed(std::ffi::OsStr::new("s7.yaml"))
+                .is_some_and(|c| watch.moved_in("s7.yaml".as_ref(), c))
+        });
+        let (changed, errors) = folder.refresh().unwrap();
+        assert!(changed && errors.is_empty());
+        assert_eq!(port_of(&folder, "s7"), 81, "applied at once, not after SETTLE");
+        folder.take_changes();
+        std::fs::remove_file(dir.join("s3.yaml")).unwrap();
+        std::fs::write(dir.join("new.yaml"), svc("new", 82)).unwrap();
+        wait_until(|| {
+            folder.refresh().unwrap();
+            folder.cluster().services.len() == 50
+                && folder.cluster().services.contains_key(&("default".into(), "new".into()))
+        });
+        assert!(!folder.cluster().services.contains_key(&("default".into(), "s3".into())));
+        assert_eq!(port_of(&folder, "s8"), 80);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A file open for writing is left at its previous version until its writer closes it
@@ -989,7 +1108,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    fn wait_until(f: impl Fn() -> bool) {
+    fn wait_until(mut f: impl FnMut() -> bool) {
         let t0 = std::time::Instant::now();
         while !f() {
             assert!(t0.elapsed() < Duration::from_secs(5), "the watcher saw nothing in 5 s");

@@ -4,6 +4,7 @@
 pub mod endpoints;
 pub mod kube;
 pub mod manifests;
+pub mod saver;
 pub mod watch;
 
 use std::time::Instant;

@@ -8,7 +8,7 @@
 //! queued, knows nothing has touched the file between its close and that moment.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::{OsStr, OsString},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     os::unix::ffi::OsStrExt as _,
@@ -22,12 +22,16 @@ pub struct Watch {
     state: Mutex<Closes>,
 }
 
-/// Which files are closed since their last change: name → the close's number. A file that
-/// changed since its close has no entry.
+/// Which files are closed since their last change: name → the close's number, and whether
+/// that "close" was a rename into place. A file that changed since its close has no entry.
+/// Also the names touched since the folder last took them (so a refresh need not stat every
+/// file), unless events were lost.
 #[derive(Default)]
 struct Closes {
     last: u64,
-    by_name: BTreeMap<OsString, u64>,
+    by_name: BTreeMap<OsString, (u64, bool)>,
+    touched: BTreeSet<OsString>,
+    overflowed: bool,
 }
 
 impl std::fmt::Debug for Watch {
@@ -77,7 +81,21 @@ impl Watch {
 
     /// The number of `name`'s last close, if it is closed since it last changed.
     pub fn closed(&self, name: &OsStr) -> Option<u64> {
-        self.lock().by_name.get(name).copied()
+        self.lock().by_name.get(name).map(|(close, _)| *close)
+    }
+
+    /// Whether close number `close` of `name` was a rename into place: the file was whole
+    /// before it had this name, so it need not settle.
+    pub fn moved_in(&self, name: &OsStr, close: u64) -> bool {
+        self.lock().by_name.get(name) == Some(&(close, true))
+    }
+
+    /// The names touched since the last call; `None` when events were lost: then the whole
+    /// folder must be read.
+    pub fn take_touched(&self) -> Option<BTreeSet<OsString>> {
+        let mut state = self.lock();
+        let touched = std::mem::take(&mut state.touched);
+        (!std::mem::replace(&mut state.overflowed, false)).then_some(touched)
     }
 
     /// Whether `name` is still as it was at close number `close`: that close is still its
@@ -85,7 +103,7 @@ impl Watch {
     pub fn still_closed(&self, name: &OsStr, close: u64) -> bool {
         let state = self.lock();
         // A failed poll counts as "something waits": the safe answer.
-        state.by_name.get(name) == Some(&close) && matches!(self.poll(0), Ok(false))
+        state.by_name.get(name).map(|(c, _)| *c) == Some(close) && matches!(self.poll(0), Ok(false))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Closes> {
@@ -149,11 +167,16 @@ impl Watch {
 impl Closes {
     fn apply(&mut self, mask: u32, name: &OsStr) {
         if mask & libc::IN_Q_OVERFLOW != 0 {
-            // Events were lost: no close can be trusted.
+            // Events were lost: no close can be trusted, and any file may have changed.
             self.by_name.clear();
-        } else if mask & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) != 0 {
+            self.touched.clear();
+            self.overflowed = true;
+            return;
+        }
+        self.touched.insert(name.to_os_string());
+        if mask & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) != 0 {
             self.last += 1;
-            self.by_name.insert(name.to_os_string(), self.last);
+            self.by_name.insert(name.to_os_string(), (self.last, mask & libc::IN_MOVED_TO != 0));
         } else {
             self.by_name.remove(name);
         }

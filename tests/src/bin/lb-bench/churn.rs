@@ -53,6 +53,7 @@ const LIMIT_P99_MS: f64 = 100.0;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Variant {
     Ours,
+    OursManifests,
     Iptables,
     Nftables,
 }
@@ -61,6 +62,7 @@ impl Variant {
     fn name(self) -> &'static str {
         match self {
             Variant::Ours => "ours (kube source)",
+            Variant::OursManifests => "ours (manifest files)",
             Variant::Iptables => "iptables-restore --noflush",
             Variant::Nftables => "nft -f delta",
         }
@@ -147,22 +149,65 @@ fn churn_capacities(n: u32) -> lb_userspace::loader::Capacities {
     caps
 }
 
-fn ours(n: u32, bins: &Bins, window: Duration) -> anyhow::Result<Vec<Window>> {
+/// Where the agent reads the Services from, and how an update reaches it.
+enum Feed {
+    /// Watch events from the API stand-in.
+    Api(ApiStandIn),
+    /// Manifest files: the Services in files of 1 000, each slice in a file of its own, which
+    /// an update replaces as editors and config tools do (written aside, renamed into place).
+    Files(PathBuf),
+}
+
+impl Feed {
+    fn send(&self, u: &Update) -> anyhow::Result<()> {
+        let v = slice_json(u.service, u.port)?;
+        match self {
+            Feed::Api(api) => api.apply(Kind::EndpointSlice, v),
+            Feed::Files(dir) => {
+                let tmp = dir.join(format!(".slice-{}.tmp", u.service));
+                fs::write(&tmp, serde_json::to_string(&v)?)?;
+                fs::rename(&tmp, dir.join(format!("slice-{}.yaml", u.service)))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Result<Vec<Window>> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let _guard = rt.enter();
     let mut agent = ScratchAgent::prepare("churn", bins)?;
-    // The stand-in listens inside the agent's namespace.
-    let listener = in_netns(&agent.ns.0, || std::net::TcpListener::bind("127.0.0.1:0"))??;
-    let api = ApiStandIn::start_on(listener);
-    api.apply(Kind::Node, json!({"metadata": {"name": "bench"}, "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"}]}}));
-    for i in 0..n {
-        api.apply(Kind::Service, serde_json::to_value(service(i, Proto::Tcp))?);
-        api.apply(Kind::EndpointSlice, serde_json::to_value(slice(i, &endpoints_of(i), Proto::Tcp))?);
-    }
-    let kubeconfig = agent.work.join("kubeconfig");
-    fs::write(&kubeconfig, ApiStandIn::kubeconfig(api.addr))?;
-    let kc = kubeconfig.to_string_lossy().into_owned();
-    let t0 = agent.start(&churn_capacities(n), &["--kubeconfig", &kc], &[])?;
+    let (feed, source) = if variant == Variant::Ours {
+        // The stand-in listens inside the agent's namespace.
+        let listener = in_netns(&agent.ns.0, || std::net::TcpListener::bind("127.0.0.1:0"))??;
+        let api = ApiStandIn::start_on(listener);
+        api.apply(Kind::Node, json!({"metadata": {"name": "bench"}, "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"}]}}));
+        for i in 0..n {
+            api.apply(Kind::Service, serde_json::to_value(service(i, Proto::Tcp))?);
+            api.apply(Kind::EndpointSlice, serde_json::to_value(slice(i, &endpoints_of(i), Proto::Tcp))?);
+        }
+        let kubeconfig = agent.work.join("kubeconfig");
+        fs::write(&kubeconfig, ApiStandIn::kubeconfig(api.addr))?;
+        (Feed::Api(api), vec!["--kubeconfig".to_string(), kubeconfig.to_string_lossy().into_owned()])
+    } else {
+        let dir = agent.work.join("manifests");
+        for from in (0..n).step_by(1_000) {
+            let mut text = String::new();
+            for i in from..(from + 1_000).min(n) {
+                text += &serde_json::to_string(&service(i, Proto::Tcp))?;
+                text += "\n---\n";
+            }
+            fs::write(dir.join(format!("services-{from}.yaml")), text)?;
+        }
+        for i in 0..n {
+            let v = serde_json::to_string(&slice(i, &endpoints_of(i), Proto::Tcp))?;
+            fs::write(dir.join(format!("slice-{i}.yaml")), v)?;
+        }
+        let source = vec!["--manifests".to_string(), dir.to_string_lossy().into_owned()];
+        (Feed::Files(dir), source)
+    };
+    let source: Vec<&str> = source.iter().map(String::as_str).collect();
+    let t0 = agent.start(&churn_capacities(n), &source, &[])?;
     let synced = agent.wait_synced(n, t0, Duration::from_secs(300))?;
     eprintln!("  ours: first sync of {n} services in {synced:.1} s");
     let pending: Arc<Mutex<HashMap<(Ipv4Addr, u16), Instant>>> = Arc::default();
@@ -202,21 +247,22 @@ fn ours(n: u32, bins: &Bins, window: Duration) -> anyhow::Result<Vec<Window>> {
         let sent = generate(rate, window, n, &mut next, |u| {
             let first = endpoints_of(u.service)[0].0;
             pending.lock().unwrap().insert((first, u.port), u.sent);
-            if let Ok(v) = slice_json(u.service, u.port) {
-                api.apply(Kind::EndpointSlice, v);
+            if let Err(e) = feed.send(&u) {
+                eprintln!("  an update was not sent: {e:#}");
             }
         });
-        let cores = (agent.cpu_seconds() - cpu0) / t.elapsed().as_secs_f64();
         let drain = Instant::now();
         while !pending.lock().unwrap().is_empty() && drain.elapsed() < DRAIN {
             std::thread::sleep(Duration::from_millis(10));
         }
+        // Over the window and the drain, as for the baselines (whose syncs run on into it).
+        let cores = (agent.cpu_seconds() - cpu0) / t.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         poller.join().map_err(|_| anyhow::anyhow!("poller panicked"))??;
         pending.lock().unwrap().clear();
         let latencies = std::mem::take(&mut *seen.lock().unwrap());
         let w = Window { rate, sent, latencies, cores };
-        report_window(Variant::Ours, &w);
+        report_window(variant, &w);
         windows.push(w);
     }
     agent.stop()?;
@@ -333,7 +379,6 @@ fn kernel_rules(
             };
             let t = Instant::now();
             let sent = generate(rate, window, n, &mut next, |u| queue.lock().unwrap().push(u));
-            let elapsed = t.elapsed().as_secs_f64();
             // The syncs still owed are finished (the drain), then the thread stops.
             let drain = Instant::now();
             while !queue.lock().unwrap().is_empty() && drain.elapsed() < DRAIN {
@@ -343,6 +388,7 @@ fn kernel_rules(
             let (mut latencies, cpu, back) =
                 syncer.join().map_err(|_| anyhow::anyhow!("sync thread panicked"))??;
             current = back;
+            let elapsed = t.elapsed().as_secs_f64();
             // Syncs that ended after the drain count as not applied in time.
             latencies.retain(|l| *l <= (window + DRAIN).as_secs_f64() * 1e3);
             let w = Window { rate, sent, latencies, cores: cpu / elapsed };
@@ -364,7 +410,8 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Re
     let mut rows: Vec<(u32, Variant, Option<Vec<Window>>)> = Vec::new();
     for &n in sweep {
         eprintln!("bench churn: {n} services × {ENDPOINTS} endpoints, {window:?} per rate ...");
-        rows.push((n, Variant::Ours, Some(ours(n, &bins, window)?)));
+        rows.push((n, Variant::Ours, Some(ours(n, &bins, window, Variant::Ours)?)));
+        rows.push((n, Variant::OursManifests, Some(ours(n, &bins, window, Variant::OursManifests)?)));
         rows.push((n, Variant::Iptables, kernel_rules(Variant::Iptables, n, window, limit)?));
         let nft = if n <= nft_max { kernel_rules(Variant::Nftables, n, window, limit)? } else { None };
         rows.push((n, Variant::Nftables, nft));
@@ -384,7 +431,7 @@ fn report(
     rows: &[(u32, Variant, Option<Vec<Window>>)],
 ) -> anyhow::Result<()> {
     let mut md = format!(
-        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU is the agent's. Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all.\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) |\n|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU (over the window and its drain) is the agent's; the manifest source reads each slice from a file of its own, replaced by a rename. Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all.\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) |\n|---:|---|---:|---:|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
         super::kernel(),
         window.as_secs(),
@@ -421,13 +468,16 @@ fn report(
     }
     md.push('\n');
     md.push_str(&limits);
-    if let Some((_, _, Some(ws))) = rows.iter().find(|(n, v, _)| *n == GOAL_SERVICES && *v == Variant::Ours)
-        && let Some(w) = ws.iter().find(|w| w.rate == GOAL_RATE)
-    {
+    for (n, v, ws) in rows {
+        let Some(w) = ws.iter().flatten().find(|w| w.rate == GOAL_RATE) else { continue };
+        if *n != GOAL_SERVICES || !matches!(v, Variant::Ours | Variant::OursManifests) {
+            continue;
+        }
         let (p99, cores) = (w.p(0.99), w.cores);
         let _ = writeln!(
             md,
-            "\nGoal at {GOAL_SERVICES} Services and {GOAL_RATE} updates/s: p99 < {GOAL_P99_MS} ms → {} ms ({}); under {GOAL_CORES} core → {cores:.2} ({}).",
+            "\nGoal at {GOAL_SERVICES} Services and {GOAL_RATE} updates/s, {}: p99 < {GOAL_P99_MS} ms → {} ms ({}); under {GOAL_CORES} core → {cores:.2} ({}).",
+            v.name(),
             ms(p99),
             if p99 < GOAL_P99_MS { "met" } else { "missed" },
             if cores < GOAL_CORES { "met" } else { "missed" },
