@@ -690,8 +690,16 @@ impl<'a> Planning<'a> {
                 continue;
             }
             let id = v.service_id;
-            self.wanted_ranges.extend(applied.source_ranges.iter().filter(|(sid, _)| *sid == id).copied());
-            for key in applied.members.keys().filter(|k| k.service_id == id) {
+            // Ranges of the ordered maps, not scans: under churn many services are kept at once.
+            let lowest_net =
+                IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::UNSPECIFIED, 0).unwrap_or_default());
+            let ranges = applied.source_ranges.range((id, lowest_net)..).take_while(|(sid, _)| *sid == id);
+            self.wanted_ranges.extend(ranges.copied());
+            let members = MemberKey { service_id: id, backend_id: 0 }..=MemberKey {
+                service_id: id,
+                backend_id: u32::MAX,
+            };
+            for key in applied.members.range(members).map(|(k, _)| k) {
                 self.wanted_members.insert(*key);
                 self.kept_backend_ids.insert(key.backend_id);
             }
