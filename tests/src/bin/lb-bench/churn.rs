@@ -104,6 +104,9 @@ struct Window {
     latencies: Vec<f64>,
     /// CPU seconds per second of window.
     cores: f64,
+    /// Ours: the median time of one scan of the pinned backends (latencies are upper bounds
+    /// by that much).
+    scan_ms: Option<f64>,
 }
 
 impl Window {
@@ -230,7 +233,8 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
         let poller = {
             let (pending, seen, stop, pins) =
                 (pending.clone(), seen.clone(), stop.clone(), agent.pin_dir.clone());
-            std::thread::spawn(move || -> anyhow::Result<()> {
+            std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+                let mut scans = Vec::new();
                 let dp = AyaDataplane::open(&pins)?;
                 while !stop.load(Ordering::Relaxed) {
                     // A scan a millisecond (the resolution of the figures): scanning back to
@@ -239,8 +243,10 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
                     if pending.lock().unwrap().is_empty() {
                         continue;
                     }
+                    let began = Instant::now();
                     let Ok(backends) = dp.backends() else { continue };
                     let now = Instant::now();
+                    scans.push((now - began).as_secs_f64() * 1e3);
                     let mut pending = pending.lock().unwrap();
                     let mut seen = seen.lock().unwrap();
                     for (_, b) in backends {
@@ -250,7 +256,7 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
                         }
                     }
                 }
-                Ok(())
+                Ok(scans)
             })
         };
         let cpu0 = agent.cpu_seconds();
@@ -269,10 +275,11 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
         // Over the window and the drain, as for the baselines (whose syncs run on into it).
         let cores = (agent.cpu_seconds() - cpu0) / t.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
-        poller.join().map_err(|_| anyhow::anyhow!("poller panicked"))??;
+        let mut scans = poller.join().map_err(|_| anyhow::anyhow!("poller panicked"))??;
+        let scan_ms = (!scans.is_empty()).then(|| percentile(&mut scans, 0.5));
         pending.lock().unwrap().clear();
         let latencies = std::mem::take(&mut *seen.lock().unwrap());
-        let w = Window { rate, sent, latencies, cores };
+        let w = Window { rate, sent, latencies, cores, scan_ms };
         report_window(variant, &w);
         windows.push(w);
     }
@@ -282,14 +289,15 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
 
 fn report_window(v: Variant, w: &Window) {
     eprintln!(
-        "  {} at {}/s: {} updates, p50 {:.1} ms, p99 {:.1} ms, {} not applied within {DRAIN:?}, {:.2} cores",
+        "  {} at {}/s: {} updates, p50 {:.1} ms, p99 {:.1} ms, {} not applied within {DRAIN:?}, {:.2} cores, scan {}",
         v.name(),
         w.rate,
         w.sent,
         w.p(0.5),
         w.p(0.99),
         w.lost(),
-        w.cores
+        w.cores,
+        w.scan_ms.map_or("–".into(), |s| format!("{s:.1} ms"))
     );
 }
 
@@ -405,7 +413,7 @@ fn kernel_rules(
             let elapsed = t.elapsed().as_secs_f64();
             // Syncs that ended after the drain count as not applied in time.
             latencies.retain(|l| *l <= (window + DRAIN).as_secs_f64() * 1e3);
-            let w = Window { rate, sent, latencies, cores: cpu / elapsed };
+            let w = Window { rate, sent, latencies, cores: cpu / elapsed, scan_ms: None };
             report_window(v, &w);
             windows.push(w);
             if stalled {
@@ -449,7 +457,7 @@ fn report(
     rows: &[(u32, Variant, Option<Vec<Window>>)],
 ) -> anyhow::Result<()> {
     let mut md = format!(
-        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU (over the window and its drain) is the agent's, from 10 s after its first sync; the manifest source reads each slice from a file of its own, replaced by a rename. Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all; a baseline whose sync takes over a minute is stopped there (\"stalled below\": the higher rates are not run).\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) |\n|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond — an upper bound by one scan, whose median is the last column; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU (over the window and its drain) is the agent's, from 10 s after its first sync; the manifest source reads each slice from a file of its own, replaced by a rename. Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all; a baseline whose sync takes over a minute is stopped there (\"stalled below\": the higher rates are not run).\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) | scan (ms) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
         super::kernel(),
         window.as_secs(),
@@ -458,24 +466,25 @@ fn report(
     let mut limits = String::new();
     for (n, v, windows) in rows {
         let Some(windows) = windows else {
-            let _ = writeln!(md, "| {n} | {} | – | – | not run | – | – | – |", v.name());
+            let _ = writeln!(md, "| {n} | {} | – | – | not run | – | – | – | – |", v.name());
             continue;
         };
         for w in windows {
             let _ = writeln!(
                 md,
-                "| {n} | {} | {} | {} | {} | {} | {} | {:.2} |",
+                "| {n} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
                 v.name(),
                 w.rate,
                 w.sent,
                 ms(w.p(0.5)),
                 ms(w.p(0.99)),
                 w.lost(),
-                w.cores
+                w.cores,
+                w.scan_ms.map_or("–".into(), ms)
             );
         }
         for rate in &RATES[windows.len()..] {
-            let _ = writeln!(md, "| {n} | {} | {rate} | – | stalled below | – | – | – |", v.name());
+            let _ = writeln!(md, "| {n} | {} | {rate} | – | stalled below | – | – | – | – |", v.name());
         }
         let limit = windows.iter().find(|w| w.p(0.99) > LIMIT_P99_MS).map(|w| w.rate);
         let _ = writeln!(
@@ -514,7 +523,7 @@ fn report(
             "services": n, "variant": v.name(),
             "windows": ws.as_ref().map(|ws| ws.iter().map(|w| json!({
                 "rate": w.rate, "updates": w.sent, "p50_ms": w.p(0.5), "p99_ms": w.p(0.99),
-                "not_applied": w.lost(), "cores": w.cores,
+                "not_applied": w.lost(), "cores": w.cores, "scan_ms": w.scan_ms,
             })).collect::<Vec<_>>()),
         })).collect::<Vec<_>>(),
     });
