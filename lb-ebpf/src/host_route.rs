@@ -56,7 +56,7 @@ pub fn translated(ctx: &TcContext) -> Option<i32> {
         None => HOST_ROUTE_TO_STACK,
     };
     count(slot, bytes);
-    verdict.map(|_| TC_ACT_REDIRECT as i32)
+    verdict.map(|_| TC_ACT_REDIRECT)
 }
 
 enum Via {

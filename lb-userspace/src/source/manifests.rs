@@ -492,6 +492,8 @@ pub struct Folder {
     settling: BTreeMap<PathBuf, Settling>,
     /// Writes the copies in `state`.
     saver: Option<Saver>,
+    /// Some entry of the folder is a symbolic link (seen in the last whole read).
+    links: bool,
     /// Files changed and not closed yet: looked at again on each refresh (their writer may
     /// never close them: `WRITER_PATIENCE`).
     being_written: BTreeSet<PathBuf>,
@@ -542,7 +544,17 @@ impl Folder {
         let dir_err = |source| ManifestError::Dir { dir: self.dir.clone(), source };
         // Watched: only the files touched since the last refresh (and those waiting for their
         // writer) are looked at, not every file of the folder.
-        let touched = self.watch.as_ref().and_then(|w| w.take_touched()).filter(|_| self.read_once);
+        // Links change what a name resolves to without an event for that name (a ConfigMap
+        // volume swaps its `..data` link): a folder with any, or a touched name that is a link
+        // or a directory now, is read whole.
+        let dir = &self.dir;
+        let not_a_file =
+            |n: &std::ffi::OsString| std::fs::symlink_metadata(dir.join(n)).is_ok_and(|m| !m.is_file());
+        let touched = self
+            .watch
+            .as_ref()
+            .and_then(|w| w.take_touched())
+            .filter(|names| self.read_once && !self.links && !names.iter().any(not_a_file));
         let whole = touched.is_none();
         let paths: Vec<PathBuf> = match touched {
             Some(names) => {
@@ -550,10 +562,12 @@ impl Folder {
                 let touched = names.into_iter().map(|n| self.dir.join(n));
                 waiting.chain(touched).collect::<BTreeSet<_>>().into_iter().collect()
             }
-            None => std::fs::read_dir(&self.dir)
-                .map_err(dir_err)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect(),
+            None => {
+                let entries: Vec<std::fs::DirEntry> =
+                    std::fs::read_dir(&self.dir).map_err(dir_err)?.filter_map(Result::ok).collect();
+                self.links = entries.iter().any(|e| e.file_type().is_ok_and(|t| t.is_symlink()));
+                entries.iter().map(std::fs::DirEntry::path).collect()
+            }
         };
         let mut seen = BTreeMap::new();
         for path in &paths {
@@ -1071,6 +1085,42 @@ mod tests {
         });
         assert!(!folder.cluster().services.contains_key(&("default".into(), "s3".into())));
         assert_eq!(port_of(&folder, "s8"), 80);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A ConfigMap volume: every file a link through `..data`, which the kubelet swaps to a
+    /// new directory with one rename — no event names the file. The new content is applied
+    /// (once `WRITER_PATIENCE` says its writer is done, as no close of that name is seen).
+    #[test]
+    fn a_configmap_volume_swapped_under_its_links_is_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = scratch_dir("configmap");
+        let version = |name: &str, port: u16| {
+            std::fs::create_dir(dir.join(name)).unwrap();
+            std::fs::write(
+                dir.join(name).join("web.yaml"),
+                WEB.replace("port: 80", &format!("port: {port}")),
+            )
+            .unwrap();
+        };
+        version("..2026_a", 80);
+        symlink("..2026_a", dir.join("..data")).unwrap();
+        symlink("..data/web.yaml", dir.join("web.yaml")).unwrap();
+        let mut folder = Folder::new(&dir);
+        folder.watched_by(Watch::start(&dir, || {}).unwrap());
+        folder.refresh().unwrap();
+        let port = |f: &Folder| {
+            let web = &f.cluster().services[&("default".to_string(), "web".to_string())];
+            web.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port
+        };
+        assert_eq!(port(&folder), 80);
+        version("..2026_b", 81);
+        symlink("..2026_b", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        wait_until(|| {
+            folder.refresh().unwrap();
+            port(&folder) == 81
+        });
         let _ = std::fs::remove_dir_all(&dir);
     }
 
