@@ -327,12 +327,18 @@ struct ReadLately<T> {
     read: Option<(Instant, T)>,
 }
 
-impl<T: Clone> ReadLately<T> {
+impl<T: Clone + PartialEq> ReadLately<T> {
     fn get(&mut self, read: impl FnOnce() -> T) -> T {
         match &self.read {
             Some((at, v)) if at.elapsed() < Duration::from_secs(1) => v.clone(),
             _ => self.read.insert((Instant::now(), read())).1.clone(),
         }
+    }
+
+    /// Reads it again if the last read is a second old: whether it changed since.
+    fn changed(&mut self, read: impl FnOnce() -> T) -> bool {
+        let before = self.read.as_ref().map(|(_, v)| v.clone());
+        before.is_some_and(|b| b != self.get(read))
     }
 }
 
@@ -392,6 +398,13 @@ impl Agent {
         let resync = self.cfg.config_sync_period.is_some_and(|p| self.last_resync.elapsed() >= p);
         if resync {
             self.last_resync = Instant::now();
+        }
+        // The node's MTUs and addresses are read at most once a second; a change is written
+        // even when the source brings none.
+        let xdp = &self.cfg.xdp_ifaces;
+        if self.mtu_floor.changed(links::mtu_floor) | self.host_addresses.changed(|| fallback_addresses(xdp))
+        {
+            self.syncer.owe_config();
         }
         let node = NodeContext {
             name: self.cfg.node_name.clone(),

@@ -58,6 +58,9 @@ pub struct Syncer {
     limits: Limits,
     /// The datapath configuration last written.
     config: Option<Config>,
+    /// The node changed under the configuration (an MTU, an address): the next turn syncs
+    /// even with no change from the source.
+    config_owed: bool,
     /// The Model's notes already logged.
     said: BTreeSet<(String, String)>,
 }
@@ -72,6 +75,7 @@ impl Syncer {
             applied,
             limits,
             config: None,
+            config_owed: false,
             said: BTreeSet::new(),
         }
     }
@@ -92,6 +96,11 @@ impl Syncer {
         self.model.contested_frontends()
     }
 
+    /// The node's MTUs or addresses changed: the configuration is rewritten on the next turn.
+    pub fn owe_config(&mut self) {
+        self.config_owed = true;
+    }
+
     /// Syncs what `source` changed (and what is owed, once its retry is `now` due) into
     /// `dp`; `resync` re-plans everything against the maps as they are. `config_for` makes
     /// the datapath configuration from the node's addresses. None: nothing to do. A failed
@@ -108,7 +117,7 @@ impl Syncer {
         let due = self.retry.due(now);
         let mut changes = match source.changed() {
             Some(c) => c,
-            None if due || resync => Changes::default(),
+            None if due || resync || self.config_owed => Changes::default(),
             None => return Ok(None),
         };
         if resync {
@@ -136,6 +145,7 @@ impl Syncer {
         self.retry.prepare(&mut delta, due, |a| model.uses_backend(a));
         let desired = self.model.desired();
         let want = config_for(&node_addresses);
+        self.config_owed = false;
         let config_written = self.config != Some(want);
         if config_written {
             dp.set_config(&want)?;

@@ -153,6 +153,14 @@ fn the_configuration_is_written_when_it_changes() {
     let changed = s.sync(&mut dp, &mut src, &node(), |_| cfg(2000), true, t0).unwrap().unwrap();
     assert!(changed.config_written);
     assert_eq!(dp.config.snat_port_min, 2000);
+    // The node changed under it (a route's MTU, say) with nothing from the source: no sync
+    // until the agent says the configuration is owed, then one that writes it.
+    assert!(s.sync(&mut dp, &mut src, &node(), |_| cfg(3000), false, t0).unwrap().is_none());
+    s.owe_config();
+    let owed = s.sync(&mut dp, &mut src, &node(), |_| cfg(3000), false, t0).unwrap().unwrap();
+    assert!(owed.config_written && owed.writes == 0, "{owed:?}");
+    assert_eq!(dp.config.snat_port_min, 3000);
+    assert!(s.sync(&mut dp, &mut src, &node(), |_| cfg(3000), false, t0).unwrap().is_none());
 }
 
 /// Under churn the Maglev array can be full only of ranges in quarantine (a table changed
