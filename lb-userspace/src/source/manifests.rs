@@ -726,7 +726,17 @@ impl Folder {
             }
             let s = self.settling.remove(path)?;
             if watch.still_closed(name, close) {
-                return Some(s.read);
+                // An empty file would remove every object it held, and a writer stalled
+                // right after its truncation looks just like that (a late close of its last
+                // write can even report it closed): empty is believed once it stayed so for
+                // `WRITER_PATIENCE`.
+                let empty = s.read.as_ref().is_ok_and(|(text, _, _)| text.trim().is_empty());
+                let old = std::fs::metadata(path).is_ok_and(|md| written_long_ago(&md));
+                if !empty || old {
+                    return Some(s.read);
+                }
+                self.settling.insert(path.to_path_buf(), Settling { read_at: Instant::now(), ..s });
+                return None;
             }
         }
         // First seen closed, or written again since: read it (again) and wait.
@@ -1121,6 +1131,32 @@ mod tests {
             folder.refresh().unwrap();
             port(&folder) == 81
         });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file emptied in place keeps its objects until it has stayed empty for
+    /// `WRITER_PATIENCE` (a writer stalled after its truncation looks the same), then they go.
+    #[test]
+    fn an_emptied_file_is_believed_once_it_stays_empty() {
+        let dir = scratch_dir("emptied");
+        std::fs::write(dir.join("web.yaml"), WEB).unwrap();
+        let mut folder = Folder::new(&dir);
+        folder.watched_by(Watch::start(&dir, || {}).unwrap());
+        folder.refresh().unwrap();
+        std::fs::write(dir.join("web.yaml"), "").unwrap();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < SETTLE * 4 {
+            folder.refresh().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(folder.cluster().services.len(), 1, "kept past SETTLE");
+        while t0.elapsed() < WRITER_PATIENCE + Duration::from_secs(2) && !folder.cluster().services.is_empty()
+        {
+            folder.refresh().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(folder.cluster().services.is_empty(), "gone once it stayed empty");
+        assert!(t0.elapsed() >= WRITER_PATIENCE);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
