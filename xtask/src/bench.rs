@@ -89,7 +89,8 @@ pub enum Which {
     },
     /// A stream of EndpointSlice updates at 100, 1 000 and 5 000 per second (30 s each) over
     /// 30k and 100k Services: programming latency p50/p99 and CPU, the real agent on the
-    /// API stand-in vs kube-proxy-shaped iptables-restore and nft -f syncs. Builds the lab
+    /// API stand-in and on manifest files vs kube-proxy-shaped iptables-restore and nft -f
+    /// syncs. Builds the lab
     /// binaries first.
     Churn {
         /// 10-second windows instead of 30.
