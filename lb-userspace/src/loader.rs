@@ -143,6 +143,29 @@ pub fn set_bpf_log(loader: &mut EbpfLoader<'_>, log: BpfLog) {
     loader.override_global("AYA_LOG_LEVEL", &LEVELS[log.level() as usize], false);
 }
 
+/// Loads the XDP and the TC program on two threads: the verifier takes seconds over each of
+/// them (about 3 s apiece on a small VM), and an agent that restarts applies no change
+/// until both are in.
+fn load_both_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let prog_err = |name| move |source| LoadError::Program { name, source };
+    let (mut xdp, mut tc) = (None, None);
+    for (name, program) in ebpf.programs_mut() {
+        match name {
+            XDP_PROGRAM => xdp = Some(<&mut Xdp>::try_from(program).map_err(prog_err(XDP_PROGRAM))?),
+            TC_PROGRAM => tc = Some(<&mut SchedClassifier>::try_from(program).map_err(prog_err(TC_PROGRAM))?),
+            _ => {}
+        }
+    }
+    let xdp = xdp.ok_or(LoadError::MissingProgram(XDP_PROGRAM))?;
+    let tc = tc.ok_or(LoadError::MissingProgram(TC_PROGRAM))?;
+    std::thread::scope(|s| {
+        let tc_loaded = s.spawn(|| tc.load().map_err(prog_err(TC_PROGRAM)));
+        let xdp_loaded = xdp.load().map_err(prog_err(XDP_PROGRAM));
+        let tc_loaded = tc_loaded.join().expect("the TC program's loader thread panicked");
+        xdp_loaded.and(tc_loaded)
+    })
+}
+
 /// `load_migrating`, with the datapath's debug messages at `log`.
 pub fn load_migrating_with_log(
     pin_dir: &Path,
@@ -168,19 +191,7 @@ pub fn load_migrating_with_log(
         loader.map_max_entries(name, *max);
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    let prog_err = |name| move |source| LoadError::Program { name, source };
-    let xdp: &mut Xdp = ebpf
-        .program_mut(XDP_PROGRAM)
-        .ok_or(LoadError::MissingProgram(XDP_PROGRAM))?
-        .try_into()
-        .map_err(prog_err(XDP_PROGRAM))?;
-    xdp.load().map_err(prog_err(XDP_PROGRAM))?;
-    let tc: &mut SchedClassifier = ebpf
-        .program_mut(TC_PROGRAM)
-        .ok_or(LoadError::MissingProgram(TC_PROGRAM))?
-        .try_into()
-        .map_err(prog_err(TC_PROGRAM))?;
-    tc.load().map_err(prog_err(TC_PROGRAM))?;
+    load_both_programs(&mut ebpf)?;
     migration.copy()?;
     Ok((ebpf, migration))
 }

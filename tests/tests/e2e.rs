@@ -1860,13 +1860,17 @@ fn the_agent_runs_with_the_daemonsets_capabilities_and_names_a_missing_one() {
     let log = lab.state.dir.join("agent-capped.log");
     let f = std::fs::File::create(&log).unwrap();
     let mut child = agent(&caps).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap();
-    let healthy = wait_for(Duration::from_secs(10), || {
+    // As long as the lab gives any agent: loading verifies the programs, which takes seconds
+    // when the other test thread keeps the CPUs busy.
+    let t0 = std::time::Instant::now();
+    let healthy = wait_for(Duration::from_secs(30), || {
         Ok(lab::sh(&mut lab::in_ns(
             &lab.node_netns(1),
             &["curl", "-sf", "--max-time", "1", "http://127.0.0.1:10256/healthz"],
         ))
         .is_ok())
     });
+    eprintln!("the capped agent was healthy after {:.1?}", t0.elapsed());
     let answered = reach_all(&client, sa(vip(), 80), Proto::Tcp, &["web-1", "web-2", "web-3"]);
     // SAFETY: ending the agent this test started, by its pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
