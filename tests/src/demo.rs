@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: the kube-proxy walkthrough on the lab. A 3-replica Service (port 80 ->
-//! targetPort 9376, NodePort 30080); requests from a pod to the ClusterIP and from outside
-//! to the NodePort and from the node's own shell, showing which pod answered; a selector-less
+//! `cargo xtask demo`: the kube-proxy walkthrough on the lab. A 3-replica dual-stack Service
+//! (port 80 -> targetPort 9376, NodePort 30080); requests from a pod to both ClusterIPs
+//! (IPv4 and IPv6) and from outside to the NodePort and from the node's own shell, showing
+//! which pod answered; a selector-less
 //! Service with hand-written Endpoints; a pod removed from the EndpointSlice and traffic
 //! moving off it; the Service with no endpoints refusing at once. Each step checks
 //! what it shows; the run fails if one did not behave.
@@ -13,9 +14,11 @@ use std::{
 
 use anyhow::bail;
 
-use crate::lab::{self, Answer, Bins, Lab, POD_PORT, curl, slice_yaml};
+use crate::lab::{self, Answer, Bins, Lab, POD_PORT, curl, slice_yaml, slice_yaml6};
 
 pub const CLUSTER_IP: &str = "198.19.0.10";
+/// web's IPv6 ClusterIP (the lab's Service prefix, `lab::SERVICE_NET6`).
+pub const CLUSTER_IP6: &str = "2001:2:0:8000::10";
 pub const NODE_PORT: u16 = 30080;
 /// The selector-less Service of the demo's hand-written Endpoints.
 pub const LEGACY_IP: &str = "198.19.0.30";
@@ -37,11 +40,16 @@ pub fn web_manifests(lab: &Lab, replicas: usize) -> String {
     web_with(&pods.iter().map(|p| (*p, "ready: true")).collect::<Vec<_>>())
 }
 
+/// web over `endpoints`: dual-stack, so one slice per family, as Kubernetes writes them.
 fn web_with(endpoints: &[(&lab::Pod, &str)]) -> String {
+    let ports = [("http", POD_PORT, "TCP")];
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  clusterIP: {CLUSTER_IP}\n  \
-         ports: [{{name: http, port: 80, targetPort: {POD_PORT}, nodePort: {NODE_PORT}}}]\n---\n{}",
-        slice_yaml("web-abc12", "web", &[("http", POD_PORT, "TCP")], endpoints)
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  \
+         ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: {CLUSTER_IP}\n  \
+         clusterIPs: [{CLUSTER_IP}, '{CLUSTER_IP6}']\n  \
+         ports: [{{name: http, port: 80, targetPort: {POD_PORT}, nodePort: {NODE_PORT}}}]\n---\n{}---\n{}",
+        slice_yaml("web-abc12", "web", &ports, endpoints),
+        slice_yaml6("web-def34", "web", &ports, endpoints)
     )
 }
 
@@ -111,7 +119,12 @@ fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
     let cluster_url = format!("http://{CLUSTER_IP}/");
     let node_url = format!("http://{}:{NODE_PORT}/", lab::node_ip(1));
 
-    step(1, &format!("Service web: ClusterIP {CLUSTER_IP}:80 -> 3 pods :{POD_PORT}, NodePort {NODE_PORT}"));
+    step(
+        1,
+        &format!(
+            "Service web, dual-stack: ClusterIPs {CLUSTER_IP} and {CLUSTER_IP6}, port 80 -> 3 pods :{POD_PORT}, NodePort {NODE_PORT}"
+        ),
+    );
     lab.write_manifest("web.yaml", &web_manifests(lab, 3))?;
     let t = Instant::now();
     let vip = CLUSTER_IP.parse().expect("literal");
@@ -127,20 +140,25 @@ fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
     let seen = spread(&client, &cluster_url, 12)?;
     check_all(&client, &cluster_url, seen, &["web-1", "web-2", "web-3"])?;
 
-    step(3, &format!("12 requests from the external client to the NodePort {node_url}"));
+    let cluster_url6 = format!("http://[{CLUSTER_IP6}]/");
+    step(3, &format!("The same Service over IPv6: 12 requests from pod `client` to {cluster_url6}"));
+    let seen = spread(&client, &cluster_url6, 12)?;
+    check_all(&client, &cluster_url6, seen, &["web-1", "web-2", "web-3"])?;
+
+    step(4, &format!("12 requests from the external client to the NodePort {node_url}"));
     let seen = spread(&ext, &node_url, 12)?;
     check_all(&ext, &node_url, seen, &["web-1", "web-2", "web-3"])?;
     println!("   (web-3 runs on node-2: node-1 source-NATs those flows, like kube-proxy's masquerade)");
 
     let node = lab.node_netns(1);
-    step(4, &format!("12 requests from node-1's own shell: curl {cluster_url} (the classic first test)"));
+    step(5, &format!("12 requests from node-1's own shell: curl {cluster_url} (the classic first test)"));
     println!(
         "   (a process in the node's namespace: its connect is pointed at a pod, kube-proxy's `nat OUTPUT`)"
     );
     let seen = spread(&node, &cluster_url, 12)?;
     check_all(&node, &cluster_url, seen, &["web-1", "web-2", "web-3"])?;
 
-    step(5, &format!("A Service without a selector and a hand-written Endpoints object: {LEGACY_IP}:80"));
+    step(6, &format!("A Service without a selector and a hand-written Endpoints object: {LEGACY_IP}:80"));
     let w3 = lab.pod("web-3").clone();
     lab.write_manifest("legacy.yaml", &legacy_manifests(&w3.ip.to_string()))?;
     let legacy_url = format!("http://{LEGACY_IP}/");
@@ -154,14 +172,19 @@ fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
         bail!("the hand-written Endpoints name web-3 only: {seen:?}");
     }
 
-    step(6, "web-2 removed from the EndpointSlice");
+    step(7, "web-2 removed from the EndpointSlices");
     let (w1, w3) = (lab.pod("web-1").clone(), lab.pod("web-3").clone());
     lab.write_manifest("web.yaml", &web_with(&[(&w1, "ready: true"), (&w3, "ready: true")]))?;
     // The change is in when neither node's datapath knows web-2 any more; then 30 requests
     // in a row must avoid it.
-    let w2 = IpAddr::V4(lab.pod("web-2").ip);
+    let w2 = [IpAddr::V4(lab.pod("web-2").ip), IpAddr::V6(lab.pod("web-2").ip6)];
     let moved = lab::wait_for(Duration::from_secs(2), || {
-        Ok(!lab.has_backend(1, w2, POD_PORT)? && !lab.has_backend(2, w2, POD_PORT)?)
+        for (node, ip) in [1, 2].into_iter().flat_map(|n| w2.map(|ip| (n, ip))) {
+            if lab.has_backend(node, ip, POD_PORT)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     })?;
     println!(
         "   web-2 gone from both nodes' datapaths within {:.0} ms of the manifest change (polling their pinned maps)",
@@ -183,7 +206,7 @@ fn walkthrough(lab: &mut Lab) -> anyhow::Result<()> {
         bail!("web-2 answered after its removal");
     }
 
-    step(7, "All endpoints removed: requests are refused at once (TCP RST), not left hanging");
+    step(8, "All endpoints removed: requests are refused at once (TCP RST), not left hanging");
     lab.write_manifest("web.yaml", &web_with(&[]))?;
     lab::wait_for(Duration::from_secs(2), || Ok(curl(&client, &cluster_url) == Answer::Refused))?;
     let clients = [

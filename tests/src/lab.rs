@@ -8,9 +8,15 @@
 //!   node-2 eth0 ────────┘   198.18.0.2   XDP           pods 198.18.2.0/24, veth lbp-*  TC
 //! ```
 //!
-//! Routing is what a simple host-gateway CNI does: each pod has a /32 and a default route
-//! via its node's gateway address (198.18.N.1, on every host-side veth); each node routes its
-//! pods' /32s to their veths and the other node's pod /24 via that node's underlay address.
+//! Dual stack: every address above has an IPv6 twin from 2001:2::/48 (RFC 5180), the
+//! underlay 2001:2::/64 (ext 2001:2::100, node N 2001:2::N), node N's pods 2001:2:0:N::/64
+//! (pod `host` is 2001:2:0:N::`host`, the gateway 2001:2:0:N::1). Service addresses live
+//! outside both: 198.19.0.0/16 and 2001:2:0:8000::/49, routed by ext via node-1.
+//!
+//! Routing is what a simple host-gateway CNI does: each pod has a /32 (and a /128) and a
+//! default route via its node's gateway address (198.18.N.1, on every host-side veth); each
+//! node routes its pods' /32s to their veths and the other node's pod /24 (/64) via that
+//! node's underlay address.
 //! The underlay and the external client have TX checksum offload off, like real NICs (XDP
 //! rewrites need complete checksums); pod veths keep it on, so TC sees CHECKSUM_PARTIAL.
 //!
@@ -21,7 +27,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -39,6 +45,11 @@ pub const POD_PORT: u16 = 9376;
 pub const POD_PORT_ALT: u16 = 8080;
 /// The external client's address on the underlay.
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The external client's IPv6 address on the underlay.
+pub const EXT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x100);
+/// Where the lab's IPv6 Service addresses (ClusterIPs, LoadBalancer IPs) live: ext routes
+/// it via node-1, as it does 198.19.0.0/16.
+pub const SERVICE_NET6: &str = "2001:2:0:8000::/49";
 
 /// The node's underlay address (`node` counts from 1).
 pub fn node_ip(node: u8) -> Ipv4Addr {
@@ -48,6 +59,16 @@ pub fn node_ip(node: u8) -> Ipv4Addr {
 /// A pod address on `node`.
 pub fn pod_ip(node: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, node, host)
+}
+
+/// The node's IPv6 underlay address.
+pub fn node_ip6(node: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, node.into())
+}
+
+/// A pod's IPv6 address on `node`.
+pub fn pod_ip6(node: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, node.into(), 0, 0, 0, host.into())
 }
 
 /// Binaries the lab runs.
@@ -83,6 +104,7 @@ pub struct Pod {
     pub name: String,
     pub node: u8,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub ns: String,
     pub host_if: String,
     /// The server's pid (none for client pods).
@@ -200,12 +222,13 @@ impl Lab {
         nsip(&sw, "link add br0 type bridge")?;
         nsip(&sw, "link set br0 up")?;
         let ext = self.add_ns("ext")?;
-        self.underlay_port(&ext, "ext", EXT_IP)?;
+        self.underlay_port(&ext, "ext", EXT_IP, EXT_IP6)?;
         sh(&mut in_ns(&ext, &["ethtool", "-K", "eth0", "tx", "off"]))?;
         nsip(&ext, &format!("route add 198.19.0.0/16 via {}", node_ip(1)))?;
+        nsip(&ext, &format!("-6 route add {SERVICE_NET6} via {}", node_ip6(1)))?;
         for n in 1..=nodes {
             let ns = self.add_ns(&format!("node{n}"))?;
-            self.underlay_port(&ns, &format!("n{n}"), node_ip(n))?;
+            self.underlay_port(&ns, &format!("n{n}"), node_ip(n), node_ip6(n))?;
             sh(&mut in_ns(&ns, &["ethtool", "-K", "eth0", "tx", "off"]))?;
             for (k, v) in [
                 ("net.ipv4.ip_forward", "1"),
@@ -214,18 +237,20 @@ impl Lab {
                 ("net.ipv4.conf.all.send_redirects", "0"),
                 ("net.ipv4.conf.default.send_redirects", "0"),
                 ("net.ipv4.conf.eth0.send_redirects", "0"),
+                ("net.ipv6.conf.all.forwarding", "1"),
             ] {
                 sysctl(&ns, k, v)?;
             }
             for other in (1..=nodes).filter(|o| *o != n) {
                 nsip(&ns, &format!("route add 198.18.{other}.0/24 via {}", node_ip(other)))?;
+                nsip(&ns, &format!("-6 route add {}/64 via {}", pod_ip6(other, 0), node_ip6(other)))?;
             }
         }
         self.save()
     }
 
-    /// A veth from `ns` (as eth0 with `addr`/24) into the switch's bridge.
-    fn underlay_port(&self, ns: &str, tag: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+    /// A veth from `ns` (as eth0 with `addr`/24 and `addr6`/64) into the switch's bridge.
+    fn underlay_port(&self, ns: &str, tag: &str, addr: Ipv4Addr, addr6: Ipv6Addr) -> anyhow::Result<()> {
         let sw = self.ns_name("sw");
         let peer = format!("{}-{tag}", self.short());
         ip(&format!("link add {peer} netns {sw} type veth peer name eth0 netns {ns}"))?;
@@ -240,6 +265,8 @@ impl Lab {
         }
         nsip(&sw, &format!("link set dev {peer} xdpdrv obj {} sec xdp", pass.display()))?;
         nsip(ns, &format!("addr add {addr}/24 dev eth0"))?;
+        // No duplicate address detection: the address is usable at once, as the lab's own.
+        nsip(ns, &format!("-6 addr add {addr6}/64 dev eth0 nodad"))?;
         nsip(ns, "link set eth0 up")?;
         Ok(())
     }
@@ -254,24 +281,31 @@ impl Lab {
         self.ns_name(&format!("node{node}"))
     }
 
-    /// Adds a pod on `node` with address 198.18.`node`.`host`; with `serve`, starts
-    /// `lb-serve` on `ports` (the pod's name is the answer).
+    /// Adds a pod on `node` with addresses 198.18.`node`.`host` and 2001:2:0:`node`::`host`;
+    /// with `serve`, starts `lb-serve` on `ports` (the pod's name is the answer).
     pub fn add_pod(&mut self, node: u8, name: &str, host: u8, serve: Option<&[u16]>) -> anyhow::Result<Pod> {
         let ns = self.add_ns(&format!("pod-{name}"))?;
         let node_ns = self.node_ns(node);
         let host_if = format!("lbp-{}", &name[..name.len().min(11)]);
         let addr = pod_ip(node, host);
         let gw = pod_ip(node, 1);
+        let (addr6, gw6) = (pod_ip6(node, host), pod_ip6(node, 1));
         ip(&format!("link add {host_if} netns {node_ns} type veth peer name eth0 netns {ns}"))?;
         nsip(&node_ns, &format!("addr add {gw}/32 dev {host_if}"))?;
+        nsip(&node_ns, &format!("-6 addr add {gw6}/128 dev {host_if} nodad"))?;
         nsip(&node_ns, &format!("link set {host_if} up"))?;
         nsip(&node_ns, &format!("route add {addr}/32 dev {host_if}"))?;
+        nsip(&node_ns, &format!("-6 route add {addr6}/128 dev {host_if}"))?;
         sysctl(&node_ns, &format!("net.ipv4.conf.{host_if}.rp_filter"), "0")?;
         nsip(&ns, &format!("addr add {addr}/32 dev eth0"))?;
+        nsip(&ns, &format!("-6 addr add {addr6}/128 dev eth0 nodad"))?;
         nsip(&ns, "link set eth0 up")?;
         nsip(&ns, &format!("route add {gw} dev eth0 scope link"))?;
         nsip(&ns, &format!("route add default via {gw} dev eth0"))?;
-        let mut pod = Pod { name: name.into(), node, ip: addr, ns: ns.clone(), host_if, server: None };
+        nsip(&ns, &format!("-6 route add {gw6} dev eth0"))?;
+        nsip(&ns, &format!("-6 route add default via {gw6} dev eth0"))?;
+        let mut pod =
+            Pod { name: name.into(), node, ip: addr, ip6: addr6, ns: ns.clone(), host_if, server: None };
         if let Some(ports) = serve {
             let mut cmd = in_ns(&ns, &[self.state.bins.serve.to_str().unwrap(), "--name", name]);
             for p in ports {
@@ -330,8 +364,9 @@ impl Lab {
         (1..=self.state.nodes)
             .map(|n| {
                 format!(
-                    "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{n}}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {}}}\n---\n",
-                    node_ip(n)
+                    "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{n}}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {}}}\n  - {{type: InternalIP, address: '{}'}}\n---\n",
+                    node_ip(n),
+                    node_ip6(n)
                 )
             })
             .collect()
@@ -665,7 +700,9 @@ pub fn tcp_ask(ns: &str, to: SocketAddr, timeout: Duration) -> Answer {
 /// One UDP request from `ns` to `to`, from source port `sport` (0: any).
 pub fn udp_ask(ns: &str, to: SocketAddr, sport: u16, timeout: Duration) -> Answer {
     let r = in_netns(ns, move || -> std::io::Result<String> {
-        let s = std::net::UdpSocket::bind(("0.0.0.0", sport))?;
+        let any: IpAddr =
+            if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+        let s = std::net::UdpSocket::bind((any, sport))?;
         s.connect(to)?;
         s.set_read_timeout(Some(timeout))?;
         s.send(b"hello\n")?;
@@ -706,14 +743,39 @@ pub fn slice_yaml(
     ports: &[(&str, u16, &str)],
     endpoints: &[(&Pod, &str)],
 ) -> String {
+    family_slice_yaml(false, name, service, ports, endpoints)
+}
+
+/// `slice_yaml` with the pods' IPv6 addresses (`addressType: IPv6`): a dual-stack Service
+/// has one slice per family.
+pub fn slice_yaml6(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(&Pod, &str)],
+) -> String {
+    family_slice_yaml(true, name, service, ports, endpoints)
+}
+
+fn family_slice_yaml(
+    v6: bool,
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(&Pod, &str)],
+) -> String {
     let ports: Vec<String> =
         ports.iter().map(|(n, p, proto)| format!("{{name: '{n}', port: {p}, protocol: {proto}}}")).collect();
+    let address = |p: &Pod| if v6 { p.ip6.to_string() } else { p.ip.to_string() };
     let eps: Vec<String> = endpoints
         .iter()
-        .map(|(p, c)| format!("{{addresses: ['{}'], nodeName: node-{}, conditions: {{{c}}}}}", p.ip, p.node))
+        .map(|(p, c)| {
+            format!("{{addresses: ['{}'], nodeName: node-{}, conditions: {{{c}}}}}", address(p), p.node)
+        })
         .collect();
     format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{}]\nendpoints: [{}]\n",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {}\nports: [{}]\nendpoints: [{}]\n",
+        if v6 { "IPv6" } else { "IPv4" },
         ports.join(", "),
         eps.join(", ")
     )

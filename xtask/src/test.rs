@@ -108,6 +108,8 @@ pub fn run() -> anyhow::Result<()> {
         "e2e",
         "--test",
         "host_clients",
+        "--test",
+        "dual_stack",
         "--",
         "--test-threads",
         "2",

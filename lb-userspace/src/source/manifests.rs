@@ -1006,7 +1006,10 @@ mod tests {
         };
         let web: Vec<String> =
             of("web").into_iter().flat_map(|(f, n)| f.into_iter().map(move |f| format!("{f} {n}"))).collect();
-        assert_eq!(web, ["198.19.0.10:80 3", "198.18.0.1:30080 3"]);
+        assert_eq!(
+            web,
+            ["198.19.0.10:80 3", "2001:2:0:8000::10:80 3", "198.18.0.1:30080 3", "2001:2::1:30080 3"]
+        );
         // The hand-written Endpoints, mirrored.
         assert_eq!(of("legacy"), [(vec!["198.19.0.30:80".to_string()], 1)]);
     }

@@ -4,10 +4,13 @@
 //!   `ip:port` as the pod sees it;
 //! * any other TCP line with `NAME CLIENT` (one answer per line, for long-lived connections);
 //! * every UDP datagram with `NAME CLIENT`.
+//!
+//! It listens on IPv4 and, where the pod has IPv6, on IPv6 (sockets of one family each, so
+//! an IPv4 client shows as itself, not as `::ffff:a.b.c.d`).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread,
 };
 
@@ -70,16 +73,37 @@ fn tcp_conn(mut stream: TcpStream, name: String) {
     }
 }
 
+/// A socket of `ty` bound to `ip:port`, IPv6 sockets for IPv6 only.
+fn bound(ip: IpAddr, port: u16, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket};
+    let s = Socket::new(Domain::for_address(SocketAddr::new(ip, port)), ty, None)?;
+    if ip.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    if ty == socket2::Type::STREAM {
+        // As std's TcpListener::bind does: a restarted server rebinds at once.
+        s.set_reuse_address(true)?;
+    }
+    s.bind(&SocketAddr::new(ip, port).into())?;
+    Ok(s)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut threads = Vec::new();
-    for port in args.ports {
-        let tcp = TcpListener::bind(("0.0.0.0", port))?;
+    let v6 = std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| !t.trim().is_empty());
+    let families: &[IpAddr] = if v6 {
+        &[IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
+    } else {
+        &[IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
+    };
+    for (port, any) in args.ports.iter().flat_map(|p| families.iter().map(move |a| (*p, *a))) {
+        let tcp = bound(any, port, socket2::Type::STREAM)?;
         // A deep accept queue: benchmarks open thousands of connections back to back, and
         // std's 128 overflowed here (SYNs dropped, 1 s retransmits).
-        // SAFETY: listen() again on our own listening socket only resizes its backlog.
-        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&tcp), 4096) };
-        let udp = UdpSocket::bind(("0.0.0.0", port))?;
+        tcp.listen(4096)?;
+        let tcp: TcpListener = tcp.into();
+        let udp: UdpSocket = bound(any, port, socket2::Type::DGRAM)?.into();
         let name = args.name.clone();
         threads.push(thread::spawn(move || {
             for s in tcp.incoming().flatten() {
