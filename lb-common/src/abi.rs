@@ -176,27 +176,27 @@ pub struct SourceRangeKey {
     pub addr: Addr,
 }
 
-/// Key of the fragment table: an IPv4 datagram being fragmented.
+/// Key of the fragment table: a datagram being fragmented (IPv4, or IPv6 with a fragment
+/// header), as its fragments arrive, before translation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FragmentKey {
-    pub src: u32,
-    pub dst: u32,
-    /// IPv4 identification, network byte order.
-    pub id: u16,
+    pub src: Addr,
+    pub dst: Addr,
+    /// The identification, network byte order: IPv4's 16 bits (in the low-addressed two
+    /// bytes), or the IPv6 fragment header's 32.
+    pub id: u32,
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
 
-/// What later fragments get: the same L3 rewrite as the first one.
+/// What later fragments get: the addresses the first fragment left with (both sides: a
+/// source-NATed flow rewrites both), so they follow it without an L4 header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FragmentValue {
-    /// Raw IPv4 address to write.
-    pub addr: u32,
-    /// `FLOW_FORWARD` (rewrite destination) or `FLOW_REPLY` (rewrite source).
-    pub direction: u8,
-    pub _pad: [u8; 3],
+    pub src: Addr,
+    pub dst: Addr,
     pub service_id: u32,
 }
 
@@ -522,8 +522,8 @@ const _: () = {
     assert!(size_of::<MemberValue>() == 8);
     assert!(size_of::<CtTimeouts>() == 32);
     assert!(size_of::<SourceRangeKey>() == 20);
-    assert!(size_of::<FragmentKey>() == 12);
-    assert!(size_of::<FragmentValue>() == 12);
+    assert!(size_of::<FragmentKey>() == 40);
+    assert!(size_of::<FragmentValue>() == 36);
     assert!(size_of::<AffinityKey>() == 20);
     assert!(size_of::<SockRevKey>() == 32);
     assert!(size_of::<SockRevValue>() == 32);

@@ -12,7 +12,7 @@ pub const MAGLEV: &str = "lb_maglev";
 /// Flow table: forward and reverse entries (HASH `FlowKey -> FlowValue`). Not an LRU: the
 /// kernel never evicts a live flow (or one half of it); the agent's GC removes pairs.
 pub const CONNTRACK: &str = "lb_conntrack";
-/// Non-first IPv4 fragments follow their first fragment's translation (LRU_HASH).
+/// Non-first fragments (IPv4 and IPv6) follow their first fragment's translation (LRU_HASH).
 pub const FRAGMENTS: &str = "lb_fragments";
 /// `sessionAffinity: ClientIP` (LRU_HASH `AffinityKey -> AffinityValue`).
 pub const AFFINITY: &str = "lb_affinity";

@@ -1,6 +1,6 @@
 //! The flow table: a forward entry per client flow (which backend) and a reverse entry per
 //! backend-side flow (which frontend to restore on replies), plus the fragment table that
-//! lets non-first IPv4 fragments follow their first fragment.
+//! lets non-first fragments (IPv4 and IPv6) follow their first fragment.
 //!
 //! Life cycle (rules in `lb_common::ct`): only a TCP SYN or a UDP datagram opens a flow; each
 //! packet moves its direction's state and refreshes its last-seen time; the agent's GC
@@ -311,19 +311,33 @@ pub fn direct_clash(h: &Headers, now: u64) -> bool {
 
 #[inline(always)]
 fn fragment_key(h: &Headers) -> FragmentKey {
-    FragmentKey { src: h.src[3], dst: h.dst[3], id: h.ip_id, proto: h.proto, _pad: 0 }
+    FragmentKey { src: h.src, dst: h.dst, id: h.ip_id, proto: h.proto, _pad: [0, 0, 0] }
 }
 
-/// A first IPv4 fragment was translated: later fragments of the datagram get the same.
-#[inline(always)]
-pub fn remember_fragment(h: &Headers, side: Side, addr: &Addr, service_id: u32) {
-    let v = FragmentValue {
-        addr: addr[3],
-        direction: if side == Side::Dst { FLOW_FORWARD } else { FLOW_REPLY },
-        _pad: [0, 0, 0],
-        service_id,
-    };
-    let _ = FRAGMENTS.insert(&fragment_key(h), &v, 0);
+/// A first fragment was translated on `side` with flow `v`: later fragments of the datagram
+/// get the addresses it left with (both sides of a source-NATed flow). The entry is built in
+/// the scratch slot: this sits at the end of the deepest call chain.
+#[inline(never)]
+pub fn remember_fragment(h: &Headers, side: Side, v: &FlowValue) {
+    let Some(s) = scratch() else { return };
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    let (key, f) = unsafe { (&mut (*s).frag_key, &mut (*s).frag) };
+    *key = fragment_key(h);
+    let snat = v.flags & FLOW_F_SNAT != 0;
+    (f.src, f.dst) = (h.src, h.dst);
+    if side == Side::Dst {
+        f.dst = v.addr;
+        if snat {
+            f.src = v.nat_addr;
+        }
+    } else {
+        f.src = v.addr;
+        if snat {
+            f.dst = v.nat_addr;
+        }
+    }
+    f.service_id = v.service_id;
+    let _ = FRAGMENTS.insert(key, f, 0);
 }
 
 #[inline(always)]

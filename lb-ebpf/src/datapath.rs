@@ -96,10 +96,10 @@ fn translate<P: Packet>(
     apply(pkt, h, side, &v.addr, v.port)?;
     if v.flags & FLOW_F_SNAT != 0 {
         apply(pkt, h, side.other(), &v.nat_addr, v.nat_port)?;
-    } else if h.frag == FRAG_FIRST {
-        // Later fragments follow with the one address rewrite (not offered to NATed flows:
-        // those would need two).
-        conntrack::remember_fragment(h, side, &v.addr, v.service_id);
+    }
+    if h.frag == FRAG_FIRST {
+        // Later fragments carry no ports: they follow with the addresses this one left with.
+        conntrack::remember_fragment(h, side, v);
     }
     stats::service(v.service_id, bytes);
     stats::backend(v.backend_id, bytes);
@@ -111,17 +111,7 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
     const MAP_ERR: Outcome = (Action::Drop, Reason::MapError);
 
     if h.frag == FRAG_LATER {
-        return match conntrack::fragment(h) {
-            Some(f) => {
-                let side = if f.direction == FLOW_FORWARD { Side::Dst } else { Side::Src };
-                if let Err(r) = pkt.rewrite_v4_l3(h, side, f.addr) {
-                    return (Action::Drop, r);
-                }
-                stats::service(f.service_id, bytes);
-                (Action::Pass, Reason::FragmentFollowed)
-            }
-            None => (Action::Pass, Reason::FragmentUnknown),
-        };
+        return unpack(later_fragment(pkt, h, bytes));
     }
 
     let Some(s) = conntrack::scratch() else { return MAP_ERR };
@@ -133,6 +123,19 @@ fn handle<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> Outcome {
         return unpack(known);
     }
     unpack(frontend(pkt, h, bytes, s))
+}
+
+/// A non-first fragment: the addresses its datagram's first fragment left with, or
+/// untouched when that one was not ours (or not seen). Not inlined: the fragment's value
+/// would otherwise sit in the entry function's frame, under the deepest call chain.
+#[inline(never)]
+fn later_fragment<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> u32 {
+    let Some(f) = conntrack::fragment(h) else { return pack(Action::Pass, Reason::FragmentUnknown) };
+    if let Err(r) = pkt.rewrite_l3(h, Side::Src, &f.src).and_then(|()| pkt.rewrite_l3(h, Side::Dst, &f.dst)) {
+        return pack(Action::Drop, r);
+    }
+    stats::service(f.service_id, bytes);
+    pack(Action::Pass, Reason::FragmentFollowed)
 }
 
 /// `known_flow` and `direct_clash`: the packet is not theirs, carry on.

@@ -81,6 +81,9 @@ pub struct Scratch {
     pub fib: crate::fib::FibParams,
     /// `related`'s addresses.
     pub related: crate::related::Work,
+    /// `remember_fragment`'s entry of the fragment table.
+    pub frag_key: FragmentKey,
+    pub frag: FragmentValue,
 }
 
 #[map(name = "lb_scratch")]

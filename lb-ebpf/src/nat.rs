@@ -63,8 +63,9 @@ pub trait Packet {
     /// Rewrites address and port on one side, checksums included.
     /// The error says which step failed (`RewriteFailed`, `ChecksumFailed`).
     fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), Reason>;
-    /// Rewrites only the IPv4 address on one side (non-first fragments carry no L4 header).
-    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), Reason>;
+    /// Rewrites only the address on one side (non-first fragments carry no L4 header; an
+    /// IPv6 header has no checksum).
+    fn rewrite_l3(&mut self, h: &Headers, side: Side, addr: &Addr) -> Result<(), Reason>;
     /// Inserts `n` bytes right after the `l2_len`-byte link header (`AdjustRoomFailed`).
     fn grow_after_l2(&mut self, l2_len: usize, n: u32) -> Result<(), Reason>;
     /// Cuts the packet to `len` bytes (`AdjustRoomFailed`).
@@ -146,15 +147,20 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), Reason> {
+    fn rewrite_l3(&mut self, h: &Headers, side: Side, addr: &Addr) -> Result<(), Reason> {
         let (data, end) = (Packet::data(self), Packet::data_end(self));
         // SAFETY: bounds-checked pointers.
         unsafe {
+            if h.v6 {
+                let a = ptr_at::<Addr>(data, end, addr_off(h, side)).ok_or(REWRITE)?;
+                a.write_unaligned(*addr);
+                return Ok(());
+            }
             let a = ptr_at::<u32>(data, end, addr_off(h, side)).ok_or(REWRITE)?;
             let old = a.read_unaligned();
-            a.write_unaligned(addr);
+            a.write_unaligned(addr[3]);
             let c = ptr_at::<u16>(data, end, h.l3_off + 10).ok_or(REWRITE)?;
-            c.write_unaligned(csum::update32(c.read_unaligned(), old, addr));
+            c.write_unaligned(csum::update32(c.read_unaligned(), old, addr[3]));
         }
         Ok(())
     }
@@ -260,11 +266,14 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn rewrite_v4_l3(&mut self, h: &Headers, side: Side, addr: u32) -> Result<(), Reason> {
+    fn rewrite_l3(&mut self, h: &Headers, side: Side, addr: &Addr) -> Result<(), Reason> {
         let a_off = addr_off(h, side);
+        if h.v6 {
+            return self.store(a_off, addr, 0).map_err(|_| REWRITE);
+        }
         let old: u32 = self.load(a_off).map_err(|_| REWRITE)?;
-        self.l3_csum_replace(h.l3_off + 10, old as u64, addr as u64, 4).map_err(|_| CSUM)?;
-        self.store(a_off, &addr, 0).map_err(|_| REWRITE)
+        self.l3_csum_replace(h.l3_off + 10, old as u64, addr[3] as u64, 4).map_err(|_| CSUM)?;
+        self.store(a_off, &addr[3], 0).map_err(|_| REWRITE)
     }
 
     #[inline(always)]
@@ -290,8 +299,8 @@ impl Packet for TcContext {
 }
 
 /// Applies a translation to whatever kind of packet this is: full L3+L4 rewrite, or just the
-/// IPv4 address for a non-first fragment.
+/// address for a non-first fragment.
 #[inline(always)]
 pub fn apply<P: Packet>(pkt: &mut P, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), Reason> {
-    if h.frag == FRAG_LATER { pkt.rewrite_v4_l3(h, side, addr[3]) } else { pkt.rewrite(h, side, addr, port) }
+    if h.frag == FRAG_LATER { pkt.rewrite_l3(h, side, addr) } else { pkt.rewrite(h, side, addr, port) }
 }

@@ -1,5 +1,5 @@
 //! Header parsing: Ethernet (one optional 802.1Q tag), IPv4 (any IHL), IPv6 (no extension
-//! headers), TCP and UDP. Every read is bounds-checked against `data_end`; the outcome for
+//! headers but a fragment header right after the fixed one), TCP and UDP. Every read is bounds-checked against `data_end`; the outcome for
 //! a packet we cannot or must not handle is a verdict and a reason, never a fault. A
 //! malformed packet still leaves in `Headers` what could be read of its destination (the
 //! caller drops it only if it was for a frontend), and an IPv6 packet with an IPv4-mapped
@@ -22,8 +22,11 @@ const ETH_P_8021AD: u16 = 0x88a8;
 /// Not a fragment, or the first fragment (carries the L4 header).
 pub const FRAG_NONE: u8 = 0;
 pub const FRAG_FIRST: u8 = 1;
-/// A non-first IPv4 fragment: no L4 header, follows the first fragment's translation.
+/// A non-first fragment: no L4 header, follows the first fragment's translation.
 pub const FRAG_LATER: u8 = 2;
+
+/// IPv6 next-header value of the fragment header.
+const IPV6_FRAGMENT: u8 = 44;
 
 /// TCP flags we look at.
 pub const TCP_FIN: u8 = 0x01;
@@ -45,6 +48,17 @@ pub struct Ipv4Hdr {
     pub csum: u16,
     pub src: u32,
     pub dst: u32,
+}
+
+/// The IPv6 fragment header (RFC 8200 §4.5).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6FragHdr {
+    pub next: u8,
+    pub _reserved: u8,
+    /// Offset in 8-byte units (13 bits), two reserved bits, M (more fragments).
+    pub offset_flags: u16,
+    pub id: u32,
 }
 
 #[repr(C)]
@@ -90,8 +104,8 @@ pub struct Headers {
     pub v6: bool,
     pub proto: u8,
     pub frag: u8,
-    /// IPv4 identification (raw), for fragment tracking.
-    pub ip_id: u16,
+    /// The fragment identification (raw): IPv4's 16 bits, or the IPv6 fragment header's 32.
+    pub ip_id: u32,
     pub tcp_flags: u8,
     pub src: Addr,
     pub dst: Addr,
@@ -178,7 +192,7 @@ fn parse_v4(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), O
     h.l4_off = l3 + ihl;
     h.v6 = false;
     h.proto = ip.proto;
-    h.ip_id = ip.id;
+    h.ip_id = ip.id as u32;
     h.src = v4_mapped(ip.src);
     h.dst = v4_mapped(ip.dst);
     if h.frag == FRAG_LATER {
@@ -199,18 +213,44 @@ fn parse_v6(data: usize, end: usize, l3: usize, h: &mut Headers) -> Result<(), O
     if is_v4(&ip.src) || is_v4(&ip.dst) {
         return Err((Action::Pass, Reason::V4MappedV6));
     }
-    if ip.next != PROTO_TCP && ip.next != PROTO_UDP {
-        // Hop-by-hop, routing, fragment, destination options: not translated (documented).
-        let r = if matches!(ip.next, 0 | 43 | 44 | 60) { Reason::Ipv6ExtHeader } else { Reason::NotTcpUdp };
+    let (mut proto, mut l4_off, mut frag, mut id) = (ip.next, l3 + 40, FRAG_NONE, 0);
+    if ip.next == IPV6_FRAGMENT {
+        // A fragment header right after the fixed one: its datagram follows its flow like an
+        // IPv4 one. Anything behind it but TCP or UDP is an extension chain we leave alone.
+        let Some(f) = read::<Ipv6FragHdr>(data, end, l3 + 40) else {
+            h.v6 = true;
+            h.dst = ip.dst;
+            return Err(BAD_IP);
+        };
+        if f.next != PROTO_TCP && f.next != PROTO_UDP {
+            return Err((Action::Pass, Reason::Ipv6ExtHeader));
+        }
+        let offset_flags = u16::from_be(f.offset_flags);
+        frag = if offset_flags >> 3 != 0 {
+            FRAG_LATER
+        } else if offset_flags & 1 != 0 {
+            FRAG_FIRST
+        } else {
+            // An atomic fragment (offset 0, no more): a whole datagram.
+            FRAG_NONE
+        };
+        (proto, l4_off, id) = (f.next, l3 + 48, f.id);
+    } else if ip.next != PROTO_TCP && ip.next != PROTO_UDP {
+        // Hop-by-hop, routing, destination options: not translated (documented).
+        let r = if matches!(ip.next, 0 | 43 | 60) { Reason::Ipv6ExtHeader } else { Reason::NotTcpUdp };
         return Err((Action::Pass, r));
     }
     h.l3_off = l3;
-    h.l4_off = l3 + 40;
+    h.l4_off = l4_off;
     h.v6 = true;
-    h.proto = ip.next;
-    h.frag = FRAG_NONE;
+    h.proto = proto;
+    h.frag = frag;
+    h.ip_id = id;
     h.src = ip.src;
     h.dst = ip.dst;
+    if frag == FRAG_LATER {
+        return Ok(());
+    }
     parse_l4(data, end, h)
 }
 

@@ -166,6 +166,17 @@ fn load_both_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     })
 }
 
+/// The kernel's limit on instructions the verifier walks for one program.
+pub const VERIFIER_BUDGET: u32 = 1_000_000;
+
+/// How many instructions the verifier walked for the XDP and the TC program (kernels from
+/// 5.16 say): the headroom left under `VERIFIER_BUDGET` for the next feature.
+pub fn verified_instructions(ebpf: &Ebpf) -> [(&'static str, Option<u32>); 2] {
+    let count =
+        |name| ebpf.program(name).and_then(|p| p.info().ok()).and_then(|i| i.verified_instruction_count());
+    [(XDP_PROGRAM, count(XDP_PROGRAM)), (TC_PROGRAM, count(TC_PROGRAM))]
+}
+
 /// `load_migrating`, with the datapath's debug messages at `log`.
 pub fn load_migrating_with_log(
     pin_dir: &Path,

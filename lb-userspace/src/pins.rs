@@ -43,12 +43,16 @@ pub enum How {
     /// The flow table of the release before flow life cycles (48-byte values, LRU): each
     /// entry gets a state (established) and a last-seen time (now).
     Flows48,
-    /// The agent writes the whole content at start (settings, XDP ports): nothing to copy.
+    /// The agent writes the whole content at start (settings, XDP ports), or the content
+    /// lives for milliseconds: nothing to copy.
     Rewritten,
 }
 
-/// Maps the agent fills itself on every start (and the event ring, whose events are not kept).
-const REWRITTEN: [&str; 4] = [maps::CONFIG, maps::XDP_TX_PORTS, maps::POD_PORTS, maps::EVENTS];
+/// Maps the agent fills itself on every start, the event ring (whose events are not kept)
+/// and the fragment table (a datagram's fragments arrive within milliseconds: at worst the
+/// few being reassembled during an upgrade are lost, as on a lossy link).
+const REWRITTEN: [&str; 5] =
+    [maps::CONFIG, maps::XDP_TX_PORTS, maps::POD_PORTS, maps::EVENTS, maps::FRAGMENTS];
 
 /// The layouts this build's object wants for its pinned maps, with `max_entries` overridden
 /// as the loader will.

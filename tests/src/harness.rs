@@ -419,7 +419,15 @@ pub fn inspect(p: &[u8]) -> Seen {
         assert_eq!(plen, p.len() - l3 - 40, "IPv6 payload length matches the frame");
         let s: [u8; 16] = p[l3 + 8..l3 + 24].try_into().unwrap();
         let d: [u8; 16] = p[l3 + 24..l3 + 40].try_into().unwrap();
-        (IpAddr::from(s), IpAddr::from(d), p[l3 + 6], &p[l3 + 40..])
+        if p[l3 + 6] == 44 {
+            // A fragment header: the protocol is behind it; a later fragment has no L4 header.
+            fragment = true;
+            let later = u16::from_be_bytes([p[l3 + 42], p[l3 + 43]]) >> 3 != 0;
+            let l4 = if later { &[][..] } else { &p[l3 + 48..] };
+            (IpAddr::from(s), IpAddr::from(d), p[l3 + 40], l4)
+        } else {
+            (IpAddr::from(s), IpAddr::from(d), p[l3 + 6], &p[l3 + 40..])
+        }
     };
     let mut seen = Seen {
         src,

@@ -242,3 +242,55 @@ fn a_nodeport_upload_over_ipv6_across_a_smaller_mtu_completes() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(answered() > before, "no packet-too-big answer counted");
 }
+
+/// A 2000-byte UDP datagram, fragmented by the sender's stack (links of 1500 bytes), and its
+/// answer, from `ns` to `to`.
+fn big_datagram(ns: &str, to: SocketAddr) -> std::io::Result<String> {
+    in_netns(ns, move || -> std::io::Result<String> {
+        let any: IpAddr = if to.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+        let s = std::net::UdpSocket::bind((any, 0))?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(ASK))?;
+        s.send(&[b'x'; 2000])?;
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .map_err(std::io::Error::other)?
+}
+
+/// Fragmented datagrams follow their flow in both families: from a pod to the ClusterIP
+/// (translated at TC), and from outside to a NodePort whose only backend is on the other
+/// node (translated at XDP and source-NATed, so later fragments need both addresses).
+/// Untranslated, a later fragment would go to the Service address and the datagram be lost.
+#[test]
+fn fragmented_datagrams_follow_their_flow_in_both_families_source_nated_or_not() {
+    let Some(lab) = lab() else { return };
+    let all = pods(&lab, &["web-1", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    up(&lab, &(web6("NodePort", "", "") + &web_slices(&ready(&all))), &client, sa(vip6(), 80));
+    let followed = |node| lab.counted(node, lb_common::verdict::Reason::FragmentFollowed).unwrap();
+    for to in [sa(vip(), 80), sa(vip6(), 80)] {
+        for _ in 0..6 {
+            let reply =
+                big_datagram(&client, to).unwrap_or_else(|e| panic!("{to}: 2000 bytes not answered: {e}"));
+            assert!(reply.starts_with("web-"), "{reply}");
+        }
+    }
+    let w3 = lab.pod("web-3").clone();
+    apply(&lab, &(web6("NodePort", "", "") + &web_slices(&[(&w3, READY)])), "web-3 only", || {
+        (0..4).all(|_| tcp_ask(&lab.ext_ns(), sa(node_ip6(1), 30080), ASK).pod() == Some("web-3"))
+    });
+    let before = followed(1);
+    for to in [sa(lb_tests::lab::node_ip(1), 30080), sa(node_ip6(1), 30080)] {
+        let reply =
+            big_datagram(&lab.ext_ns(), to).unwrap_or_else(|e| panic!("{to}: 2000 bytes not answered: {e}"));
+        assert!(reply.starts_with("web-3 "), "{to}: {reply}");
+        // Source-NATed: web-3 saw node-1.
+        assert!(
+            reply.contains(&node_ip6(1).to_string())
+                || reply.contains(&lb_tests::lab::node_ip(1).to_string())
+        );
+    }
+    assert!(followed(1) >= before + 2, "node-1 counted {} followed fragments", followed(1) - before);
+}

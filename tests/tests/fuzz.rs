@@ -67,7 +67,7 @@ struct Parsed {
     flags: u8,
     first_fragment: bool,
     later_fragment: bool,
-    ip_id: u16,
+    ip_id: u32,
 }
 
 enum Parse {
@@ -124,7 +124,7 @@ fn parse(p: &[u8]) -> Parse {
             let frag = be16(p, l3 + 6);
             let later = frag & 0x1fff != 0;
             let first = !later && frag & 0x2000 != 0;
-            (false, addr(&p[l3 + 12..l3 + 16]), dst, proto, l3 + ihl, first, later, be16(p, l3 + 4))
+            (false, addr(&p[l3 + 12..l3 + 16]), dst, proto, l3 + ihl, first, later, be16(p, l3 + 4).into())
         }
         0x86dd => {
             if p.len() < l3 + 40 {
@@ -138,13 +138,29 @@ fn parse(p: &[u8]) -> Parse {
                 return Parse::NotOurs(Reason::V4MappedV6);
             }
             let proto = p[l3 + 6];
-            if matches!(proto, 0 | 43 | 44 | 60) {
-                return Parse::NotOurs(Reason::Ipv6ExtHeader);
+            if proto == 44 {
+                // A fragment header right after the fixed one, in front of TCP or UDP.
+                if p.len() < l3 + 48 {
+                    return Parse::Malformed(Some(dst), 0, 0);
+                }
+                let inner = p[l3 + 40];
+                if inner != PROTO_TCP && inner != PROTO_UDP {
+                    return Parse::NotOurs(Reason::Ipv6ExtHeader);
+                }
+                let offset_flags = be16(p, l3 + 42);
+                let later = offset_flags >> 3 != 0;
+                let first = !later && offset_flags & 1 != 0;
+                let id = u32::from_be_bytes(p[l3 + 44..l3 + 48].try_into().unwrap());
+                (true, src, dst, inner, l3 + 48, first, later, id)
+            } else {
+                if matches!(proto, 0 | 43 | 60) {
+                    return Parse::NotOurs(Reason::Ipv6ExtHeader);
+                }
+                if proto != PROTO_TCP && proto != PROTO_UDP {
+                    return Parse::NotOurs(Reason::NotTcpUdp);
+                }
+                (true, src, dst, proto, l3 + 40, false, false, 0)
             }
-            if proto != PROTO_TCP && proto != PROTO_UDP {
-                return Parse::NotOurs(Reason::NotTcpUdp);
-            }
-            (true, src, dst, proto, l3 + 40, false, false, 0)
         }
         _ => return Parse::NotOurs(Reason::NotIp),
     };
@@ -190,7 +206,7 @@ struct Oracle {
     replies: HashMap<Tuple, (IpAddr, u16)>,
     /// (source, destination, IP id, protocol) of translated first fragments -> whether a
     /// reply, and the address their later fragments get.
-    fragments: HashMap<(IpAddr, IpAddr, u16, u8), (bool, IpAddr)>,
+    fragments: HashMap<(IpAddr, IpAddr, u32, u8), (bool, IpAddr)>,
 }
 
 impl Oracle {
@@ -372,17 +388,22 @@ fn generate(r: &mut Rng, replies: &HashMap<Tuple, (IpAddr, u16)>) -> (Vec<u8>, b
         s.proto = [1, 58, 0, 43, 44, 60][r.below(6) as usize];
         return (s.build_with_l4(&r.bytes(8, 16)), true);
     }
-    if !v6 && s.proto == PROTO_UDP && r.chance(15) {
-        // Fragments of one datagram: the first (with the UDP header), or a later one.
-        s.ip_id = r.below(8) as u16;
+    if s.proto == PROTO_UDP && r.chance(15) {
+        // Fragments of one datagram: the first (with the UDP header), or a later one; IPv6's
+        // in a fragment header.
+        let id = r.below(8) as u16;
         let seg = s.segment();
-        return if r.chance(50) {
-            s.frag = 0x2000;
-            (s.build_with_l4(&seg[..seg.len().min(16)]), false)
-        } else {
-            s.frag = 2 + r.below(8) as u16;
-            (s.build_with_l4(&r.bytes(8, 24)), false)
-        };
+        let first = r.chance(50);
+        let part = if first { seg[..seg.len().min(16)].to_vec() } else { r.bytes(8, 24) };
+        if v6 {
+            s.proto = 44;
+            let offset: u16 = if first { 1 } else { (2 + r.below(8) as u16) << 3 };
+            let header = [[PROTO_UDP, 0], offset.to_be_bytes(), [0, 0], id.to_be_bytes()].concat();
+            return (s.build_with_l4(&[header, part].concat()), false);
+        }
+        s.ip_id = id;
+        s.frag = if first { 0x2000 } else { 2 + r.below(8) as u16 };
+        return (s.build_with_l4(&part), false);
     }
     mutate(r, s.build())
 }
@@ -531,8 +552,13 @@ fn random_and_mangled_packets_get_the_oracles_verdict() {
             Expect::Fragment { reply, addr: a } => {
                 assert_eq!(rc, pass, "{}", what());
                 let l3 = if be16(&p, 12) == 0x8100 { 18 } else { 14 };
-                let at = if *reply { l3 + 12 } else { l3 + 16 };
-                assert_eq!(addr(&out[at..at + 4]), *a, "{}", what());
+                let (at, n) = match (be16(&p, l3 - 2) == 0x86dd, *reply) {
+                    (false, true) => (l3 + 12, 4),
+                    (false, false) => (l3 + 16, 4),
+                    (true, true) => (l3 + 8, 16),
+                    (true, false) => (l3 + 24, 16),
+                };
+                assert_eq!(addr(&out[at..at + n]), *a, "{}", what());
                 if !mangled {
                     inspect(&out);
                     let Some(t) = tuple_of_fragment(&p, *reply, *a) else { unreachable!() };

@@ -535,12 +535,93 @@ fn ipv6_extension_headers_pass_untouched() {
     require_root!();
     let mut l = Loaded::new();
     program(&mut l.dp, 1, (VIP6, 53, PROTO_UDP), &BES6, 0, 0);
-    let mut spec = Spec::udp(CLIENT6, 1, VIP6, 53);
-    spec.proto = 44; // fragment header
-    let p = spec.build_with_l4(&[17, 0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 53, 0, 8, 0, 0]);
-    let (rc, out) = l.run_xdp(&p);
-    assert_eq!((rc, out), (XDP_PASS, p));
-    assert_eq!(reason(&l, Reason::Ipv6ExtHeader), 1);
+    let udp = [0, 1, 0, 53, 0, 8, 0, 0];
+    // A hop-by-hop header (a PadN option) before UDP; then a fragment header followed by
+    // destination options: chains we do not walk.
+    for (first, ext) in [(0u8, [17, 0, 1, 4, 0, 0, 0, 0]), (44, [60, 0, 0, 1, 0, 0, 0, 1])] {
+        let mut spec = Spec::udp(CLIENT6, 1, VIP6, 53);
+        spec.proto = first;
+        let p = spec.build_with_l4(&[&ext[..], &udp[..]].concat());
+        let (rc, out) = l.run_xdp(&p);
+        assert_eq!((rc, out), (XDP_PASS, p));
+    }
+    assert_eq!(reason(&l, Reason::Ipv6ExtHeader), 2);
+}
+
+/// An IPv6 fragment header (RFC 8200 §4.5): `next`, the fragment's offset in bytes (a
+/// multiple of 8), more fragments, identification.
+fn frag6(next: u8, offset: u16, more: bool, id: u32) -> Vec<u8> {
+    let mut f = vec![next, 0];
+    f.extend_from_slice(&(offset | more as u16).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f
+}
+
+#[test]
+fn ipv6_fragments_follow_the_first_fragment_at_both_hooks() {
+    require_root!();
+    for tc in [false, true] {
+        let mut l = Loaded::new();
+        let svc = program(&mut l.dp, 1, (VIP6, 53, PROTO_UDP), &BES6, 0, 0);
+        let spec = Spec::udp(CLIENT6, 5353, VIP6, 53).payload(&[0xab; 64]);
+        let seg = spec.segment();
+        let (head, tail) = seg.split_at(32);
+        let frame = |offset: u16, more: bool, part: &[u8]| {
+            let mut s = spec.clone();
+            s.proto = 44;
+            s.build_with_l4(&[frag6(PROTO_UDP, offset, more, 0x4242_0001), part.to_vec()].concat())
+        };
+        let run = |p: &[u8]| if tc { l.run_tc(p) } else { l.run_xdp(p) };
+        let passed = if tc { TC_ACT_UNSPEC } else { XDP_PASS };
+        let be = backend_ip(&BES6, svc.predict(&spec.key()));
+        // Ethernet 14, IPv6 40 (destination at 38..54), fragment header 8, then UDP.
+        let first = frame(0, true, head);
+        let (rc, out) = run(&first);
+        assert_eq!(rc, passed, "tc {tc}");
+        assert_eq!(&out[38..54], &ip_bytes(be)[..], "first fragment to the backend (tc {tc})");
+        // Its UDP checksum covers the whole datagram: reassembled, it must be exactly the
+        // datagram built for the backend.
+        let want = Spec { dst: be, dport: 9376, ..spec.clone() }.segment();
+        assert_eq!(&out[62..], &want[..32], "tc {tc}");
+        assert_eq!((&out[..38], &out[54..62]), (&first[..38], &first[54..62]), "the rest as sent");
+
+        let later = frame(32, false, tail);
+        let (rc, out) = run(&later);
+        assert_eq!(rc, passed);
+        let mut want = later.clone();
+        want[38..54].copy_from_slice(&ip_bytes(be));
+        assert_eq!(out, want, "the later fragment follows, nothing else changed (tc {tc})");
+        assert_eq!(reason(&l, Reason::FragmentFollowed), 1);
+    }
+}
+
+#[test]
+fn a_later_ipv4_fragment_of_a_source_nated_flow_follows_it() {
+    require_root!();
+    let mut l = Loaded::new();
+    set_node_address(&mut l);
+    // Remote backends: an external client's flow is source-NATed to the node.
+    let svc = program(&mut l.dp, 1, (NODE4, 30080, PROTO_UDP), &BES4, 0, SVC_F_EXTERNAL);
+    let mut spec = Spec::udp(CLIENT4, 5353, NODE4, 30080).payload(&[0xcd; 64]);
+    spec.ip_id = 0x5151;
+    let seg = spec.segment();
+    let (head, tail) = seg.split_at(32);
+    let (mut first, mut later) = (spec.clone(), spec.clone());
+    first.frag = 0x2000; // MF, offset 0
+    later.frag = 32 / 8;
+    let (rc, out) = l.run_xdp(&first.build_with_l4(head));
+    assert_eq!(rc, XDP_PASS);
+    let seen = inspect(&out);
+    let be = backend_ip(&BES4, svc.predict(&spec.key()));
+    assert_eq!((seen.src, seen.dst, seen.dport), (ip(NODE4), be, 9376));
+    let translated = Spec { src: ip(NODE4), sport: seen.sport, dst: be, dport: 9376, ..spec.clone() };
+    assert_eq!(&out[34..], &translated.segment()[..32], "first fragment: both sides, checksum of the whole");
+
+    let (rc, out) = l.run_xdp(&later.build_with_l4(tail));
+    assert_eq!(rc, XDP_PASS);
+    let want = Spec { src: ip(NODE4), dst: be, ..later.clone() }.build_with_l4(tail);
+    assert_eq!(out, want, "both addresses rewritten, IPv4 checksum exact, payload untouched");
+    assert_eq!(reason(&l, Reason::FragmentFollowed), 1);
 }
 
 #[test]
@@ -1047,4 +1128,19 @@ fn icmp_errors_about_translated_flows_are_translated_back_for_their_sender() {
     let err = icmp_error("198.18.0.254", "198.18.0.77", (3, 3), 0, &other);
     assert_eq!(l.run_xdp(&err), (XDP_PASS, err.clone()));
     assert_eq!(reason(&l, Reason::IcmpRelated), 3);
+}
+
+/// The verifier walks every path of each program, up to `VERIFIER_BUDGET` instructions; a
+/// change that crosses it cannot load at all. Both programs keep a tenth of the budget free,
+/// so the next change learns it is close here, with the figures, not from a failed load.
+#[test]
+fn both_programs_verify_with_a_tenth_of_the_budget_to_spare() {
+    require_root!();
+    let l = Loaded::new();
+    let limit = lb_userspace::loader::VERIFIER_BUDGET / 10 * 9;
+    for (name, walked) in lb_userspace::loader::verified_instructions(&l.ebpf) {
+        let walked = walked.expect("this kernel (6.18) reports verified instructions");
+        println!("{name}: {walked} instructions verified, {limit} allowed here");
+        assert!(walked <= limit, "{name}: {walked} instructions verified, over {limit}");
+    }
 }

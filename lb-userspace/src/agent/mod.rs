@@ -236,11 +236,17 @@ fn load(cfg: &AgentConfig) -> anyhow::Result<(aya::Ebpf, AyaDataplane, Applied, 
     // list what the pinned maps already name.
     attachments::list_pinned_addresses(&mut dp, &applied, &cfg.pin_dir)
         .context("filling the address pre-filter")?;
+    let verified: Vec<String> = loader::verified_instructions(&ebpf)
+        .iter()
+        .filter_map(|(name, n)| Some(format!("{name} {}", (*n)?)))
+        .collect();
     log(format!(
-        "datapath loaded; pinned maps in {} hold {} frontends and {} backends",
+        "datapath loaded; pinned maps in {} hold {} frontends and {} backends (instructions verified: {} of {})",
         cfg.pin_dir.display(),
         applied.services.len(),
-        applied.backends.len()
+        applied.backends.len(),
+        if verified.is_empty() { "not told by this kernel".to_string() } else { verified.join(", ") },
+        loader::VERIFIER_BUDGET
     ));
     Ok((ebpf, dp, applied, migration))
 }
