@@ -39,8 +39,8 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
             }
             out => out,
         },
-        // At XDP, an ICMP error about one of our flows is translated back (`related`).
-        Err((Action::Pass, Reason::NotTcpUdp)) if !P::POD_FACING => unpack(related::translate(pkt)),
+        // An ICMP error about one of our flows is translated back (`related`).
+        Err((Action::Pass, Reason::NotTcpUdp)) => unpack(related::translate(pkt)),
         // Malformed but not for a frontend: untouched, as any packet not ours.
         Err((Action::Drop, Reason::MalformedIp | Reason::TruncatedL4)) if !for_frontend(h) => {
             (Action::Pass, Reason::MalformedPassed)

@@ -1,4 +1,4 @@
-//! ICMP errors about translated flows, at XDP: netfilter's RELATED translation. A router
+//! ICMP errors about translated flows, at both hooks: netfilter's RELATED translation. A router
 //! (or a backend's node) that cannot deliver a packet we translated sends its error to that
 //! packet's source — the node when it was source-NATed, the frontend address for a reply —
 //! quoting it as translated, which no socket matches: clients never learn of an unreachable
@@ -9,8 +9,8 @@
 //! destination set to that sender, every checksum updated (the quote's IP and TCP/UDP
 //! checksums, the ICMP checksum, the outer IP header). Any other ICMP passes untouched.
 //!
-//! Not at TC (its stack and verifier budget are spent): errors about a pod's flows that
-//! reach the node through a pod interface pass untranslated.
+//! At XDP the errors come from the network (a router, another node's backend); at TC from
+//! a local pod (a backend's closed port, a client's), entering through its interface.
 
 use lb_common::{
     abi::*,

@@ -294,3 +294,34 @@ fn fragmented_datagrams_follow_their_flow_in_both_families_source_nated_or_not()
     }
     assert!(followed(1) >= before + 2, "node-1 counted {} followed fragments", followed(1) - before);
 }
+
+/// As `e2e::a_closed_port_behind_a_vip_is_refused_to_a_udp_client_at_once_local_or_remote`,
+/// over IPv6: the backend's ICMPv6 port unreachable, quoting the datagram as translated, is
+/// translated back at node-1's XDP (web-3, remote) or TC (web-1, local), so the client's
+/// connected socket is refused at once.
+#[test]
+fn a_closed_port_behind_an_ipv6_vip_is_refused_at_once_local_or_remote() {
+    let Some(lab) = lab() else { return };
+    let client = lab.pod("client").ns.clone();
+    for backend in ["web-3", "web-1"] {
+        let pod = lab.pod(backend).clone();
+        let yaml = service(
+            "dns",
+            &format!(
+                "  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n  clusterIP: '{VIP6}'\n  clusterIPs: ['{VIP6}']\n  ports:\n  - {{name: dns, port: 5353, protocol: UDP, targetPort: 9999}}\n"
+            ),
+            "",
+        ) + &slice_yaml6("dns-1", "dns", &[("dns", 9999, "UDP")], &[(&pod, READY)]);
+        apply(&lab, &yaml, "service up", || {
+            lab.has_backend(1, IpAddr::V6(pod.ip6), 9999).unwrap_or(false)
+                && lb_tests::lab::udp_ask(&client, sa(vip6(), 5353), 0, ASK) == Answer::Refused
+        });
+        let related = || lab.counted(1, lb_common::verdict::Reason::IcmpRelated).unwrap();
+        let before = related();
+        let t = Instant::now();
+        let answer = lb_tests::lab::udp_ask(&client, sa(vip6(), 5353), 0, Duration::from_secs(2));
+        assert_eq!(answer, Answer::Refused, "{backend}");
+        assert!(t.elapsed() < Duration::from_millis(500), "{backend}: took {:?}", t.elapsed());
+        assert!(related() > before, "no ICMPv6 error about {backend}'s port translated on node-1");
+    }
+}

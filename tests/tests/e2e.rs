@@ -1933,32 +1933,44 @@ fn a_nodeport_upload_to_a_remote_backend_across_a_smaller_mtu_completes() {
 }
 
 #[test]
-fn a_closed_port_behind_a_vip_on_another_node_is_refused_to_a_udp_client_at_once() {
+fn a_closed_port_behind_a_vip_is_refused_to_a_udp_client_at_once_local_or_remote() {
     let Some(lab) = lab() else { return };
-    // web-3 (node-2) has nothing on 9999: its kernel answers ICMP port unreachable to the
-    // client pod on node-1, quoting the datagram as translated (to web-3:9999). That error
-    // reaches node-1's XDP, which translates it back (the quote to VIP:5353), so the
-    // client's connected socket sees ECONNREFUSED at once; untranslated, the quote matches
-    // no socket and the client waits out its timeout.
-    let web3 = lab.pod("web-3").clone();
-    let yaml = service(
-        "dns",
-        &format!(
-            "  clusterIP: {VIP}\n  ports:\n  - {{name: dns, port: 5353, protocol: UDP, targetPort: 9999}}\n"
-        ),
-        "",
-    ) + &slice_yaml("dns-1", "dns", &[("dns", 9999, "UDP")], &[(&web3, READY)]);
+    // The backend has nothing on 9999: its kernel answers ICMP port unreachable to the
+    // client pod on node-1, quoting the datagram as translated (to the backend's 9999).
+    // web-3 is on node-2: its error reaches node-1's XDP; web-1 is on node-1: its error
+    // enters node-1's TC on its interface. Either translates it back (the quote to
+    // VIP:5353), so the client's connected socket sees ECONNREFUSED at once; untranslated,
+    // the quote matches no socket and the client waits out its timeout.
     let client = lab.pod("client").ns.clone();
-    // Up when the client's datagrams reach web-3: the port is closed, so it refuses.
-    apply(&lab, &yaml, "service up", || udp_ask(&client, sa(vip(), 5353), 0, ASK) == Answer::Refused);
-    let related = || lab.counted(1, lb_common::verdict::Reason::IcmpRelated).unwrap();
-    let before = related();
-    let t = Instant::now();
-    assert_eq!(udp_ask(&client, sa(vip(), 5353), 0, Duration::from_secs(2)), Answer::Refused);
-    let took = t.elapsed();
-    println!("UDP to a closed port behind the VIP refused after {took:?}");
-    assert!(took < Duration::from_millis(500), "took {took:?}");
-    assert!(related() > before, "no ICMP error translated at node-1's XDP");
+    for (backend, hook) in [("web-3", "XDP"), ("web-1", "TC")] {
+        let pod = lab.pod(backend).clone();
+        let yaml = service(
+            "dns",
+            &format!(
+                "  clusterIP: {VIP}\n  ports:\n  - {{name: dns, port: 5353, protocol: UDP, targetPort: 9999}}\n"
+            ),
+            "",
+        ) + &slice_yaml("dns-1", "dns", &[("dns", 9999, "UDP")], &[(&pod, READY)]);
+        // Up when the client's datagrams reach the backend: the port is closed, so it refuses.
+        apply(&lab, &yaml, "service up", || {
+            lab.has_backend(1, IpAddr::V4(pod.ip), 9999).unwrap_or(false)
+                && udp_ask(&client, sa(vip(), 5353), 0, ASK) == Answer::Refused
+        });
+        let related = || lab.counted(1, lb_common::verdict::Reason::IcmpRelated).unwrap();
+        let before = related();
+        let t = Instant::now();
+        assert_eq!(
+            udp_ask(&client, sa(vip(), 5353), 0, Duration::from_secs(2)),
+            Answer::Refused,
+            "{backend}"
+        );
+        let took = t.elapsed();
+        println!(
+            "UDP to a closed port behind the VIP ({backend}, error translated at {hook}) refused after {took:?}"
+        );
+        assert!(took < Duration::from_millis(500), "{backend}: took {took:?}");
+        assert!(related() > before, "no ICMP error about {backend}'s port translated at node-1's {hook}");
+    }
 }
 
 /// Fifty clients that trickle their request heads into the health port, a byte every

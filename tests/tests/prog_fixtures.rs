@@ -1144,3 +1144,48 @@ fn both_programs_verify_with_a_tenth_of_the_budget_to_spare() {
         assert!(walked <= limit, "{name}: {walked} instructions verified, over {limit}");
     }
 }
+
+/// At TC too: a local backend pod's ICMP error about a flow a client pod opened (a closed
+/// port, a packet too big for a link inside the pod, a TTL run out) reaches the pod's
+/// interface quoting the packet as translated, to the client; it leaves about the packet as
+/// the client sent it (to VIP:80), byte-exact, each type, IPv4 and IPv6. An error about
+/// anything else passes untouched.
+#[test]
+fn icmp_errors_from_a_local_pod_are_translated_back_at_tc() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_UDP), &BES4, 0, 0);
+    let svc6 = program(&mut l.dp, 2, (VIP6, 80, PROTO_UDP), &BES6, 8192, 0);
+    let kinds4 = [(3, 3), (3, 4), (11, 0)];
+    let kinds6 = [(1, 4), (2, 0), (3, 0)];
+    let mut translated = 0;
+    for (client, vip, svc, bes, kinds) in
+        [(CLIENT4, VIP4, &svc, &BES4[..], kinds4), (CLIENT6, VIP6, &svc6, &BES6[..], kinds6)]
+    {
+        for (i, kind) in kinds.into_iter().enumerate() {
+            let sent = Spec::udp(client, 41000 + i as u16, vip, 80);
+            let (rc, emitted) = l.run_tc(&sent.build());
+            assert_eq!(rc, TC_ACT_UNSPEC);
+            let be = bes.iter().find(|b| b.id == svc.predict(&sent.key())).unwrap();
+            assert_eq!(inspect(&emitted).dst, ip(be.ip));
+            let err = icmp_error(be.ip, client, kind, 1280, &emitted);
+            let (rc, out) = l.run_tc(&err);
+            assert_eq!(rc, TC_ACT_UNSPEC, "{vip} {kind:?}");
+            let seen = inspect(&out);
+            assert_eq!(
+                (seen.src, seen.dst, seen.icmp),
+                (ip(be.ip), ip(client), Some(kind)),
+                "{vip} {kind:?}"
+            );
+            let l3 = if ip(vip).is_ipv6() { 40 } else { 20 };
+            assert_eq!(&seen.l4[8..], &sent.build()[14..14 + l3 + 8], "{vip} {kind:?}: the quote as sent");
+            assert_eq!(&seen.l4[4..8], &1280u32.to_be_bytes(), "{vip} {kind:?}: the rest as it was");
+            translated += 1;
+        }
+    }
+    assert_eq!(reason(&l, Reason::IcmpRelated), translated);
+    let other = Spec::udp(BES4[0].ip, 1234, "198.18.0.78", 80).build();
+    let err = icmp_error(BES4[0].ip, "198.18.0.78", (3, 3), 0, &other);
+    assert_eq!(l.run_tc(&err), (TC_ACT_UNSPEC, err.clone()));
+    assert_eq!(reason(&l, Reason::IcmpRelated), translated);
+}
