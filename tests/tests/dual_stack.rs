@@ -325,3 +325,53 @@ fn a_closed_port_behind_an_ipv6_vip_is_refused_at_once_local_or_remote() {
         assert!(related() > before, "no ICMPv6 error about {backend}'s port translated on node-1");
     }
 }
+
+/// The node's own clients over IPv6 (`host_clients.rs` over IPv4): served at connect time by
+/// the cgroup programs' IPv6 hooks. curl from the node's shell to the IPv6 ClusterIP and to
+/// a NodePort on the node's IPv6 address spreads over local and remote backends;
+/// getpeername and an unconnected UDP reply show the Service address; with no endpoints the
+/// connect fails at once.
+#[test]
+fn node_clients_over_ipv6_are_served_at_connect_time() {
+    use lb_common::verdict::Reason;
+    use std::net::{TcpStream, UdpSocket};
+
+    let Some(lab) = lab() else { return };
+    let node = lab.node_netns(1);
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let vip_sa = sa(vip6(), 80);
+    up(&lab, &(web6("NodePort", "", "") + &web_slices(&ready(&all))), &node, vip_sa);
+    let before = lab.counted(1, Reason::HostConnect).unwrap();
+    for to in [vip_sa, sa(node_ip6(1), 30080)] {
+        let (seen, _) = reach_all(&node, to, Proto::Tcp, &["web-1", "web-2", "web-3"]);
+        assert_eq!(seen.len(), 3, "{to}: {seen:?}");
+    }
+    assert!(lab.counted(1, Reason::HostConnect).unwrap() > before, "no connect-time decision counted");
+    let (peer, udp) = in_netns(&node, move || {
+        let s = TcpStream::connect_timeout(&vip_sa, ASK).expect("connect");
+        let u = UdpSocket::bind("[::]:0").and_then(|u| {
+            u.set_read_timeout(Some(ASK))?;
+            u.send_to(b"hello\n", vip_sa)?;
+            let mut buf = [0u8; 512];
+            u.recv_from(&mut buf).map(|(_, from)| from)
+        });
+        (s.peer_addr().unwrap(), u)
+    })
+    .unwrap();
+    assert_eq!(peer, vip_sa, "getpeername");
+    assert_eq!(udp.expect("UDP answer"), vip_sa, "UDP reply source");
+
+    apply(&lab, &(web6("NodePort", "", "") + &web_slices(&[])), "no endpoints", || {
+        tcp_ask(&node, vip_sa, ASK) == Answer::Refused
+    });
+    let refused = in_netns(&node, move || {
+        let t = Instant::now();
+        let tcp = TcpStream::connect_timeout(&vip_sa, ASK).map(|_| ()).map_err(|e| e.kind());
+        let udp = UdpSocket::bind("[::]:0").and_then(|s| s.connect(vip_sa)).map_err(|e| e.kind());
+        (tcp, udp, t.elapsed())
+    })
+    .unwrap();
+    let refused_kind = Err(std::io::ErrorKind::ConnectionRefused);
+    assert_eq!((refused.0, refused.1), (refused_kind, refused_kind));
+    assert!(refused.2 < Duration::from_millis(100), "refusals took {:?}", refused.2);
+}
