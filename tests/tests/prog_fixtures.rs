@@ -1145,47 +1145,49 @@ fn both_programs_verify_with_a_tenth_of_the_budget_to_spare() {
     }
 }
 
-/// At TC too: a local backend pod's ICMP error about a flow a client pod opened (a closed
-/// port, a packet too big for a link inside the pod, a TTL run out) reaches the pod's
-/// interface quoting the packet as translated, to the client; it leaves about the packet as
-/// the client sent it (to VIP:80), byte-exact, each type, IPv4 and IPv6. An error about
-/// anything else passes untouched.
+/// Each error type, at each hook: a backend's ICMP error about a flow a client opened (a
+/// closed port, a packet too big for a link, a TTL run out) quotes the packet as
+/// translated and goes to the client; it leaves about the packet as the client sent it (to
+/// VIP:80), byte-exact, IPv4 and IPv6. At XDP the backend is on another node; at TC it is a
+/// local pod whose error enters through its interface. An error about anything else passes
+/// untouched.
 #[test]
-fn icmp_errors_from_a_local_pod_are_translated_back_at_tc() {
+fn each_icmp_error_type_is_translated_back_at_both_hooks() {
     require_root!();
-    let mut l = Loaded::new();
-    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_UDP), &BES4, 0, 0);
-    let svc6 = program(&mut l.dp, 2, (VIP6, 80, PROTO_UDP), &BES6, 8192, 0);
-    let kinds4 = [(3, 3), (3, 4), (11, 0)];
-    let kinds6 = [(1, 4), (2, 0), (3, 0)];
-    let mut translated = 0;
-    for (client, vip, svc, bes, kinds) in
-        [(CLIENT4, VIP4, &svc, &BES4[..], kinds4), (CLIENT6, VIP6, &svc6, &BES6[..], kinds6)]
-    {
-        for (i, kind) in kinds.into_iter().enumerate() {
-            let sent = Spec::udp(client, 41000 + i as u16, vip, 80);
-            let (rc, emitted) = l.run_tc(&sent.build());
-            assert_eq!(rc, TC_ACT_UNSPEC);
-            let be = bes.iter().find(|b| b.id == svc.predict(&sent.key())).unwrap();
-            assert_eq!(inspect(&emitted).dst, ip(be.ip));
-            let err = icmp_error(be.ip, client, kind, 1280, &emitted);
-            let (rc, out) = l.run_tc(&err);
-            assert_eq!(rc, TC_ACT_UNSPEC, "{vip} {kind:?}");
-            let seen = inspect(&out);
-            assert_eq!(
-                (seen.src, seen.dst, seen.icmp),
-                (ip(be.ip), ip(client), Some(kind)),
-                "{vip} {kind:?}"
-            );
-            let l3 = if ip(vip).is_ipv6() { 40 } else { 20 };
-            assert_eq!(&seen.l4[8..], &sent.build()[14..14 + l3 + 8], "{vip} {kind:?}: the quote as sent");
-            assert_eq!(&seen.l4[4..8], &1280u32.to_be_bytes(), "{vip} {kind:?}: the rest as it was");
-            translated += 1;
+    for tc in [false, true] {
+        let mut l = Loaded::new();
+        let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_UDP), &BES4, 0, 0);
+        let svc6 = program(&mut l.dp, 2, (VIP6, 80, PROTO_UDP), &BES6, 8192, 0);
+        let run = |p: &[u8]| if tc { l.run_tc(p) } else { l.run_xdp(p) };
+        let passed = if tc { TC_ACT_UNSPEC } else { XDP_PASS };
+        let kinds4 = [(3, 3), (3, 4), (11, 0)];
+        let kinds6 = [(1, 4), (2, 0), (3, 0)];
+        let mut translated = 0;
+        for (client, vip, svc, bes, kinds) in
+            [(CLIENT4, VIP4, &svc, &BES4[..], kinds4), (CLIENT6, VIP6, &svc6, &BES6[..], kinds6)]
+        {
+            for (i, kind) in kinds.into_iter().enumerate() {
+                let sent = Spec::udp(client, 41000 + i as u16, vip, 80);
+                let (rc, emitted) = run(&sent.build());
+                assert_eq!(rc, passed);
+                let be = bes.iter().find(|b| b.id == svc.predict(&sent.key())).unwrap();
+                assert_eq!(inspect(&emitted).dst, ip(be.ip));
+                let err = icmp_error(be.ip, client, kind, 1280, &emitted);
+                let (rc, out) = run(&err);
+                let what = format!("tc {tc} {vip} {kind:?}");
+                assert_eq!(rc, passed, "{what}");
+                let seen = inspect(&out);
+                assert_eq!((seen.src, seen.dst, seen.icmp), (ip(be.ip), ip(client), Some(kind)), "{what}");
+                let l3 = if ip(vip).is_ipv6() { 40 } else { 20 };
+                assert_eq!(&seen.l4[8..], &sent.build()[14..14 + l3 + 8], "{what}: the quote as sent");
+                assert_eq!(&seen.l4[4..8], &1280u32.to_be_bytes(), "{what}: the rest as it was");
+                translated += 1;
+            }
         }
+        assert_eq!(reason(&l, Reason::IcmpRelated), translated);
+        let other = Spec::udp(BES4[0].ip, 1234, "198.18.0.78", 80).build();
+        let err = icmp_error(BES4[0].ip, "198.18.0.78", (3, 3), 0, &other);
+        assert_eq!(run(&err), (passed, err.clone()));
+        assert_eq!(reason(&l, Reason::IcmpRelated), translated);
     }
-    assert_eq!(reason(&l, Reason::IcmpRelated), translated);
-    let other = Spec::udp(BES4[0].ip, 1234, "198.18.0.78", 80).build();
-    let err = icmp_error(BES4[0].ip, "198.18.0.78", (3, 3), 0, &other);
-    assert_eq!(l.run_tc(&err), (TC_ACT_UNSPEC, err.clone()));
-    assert_eq!(reason(&l, Reason::IcmpRelated), translated);
 }
