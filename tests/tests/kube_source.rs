@@ -94,7 +94,7 @@ impl Agent {
             &mut self.dp,
             &mut self.src,
             &node(),
-            |_| Config::default(),
+            lb_userspace::agent::sync::Hooks { config_for: |_: &[_]| Config::default(), names: |_: &_| {} },
             false,
             Instant::now(),
         );

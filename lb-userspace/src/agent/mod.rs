@@ -426,7 +426,14 @@ impl Agent {
             c
         };
         let began = Instant::now();
-        let outcome = self.syncer.sync(&mut self.dp, &mut self.source, &node, config_for, resync, began)?;
+        let (reporter, datapath) = (&mut self.reporter, &self.datapath);
+        let names = |desired: &crate::model::Desired| {
+            reporter.names(desired);
+            reporter.flush_names();
+            *lock(&datapath.names) = reporter.names.clone();
+        };
+        let hooks = sync::Hooks { config_for, names };
+        let outcome = self.syncer.sync(&mut self.dp, &mut self.source, &node, hooks, resync, began)?;
         if let Some(outcome) = outcome {
             self.last_sync = Some(began);
             self.after_sync(&outcome, began);
@@ -456,10 +463,6 @@ impl Agent {
             }
         }
         let (desired, applied, retry) = (self.syncer.desired(), self.syncer.applied(), self.syncer.retry());
-        if o.frontends_touched {
-            self.reporter.names(desired);
-            *lock(&self.datapath.names) = self.reporter.names.clone();
-        }
         let m = &self.metrics;
         m.synced(o.took, o.ok());
         m.service_changes.inc_by(o.service_changes as u64);

@@ -195,6 +195,18 @@ impl Reporter {
         }
     }
 
+    /// Writes the frontend names if they changed since the last write. Called right after a
+    /// sync, not at the report's pace: `lb monitor` names the Service of a new flow from
+    /// this file, and the first flows to a new Service come at once.
+    pub fn flush_names(&mut self) {
+        if self.names_changed {
+            match report::write_names(&self.pin_dir, &self.names) {
+                Ok(()) => self.names_changed = false,
+                Err(e) => log(format!("warning: cannot write the frontend names: {e}")),
+            }
+        }
+    }
+
     /// A write is due: the report is `report::EVERY` old, or a sync changed it and the last
     /// write is `report::AFTER_SYNC` old (a stream of syncs writes it a few times a second,
     /// not once per sync).
@@ -247,12 +259,7 @@ impl Reporter {
             });
         }
         drop(g);
-        if self.names_changed {
-            match report::write_names(&self.pin_dir, &self.names) {
-                Ok(()) => self.names_changed = false,
-                Err(e) => log(format!("warning: cannot write the frontend names: {e}")),
-            }
-        }
+        self.flush_names();
         r.written_at = report::timestamp_ago(Duration::ZERO);
         if let Err(e) = report::write(&self.pin_dir, &r) {
             log(format!("warning: cannot write the status report: {e}"));

@@ -65,6 +65,15 @@ pub struct Syncer {
     said: BTreeSet<(String, String)>,
 }
 
+/// What a sync asks of its caller: `config_for` makes the datapath configuration from the
+/// node's addresses; `names` hears the desired state before any map is written when
+/// frontends came, went or moved, so whoever names a packet's Service (`lb monitor`) knows
+/// it before the first packet.
+pub struct Hooks<C, N> {
+    pub config_for: C,
+    pub names: N,
+}
+
 impl Syncer {
     /// Starts from what the maps hold (`Applied::read`).
     pub fn new(mut applied: Applied, limits: Limits) -> Self {
@@ -102,18 +111,23 @@ impl Syncer {
     }
 
     /// Syncs what `source` changed (and what is owed, once its retry is `now` due) into
-    /// `dp`; `resync` re-plans everything against the maps as they are. `config_for` makes
-    /// the datapath configuration from the node's addresses. None: nothing to do. A failed
-    /// map write is an outcome (retried in full); failing to read the maps back is an error.
-    pub fn sync<D: Dataplane, S: ChangeSource>(
+    /// `dp`; `resync` re-plans everything against the maps as they are; `hooks` say what the
+    /// caller adds. None: nothing to do. A failed map write is an outcome (retried in full);
+    /// failing to read the maps back is an error.
+    pub fn sync<D: Dataplane, S: ChangeSource, C, N>(
         &mut self,
         dp: &mut D,
         source: &mut S,
         node: &NodeContext,
-        config_for: impl FnOnce(&[IpAddr]) -> Config,
+        hooks: Hooks<C, N>,
         resync: bool,
         now: Instant,
-    ) -> Result<Option<Outcome>, DataplaneError> {
+    ) -> Result<Option<Outcome>, DataplaneError>
+    where
+        C: FnOnce(&[IpAddr]) -> Config,
+        N: FnOnce(&model::Desired),
+    {
+        let Hooks { config_for, names } = hooks;
         let due = self.retry.due(now);
         let mut changes = match source.changed() {
             Some(c) => c,
@@ -154,6 +168,15 @@ impl Syncer {
         // Room whose quarantine is over is free for this plan.
         self.applied.release_quarantine();
         let plan = reconcile::plan_changes(desired, &delta, &self.applied, &self.limits);
+        let frontends_touched = delta.all
+            || !delta.vips_added.is_empty()
+            || !delta.vips_removed.is_empty()
+            || delta.services.iter().any(|(sref, old)| {
+                old.as_ref().map(|o| &o.frontends) != desired.services.get(sref).map(|d| &d.frontends)
+            });
+        if frontends_touched {
+            names(desired);
+        }
         let result = reconcile::execute(dp, &mut self.applied, &plan.ops);
         let took = t0.elapsed();
         for line in self.retry.settle(desired, &delta, &plan.failed, result.is_ok(), now) {
@@ -177,12 +200,7 @@ impl Syncer {
             settled: result.is_ok() && self.retry.is_empty(),
             service_changes: changes.services.len(),
             endpoint_changes: changes.slices.len(),
-            frontends_touched: delta.all
-                || !delta.vips_added.is_empty()
-                || !delta.vips_removed.is_empty()
-                || delta.services.iter().any(|(sref, old)| {
-                    old.as_ref().map(|o| &o.frontends) != desired.services.get(sref).map(|d| &d.frontends)
-                }),
+            frontends_touched,
             config_written,
         };
         match result {

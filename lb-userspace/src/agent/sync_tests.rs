@@ -9,6 +9,11 @@ use crate::{
     source::manifests::{cluster_from, parse},
 };
 
+/// A sync's hooks that write `config` and ignore the names.
+fn hooks(config: Config) -> Hooks<impl FnOnce(&[IpAddr]) -> Config, impl FnOnce(&crate::model::Desired)> {
+    Hooks { config_for: move |_: &[IpAddr]| config, names: |_: &crate::model::Desired| {} }
+}
+
 /// Objects the test edits, and the changes it announces.
 struct FakeSource {
     cluster: Cluster,
@@ -68,7 +73,7 @@ fn limits() -> Limits {
 }
 
 fn turn(s: &mut Syncer, dp: &mut FakeDataplane, src: &mut FakeSource, now: Instant) -> Option<Outcome> {
-    s.sync(dp, src, &node(), |_| Config::default(), false, now).expect("the fake's maps read back")
+    s.sync(dp, src, &node(), hooks(Config::default()), false, now).expect("the fake's maps read back")
 }
 
 /// The Service ports in the fake's maps, as `ip:port` (not the ClusterIPs' entries for
@@ -146,21 +151,21 @@ fn the_configuration_is_written_when_it_changes() {
     let mut s = Syncer::new(Applied::read(&dp).unwrap(), limits());
     let t0 = Instant::now();
     let cfg = |port| Config { snat_port_min: port, ..Config::default() };
-    let first = s.sync(&mut dp, &mut src, &node(), |_| cfg(1000), false, t0).unwrap().unwrap();
+    let first = s.sync(&mut dp, &mut src, &node(), hooks(cfg(1000)), false, t0).unwrap().unwrap();
     assert!(first.config_written);
-    let resync = s.sync(&mut dp, &mut src, &node(), |_| cfg(1000), true, t0).unwrap().unwrap();
+    let resync = s.sync(&mut dp, &mut src, &node(), hooks(cfg(1000)), true, t0).unwrap().unwrap();
     assert!(!resync.config_written && resync.ok() && resync.writes == 0, "{resync:?}");
-    let changed = s.sync(&mut dp, &mut src, &node(), |_| cfg(2000), true, t0).unwrap().unwrap();
+    let changed = s.sync(&mut dp, &mut src, &node(), hooks(cfg(2000)), true, t0).unwrap().unwrap();
     assert!(changed.config_written);
     assert_eq!(dp.config.snat_port_min, 2000);
     // The node changed under it (a route's MTU, say) with nothing from the source: no sync
     // until the agent says the configuration is owed, then one that writes it.
-    assert!(s.sync(&mut dp, &mut src, &node(), |_| cfg(3000), false, t0).unwrap().is_none());
+    assert!(s.sync(&mut dp, &mut src, &node(), hooks(cfg(3000)), false, t0).unwrap().is_none());
     s.owe_config();
-    let owed = s.sync(&mut dp, &mut src, &node(), |_| cfg(3000), false, t0).unwrap().unwrap();
+    let owed = s.sync(&mut dp, &mut src, &node(), hooks(cfg(3000)), false, t0).unwrap().unwrap();
     assert!(owed.config_written && owed.writes == 0, "{owed:?}");
     assert_eq!(dp.config.snat_port_min, 3000);
-    assert!(s.sync(&mut dp, &mut src, &node(), |_| cfg(3000), false, t0).unwrap().is_none());
+    assert!(s.sync(&mut dp, &mut src, &node(), hooks(cfg(3000)), false, t0).unwrap().is_none());
 }
 
 /// Under churn the Maglev array can be full only of ranges in quarantine (a table changed

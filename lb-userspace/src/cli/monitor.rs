@@ -151,6 +151,11 @@ pub fn run(args: MonitorArgs, pin_dir: &Path, json: bool) -> anyhow::Result<()> 
             if !reasons.as_ref().is_none_or(|r| r.contains(&e.reason)) || bits & (1 << e.kind) == 0 {
                 continue;
             }
+            if services.of(&e).is_none() {
+                // The agent writes the names just after a sync's maps: a flow to a Service
+                // that sync made can come first.
+                services.reload_after_a_miss();
+            }
             let service = services.of(&e);
             let named =
                 |want: &String| service.is_some_and(|n| format!("{}/{}", n.namespace, n.service) == *want);
@@ -252,19 +257,36 @@ fn show(e: &Event, ifaces: &BTreeMap<u32, String>, service: Option<&FrontendName
 /// The agent's frontend names (`report::read_names`), reread when the file changes.
 struct Names {
     pin_dir: std::path::PathBuf,
-    seen: Option<std::time::SystemTime>,
+    /// The file last read: its inode (the agent replaces it whole, by a rename) and mtime
+    /// (coarse: two writes within a clock tick share it).
+    seen: Option<(u64, std::time::SystemTime)>,
     by_frontend: BTreeMap<String, FrontendName>,
+    /// When an event named no Service last made us look at the file again.
+    missed: Option<std::time::Instant>,
 }
 
 impl Names {
     fn new(pin_dir: &Path) -> Names {
-        let mut n = Names { pin_dir: pin_dir.to_path_buf(), seen: None, by_frontend: BTreeMap::new() };
+        let mut n =
+            Names { pin_dir: pin_dir.to_path_buf(), seen: None, by_frontend: BTreeMap::new(), missed: None };
         n.reload_if_changed();
         n
     }
 
+    /// `reload_if_changed` for an event that named no Service, at most every 50 ms: most
+    /// such events are about no Service at all, and each look is a `stat`.
+    fn reload_after_a_miss(&mut self) {
+        if self.missed.is_none_or(|t| t.elapsed() >= Duration::from_millis(50)) {
+            self.missed = Some(std::time::Instant::now());
+            self.reload_if_changed();
+        }
+    }
+
     fn reload_if_changed(&mut self) {
-        let modified = std::fs::metadata(report::names_path(&self.pin_dir)).and_then(|m| m.modified()).ok();
+        use std::os::unix::fs::MetadataExt as _;
+        let modified = std::fs::metadata(report::names_path(&self.pin_dir))
+            .and_then(|m| Ok((m.ino(), m.modified()?)))
+            .ok();
         if modified != self.seen {
             self.seen = modified;
             self.by_frontend = report::read_names(&self.pin_dir);
