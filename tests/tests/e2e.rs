@@ -348,10 +348,11 @@ fn udp_flow_with_a_fixed_source_port_moves_off_a_removed_backend_within_a_second
     web_up(&lab, &ns, &all, Proto::Udp);
     const SPORT: u16 = 40_000;
     let first = udp_ask(&ns, sa(vip(), 80), SPORT, ASK).pod().expect("answer").to_string();
-    // Sticks while nothing changes.
-    for _ in 0..5 {
-        assert_eq!(udp_ask(&ns, sa(vip(), 80), SPORT, ASK).pod(), Some(first.as_str()));
-    }
+    // Sticks while nothing changes: every answer from the same pod. (UDP is not resent: on
+    // a loaded CI machine one datagram of five may be lost, which says nothing of the flow.)
+    let answers: Vec<String> =
+        (0..5).filter_map(|_| udp_ask(&ns, sa(vip(), 80), SPORT, ASK).pod().map(str::to_string)).collect();
+    assert!(answers.len() >= 4 && answers.iter().all(|p| *p == first), "{first} then {answers:?}");
     // Remove it from the slice (the pod keeps running and would still answer).
     let rest: Vec<(&Pod, &str)> = all.iter().filter(|p| p.name != first).map(|p| (*p, READY)).collect();
     let t0 = Instant::now();
