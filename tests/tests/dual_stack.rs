@@ -219,21 +219,8 @@ fn a_nodeport_upload_over_ipv6_across_a_smaller_mtu_completes() {
     let answered = || lab.counted(1, lb_common::verdict::Reason::FragNeeded).unwrap();
     let before = answered();
     let to = sa(node_ip6(1), 30080);
-    let (answer, took) = in_netns(&ext, move || -> std::io::Result<(String, Duration)> {
-        use std::io::{BufRead as _, Write as _};
-        let t = Instant::now();
-        let mut s = std::net::TcpStream::connect_timeout(&to, ASK)?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut line = vec![b'x'; 1 << 20];
-        line.push(b'\n');
-        s.write_all(&line)?;
-        let mut answer = String::new();
-        std::io::BufReader::new(s).read_line(&mut answer)?;
-        Ok((answer, t.elapsed()))
-    })
-    .unwrap()
-    .unwrap_or_else(|e| panic!("the upload did not complete: {e} ({} answers)", answered() - before));
+    let (answer, took) = upload_a_mebibyte(&ext, to)
+        .unwrap_or_else(|e| panic!("the upload did not complete: {e} ({} answers)", answered() - before));
     println!(
         "1 MiB upload over IPv6 across the 1400-byte path: {took:?}, {} too-big answers",
         answered() - before

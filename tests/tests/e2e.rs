@@ -1906,21 +1906,7 @@ fn a_nodeport_upload_to_a_remote_backend_across_a_smaller_mtu_completes() {
     // source, itself, and the upload would hang (frag_needed stays 0 without `pmtu`). The
     // XDP program answers the client instead, which lowers its segment size.
     let to = sa(node_ip(1), 30080);
-    let (answer, took) = in_netns(&lab.ext_ns(), move || -> std::io::Result<(String, Duration)> {
-        use std::io::{BufRead as _, Write as _};
-        let t = Instant::now();
-        let mut s = std::net::TcpStream::connect_timeout(&to, ASK)?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut line = vec![b'x'; 1 << 20];
-        line.push(b'\n');
-        s.write_all(&line)?;
-        let mut answer = String::new();
-        std::io::BufReader::new(s).read_line(&mut answer)?;
-        Ok((answer, t.elapsed()))
-    })
-    .unwrap()
-    .unwrap_or_else(|e| {
+    let (answer, took) = upload_a_mebibyte(&lab.ext_ns(), to).unwrap_or_else(|e| {
         panic!(
             "the upload did not complete: {e} ({} answers)\nnode-1 agent:\n{}",
             answered() - before,

@@ -213,3 +213,21 @@ impl Asker {
         self.thread.join().unwrap()
     }
 }
+
+/// A 1 MiB line sent on one TCP connection from `ns` to `to`, and the answer line (the
+/// server answers once it has the whole line): the answer and how long it all took.
+pub fn upload_a_mebibyte(ns: &str, to: SocketAddr) -> std::io::Result<(String, Duration)> {
+    in_netns(ns, move || -> std::io::Result<(String, Duration)> {
+        let t = Instant::now();
+        let mut s = TcpStream::connect_timeout(&to, ASK)?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut line = vec![b'x'; 1 << 20];
+        line.push(b'\n');
+        s.write_all(&line)?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer)?;
+        Ok((answer, t.elapsed()))
+    })
+    .map_err(std::io::Error::other)?
+}
