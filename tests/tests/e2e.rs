@@ -457,17 +457,7 @@ fn large_udp_datagrams_are_fragmented_and_still_translated() {
     web_up(&lab, &ns, &all, Proto::Udp);
     let to = sa(vip(), 80);
     for _ in 0..6 {
-        let reply = in_netns(&ns, move || -> std::io::Result<String> {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            s.connect(to)?;
-            s.set_read_timeout(Some(ASK))?;
-            s.send(&[b'x'; 2000])?;
-            let mut buf = [0u8; 512];
-            let n = s.recv(&mut buf)?;
-            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-        })
-        .unwrap()
-        .expect("2000-byte datagram answered");
+        let reply = big_datagram(&ns, to).expect("2000-byte datagram answered");
         assert!(reply.starts_with("web-"), "{reply}");
     }
 }

@@ -231,3 +231,19 @@ pub fn upload_a_mebibyte(ns: &str, to: SocketAddr) -> std::io::Result<(String, D
     })
     .map_err(std::io::Error::other)?
 }
+
+/// A 2000-byte UDP datagram, fragmented by the sender's stack (links of 1500 bytes), and its
+/// answer, from `ns` to `to`.
+pub fn big_datagram(ns: &str, to: SocketAddr) -> std::io::Result<String> {
+    in_netns(ns, move || -> std::io::Result<String> {
+        let any: IpAddr = if to.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+        let s = std::net::UdpSocket::bind((any, 0))?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(ASK))?;
+        s.send(&[b'x'; 2000])?;
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .map_err(std::io::Error::other)?
+}
