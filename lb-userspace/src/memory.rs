@@ -12,6 +12,17 @@ pub fn resident_bytes() -> Option<u64> {
     field(&status, "VmRSS:").map(|kib| kib * 1024)
 }
 
+/// Gives the heap's free pages back to the kernel. A full sync (and the parse before it)
+/// allocates a multiple of what the agent keeps; the allocator holds on to freed memory, so
+/// without this the resident set would stay at that peak for good.
+pub fn return_freed() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The kernel memory of the map pinned at `pin`, in bytes.
 pub fn map_bytes(pin: &Path) -> Option<u64> {
     let map = aya::maps::MapData::from_pin(pin).ok()?;

@@ -18,6 +18,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -27,7 +28,7 @@ use k8s_openapi::api::{
 };
 use lb_common::abi::{PROTO_TCP, PROTO_UDP};
 
-use crate::{refcount::bump, topology};
+use crate::{refcount::bump, sorted_vec, topology};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -50,18 +51,20 @@ pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
-/// Everything the sources have seen, keyed by `(namespace, name)`.
+/// Everything the sources have seen, keyed by `(namespace, name)`. Objects are shared
+/// (`Arc`): a source that keeps them elsewhere too (the manifest folder, per file) holds
+/// each once, and a copy of the cluster copies no object.
 #[derive(Debug, Clone, Default)]
 pub struct Cluster {
-    pub services: BTreeMap<(String, String), Service>,
-    pub slices: BTreeMap<(String, String), EndpointSlice>,
+    pub services: BTreeMap<(String, String), Arc<Service>>,
+    pub slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
     /// Nodes are cluster-scoped: keyed by `("", name)`.
-    pub nodes: BTreeMap<(String, String), Node>,
+    pub nodes: BTreeMap<(String, String), Arc<Node>>,
 }
 
 impl Cluster {
     pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.get(&(String::new(), name.to_string()))
+        self.nodes.get(&(String::new(), name.to_string())).map(|n| &**n)
     }
 }
 
@@ -327,12 +330,18 @@ struct Claim {
     sref: ServiceRef,
 }
 
+impl Claim {
+    fn of(&self, key: &Key) -> bool {
+        self.sref.namespace == key.0 && self.sref.name == key.1
+    }
+}
+
 /// Every frontend's claimants. Two Services (or two ports of one) that claim the same
 /// frontend do not take it from each other: the first claim has it, the others are notes
 /// for it and reported, and removing or changing one of them never touches the frontend of
-/// the one that has it.
+/// the one that has it. (A frontend has one claimant but in a conflict: a sorted `Vec`.)
 #[derive(Debug, Default)]
-struct Claims(BTreeMap<Frontend, BTreeSet<Claim>>);
+struct Claims(BTreeMap<Frontend, Vec<Claim>>);
 
 impl Claims {
     fn claims(svc: &Service, services: &BTreeMap<ServiceRef, DesiredService>) -> Vec<(Frontend, Claim)> {
@@ -349,23 +358,22 @@ impl Claims {
         out
     }
 
-    /// Registers `svc`'s claims (its datapath services as computed); returns them.
-    fn add(
-        &mut self,
-        svc: &Service,
-        services: &BTreeMap<ServiceRef, DesiredService>,
-    ) -> Vec<(Frontend, Claim)> {
+    /// Registers `svc`'s claims (its datapath services as computed); returns the frontends
+    /// claimed.
+    fn add(&mut self, svc: &Service, services: &BTreeMap<ServiceRef, DesiredService>) -> Vec<Frontend> {
         let claims = Self::claims(svc, services);
-        for (fe, c) in &claims {
-            self.0.entry(*fe).or_default().insert(c.clone());
+        let frontends = claims.iter().map(|(fe, _)| *fe).collect();
+        for (fe, c) in claims {
+            sorted_vec::insert(self.0.entry(fe).or_default(), c);
         }
-        claims
+        frontends
     }
 
-    fn remove(&mut self, claims: &[(Frontend, Claim)]) {
-        for (fe, c) in claims {
+    /// Drops Service `key`'s claims on `frontends`.
+    fn remove(&mut self, key: &Key, frontends: &[Frontend]) {
+        for fe in frontends {
             if let Some(set) = self.0.get_mut(fe) {
-                set.remove(c);
+                set.retain(|c| !c.of(key));
                 if set.is_empty() {
                     self.0.remove(fe);
                 }
@@ -724,20 +732,20 @@ pub struct Delta {
 #[derive(Debug, Default)]
 pub struct ModelState {
     desired: Desired,
-    /// The datapath services, cluster VIPs, health-check ports and skip notes of each Service.
-    refs: BTreeMap<Key, Vec<ServiceRef>>,
+    /// The cluster VIPs, health-check ports and skip notes of each Service (its datapath
+    /// services are found in `desired`: `refs_of`).
     vips: BTreeMap<Key, Vec<IpAddr>>,
     vip_users: BTreeMap<IpAddr, u32>,
     health_ports: BTreeMap<Key, Vec<u16>>,
     notes: BTreeMap<Key, Vec<(String, String)>>,
     /// EndpointSlice → its Service (by the service-name label), and the reverse.
     slice_owner: BTreeMap<Key, Key>,
-    slices_of: BTreeMap<Key, BTreeSet<Key>>,
+    slices_of: BTreeMap<Key, Vec<Key>>,
     /// Datapath services using each endpoint (`backends` or `kept`).
     backend_users: BTreeMap<(IpAddr, u16), u32>,
     /// Who claims each frontend, and each Service's claims.
     claims: Claims,
-    claims_of: BTreeMap<Key, Vec<(Frontend, Claim)>>,
+    claims_of: BTreeMap<Key, Vec<Frontend>>,
     /// Within one update: VIPs whose first event was an add (absent before the update).
     vips_born: BTreeSet<IpAddr>,
     ready: bool,
@@ -774,13 +782,13 @@ impl ModelState {
         for key in &changes.slices {
             if let Some(old) = self.slice_owner.remove(key) {
                 if let Some(set) = self.slices_of.get_mut(&old) {
-                    set.remove(key);
+                    sorted_vec::remove(set, key);
                 }
                 dirty.insert(old);
             }
             if let Some(new) = cluster.slices.get(key).and_then(|s| owner(key, s)) {
                 self.slice_owner.insert(key.clone(), new.clone());
-                self.slices_of.entry(new.clone()).or_default().insert(key.clone());
+                sorted_vec::insert(self.slices_of.entry(new.clone()).or_default(), key.clone());
                 dirty.insert(new);
             }
         }
@@ -790,7 +798,7 @@ impl ModelState {
             contested.extend(self.forget(key, &mut delta));
             if let Some(svc) = cluster.services.get(key) {
                 self.compute(cluster, node, key, svc, Some(&mut delta));
-                contested.extend(self.claims_of.get(key).into_iter().flatten().map(|(fe, _)| *fe));
+                contested.extend(self.claims_of.get(key).into_iter().flatten().copied());
             }
         }
         // Whoever else claims a frontend these Services had or have may have won or lost it:
@@ -830,7 +838,7 @@ impl ModelState {
         for (key, slice) in &cluster.slices {
             if let Some(svc) = owner(key, slice) {
                 self.slice_owner.insert(key.clone(), svc.clone());
-                self.slices_of.entry(svc).or_default().insert(key.clone());
+                sorted_vec::insert(self.slices_of.entry(svc).or_default(), key.clone());
             }
         }
         for (key, svc) in &cluster.services {
@@ -859,11 +867,26 @@ impl ModelState {
         self.backend_users.contains_key(addr)
     }
 
+    /// The datapath services of Service `key`: they sort together (`ServiceRef` orders by
+    /// namespace and name first), so no index of them is kept.
+    fn refs_of(&self, key: &Key) -> Vec<ServiceRef> {
+        let first = ServiceRef {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+            port_name: String::new(),
+            proto: 0,
+            scope: Scope::Cluster,
+            family: Family::V4,
+        };
+        let refs = self.desired.services.range(first..).map(|(r, _)| r);
+        refs.take_while(|r| r.namespace == key.0 && r.name == key.1).cloned().collect()
+    }
+
     /// Removes what Service `key` contributed; returns the frontends it claimed.
     fn forget(&mut self, key: &Key, delta: &mut Delta) -> Vec<Frontend> {
         let claims = self.claims_of.remove(key).unwrap_or_default();
-        self.claims.remove(&claims);
-        for r in self.refs.remove(key).unwrap_or_default() {
+        self.claims.remove(key, &claims);
+        for r in self.refs_of(key) {
             let old = self.desired.services.remove(&r);
             for a in old.iter().flat_map(addrs) {
                 if bump(&mut self.backend_users, a, false) == 0 {
@@ -882,7 +905,7 @@ impl ModelState {
             self.desired.health_checks.remove(&port);
         }
         self.notes.remove(key);
-        claims.into_iter().map(|(fe, _)| fe).collect()
+        claims
     }
 
     /// Adds what Service `key` contributes (the same rules as `desired`), noting in `delta`
@@ -906,8 +929,13 @@ impl ModelState {
             return;
         }
         let Some(spec) = svc.spec.as_ref() else { return };
-        let slices: Vec<&EndpointSlice> =
-            self.slices_of.get(key).into_iter().flatten().filter_map(|k| cluster.slices.get(k)).collect();
+        let slices: Vec<&EndpointSlice> = self
+            .slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| cluster.slices.get(k).map(|s| &**s))
+            .collect();
         service(&mut out, node, ns, name, svc, &slices);
         let claims = self.claims.add(svc, &out.services);
         self.claims_of.insert(key.clone(), claims);
@@ -932,7 +960,6 @@ impl ModelState {
         if !out.notes.is_empty() {
             self.notes.insert(key.clone(), out.notes);
         }
-        let refs: Vec<ServiceRef> = out.services.keys().cloned().collect();
         for (r, v) in out.services {
             for a in addrs(&v) {
                 bump(&mut self.backend_users, a, true);
@@ -942,7 +969,6 @@ impl ModelState {
                 d.services.entry(r).or_insert(old);
             }
         }
-        self.refs.insert(key.clone(), refs);
     }
 }
 

@@ -395,7 +395,7 @@ fn random_service(rng: &mut Rng, i: u64, shared_vips: bool) -> Service {
         30000 + i
     );
     match parse(&yaml, false).unwrap().pop().unwrap() {
-        crate::source::manifests::Object::Service(s) => *s,
+        crate::source::manifests::Object::Service(s) => std::sync::Arc::unwrap_or_clone(s),
         _ => unreachable!(),
     }
 }
@@ -417,7 +417,7 @@ fn random_slice(rng: &mut Rng, j: u64, per_pod: bool) -> EndpointSlice {
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{j}, labels: {{kubernetes.io/service-name: s{owner}}}}}\naddressType: IPv4\nports: [{{name: http, port: 9376}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints: [{eps}]\n"
     );
     match parse(&yaml, false).unwrap().pop().unwrap() {
-        crate::source::manifests::Object::EndpointSlice(s) => *s,
+        crate::source::manifests::Object::EndpointSlice(s) => std::sync::Arc::unwrap_or_clone(s),
         _ => unreachable!(),
     }
 }
@@ -446,7 +446,7 @@ fn random_changes(
                 if rng.next(4) == 0 {
                     cluster.services.remove(&key);
                 } else {
-                    cluster.services.insert(key.clone(), random_service(&mut rng, i, shared_vips));
+                    cluster.services.insert(key.clone(), random_service(&mut rng, i, shared_vips).into());
                 }
                 changes.services.insert(key);
             } else {
@@ -455,7 +455,7 @@ fn random_changes(
                 if rng.next(4) == 0 {
                     cluster.slices.remove(&key);
                 } else {
-                    cluster.slices.insert(key.clone(), random_slice(&mut rng, j, per_pod));
+                    cluster.slices.insert(key.clone(), random_slice(&mut rng, j, per_pod).into());
                 }
                 changes.slices.insert(key);
             }
@@ -621,7 +621,7 @@ fn a_port_number_twice_in_one_service_is_programmed_once_and_reported() {
     );
     let mut cluster = cluster_from(parse(&format!("{}---\n{yaml}", node_yaml()), false).unwrap());
     let web = cluster.services.get_mut(&("default".to_string(), "web".to_string())).unwrap();
-    web.spec.as_mut().unwrap().ports.as_mut().unwrap()[1].port = 80;
+    std::sync::Arc::make_mut(web).spec.as_mut().unwrap().ports.as_mut().unwrap()[1].port = 80;
     let node = NodeContext {
         name: NODE.into(),
         nodeport_addresses: NodePortAddresses::Primary,

@@ -29,6 +29,7 @@ use ipnet::IpNet;
 use lb_common::abi::*;
 
 use crate::{
+    compact_table::Table,
     dataplane::{Dataplane, DataplaneError},
     free_ids::{FreeIds, IdPool},
     loader::Capacities,
@@ -119,10 +120,8 @@ impl Plan {
 pub struct Applied {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
-    /// Tables of the ranges frontends point at, by offset.
-    pub tables: BTreeMap<u32, Vec<u32>>,
-    /// The distinct backend ids of each table, sorted (kept with `tables`).
-    pub table_members: BTreeMap<u32, Vec<u32>>,
+    /// Tables of the ranges frontends point at, by offset (with their distinct backend ids).
+    pub tables: BTreeMap<u32, Table>,
     pub source_ranges: BTreeSet<(u32, IpNet)>,
     /// Which backend ids each service id holds (usable or terminating), for affinity and UDP
     /// flows in the datapath.
@@ -191,10 +190,9 @@ impl Applied {
         let mut tables = BTreeMap::new();
         for v in services.values().filter(|v| v.maglev_size > 0) {
             if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(v.maglev_offset) {
-                e.insert(dp.read_maglev(v.maglev_offset, v.maglev_size)?);
+                e.insert(Table::new(&dp.read_maglev(v.maglev_offset, v.maglev_size)?));
             }
         }
-        let table_members = tables.iter().map(|(off, t)| (*off, members_of(t))).collect();
         let backends: BTreeMap<u32, BackendValue> = dp.backends()?.into_iter().collect();
         let members: BTreeMap<MemberKey, MemberValue> = dp.members()?.into_iter().collect();
         let mut index = Index {
@@ -214,7 +212,6 @@ impl Applied {
             services,
             backends,
             tables,
-            table_members,
             source_ranges: dp.source_ranges()?.into_iter().collect(),
             members,
             index,
@@ -260,7 +257,7 @@ impl Applied {
         }
         let mut r = RangeAlloc::new(capacity);
         for (off, t) in &self.tables {
-            r.reserve(*off, t.len() as u32);
+            r.reserve(*off, t.len());
         }
         r
     }
@@ -277,11 +274,9 @@ impl Applied {
     fn release_table(&mut self, offset: u32) {
         if bump(&mut self.index.table_users, offset, false) == 0
             && let Some(t) = self.tables.remove(&offset)
+            && self.index.ranges.is_some()
         {
-            self.table_members.remove(&offset);
-            if self.index.ranges.is_some() {
-                self.index.quarantine.ranges.push_back((std::time::Instant::now(), offset, t.len() as u32));
-            }
+            self.index.quarantine.ranges.push_back((std::time::Instant::now(), offset, t.len()));
         }
     }
 
@@ -309,11 +304,10 @@ impl Applied {
                 self.members.remove(key);
             }
             MapOp::WriteMaglev { offset, table } => {
-                self.table_members.insert(*offset, members_of(table));
                 if let Some(r) = &mut self.index.ranges {
                     r.reserve(*offset, table.len() as u32);
                 }
-                self.tables.insert(*offset, table.clone());
+                self.tables.insert(*offset, Table::new(table));
             }
             MapOp::SetService { key, value } => {
                 bump(&mut self.index.service_ids, value.service_id, true);
@@ -358,11 +352,9 @@ impl Applied {
         for off in written {
             if !self.index.table_users.contains_key(off)
                 && let Some(t) = self.tables.remove(off)
+                && let Some(r) = &mut self.index.ranges
             {
-                self.table_members.remove(off);
-                if let Some(r) = &mut self.index.ranges {
-                    r.free(*off, t.len() as u32);
-                }
+                r.free(*off, t.len());
             }
         }
     }
@@ -444,13 +436,6 @@ fn same_batch(op: &MapOp, first: &MapOp) -> bool {
 
 fn collect<T>(ops: &[MapOp], f: impl Fn(&MapOp) -> Option<T>) -> Vec<T> {
     ops.iter().filter_map(f).collect()
-}
-
-fn members_of(table: &[u32]) -> Vec<u32> {
-    let mut ids = table.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
 }
 
 fn backend_flags(b: &Backend) -> u8 {
@@ -703,8 +688,8 @@ impl<'a> Planning<'a> {
                 self.wanted_members.insert(*key);
                 self.kept_backend_ids.insert(key.backend_id);
             }
-            if let Some(ids) = applied.table_members.get(&v.maglev_offset) {
-                self.kept_backend_ids.extend(ids.iter().copied());
+            if let Some(t) = applied.tables.get(&v.maglev_offset) {
+                self.kept_backend_ids.extend(t.members().iter().copied());
             }
         }
     }
@@ -775,8 +760,7 @@ impl<'a> Planning<'a> {
             previous.filter(|v| v.maglev_size == size).and_then(|v| applied.tables.get(&v.maglev_offset));
         // The common case at scale: nothing changed for this service. Its table already holds
         // exactly these backends (the builder gives every member slots), so no rebuild.
-        let unchanged = previous
-            .filter(|v| prev_table.is_some() && applied.table_members.get(&v.maglev_offset) == Some(&ids));
+        let unchanged = previous.filter(|_| prev_table.is_some_and(|t| t.members() == ids.as_slice()));
         let offset = if let Some(v) = unchanged {
             v.maglev_offset
         } else if size == 0 {
@@ -787,9 +771,10 @@ impl<'a> Planning<'a> {
                 .iter()
                 .map(|b| (self.backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes()))
                 .collect();
-            let table = maglev::rebuild(prev_table.map(Vec::as_slice), &members, size);
-            match (previous, prev_table) {
-                (Some(v), Some(t)) if *t == table => v.maglev_offset,
+            let prev_ids = prev_table.map(Table::ids);
+            let table = maglev::rebuild(prev_ids.as_deref(), &members, size);
+            match (previous, prev_ids) {
+                (Some(v), Some(t)) if t == table => v.maglev_offset,
                 _ => {
                     let off = self.ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
                     self.tables.push(MapOp::WriteMaglev { offset: off, table });

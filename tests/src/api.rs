@@ -225,13 +225,18 @@ impl ApiStandIn {
             let k = (ns.clone(), name.clone());
             let parse_err = "stand-in objects are valid k8s-openapi objects";
             match kind {
-                Kind::Service => {
-                    drop(c.services.insert(k, serde_json::from_value(v.clone()).expect(parse_err)))
-                }
-                Kind::EndpointSlice => {
-                    drop(c.slices.insert(k, serde_json::from_value(v.clone()).expect(parse_err)))
-                }
-                Kind::Node => drop(c.nodes.insert(k, serde_json::from_value(v.clone()).expect(parse_err))),
+                Kind::Service => drop(c.services.insert(
+                    k,
+                    serde_json::from_value::<_>(v.clone()).map(std::sync::Arc::new).expect(parse_err),
+                )),
+                Kind::EndpointSlice => drop(c.slices.insert(
+                    k,
+                    serde_json::from_value::<_>(v.clone()).map(std::sync::Arc::new).expect(parse_err),
+                )),
+                Kind::Node => drop(c.nodes.insert(
+                    k,
+                    serde_json::from_value::<_>(v.clone()).map(std::sync::Arc::new).expect(parse_err),
+                )),
             }
         }
         c

@@ -236,6 +236,12 @@ impl Syncer {
             log(format!("{what}: {why}"));
         }
         self.said = notes;
+        // A full sync, or a large one (a manifest file of thousands of objects re-read): its
+        // peak is given back.
+        if delta.all || changes.services.len() + changes.slices.len() > 1_000 {
+            drop(plan);
+            crate::memory::return_freed();
+        }
         Ok(Some(outcome))
     }
 

@@ -23,6 +23,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
+use super::slim;
 use crate::model::{Changes, Cluster};
 
 /// The EndpointSlice annotation kube-proxy measures network programming latency from.
@@ -60,7 +61,9 @@ pub struct KubeSource {
 trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static {
     const SLOT: usize;
     const NAME: &'static str;
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self>;
+    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>>;
+    /// What the agent keeps of the object (`slim`).
+    fn slim(self) -> Self;
     /// Notes that the object `key` of this kind changed.
     fn note(changes: &mut Changes, key: (String, String));
     /// When the change this object carries was triggered (EndpointSlices only).
@@ -76,8 +79,11 @@ fn key(meta: &ObjectMeta) -> (String, String) {
 impl Watched for Service {
     const SLOT: usize = 0;
     const NAME: &'static str = "services";
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self> {
+    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>> {
         &mut c.services
+    }
+    fn slim(self) -> Self {
+        slim::service(self)
     }
     fn note(changes: &mut Changes, key: (String, String)) {
         changes.services.insert(key);
@@ -87,8 +93,11 @@ impl Watched for Service {
 impl Watched for EndpointSlice {
     const SLOT: usize = 1;
     const NAME: &'static str = "endpointslices";
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self> {
+    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>> {
         &mut c.slices
+    }
+    fn slim(self) -> Self {
+        slim::slice(self)
     }
     fn note(changes: &mut Changes, key: (String, String)) {
         changes.slices.insert(key);
@@ -101,8 +110,11 @@ impl Watched for EndpointSlice {
 impl Watched for Node {
     const SLOT: usize = 2;
     const NAME: &'static str = "nodes";
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Self> {
+    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>> {
         &mut c.nodes
+    }
+    fn slim(self) -> Self {
+        slim::node(self)
     }
     /// This node's addresses feed every NodePort: everything is recomputed.
     fn note(changes: &mut Changes, _key: (String, String)) {
@@ -145,13 +157,13 @@ impl KubeSource {
         log: impl Fn(String),
     ) {
         let mut stream = watcher(api, cfg).default_backoff().boxed_local();
-        let mut buffer: BTreeMap<(String, String), K> = BTreeMap::new();
+        let mut buffer: BTreeMap<(String, String), Arc<K>> = BTreeMap::new();
         while let Some(event) = stream.next().await {
             let mut s = self.store.borrow_mut();
             match event {
                 Ok(watcher::Event::Init) => buffer.clear(),
                 Ok(watcher::Event::InitApply(o)) => {
-                    buffer.insert(key(o.meta()), o);
+                    buffer.insert(key(o.meta()), Arc::new(o.slim()));
                 }
                 Ok(watcher::Event::InitDone) => {
                     *K::map(&mut s.cluster) = std::mem::take(&mut buffer);
@@ -166,7 +178,7 @@ impl KubeSource {
                     }
                     let k = key(o.meta());
                     K::note(&mut s.changes, k.clone());
-                    K::map(&mut s.cluster).insert(k, o);
+                    K::map(&mut s.cluster).insert(k, Arc::new(o.slim()));
                     s.generation += 1;
                 }
                 Ok(watcher::Event::Delete(o)) => {

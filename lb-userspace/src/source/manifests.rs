@@ -21,8 +21,11 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
-use super::{saver::Saver, watch::Watch};
-use crate::model::{Changes, Cluster, SERVICE_NAME_LABEL};
+use super::{saver::Saver, slim, watch::Watch};
+use crate::{
+    model::{Changes, Cluster, SERVICE_NAME_LABEL},
+    sorted_vec,
+};
 
 /// How often the folder is checked without an inotify event.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -48,9 +51,9 @@ pub enum ManifestError {
 /// One object of a kind we use.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
 }
 
 impl Object {
@@ -66,6 +69,15 @@ impl Object {
             _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
         };
         (kind, (ns, meta.name.clone().unwrap_or_default()))
+    }
+
+    /// The object with only what the agent reads (`slim`).
+    pub fn slimmed(self) -> Object {
+        match self {
+            Object::Service(s) => Object::Service(Arc::new(slim::service(Arc::unwrap_or_clone(s)))),
+            Object::EndpointSlice(s) => Object::EndpointSlice(Arc::new(slim::slice(Arc::unwrap_or_clone(s)))),
+            Object::Node(n) => Object::Node(Arc::new(slim::node(Arc::unwrap_or_clone(n)))),
+        }
     }
 
     /// `Kind namespace/name` (`Node name`) for messages.
@@ -203,7 +215,7 @@ fn endpoints(doc: serde_json::Value) -> Result<(Vec<Object>, Vec<String>), Strin
     if !unknown.is_empty() {
         warnings.push(format!("{what}: unknown fields {} (ignored)", unknown.join(", ")));
     }
-    let slices = slices.into_iter().map(|s| Object::EndpointSlice(Box::new(s)));
+    let slices = slices.into_iter().map(|s| Object::EndpointSlice(Arc::new(s)));
     let slices: Vec<Object> = slices.collect();
     for s in &slices {
         validate(s).map_err(|e| format!("{what}: {e}"))?;
@@ -214,11 +226,11 @@ fn endpoints(doc: serde_json::Value) -> Result<(Vec<Object>, Vec<String>), Strin
 /// The typed object, and it written back (what it kept of the document).
 fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(
     doc: &serde_json::Value,
-    wrap: impl FnOnce(Box<T>) -> Object,
+    wrap: impl FnOnce(Arc<T>) -> Object,
 ) -> Result<(Object, serde_json::Value), String> {
     let t: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
     let known = serde_json::to_value(&t).map_err(|e| e.to_string())?;
-    Ok((wrap(Box::new(t)), known))
+    Ok((wrap(Arc::new(t)), known))
 }
 
 /// The paths of `doc`'s fields that `known` (the document as its type read it) lacks; null
@@ -447,6 +459,7 @@ struct FileObjects {
 
 impl FileObjects {
     fn new(stamp: Stamp, objs: Vec<Object>) -> Self {
+        let objs: Vec<Object> = objs.into_iter().map(Object::slimmed).collect();
         // A later object of the same identity in one file replaces the earlier one.
         let ids = objs.iter().enumerate().map(|(i, o)| (o.id(), i)).collect();
         FileObjects { stamp, objs, ids }
@@ -474,7 +487,7 @@ pub struct Folder {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileObjects>,
     /// The files defining each object (a merge looks at those, not at every file).
-    owners: BTreeMap<Id, BTreeSet<PathBuf>>,
+    owners: BTreeMap<Id, Vec<Arc<Path>>>,
     merged: Cluster,
     changes: Changes,
     warnings: Vec<String>,
@@ -746,8 +759,10 @@ impl Folder {
     }
 
     fn insert_file(&mut self, path: PathBuf, f: FileObjects) {
+        // One path shared by the file's objects (sorted: the first file by name wins).
+        let shared: Arc<Path> = path.as_path().into();
         for id in f.ids.keys() {
-            self.owners.entry(id.clone()).or_default().insert(path.clone());
+            sorted_vec::insert(self.owners.entry(id.clone()).or_default(), shared.clone());
         }
         self.files.insert(path, f);
     }
@@ -756,7 +771,7 @@ impl Folder {
         let f = self.files.remove(path)?;
         for id in f.ids.keys() {
             if let Some(owners) = self.owners.get_mut(id) {
-                owners.remove(path);
+                sorted_vec::remove(owners, path);
                 if owners.is_empty() {
                     self.owners.remove(id);
                 }
@@ -769,8 +784,12 @@ impl Folder {
     /// defines it wins; a duplicate elsewhere is reported.
     fn merge(&mut self, id: &Id) {
         let files = &self.files;
-        let mut defined =
-            self.owners.get(id).into_iter().flatten().filter_map(|p| files.get(p)?.get(id).map(|o| (p, o)));
+        let mut defined = self
+            .owners
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| files.get(&**p)?.get(id).map(|o| (p, o)));
         let winner = defined.next();
         for (dup, _) in defined {
             let first = winner.map(|(p, _)| p.display().to_string()).unwrap_or_default();
@@ -782,14 +801,14 @@ impl Folder {
             ("Service", o) => {
                 self.changes.services.insert(key.clone());
                 match o {
-                    Some(Object::Service(s)) => self.merged.services.insert(key, *s).map(|_| ()),
+                    Some(Object::Service(s)) => self.merged.services.insert(key, s).map(|_| ()),
                     _ => self.merged.services.remove(&key).map(|_| ()),
                 };
             }
             ("EndpointSlice", o) => {
                 self.changes.slices.insert(key.clone());
                 match o {
-                    Some(Object::EndpointSlice(s)) => self.merged.slices.insert(key, *s).map(|_| ()),
+                    Some(Object::EndpointSlice(s)) => self.merged.slices.insert(key, s).map(|_| ()),
                     _ => self.merged.slices.remove(&key).map(|_| ()),
                 };
             }
@@ -797,7 +816,7 @@ impl Folder {
                 // A Node changes addresses: everything is recomputed.
                 self.changes.all = true;
                 match o {
-                    Some(Object::Node(n)) => self.merged.nodes.insert(key, *n).map(|_| ()),
+                    Some(Object::Node(n)) => self.merged.nodes.insert(key, n).map(|_| ()),
                     _ => self.merged.nodes.remove(&key).map(|_| ()),
                 };
             }
@@ -835,13 +854,13 @@ fn insert(c: &mut Cluster, o: Object) {
     };
     match o {
         Object::Service(s) => {
-            c.services.insert(key(&s.metadata), *s);
+            c.services.insert(key(&s.metadata), s);
         }
         Object::EndpointSlice(s) => {
-            c.slices.insert(key(&s.metadata), *s);
+            c.slices.insert(key(&s.metadata), s);
         }
         Object::Node(n) => {
-            c.nodes.insert((String::new(), n.metadata.name.clone().unwrap_or_default()), *n);
+            c.nodes.insert((String::new(), n.metadata.name.clone().unwrap_or_default()), n);
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod endpoints;
 pub mod kube;
 pub mod manifests;
 pub mod saver;
+pub mod slim;
 pub mod watch;
 
 use std::time::Instant;

@@ -67,8 +67,13 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
     let mut applied = Applied::default();
     applied.track_ranges(limits.maglev_slots);
     let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits).complete()?;
+    let plan_ms = ms(t.elapsed()) - model_ms;
     reconcile::execute(&mut l.dp, &mut applied, &ops)?;
     let full_ms = ms(t.elapsed());
+    eprintln!(
+        "  ours: model {model_ms:.0} ms, plan {plan_ms:.0} ms, map writes {:.0} ms",
+        full_ms - model_ms - plan_ms
+    );
 
     // One endpoint of the last service replaced by a new one.
     let last = n - 1;
@@ -77,7 +82,7 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
     eps[0] = new_ep;
     let t = Instant::now();
     let slice_key = (NS.to_string(), format!("svc-{last}-abc"));
-    c.slices.insert(slice_key.clone(), slice(last, &eps, PROTO));
+    c.slices.insert(slice_key.clone(), slice(last, &eps, PROTO).into());
     let changes = model::Changes { slices: [slice_key].into(), ..Default::default() };
     let delta = state.update(&c, &node(), &changes);
     let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits).complete()?;
@@ -174,7 +179,7 @@ fn scrape_while_syncing(rounds: usize) -> anyhow::Result<Scrape> {
         eps[0] = (Ipv4Addr::new(198, 19, 255, (round % 2) as u8 + 1), eps[0].1);
         let t = Instant::now();
         let key = (NS.to_string(), format!("svc-{last}-abc"));
-        c.slices.insert(key.clone(), slice(last, &eps, PROTO));
+        c.slices.insert(key.clone(), slice(last, &eps, PROTO).into());
         let changes = model::Changes { slices: [key].into(), ..Default::default() };
         let delta = state.update(&c, &node(), &changes);
         let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits).complete()?;

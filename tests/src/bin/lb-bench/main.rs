@@ -18,12 +18,16 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[global_allocator]
+static ALLOCATOR: heap_count::Counting = heap_count::Counting;
+
 mod churn;
 mod clients;
 mod conntrack;
 mod control;
 mod first_packet;
 mod forward;
+mod heap_count;
 mod load;
 mod memory;
 mod monitor_cost;

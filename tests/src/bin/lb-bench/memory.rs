@@ -2,7 +2,9 @@
 //! manifest files of N Services × 4 endpoints, with map capacities sized for N: the
 //! agent's resident set once synced (and its peak, the parse's), and the kernel memory of
 //! the maps (fdinfo `memlock`), per Service, beside Cilium's published Maglev cost (about
-//! 65 KB per Service at its default table size).
+//! 65 KB per Service at its default table size). Then where the heap goes: the agent's own
+//! stages (source, Model, planner) run in this process on the same files, with lb-bench's
+//! allocator counting the bytes each keeps.
 
 use std::{fmt::Write as _, fs, path::PathBuf, time::Duration};
 
@@ -28,6 +30,43 @@ struct Row {
     maps_total: u64,
     maps_scaled: u64,
     sync_s: f64,
+    heap: Heap,
+}
+
+/// Where the agent's heap goes, in bytes live per Service: the same stages as `lb agent
+/// --manifests`, run in this process with its allocator counting.
+#[derive(Default)]
+struct Heap {
+    /// The manifest folder's objects and indexes.
+    source: f64,
+    /// The Model kept between syncs.
+    model: f64,
+    /// The planner's record of what the maps hold (`Applied`).
+    applied: f64,
+}
+
+fn heap(n: u32, manifests: &std::path::Path) -> anyhow::Result<Heap> {
+    use crate::heap_count::live;
+    use lb_userspace::{model, reconcile, source::manifests::Folder};
+    let per = |b: i64| b as f64 / f64::from(n);
+    let b0 = live();
+    let mut folder = Folder::new(manifests);
+    folder.refresh()?;
+    let b1 = live();
+    let mut state = model::ModelState::default();
+    let delta = state.update(folder.cluster(), &node(), &model::Changes::everything());
+    let b2 = live();
+    let (caps, limits) = capacities(n);
+    let mut loaded = lb_tests::harness::Loaded::with_caps(&caps);
+    let mut applied = reconcile::Applied::default();
+    applied.track_ranges(limits.maglev_slots);
+    let b3 = live();
+    let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits).complete()?;
+    reconcile::execute(&mut loaded.dp, &mut applied, &ops)?;
+    drop(ops);
+    let b4 = live();
+    ensure!(applied.services.len() as u32 >= n, "the plan programmed {} frontends", applied.services.len());
+    Ok(Heap { source: per(b1 - b0), model: per(b2 - b1), applied: per(b4 - b3) })
 }
 
 /// Services per manifest file (the agent refuses files over 16 MiB).
@@ -63,7 +102,8 @@ fn one(n: u32, bins: &Bins) -> anyhow::Result<Row> {
     let maps_scaled = PER_SERVICE_MAPS.iter().map(|m| bytes(m)).sum();
     agent.stop()?;
     ensure!(rss > 0, "no VmRSS for the agent");
-    Ok(Row { services: n, rss, peak, maps_total, maps_scaled, sync_s })
+    let heap = heap(n, &agent.work.join("manifests"))?;
+    Ok(Row { services: n, rss, peak, maps_total, maps_scaled, sync_s, heap })
 }
 
 pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
@@ -108,6 +148,20 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
             r.sync_s
         );
     }
+    md.push_str("\nWhere the agent's heap goes: bytes live per Service after each stage of a first sync, counted by lb-bench's allocator running the agent's own code on the same files (the resident set adds the allocator's headers and free space, the runtime and the maps' mmap views).\n\n| services | source objects (KB) | Model (KB) | planner's record (KB) | sum (KB) | agent RSS (KB) |\n|---:|---:|---:|---:|---:|---:|\n");
+    for r in &rows {
+        let h = &r.heap;
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            r.services,
+            kb(h.source),
+            kb(h.model),
+            kb(h.applied),
+            kb(h.source + h.model + h.applied),
+            kb(r.rss as f64 / f64::from(r.services)),
+        );
+    }
     if let Some(r) = rows.iter().max_by_key(|r| r.services) {
         let n = f64::from(r.services);
         let (maps, rss) = (r.maps_scaled as f64 / n, r.rss as f64 / n);
@@ -131,6 +185,7 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
         "rows": rows.iter().map(|r| json!({
             "services": r.services, "agent_rss_bytes": r.rss, "agent_peak_bytes": r.peak,
             "maps_bytes": r.maps_total, "service_maps_bytes": r.maps_scaled, "first_sync_s": r.sync_s,
+            "heap_per_service_bytes": {"source": r.heap.source, "model": r.heap.model, "applied": r.heap.applied},
         })).collect::<Vec<_>>(),
     });
     fs::write(out.join("memory.json"), serde_json::to_string_pretty(&j)?)?;

@@ -118,8 +118,8 @@ pub fn endpoints_of(i: u32) -> Vec<(Ipv4Addr, u16)> {
 pub fn cluster(n: u32, proto: Proto) -> Cluster {
     let mut c = Cluster::default();
     for i in 0..n {
-        c.services.insert((NS.into(), format!("svc-{i}")), service(i, proto));
-        c.slices.insert((NS.into(), format!("svc-{i}-abc")), slice(i, &endpoints_of(i), proto));
+        c.services.insert((NS.into(), format!("svc-{i}")), service(i, proto).into());
+        c.slices.insert((NS.into(), format!("svc-{i}-abc")), slice(i, &endpoints_of(i), proto).into());
     }
     c
 }
