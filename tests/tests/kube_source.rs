@@ -317,3 +317,44 @@ async fn api_unavailable_at_start_and_later_never_empties_the_datapath() {
     })
     .await;
 }
+
+/// An API server's objects carry managedFields, annotations, owner references and (Nodes)
+/// image lists: kilobytes per object that no rule reads. The source keeps only what the
+/// Model reads (`source::slim`), and the Model's answer is the same.
+#[tokio::test(flavor = "current_thread")]
+async fn the_source_keeps_only_what_the_model_reads() {
+    local(async {
+        let api = ApiStandIn::start().await;
+        seed(&api);
+        let managed = json!([{"manager": "kubectl", "operation": "Update", "apiVersion": "v1",
+                              "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:ports": {}}}}]);
+        let mut web = service("web", "198.19.0.10", http());
+        web["metadata"]["managedFields"] = managed.clone();
+        web["metadata"]["annotations"] = json!({"kubectl.kubernetes.io/last-applied-configuration": "{}"});
+        web["metadata"]["labels"] = json!({"app": "web"});
+        api.apply(Kind::Service, web);
+        let mut s = slice("web-a", "web", 9376, &["198.18.1.10", "198.18.1.11"]);
+        s["metadata"]["managedFields"] = managed;
+        s["endpoints"][0]["targetRef"] = json!({"kind": "Pod", "name": "web-0", "namespace": "default"});
+        api.apply(Kind::EndpointSlice, s);
+        let mut n = node_object();
+        n["status"]["images"] = json!([{"names": ["registry.example/app:v1"], "sizeBytes": 1000000}]);
+        api.apply(Kind::Node, n);
+        let mut agent = Agent::start(&api, FakeDataplane::default());
+        agent.converge(&api, "initial sync").await;
+        agent.kube().with_cluster(|c| {
+            let web = &c.services[&("default".to_string(), "web".to_string())];
+            assert_eq!(web.metadata.managed_fields, None);
+            assert_eq!(web.metadata.annotations, None);
+            assert_eq!(web.metadata.labels, None, "no rule reads the app label");
+            let s = &c.slices[&("default".to_string(), "web-a".to_string())];
+            assert_eq!(s.metadata.managed_fields, None);
+            assert!(s.endpoints.iter().all(|e| e.target_ref.is_none()));
+            let labels = s.metadata.labels.as_ref().expect("the service-name label is read");
+            assert!(labels.contains_key("kubernetes.io/service-name"));
+            let node = c.node("node-1").expect("this node");
+            assert_eq!(node.status.as_ref().and_then(|s| s.images.as_ref()), None);
+        });
+    })
+    .await;
+}
