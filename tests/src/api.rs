@@ -223,20 +223,16 @@ impl ApiStandIn {
         let mut c = lb_userspace::model::Cluster::default();
         for ((kind, ns, name), v) in &g.objects {
             let k = (ns.clone(), name.clone());
-            let parse_err = "stand-in objects are valid k8s-openapi objects";
+            fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> std::sync::Arc<T> {
+                std::sync::Arc::new(
+                    serde_json::from_value(v.clone())
+                        .expect("stand-in objects are valid k8s-openapi objects"),
+                )
+            }
             match kind {
-                Kind::Service => drop(c.services.insert(
-                    k,
-                    serde_json::from_value::<_>(v.clone()).map(std::sync::Arc::new).expect(parse_err),
-                )),
-                Kind::EndpointSlice => drop(c.slices.insert(
-                    k,
-                    serde_json::from_value::<_>(v.clone()).map(std::sync::Arc::new).expect(parse_err),
-                )),
-                Kind::Node => drop(c.nodes.insert(
-                    k,
-                    serde_json::from_value::<_>(v.clone()).map(std::sync::Arc::new).expect(parse_err),
-                )),
+                Kind::Service => drop(c.services.insert(k, typed(v))),
+                Kind::EndpointSlice => drop(c.slices.insert(k, typed(v))),
+                Kind::Node => drop(c.nodes.insert(k, typed(v))),
             }
         }
         c

@@ -23,7 +23,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::slim;
+use super::slim::Slim;
 use crate::model::{Changes, Cluster};
 
 /// The EndpointSlice annotation kube-proxy measures network programming latency from.
@@ -58,12 +58,10 @@ pub struct KubeSource {
 }
 
 /// A kind we watch and where it lives in `Cluster`.
-trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static {
+trait Watched: Resource<DynamicType = ()> + Slim + DeserializeOwned + Debug + Send + 'static {
     const SLOT: usize;
     const NAME: &'static str;
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>>;
-    /// What the agent keeps of the object (`slim`).
-    fn slim(self) -> Self;
     /// Notes that the object `key` of this kind changed.
     fn note(changes: &mut Changes, key: (String, String));
     /// When the change this object carries was triggered (EndpointSlices only).
@@ -82,9 +80,6 @@ impl Watched for Service {
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>> {
         &mut c.services
     }
-    fn slim(self) -> Self {
-        slim::service(self)
-    }
     fn note(changes: &mut Changes, key: (String, String)) {
         changes.services.insert(key);
     }
@@ -95,9 +90,6 @@ impl Watched for EndpointSlice {
     const NAME: &'static str = "endpointslices";
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>> {
         &mut c.slices
-    }
-    fn slim(self) -> Self {
-        slim::slice(self)
     }
     fn note(changes: &mut Changes, key: (String, String)) {
         changes.slices.insert(key);
@@ -112,9 +104,6 @@ impl Watched for Node {
     const NAME: &'static str = "nodes";
     fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>> {
         &mut c.nodes
-    }
-    fn slim(self) -> Self {
-        slim::node(self)
     }
     /// This node's addresses feed every NodePort: everything is recomputed.
     fn note(changes: &mut Changes, _key: (String, String)) {

@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
-use super::{saver::Saver, slim, watch::Watch};
+use super::{saver::Saver, slim::Slim, watch::Watch};
 use crate::{
     model::{Changes, Cluster, SERVICE_NAME_LABEL},
     sorted_vec,
@@ -74,9 +74,9 @@ impl Object {
     /// The object with only what the agent reads (`slim`).
     pub fn slimmed(self) -> Object {
         match self {
-            Object::Service(s) => Object::Service(Arc::new(slim::service(Arc::unwrap_or_clone(s)))),
-            Object::EndpointSlice(s) => Object::EndpointSlice(Arc::new(slim::slice(Arc::unwrap_or_clone(s)))),
-            Object::Node(n) => Object::Node(Arc::new(slim::node(Arc::unwrap_or_clone(n)))),
+            Object::Service(s) => Object::Service(Slim::slim_shared(s)),
+            Object::EndpointSlice(s) => Object::EndpointSlice(Slim::slim_shared(s)),
+            Object::Node(n) => Object::Node(Slim::slim_shared(n)),
         }
     }
 

@@ -6,6 +6,8 @@
 //! arrives, so the agent's memory follows what it uses. (`desired()` of a slimmed cluster is
 //! the full one's: tested below.)
 
+use std::sync::Arc;
+
 use k8s_openapi::{
     api::{
         core::v1::{LoadBalancerStatus, Node, NodeStatus, Service, ServiceStatus},
@@ -18,6 +20,34 @@ use crate::{
     model::{MANAGED_BY_LABEL, PROXY_NAME_LABEL, SERVICE_NAME_LABEL},
     topology::ZONE_LABEL,
 };
+
+/// An object that can be slimmed: what both sources call on what they keep.
+pub trait Slim: Sized + Clone {
+    fn slim(self) -> Self;
+
+    /// `slim` of a shared object (moved out when this is the only reference).
+    fn slim_shared(this: Arc<Self>) -> Arc<Self> {
+        Arc::new(Arc::unwrap_or_clone(this).slim())
+    }
+}
+
+impl Slim for Service {
+    fn slim(self) -> Self {
+        service(self)
+    }
+}
+
+impl Slim for EndpointSlice {
+    fn slim(self) -> Self {
+        slice(self)
+    }
+}
+
+impl Slim for Node {
+    fn slim(self) -> Self {
+        node(self)
+    }
+}
 
 /// Name, namespace, creation time (it settles who owns a contested frontend) and the labels
 /// in `keep`.

@@ -39,7 +39,6 @@ struct Row {
 
 /// Where the agent's heap goes, in bytes live per Service: the same stages as `lb agent
 /// --manifests`, run in this process with its allocator counting.
-#[derive(Default)]
 struct Heap {
     /// The manifest folder's objects and indexes.
     source: f64,
@@ -68,6 +67,8 @@ fn heap(n: u32, manifests: &std::path::Path) -> anyhow::Result<Heap> {
     let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits).complete()?;
     reconcile::execute(&mut loaded.dp, &mut applied, &ops)?;
     drop(ops);
+    // The addresses the writes listed: the agent takes them at its next GC pass.
+    drop(loaded.dp.take_listed());
     let b4 = live();
     ensure!(applied.services.len() as u32 >= n, "the plan programmed {} frontends", applied.services.len());
     Ok(Heap { source: per(b1 - b0), model: per(b2 - b1), applied: per(b4 - b3) })
