@@ -13,6 +13,7 @@ use aya::maps::{
 };
 use std::os::fd::AsFd as _;
 
+use crate::compact_table::Table;
 use ipnet::IpNet;
 use lb_common::{abi::*, maps, verdict::Reason};
 
@@ -41,6 +42,10 @@ pub trait Dataplane {
     fn remove_backend(&mut self, id: u32) -> Result<()>;
     /// Writes backend ids into the Maglev array from `offset`.
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<()>;
+    /// `write_maglev` of a table as the planner keeps it.
+    fn write_table(&mut self, offset: u32, table: &Table) -> Result<()> {
+        self.write_maglev(offset, &table.ids())
+    }
     fn set_config(&mut self, config: &Config) -> Result<()>;
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>>;
     /// Backends in use (flags with `BE_F_PRESENT`).
@@ -440,6 +445,14 @@ impl Dataplane for AyaDataplane {
         self.maglev.check(offset, ids.len() as u32)?;
         for (i, id) in ids.iter().enumerate() {
             self.maglev.write(offset + i as u32, *id);
+        }
+        Ok(())
+    }
+
+    fn write_table(&mut self, offset: u32, table: &Table) -> Result<()> {
+        self.maglev.check(offset, table.len())?;
+        for (i, id) in table.iter().enumerate() {
+            self.maglev.write(offset + i as u32, id);
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 pub mod addr_filter;
 pub mod agent;
+pub mod applied;
 pub mod attach;
 pub mod bpffs;
 pub mod caps;
@@ -12,6 +13,7 @@ pub mod dataplane;
 pub mod describe;
 pub mod explain;
 pub mod free_ids;
+pub mod fresh_tables;
 pub mod host_clients;
 pub mod http;
 pub mod links;

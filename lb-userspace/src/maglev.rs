@@ -74,15 +74,35 @@ pub fn build(backends: &[(u32, Vec<u8>)], size: u32) -> Vec<u32> {
 /// Like `build`, but keeps every slot of `previous` (same size) whose backend remains, up to
 /// each backend's fair quota: minimal disruption when the backend set changes.
 pub fn rebuild(previous: Option<&[u32]>, backends: &[(u32, Vec<u8>)], size: u32) -> Vec<u32> {
-    if backends.is_empty() || size == 0 {
+    let names: Vec<&[u8]> = backends.iter().map(|(_, name)| name.as_slice()).collect();
+    let ids: Vec<u32> = backends.iter().map(|(id, _)| *id).collect();
+    positions(previous.map(|p| (p, ids.as_slice())), &names, size)
+        .into_iter()
+        .map(|i| ids[i as usize])
+        .collect()
+}
+
+/// A fresh table (`build`) as positions in `names` instead of ids: it can be built before
+/// the backends have ids (the planner builds the new tables of a first sync on every CPU,
+/// then numbers them). `names.len()` must fit in a u16.
+pub fn fresh_positions(names: &[&[u8]], size: u32) -> Vec<u16> {
+    debug_assert!(names.len() <= u16::MAX as usize + 1);
+    positions(None, names, size).into_iter().map(|i| i as u16).collect()
+}
+
+/// The table over `names` as each slot's position in `names`. `previous`: the table the
+/// datapath holds and the ids of `names` in order, to keep what it can of it.
+fn positions(previous: Option<(&[u32], &[u32])>, names: &[&[u8]], size: u32) -> Vec<u32> {
+    if names.is_empty() || size == 0 {
         return Vec::new();
     }
-    let mut sorted: Vec<&(u32, Vec<u8>)> = backends.iter().collect();
-    sorted.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut sorted: Vec<u32> = (0..names.len() as u32).collect();
+    sorted.sort_by(|a, b| names[*a as usize].cmp(names[*b as usize]));
     let m = size as u64;
     let perms: Vec<(u64, u64)> = sorted
         .iter()
-        .map(|(_, name)| {
+        .map(|i| {
+            let name = names[*i as usize];
             let offset = name_hash(name, 0x9e37_79b9) % m;
             let skip = if m > 1 { name_hash(name, 0x7f4a_7c15) % (m - 1) + 1 } else { 1 };
             (offset, skip)
@@ -97,32 +117,32 @@ pub fn rebuild(previous: Option<&[u32]>, backends: &[(u32, Vec<u8>)], size: u32)
     let n = sorted.len() as u32;
     let quota: Vec<u32> = (0..n).map(|i| size / n + u32::from(i < size % n)).collect();
     let mut count = vec![0u32; sorted.len()];
-    if let Some(prev) = previous.filter(|p| p.len() == size as usize) {
+    if let Some((prev, ids)) = previous.filter(|(p, _)| p.len() == size as usize) {
         let index: std::collections::HashMap<u32, usize> =
-            sorted.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect();
+            sorted.iter().enumerate().map(|(rank, i)| (ids[*i as usize], rank)).collect();
         for (slot, id) in prev.iter().enumerate() {
-            if let Some(&i) = index.get(id)
-                && count[i] < quota[i]
+            if let Some(&rank) = index.get(id)
+                && count[rank] < quota[rank]
             {
-                table[slot] = *id;
-                count[i] += 1;
+                table[slot] = sorted[rank];
+                count[rank] += 1;
                 filled += 1;
             }
         }
     }
     'fill: while filled < size as usize {
-        for (i, (_, skip)) in perms.iter().enumerate() {
-            if count[i] >= quota[i] {
+        for (rank, (_, skip)) in perms.iter().enumerate() {
+            if count[rank] >= quota[rank] {
                 continue;
             }
             let step = |p: u64| if p + skip >= m { p + skip - m } else { p + skip };
-            let mut c = pos[i];
+            let mut c = pos[rank];
             while table[c as usize] != u32::MAX {
                 c = step(c);
             }
-            table[c as usize] = sorted[i].0;
-            pos[i] = step(c);
-            count[i] += 1;
+            table[c as usize] = sorted[rank];
+            pos[rank] = step(c);
+            count[rank] += 1;
             filled += 1;
             if filled == size as usize {
                 break 'fill;

@@ -21,22 +21,23 @@
 //!   backend's share of flows moves (`maglev::rebuild`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
 use ipnet::IpNet;
 use lb_common::abi::*;
 
+pub use crate::applied::{Applied, Index, QUARANTINE, Quarantine};
 use crate::{
     compact_table::Table,
     dataplane::{Dataplane, DataplaneError},
-    free_ids::{FreeIds, IdPool},
+    free_ids::IdPool,
+    fresh_tables::{self, FreshTable},
     loader::Capacities,
     maglev,
     model::{Backend, Delta, Desired, DesiredService, NoBackend, ServiceRef},
     range_alloc::RangeAlloc,
-    refcount::bump,
 };
 
 /// One write to the datapath.
@@ -45,7 +46,7 @@ pub enum MapOp {
     SetBackend { id: u32, value: BackendValue },
     SetMember { key: MemberKey, value: MemberValue },
     AllowSource { service_id: u32, net: IpNet },
-    WriteMaglev { offset: u32, table: Vec<u32> },
+    WriteMaglev { offset: u32, table: Table },
     SetService { key: ServiceKey, value: ServiceValue },
     RemoveService { key: ServiceKey },
     DisallowSource { service_id: u32, net: IpNet },
@@ -115,251 +116,6 @@ impl Plan {
     }
 }
 
-/// What the maps hold, as far as the reconciler cares.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub backends: BTreeMap<u32, BackendValue>,
-    /// Tables of the ranges frontends point at, by offset (with their distinct backend ids).
-    pub tables: BTreeMap<u32, Table>,
-    pub source_ranges: BTreeSet<(u32, IpNet)>,
-    /// Which backend ids each service id holds (usable or terminating), for affinity and UDP
-    /// flows in the datapath.
-    pub members: BTreeMap<MemberKey, MemberValue>,
-    /// Lookups over the fields above, kept up to date by `record`, so a plan of a few
-    /// changes does not rebuild them from every entry.
-    pub index: Index,
-}
-
-/// Indexes derived from `Applied`'s maps. They take part in no comparison: two `Applied`
-/// are equal when their maps are.
-#[derive(Debug, Clone, Default)]
-pub struct Index {
-    /// Backend id of each `ip:port`.
-    pub by_addr: BTreeMap<(IpAddr, u16), u32>,
-    /// Frontend entries per service id.
-    pub service_ids: BTreeMap<u32, u32>,
-    /// Frontend entries pointing at each table offset.
-    pub table_users: BTreeMap<u32, u32>,
-    /// Free Maglev ranges; built on first use (it needs the capacity), then kept.
-    pub ranges: Option<RangeAlloc>,
-    /// Backend ids neither in the backend map nor in quarantine.
-    pub free_backend_ids: FreeIds,
-    /// Service ids no frontend entry points at.
-    pub free_service_ids: FreeIds,
-    /// The highest membership generation handed out.
-    pub max_generation: u32,
-    /// Maglev ranges and backend ids given up lately: not reused until `QUARANTINE` has
-    /// passed, so a packet that read a service entry just before it flipped never finds its
-    /// old table or backend ids taken by another service.
-    pub quarantine: Quarantine,
-}
-
-/// How long a released Maglev range or backend id stays unused: far longer than any program
-/// run (microseconds) that may still hold the old service entry, and short enough that the
-/// ranges held back under a burst of table rewrites stay a small part of the array.
-pub const QUARANTINE: std::time::Duration = std::time::Duration::from_millis(200);
-
-#[derive(Debug, Clone)]
-pub struct Quarantine {
-    /// `QUARANTINE`; tests that run many syncs in a row without a clock set zero.
-    pub hold: std::time::Duration,
-    /// In the order they were given up (so the ones whose time is up are at the front).
-    pub ranges: VecDeque<(std::time::Instant, u32, u32)>,
-    pub backend_ids: VecDeque<(std::time::Instant, u32)>,
-}
-
-impl Default for Quarantine {
-    fn default() -> Self {
-        Quarantine { hold: QUARANTINE, ranges: VecDeque::new(), backend_ids: VecDeque::new() }
-    }
-}
-
-impl PartialEq for Index {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for Index {}
-
-impl Applied {
-    /// Reads the state back from the maps.
-    pub fn read(dp: &impl Dataplane) -> Result<Self, DataplaneError> {
-        let services: BTreeMap<_, _> = dp.services()?.into_iter().collect();
-        let mut tables = BTreeMap::new();
-        for v in services.values().filter(|v| v.maglev_size > 0) {
-            if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(v.maglev_offset) {
-                e.insert(Table::new(&dp.read_maglev(v.maglev_offset, v.maglev_size)?));
-            }
-        }
-        let backends: BTreeMap<u32, BackendValue> = dp.backends()?.into_iter().collect();
-        let members: BTreeMap<MemberKey, MemberValue> = dp.members()?.into_iter().collect();
-        let mut index = Index {
-            by_addr: backends.iter().map(|(id, b)| ((b.ip(), b.port()), *id)).collect(),
-            max_generation: members.values().map(|m| m.generation).max().unwrap_or(0),
-            free_backend_ids: FreeIds::all_but(backends.keys().copied()),
-            ..Default::default()
-        };
-        for v in services.values() {
-            bump(&mut index.service_ids, v.service_id, true);
-            index.free_service_ids.take(v.service_id);
-            if v.maglev_size > 0 {
-                bump(&mut index.table_users, v.maglev_offset, true);
-            }
-        }
-        Ok(Applied {
-            services,
-            backends,
-            tables,
-            source_ranges: dp.source_ranges()?.into_iter().collect(),
-            members,
-            index,
-        })
-    }
-
-    /// Frees the quarantined ranges and ids whose time is up.
-    pub fn release_quarantine(&mut self) {
-        let now = std::time::Instant::now();
-        let index = &mut self.index;
-        let hold = index.quarantine.hold;
-        let q = &mut index.quarantine;
-        while let Some(&(t, id)) = q.backend_ids.front()
-            && now.duration_since(t) >= hold
-        {
-            q.backend_ids.pop_front();
-            // (Unless a failed sync's redo quarantined it twice and it was reused meanwhile.)
-            if !self.backends.contains_key(&id) {
-                index.free_backend_ids.give(id);
-            }
-        }
-        while let Some(&(t, off, len)) = q.ranges.front()
-            && now.duration_since(t) >= hold
-        {
-            q.ranges.pop_front();
-            if let Some(r) = &mut index.ranges {
-                r.free(off, len);
-            }
-        }
-    }
-
-    /// When the first quarantined range or id is free again, if any is held.
-    pub fn quarantine_ends(&self) -> Option<std::time::Instant> {
-        let q = &self.index.quarantine;
-        let range = q.ranges.front().map(|(t, _, _)| *t);
-        range.into_iter().chain(q.backend_ids.front().map(|(t, _)| *t)).min().map(|t| t + q.hold)
-    }
-
-    /// The free Maglev ranges for a plan (built from the tables the first time).
-    fn free_ranges(&self, capacity: u32) -> RangeAlloc {
-        if let Some(r) = &self.index.ranges {
-            return r.clone();
-        }
-        let mut r = RangeAlloc::new(capacity);
-        for (off, t) in &self.tables {
-            r.reserve(*off, t.len());
-        }
-        r
-    }
-
-    /// Starts keeping the free ranges (`capacity`: the Maglev array's), so that plans need
-    /// not rebuild them from every table.
-    pub fn track_ranges(&mut self, capacity: u32) {
-        if self.index.ranges.is_none() {
-            self.index.ranges = Some(self.free_ranges(capacity));
-        }
-    }
-
-    /// One fewer frontend entry points at `offset`: the table goes with the last one.
-    fn release_table(&mut self, offset: u32) {
-        if bump(&mut self.index.table_users, offset, false) == 0
-            && let Some(t) = self.tables.remove(&offset)
-            && self.index.ranges.is_some()
-        {
-            self.index.quarantine.ranges.push_back((std::time::Instant::now(), offset, t.len()));
-        }
-    }
-
-    /// Records an op as done. A table is forgotten (its range free) when the last frontend
-    /// entry pointing at it goes or moves.
-    pub fn record(&mut self, op: &MapOp) {
-        match op {
-            MapOp::SetBackend { id, value } => {
-                if let Some(old) = self.backends.insert(*id, *value)
-                    && self.index.by_addr.get(&(old.ip(), old.port())) == Some(id)
-                {
-                    self.index.by_addr.remove(&(old.ip(), old.port()));
-                }
-                self.index.by_addr.insert((value.ip(), value.port()), *id);
-                self.index.free_backend_ids.take(*id);
-            }
-            MapOp::AllowSource { service_id, net } => {
-                self.source_ranges.insert((*service_id, *net));
-            }
-            MapOp::SetMember { key, value } => {
-                self.index.max_generation = self.index.max_generation.max(value.generation);
-                self.members.insert(*key, *value);
-            }
-            MapOp::RemoveMember { key } => {
-                self.members.remove(key);
-            }
-            MapOp::WriteMaglev { offset, table } => {
-                if let Some(r) = &mut self.index.ranges {
-                    r.reserve(*offset, table.len() as u32);
-                }
-                self.tables.insert(*offset, Table::new(table));
-            }
-            MapOp::SetService { key, value } => {
-                bump(&mut self.index.service_ids, value.service_id, true);
-                self.index.free_service_ids.take(value.service_id);
-                if value.maglev_size > 0 {
-                    bump(&mut self.index.table_users, value.maglev_offset, true);
-                }
-                if let Some(old) = self.services.insert(*key, *value) {
-                    self.forget_entry(&old);
-                }
-            }
-            MapOp::RemoveService { key } => {
-                if let Some(old) = self.services.remove(key) {
-                    self.forget_entry(&old);
-                }
-            }
-            MapOp::DisallowSource { service_id, net } => {
-                self.source_ranges.remove(&(*service_id, *net));
-            }
-            MapOp::RemoveBackend { id } => {
-                self.index.quarantine.backend_ids.push_back((std::time::Instant::now(), *id));
-                if let Some(old) = self.backends.remove(id)
-                    && self.index.by_addr.get(&(old.ip(), old.port())) == Some(id)
-                {
-                    self.index.by_addr.remove(&(old.ip(), old.port()));
-                }
-            }
-        }
-    }
-
-    fn forget_entry(&mut self, old: &ServiceValue) {
-        if bump(&mut self.index.service_ids, old.service_id, false) == 0 {
-            self.index.free_service_ids.give(old.service_id);
-        }
-        if old.maglev_size > 0 {
-            self.release_table(old.maglev_offset);
-        }
-    }
-
-    /// Forgets tables written but never pointed at (a plan that stopped half way).
-    fn prune_unused(&mut self, written: &[u32]) {
-        for off in written {
-            if !self.index.table_users.contains_key(off)
-                && let Some(t) = self.tables.remove(off)
-                && let Some(r) = &mut self.index.ranges
-            {
-                r.free(*off, t.len());
-            }
-        }
-    }
-}
-
 /// Performs `ops` in order, recording each in `applied` once the kernel has it.
 pub fn execute(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) -> Result<(), DataplaneError> {
     applied.release_quarantine();
@@ -394,7 +150,7 @@ fn execute_ops(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) ->
             op => execute_one(dp, op),
         };
         match written {
-            Ok(()) => batch.iter().for_each(|op| applied.record(op)),
+            Ok(()) => applied.record_all(batch),
             // Which of a batch went in is not known: each is written again, one by one,
             // so `applied` records exactly those the kernel took (a write is idempotent).
             Err(_) if run > 1 => {
@@ -416,7 +172,7 @@ fn execute_one(dp: &mut impl Dataplane, op: &MapOp) -> Result<(), DataplaneError
         MapOp::AllowSource { service_id, net } => dp.allow_source(*service_id, net),
         MapOp::SetMember { key, value } => dp.set_member(key, value),
         MapOp::RemoveMember { key } => dp.remove_member(key),
-        MapOp::WriteMaglev { offset, table } => dp.write_maglev(*offset, table),
+        MapOp::WriteMaglev { offset, table } => dp.write_table(*offset, table),
         MapOp::SetService { key, value } => dp.set_service(key, value),
         MapOp::RemoveService { key } => dp.remove_service(key),
         MapOp::DisallowSource { service_id, net } => dp.disallow_source(*service_id, net),
@@ -539,10 +295,17 @@ impl<'a> Planning<'a> {
 
     /// Plans service `sref`, or, when it does not fit, leaves what the maps hold of it (its
     /// frontends now or as they were in `old`) as it is and reports it.
-    fn add(&mut self, sref: &ServiceRef, s: &DesiredService, old: Option<&DesiredService>) {
+    /// `built`: its table, when built ahead (`fresh_tables`).
+    fn add(
+        &mut self,
+        sref: &ServiceRef,
+        s: &DesiredService,
+        old: Option<&DesiredService>,
+        built: Option<FreshTable>,
+    ) {
         let queued = self.set_backends.len();
         let mut fresh = Vec::new();
-        let result = self.backends(s, &mut fresh).and_then(|()| self.service(sref.proto, s));
+        let result = self.backends(s, &mut fresh).and_then(|()| self.service(sref.proto, s, built));
         if let Err(e) = result {
             // `service` fails before queueing anything; `backends` only queues backend writes.
             self.set_backends.truncate(queued);
@@ -587,7 +350,7 @@ impl<'a> Planning<'a> {
     /// Plans service `s` (its backends already have ids): its id — that of the first of its
     /// frontends already applied and not claimed yet, else a free one —, its table, source
     /// ranges and frontend entries. Every check comes before the first write is queued.
-    fn service(&mut self, proto: u8, s: &DesiredService) -> Result<(), PlanError> {
+    fn service(&mut self, proto: u8, s: &DesiredService, built: Option<FreshTable>) -> Result<(), PlanError> {
         let (applied, limits) = (self.applied, self.limits);
         let keys: Vec<ServiceKey> =
             s.frontends.iter().map(|(ip, port)| ServiceKey::new(*ip, *port, proto)).collect();
@@ -608,7 +371,7 @@ impl<'a> Planning<'a> {
         };
         let checked = self
             .fits(s, service_id)
-            .and_then(|counts| Ok((counts, self.service_value(s, service_id, previous)?)));
+            .and_then(|counts| Ok((counts, self.service_value(s, service_id, previous, built)?)));
         let ((new_ranges, members, new_members), value) = match checked {
             Ok(v) => v,
             Err(e) => {
@@ -746,11 +509,13 @@ impl<'a> Planning<'a> {
 
     /// The frontend value of service `s` with id `service_id`; its Maglev table stays where
     /// it is when its members did not change, else goes to a fresh range (a `WriteMaglev`).
+    /// `built`: its table built ahead, used when it is built from nothing at that size.
     fn service_value(
         &mut self,
         s: &DesiredService,
         service_id: u32,
         previous: Option<&ServiceValue>,
+        built: Option<FreshTable>,
     ) -> Result<ServiceValue, PlanError> {
         let (applied, limits) = (self.applied, self.limits);
         let mut ids: Vec<u32> = s.backends.iter().map(|b| self.backend_ids[&(b.ip, b.port)]).collect();
@@ -766,20 +531,28 @@ impl<'a> Planning<'a> {
         } else if size == 0 {
             0
         } else {
-            let members: Vec<(u32, Vec<u8>)> = s
-                .backends
-                .iter()
-                .map(|b| (self.backend_ids[&(b.ip, b.port)], format!("{}:{}", b.ip, b.port).into_bytes()))
-                .collect();
             let prev_ids = prev_table.map(Table::ids);
-            let table = maglev::rebuild(prev_ids.as_deref(), &members, size);
-            match (previous, prev_ids) {
-                (Some(v), Some(t)) if t == table => v.maglev_offset,
-                _ => {
+            let id_of = |b: &Backend| self.backend_ids[&(b.ip, b.port)];
+            // None: rebuilt as the maps hold it, so it stays where it is.
+            let table = match built.filter(|t| t.size == size && prev_ids.is_none()) {
+                Some(t) => {
+                    let in_order: Vec<u32> = s.backends.iter().map(id_of).collect();
+                    Some(Table::from_positions(&t.positions, &in_order))
+                }
+                None => {
+                    let members: Vec<(u32, Vec<u8>)> =
+                        s.backends.iter().map(|b| (id_of(b), fresh_tables::name(b))).collect();
+                    let rebuilt = maglev::rebuild(prev_ids.as_deref(), &members, size);
+                    (prev_ids.as_ref() != Some(&rebuilt)).then(|| Table::new(&rebuilt))
+                }
+            };
+            match (table, previous) {
+                (Some(table), _) => {
                     let off = self.ranges.alloc(size).map_err(|_| PlanError::MaglevFull(size))?;
                     self.tables.push(MapOp::WriteMaglev { offset: off, table });
                     off
                 }
+                (None, v) => v.map_or(0, |v| v.maglev_offset),
             }
         };
         Ok(ServiceValue {
@@ -821,8 +594,9 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Plan {
     for vip in &desired.cluster_vips {
         p.cluster_vip(*vip);
     }
+    let mut built = fresh_tables::build_all(desired, applied, limits.max_table).into_iter();
     for (sref, s) in &desired.services {
-        p.add(sref, s, None);
+        p.add(sref, s, None, built.next().flatten());
     }
     let mut ops = p.writes();
     ops.extend(
@@ -866,7 +640,7 @@ pub fn plan_changes(desired: &Desired, delta: &Delta, applied: &Applied, limits:
     }
     for (sref, old) in &delta.services {
         if let Some(s) = desired.services.get(sref) {
-            p.add(sref, s, old.as_ref());
+            p.add(sref, s, old.as_ref(), None);
         }
     }
     let mut ops = p.writes();

@@ -384,3 +384,83 @@ fn a_quarantined_high_id_leaves_the_free_low_ids_usable() {
     execute(&mut dp, &mut applied, &p.ops).unwrap();
     assert!(dp.backends.contains_key(&1) && dp.backends.contains_key(&2));
 }
+
+#[test]
+fn a_first_sync_recorded_in_bulk_is_recorded_as_one_by_one() {
+    // Enough services and endpoints that every batch takes the bulk path.
+    let services: Vec<(String, DesiredService)> = (1..=80u8)
+        .map(|i| {
+            let mut s = service(i, &[]);
+            s.backends = (1..=4u8)
+                .map(|b| Backend {
+                    ip: IpAddr::from([198, 18, i, b]),
+                    port: 9376,
+                    local: false,
+                    terminating: false,
+                })
+                .collect();
+            (format!("svc{i:02}"), s)
+        })
+        .collect();
+    let d = desired_of(&services);
+    let ops = plan(&d, &Applied::default(), &LIMITS).complete().unwrap();
+    let mut dp = FakeDataplane::default();
+    let mut bulk = Applied::default();
+    execute(&mut dp, &mut bulk, &ops).unwrap();
+    let mut one_by_one = Applied::default();
+    ops.iter().for_each(|op| one_by_one.record(op));
+    assert_eq!(bulk, one_by_one);
+    assert_eq!(bulk.members.len(), 320);
+    // `Index` takes part in no comparison: its fields one by one.
+    let (a, b) = (&bulk.index, &one_by_one.index);
+    assert_eq!(a.by_addr, b.by_addr);
+    assert_eq!(a.service_ids, b.service_ids);
+    assert_eq!(a.table_users, b.table_users);
+    assert_eq!(a.free_backend_ids, b.free_backend_ids);
+    assert_eq!(a.free_service_ids, b.free_service_ids);
+    assert_eq!(a.max_generation, b.max_generation);
+    // And the next sync plans from it as from a state read back.
+    sync(&mut dp, &d);
+}
+
+#[test]
+fn tables_built_ahead_are_those_built_one_by_one() {
+    // Past `fresh_tables`' threshold: a first sync builds its tables ahead, on every CPU.
+    let addr = |i: u32, net: u8| IpAddr::from([198, net, (i >> 8) as u8, i as u8]);
+    let services: Vec<(String, DesiredService)> = (0..1100u32)
+        .map(|i| {
+            let mut s = service(0, &[]);
+            s.frontends = [(addr(i, 19), 80)].into();
+            // Two of its own, and one every service shares: it sorts last but has the first
+            // id, so a table numbered by sorted ids would be wrong.
+            let shared = Backend {
+                ip: IpAddr::from([198, 18, 255, 255]),
+                port: 9000,
+                local: false,
+                terminating: false,
+            };
+            s.backends = (1..=2u16)
+                .map(|p| Backend { ip: addr(i, 18), port: 9000 + p, local: false, terminating: false })
+                .chain([shared])
+                .collect();
+            (format!("svc{i:04}"), s)
+        })
+        .collect();
+    let d = desired_of(&services);
+    let limits = Limits { backends: 4000, services: 2000, maglev_slots: 1 << 20, ..LIMITS };
+    let mut dp = FakeDataplane::default();
+    let mut applied = Applied::default();
+    let ops = plan(&d, &applied, &limits).complete().unwrap();
+    execute(&mut dp, &mut applied, &ops).unwrap();
+    let ids: BTreeMap<(IpAddr, u16), u32> =
+        dp.backends.iter().map(|(id, v)| ((v.ip(), v.port()), *id)).collect();
+    let id_of = |b: &Backend| ids[&(b.ip, b.port)];
+    for (_, s) in &services {
+        let (ip, port) = *s.frontends.first().unwrap();
+        let v = dp.services[&ServiceKey::new(ip, port, PROTO_TCP)];
+        let named: Vec<(u32, Vec<u8>)> =
+            s.backends.iter().map(|b| (id_of(b), fresh_tables::name(b))).collect();
+        let one_by_one = maglev::build(&named, maglev::table_size(3, limits.max_table));
+        assert_eq!(dp.read_maglev(v.maglev_offset, v.maglev_size).unwrap(), one_by_one, "{ip}");
+    }
+}
