@@ -8,8 +8,32 @@ use std::{
 
 /// This process's resident set (`VmRSS`), in bytes.
 pub fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    field(&status, "VmRSS:").map(|kib| kib * 1024)
+    of_process("self").map(|m| m.resident_bytes)
+}
+
+/// This process's anonymous resident memory (`RssAnon`), in bytes (see `ProcessMemory`).
+pub fn anonymous_bytes() -> Option<u64> {
+    of_process("self").map(|m| m.anonymous_bytes)
+}
+
+/// A process's memory as its `/proc/<pid>/status` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ProcessMemory {
+    /// `VmRSS`.
+    pub resident_bytes: u64,
+    /// `RssAnon`: its heap and stacks, without the file-backed pages it maps. The agent
+    /// writes the Maglev and backend arrays through `mmap`, so their pages show in `VmRSS`
+    /// although they are the maps' kernel memory.
+    pub anonymous_bytes: u64,
+}
+
+/// The memory of process `pid` (`"self"` for this one).
+pub fn of_process(pid: &str) -> Option<ProcessMemory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(ProcessMemory {
+        resident_bytes: field(&status, "VmRSS:")? * 1024,
+        anonymous_bytes: field(&status, "RssAnon:")? * 1024,
+    })
 }
 
 /// Gives the heap's free pages back to the kernel. A full sync (and the parse before it)

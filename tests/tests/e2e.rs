@@ -1388,9 +1388,19 @@ fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fil
     assert_eq!(r["flow_table"]["capacity"], map("lb_conntrack")["capacity"]);
     assert!(map("lb_conntrack")["memory_bytes"].as_u64().unwrap() > 0);
     assert!(map("lb_backends")["entries"].is_null(), "an array has no count of its own");
-    for want in
-        ["running, pid", "this lb's too", "manifests", "default/big", "--max-services", "lb_conntrack"]
-    {
+    // The agent's memory: its resident set, and its own part of it (without mapped map pages).
+    let (resident, own) = (&s["agent_memory"]["resident_bytes"], &s["agent_memory"]["anonymous_bytes"]);
+    assert!(own.as_u64().unwrap() > 1 << 20 && own.as_u64() < resident.as_u64(), "{s:#}");
+    for want in [
+        "running, pid",
+        "this lb's too",
+        "manifests",
+        "default/big",
+        "--max-services",
+        "lb_conntrack",
+        "resident",
+        "of it its own",
+    ] {
         assert!(table.contains(want), "no {want:?} in:\n{table}");
     }
     // --log-format json: every line an object with the documented fields; a sync's counts.
@@ -1795,6 +1805,9 @@ fn a_deleted_services_open_connection_keeps_its_addresses_listed_until_it_ends()
         eprintln!("{l}");
     }
     assert!(gauge("lb_agent_resident_bytes") > 1 << 20, "{metrics}");
+    // Its own memory, without the mmap'd map pages: some, and less than the resident set.
+    let anonymous = gauge("lb_agent_anonymous_bytes");
+    assert!(anonymous > 1 << 20 && anonymous < gauge("lb_agent_resident_bytes"), "{metrics}");
     assert!(gauge("lb_map_memory_bytes{map=\"lb_conntrack\"}") > 1 << 20, "{metrics}");
     assert!(gauge("lb_map_memory_bytes{map=\"lb_addr_filter\"}") >= 128 << 10, "{metrics}");
     for i in 0..5 {

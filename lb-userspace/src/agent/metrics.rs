@@ -332,6 +332,12 @@ fn read_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::Fro
     let mut out = Vec::new();
     let resident = crate::memory::resident_bytes().map(|b| (vec![], b)).into_iter().collect();
     out.push(gauge("lb_agent_resident_bytes", "The agent's resident memory (VmRSS)", resident));
+    let anonymous = crate::memory::anonymous_bytes().map(|b| (vec![], b)).into_iter().collect();
+    out.push(gauge(
+        "lb_agent_anonymous_bytes",
+        "The agent's own resident memory (RssAnon: VmRSS without the map pages it mmaps)",
+        anonymous,
+    ));
     let Ok(dp) = AyaDataplane::open(pin_dir) else { return out };
     let (mut packets, mut bytes) = (Vec::new(), Vec::new());
     for r in Reason::ALL {

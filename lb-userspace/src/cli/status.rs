@@ -10,6 +10,7 @@ use serde::Serialize;
 #[derive(Serialize)]
 struct Status {
     agent_pid: Option<i32>,
+    agent_memory: Option<memory::ProcessMemory>,
     /// The datapath object this `lb` carries (`report::object_hash`).
     cli_datapath_object: String,
     report: Option<report::Report>,
@@ -32,6 +33,7 @@ struct MapFill {
 pub fn run(pin_dir: &Path, json: bool) -> anyhow::Result<()> {
     let status = Status {
         agent_pid: bpffs::lock_holder(pin_dir),
+        agent_memory: bpffs::lock_holder(pin_dir).and_then(|pid| memory::of_process(&pid.to_string())),
         cli_datapath_object: report::object_hash(loader::EBPF_OBJECT),
         report: report::read(pin_dir)?,
         maps: maps(pin_dir),
@@ -172,6 +174,15 @@ fn render(pin_dir: &Path, s: &Status) -> String {
         }
         line("report", format!("written {}", r.written_at));
     }
+    let maps_total: u64 = s.maps.iter().filter_map(|m| m.memory_bytes).sum();
+    let agent = s.agent_memory.map_or("agent -".to_string(), |m| {
+        format!(
+            "agent {} resident, {} of it its own (the rest: map pages it maps)",
+            size(m.resident_bytes),
+            size(m.anonymous_bytes)
+        )
+    });
+    line("memory", format!("{agent}; maps {} in the kernel", size(maps_total)));
     out += &format!("\n{:<22} {:<14} {:>10} {:>10} {:>12}\n", "MAP", "TYPE", "ENTRIES", "CAPACITY", "MEMORY");
     for m in &s.maps {
         let entries = m.entries.map_or("-".to_string(), |n| n.to_string());
