@@ -218,6 +218,15 @@ impl AyaDataplane {
         })
     }
 
+    /// Writes `len` slots of the Maglev array from `offset`, after checking they fit.
+    fn write_slots(&mut self, offset: u32, len: u32, ids: impl Iterator<Item = u32>) -> Result<()> {
+        self.maglev.check(offset, len)?;
+        for (i, id) in ids.enumerate() {
+            self.maglev.write(offset + i as u32, id);
+        }
+        Ok(())
+    }
+
     /// Sets `addr`'s bit in the address pre-filter (`lb_common::addr_filter`): done before any
     /// entry naming it is written, so the datapath never filters out a packet it must handle.
     pub fn list_address(&mut self, addr: &Addr) {
@@ -442,19 +451,11 @@ impl Dataplane for AyaDataplane {
     }
 
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
-        self.maglev.check(offset, ids.len() as u32)?;
-        for (i, id) in ids.iter().enumerate() {
-            self.maglev.write(offset + i as u32, *id);
-        }
-        Ok(())
+        self.write_slots(offset, ids.len() as u32, ids.iter().copied())
     }
 
     fn write_table(&mut self, offset: u32, table: &Table) -> Result<()> {
-        self.maglev.check(offset, table.len())?;
-        for (i, id) in table.iter().enumerate() {
-            self.maglev.write(offset + i as u32, id);
-        }
-        Ok(())
+        self.write_slots(offset, table.len(), table.iter())
     }
 
     fn set_config(&mut self, config: &Config) -> Result<()> {

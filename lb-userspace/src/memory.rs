@@ -6,16 +6,6 @@ use std::{
     path::Path,
 };
 
-/// This process's resident set (`VmRSS`), in bytes.
-pub fn resident_bytes() -> Option<u64> {
-    of_process("self").map(|m| m.resident_bytes)
-}
-
-/// This process's anonymous resident memory (`RssAnon`), in bytes (see `ProcessMemory`).
-pub fn anonymous_bytes() -> Option<u64> {
-    of_process("self").map(|m| m.anonymous_bytes)
-}
-
 /// A process's memory as its `/proc/<pid>/status` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ProcessMemory {
@@ -75,6 +65,6 @@ mod tests {
         assert_eq!(field("Name:\tlb\nVmRSS:\t   20480 kB\n", "VmRSS:"), Some(20_480));
         assert_eq!(field("VmHWM: 1 kB\n", "VmRSS:"), None);
         // This process has a resident set.
-        assert!(resident_bytes().is_some_and(|b| b > 0));
+        assert!(of_process("self").is_some_and(|m| m.resident_bytes > 0 && m.anonymous_bytes > 0));
     }
 }

@@ -330,9 +330,10 @@ fn read_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::Fro
     let counter = |name, help, rows| Series { name, help, kind: MetricType::Counter, rows };
     let gauge = |name, help, rows| Series { name, help, kind: MetricType::Gauge, rows };
     let mut out = Vec::new();
-    let resident = crate::memory::resident_bytes().map(|b| (vec![], b)).into_iter().collect();
+    let own = crate::memory::of_process("self");
+    let resident = own.map(|m| (vec![], m.resident_bytes)).into_iter().collect();
     out.push(gauge("lb_agent_resident_bytes", "The agent's resident memory (VmRSS)", resident));
-    let anonymous = crate::memory::anonymous_bytes().map(|b| (vec![], b)).into_iter().collect();
+    let anonymous = own.map(|m| (vec![], m.anonymous_bytes)).into_iter().collect();
     out.push(gauge(
         "lb_agent_anonymous_bytes",
         "The agent's own resident memory (RssAnon: VmRSS without the map pages it mmaps)",

@@ -31,9 +31,10 @@ struct MapFill {
 /// Prints the status of the agent on `pin_dir`. Exits 1 (after printing) when no agent runs
 /// there, so scripts can test it.
 pub fn run(pin_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let agent_pid = bpffs::lock_holder(pin_dir);
     let status = Status {
-        agent_pid: bpffs::lock_holder(pin_dir),
-        agent_memory: bpffs::lock_holder(pin_dir).and_then(|pid| memory::of_process(&pid.to_string())),
+        agent_pid,
+        agent_memory: agent_pid.and_then(|pid| memory::of_process(&pid.to_string())),
         cli_datapath_object: report::object_hash(loader::EBPF_OBJECT),
         report: report::read(pin_dir)?,
         maps: maps(pin_dir),
