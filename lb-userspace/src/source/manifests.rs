@@ -142,8 +142,14 @@ pub fn parse_with_warnings(text: &str, json: bool) -> Result<(Vec<Object>, Vec<S
     if flow_nesting(text, MAX_NESTING) > MAX_NESTING {
         return Err(format!("nested deeper than {MAX_NESTING} levels (limit checked before parsing)"));
     }
+    // JSON text is read as JSON whatever the file's name (JSON is YAML, and the YAML parser
+    // takes about ten times longer over it); anything else, or JSON that does not parse, as
+    // YAML, whose errors are the ones reported.
+    let as_json = || text.trim_start().starts_with('{').then(|| serde_json::from_str(text).ok()).flatten();
     let docs: Vec<serde_json::Value> = if json {
         vec![serde_json::from_str(text).map_err(|e| e.to_string())?]
+    } else if let Some(doc) = as_json() {
+        vec![doc]
     } else {
         let mut docs = Vec::new();
         for (i, d) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -997,6 +1003,42 @@ mod tests {
     fn json_list() {
         let text = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Node","metadata":{"name":"n1"}}]}"#;
         assert!(matches!(&parse(text, true).unwrap()[..], [Object::Node(_)]));
+    }
+
+    /// JSON in a `.yaml` file takes the JSON parser: the same objects and warnings as the
+    /// same documents written as YAML. A YAML flow mapping is not JSON and still parses; broken
+    /// JSON gets the YAML parser's error.
+    #[test]
+    fn json_text_in_a_yaml_file_reads_as_its_yaml_form_does() {
+        let service = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "198.18.100.10", "selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP", "tragetPort": 1}]}});
+        let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "endpoints": [{"addresses": ["198.18.1.1"], "conditions": {"ready": true}}], "ports": [{"port": 8080, "protocol": "TCP"}]});
+        for doc in [service, slice] {
+            let (json_text, yaml_text) =
+                (serde_json::to_string_pretty(&doc).unwrap(), serde_yaml_ng::to_string(&doc).unwrap());
+            assert!(!yaml_text.trim_start().starts_with('{'));
+            let (objects, warnings) = parse_with_warnings(&json_text, false).unwrap();
+            assert_eq!(
+                (&objects, &warnings),
+                (
+                    &parse_with_warnings(&yaml_text, false).unwrap().0,
+                    &parse_with_warnings(&yaml_text, false).unwrap().1
+                )
+            );
+            assert_eq!(objects.len(), 1);
+            assert_eq!(
+                warnings.len(),
+                usize::from(doc["kind"] == "Service"),
+                "the misspelt field: {warnings:?}"
+            );
+        }
+        let flow = "{apiVersion: v1, kind: Node, metadata: {name: n1}}";
+        assert!(matches!(&parse(flow, false).unwrap()[..], [Object::Node(_)]));
+        let broken = parse(r#"{"apiVersion": "v1", "kind": "#, false).unwrap_err();
+        assert!(broken.starts_with("document 1:"), "{broken}");
     }
 
     #[test]

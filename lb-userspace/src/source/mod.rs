@@ -47,11 +47,6 @@ impl Source {
             Source::Kube(_) => None,
         }
     }
-
-    /// Whether its events come in bursts worth a short wait (an editor's writes).
-    pub fn is_folder(&self) -> bool {
-        matches!(self, Source::Folder { .. })
-    }
 }
 
 impl ChangeSource for Source {

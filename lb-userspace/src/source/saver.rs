@@ -5,12 +5,13 @@
 //! of the agent's time when files were copied from the sync loop at 1 000 changes a second),
 //! and a batch written from the loop stalled syncs for hundreds of milliseconds. So copies
 //! are written at most once per `SAVE_EVERY`, only the latest version of each file, off the
-//! sync loop; the copies are at most that much behind, and up to date once the agent stops.
+//! sync loop, at idle priority; the copies are at most that much behind (more while the CPU is
+//! busy), and up to date once the agent stops.
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::mpsc,
+    sync::{Arc, Condvar, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -21,59 +22,82 @@ pub const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// The saving thread; dropping it writes what is still owed and waits for that.
 #[derive(Debug)]
 pub struct Saver {
-    to: Option<mpsc::Sender<(PathBuf, Option<String>)>>,
+    owed: Arc<(Mutex<Owed>, Condvar)>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The copies not written yet: the latest text of each file (`None`: to be removed). Kept by
+/// file, not queued by change, so it stays as small as the folder however far the thread
+/// falls behind.
+#[derive(Debug, Default)]
+struct Owed {
+    files: BTreeMap<PathBuf, Option<String>>,
+    stopping: bool,
 }
 
 impl Saver {
     pub fn start() -> std::io::Result<Self> {
-        let (to, from) = mpsc::channel();
-        let thread = std::thread::Builder::new().name("manifest-saver".into()).spawn(move || run(from))?;
-        Ok(Saver { to: Some(to), thread: Some(thread) })
+        let owed: Arc<(Mutex<Owed>, Condvar)> = Arc::default();
+        let theirs = owed.clone();
+        let thread = std::thread::Builder::new().name("manifest-saver".into()).spawn(move || run(&theirs))?;
+        Ok(Saver { owed, thread: Some(thread) })
     }
 
     /// `to` is to hold `text` (or to go, for `None`).
     pub fn put(&self, to: PathBuf, text: Option<String>) {
-        if let Some(tx) = &self.to {
-            let _ = tx.send((to, text));
-        }
+        let (owed, wake) = &*self.owed;
+        lock(owed).files.insert(to, text);
+        wake.notify_one();
     }
 }
 
 impl Drop for Saver {
     fn drop(&mut self) {
-        self.to = None;
+        let (owed, wake) = &*self.owed;
+        lock(owed).stopping = true;
+        wake.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn run(from: mpsc::Receiver<(PathBuf, Option<String>)>) {
-    let mut owed: BTreeMap<PathBuf, Option<String>> = BTreeMap::new();
+fn lock(owed: &Mutex<Owed>) -> std::sync::MutexGuard<'_, Owed> {
+    owed.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run(shared: &(Mutex<Owed>, Condvar)) {
+    // Background work: the copies may lag, the sync loop must not. Under a stream of changes
+    // a second's copies take a good part of a core, which would otherwise delay syncs by tens
+    // of milliseconds. (Failing to lower it only costs that.)
+    let idle = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is this thread; a valid parameter struct.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
+    let (owed, wake) = shared;
     let mut written = Instant::now().checked_sub(SAVE_EVERY).unwrap_or_else(Instant::now);
     loop {
-        let due = written + SAVE_EVERY;
-        let next = if owed.is_empty() {
-            from.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
-        } else {
-            from.recv_timeout(due.saturating_duration_since(Instant::now()))
-        };
-        match next {
-            Ok((to, text)) => {
-                owed.insert(to, text);
-                if Instant::now() < due {
-                    continue;
-                }
+        let mut o = lock(owed);
+        // Something owed and due (or the agent stopping), or wait.
+        loop {
+            let due = written + SAVE_EVERY;
+            if o.stopping || (!o.files.is_empty() && Instant::now() >= due) {
+                break;
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                write(std::mem::take(&mut owed));
-                return;
-            }
+            o = if o.files.is_empty() {
+                wake.wait(o).unwrap_or_else(|e| e.into_inner())
+            } else {
+                wake.wait_timeout(o, due.saturating_duration_since(Instant::now()))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            };
         }
-        write(std::mem::take(&mut owed));
+        let (files, stopping) = (std::mem::take(&mut o.files), o.stopping);
+        drop(o);
+        write(files);
         written = Instant::now();
+        if stopping && lock(owed).files.is_empty() {
+            return;
+        }
     }
 }
 
@@ -117,6 +141,7 @@ mod tests {
         }
         saver.put(b.clone(), Some("b".into()));
         saver.put(b.clone(), None);
+        assert!(lock(&saver.owed.0).files.len() <= 2, "one entry per file, however many versions");
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(std::fs::read_to_string(&a).unwrap(), "one", "held back until SAVE_EVERY");
         drop(saver);

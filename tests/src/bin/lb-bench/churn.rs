@@ -21,7 +21,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -52,7 +52,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 type SyncLoop = (Vec<f64>, f64, HashMap<u32, u16>, bool);
 
 /// How long the agent is left alone after its first sync.
-const SETTLE_AFTER_START: Duration = Duration::from_secs(10);
+const SETTLE_AFTER_START: Duration = Duration::from_secs(5);
 /// A baseline sync that takes longer is stopped: the tool is overwhelmed at that rate.
 const STALLED: Duration = Duration::from_secs(60);
 /// The p99 this benchmark calls the limit of a rate.
@@ -220,8 +220,11 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
     let source: Vec<&str> = source.iter().map(String::as_str).collect();
     let t0 = agent.start(&churn_capacities(n), &source, &[])?;
     let synced = agent.wait_synced(n, t0, Duration::from_secs(300))?;
-    // Steady state: the start's one-time work (the manifest source's copies of N files in
+    // Steady state: the start's one-time work (the manifest source's copies of its files in
     // the state folder, written by their own thread) is over before the first window.
+    if let Feed::Files(dir) = &feed {
+        wait_for_copies(dir, &agent.work.join("state/manifests"), Duration::from_secs(300))?;
+    }
     std::thread::sleep(SETTLE_AFTER_START);
     eprintln!("  ours: first sync of {n} services in {synced:.1} s");
     let pending: Arc<Mutex<HashMap<(Ipv4Addr, u16), Instant>>> = Arc::default();
@@ -261,7 +264,9 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
         };
         let cpu0 = agent.cpu_seconds();
         let t = Instant::now();
+        let mut updated = std::collections::HashSet::new();
         let sent = generate(rate, window, n, &mut next, |u| {
+            updated.insert(u.service);
             let first = endpoints_of(u.service)[0].0;
             pending.lock().unwrap().insert((first, u.port), u.sent);
             if let Err(e) = feed.send(&u) {
@@ -272,8 +277,22 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
         while !pending.lock().unwrap().is_empty() && drain.elapsed() < DRAIN {
             std::thread::sleep(Duration::from_millis(10));
         }
+        let elapsed = t.elapsed().as_secs_f64();
+        // The manifest source copies changed files at idle priority: its CPU counts once the
+        // copies have caught up with the window.
+        if let Feed::Files(dir) = &feed {
+            let state = agent.work.join("state/manifests");
+            let copied = |i: &u32| {
+                let name = format!("slice-{i}.yaml");
+                fs::read(dir.join(&name)).ok() == fs::read(state.join(&name)).ok()
+            };
+            let t0 = Instant::now();
+            while !updated.iter().all(copied) && t0.elapsed() < DRAIN {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         // Over the window and the drain, as for the baselines (whose syncs run on into it).
-        let cores = (agent.cpu_seconds() - cpu0) / t.elapsed().as_secs_f64();
+        let cores = (agent.cpu_seconds() - cpu0) / elapsed;
         stop.store(true, Ordering::Relaxed);
         let mut scans = poller.join().map_err(|_| anyhow::anyhow!("poller panicked"))??;
         let scan_ms = (!scans.is_empty()).then(|| percentile(&mut scans, 0.5));
@@ -285,6 +304,24 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
     }
     agent.stop()?;
     Ok(windows)
+}
+
+/// Waits until the agent's state folder holds a copy of every file of `dir` (the copies of
+/// 100 000 files take tens of seconds on a slow disk: they would run into the windows).
+fn wait_for_copies(dir: &Path, state: &Path, limit: Duration) -> anyhow::Result<()> {
+    let yaml_files = |d: &Path| -> usize {
+        fs::read_dir(d)
+            .map(|r| {
+                r.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "yaml")).count()
+            })
+            .unwrap_or(0)
+    };
+    let (want, t0) = (yaml_files(dir), Instant::now());
+    while yaml_files(state) < want {
+        ensure!(t0.elapsed() < limit, "the agent copied {} of {want} files in {limit:?}", yaml_files(state));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 fn report_window(v: Variant, w: &Window) {
@@ -457,7 +494,7 @@ fn report(
     rows: &[(u32, Variant, Option<Vec<Window>>)],
 ) -> anyhow::Result<()> {
     let mut md = format!(
-        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond — an upper bound by one scan, whose median is the last column; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU (over the window and its drain) is the agent's, from 10 s after its first sync; the manifest source reads each slice from a file of its own, replaced by a rename. Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all; a baseline whose sync takes over a minute is stopped there (\"stalled below\": the higher rates are not run).\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) | scan (ms) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond — an upper bound by one scan, whose median is the last column; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU (over the window and its drain) is the agent's, from 10 s after its first sync; the manifest source reads each slice from a file of its own, replaced by a rename (its CPU includes the copies of the window's files it keeps in its state folder, written at idle priority, counted once they are written). Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all; a baseline whose sync takes over a minute is stopped there (\"stalled below\": the higher rates are not run).\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) | scan (ms) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
         super::kernel(),
         window.as_secs(),
