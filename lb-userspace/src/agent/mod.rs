@@ -175,7 +175,6 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         last_resync: Instant::now(),
         last_sync: None,
         held_until: None,
-        last_sync_end: None,
         mtu_floor: ReadLately::default(),
         host_addresses: ReadLately::default(),
         contested_frontends: 0,
@@ -320,27 +319,12 @@ struct Agent {
     last_sync: Option<Instant>,
     /// Syncs held back by `--min-sync-period` until then.
     held_until: Option<Instant>,
-    /// When the last sync ended: a wake soon after it waits for the stream (`coalesce_until`).
-    last_sync_end: Option<Instant>,
     /// The MTUs of links and routes, and the node's own addresses (without a Node object):
     /// a sysfs walk, a route dump and a link dump, not redone per sync under a stream.
     mtu_floor: ReadLately<u32>,
     host_addresses: ReadLately<Vec<IpAddr>>,
     /// Frontends claimed by more than one Service: they change only with Services.
     contested_frontends: usize,
-}
-
-/// Under a stream of changes, the gap a sync leaves after the one before it, so that what
-/// arrives meanwhile is taken by one sync instead of one sync each.
-const COALESCE: Duration = Duration::from_millis(2);
-
-/// When a wake-up should sync: at once when the agent is idle (no sync in the last
-/// `COALESCE`: a lone change waits for nothing), otherwise `COALESCE` after the last sync
-/// ended. So the sync rate adapts to the load with no fixed delay, and `--min-sync-period`
-/// stays an optional floor on top.
-fn coalesce_until(last_sync_end: Option<Instant>, now: Instant) -> Option<Instant> {
-    let until = last_sync_end? + COALESCE;
-    (until > now).then_some(until)
 }
 
 /// A value read from the system at most once a second.
@@ -382,11 +366,10 @@ impl Agent {
                 _ = tokio::time::sleep_until(settle.unwrap_or_else(Instant::now).into()), if settle.is_some() => {}
                 _ = tokio::time::sleep_until(held.unwrap_or_else(Instant::now).into()), if held.is_some() => {}
                 _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now).into()), if retry.is_some() => {}
-                _ = wake.notified() => {
-                    if let Some(until) = coalesce_until(self.last_sync_end, Instant::now()) {
-                        tokio::time::sleep_until(until.into()).await;
-                    }
-                }
+                // At once, for the folder too: a file is read only once its writer has closed
+                // it (or renamed it into place), and what arrives during a sync is taken by
+                // the next one together.
+                _ = wake.notified() => {}
                 _ = tokio::signal::ctrl_c() => return Ok(()),
                 _ = sigterm.recv() => return Ok(()),
             }
@@ -452,7 +435,6 @@ impl Agent {
         if let Some(outcome) = outcome {
             self.last_sync = Some(began);
             self.after_sync(&outcome, began);
-            self.last_sync_end = Some(Instant::now());
         }
         Ok(())
     }
@@ -590,20 +572,4 @@ pub fn answer_bucket((rate, burst): (u32, u32), cpus: usize) -> (u64, u64) {
     let cost = 1_000_000_000 / per_cpu;
     let burst = (u64::from(burst) / cpus).max(1);
     (cost, cost * burst)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A lone change syncs at once; one that arrives while syncs run back to back waits for
-    /// the gap after the last one, so a stream is taken in batches.
-    #[test]
-    fn a_wake_waits_only_while_syncs_follow_each_other() {
-        let now = Instant::now();
-        assert_eq!(coalesce_until(None, now), None, "first sync: at once");
-        assert_eq!(coalesce_until(Some(now - COALESCE * 10), now), None, "idle: at once");
-        let just = now - COALESCE / 2;
-        assert_eq!(coalesce_until(Some(just), now), Some(just + COALESCE), "in a stream: after the gap");
-    }
 }
