@@ -222,8 +222,9 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
     let synced = agent.wait_synced(n, t0, Duration::from_secs(300))?;
     // Steady state: the start's one-time work (the manifest source's copies of its files in
     // the state folder, written by their own thread) is over before the first window.
+    let copies = agent.work.join("state/manifests");
     if let Feed::Files(dir) = &feed {
-        wait_for_copies(dir, &agent.work.join("state/manifests"), Duration::from_secs(300))?;
+        wait_for_copies(dir, &copies, Duration::from_secs(300))?;
     }
     std::thread::sleep(SETTLE_AFTER_START);
     eprintln!("  ours: first sync of {n} services in {synced:.1} s");
@@ -281,14 +282,16 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
         // The manifest source copies changed files at idle priority: its CPU counts once the
         // copies have caught up with the window.
         if let Feed::Files(dir) = &feed {
-            let state = agent.work.join("state/manifests");
             let copied = |i: &u32| {
                 let name = format!("slice-{i}.yaml");
-                fs::read(dir.join(&name)).ok() == fs::read(state.join(&name)).ok()
+                fs::read(dir.join(&name)).ok() == fs::read(copies.join(&name)).ok()
             };
             let t0 = Instant::now();
-            while !updated.iter().all(copied) && t0.elapsed() < DRAIN {
+            // Each file is compared until its copy is found up to date, not again after.
+            updated.retain(|i| !copied(i));
+            while !updated.is_empty() && t0.elapsed() < DRAIN {
                 std::thread::sleep(Duration::from_millis(100));
+                updated.retain(|i| !copied(i));
             }
         }
         // Over the window and the drain, as for the baselines (whose syncs run on into it).
@@ -494,10 +497,11 @@ fn report(
     rows: &[(u32, Variant, Option<Vec<Window>>)],
 ) -> anyhow::Result<()> {
     let mut md = format!(
-        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond — an upper bound by one scan, whose median is the last column; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU (over the window and its drain) is the agent's, from 10 s after its first sync; the manifest source reads each slice from a file of its own, replaced by a rename (its CPU includes the copies of the window's files it keeps in its state folder, written at idle priority, counted once they are written). Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all; a baseline whose sync takes over a minute is stopped there (\"stalled below\": the higher rates are not run).\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) | scan (ms) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond — an upper bound by one scan, whose median is the last column; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU (over the window and its drain) is the agent's, from {} s after its first sync (for the manifest source, after its copy of every file in its state folder); the manifest source reads each slice from a file of its own, replaced by a rename (its CPU includes the copies of the window's files it keeps in its state folder, written at idle priority, counted once they are written). Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all; a baseline whose sync takes over a minute is stopped there (\"stalled below\": the higher rates are not run).\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) | scan (ms) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
         super::kernel(),
         window.as_secs(),
+        SETTLE_AFTER_START.as_secs(),
         DRAIN.as_secs()
     );
     let mut limits = String::new();
