@@ -23,6 +23,7 @@ pub mod maglev;
 pub mod memory;
 pub mod model;
 pub mod netlink;
+pub mod objects;
 pub mod pins;
 pub mod range_alloc;
 pub mod rawmap;

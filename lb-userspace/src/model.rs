@@ -22,13 +22,13 @@ use std::{
 };
 
 use ipnet::IpNet;
-use k8s_openapi::api::{
-    core::v1::{Node, Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
-};
-use lb_common::abi::{PROTO_TCP, PROTO_UDP};
+use k8s_openapi::api::core::v1::Node;
 
-use crate::{refcount::bump, sorted_vec, topology};
+use crate::{
+    objects::{Service, ServicePort, ServiceType, Skipped, Slice},
+    refcount::bump,
+    sorted_vec, topology,
+};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -37,27 +37,19 @@ pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// Its value on slices mirrored from a hand-written Endpoints object.
 pub const MIRROR_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
 
-/// Whether `slice` was mirrored from an Endpoints object.
-pub fn is_mirrored(slice: &EndpointSlice) -> bool {
-    slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(MANAGED_BY_LABEL))
-        .is_some_and(|v| v == MIRROR_CONTROLLER)
-}
 /// A Service with this label belongs to another proxy.
 pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
-/// Everything the sources have seen, keyed by `(namespace, name)`. Objects are shared
-/// (`Arc`): a source that keeps them elsewhere too (the manifest folder, per file) holds
-/// each once, and a copy of the cluster copies no object.
+/// Everything the sources have seen, keyed by `(namespace, name)`: Services and slices in the
+/// agent's own compact form (`objects`). Objects are shared (`Arc`): a source that keeps
+/// them elsewhere too (the manifest folder, per file) holds each once, and a copy of the
+/// cluster copies no object.
 #[derive(Debug, Clone, Default)]
 pub struct Cluster {
     pub services: BTreeMap<(String, String), Arc<Service>>,
-    pub slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
+    pub slices: BTreeMap<(String, String), Arc<Slice>>,
     /// Nodes are cluster-scoped: keyed by `("", name)`.
     pub nodes: BTreeMap<(String, String), Arc<Node>>,
 }
@@ -254,27 +246,12 @@ pub struct Desired {
     pub notes: Vec<(String, String)>,
 }
 
-fn proto_of(p: Option<&str>) -> Option<u8> {
-    match p.unwrap_or("TCP") {
-        "TCP" => Some(PROTO_TCP),
-        "UDP" => Some(PROTO_UDP),
+/// Why a Service is not ours to proxy, if it is not and the operator should be told.
+fn ignored(svc: &Service) -> Option<&'static str> {
+    match svc.skipped {
+        Some(Skipped::Because(why)) => Some(why),
         _ => None,
     }
-}
-
-/// Why a Service is not ours to proxy, if it is not.
-fn ignored(svc: &Service) -> Option<&'static str> {
-    let spec = svc.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Some("type ExternalName (DNS only)");
-    }
-    if spec.cluster_ip.as_deref() == Some("None") {
-        return Some("headless (clusterIP: None)");
-    }
-    if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(PROXY_NAME_LABEL)) {
-        return Some("handled by another proxy (service.kubernetes.io/service-proxy-name)");
-    }
-    None
 }
 
 /// The Model: `(cluster objects, this node) -> desired state`.
@@ -282,10 +259,10 @@ pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
     let mut out =
         Desired { node_ips: node.nodeport_ips(cluster), node_zone: node.zone(cluster), ..Default::default() };
     // Slices by the Service they belong to.
-    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices: BTreeMap<(&str, &str), Vec<&Slice>> = BTreeMap::new();
     for ((ns, _), s) in &cluster.slices {
-        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-            slices.entry((ns.as_str(), svc.as_str())).or_default().push(s);
+        if let Some(svc) = s.service.as_deref() {
+            slices.entry((ns.as_str(), svc)).or_default().push(s);
         }
     }
     // Every Service first (their frontend claims all known), then each one settled.
@@ -299,11 +276,11 @@ pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
         };
         if let Some(why) = ignored(svc) {
             one.notes.push((format!("{ns}/{name}"), format!("skipped: {why}")));
-        } else if let Some(spec) = svc.spec.as_ref() {
+        } else if svc.skipped.is_none() {
             let svc_slices = slices.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
             service(&mut one, node, ns, name, svc, svc_slices);
             claims.add(svc, &one.services);
-            one.cluster_vips.extend(cluster_ips(spec));
+            one.cluster_vips.extend(svc.cluster_ips.iter().copied());
         }
         each.push(one);
     }
@@ -326,7 +303,7 @@ type Frontend = (IpAddr, u16, u8);
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Claim {
     no_timestamp: bool,
-    timestamp: String,
+    timestamp: jiff::Timestamp,
     sref: ServiceRef,
 }
 
@@ -345,12 +322,11 @@ struct Claims(BTreeMap<Frontend, Vec<Claim>>);
 
 impl Claims {
     fn claims(svc: &Service, services: &BTreeMap<ServiceRef, DesiredService>) -> Vec<(Frontend, Claim)> {
-        let ts = svc.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
         let mut out = Vec::new();
         for (r, v) in services {
             let claim = Claim {
-                no_timestamp: ts.is_none(),
-                timestamp: ts.clone().unwrap_or_default(),
+                no_timestamp: svc.created.is_none(),
+                timestamp: svc.created.unwrap_or(jiff::Timestamp::UNIX_EPOCH),
                 sref: r.clone(),
             };
             out.extend(v.frontends.iter().map(|(ip, port)| ((*ip, *port, r.proto), claim.clone())));
@@ -427,101 +403,55 @@ fn fmt_ip(ip: IpAddr) -> String {
     if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() }
 }
 
-fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpAddr> {
-    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
-    if ips.is_empty() {
-        ips.extend(spec.cluster_ip.iter());
-    }
-    ips.into_iter().filter_map(|s| s.parse().ok()).collect()
-}
-
-fn parse_ips<'a>(it: impl Iterator<Item = &'a String>) -> Vec<IpAddr> {
-    it.filter_map(|s| s.parse().ok()).collect()
-}
-
-fn service(
-    out: &mut Desired,
-    node: &NodeContext,
-    ns: &str,
-    name: &str,
-    svc: &Service,
-    slices: &[&EndpointSlice],
-) {
-    let Some(spec) = svc.spec.as_ref() else { return };
+fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Service, slices: &[&Slice]) {
     // Mirrored slices count only for a Service without a selector: those are the only ones
     // the mirroring controller mirrors.
-    let selected = spec.selector.as_ref().is_some_and(|s| !s.is_empty());
-    let slices: Vec<&EndpointSlice> =
-        slices.iter().copied().filter(|s| !(selected && is_mirrored(s))).collect();
+    let slices: Vec<&Slice> = slices.iter().copied().filter(|s| !(svc.selected && s.mirrored)).collect();
     let slices = slices.as_slice();
-    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .map(|t| t.max(1) as u32)
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-    });
-    let source_ranges: Vec<IpNet> =
-        spec.load_balancer_source_ranges.iter().flatten().filter_map(|r| r.trim().parse().ok()).collect();
-    let lb_ips: Vec<IpAddr> = if ty == "LoadBalancer" {
-        let ingress =
-            svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
-        // ipMode Proxy: the load balancer terminates and sends to the node; not a VIP of ours.
-        parse_ips(
-            ingress
-                .into_iter()
-                .flatten()
-                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-                .filter_map(|i| i.ip.as_ref()),
-        )
-    } else {
-        Vec::new()
-    };
-    let external_ips = parse_ips(spec.external_ips.iter().flatten());
-    let cips = cluster_ips(spec);
+    let lb_ips: &[IpAddr] =
+        if svc.service_type == ServiceType::LoadBalancer { &svc.ingress_ips } else { &[] };
     let nodeport_ips =
-        if matches!(ty, "NodePort" | "LoadBalancer") { out.node_ips.clone() } else { Vec::new() };
-    if let Some(port) = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
-        && ty == "LoadBalancer"
-        && etp_local
+        if svc.service_type == ServiceType::ClusterIp { Vec::new() } else { out.node_ips.clone() };
+    if let Some(port) = svc.health_check_node_port
+        && svc.service_type == ServiceType::LoadBalancer
+        && svc.external_local
     {
-        let local: BTreeSet<&String> = slices
+        let local: BTreeSet<IpAddr> = slices
             .iter()
-            .flat_map(|s| &s.endpoints)
-            .filter(|ep| ep.node_name.as_deref() == Some(node.name.as_str()) && conditions(ep).0)
-            .filter_map(|ep| ep.addresses.first())
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|ep| ep.on_node(&node.name) && ep.ready)
+            .filter_map(|ep| ep.address)
             .collect();
         out.health_checks
             .insert(port, HealthCheck { service: format!("{ns}/{name}"), local_endpoints: local.len() });
     }
 
-    warn_about_slices(out, ns, name, spec, &cips, slices);
-    for port in spec.ports.iter().flatten() {
-        let Some(proto) = proto_of(port.protocol.as_deref()) else {
+    warn_about_slices(out, ns, name, svc, slices);
+    for port in svc.ports.iter() {
+        let Some(proto) = port.protocol.number() else {
             out.notes.push((format!("{ns}/{name}:{}", port.port), "skipped: protocol not supported".into()));
             continue;
         };
         let Ok(svc_port) = u16::try_from(port.port) else { continue };
-        let node_port = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0);
         let mut scopes: Vec<(Scope, Vec<(IpAddr, u16)>)> = vec![
-            (Scope::Cluster, cips.iter().map(|ip| (*ip, svc_port)).collect()),
+            (Scope::Cluster, svc.cluster_ips.iter().map(|ip| (*ip, svc_port)).collect()),
             (
                 Scope::External,
-                external_ips
+                svc.external_ips
                     .iter()
                     .map(|ip| (*ip, svc_port))
-                    .chain(node_port.into_iter().flat_map(|np| nodeport_ips.iter().map(move |ip| (*ip, np))))
+                    .chain(
+                        port.node_port
+                            .into_iter()
+                            .flat_map(|np| nodeport_ips.iter().map(move |ip| (*ip, np))),
+                    )
                     .collect(),
             ),
             (Scope::LoadBalancer, lb_ips.iter().map(|ip| (*ip, svc_port)).collect()),
         ];
         scopes.retain(|(_, f)| !f.is_empty());
         for (scope, frontends) in scopes {
-            let local_only = if scope == Scope::Cluster { itp_local } else { etp_local };
+            let local_only = if scope == Scope::Cluster { svc.internal_local } else { svc.external_local };
             for family in [Family::V4, Family::V6] {
                 let frontends: BTreeSet<(IpAddr, u16)> =
                     frontends.iter().filter(|(ip, _)| Family::of(ip) == family).copied().collect();
@@ -533,7 +463,7 @@ fn service(
                 let key = ServiceRef {
                     namespace: ns.to_string(),
                     name: name.to_string(),
-                    port_name: port.name.clone().unwrap_or_default(),
+                    port_name: port.name.to_string(),
                     proto,
                     scope,
                     family,
@@ -542,10 +472,14 @@ fn service(
                     frontends,
                     backends,
                     kept,
-                    affinity_timeout,
+                    affinity_timeout: svc.affinity_timeout,
                     no_backend: if local_only { NoBackend::Drop } else { NoBackend::Reject },
                     source_ranges: if scope == Scope::LoadBalancer {
-                        source_ranges.iter().filter(|r| Family::of(&r.addr()) == family).copied().collect()
+                        svc.source_ranges
+                            .iter()
+                            .filter(|r| Family::of(&r.addr()) == family)
+                            .copied()
+                            .collect()
                     } else {
                         Vec::new()
                     },
@@ -560,49 +494,40 @@ fn service(
 /// Notes what leaves a Service without endpoints although it has slices, which kube-proxy
 /// users otherwise find only by a failing request: a port name (and protocol) no slice port
 /// has, and a ClusterIP family no slice has.
-fn warn_about_slices(
-    out: &mut Desired,
-    ns: &str,
-    name: &str,
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    cips: &[IpAddr],
-    slices: &[&EndpointSlice],
-) {
+fn warn_about_slices(out: &mut Desired, ns: &str, name: &str, svc: &Service, slices: &[&Slice]) {
     if slices.is_empty() {
         return;
     }
     for family in [Family::V4, Family::V6] {
-        let (label, address_type) = match family {
-            Family::V4 => ("IPv4", "IPv4"),
-            Family::V6 => ("IPv6", "IPv6"),
+        let label = match family {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
         };
-        if let Some(ip) = cips.iter().find(|ip| Family::of(ip) == family)
-            && !slices.iter().any(|s| s.address_type == address_type)
+        if let Some(ip) = svc.cluster_ips.iter().find(|ip| Family::of(ip) == family)
+            && !slices.iter().any(|s| s.family == Some(family))
         {
             out.notes.push((
                 format!("{ns}/{name}"),
-                format!("warning: {label} clusterIP {ip} but no {address_type} EndpointSlice; it has no endpoints in that family"),
+                format!("warning: {label} clusterIP {ip} but no {label} EndpointSlice; it has no endpoints in that family"),
             ));
         }
     }
-    let slice_ports: Vec<_> = slices.iter().flat_map(|s| s.ports.iter().flatten()).collect();
+    let slice_ports: Vec<_> = slices.iter().flat_map(|s| s.ports.iter()).collect();
     if slice_ports.is_empty() {
         return;
     }
-    for port in spec.ports.iter().flatten() {
-        let want = port.name.as_deref().unwrap_or("");
-        let proto = port.protocol.as_deref().unwrap_or("TCP");
-        let matched = slice_ports.iter().any(|p| {
-            p.name.as_deref().unwrap_or("") == want && p.protocol.as_deref().unwrap_or("TCP") == proto
-        });
+    for port in svc.ports.iter() {
+        let matched = slice_ports.iter().any(|p| p.name == port.name && p.protocol == port.protocol);
         if !matched {
+            let want = &port.name;
             out.notes.push((
                 format!(
                     "{ns}/{name}:{}",
                     if want.is_empty() { port.port.to_string() } else { want.to_string() }
                 ),
                 format!(
-                    "warning: no EndpointSlice port is named {want:?} ({proto}); this port has no endpoints"
+                    "warning: no EndpointSlice port is named {want:?} ({}); this port has no endpoints",
+                    port.protocol.as_str()
                 ),
             ));
         }
@@ -618,39 +543,30 @@ fn endpoints(
     port: &ServicePort,
     proto: u8,
     family: Family,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     local_only: bool,
 ) -> (BTreeSet<Backend>, BTreeSet<Backend>) {
-    let want_name = port.name.as_deref().unwrap_or("");
-    let family_name = match family {
-        Family::V4 => "IPv4",
-        Family::V6 => "IPv6",
-    };
     let mut ready = Vec::new();
     let mut serving_terminating = Vec::new();
-    for slice in slices.iter().filter(|s| s.address_type == family_name) {
-        let Some(target) = slice.ports.iter().flatten().find_map(|p| {
-            let same = p.name.as_deref().unwrap_or("") == want_name
-                && proto_of(p.protocol.as_deref()) == Some(proto);
-            if same { p.port.and_then(|n| u16::try_from(n).ok()) } else { None }
+    for slice in slices.iter().filter(|s| s.family == Some(family)) {
+        let Some(target) = slice.ports.iter().find_map(|p| {
+            if p.name == port.name && p.protocol.number() == Some(proto) { p.port } else { None }
         }) else {
             continue;
         };
-        for ep in &slice.endpoints {
-            let local = ep.node_name.as_deref() == Some(node.name.as_str());
+        for ep in slice.endpoints.iter() {
+            let local = ep.on_node(&node.name);
             if local_only && !local {
                 continue;
             }
-            let (is_ready, serving, terminating) = conditions(ep);
-            // Only the first address is used (Kubernetes allows exactly one today).
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let Some(ip) = ep.address else { continue };
             if Family::of(&ip) != family {
                 continue;
             }
-            let be = (Backend { ip, port: target, local, terminating }, topology::Hints::of(ep));
-            if is_ready {
+            let be = (Backend { ip, port: target, local, terminating: ep.terminating }, ep.hints());
+            if ep.ready {
                 ready.push(be);
-            } else if serving && terminating {
+            } else if ep.serving && ep.terminating {
                 serving_terminating.push(be);
             }
         }
@@ -659,29 +575,20 @@ fn endpoints(
     let mode = if local_only {
         topology::Mode::All
     } else {
-        topology::mode(ready.iter().map(|(_, h)| h), &node.name, zone)
+        topology::mode(ready.iter().map(|(_, h)| *h), &node.name, zone)
     };
-    let usable = |list: &[(Backend, topology::Hints)]| -> BTreeSet<Backend> {
+    let usable = |list: &[(Backend, &topology::Hints)]| -> BTreeSet<Backend> {
         list.iter().filter(|(_, h)| topology::available(mode, h, &node.name, zone)).map(|(b, _)| *b).collect()
     };
-    let all =
-        |list: &[(Backend, topology::Hints)]| -> BTreeSet<Backend> { list.iter().map(|(b, _)| *b).collect() };
+    let all = |list: &[(Backend, &topology::Hints)]| -> BTreeSet<Backend> {
+        list.iter().map(|(b, _)| *b).collect()
+    };
     let ready_here = usable(&ready);
     if ready_here.is_empty() {
         (usable(&serving_terminating), BTreeSet::new())
     } else {
         (ready_here, all(&serving_terminating))
     }
-}
-
-/// `(ready, serving, terminating)` with Kubernetes' defaults for unset conditions: ready and
-/// serving default to true, terminating to false; ready implies not terminating.
-fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
-    let c = ep.conditions.as_ref();
-    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-    let ready = c.and_then(|c| c.ready).unwrap_or(true) && !terminating;
-    let serving = c.and_then(|c| c.serving).or(c.and_then(|c| c.ready)).unwrap_or(true);
-    (ready, serving, terminating)
 }
 
 /// Which objects changed since the last sync, as keys into `Cluster`. The sources collect
@@ -756,9 +663,8 @@ fn addrs(s: &DesiredService) -> BTreeSet<(IpAddr, u16)> {
     s.backends.iter().chain(&s.kept).map(|b| (b.ip, b.port)).collect()
 }
 
-fn owner(key: &Key, slice: &EndpointSlice) -> Option<Key> {
-    let svc = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some((key.0.clone(), svc.clone()))
+fn owner(key: &Key, slice: &Slice) -> Option<Key> {
+    Some((key.0.clone(), slice.service.as_deref()?.to_string()))
 }
 
 impl ModelState {
@@ -928,8 +834,10 @@ impl ModelState {
             self.notes.insert(key.clone(), vec![(format!("{ns}/{name}"), format!("skipped: {why}"))]);
             return;
         }
-        let Some(spec) = svc.spec.as_ref() else { return };
-        let slices: Vec<&EndpointSlice> = self
+        if svc.skipped.is_some() {
+            return;
+        }
+        let slices: Vec<&Slice> = self
             .slices_of
             .get(key)
             .into_iter()
@@ -940,7 +848,7 @@ impl ModelState {
         let claims = self.claims.add(svc, &out.services);
         self.claims_of.insert(key.clone(), claims);
         self.claims.settle(&mut out.services, &mut out.notes);
-        let vips = cluster_ips(spec);
+        let vips = svc.cluster_ips.to_vec();
         for ip in &vips {
             if bump(&mut self.vip_users, *ip, true) == 1 {
                 self.desired.cluster_vips.insert(*ip);

@@ -1,6 +1,8 @@
 //! Table-driven tests of the Model, one group per row of DESIGN.md §5. Inputs are the same
 //! YAML a user writes; expectations are the frontends and backends of each datapath service.
 
+use lb_common::abi::{PROTO_TCP, PROTO_UDP};
+
 use super::*;
 use crate::source::manifests::{cluster_from, parse};
 
@@ -395,14 +397,14 @@ fn random_service(rng: &mut Rng, i: u64, shared_vips: bool) -> Service {
         30000 + i
     );
     match parse(&yaml, false).unwrap().pop().unwrap() {
-        crate::source::manifests::Object::Service(s) => std::sync::Arc::unwrap_or_clone(s),
+        crate::source::manifests::Object::Service(s) => Service::from(&*s),
         _ => unreachable!(),
     }
 }
 
 /// `per_pod`: an endpoint's node and conditions follow from its address (as they do in a
 /// cluster, where they come from the pod), else they are random per slice.
-fn random_slice(rng: &mut Rng, j: u64, per_pod: bool) -> EndpointSlice {
+fn random_slice(rng: &mut Rng, j: u64, per_pod: bool) -> Slice {
     let owner = rng.next(8);
     const CONDS: [&str; 3] = ["ready: true", "ready: false, serving: true, terminating: true", ""];
     let eps: String = (0..rng.next(4))
@@ -417,7 +419,7 @@ fn random_slice(rng: &mut Rng, j: u64, per_pod: bool) -> EndpointSlice {
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e{j}, labels: {{kubernetes.io/service-name: s{owner}}}}}\naddressType: IPv4\nports: [{{name: http, port: 9376}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints: [{eps}]\n"
     );
     match parse(&yaml, false).unwrap().pop().unwrap() {
-        crate::source::manifests::Object::EndpointSlice(s) => std::sync::Arc::unwrap_or_clone(s),
+        crate::source::manifests::Object::EndpointSlice(s) => Slice::from(&*s),
         _ => unreachable!(),
     }
 }
@@ -621,7 +623,7 @@ fn a_port_number_twice_in_one_service_is_programmed_once_and_reported() {
     );
     let mut cluster = cluster_from(parse(&format!("{}---\n{yaml}", node_yaml()), false).unwrap());
     let web = cluster.services.get_mut(&("default".to_string(), "web".to_string())).unwrap();
-    std::sync::Arc::make_mut(web).spec.as_mut().unwrap().ports.as_mut().unwrap()[1].port = 80;
+    std::sync::Arc::make_mut(web).ports[1].port = 80;
     let node = NodeContext {
         name: NODE.into(),
         nodeport_addresses: NodePortAddresses::Primary,

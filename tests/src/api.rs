@@ -223,16 +223,19 @@ impl ApiStandIn {
         let mut c = lb_userspace::model::Cluster::default();
         for ((kind, ns, name), v) in &g.objects {
             let k = (ns.clone(), name.clone());
-            fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> std::sync::Arc<T> {
-                std::sync::Arc::new(
-                    serde_json::from_value(v.clone())
-                        .expect("stand-in objects are valid k8s-openapi objects"),
-                )
+            fn typed<T: serde::de::DeserializeOwned + lb_userspace::source::slim::Keep>(
+                v: &Value,
+            ) -> std::sync::Arc<T::Kept> {
+                let object: T = serde_json::from_value(v.clone())
+                    .expect("stand-in objects are valid k8s-openapi objects");
+                std::sync::Arc::new(object.keep())
             }
             match kind {
-                Kind::Service => drop(c.services.insert(k, typed(v))),
-                Kind::EndpointSlice => drop(c.slices.insert(k, typed(v))),
-                Kind::Node => drop(c.nodes.insert(k, typed(v))),
+                Kind::Service => drop(c.services.insert(k, typed::<k8s_openapi::api::core::v1::Service>(v))),
+                Kind::EndpointSlice => {
+                    drop(c.slices.insert(k, typed::<k8s_openapi::api::discovery::v1::EndpointSlice>(v)))
+                }
+                Kind::Node => drop(c.nodes.insert(k, typed::<k8s_openapi::api::core::v1::Node>(v))),
             }
         }
         c

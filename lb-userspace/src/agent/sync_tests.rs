@@ -211,7 +211,7 @@ fn a_service_skipped_for_quarantined_room_is_retried_when_the_quarantine_ends() 
 /// web-a's slice moved to `port` (its two endpoints keep their addresses).
 fn move_port(src: &mut FakeSource, port: u16, announce: bool) {
     let slice = src.cluster.slices.get_mut(&("default".to_string(), "web-a-1".to_string())).unwrap();
-    std::sync::Arc::make_mut(slice).ports.as_mut().unwrap()[0].port = Some(port.into());
+    std::sync::Arc::make_mut(slice).ports[0].port = Some(port);
     let change = Changes { slices: [("default".into(), "web-a-1".into())].into(), ..Default::default() };
     if announce || src.pending.is_none() {
         src.pending = Some(change);
@@ -265,8 +265,8 @@ fn churn(limits: Limits, rounds: u32) -> (Syncer, FakeDataplane, FakeSource) {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let name = format!("s{}-1", (seed >> 33) % 40);
             let slice = src.cluster.slices.get_mut(&("default".to_string(), name.clone())).unwrap();
-            std::sync::Arc::make_mut(slice).ports.as_mut().unwrap()[0].port =
-                Some(10_000 + (round as i32 * 7 + (seed >> 40) as i32 % 7));
+            std::sync::Arc::make_mut(slice).ports[0].port =
+                Some(10_000 + (round as u16 * 7 + (seed >> 40) as u16 % 7));
             changes.slices.insert(("default".into(), name));
         }
         src.pending = Some(changes);

@@ -81,7 +81,6 @@ fn endpoint(a: &EndpointAddress, ip: IpAddr, ready: bool) -> Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::is_mirrored;
 
     /// A subset with ready and not-ready addresses of both families and two ports: one slice
     /// per family, each with both ports and the readiness of each address; a bad address is
@@ -105,7 +104,7 @@ subsets:
         let v4 = &slices[0];
         assert_eq!(v4.address_type, "IPv4");
         assert_eq!(v4.metadata.namespace.as_deref(), Some("prod"));
-        assert!(is_mirrored(v4));
+        assert!(crate::objects::Slice::from(v4).mirrored);
         assert_eq!(v4.metadata.labels.as_ref().unwrap()[SERVICE_NAME_LABEL], "db");
         let seen: Vec<_> = v4
             .endpoints

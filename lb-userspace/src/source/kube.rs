@@ -23,8 +23,11 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::slim::Slim;
-use crate::model::{Changes, Cluster};
+use super::slim::Keep;
+use crate::{
+    model::{Changes, Cluster},
+    objects,
+};
 
 /// The EndpointSlice annotation kube-proxy measures network programming latency from.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -58,10 +61,10 @@ pub struct KubeSource {
 }
 
 /// A kind we watch and where it lives in `Cluster`.
-trait Watched: Resource<DynamicType = ()> + Slim + DeserializeOwned + Debug + Send + 'static {
+trait Watched: Resource<DynamicType = ()> + Keep + Clone + DeserializeOwned + Debug + Send + 'static {
     const SLOT: usize;
     const NAME: &'static str;
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>>;
+    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self::Kept>>;
     /// Notes that the object `key` of this kind changed.
     fn note(changes: &mut Changes, key: (String, String));
     /// When the change this object carries was triggered (EndpointSlices only).
@@ -77,7 +80,7 @@ fn key(meta: &ObjectMeta) -> (String, String) {
 impl Watched for Service {
     const SLOT: usize = 0;
     const NAME: &'static str = "services";
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>> {
+    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<objects::Service>> {
         &mut c.services
     }
     fn note(changes: &mut Changes, key: (String, String)) {
@@ -88,7 +91,7 @@ impl Watched for Service {
 impl Watched for EndpointSlice {
     const SLOT: usize = 1;
     const NAME: &'static str = "endpointslices";
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>> {
+    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<objects::Slice>> {
         &mut c.slices
     }
     fn note(changes: &mut Changes, key: (String, String)) {
@@ -146,13 +149,13 @@ impl KubeSource {
         log: impl Fn(String),
     ) {
         let mut stream = watcher(api, cfg).default_backoff().boxed_local();
-        let mut buffer: BTreeMap<(String, String), Arc<K>> = BTreeMap::new();
+        let mut buffer: BTreeMap<(String, String), Arc<K::Kept>> = BTreeMap::new();
         while let Some(event) = stream.next().await {
             let mut s = self.store.borrow_mut();
             match event {
                 Ok(watcher::Event::Init) => buffer.clear(),
                 Ok(watcher::Event::InitApply(o)) => {
-                    buffer.insert(key(o.meta()), Arc::new(o.slim()));
+                    buffer.insert(key(o.meta()), Arc::new(o.keep()));
                 }
                 Ok(watcher::Event::InitDone) => {
                     *K::map(&mut s.cluster) = std::mem::take(&mut buffer);
@@ -167,7 +170,7 @@ impl KubeSource {
                     }
                     let k = key(o.meta());
                     K::note(&mut s.changes, k.clone());
-                    K::map(&mut s.cluster).insert(k, Arc::new(o.slim()));
+                    K::map(&mut s.cluster).insert(k, Arc::new(o.keep()));
                     s.generation += 1;
                 }
                 Ok(watcher::Event::Delete(o)) => {

@@ -1,106 +1,62 @@
-//! What the agent keeps of each object: the fields the Model reads, nothing else.
+//! What the agent keeps of each object as it arrives, from either source: the fields the
+//! Model reads, nothing else.
 //!
 //! Objects from an API server carry `managedFields`, annotations, owner references and
 //! (Nodes) image lists and conditions: kilobytes per object that no part of the agent reads,
-//! held for as long as the object lives, on every node. Both sources slim each object as it
-//! arrives, so the agent's memory follows what it uses. (`desired()` of a slimmed cluster is
-//! the full one's: tested below.)
+//! held for as long as the object lives, on every node. Services and EndpointSlices are kept
+//! in the agent's own compact form (`objects`); a Node (one per agent) is slimmed to its
+//! addresses and zone label. (`desired()` of a cluster as `kubectl get -o yaml` shows it is
+//! that of its bare form: tested below.)
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        core::v1::{LoadBalancerStatus, Node, NodeStatus, Service, ServiceStatus},
-        discovery::v1::{Endpoint, EndpointSlice},
+        core::v1::{Node, NodeStatus, Service},
+        discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::{
-    model::{MANAGED_BY_LABEL, PROXY_NAME_LABEL, SERVICE_NAME_LABEL},
-    topology::ZONE_LABEL,
-};
+use crate::{objects, topology::ZONE_LABEL};
 
-/// An object that can be slimmed: what both sources call on what they keep.
-pub trait Slim: Sized + Clone {
-    fn slim(self) -> Self;
+/// An object as it arrives, and what the agent keeps of it.
+pub trait Keep: Sized {
+    type Kept;
+    fn keep(&self) -> Self::Kept;
+}
 
-    /// `slim` of a shared object (moved out when this is the only reference).
-    fn slim_shared(this: Arc<Self>) -> Arc<Self> {
-        Arc::new(Arc::unwrap_or_clone(this).slim())
+impl Keep for Service {
+    type Kept = objects::Service;
+    fn keep(&self) -> objects::Service {
+        objects::Service::from(self)
     }
 }
 
-impl Slim for Service {
-    fn slim(self) -> Self {
-        service(self)
+impl Keep for EndpointSlice {
+    type Kept = objects::Slice;
+    fn keep(&self) -> objects::Slice {
+        objects::Slice::from(self)
     }
 }
 
-impl Slim for EndpointSlice {
-    fn slim(self) -> Self {
-        slice(self)
-    }
-}
-
-impl Slim for Node {
-    fn slim(self) -> Self {
-        node(self)
-    }
-}
-
-/// Name, namespace, creation time (it settles who owns a contested frontend) and the labels
-/// in `keep`.
-fn meta(m: ObjectMeta, keep: &[&str]) -> ObjectMeta {
-    let labels = m.labels.map(|l| l.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect());
-    ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        creation_timestamp: m.creation_timestamp,
-        labels: labels.filter(|l: &std::collections::BTreeMap<_, _>| !l.is_empty()),
-        ..Default::default()
-    }
-}
-
-/// The spec whole (small, and read nearly everywhere), the load balancer's status.
-pub fn service(s: Service) -> Service {
-    let load_balancer =
-        s.status.and_then(|st| st.load_balancer).filter(|lb| lb != &LoadBalancerStatus::default());
-    Service {
-        metadata: meta(s.metadata, &[PROXY_NAME_LABEL]),
-        spec: s.spec,
-        status: load_balancer.map(|lb| ServiceStatus { load_balancer: Some(lb), ..Default::default() }),
-    }
-}
-
-/// Addresses, conditions, node and hints of each endpoint; the ports; the owner label.
-pub fn slice(s: EndpointSlice) -> EndpointSlice {
-    let endpoints = s
-        .endpoints
-        .into_iter()
-        .map(|e| Endpoint {
-            addresses: e.addresses,
-            conditions: e.conditions,
-            hints: e.hints,
-            node_name: e.node_name,
-            ..Default::default()
-        })
-        .collect();
-    EndpointSlice {
-        metadata: meta(s.metadata, &[SERVICE_NAME_LABEL, MANAGED_BY_LABEL]),
-        address_type: s.address_type,
-        endpoints,
-        ports: s.ports,
-    }
-}
-
-/// The zone label and the addresses.
-pub fn node(n: Node) -> Node {
-    let addresses = n.status.and_then(|s| s.addresses);
-    Node {
-        metadata: meta(n.metadata, &[ZONE_LABEL]),
-        spec: None,
-        status: addresses.map(|a| NodeStatus { addresses: Some(a), ..Default::default() }),
+impl Keep for Node {
+    type Kept = Node;
+    /// The name, the zone label and the addresses.
+    fn keep(&self) -> Node {
+        let labels: Option<BTreeMap<String, String>> = self.metadata.labels.as_ref().map(|l| {
+            l.iter().filter(|(k, _)| k.as_str() == ZONE_LABEL).map(|(k, v)| (k.clone(), v.clone())).collect()
+        });
+        let addresses = self.status.as_ref().and_then(|s| s.addresses.clone());
+        Node {
+            metadata: ObjectMeta {
+                name: self.metadata.name.clone(),
+                labels: labels.filter(|l| !l.is_empty()),
+                ..Default::default()
+            },
+            spec: None,
+            status: addresses.map(|a| NodeStatus { addresses: Some(a), ..Default::default() }),
+        }
     }
 }
 
@@ -183,35 +139,69 @@ status:
   nodeInfo: {architecture: amd64, bootID: b, containerRuntimeVersion: c, kernelVersion: k, kubeProxyVersion: p, kubeletVersion: v, machineID: m, operatingSystem: linux, osImage: o, systemUUID: s}
 "#;
 
-    fn cluster(slimmed: bool) -> Cluster {
-        let objects = manifests::parse(FULL, false).unwrap();
-        let objects = objects.into_iter().map(|o| if slimmed { o.slimmed() } else { o });
-        manifests::cluster_from(objects.collect())
+    /// The same cluster with only the fields the Model reads.
+    const BARE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, creationTimestamp: "2026-11-01T10:00:00Z"}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.0.10
+  selector: {app: web}
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 31000
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer: {ingress: [{ip: 198.18.100.1}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [198.18.1.10], nodeName: node-1, hints: {forZones: [{name: zone-a}]}}
+- addresses: [198.18.2.10]
+  conditions: {ready: false, serving: true, terminating: true}
+  nodeName: node-2
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-1, labels: {topology.kubernetes.io/zone: zone-a}}
+status: {addresses: [{type: InternalIP, address: 198.18.0.1}]}
+"#;
+
+    fn cluster(text: &str) -> Cluster {
+        manifests::cluster_from(manifests::parse(text, false).unwrap())
     }
 
     #[test]
-    fn a_slimmed_cluster_gives_the_same_desired_state() {
+    fn a_busy_clusters_objects_give_what_their_bare_form_gives() {
         let node = model::NodeContext {
             name: "node-1".into(),
             nodeport_addresses: model::NodePortAddresses::Primary,
             fallback_addresses: vec![],
         };
-        let full = model::desired(&cluster(false), &node);
+        let full = model::desired(&cluster(FULL), &node);
         assert!(!full.services.is_empty() && !full.health_checks.is_empty());
-        assert_eq!(model::desired(&cluster(true), &node), full);
+        assert_eq!(model::desired(&cluster(BARE), &node), full);
+        assert_eq!(cluster(BARE).services, cluster(FULL).services);
+        assert_eq!(cluster(BARE).slices, cluster(FULL).slices);
     }
 
     #[test]
-    fn slimming_drops_what_no_rule_reads() {
-        let c = cluster(true);
+    fn what_is_kept_is_what_the_rules_read() {
+        let c = cluster(FULL);
         let svc = c.services.values().next().unwrap();
-        assert_eq!(svc.metadata.managed_fields, None);
-        assert_eq!(svc.metadata.annotations, None);
-        assert_eq!(svc.metadata.labels, None, "app and team are not read");
-        assert_eq!(svc.status.as_ref().unwrap().conditions, None);
+        assert_eq!(*svc.cluster_ips, ["198.19.0.10".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(svc.affinity_timeout, Some(model::DEFAULT_AFFINITY_TIMEOUT));
+        assert!(svc.external_local && svc.selected && svc.created.is_some());
         let slice = c.slices.values().next().unwrap();
-        assert_eq!(slice.metadata.labels.as_ref().unwrap().len(), 2);
-        assert!(slice.endpoints.iter().all(|e| e.target_ref.is_none() && e.zone.is_none()));
+        assert_eq!(slice.service.as_deref(), Some("web"));
+        let [a, b] = &*slice.endpoints else { panic!("two endpoints: {slice:?}") };
+        assert_eq!(a.hints().zones, ["zone-a"]);
+        assert!(a.ready && !b.ready && b.serving && b.terminating && b.hints.is_none());
         let node = c.nodes.values().next().unwrap();
         assert_eq!(node.status.as_ref().unwrap().images, None);
         assert_eq!(node.metadata.labels.as_ref().unwrap().len(), 1);

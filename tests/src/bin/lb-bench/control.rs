@@ -20,13 +20,14 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure};
 use lb_tests::harness::*;
 use lb_userspace::{
-    maglev, model,
+    maglev, model, objects,
     reconcile::{self, Applied},
 };
 use serde_json::json;
@@ -82,7 +83,7 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
     eps[0] = new_ep;
     let t = Instant::now();
     let slice_key = (NS.to_string(), format!("svc-{last}-abc"));
-    c.slices.insert(slice_key.clone(), slice(last, &eps, PROTO).into());
+    c.slices.insert(slice_key.clone(), Arc::new(objects::Slice::from(&slice(last, &eps, PROTO))));
     let changes = model::Changes { slices: [slice_key].into(), ..Default::default() };
     let delta = state.update(&c, &node(), &changes);
     let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits).complete()?;
@@ -179,7 +180,7 @@ fn scrape_while_syncing(rounds: usize) -> anyhow::Result<Scrape> {
         eps[0] = (Ipv4Addr::new(198, 19, 255, (round % 2) as u8 + 1), eps[0].1);
         let t = Instant::now();
         let key = (NS.to_string(), format!("svc-{last}-abc"));
-        c.slices.insert(key.clone(), slice(last, &eps, PROTO).into());
+        c.slices.insert(key.clone(), Arc::new(objects::Slice::from(&slice(last, &eps, PROTO))));
         let changes = model::Changes { slices: [key].into(), ..Default::default() };
         let delta = state.update(&c, &node(), &changes);
         let ops = reconcile::plan_changes(state.desired(), &delta, &applied, &limits).complete()?;

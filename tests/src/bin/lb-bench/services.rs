@@ -4,7 +4,7 @@
 //! `statistic --mode random` → KUBE-SEP-* DNAT, comments included) and nftables-mode ruleset
 //! (one verdict map on `daddr . l4proto . dport`, `numgen random mod 4 vmap` per service).
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{fmt::Write as _, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -16,6 +16,7 @@ use k8s_openapi::{
 use lb_userspace::{
     loader, maglev,
     model::{self, Cluster, NodeContext, NodePortAddresses},
+    objects,
     reconcile::Limits,
 };
 
@@ -118,8 +119,12 @@ pub fn endpoints_of(i: u32) -> Vec<(Ipv4Addr, u16)> {
 pub fn cluster(n: u32, proto: Proto) -> Cluster {
     let mut c = Cluster::default();
     for i in 0..n {
-        c.services.insert((NS.into(), format!("svc-{i}")), service(i, proto).into());
-        c.slices.insert((NS.into(), format!("svc-{i}-abc")), slice(i, &endpoints_of(i), proto).into());
+        c.services
+            .insert((NS.into(), format!("svc-{i}")), Arc::new(objects::Service::from(&service(i, proto))));
+        c.slices.insert(
+            (NS.into(), format!("svc-{i}-abc")),
+            Arc::new(objects::Slice::from(&slice(i, &endpoints_of(i), proto))),
+        );
     }
     c
 }
