@@ -107,8 +107,13 @@ pub const DEFAULT_MAX_FRONTENDS: u32 = 262_144;
 pub const DEFAULT_MAX_SERVICES: u32 = 131_072;
 /// Backend ids (also the size of the per-backend counters).
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-/// Maglev slots shared by all services (4 bytes each).
-pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;
+/// Maglev slots shared by all services: 4 bytes each, two to an array element
+/// (`MAGLEV_SLOTS_PER_ENTRY`; the kernel rounds an array's values up to 8 bytes). 8M slots
+/// (32 MiB) hold about 20 000 Services of 4 endpoints.
+pub const DEFAULT_MAGLEV_SLOTS: u32 = 8 * 1024 * 1024;
+/// Maglev slots (backend ids, `u32`) in one element of the Maglev array: slot `s` is half
+/// `s % 2` of element `s / 2`.
+pub const MAGLEV_SLOTS_PER_ENTRY: u32 = 2;
 /// Flow entries (forward and reverse count separately).
 pub const DEFAULT_MAX_FLOWS: u32 = 524_288;
 pub const DEFAULT_MAX_FRAGMENTS: u32 = 16_384;

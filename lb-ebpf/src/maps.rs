@@ -18,8 +18,12 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT
 pub static BACKENDS: Array<BackendValue> = Array::pinned(DEFAULT_MAX_BACKENDS, BPF_F_MMAPABLE);
 
 /// Mmapable: the agent writes whole tables with memcpy instead of one syscall per slot.
+/// Two slots (backend ids) to an element, since the kernel pads an array's values to 8 bytes:
+/// slot `s` is half `s % 2` of element `s / 2`. Each service still owns one range of slots
+/// (DESIGN.md §3), counted in slots.
 #[map(name = "lb_maglev")]
-pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
+pub static MAGLEV: Array<[u32; MAGLEV_SLOTS_PER_ENTRY as usize]> =
+    Array::pinned(DEFAULT_MAGLEV_SLOTS / MAGLEV_SLOTS_PER_ENTRY, BPF_F_MMAPABLE);
 
 /// A plain (preallocated) HASH, not an LRU: the kernel never evicts a live flow, nor one
 /// direction of it. Pairs leave together: closed or expired (the agent's GC), taken over

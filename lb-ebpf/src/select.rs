@@ -100,10 +100,11 @@ fn pick_slot(svc: &ServiceValue, key: &FlowKey) -> Option<u32> {
     } else {
         flow_hash(key)
     };
-    let slot = maglev::slot(hash, svc.maglev_size);
-    let id = MAGLEV.get_ptr(svc.maglev_offset.wrapping_add(slot)).map(|p| {
-        // SAFETY: a valid map value pointer, one aligned word.
-        unsafe { p.read() }
+    let slot = svc.maglev_offset.wrapping_add(maglev::slot(hash, svc.maglev_size));
+    // Two slots to an element (`MAGLEV_SLOTS_PER_ENTRY`).
+    let id = MAGLEV.get_ptr(slot / 2).map(|p| {
+        // SAFETY: a valid map value pointer; one aligned word of it.
+        unsafe { p.cast::<u32>().add((slot & 1) as usize).read() }
     })?;
     backend(id).map(|_| id)
 }

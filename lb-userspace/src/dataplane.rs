@@ -175,7 +175,7 @@ impl AyaDataplane {
                 .map_err(map_err(maps::SERVICES))?,
             backends: Array::try_from(Map::Array(open(pin_dir, maps::BACKENDS)?))
                 .map_err(map_err(maps::BACKENDS))?,
-            maglev: MmapArray::new(open(pin_dir, maps::MAGLEV)?, maps::MAGLEV)?,
+            maglev: MmapArray::slots(open(pin_dir, maps::MAGLEV)?, maps::MAGLEV, size_of::<u32>())?,
             backends_view: MmapArray::new(open(pin_dir, maps::BACKENDS)?, maps::BACKENDS)?,
             conntrack: HashMap::try_from(Map::HashMap(conntrack)).map_err(map_err(maps::CONNTRACK))?,
             flow_capacity,
@@ -545,19 +545,34 @@ impl Dataplane for AyaDataplane {
 /// not 262 144 syscalls.
 pub struct MmapArray {
     ptr: *mut u8,
+    /// Values addressed (elements, or slots of `slots`).
     len: u32,
     stride: usize,
+    bytes: usize,
     name: &'static str,
     _map: MapData,
 }
 
 impl MmapArray {
+    /// Addressed by element.
     fn new(map: MapData, name: &'static str) -> Result<Self> {
+        Self::mapped(map, name, None)
+    }
+
+    /// Addressed by slot: each element holds several `slot`-byte values side by side (the
+    /// Maglev array's two ids), so slot `i` is at byte `i * slot`.
+    fn slots(map: MapData, name: &'static str, slot: usize) -> Result<Self> {
+        Self::mapped(map, name, Some(slot))
+    }
+
+    fn mapped(map: MapData, name: &'static str, slot: Option<usize>) -> Result<Self> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let info = map.info().map_err(map_err(name))?;
-        let len = info.max_entries();
-        let stride = (info.value_size() as usize).next_multiple_of(8);
-        let bytes = (len as usize * stride).next_multiple_of(4096);
+        // The kernel keeps each value 8-byte aligned.
+        let element = (info.value_size() as usize).next_multiple_of(8);
+        let stride = slot.unwrap_or(element);
+        let len = (info.max_entries() as usize * element / stride) as u32;
+        let bytes = (info.max_entries() as usize * element).next_multiple_of(4096);
         // SAFETY: mapping a BPF array fd we own, shared, for its whole size.
         let ptr = unsafe {
             libc::mmap(
@@ -572,7 +587,7 @@ impl MmapArray {
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
         }
-        Ok(MmapArray { ptr: ptr.cast(), len, stride, name, _map: map })
+        Ok(MmapArray { ptr: ptr.cast(), len, stride, bytes, name, _map: map })
     }
 
     fn check(&self, offset: u32, n: u32) -> Result<()> {
@@ -599,9 +614,8 @@ impl MmapArray {
 
 impl Drop for MmapArray {
     fn drop(&mut self) {
-        let bytes = (self.len as usize * self.stride).next_multiple_of(4096);
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), bytes) };
+        // SAFETY: unmapping exactly what `mapped` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
     }
 }
 

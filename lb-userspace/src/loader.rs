@@ -81,7 +81,7 @@ impl Capacities {
         std::collections::BTreeMap::from([
             (maps::SERVICES, self.frontends),
             (maps::BACKENDS, self.backends),
-            (maps::MAGLEV, self.maglev_slots),
+            (maps::MAGLEV, self.maglev_slots.div_ceil(maps::MAGLEV_SLOTS_PER_ENTRY)),
             (maps::CONNTRACK, self.flows),
             (maps::FRAGMENTS, self.fragments),
             (maps::AFFINITY, self.affinity),

@@ -43,6 +43,10 @@ pub enum How {
     /// The flow table of the release before flow life cycles (48-byte values, LRU): each
     /// entry gets a state (established) and a last-seen time (now).
     Flows48,
+    /// The Maglev array of the releases before two slots shared an element (a `u32` per
+    /// element, padded to 8 bytes by the kernel): slot `i` moves to half `i % 2` of element
+    /// `i / 2`, so every table stays where the service entries point.
+    MaglevPacked,
     /// The agent writes the whole content at start (settings, XDP ports), or the content
     /// lives for milliseconds: nothing to copy.
     Rewritten,
@@ -101,6 +105,9 @@ fn how(name: &str, have: &Layout, want: &Layout) -> Result<How, &'static str> {
     }
     if name == maps::CONNTRACK && have.value_size == 48 && want.value_size == size_of::<FlowValue>() as u32 {
         return Ok(How::Flows48);
+    }
+    if name == maps::MAGLEV && have.value_size == 4 && want.value_size == 4 * maps::MAGLEV_SLOTS_PER_ENTRY {
+        return Ok(How::MaglevPacked);
     }
     if have.value_size != want.value_size {
         return Err("the value size differs");
@@ -206,9 +213,16 @@ impl Migration {
         // Batched reads of the old map: a 4M-slot Maglev array takes a thousand calls, not
         // eight million (which held a restarted agent's health back for tens of seconds).
         let (keys, values) = rawmap::read_all(old.fd().as_fd(), have).map_err(|e| err(e.to_string()))?;
+        let (keys, values) = match how {
+            How::MaglevPacked => pack_slots(&keys, &values, rawmap::value_buf_len(have)),
+            _ => (keys, values),
+        };
+        let (ks, vs) = match how {
+            How::MaglevPacked => (4, 8),
+            _ => (have.key_size as usize, rawmap::value_buf_len(have)),
+        };
         let now = crate::conntrack_gc::monotonic_ns();
         let is_array = matches!(have.map_type, 2 | 6); // ARRAY, PERCPU_ARRAY
-        let (ks, vs) = (have.key_size as usize, rawmap::value_buf_len(have));
         let mut copied = 0;
         for (key, value) in keys.chunks_exact(ks).zip(values.chunks_exact(vs)) {
             if is_array && value.iter().all(|b| *b == 0) {
@@ -248,6 +262,23 @@ impl Migration {
     }
 }
 
+/// `(keys, values)` of a one-slot-per-element Maglev array (`u32` index keys, values of
+/// `stride` bytes holding one `u32`) as those of the two-slot layout: element `i / 2`, the
+/// slot in half `i % 2`. Elements whose slots are all unset are left out.
+fn pack_slots(keys: &[u8], values: &[u8], stride: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut packed: BTreeMap<u32, [u32; 2]> = BTreeMap::new();
+    for (k, v) in keys.chunks_exact(4).zip(values.chunks_exact(stride)) {
+        let slot = u32::from_ne_bytes(k.try_into().expect("4-byte key"));
+        let id = u32::from_ne_bytes(v[..4].try_into().expect("4-byte value"));
+        if id != 0 {
+            packed.entry(slot / 2).or_default()[(slot % 2) as usize] = id;
+        }
+    }
+    let keys = packed.keys().flat_map(|e| e.to_ne_bytes()).collect();
+    let values = packed.values().flat_map(|pair| pair.iter().flat_map(|id| id.to_ne_bytes())).collect();
+    (keys, values)
+}
+
 /// The 48-byte flow value of the release before life cycles: the same fields up to
 /// `service_id`, then no state and no times.
 fn flow48_to_current(old: &[u8], now: u64) -> Vec<u8> {
@@ -277,6 +308,24 @@ mod tests {
         let mut k = l(9, 16, 10);
         k.key_size = 20;
         assert!(how("lb_affinity", &k, &l(9, 16, 10)).is_err());
+    }
+
+    #[test]
+    fn the_one_slot_maglev_array_migrates_packed() {
+        let maglev =
+            |value_size, max_entries| Layout { map_type: 2, key_size: 4, value_size, max_entries, flags: 0 };
+        assert_eq!(how(maps::MAGLEV, &maglev(4, 8), &maglev(8, 4)), Ok(How::MaglevPacked));
+        assert!(how(maps::MAGLEV, &maglev(4, 8), &maglev(12, 4)).is_err());
+        // Slots 0..5 of the old array (ids 0, 7, 0, 0, 9, 3): element 0 holds (0, 7),
+        // element 1 nothing (left out), element 2 (9, 3).
+        let keys: Vec<u8> = (0u32..6).flat_map(|k| k.to_ne_bytes()).collect();
+        let values: Vec<u8> = [0u32, 7, 0, 0, 9, 3].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let (k, v) = pack_slots(&keys, &values, 4);
+        let words = |b: &[u8]| {
+            b.chunks_exact(4).map(|w| u32::from_ne_bytes(w.try_into().unwrap())).collect::<Vec<_>>()
+        };
+        assert_eq!(words(&k), [0, 2]);
+        assert_eq!(words(&v), [0, 7, 9, 3]);
     }
 
     #[test]

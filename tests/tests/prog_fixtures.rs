@@ -893,6 +893,54 @@ fn a_raised_capacity_migrates_the_pins_with_their_flows() {
     assert!(!l.pin_dir.join("migrating").exists(), "old pins removed");
 }
 
+/// The Maglev array of the releases with one slot per element (a `u32` padded to 8 bytes)
+/// is migrated packed, two slots to an element, each table where the service entries point:
+/// new flows pick the same backends after the upgrade.
+#[test]
+fn a_one_slot_per_element_maglev_array_migrates_packed() {
+    use std::os::fd::AsFd as _;
+    require_root!();
+    let mut l = Loaded::new();
+    // At an odd offset, the table starts in the second half of an element.
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 3, 0);
+    let size = lb_userspace::maglev::table_size(BES4.len(), lb_common::maglev::DEFAULT_MAX_TABLE);
+    let table = l.dp.read_maglev(3, size).unwrap();
+    let path = l.pin_dir.join(lb_common::maps::MAGLEV);
+    std::fs::remove_file(&path).unwrap();
+    let def = aya_obj::maps::bpf_map_def {
+        map_type: 2,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 4096,
+        map_flags: 1 << 10, // BPF_F_MMAPABLE
+        ..Default::default()
+    };
+    let obj = aya_obj::maps::Map::Legacy(aya_obj::maps::LegacyMap {
+        def,
+        inner_def: None,
+        section_index: 0,
+        section_kind: aya_obj::EbpfSectionKind::Maps,
+        symbol_index: None,
+        data: Vec::new(),
+    });
+    let old = aya::maps::MapData::create(obj, "lb_maglev", None).unwrap();
+    for (i, id) in table.iter().enumerate() {
+        let slot = 3 + i as u32;
+        lb_userspace::rawmap::update(old.fd().as_fd(), &slot.to_ne_bytes(), &id.to_ne_bytes(), 0).unwrap();
+    }
+    old.pin(&path).unwrap();
+    let again = lb_userspace::loader::load(&l.pin_dir, &Default::default()).unwrap();
+    let dp = lb_userspace::dataplane::AyaDataplane::open(&l.pin_dir).unwrap();
+    assert_eq!(dp.read_maglev(3, size).unwrap(), table, "the table where the service points");
+    let xdp: &aya::programs::Xdp = again.program("lb_xdp").unwrap().try_into().unwrap();
+    for port in 32200..32216 {
+        let spec = Spec::tcp(CLIENT4, port, VIP4, 80);
+        let (_, out, _) = run_timed(xdp, &spec.build());
+        assert_eq!(inspect(&out).dst, backend_ip(&BES4, svc.predict(&spec.key())), "port {port}");
+    }
+    assert!(!l.pin_dir.join("migrating").exists(), "old pins removed");
+}
+
 /// A pin this build cannot carry over is refused, naming the map: never reused blindly.
 #[test]
 fn an_incompatible_pin_is_refused_by_name() {

@@ -64,7 +64,12 @@ fn maps(pin_dir: &Path) -> Vec<MapFill> {
                 name,
                 kind,
                 entries,
-                capacity: layout.max_entries,
+                // The Maglev array's in slots, as `--max-maglev-slots` gives it.
+                capacity: if name == lb_common::maps::MAGLEV {
+                    layout.max_entries * lb_common::maps::MAGLEV_SLOTS_PER_ENTRY
+                } else {
+                    layout.max_entries
+                },
                 memory_bytes: memory::fd_bytes(map.fd().as_fd()),
             })
         })

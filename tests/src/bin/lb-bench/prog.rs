@@ -134,9 +134,16 @@ fn program(ebpf: &mut Ebpf, services: u32, target: u32) -> anyhow::Result<()> {
             b.set(*id, BackendValue::new(ip(&format!("198.18.1.{id}")), 9376, BE_F_PRESENT), 0)?;
         }
     }
-    {
+    // Two slots to an element; a baseline from before that holds one.
+    let table = maglev::build(&named, m);
+    let two = Array::<_, [u32; 2]>::try_from(ebpf.map_mut("lb_maglev").context("lb_maglev")?);
+    if let Ok(mut t) = two {
+        for (i, pair) in table.chunks(2).enumerate() {
+            t.set(i as u32, [pair[0], pair.get(1).copied().unwrap_or(0)], 0)?;
+        }
+    } else {
         let mut t: Array<_, u32> = Array::try_from(ebpf.map_mut("lb_maglev").context("lb_maglev")?)?;
-        for (i, id) in maglev::build(&named, m).into_iter().enumerate() {
+        for (i, id) in table.into_iter().enumerate() {
             t.set(i as u32, id, 0)?;
         }
     }
