@@ -893,6 +893,20 @@ fn a_raised_capacity_migrates_the_pins_with_their_flows() {
     assert!(!l.pin_dir.join("migrating").exists(), "old pins removed");
 }
 
+/// A map of layout `def`, made outside any object: what an earlier or later release would
+/// have left pinned.
+fn map_of(def: aya_obj::maps::bpf_map_def, name: &str) -> aya::maps::MapData {
+    let obj = aya_obj::maps::Map::Legacy(aya_obj::maps::LegacyMap {
+        def,
+        inner_def: None,
+        section_index: 0,
+        section_kind: aya_obj::EbpfSectionKind::Maps,
+        symbol_index: None,
+        data: Vec::new(),
+    });
+    aya::maps::MapData::create(obj, name, None).unwrap()
+}
+
 /// The Maglev array of the releases with one slot per element (a `u32` padded to 8 bytes)
 /// is migrated packed, two slots to an element, each table where the service entries point:
 /// new flows pick the same backends after the upgrade.
@@ -915,15 +929,7 @@ fn a_one_slot_per_element_maglev_array_migrates_packed() {
         map_flags: 1 << 10, // BPF_F_MMAPABLE
         ..Default::default()
     };
-    let obj = aya_obj::maps::Map::Legacy(aya_obj::maps::LegacyMap {
-        def,
-        inner_def: None,
-        section_index: 0,
-        section_kind: aya_obj::EbpfSectionKind::Maps,
-        symbol_index: None,
-        data: Vec::new(),
-    });
-    let old = aya::maps::MapData::create(obj, "lb_maglev", None).unwrap();
+    let old = map_of(def, "lb_maglev");
     for (i, id) in table.iter().enumerate() {
         let slot = 3 + i as u32;
         lb_userspace::rawmap::update(old.fd().as_fd(), &slot.to_ne_bytes(), &id.to_ne_bytes(), 0).unwrap();
@@ -956,15 +962,7 @@ fn an_incompatible_pin_is_refused_by_name() {
         max_entries: 16,
         ..Default::default()
     };
-    let obj = aya_obj::maps::Map::Legacy(aya_obj::maps::LegacyMap {
-        def,
-        inner_def: None,
-        section_index: 0,
-        section_kind: aya_obj::EbpfSectionKind::Maps,
-        symbol_index: None,
-        data: Vec::new(),
-    });
-    aya::maps::MapData::create(obj, "lb_affinity", None).unwrap().pin(&path).unwrap();
+    map_of(def, "lb_affinity").pin(&path).unwrap();
     let Err(err) = lb_userspace::loader::load(&l.pin_dir, &Default::default()) else { panic!("reused") };
     let msg = err.to_string();
     assert!(msg.contains("lb_affinity") && msg.contains("value size"), "{msg}");

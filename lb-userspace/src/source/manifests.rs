@@ -442,32 +442,32 @@ pub fn load_file(path: &Path) -> Result<Vec<Object>, ManifestError> {
     read_file(path).map(|(_, objs, _)| objs)
 }
 
-/// Reads and parses one file: its text, objects and warnings.
 /// A file's text, its objects and its warnings; or why it is not good.
 type FileRead = Result<(String, Vec<Object>, Vec<String>), ManifestError>;
 
-/// Files at least this big are parsed on a thread of their own (`read_file`).
-const OWN_THREAD_BYTES: u64 = 1 << 20;
+/// Texts at least this long are parsed on a thread of their own (`read_file`).
+const OWN_THREAD_BYTES: usize = 1 << 20;
 
-/// A big file is parsed on a thread of its own. The allocator gives each thread its own
-/// arena, so the parse's garbage (the text, JSON trees, k8s-openapi objects: several times
-/// what is kept) is freed as a block there instead of fragmenting the agent's heap, whose
+/// Reads and parses one file: its text, objects and warnings.
+///
+/// A big text is parsed on a thread of its own. The allocator gives each thread its own
+/// arena, so the parse's garbage (JSON trees, k8s-openapi objects: several times what is
+/// kept) is freed as a block there instead of fragmenting the agent's heap, whose
 /// allocations then stay fast: the first sync of 100 000 Services from 20 files took 23.5 s
 /// against 28 s parsed on the agent's thread (`bench memory`, two runs each; the same
 /// resident set after it, a 7 % higher peak). A small file (a churn update) skips the
 /// thread's start.
 fn read_file(path: &Path) -> FileRead {
-    if std::fs::metadata(path).is_ok_and(|md| md.len() >= OWN_THREAD_BYTES) {
-        return std::thread::scope(|s| s.spawn(|| read_file_here(path)).join().expect("parser thread"));
-    }
-    read_file_here(path)
-}
-
-fn read_file_here(path: &Path) -> FileRead {
     let err = |reason: String| ManifestError::File { path: path.to_path_buf(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let json = path.extension().is_some_and(|e| e == "json");
-    let (objs, warnings) = parse_with_warnings(&text, json).map_err(err)?;
+    let parse = || parse_with_warnings(&text, json);
+    let (objs, warnings) = if text.len() >= OWN_THREAD_BYTES {
+        std::thread::scope(|s| s.spawn(parse).join().expect("parser thread"))
+    } else {
+        parse()
+    }
+    .map_err(err)?;
     Ok((text, objs, warnings))
 }
 
