@@ -3,7 +3,7 @@
 //! them is running or not), `FakeDataplane` keeps the same state in memory for tests.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     path::{Path, PathBuf},
 };
 
@@ -13,7 +13,7 @@ use aya::maps::{
 };
 use std::os::fd::AsFd as _;
 
-use crate::compact_table::Table;
+use crate::{compact_table::Table, fast_hash};
 use ipnet::IpNet;
 use lb_common::{abi::*, maps, verdict::Reason};
 
@@ -156,8 +156,8 @@ pub struct AyaDataplane {
     /// The frontend and membership maps again, for batched writes (`rawmap`).
     services_fd: MapData,
     members_fd: MapData,
-    /// Addresses listed since `take_listed`.
-    listed: BTreeSet<Addr>,
+    /// Addresses listed since `take_listed` (a full sync lists hundreds of thousands).
+    listed: fast_hash::Set<Addr>,
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<MapData> {
@@ -214,7 +214,7 @@ impl AyaDataplane {
                 .map_err(map_err(maps::SOCK_REV))?,
             services_fd: open(pin_dir, maps::SERVICES)?,
             members_fd: open(pin_dir, maps::MEMBERS)?,
-            listed: BTreeSet::new(),
+            listed: fast_hash::Set::default(),
         })
     }
 
@@ -264,7 +264,7 @@ impl AyaDataplane {
     }
 
     /// The addresses listed since the last call.
-    pub fn take_listed(&mut self) -> BTreeSet<Addr> {
+    pub fn take_listed(&mut self) -> fast_hash::Set<Addr> {
         std::mem::take(&mut self.listed)
     }
 

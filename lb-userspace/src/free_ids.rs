@@ -76,33 +76,49 @@ impl FreeIds {
 /// The new ids one plan hands out: the lowest free one it has not taken yet, searched from a
 /// cursor past the last one taken (it moves back when an id is given back).
 pub struct IdPool {
-    taken: BTreeSet<u32>,
+    /// A bit per id (a full sync takes hundreds of thousands, nearly all in a row).
+    taken: Vec<u64>,
     cursor: u32,
 }
 
 impl Default for IdPool {
     fn default() -> Self {
-        IdPool { taken: BTreeSet::new(), cursor: 1 }
+        IdPool { taken: Vec::new(), cursor: 1 }
     }
 }
 
 impl IdPool {
     /// A free id below `capacity`, now taken by this plan.
     pub fn take(&mut self, free: &FreeIds, capacity: u32) -> Option<u32> {
-        let id = free.from(self.cursor).find(|id| !self.taken.contains(id))?;
+        let id = free.from(self.cursor).find(|id| !self.is_taken(*id))?;
         if id >= capacity {
             return None;
         }
-        self.taken.insert(id);
+        let (word, bit) = Self::at(id);
+        if word >= self.taken.len() {
+            self.taken.resize(word + 1, 0);
+        }
+        self.taken[word] |= bit;
         self.cursor = id + 1;
         Some(id)
     }
 
     /// An id this plan took goes back (its service did not fit).
     pub fn give_back(&mut self, id: u32) {
-        if self.taken.remove(&id) {
+        if self.is_taken(id) {
+            let (word, bit) = Self::at(id);
+            self.taken[word] &= !bit;
             self.cursor = self.cursor.min(id);
         }
+    }
+
+    fn is_taken(&self, id: u32) -> bool {
+        let (word, bit) = Self::at(id);
+        self.taken.get(word).is_some_and(|w| w & bit != 0)
+    }
+
+    fn at(id: u32) -> (usize, u64) {
+        ((id / 64) as usize, 1 << (id % 64))
     }
 }
 

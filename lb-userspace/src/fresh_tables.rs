@@ -5,7 +5,7 @@
 //! ids the plan hands out, so each is built ahead as positions in its service's backend list
 //! (`maglev::fresh_positions`), and the plan numbers it once the backends have ids.
 
-use std::{collections::BTreeSet, num::NonZero};
+use std::num::NonZero;
 
 use lb_common::abi::ServiceKey;
 
@@ -13,6 +13,7 @@ use crate::{
     applied::Applied,
     maglev,
     model::{Backend, Desired},
+    sorted_set::SortedSet,
 };
 
 /// A service's table built ahead: its size and, per slot, the position of its backend in the
@@ -35,7 +36,7 @@ pub fn name(b: &Backend) -> Vec<u8> {
 /// `applied` (so the plan builds it from nothing). Empty when there are too few such tables
 /// or one CPU: the plan then builds every table itself.
 pub fn build_all(desired: &Desired, applied: &Applied, max_table: u32) -> Vec<Option<FreshTable>> {
-    let jobs: Vec<Option<&BTreeSet<Backend>>> = desired
+    let jobs: Vec<Option<&SortedSet<Backend>>> = desired
         .services
         .iter()
         .map(|(sref, s)| {
@@ -63,7 +64,7 @@ pub fn build_all(desired: &Desired, applied: &Applied, max_table: u32) -> Vec<Op
     })
 }
 
-fn table(backends: &BTreeSet<Backend>, max_table: u32) -> FreshTable {
+fn table(backends: &SortedSet<Backend>, max_table: u32) -> FreshTable {
     let names: Vec<Vec<u8>> = backends.iter().map(name).collect();
     let names: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
     let size = maglev::table_size(backends.len(), max_table);

@@ -25,8 +25,10 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
 use crate::{
+    fast_hash,
     objects::{Service, ServicePort, ServiceType, Skipped, Slice},
     refcount::bump,
+    sorted_set::SortedSet,
     sorted_vec, topology,
 };
 
@@ -206,12 +208,12 @@ pub enum NoBackend {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredService {
     /// `(ip, port)`; the protocol is the ServiceRef's.
-    pub frontends: BTreeSet<(IpAddr, u16)>,
+    pub frontends: SortedSet<(IpAddr, u16)>,
     /// Backends new flows may pick.
-    pub backends: BTreeSet<Backend>,
+    pub backends: SortedSet<Backend>,
     /// Serving but terminating endpoints not picked for new flows: they stay known to the
     /// datapath so their existing flows (UDP too) continue.
-    pub kept: BTreeSet<Backend>,
+    pub kept: SortedSet<Backend>,
     pub affinity_timeout: Option<u32>,
     pub no_backend: NoBackend,
     /// Empty: any source.
@@ -268,30 +270,43 @@ pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
     // Every Service first (their frontend claims all known), then each one settled.
     let mut claims = Claims::default();
     let mut each = Vec::new();
+    let here = Here { node, node_ips: &out.node_ips, zone: out.node_zone.as_deref() };
     for ((ns, name), svc) in &cluster.services {
-        let mut one = Desired {
-            node_ips: out.node_ips.clone(),
-            node_zone: out.node_zone.clone(),
-            ..Default::default()
-        };
+        let mut one = Part::default();
         if let Some(why) = ignored(svc) {
             one.notes.push((format!("{ns}/{name}"), format!("skipped: {why}")));
         } else if svc.skipped.is_none() {
             let svc_slices = slices.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
-            service(&mut one, node, ns, name, svc, svc_slices);
+            service(&mut one, &here, ns, name, svc, svc_slices);
             claims.add(svc, &one.services);
-            one.cluster_vips.extend(svc.cluster_ips.iter().copied());
+            out.cluster_vips.extend(svc.cluster_ips.iter().copied());
         }
         each.push(one);
     }
     for mut one in each {
         claims.settle(&mut one.services, &mut one.notes);
-        out.services.append(&mut one.services);
-        out.cluster_vips.append(&mut one.cluster_vips);
+        out.services.extend(one.services);
         out.health_checks.append(&mut one.health_checks);
         out.notes.append(&mut one.notes);
     }
     out
+}
+
+/// What one Service adds to the desired state, computed on its own (its frontend claims
+/// not settled yet). Its datapath services in a `Vec`: a Service has a handful, and a
+/// B-tree of them per Service cost a 2 KB node each at a full sync.
+#[derive(Debug, Default)]
+struct Part {
+    services: Vec<(ServiceRef, DesiredService)>,
+    health_checks: BTreeMap<u16, HealthCheck>,
+    notes: Vec<(String, String)>,
+}
+
+/// Where the Model computes: this node, its NodePort addresses and its zone.
+struct Here<'a> {
+    node: &'a NodeContext,
+    node_ips: &'a [IpAddr],
+    zone: Option<&'a str>,
 }
 
 /// A frontend: address, port, protocol.
@@ -318,10 +333,10 @@ impl Claim {
 /// for it and reported, and removing or changing one of them never touches the frontend of
 /// the one that has it. (A frontend has one claimant but in a conflict: a sorted `Vec`.)
 #[derive(Debug, Default)]
-struct Claims(BTreeMap<Frontend, Vec<Claim>>);
+struct Claims(fast_hash::Map<Frontend, Vec<Claim>>);
 
 impl Claims {
-    fn claims(svc: &Service, services: &BTreeMap<ServiceRef, DesiredService>) -> Vec<(Frontend, Claim)> {
+    fn claims(svc: &Service, services: &[(ServiceRef, DesiredService)]) -> Vec<(Frontend, Claim)> {
         let mut out = Vec::new();
         for (r, v) in services {
             let claim = Claim {
@@ -336,7 +351,7 @@ impl Claims {
 
     /// Registers `svc`'s claims (its datapath services as computed); returns the frontends
     /// claimed.
-    fn add(&mut self, svc: &Service, services: &BTreeMap<ServiceRef, DesiredService>) -> Vec<Frontend> {
+    fn add(&mut self, svc: &Service, services: &[(ServiceRef, DesiredService)]) -> Vec<Frontend> {
         let claims = Self::claims(svc, services);
         let frontends = claims.iter().map(|(fe, _)| *fe).collect();
         for (fe, c) in claims {
@@ -359,8 +374,16 @@ impl Claims {
 
     /// Keeps in `services` only the frontends each one has first claim on; notes the others
     /// in `notes`. A datapath service left without a frontend goes.
-    fn settle(&self, services: &mut BTreeMap<ServiceRef, DesiredService>, notes: &mut Vec<(String, String)>) {
+    fn settle(&self, services: &mut Vec<(ServiceRef, DesiredService)>, notes: &mut Vec<(String, String)>) {
         for (r, v) in services.iter_mut() {
+            // Nearly always every frontend has one claim, this Service's own (added before it
+            // is settled): nothing to compare, nothing to remove.
+            let uncontested = |(ip, port): &(IpAddr, u16)| {
+                self.0.get(&(*ip, *port, r.proto)).is_none_or(|c| c.len() == 1 || c[0].sref == *r)
+            };
+            if v.frontends.iter().all(uncontested) {
+                continue;
+            }
             v.frontends.retain(|(ip, port)| {
                 let Some(first) = self.0.get(&(*ip, *port, r.proto)).and_then(|s| s.first()) else { return true };
                 if first.sref == *r {
@@ -381,7 +404,7 @@ impl Claims {
                 false
             });
         }
-        services.retain(|_, v| !v.frontends.is_empty());
+        services.retain(|(_, v)| !v.frontends.is_empty());
     }
 
     /// The Services claiming any of `frontends`.
@@ -403,15 +426,15 @@ fn fmt_ip(ip: IpAddr) -> String {
     if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() }
 }
 
-fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Service, slices: &[&Slice]) {
+fn service(out: &mut Part, here: &Here, ns: &str, name: &str, svc: &Service, slices: &[&Slice]) {
+    let node = here.node;
     // Mirrored slices count only for a Service without a selector: those are the only ones
     // the mirroring controller mirrors.
     let slices: Vec<&Slice> = slices.iter().copied().filter(|s| !(svc.selected && s.mirrored)).collect();
     let slices = slices.as_slice();
     let lb_ips: &[IpAddr] =
         if svc.service_type == ServiceType::LoadBalancer { &svc.ingress_ips } else { &[] };
-    let nodeport_ips =
-        if svc.service_type == ServiceType::ClusterIp { Vec::new() } else { out.node_ips.clone() };
+    let nodeport_ips = if svc.service_type == ServiceType::ClusterIp { &[] } else { here.node_ips };
     if let Some(port) = svc.health_check_node_port
         && svc.service_type == ServiceType::LoadBalancer
         && svc.external_local
@@ -426,7 +449,7 @@ fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Se
             .insert(port, HealthCheck { service: format!("{ns}/{name}"), local_endpoints: local.len() });
     }
 
-    warn_about_slices(out, ns, name, svc, slices);
+    warn_about_slices(&mut out.notes, ns, name, svc, slices);
     for port in svc.ports.iter() {
         let Some(proto) = port.protocol.number() else {
             out.notes.push((format!("{ns}/{name}:{}", port.port), "skipped: protocol not supported".into()));
@@ -453,12 +476,12 @@ fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Se
         for (scope, frontends) in scopes {
             let local_only = if scope == Scope::Cluster { svc.internal_local } else { svc.external_local };
             for family in [Family::V4, Family::V6] {
-                let frontends: BTreeSet<(IpAddr, u16)> =
+                let frontends: SortedSet<(IpAddr, u16)> =
                     frontends.iter().filter(|(ip, _)| Family::of(ip) == family).copied().collect();
                 if frontends.is_empty() {
                     continue;
                 }
-                let zone = out.node_zone.as_deref();
+                let zone = here.zone;
                 let (backends, kept) = endpoints(node, zone, port, proto, family, slices, local_only);
                 let key = ServiceRef {
                     namespace: ns.to_string(),
@@ -485,7 +508,11 @@ fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Se
                     },
                     external: scope != Scope::Cluster,
                 };
-                out.services.insert(key, value);
+                // (A port listed twice counts once, its last time, as in a map.)
+                match out.services.iter_mut().find(|(r, _)| *r == key) {
+                    Some(had) => had.1 = value,
+                    None => out.services.push((key, value)),
+                }
             }
         }
     }
@@ -494,7 +521,13 @@ fn service(out: &mut Desired, node: &NodeContext, ns: &str, name: &str, svc: &Se
 /// Notes what leaves a Service without endpoints although it has slices, which kube-proxy
 /// users otherwise find only by a failing request: a port name (and protocol) no slice port
 /// has, and a ClusterIP family no slice has.
-fn warn_about_slices(out: &mut Desired, ns: &str, name: &str, svc: &Service, slices: &[&Slice]) {
+fn warn_about_slices(
+    notes: &mut Vec<(String, String)>,
+    ns: &str,
+    name: &str,
+    svc: &Service,
+    slices: &[&Slice],
+) {
     if slices.is_empty() {
         return;
     }
@@ -506,7 +539,7 @@ fn warn_about_slices(out: &mut Desired, ns: &str, name: &str, svc: &Service, sli
         if let Some(ip) = svc.cluster_ips.iter().find(|ip| Family::of(ip) == family)
             && !slices.iter().any(|s| s.family == Some(family))
         {
-            out.notes.push((
+            notes.push((
                 format!("{ns}/{name}"),
                 format!("warning: {label} clusterIP {ip} but no {label} EndpointSlice; it has no endpoints in that family"),
             ));
@@ -520,7 +553,7 @@ fn warn_about_slices(out: &mut Desired, ns: &str, name: &str, svc: &Service, sli
         let matched = slice_ports.iter().any(|p| p.name == port.name && p.protocol == port.protocol);
         if !matched {
             let want = &port.name;
-            out.notes.push((
+            notes.push((
                 format!(
                     "{ns}/{name}:{}",
                     if want.is_empty() { port.port.to_string() } else { want.to_string() }
@@ -545,7 +578,7 @@ fn endpoints(
     family: Family,
     slices: &[&Slice],
     local_only: bool,
-) -> (BTreeSet<Backend>, BTreeSet<Backend>) {
+) -> (SortedSet<Backend>, SortedSet<Backend>) {
     let mut ready = Vec::new();
     let mut serving_terminating = Vec::new();
     for slice in slices.iter().filter(|s| s.family == Some(family)) {
@@ -577,15 +610,15 @@ fn endpoints(
     } else {
         topology::mode(ready.iter().map(|(_, h)| *h), &node.name, zone)
     };
-    let usable = |list: &[(Backend, &topology::Hints)]| -> BTreeSet<Backend> {
+    let usable = |list: &[(Backend, &topology::Hints)]| -> SortedSet<Backend> {
         list.iter().filter(|(_, h)| topology::available(mode, h, &node.name, zone)).map(|(b, _)| *b).collect()
     };
-    let all = |list: &[(Backend, &topology::Hints)]| -> BTreeSet<Backend> {
+    let all = |list: &[(Backend, &topology::Hints)]| -> SortedSet<Backend> {
         list.iter().map(|(b, _)| *b).collect()
     };
     let ready_here = usable(&ready);
     if ready_here.is_empty() {
-        (usable(&serving_terminating), BTreeSet::new())
+        (usable(&serving_terminating), SortedSet::default())
     } else {
         (ready_here, all(&serving_terminating))
     }
@@ -642,14 +675,14 @@ pub struct ModelState {
     /// The cluster VIPs, health-check ports and skip notes of each Service (its datapath
     /// services are found in `desired`: `refs_of`).
     vips: BTreeMap<Key, Vec<IpAddr>>,
-    vip_users: BTreeMap<IpAddr, u32>,
+    vip_users: fast_hash::Map<IpAddr, u32>,
     health_ports: BTreeMap<Key, Vec<u16>>,
     notes: BTreeMap<Key, Vec<(String, String)>>,
     /// EndpointSlice → its Service (by the service-name label), and the reverse.
     slice_owner: BTreeMap<Key, Key>,
     slices_of: BTreeMap<Key, Vec<Key>>,
     /// Datapath services using each endpoint (`backends` or `kept`).
-    backend_users: BTreeMap<(IpAddr, u16), u32>,
+    backend_users: fast_hash::Map<(IpAddr, u16), u32>,
     /// Who claims each frontend, and each Service's claims.
     claims: Claims,
     claims_of: BTreeMap<Key, Vec<Frontend>>,
@@ -736,29 +769,66 @@ impl ModelState {
         delta
     }
 
-    /// Recomputes everything (and the indexes) from `cluster`.
+    /// Recomputes everything (and the indexes) from `cluster`: as `desired` does, every
+    /// Service first (so every frontend claim is known), then each one settled; the ordered
+    /// maps are built at the end from sorted runs (a full sync of 100 000 Services: one
+    /// B-tree insert each took most of the Model's time).
     fn rebuild(&mut self, cluster: &Cluster, node: &NodeContext) -> Delta {
         *self = ModelState { ready: true, ..Default::default() };
         self.desired.node_ips = node.nodeport_ips(cluster);
         self.desired.node_zone = node.zone(cluster);
-        for (key, slice) in &cluster.slices {
-            if let Some(svc) = owner(key, slice) {
-                self.slice_owner.insert(key.clone(), svc.clone());
-                sorted_vec::insert(self.slices_of.entry(svc).or_default(), key.clone());
+        // Slices by the Service they belong to, in the order of their keys.
+        let mut owned: Vec<(Key, Key)> = cluster
+            .slices
+            .iter()
+            .filter_map(|(key, slice)| Some((owner(key, slice)?, key.clone())))
+            .collect();
+        self.slice_owner = owned.iter().map(|(svc, slice)| (slice.clone(), svc.clone())).collect();
+        owned.sort_unstable();
+        let mut slices_of: Vec<(Key, Vec<Key>)> = Vec::new();
+        for (svc, slice) in owned {
+            match slices_of.last_mut() {
+                Some((last, keys)) if *last == svc => keys.push(slice),
+                _ => slices_of.push((svc, vec![slice])),
             }
         }
+        self.slices_of = slices_of.into_iter().collect();
+        let mut each = Vec::with_capacity(cluster.services.len());
         for (key, svc) in &cluster.services {
-            self.compute(cluster, node, key, svc, None);
+            let Some(one) = self.computed(cluster, node, key, svc) else { continue };
+            let claims = self.claims.add(svc, &one.services);
+            each.push((key, svc, one, claims));
         }
-        // Services computed before a rival's claim was known: settled again.
-        let contested: Vec<Frontend> =
-            self.claims.0.iter().filter(|(_, c)| c.len() > 1).map(|(fe, _)| *fe).collect();
-        for key in self.claims.claimants(contested.into_iter()) {
-            self.forget(&key, &mut Delta::default());
-            if let Some(svc) = cluster.services.get(&key) {
-                self.compute(cluster, node, &key, svc, None);
+        let (mut services, mut claims_of, mut vips) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, svc, mut one, claims) in each {
+            self.claims.settle(&mut one.services, &mut one.notes);
+            claims_of.push((key.clone(), claims));
+            for ip in &svc.cluster_ips {
+                if bump(&mut self.vip_users, *ip, true) == 1 {
+                    self.desired.cluster_vips.insert(*ip);
+                }
+            }
+            vips.push((key.clone(), svc.cluster_ips.to_vec()));
+            // Health checks and notes are few: inserted one by one.
+            if !one.health_checks.is_empty() {
+                self.health_ports.insert(key.clone(), one.health_checks.keys().copied().collect());
+                self.desired.health_checks.append(&mut one.health_checks);
+            }
+            if !one.notes.is_empty() {
+                self.notes.insert(key.clone(), one.notes);
+            }
+            for (r, v) in one.services {
+                for a in addrs(&v) {
+                    bump(&mut self.backend_users, a, true);
+                }
+                services.push((r, v));
             }
         }
+        // Sorted runs (Services in key order, and a ServiceRef sorts by its Service first):
+        // built in one pass each.
+        self.desired.services = services.into_iter().collect();
+        self.claims_of = claims_of.into_iter().collect();
+        self.vips = vips.into_iter().collect();
         self.desired.notes = self.notes.values().flatten().cloned().collect();
         Delta { all: true, ..Default::default() }
     }
@@ -814,6 +884,31 @@ impl ModelState {
         claims
     }
 
+    /// Service `key`'s datapath services, health checks and notes as computed on their own
+    /// (before frontend claims are settled); None when it is not ours to proxy (one the
+    /// operator should hear of leaves its note).
+    fn computed(&mut self, cluster: &Cluster, node: &NodeContext, key: &Key, svc: &Service) -> Option<Part> {
+        let (ns, name) = key;
+        if let Some(why) = ignored(svc) {
+            self.notes.insert(key.clone(), vec![(format!("{ns}/{name}"), format!("skipped: {why}"))]);
+            return None;
+        }
+        if svc.skipped.is_some() {
+            return None;
+        }
+        let mut out = Part::default();
+        let here = Here { node, node_ips: &self.desired.node_ips, zone: self.desired.node_zone.as_deref() };
+        let slices: Vec<&Slice> = self
+            .slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| cluster.slices.get(k).map(|s| &**s))
+            .collect();
+        service(&mut out, &here, ns, name, svc, &slices);
+        Some(out)
+    }
+
     /// Adds what Service `key` contributes (the same rules as `desired`), noting in `delta`
     /// (if any) what changed.
     fn compute(
@@ -824,27 +919,7 @@ impl ModelState {
         svc: &Service,
         mut delta: Option<&mut Delta>,
     ) {
-        let (ns, name) = key;
-        let mut out = Desired {
-            node_ips: self.desired.node_ips.clone(),
-            node_zone: self.desired.node_zone.clone(),
-            ..Default::default()
-        };
-        if let Some(why) = ignored(svc) {
-            self.notes.insert(key.clone(), vec![(format!("{ns}/{name}"), format!("skipped: {why}"))]);
-            return;
-        }
-        if svc.skipped.is_some() {
-            return;
-        }
-        let slices: Vec<&Slice> = self
-            .slices_of
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| cluster.slices.get(k).map(|s| &**s))
-            .collect();
-        service(&mut out, node, ns, name, svc, &slices);
+        let Some(mut out) = self.computed(cluster, node, key, svc) else { return };
         let claims = self.claims.add(svc, &out.services);
         self.claims_of.insert(key.clone(), claims);
         self.claims.settle(&mut out.services, &mut out.notes);

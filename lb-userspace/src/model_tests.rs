@@ -37,11 +37,11 @@ fn svc<'a>(d: &'a Desired, port_name: &str, proto: u8, scope: Scope, family: Fam
         .unwrap_or_else(|| panic!("no {key}; have {:?}", d.services.keys().collect::<Vec<_>>()))
 }
 
-fn fe(list: &[(&str, u16)]) -> BTreeSet<(IpAddr, u16)> {
+fn fe(list: &[(&str, u16)]) -> SortedSet<(IpAddr, u16)> {
     list.iter().map(|(ip, p)| (ip.parse().unwrap(), *p)).collect()
 }
 
-fn ips(set: &BTreeSet<Backend>) -> Vec<String> {
+fn ips(set: &SortedSet<Backend>) -> Vec<String> {
     set.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect()
 }
 

@@ -32,6 +32,7 @@ pub use crate::applied::{Applied, Index, QUARANTINE, Quarantine};
 use crate::{
     compact_table::Table,
     dataplane::{Dataplane, DataplaneError},
+    fast_hash,
     free_ids::IdPool,
     fresh_tables::{self, FreshTable},
     loader::Capacities,
@@ -243,17 +244,17 @@ struct Planning<'a> {
     tables: Vec<MapOp>,
     set_services: Vec<MapOp>,
     /// Backend id of every `ip:port` the planned services use.
-    backend_ids: BTreeMap<(IpAddr, u16), u32>,
+    backend_ids: fast_hash::Map<(IpAddr, u16), u32>,
     /// New backend ids this plan gave out.
     new_backend_ids: IdPool,
     new_service_ids: IdPool,
     /// Maglev ranges in use stay reserved for the whole plan (old tables serve until the flip).
     ranges: RangeAlloc,
     /// Service ids already given to a planned service.
-    claimed: BTreeSet<u32>,
-    wanted_keys: BTreeSet<ServiceKey>,
+    claimed: fast_hash::Set<u32>,
+    wanted_keys: fast_hash::Set<ServiceKey>,
     wanted_ranges: BTreeSet<(u32, IpNet)>,
-    wanted_members: BTreeSet<MemberKey>,
+    wanted_members: fast_hash::Set<MemberKey>,
     /// Entries this plan adds to the frontend, source-range and membership maps: they are
     /// written before anything is removed, so they must fit next to what the maps hold.
     new_frontends: u32,
@@ -276,14 +277,14 @@ impl<'a> Planning<'a> {
             allow: Vec::new(),
             tables: Vec::new(),
             set_services: Vec::new(),
-            backend_ids: BTreeMap::new(),
+            backend_ids: fast_hash::Map::default(),
             new_backend_ids: IdPool::default(),
             new_service_ids: IdPool::default(),
             ranges: applied.free_ranges(limits.maglev_slots),
-            claimed: BTreeSet::new(),
-            wanted_keys: BTreeSet::new(),
+            claimed: fast_hash::Set::default(),
+            wanted_keys: fast_hash::Set::default(),
             wanted_ranges: BTreeSet::new(),
-            wanted_members: BTreeSet::new(),
+            wanted_members: fast_hash::Set::default(),
             new_frontends: 0,
             new_ranges: 0,
             new_members: 0,
@@ -291,6 +292,20 @@ impl<'a> Planning<'a> {
             failed: Vec::new(),
             generation: applied.index.max_generation,
         }
+    }
+
+    /// Room for every write a full plan of `desired` may queue: a full sync queues a
+    /// million at 100 000 Services, and growing the queues copied each many times.
+    fn reserve(&mut self, desired: &Desired) {
+        let endpoints: usize = desired.services.values().map(|s| s.backends.len() + s.kept.len()).sum();
+        let frontends: usize = desired.services.values().map(|s| s.frontends.len()).sum();
+        self.set_backends.reserve(endpoints);
+        self.set_members.reserve(endpoints);
+        self.tables.reserve(desired.services.len());
+        self.set_services.reserve(frontends + desired.cluster_vips.len());
+        self.backend_ids.reserve(endpoints);
+        self.wanted_members.reserve(endpoints);
+        self.wanted_keys.reserve(frontends + desired.cluster_vips.len());
     }
 
     /// Plans service `sref`, or, when it does not fit, leaves what the maps hold of it (its
@@ -579,7 +594,9 @@ impl<'a> Planning<'a> {
     /// The writes in their order: backends, allowed ranges and tables, then the frontends
     /// that flip to them (the caller appends removals).
     fn writes(&mut self) -> Vec<MapOp> {
-        let mut ops = std::mem::take(&mut self.set_backends);
+        let queued = [&self.set_backends, &self.set_members, &self.allow, &self.tables, &self.set_services];
+        let mut ops = Vec::with_capacity(queued.iter().map(|q| q.len()).sum());
+        ops.append(&mut self.set_backends);
         ops.append(&mut self.set_members);
         ops.append(&mut self.allow);
         ops.append(&mut self.tables);
@@ -591,6 +608,7 @@ impl<'a> Planning<'a> {
 /// The ops that take the maps from `applied` to `desired`.
 pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Plan {
     let mut p = Planning::new(applied, limits);
+    p.reserve(desired);
     for vip in &desired.cluster_vips {
         p.cluster_vip(*vip);
     }

@@ -33,7 +33,7 @@ fn service(vip: u8, backends: &[u8]) -> DesiredService {
     DesiredService {
         frontends: [(IpAddr::from([198, 19, 0, vip]), 80)].into(),
         backends: backends.iter().map(|b| be(*b)).collect(),
-        kept: BTreeSet::new(),
+        kept: Default::default(),
         affinity_timeout: None,
         no_backend: NoBackend::Reject,
         source_ranges: vec![],

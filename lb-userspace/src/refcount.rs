@@ -1,25 +1,56 @@
 //! Users counted per key: a key is in the map while it has users, and goes with the last one.
 
-use std::collections::{BTreeMap, btree_map::Entry};
+use std::{collections::BTreeMap, hash::Hash};
+
+use crate::fast_hash;
+
+/// A map of user counts: ordered (`BTreeMap`) or hashed (`fast_hash::Map`).
+pub trait Counts<K> {
+    fn count_mut(&mut self, key: &K) -> Option<&mut u32>;
+    fn insert_count(&mut self, key: K, n: u32);
+    fn remove_count(&mut self, key: &K);
+}
+
+impl<K: Ord> Counts<K> for BTreeMap<K, u32> {
+    fn count_mut(&mut self, key: &K) -> Option<&mut u32> {
+        self.get_mut(key)
+    }
+    fn insert_count(&mut self, key: K, n: u32) {
+        self.insert(key, n);
+    }
+    fn remove_count(&mut self, key: &K) {
+        self.remove(key);
+    }
+}
+
+impl<K: Hash + Eq> Counts<K> for fast_hash::Map<K, u32> {
+    fn count_mut(&mut self, key: &K) -> Option<&mut u32> {
+        self.get_mut(key)
+    }
+    fn insert_count(&mut self, key: K, n: u32) {
+        self.insert(key, n);
+    }
+    fn remove_count(&mut self, key: &K) {
+        self.remove(key);
+    }
+}
 
 /// One more (`up`) or one fewer user of `key`; returns how many it has left (0: the key is
 /// gone from the map).
-pub fn bump<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, up: bool) -> u32 {
-    match map.entry(key) {
-        Entry::Occupied(mut e) => {
-            let left = if up { *e.get() + 1 } else { e.get() - 1 };
-            if left == 0 {
-                e.remove();
-            } else {
-                *e.get_mut() = left;
-            }
-            left
+pub fn bump<K>(map: &mut impl Counts<K>, key: K, up: bool) -> u32 {
+    let left = match map.count_mut(&key) {
+        Some(n) => {
+            *n = if up { *n + 1 } else { *n - 1 };
+            *n
         }
-        Entry::Vacant(e) => {
-            if up {
-                e.insert(1);
-            }
-            u32::from(up)
+        None if up => {
+            map.insert_count(key, 1);
+            return 1;
         }
+        None => return 0,
+    };
+    if left == 0 {
+        map.remove_count(&key);
     }
+    left
 }

@@ -15,8 +15,8 @@ fn sref(name: &str) -> ServiceRef {
 fn service(port: u16) -> DesiredService {
     DesiredService {
         frontends: [(IpAddr::from([198, 19, 0, 1]), port)].into(),
-        backends: BTreeSet::new(),
-        kept: BTreeSet::new(),
+        backends: Default::default(),
+        kept: Default::default(),
         affinity_timeout: None,
         no_backend: NoBackend::Reject,
         source_ranges: vec![],

@@ -361,7 +361,6 @@ fn new_flows_never_land_on_another_services_backend_while_services_are_rewritten
         reconcile::{Applied, Limits, execute, plan},
     };
     use std::{
-        collections::BTreeSet,
         net::IpAddr,
         sync::{
             Arc,
@@ -419,7 +418,7 @@ fn new_flows_never_land_on_another_services_backend_while_services_are_rewritten
                     let s = DesiredService {
                         frontends: [(vip(i), 80)].into(),
                         backends,
-                        kept: BTreeSet::new(),
+                        kept: Default::default(),
                         affinity_timeout: None,
                         no_backend: NoBackend::Reject,
                         source_ranges: vec![],
