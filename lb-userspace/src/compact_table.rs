@@ -39,6 +39,12 @@ impl Table {
     /// A table built ahead as each slot's position in `in_order` (the service's backend ids in
     /// its backends' order, `fresh_tables`): a lookup per slot, no search.
     pub fn from_positions(positions: &[u16], in_order: &[u32]) -> Self {
+        // The common case at a first sync: ids handed out in the backends' order, so each
+        // position is its own rank (a plain narrowing, no lookup).
+        if in_order.len() <= 256 && in_order.is_sorted_by(|a, b| a < b) {
+            let slots = Slots::Narrow(positions.iter().map(|p| *p as u8).collect());
+            return Table { members: in_order.to_vec(), slots };
+        }
         let members = distinct(in_order);
         let slots = if members.len() <= 256 {
             let rank: Vec<u8> =
@@ -129,6 +135,10 @@ mod tests {
         // Built from positions: the same table as from its ids.
         let in_order = [90_000, 7, 12, 3];
         let positions: Vec<u16> = (0..401u16).map(|i| i * 7 % 4).collect();
+        let ids: Vec<u32> = positions.iter().map(|p| in_order[usize::from(*p)]).collect();
+        assert_eq!(Table::from_positions(&positions, &in_order), Table::new(&ids));
+        // Ids in ascending order (a first sync's): the same table by the short way.
+        let in_order = [3, 7, 12, 90_000];
         let ids: Vec<u32> = positions.iter().map(|p| in_order[usize::from(*p)]).collect();
         assert_eq!(Table::from_positions(&positions, &in_order), Table::new(&ids));
         let in_order: Vec<u32> = (0..300u32).rev().map(|i| i * 11).collect();

@@ -672,9 +672,10 @@ pub struct Delta {
 #[derive(Debug, Default)]
 pub struct ModelState {
     desired: Desired,
-    /// The cluster VIPs, health-check ports and skip notes of each Service (its datapath
-    /// services are found in `desired`: `refs_of`).
-    vips: BTreeMap<Key, Vec<IpAddr>>,
+    /// The frontends claimed and cluster VIPs held by each Service we proxy, and the
+    /// health-check ports and notes of those that have some (its datapath services are
+    /// found in `desired`: `refs_of`).
+    held: BTreeMap<Key, Held>,
     vip_users: fast_hash::Map<IpAddr, u32>,
     health_ports: BTreeMap<Key, Vec<u16>>,
     notes: BTreeMap<Key, Vec<(String, String)>>,
@@ -683,12 +684,18 @@ pub struct ModelState {
     slices_of: BTreeMap<Key, Vec<Key>>,
     /// Datapath services using each endpoint (`backends` or `kept`).
     backend_users: fast_hash::Map<(IpAddr, u16), u32>,
-    /// Who claims each frontend, and each Service's claims.
+    /// Who claims each frontend.
     claims: Claims,
-    claims_of: BTreeMap<Key, Vec<Frontend>>,
     /// Within one update: VIPs whose first event was an add (absent before the update).
     vips_born: BTreeSet<IpAddr>,
     ready: bool,
+}
+
+/// What a Service we proxy holds: the frontends it claims, and its cluster VIPs.
+#[derive(Debug, Default)]
+struct Held {
+    claims: Vec<Frontend>,
+    vips: Vec<IpAddr>,
 }
 
 /// The distinct endpoints a datapath service uses.
@@ -737,7 +744,7 @@ impl ModelState {
             contested.extend(self.forget(key, &mut delta));
             if let Some(svc) = cluster.services.get(key) {
                 self.compute(cluster, node, key, svc, Some(&mut delta));
-                contested.extend(self.claims_of.get(key).into_iter().flatten().copied());
+                contested.extend(self.held.get(key).into_iter().flat_map(|h| &h.claims).copied());
             }
         }
         // Whoever else claims a frontend these Services had or have may have won or lost it:
@@ -777,38 +784,48 @@ impl ModelState {
         *self = ModelState { ready: true, ..Default::default() };
         self.desired.node_ips = node.nodeport_ips(cluster);
         self.desired.node_zone = node.zone(cluster);
-        // Slices by the Service they belong to, in the order of their keys.
-        let mut owned: Vec<(Key, Key)> = cluster
+        // Slices by the Service they belong to, sorted by Service then slice: walked beside
+        // the Services (sorted too), no lookup per Service.
+        let mut owned: Vec<(Key, &Key, &Slice)> = cluster
             .slices
             .iter()
-            .filter_map(|(key, slice)| Some((owner(key, slice)?, key.clone())))
+            .filter_map(|(key, slice)| Some((owner(key, slice)?, key, &**slice)))
             .collect();
-        self.slice_owner = owned.iter().map(|(svc, slice)| (slice.clone(), svc.clone())).collect();
-        owned.sort_unstable();
+        self.slice_owner = owned.iter().map(|(svc, slice, _)| ((*slice).clone(), svc.clone())).collect();
+        owned.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         let mut slices_of: Vec<(Key, Vec<Key>)> = Vec::new();
-        for (svc, slice) in owned {
+        for (svc, slice, _) in &owned {
             match slices_of.last_mut() {
-                Some((last, keys)) if *last == svc => keys.push(slice),
-                _ => slices_of.push((svc, vec![slice])),
+                Some((last, keys)) if last == svc => keys.push((*slice).clone()),
+                _ => slices_of.push((svc.clone(), vec![(*slice).clone()])),
             }
         }
         self.slices_of = slices_of.into_iter().collect();
         let mut each = Vec::with_capacity(cluster.services.len());
+        let mut next = 0;
         for (key, svc) in &cluster.services {
-            let Some(one) = self.computed(cluster, node, key, svc) else { continue };
+            // The slices of Services before this one (none exists) are passed over.
+            while owned.get(next).is_some_and(|(owner, _, _)| owner < key) {
+                next += 1;
+            }
+            let from = next;
+            while owned.get(next).is_some_and(|(owner, _, _)| owner == key) {
+                next += 1;
+            }
+            let slices: Vec<&Slice> = owned[from..next].iter().map(|(_, _, s)| *s).collect();
+            let Some(one) = self.computed(node, key, svc, &slices) else { continue };
             let claims = self.claims.add(svc, &one.services);
             each.push((key, svc, one, claims));
         }
-        let (mut services, mut claims_of, mut vips) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut services, mut held) = (Vec::new(), Vec::new());
         for (key, svc, mut one, claims) in each {
             self.claims.settle(&mut one.services, &mut one.notes);
-            claims_of.push((key.clone(), claims));
             for ip in &svc.cluster_ips {
                 if bump(&mut self.vip_users, *ip, true) == 1 {
                     self.desired.cluster_vips.insert(*ip);
                 }
             }
-            vips.push((key.clone(), svc.cluster_ips.to_vec()));
+            held.push((key.clone(), Held { claims, vips: svc.cluster_ips.to_vec() }));
             // Health checks and notes are few: inserted one by one.
             if !one.health_checks.is_empty() {
                 self.health_ports.insert(key.clone(), one.health_checks.keys().copied().collect());
@@ -827,8 +844,7 @@ impl ModelState {
         // Sorted runs (Services in key order, and a ServiceRef sorts by its Service first):
         // built in one pass each.
         self.desired.services = services.into_iter().collect();
-        self.claims_of = claims_of.into_iter().collect();
-        self.vips = vips.into_iter().collect();
+        self.held = held.into_iter().collect();
         self.desired.notes = self.notes.values().flatten().cloned().collect();
         Delta { all: true, ..Default::default() }
     }
@@ -860,7 +876,7 @@ impl ModelState {
 
     /// Removes what Service `key` contributed; returns the frontends it claimed.
     fn forget(&mut self, key: &Key, delta: &mut Delta) -> Vec<Frontend> {
-        let claims = self.claims_of.remove(key).unwrap_or_default();
+        let Held { claims, vips } = self.held.remove(key).unwrap_or_default();
         self.claims.remove(key, &claims);
         for r in self.refs_of(key) {
             let old = self.desired.services.remove(&r);
@@ -871,7 +887,7 @@ impl ModelState {
             }
             delta.services.entry(r).or_insert(old);
         }
-        for ip in self.vips.remove(key).unwrap_or_default() {
+        for ip in vips {
             if bump(&mut self.vip_users, ip, false) == 0 {
                 self.desired.cluster_vips.remove(&ip);
                 delta.vips_removed.insert(ip);
@@ -887,7 +903,7 @@ impl ModelState {
     /// Service `key`'s datapath services, health checks and notes as computed on their own
     /// (before frontend claims are settled); None when it is not ours to proxy (one the
     /// operator should hear of leaves its note).
-    fn computed(&mut self, cluster: &Cluster, node: &NodeContext, key: &Key, svc: &Service) -> Option<Part> {
+    fn computed(&mut self, node: &NodeContext, key: &Key, svc: &Service, slices: &[&Slice]) -> Option<Part> {
         let (ns, name) = key;
         if let Some(why) = ignored(svc) {
             self.notes.insert(key.clone(), vec![(format!("{ns}/{name}"), format!("skipped: {why}"))]);
@@ -898,14 +914,7 @@ impl ModelState {
         }
         let mut out = Part::default();
         let here = Here { node, node_ips: &self.desired.node_ips, zone: self.desired.node_zone.as_deref() };
-        let slices: Vec<&Slice> = self
-            .slices_of
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| cluster.slices.get(k).map(|s| &**s))
-            .collect();
-        service(&mut out, &here, ns, name, svc, &slices);
+        service(&mut out, &here, ns, name, svc, slices);
         Some(out)
     }
 
@@ -919,9 +928,15 @@ impl ModelState {
         svc: &Service,
         mut delta: Option<&mut Delta>,
     ) {
-        let Some(mut out) = self.computed(cluster, node, key, svc) else { return };
+        let slices: Vec<&Slice> = self
+            .slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| cluster.slices.get(k).map(|s| &**s))
+            .collect();
+        let Some(mut out) = self.computed(node, key, svc, &slices) else { return };
         let claims = self.claims.add(svc, &out.services);
-        self.claims_of.insert(key.clone(), claims);
         self.claims.settle(&mut out.services, &mut out.notes);
         let vips = svc.cluster_ips.to_vec();
         for ip in &vips {
@@ -935,7 +950,7 @@ impl ModelState {
                 }
             }
         }
-        self.vips.insert(key.clone(), vips);
+        self.held.insert(key.clone(), Held { claims, vips });
         if !out.health_checks.is_empty() {
             self.health_ports.insert(key.clone(), out.health_checks.keys().copied().collect());
             self.desired.health_checks.append(&mut out.health_checks);
