@@ -692,7 +692,7 @@ pub struct ModelState {
 }
 
 /// What a Service we proxy holds: the frontends it claims, and its cluster VIPs.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Held {
     claims: Vec<Frontend>,
     vips: Vec<IpAddr>,
