@@ -13,6 +13,7 @@ use lb_common::abi::*;
 use crate::{
     compact_table::Table,
     dataplane::{Dataplane, DataplaneError},
+    fast_hash,
     free_ids::FreeIds,
     range_alloc::RangeAlloc,
     reconcile::MapOp,
@@ -40,7 +41,7 @@ pub struct Applied {
 #[derive(Debug, Clone, Default)]
 pub struct Index {
     /// Backend id of each `ip:port`.
-    pub by_addr: BTreeMap<(IpAddr, u16), u32>,
+    pub by_addr: fast_hash::Map<(IpAddr, u16), u32>,
     /// Frontend entries per service id.
     pub service_ids: BTreeMap<u32, u32>,
     /// Frontend entries pointing at each table offset.
