@@ -820,24 +820,10 @@ impl ModelState {
         let (mut services, mut held) = (Vec::new(), Vec::new());
         for (key, svc, mut one, claims) in each {
             self.claims.settle(&mut one.services, &mut one.notes);
-            for ip in &svc.cluster_ips {
-                if bump(&mut self.vip_users, *ip, true) == 1 {
-                    self.desired.cluster_vips.insert(*ip);
-                }
-            }
+            self.count_vips(&svc.cluster_ips, None);
             held.push((key.clone(), Held { claims, vips: svc.cluster_ips.to_vec() }));
-            // Health checks and notes are few: inserted one by one.
-            if !one.health_checks.is_empty() {
-                self.health_ports.insert(key.clone(), one.health_checks.keys().copied().collect());
-                self.desired.health_checks.append(&mut one.health_checks);
-            }
-            if !one.notes.is_empty() {
-                self.notes.insert(key.clone(), one.notes);
-            }
-            for (r, v) in one.services {
-                for a in addrs(&v) {
-                    bump(&mut self.backend_users, a, true);
-                }
+            for (r, v) in self.keep_checks_and_notes(key, one) {
+                self.count_endpoints(&v);
                 services.push((r, v));
             }
         }
@@ -918,6 +904,42 @@ impl ModelState {
         Some(out)
     }
 
+    /// One more user of each of `vips`; a VIP that had none is desired now (and noted in
+    /// `delta`, if any).
+    fn count_vips(&mut self, vips: &[IpAddr], mut delta: Option<&mut Delta>) {
+        for ip in vips {
+            if bump(&mut self.vip_users, *ip, true) == 1 {
+                self.desired.cluster_vips.insert(*ip);
+                if let Some(d) = delta.as_deref_mut() {
+                    if !d.vips_removed.contains(ip) && !d.vips_added.contains(ip) {
+                        self.vips_born.insert(*ip);
+                    }
+                    d.vips_added.insert(*ip);
+                }
+            }
+        }
+    }
+
+    /// One more user of each endpoint datapath service `v` uses.
+    fn count_endpoints(&mut self, v: &DesiredService) {
+        for a in addrs(v) {
+            bump(&mut self.backend_users, a, true);
+        }
+    }
+
+    /// Keeps Service `key`'s health checks and notes (few: inserted one by one) from its
+    /// settled `part`; returns its datapath services.
+    fn keep_checks_and_notes(&mut self, key: &Key, mut part: Part) -> Vec<(ServiceRef, DesiredService)> {
+        if !part.health_checks.is_empty() {
+            self.health_ports.insert(key.clone(), part.health_checks.keys().copied().collect());
+            self.desired.health_checks.append(&mut part.health_checks);
+        }
+        if !part.notes.is_empty() {
+            self.notes.insert(key.clone(), part.notes);
+        }
+        part.services
+    }
+
     /// Adds what Service `key` contributes (the same rules as `desired`), noting in `delta`
     /// (if any) what changed.
     fn compute(
@@ -938,30 +960,10 @@ impl ModelState {
         let Some(mut out) = self.computed(node, key, svc, &slices) else { return };
         let claims = self.claims.add(svc, &out.services);
         self.claims.settle(&mut out.services, &mut out.notes);
-        let vips = svc.cluster_ips.to_vec();
-        for ip in &vips {
-            if bump(&mut self.vip_users, *ip, true) == 1 {
-                self.desired.cluster_vips.insert(*ip);
-                if let Some(d) = delta.as_deref_mut() {
-                    if !d.vips_removed.contains(ip) && !d.vips_added.contains(ip) {
-                        self.vips_born.insert(*ip);
-                    }
-                    d.vips_added.insert(*ip);
-                }
-            }
-        }
-        self.held.insert(key.clone(), Held { claims, vips });
-        if !out.health_checks.is_empty() {
-            self.health_ports.insert(key.clone(), out.health_checks.keys().copied().collect());
-            self.desired.health_checks.append(&mut out.health_checks);
-        }
-        if !out.notes.is_empty() {
-            self.notes.insert(key.clone(), out.notes);
-        }
-        for (r, v) in out.services {
-            for a in addrs(&v) {
-                bump(&mut self.backend_users, a, true);
-            }
+        self.count_vips(&svc.cluster_ips, delta.as_deref_mut());
+        self.held.insert(key.clone(), Held { claims, vips: svc.cluster_ips.to_vec() });
+        for (r, v) in self.keep_checks_and_notes(key, out) {
+            self.count_endpoints(&v);
             let old = self.desired.services.insert(r.clone(), v);
             if let Some(d) = delta.as_deref_mut() {
                 d.services.entry(r).or_insert(old);

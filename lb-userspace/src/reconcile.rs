@@ -297,8 +297,10 @@ impl<'a> Planning<'a> {
     /// Room for every write a full plan of `desired` may queue: a full sync queues a
     /// million at 100 000 Services, and growing the queues copied each many times.
     fn reserve(&mut self, desired: &Desired) {
-        let endpoints: usize = desired.services.values().map(|s| s.backends.len() + s.kept.len()).sum();
-        let frontends: usize = desired.services.values().map(|s| s.frontends.len()).sum();
+        let (endpoints, frontends) = desired
+            .services
+            .values()
+            .fold((0, 0), |(e, f), s| (e + s.backends.len() + s.kept.len(), f + s.frontends.len()));
         self.set_backends.reserve(endpoints);
         self.set_members.reserve(endpoints);
         self.tables.reserve(desired.services.len());
