@@ -1,17 +1,23 @@
-//! Keeps the last good copy of each manifest file in the state folder, on a thread of its
-//! own, so that a restart while a file is broken still serves its objects.
+//! Keeps the last good copy of each manifest file in the state folder, off the sync loop, so
+//! that a restart while a file is broken still serves its objects.
 //!
-//! Why a thread, and why batched: creating a file costs far more than parsing one (about 40%
-//! of the agent's time when files were copied from the sync loop at 1 000 changes a second),
-//! and a batch written from the loop stalled syncs for hundreds of milliseconds. So copies
-//! are written at most once per `SAVE_EVERY`, only the latest version of each file, off the
-//! sync loop, at idle priority; the copies are at most that much behind (more while the CPU is
-//! busy), and up to date once the agent stops.
+//! Why batched, and why two threads: creating a file costs far more than parsing one (about
+//! 40% of the agent's time when files were copied from the sync loop at 1 000 changes a
+//! second), and a batch written from the loop stalled syncs for hundreds of milliseconds. So
+//! copies are written at most once per `SAVE_EVERY`, only the latest version of each file,
+//! at idle priority; the copies are at most that much behind (more while the CPU is busy),
+//! and up to date once the agent stops.
+//!
+//! The sync loop shares a lock with the collecting thread only, which runs at normal
+//! priority and holds it for a map insert or a `take`. The idle-priority writer never touches
+//! that lock: it is handed one batch at a time. (With the one thread at idle priority doing
+//! both, it was preempted while holding the lock whenever the CPU was busy, and the sync
+//! loop's next change waited for it: tens of milliseconds under a stream of changes.)
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Condvar, Mutex},
+    sync::{Arc, Condvar, Mutex, mpsc},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -19,7 +25,7 @@ use std::{
 /// How often the copies are brought up to date.
 pub const SAVE_EVERY: Duration = Duration::from_secs(1);
 
-/// The saving thread; dropping it writes what is still owed and waits for that.
+/// The collecting thread; dropping it writes what is still owed and waits for that.
 #[derive(Debug)]
 pub struct Saver {
     owed: Arc<(Mutex<Owed>, Condvar)>,
@@ -27,27 +33,44 @@ pub struct Saver {
 }
 
 /// The copies not written yet: the latest text of each file (`None`: to be removed). Kept by
-/// file, not queued by change, so it stays as small as the folder however far the thread
-/// falls behind.
+/// file, not queued by change, so it stays as small as the folder however far the writer
+/// falls behind (the writer holds at most one batch besides).
 #[derive(Debug, Default)]
 struct Owed {
     files: BTreeMap<PathBuf, Option<String>>,
     stopping: bool,
 }
 
+type Batch = BTreeMap<PathBuf, Option<String>>;
+
 impl Saver {
     pub fn start() -> std::io::Result<Self> {
+        let (to_writer, batches) = mpsc::sync_channel::<Batch>(0);
+        let writer = std::thread::Builder::new().name("manifest-writer".into()).spawn(move || {
+            lower_priority();
+            for batch in batches {
+                write(batch);
+            }
+        })?;
         let owed: Arc<(Mutex<Owed>, Condvar)> = Arc::default();
         let theirs = owed.clone();
-        let thread = std::thread::Builder::new().name("manifest-saver".into()).spawn(move || run(&theirs))?;
+        let thread = std::thread::Builder::new()
+            .name("manifest-saver".into())
+            .spawn(move || collect(&theirs, to_writer, writer))?;
         Ok(Saver { owed, thread: Some(thread) })
     }
 
     /// `to` is to hold `text` (or to go, for `None`).
     pub fn put(&self, to: PathBuf, text: Option<String>) {
         let (owed, wake) = &*self.owed;
-        lock(owed).files.insert(to, text);
-        wake.notify_one();
+        let mut o = lock(owed);
+        let first = o.files.is_empty();
+        o.files.insert(to, text);
+        drop(o);
+        // Later ones are picked up when the batch is due.
+        if first {
+            wake.notify_one();
+        }
     }
 }
 
@@ -66,13 +89,18 @@ fn lock(owed: &Mutex<Owed>) -> std::sync::MutexGuard<'_, Owed> {
     owed.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn run(shared: &(Mutex<Owed>, Condvar)) {
-    // Background work: the copies may lag, the sync loop must not. Under a stream of changes
-    // a second's copies take a good part of a core, which would otherwise delay syncs by tens
-    // of milliseconds. (Failing to lower it only costs that.)
+/// Background work: the copies may lag, the sync loop must not. Under a stream of changes a
+/// second's copies take a good part of a core, which would otherwise delay syncs by tens of
+/// milliseconds. (Failing to lower it only costs that.)
+fn lower_priority() {
     let idle = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 is this thread; a valid parameter struct.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
+}
+
+/// Gathers the owed copies and hands them to the writer once per `SAVE_EVERY` (at once when
+/// nothing was written for that long), and all that is left when the agent stops.
+fn collect(shared: &(Mutex<Owed>, Condvar), to_writer: mpsc::SyncSender<Batch>, writer: JoinHandle<()>) {
     let (owed, wake) = shared;
     let mut written = Instant::now().checked_sub(SAVE_EVERY).unwrap_or_else(Instant::now);
     loop {
@@ -93,9 +121,15 @@ fn run(shared: &(Mutex<Owed>, Condvar)) {
         }
         let (files, stopping) = (std::mem::take(&mut o.files), o.stopping);
         drop(o);
-        write(files);
+        // Waits, without the lock, until the writer has finished the previous batch: the
+        // owed map keeps collecting meanwhile.
+        if !files.is_empty() && to_writer.send(files).is_err() {
+            return;
+        }
         written = Instant::now();
         if stopping && lock(owed).files.is_empty() {
+            drop(to_writer);
+            let _ = writer.join();
             return;
         }
     }
