@@ -218,8 +218,7 @@ fn object(doc: serde_json::Value) -> Result<Option<(Object, Vec<String>)>, Strin
 /// A `v1/Endpoints` document: the EndpointSlices that mirror it (`endpoints::mirror`), and
 /// what to say about it.
 fn endpoints(doc: serde_json::Value) -> Result<(Vec<Object>, Vec<String>), String> {
-    let ep: k8s_openapi::api::core::v1::Endpoints =
-        serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let ep = k8s_openapi::api::core::v1::Endpoints::deserialize(&doc).map_err(|e| e.to_string())?;
     let what = format!(
         "Endpoints {}/{}",
         ep.metadata.namespace.as_deref().unwrap_or("default"),
@@ -245,7 +244,8 @@ fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(
     doc: &serde_json::Value,
     wrap: impl FnOnce(Arc<T>) -> Object,
 ) -> Result<(Object, serde_json::Value), String> {
-    let t: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    // Read from the document in place: a `from_value` would need a deep copy of it.
+    let t = T::deserialize(doc).map_err(|e| e.to_string())?;
     let known = serde_json::to_value(&t).map_err(|e| e.to_string())?;
     Ok((wrap(Arc::new(t)), known))
 }

@@ -201,6 +201,7 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
         fs::write(&kubeconfig, ApiStandIn::kubeconfig(api.addr))?;
         (Feed::Api(api), vec!["--kubeconfig".to_string(), kubeconfig.to_string_lossy().into_owned()])
     } else {
+        agent.manifests_in_memory()?;
         let dir = agent.work.join("manifests");
         for from in (0..n).step_by(1_000) {
             let mut text = String::new();
@@ -468,19 +469,43 @@ fn kernel_rules(
     result
 }
 
-pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Result<()> {
+/// The variants `--only` names (all when empty).
+fn chosen(only: &[String]) -> anyhow::Result<Vec<Variant>> {
+    let all = [
+        ("kube", Variant::Ours),
+        ("manifests", Variant::OursManifests),
+        ("iptables", Variant::Iptables),
+        ("nftables", Variant::Nftables),
+    ];
+    if only.is_empty() {
+        return Ok(all.iter().map(|(_, v)| *v).collect());
+    }
+    only.iter()
+        .map(|name| {
+            all.iter().find(|(n, _)| n == name).map(|(_, v)| *v).ok_or_else(|| {
+                anyhow::anyhow!("--only {name}: not a variant (kube, manifests, iptables, nftables)")
+            })
+        })
+        .collect()
+}
+
+pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32, only: &[String]) -> anyhow::Result<()> {
     ensure!(lb_tests::harness::privileged(), "bench churn needs root");
+    let variants = chosen(only)?;
     let bins = Bins::beside(&std::env::current_exe()?)?;
     let window = Duration::from_secs(if quick { 10 } else { 30 });
     let limit = Duration::from_secs(120);
     let mut rows: Vec<(u32, Variant, Option<Vec<Window>>)> = Vec::new();
     for &n in sweep {
         eprintln!("bench churn: {n} services × {ENDPOINTS} endpoints, {window:?} per rate ...");
-        rows.push((n, Variant::Ours, Some(ours(n, &bins, window, Variant::Ours)?)));
-        rows.push((n, Variant::OursManifests, Some(ours(n, &bins, window, Variant::OursManifests)?)));
-        rows.push((n, Variant::Iptables, kernel_rules(Variant::Iptables, n, window, limit)?));
-        let nft = if n <= nft_max { kernel_rules(Variant::Nftables, n, window, limit)? } else { None };
-        rows.push((n, Variant::Nftables, nft));
+        for &v in &variants {
+            let windows = match v {
+                Variant::Ours | Variant::OursManifests => Some(ours(n, &bins, window, v)?),
+                Variant::Nftables if n > nft_max => None,
+                Variant::Iptables | Variant::Nftables => kernel_rules(v, n, window, limit)?,
+            };
+            rows.push((n, v, windows));
+        }
     }
     report(quick, &out, window, nft_max, &rows)
 }
@@ -497,7 +522,7 @@ fn report(
     rows: &[(u32, Variant, Option<Vec<Window>>)],
 ) -> anyhow::Result<()> {
     let mut md = format!(
-        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond — an upper bound by one scan, whose median is the last column; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU (over the window and its drain) is the agent's, from {} s after its first sync (for the manifest source, after its copy of every file in its state folder); the manifest source reads each slice from a file of its own, replaced by a rename (its CPU includes the copies of the window's files it keeps in its state folder, written at idle priority, counted once they are written). Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all; a baseline whose sync takes over a minute is stopped there (\"stalled below\": the higher rates are not run).\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) | scan (ms) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench churn` — {}\n\nKernel {}. N Services × {ENDPOINTS} endpoints; EndpointSlice updates (a Service's slice moves to a new port: its 4 backends change) sent evenly at each rate for {} s. Latency: update sent → visible in the datapath (ours: the pinned backends, scanned every millisecond — an upper bound by one scan, whose median is the last column; iptables/nftables: the sync that applied it returned). Ours: the real agent on the kube source (API stand-in, watch events), map capacities for N Services plus {IN_FLIGHT} in flight; CPU (over the window and its drain) is the agent's, from {} s after its first sync (for the manifest source, after its copy of every file in its state folder); the manifest source reads each slice from a file of its own, replaced by a rename, in a folder on a tmpfs (on this VM's ext4 the generator's own writes and renames waited on the journal for tens of milliseconds; the agent's state folder stays on disk) (its CPU includes the copies of the window's files it keeps in its state folder, written at idle priority, counted once they are written). Baselines: kube-proxy's sync loop without a floor, one `iptables-restore --noflush` / `nft -f` per sync of all updates waiting; CPU is the tools' (nftables above {nft_max} Services and any load over 2 minutes: not run). An update not applied within {} s of the window's end counts as slower than all; a baseline whose sync takes over a minute is stopped there (\"stalled below\": the higher rates are not run).\n\n| services | variant | rate (/s) | updates | p50 (ms) | p99 (ms) | not applied | CPU (cores) | scan (ms) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
         super::kernel(),
         window.as_secs(),

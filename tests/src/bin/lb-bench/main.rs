@@ -134,6 +134,10 @@ enum Cmd {
         /// nft -f is run up to this many services (its full load is slow).
         #[arg(long, default_value_t = 10_000)]
         nft_max: u32,
+        /// Only these variants, comma-separated: kube, manifests, iptables, nftables (default:
+        /// all). To compare builds on one variant without the others' minutes.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Pod → ClusterIP → pod (local and remote backend): stream throughput, request/response
     /// and CPU, ours with and without host routing vs iptables, nftables and direct.
@@ -163,7 +167,9 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Conntrack { quick, out } => conntrack::run(quick, out),
         Cmd::Podpath { quick, out } => podpath::run(quick, out),
-        Cmd::Churn { quick, out, services, nft_max } => churn::run(quick, out, &services, nft_max),
+        Cmd::Churn { quick, out, services, nft_max, only } => {
+            churn::run(quick, out, &services, nft_max, &only)
+        }
         Cmd::Latency(s) => clients::latency(s.quick, s.out, &s.services, s.nft_max),
         Cmd::Connrate { quick, out } => clients::connrate(quick, out),
         Cmd::Throughput { quick, out } => forward::throughput(quick, out),

@@ -1,7 +1,7 @@
 //! `prog`: BPF_PROG_TEST_RUN cost per packet of `lb_xdp` — conntrack hit, new flow, no
 //! frontend — with 1 to 100 000 services loaded, for our object and, side by side in the
 //! same run, a baseline object (another revision, `--baseline REV`), beside an empty XDP
-//! program timed the same way (DESIGN.md §7): one run per call (repeat = 1, since with
+//! program timed the same way, in alternating turns (DESIGN.md §7): one run per call (repeat = 1, since with
 //! repeat > 1 the kernel re-runs the already rewritten packet), many calls, median of the
 //! kernel-reported durations, every return code checked, `kernel.bpf_stats_enabled` off and
 //! restored. Both objects are loaded and programmed the same way, through their maps by name
@@ -197,28 +197,81 @@ pub fn list_addresses(ebpf: &mut Ebpf, addrs: impl Iterator<Item = std::net::IpA
     Ok(())
 }
 
-fn measure(object: &[u8], tag: &str, services: u32, calls: u32) -> anyhow::Result<Costs> {
+/// Calls of one program in a row before the next program's turn: long enough to keep the
+/// caches the program would keep, short enough that a slow spell of the VM falls on every
+/// program alike.
+const BLOCK: u32 = 500;
+
+/// An object loaded and programmed for `services` services, its measured frontend's flow
+/// from the warm-up client opened.
+fn prepare(object: &[u8], tag: &str, services: u32, calls: u32) -> anyhow::Result<Variant> {
     let caps =
         loader::Capacities { frontends: services.max(1024), flows: 2 * calls + 4096, ..Default::default() };
     let t = Instant::now();
     let mut v = load(object, tag, &caps)?;
-    let target = services - 1;
-    program(&mut v.ebpf, services, target)?;
+    program(&mut v.ebpf, services, services - 1)?;
     eprintln!("  {tag}: loaded and programmed in {} ms", t.elapsed().as_millis());
-    let (dst, dport) = (vip(target), port(target));
     let prog: &Xdp = v.ebpf.program(loader::XDP_PROGRAM).unwrap().try_into()?;
-    let syn = Spec::tcp("198.18.100.1", 40000, &dst, dport);
-    ensure!(run_timed(prog, &syn.build()).0 == XDP_PASS, "{tag}: warm-up SYN not passed");
-    let ack = syn.clone().flags(TCP_ACK).build();
-    let hit = time(prog, calls, XDP_PASS, &mut |_| ack.clone())?;
+    let (dst, dport) = (vip(services - 1), port(services - 1));
+    ensure!(
+        run_timed(prog, &Spec::tcp("198.18.100.1", 40000, &dst, dport).build()).0 == XDP_PASS,
+        "{tag}: warm-up SYN not passed"
+    );
+    Ok(v)
+}
+
+/// Times `calls` single runs of each program, in turns of `BLOCK` calls (so the programs
+/// compared share the VM's good and bad moments), the packet of call `i` from `make(i)`;
+/// the median of each.
+fn alternating(progs: &[&Xdp], calls: u32, make: &mut dyn FnMut(u32) -> Vec<u8>) -> anyhow::Result<Vec<f64>> {
+    let mut d: Vec<Vec<u64>> = progs.iter().map(|_| Vec::with_capacity(calls as usize)).collect();
+    let mut start = 0;
+    while start < calls {
+        let end = (start + BLOCK).min(calls);
+        for (prog, d) in progs.iter().zip(&mut d) {
+            for i in start..end {
+                let (rc, _, ns) = run_timed(*prog, &make(i));
+                ensure!(rc == XDP_PASS, "call {i}: return code {rc}, expected {XDP_PASS}");
+                d.push(ns);
+            }
+        }
+        start = end;
+    }
+    Ok(d.into_iter().map(median).collect())
+}
+
+/// Ours, the baseline (if any) and the empty program at `services` services, each path timed
+/// for all of them in alternating turns.
+fn measure(
+    baseline: Option<&[u8]>,
+    empty: &Xdp,
+    services: u32,
+    calls: u32,
+) -> anyhow::Result<(f64, Costs, Option<Costs>)> {
+    let ours = prepare(loader::EBPF_OBJECT, "ours", services, calls)?;
+    let base = baseline.map(|obj| prepare(obj, "baseline", services, calls)).transpose()?;
+    fn xdp(v: &Variant) -> anyhow::Result<&Xdp> {
+        Ok(v.ebpf.program(loader::XDP_PROGRAM).context("lb_xdp")?.try_into()?)
+    }
+    let mut progs = vec![xdp(&ours)?];
+    if let Some(b) = &base {
+        progs.push(xdp(b)?);
+    }
+    let (dst, dport) = (vip(services - 1), port(services - 1));
+    let ack = Spec::tcp("198.18.100.1", 40000, &dst, dport).flags(TCP_ACK).build();
+    // The empty program takes its turns beside the hits.
+    let with_empty: Vec<&Xdp> = progs.iter().copied().chain([empty]).collect();
+    let mut hit = alternating(&with_empty, calls, &mut |_| ack.clone())?;
+    let empty_ns = hit.pop().unwrap_or(0.0);
     // A fresh 5-tuple on every call: source address and port both vary.
-    let new = time(prog, calls, XDP_PASS, &mut |i| {
+    let new = alternating(&progs, calls, &mut |i| {
         let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + (i / 50_000));
         Spec::tcp(&src.to_string(), 10_000 + (i % 50_000) as u16, &dst, dport).build()
     })?;
     let miss_pkt = Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).build();
-    let miss = time(prog, calls, XDP_PASS, &mut |_| miss_pkt.clone())?;
-    Ok(Costs { hit, new, miss })
+    let miss = alternating(&progs, calls, &mut |_| miss_pkt.clone())?;
+    let costs = |i: usize| Costs { hit: hit[i], new: new[i], miss: miss[i] };
+    Ok((empty_ns, costs(0), base.is_some().then(|| costs(1))))
 }
 
 /// Net of the empty program, at least 1 ns (a ratio needs a positive denominator).
@@ -251,13 +304,8 @@ pub fn run(
     let mut rows = Vec::new();
     for &n in sweep.iter().filter(|n| **n > 0) {
         eprintln!("bench prog: {n} services, {calls} calls per case ...");
-        let ours = measure(loader::EBPF_OBJECT, "ours", n, calls)?;
-        let baseline = match &base_object {
-            Some((_, obj)) => Some(measure(obj, "baseline", n, calls)?),
-            None => None,
-        };
-        let ack = Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).flags(TCP_ACK).build();
-        let empty = time(empty, calls, XDP_PASS, &mut |_| ack.clone())?;
+        let (empty, ours, baseline) =
+            measure(base_object.as_ref().map(|(_, obj)| obj.as_slice()), empty, n, calls)?;
         eprintln!(
             "  ours: hit {:.0} ns, new flow {:.0} ns, miss {:.0} ns; empty {:.0} ns{}",
             ours.hit,
@@ -314,7 +362,7 @@ pub fn run(
 
 fn report(rows: &[Row], quick: bool, calls: u32, baseline: Option<&str>) -> String {
     let mut md = format!(
-        "### `cargo xtask bench prog{}` — {}\n\nKernel {}, {} CPUs; BPF_PROG_TEST_RUN, repeat 1, median of {calls} calls per cell, `bpf_stats_enabled=0`. Net = minus the empty XDP program measured in the same run and row.{}\n\n",
+        "### `cargo xtask bench prog{}` — {}\n\nKernel {}, {} CPUs; BPF_PROG_TEST_RUN, repeat 1, median of {calls} calls per cell, `bpf_stats_enabled=0`; each path timed for every program in turns of {BLOCK} calls (ours, the baseline, and the empty program beside the hits), so a slow spell of the VM falls on all alike. Net = minus the empty XDP program measured in the same run and row.{}\n\n",
         baseline.map_or(String::new(), |b| format!(" --baseline {b}")),
         if quick { "quick" } else { "full" },
         crate::kernel(),

@@ -21,6 +21,8 @@ pub struct ScratchAgent {
     bpffs: PathBuf,
     lb: PathBuf,
     agent: Option<Child>,
+    /// `<work>/manifests` is a tmpfs of ours (`manifests_in_memory`), unmounted on drop.
+    manifests_tmpfs: bool,
 }
 
 impl ScratchAgent {
@@ -34,13 +36,32 @@ impl ScratchAgent {
         // A bpffs of our own, outside /sys: `ip netns exec` remounts /sys, so pins under it
         // would be invisible to this process.
         let bpffs = work.join("bpf");
-        let me =
-            ScratchAgent { ns, pin_dir: bpffs.join("lb"), work, bpffs, lb: bins.lb.clone(), agent: None };
+        let me = ScratchAgent {
+            ns,
+            pin_dir: bpffs.join("lb"),
+            work,
+            bpffs,
+            lb: bins.lb.clone(),
+            agent: None,
+            manifests_tmpfs: false,
+        };
         fs::create_dir_all(me.work.join("manifests"))?;
         fs::create_dir_all(&me.bpffs)?;
         let mounted = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&me.bpffs).status()?.success();
         ensure!(mounted, "mount -t bpf bpf {}", me.bpffs.display());
         Ok(me)
+    }
+
+    /// Puts the manifest folder on a tmpfs (before anything is written there): a generator
+    /// writing and renaming thousands of files a second on the disk's filesystem waits on its
+    /// journal, and that wait is the generator's, not the agent's. The state folder stays on
+    /// disk, as a node's would.
+    pub fn manifests_in_memory(&mut self) -> anyhow::Result<()> {
+        let dir = self.work.join("manifests");
+        let mounted = Command::new("mount").args(["-t", "tmpfs", "lb-bench"]).arg(&dir).status()?.success();
+        ensure!(mounted, "mount -t tmpfs lb-bench {}", dir.display());
+        self.manifests_tmpfs = true;
+        Ok(())
     }
 
     /// Starts the agent (node `bench`, capacities `caps`) with `source` (its `--manifests`
@@ -137,6 +158,9 @@ impl Drop for ScratchAgent {
             .output();
         let _ = fs::remove_dir_all(&self.pin_dir);
         let _ = Command::new("umount").arg(&self.bpffs).status();
+        if self.manifests_tmpfs {
+            let _ = Command::new("umount").arg(self.work.join("manifests")).status();
+        }
         let _ = fs::remove_dir_all(&self.work);
     }
 }
