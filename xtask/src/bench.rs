@@ -102,6 +102,9 @@ pub enum Which {
         /// Run nftables up to this many services (default 10000).
         #[arg(long)]
         nft_max: Option<u32>,
+        /// Only these variants, comma-separated: kube, manifests, iptables, nftables.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Pod → ClusterIP → pod in the lab (backend local and remote): iperf3 stream, request/
     /// response and CPU per byte and per request — ours with TC host routing and without,
@@ -135,6 +138,11 @@ fn bench_bin() -> Command {
 
 /// `lb-bench NAME --out DIR [--quick] [--services S] [--nft-max N]`.
 fn bench(name: &str, quick: bool, services: Option<String>, nft_max: Option<u32>) -> anyhow::Result<()> {
+    run_cmd(&mut bench_cmd(name, quick, services, nft_max))
+}
+
+/// The `lb-bench NAME` command line, to run or to add to.
+fn bench_cmd(name: &str, quick: bool, services: Option<String>, nft_max: Option<u32>) -> Command {
     let mut cmd = bench_bin();
     cmd.arg(name).arg("--out").arg(root().join("target/bench"));
     if quick {
@@ -146,7 +154,7 @@ fn bench(name: &str, quick: bool, services: Option<String>, nft_max: Option<u32>
     if let Some(n) = nft_max {
         cmd.arg("--nft-max").arg(n.to_string());
     }
-    run_cmd(&mut cmd)
+    cmd
 }
 
 /// The lab runs `lb` and `lb-serve` from the same target directory as lb-bench.
@@ -232,9 +240,13 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             build_lab_binaries()?;
             bench("connrate", quick, None, None)
         }
-        Which::Churn { quick, services, nft_max } => {
+        Which::Churn { quick, services, nft_max, only } => {
             build_lab_binaries()?;
-            bench("churn", quick, services, nft_max)
+            let mut cmd = bench_cmd("churn", quick, services, nft_max);
+            if let Some(o) = only {
+                cmd.arg("--only").arg(o);
+            }
+            run_cmd(&mut cmd)
         }
         Which::Podpath { quick } => {
             build_lab_binaries()?;
@@ -253,7 +265,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             run(Which::Latency { quick, services: None, nft_max: None })?;
             run(Which::Connrate { quick })?;
             run(Which::Podpath { quick })?;
-            run(Which::Churn { quick, services: None, nft_max: None })?;
+            run(Which::Churn { quick, services: None, nft_max: None, only: None })?;
             run(Which::Memory { quick, services: None })?;
             eprintln!("bench all: results in {}", root().join("target/bench").display());
             Ok(())
