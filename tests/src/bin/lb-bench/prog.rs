@@ -1,10 +1,10 @@
 //! `prog`: BPF_PROG_TEST_RUN cost per packet of `lb_xdp` — conntrack hit, new flow, no
 //! frontend — with 1 to 100 000 services loaded, for our object and, side by side in the
 //! same run, a baseline object (another revision, `--baseline REV`), beside an empty XDP
-//! program timed the same way, in alternating turns (DESIGN.md §7): one run per call (repeat = 1, since with
-//! repeat > 1 the kernel re-runs the already rewritten packet), many calls, median of the
-//! kernel-reported durations, every return code checked, `kernel.bpf_stats_enabled` off and
-//! restored. Both objects are loaded and programmed the same way, through their maps by name
+//! program timed the same way, in alternating turns (DESIGN.md §7): one run per call
+//! (repeat = 1, since with repeat > 1 the kernel re-runs the already rewritten packet), many
+//! calls, median of the kernel-reported durations, every return code checked,
+//! `kernel.bpf_stats_enabled` off and restored. Both objects are loaded and programmed the same way, through their maps by name
 //! (services, backends, Maglev, and memberships where the object has them), so a baseline
 //! with another flow-table layout is timed fairly.
 
@@ -52,18 +52,6 @@ impl Drop for StatsOff {
 pub fn median(mut v: Vec<u64>) -> f64 {
     v.sort_unstable();
     v[v.len() / 2] as f64
-}
-
-/// Times `calls` single runs of `prog`, packet from `make(i)`, checking each return code.
-fn time(prog: &Xdp, calls: u32, want_rc: u32, make: &mut dyn FnMut(u32) -> Vec<u8>) -> anyhow::Result<f64> {
-    let mut d = Vec::with_capacity(calls as usize);
-    for i in 0..calls {
-        let pkt = make(i);
-        let (rc, _, ns) = run_timed(prog, &pkt);
-        ensure!(rc == want_rc, "call {i}: return code {rc}, expected {want_rc}");
-        d.push(ns);
-    }
-    Ok(median(d))
 }
 
 fn vip(i: u32) -> String {
@@ -323,9 +311,9 @@ pub fn run(
     let check = crate::source_check::measure(calls)?;
     eprintln!("bench prog: the reject path with and without a monitor ...");
     let (unwatched, watched) = crate::monitor_cost::measure(calls)?;
-    let floor = time(empty, calls, XDP_PASS, &mut |_| {
+    let floor = alternating(&[empty], calls, &mut |_| {
         Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).flags(TCP_ACK).build()
-    })?;
+    })?[0];
     let mut md = report(&rows, quick, calls, baseline.as_ref().map(|(n, _)| n.as_str()));
     let case = |what: &str, (on, off): (f64, f64)| {
         format!("{what} {on:.0} ns with it, {off:.0} ns without, {:.2}× gross", on / off)
