@@ -92,11 +92,15 @@ impl Applied {
     /// Reads the state back from the maps.
     pub fn read(dp: &impl Dataplane) -> Result<Self, DataplaneError> {
         let services: BTreeMap<_, _> = dp.services()?.into_iter().collect();
+        // Read in ascending offsets: the array is mapped a window at a time.
+        let ranges: BTreeMap<u32, u32> = services
+            .values()
+            .filter(|v| v.maglev_size > 0)
+            .map(|v| (v.maglev_offset, v.maglev_size))
+            .collect();
         let mut tables = BTreeMap::new();
-        for v in services.values().filter(|v| v.maglev_size > 0) {
-            if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(v.maglev_offset) {
-                e.insert(Table::new(&dp.read_maglev(v.maglev_offset, v.maglev_size)?));
-            }
+        for (offset, size) in ranges {
+            tables.insert(offset, Table::new(&dp.read_maglev(offset, size)?));
         }
         let backends: BTreeMap<u32, BackendValue> = dp.backends()?.into_iter().collect();
         let members: BTreeMap<MemberKey, MemberValue> = dp.members()?.into_iter().collect();

@@ -13,7 +13,11 @@ use aya::maps::{
 };
 use std::os::fd::AsFd as _;
 
-use crate::{compact_table::Table, fast_hash};
+use crate::{
+    compact_table::Table,
+    fast_hash,
+    mmap_array::{MmapArray, WindowedArray},
+};
 use ipnet::IpNet;
 use lb_common::{abi::*, maps, verdict::Reason};
 
@@ -23,8 +27,8 @@ pub enum DataplaneError {
     Open { path: PathBuf, source: aya::maps::MapError },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: aya::maps::MapError },
-    #[error("mapping the Maglev array: {0}")]
-    Mmap(std::io::Error),
+    #[error("map {map}: mapping it into memory: {source}")]
+    Mmap { map: &'static str, source: std::io::Error },
     #[error("map {map}: writing an entry: {source}")]
     Write { map: &'static str, source: std::io::Error },
     #[error("map {map}: index {index} out of range (capacity {capacity})")]
@@ -135,8 +139,8 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError 
 pub struct AyaDataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, BackendValue>,
-    maglev: MmapArray,
-    backends_view: MmapArray,
+    maglev: WindowedArray,
+    backends_view: WindowedArray,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     flow_capacity: u32,
     members: HashMap<MapData, MemberKey, MemberValue>,
@@ -175,8 +179,8 @@ impl AyaDataplane {
                 .map_err(map_err(maps::SERVICES))?,
             backends: Array::try_from(Map::Array(open(pin_dir, maps::BACKENDS)?))
                 .map_err(map_err(maps::BACKENDS))?,
-            maglev: MmapArray::slots(open(pin_dir, maps::MAGLEV)?, maps::MAGLEV, size_of::<u32>())?,
-            backends_view: MmapArray::new(open(pin_dir, maps::BACKENDS)?, maps::BACKENDS)?,
+            maglev: WindowedArray::slots(open(pin_dir, maps::MAGLEV)?, maps::MAGLEV, size_of::<u32>())?,
+            backends_view: WindowedArray::new(open(pin_dir, maps::BACKENDS)?, maps::BACKENDS)?,
             conntrack: HashMap::try_from(Map::HashMap(conntrack)).map_err(map_err(maps::CONNTRACK))?,
             flow_capacity,
             members: HashMap::try_from(Map::HashMap(open(pin_dir, maps::MEMBERS)?))
@@ -220,11 +224,7 @@ impl AyaDataplane {
 
     /// Writes `len` slots of the Maglev array from `offset`, after checking they fit.
     fn write_slots(&mut self, offset: u32, len: u32, ids: impl Iterator<Item = u32>) -> Result<()> {
-        self.maglev.check(offset, len)?;
-        for (i, id) in ids.enumerate() {
-            self.maglev.write(offset + i as u32, id);
-        }
-        Ok(())
+        self.maglev.write_run(offset, len, ids)
     }
 
     /// Sets `addr`'s bit in the address pre-filter (`lb_common::addr_filter`): done before any
@@ -266,6 +266,12 @@ impl AyaDataplane {
     /// The addresses listed since the last call.
     pub fn take_listed(&mut self) -> fast_hash::Set<Addr> {
         std::mem::take(&mut self.listed)
+    }
+
+    /// Bytes of the maps mapped into this process now: the address pre-filter, and at most a
+    /// window of the Maglev and backend arrays (`mmap_array`).
+    pub fn mapped_bytes(&self) -> usize {
+        self.addr_filter.bytes() + self.maglev.mapped_bytes() + self.backends_view.mapped_bytes()
     }
 
     /// Bits set in the address pre-filter.
@@ -386,10 +392,10 @@ impl AyaDataplane {
 
     /// Backend `id`'s entry, if it is in use.
     pub fn backend(&self, id: u32) -> Option<BackendValue> {
-        if id >= self.backends_view.len {
+        if id >= self.backends_view.len() {
             return None;
         }
-        let v: BackendValue = self.backends_view.read(id);
+        let v: BackendValue = self.backends_view.read(id).ok()?;
         (v.flags & BE_F_PRESENT != 0).then_some(v)
     }
 
@@ -467,17 +473,19 @@ impl Dataplane for AyaDataplane {
     }
 
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
-        Ok((0..self.backends_view.len)
-            .filter_map(|i| {
-                let v: BackendValue = self.backends_view.read(i);
-                (v.flags & BE_F_PRESENT != 0).then_some((i, v))
-            })
-            .collect())
+        let mut present = Vec::new();
+        self.backends_view.read_run(0, self.backends_view.len(), |i, v: BackendValue| {
+            if v.flags & BE_F_PRESENT != 0 {
+                present.push((i, v));
+            }
+        })?;
+        Ok(present)
     }
 
     fn read_maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
-        self.maglev.check(offset, len)?;
-        Ok((offset..offset + len).map(|i| self.maglev.read::<u32>(i)).collect())
+        let mut ids = Vec::with_capacity(len as usize);
+        self.maglev.read_run(offset, len, |_, id: u32| ids.push(id))?;
+        Ok(ids)
     }
 
     fn allow_source(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
@@ -521,101 +529,16 @@ impl Dataplane for AyaDataplane {
     /// Through the array's mapping: no syscall at all.
     fn set_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<()> {
         for (id, v) in entries {
-            self.backends_view.check(*id, 1)?;
             if v.flags & BE_F_PRESENT != 0 {
                 self.list_address(&v.addr);
             }
-            self.backends_view.write(*id, *v);
+            self.backends_view.write(*id, *v)?;
         }
         Ok(())
     }
 
     fn set_members(&mut self, entries: &[(MemberKey, MemberValue)]) -> Result<()> {
         hash_batch(self.members_fd.fd().as_fd(), maps::MEMBERS, entries)
-    }
-}
-
-/// A BPF array mapped into our address space (the map is `BPF_F_MMAPABLE`). The kernel lays
-/// elements out `round_up(value_size, 8)` bytes apart.
-///
-/// The Maglev array is written through it: a table of 401 slots is one memcpy, a full sync of
-/// 100 000 services takes milliseconds instead of 40 million syscalls; readers in the kernel
-/// see each slot change atomically, and a table is written into a range no frontend points
-/// at yet. The backend array is read through it: a scan of 262 144 entries is a memory walk,
-/// not 262 144 syscalls.
-pub struct MmapArray {
-    ptr: *mut u8,
-    /// Values addressed (elements, or slots of `slots`).
-    len: u32,
-    stride: usize,
-    bytes: usize,
-    name: &'static str,
-    _map: MapData,
-}
-
-impl MmapArray {
-    /// Addressed by element.
-    fn new(map: MapData, name: &'static str) -> Result<Self> {
-        Self::mapped(map, name, None)
-    }
-
-    /// Addressed by slot: each element holds several `slot`-byte values side by side (the
-    /// Maglev array's two ids), so slot `i` is at byte `i * slot`.
-    fn slots(map: MapData, name: &'static str, slot: usize) -> Result<Self> {
-        Self::mapped(map, name, Some(slot))
-    }
-
-    fn mapped(map: MapData, name: &'static str, slot: Option<usize>) -> Result<Self> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        let info = map.info().map_err(map_err(name))?;
-        // The kernel keeps each value 8-byte aligned.
-        let element = (info.value_size() as usize).next_multiple_of(8);
-        let stride = slot.unwrap_or(element);
-        let len = (info.max_entries() as usize * element / stride) as u32;
-        let bytes = (info.max_entries() as usize * element).next_multiple_of(4096);
-        // SAFETY: mapping a BPF array fd we own, shared, for its whole size.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
-        }
-        Ok(MmapArray { ptr: ptr.cast(), len, stride, bytes, name, _map: map })
-    }
-
-    fn check(&self, offset: u32, n: u32) -> Result<()> {
-        let end = offset as u64 + n as u64;
-        if end > self.len as u64 {
-            return Err(DataplaneError::OutOfRange { map: self.name, index: end as u32, capacity: self.len });
-        }
-        Ok(())
-    }
-
-    /// Element `i` (checked by the caller).
-    fn read<T: Copy>(&self, i: u32) -> T {
-        debug_assert!(i < self.len && std::mem::size_of::<T>() <= self.stride);
-        // SAFETY: inside the mapping; T is a plain value type of at most `stride` bytes.
-        unsafe { self.ptr.add(i as usize * self.stride).cast::<T>().read_unaligned() }
-    }
-
-    fn write<T: Copy>(&mut self, i: u32, v: T) {
-        debug_assert!(i < self.len && std::mem::size_of::<T>() <= self.stride);
-        // SAFETY: as in `read`.
-        unsafe { self.ptr.add(i as usize * self.stride).cast::<T>().write_unaligned(v) }
-    }
-}
-
-impl Drop for MmapArray {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `mapped` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
     }
 }
 

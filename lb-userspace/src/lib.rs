@@ -22,6 +22,7 @@ pub mod loader;
 pub mod logging;
 pub mod maglev;
 pub mod memory;
+pub mod mmap_array;
 pub mod model;
 pub mod netlink;
 pub mod objects;

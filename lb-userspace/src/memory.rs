@@ -12,8 +12,8 @@ pub struct ProcessMemory {
     /// `VmRSS`.
     pub resident_bytes: u64,
     /// `RssAnon`: its heap and stacks, without the file-backed pages it maps. The agent
-    /// writes the Maglev and backend arrays through `mmap`, so their pages show in `VmRSS`
-    /// although they are the maps' kernel memory.
+    /// writes the Maglev and backend arrays through `mmap` (a window at a time), so those
+    /// pages show in `VmRSS` although they are the maps' kernel memory.
     pub anonymous_bytes: u64,
 }
 
@@ -35,6 +35,20 @@ pub fn return_freed() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Bytes this process's allocator has handed out and not had back (`mallinfo2`: in its
+/// arenas plus its own mappings). Beside `RssAnon` it tells live data from the allocator's
+/// free space and overhead.
+pub fn heap_in_use() -> Option<u64> {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        Some((info.uordblks + info.hblkhd) as u64)
+    }
+    #[cfg(not(target_env = "gnu"))]
+    None
 }
 
 /// The kernel memory of the map pinned at `pin`, in bytes.

@@ -7,6 +7,11 @@ pub fn insert<T: Ord>(v: &mut Vec<T>, x: T) -> bool {
     match v.binary_search(&x) {
         Ok(_) => false,
         Err(at) => {
+            // Most sets hold one item for good: room for exactly that one, where the first
+            // push would make room for four.
+            if v.is_empty() {
+                v.reserve_exact(1);
+            }
             v.insert(at, x);
             true
         }

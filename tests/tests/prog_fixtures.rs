@@ -947,6 +947,39 @@ fn a_one_slot_per_element_maglev_array_migrates_packed() {
     assert!(!l.pin_dir.join("migrating").exists(), "old pins removed");
 }
 
+/// The Maglev array is mapped a window at a time: tables written in any order, across window
+/// boundaries and at the array's end, read back the same through another opening of the maps
+/// (and through one read wider than a window), and no more than a window stays mapped.
+#[test]
+fn maglev_tables_written_through_windows_read_back_and_stay_unmapped() {
+    use lb_userspace::mmap_array::WINDOW;
+    require_root!();
+    let mut l = Loaded::new();
+    let slots = 1u32 << 20; // `Loaded::new`'s array: 4 MB, four windows
+    let per_window = (WINDOW / 4) as u32;
+    let offsets = [slots - 401, 0, per_window - 200, 3 * per_window - 1, 401, 2 * per_window + 7];
+    let table = |k: usize| (0..401u32).map(|i| (k as u32 + 1) * 1000 + i).collect::<Vec<_>>();
+    let base = l.dp.mapped_bytes(); // the address pre-filter, mapped whole
+    for (k, off) in offsets.iter().enumerate() {
+        l.dp.write_maglev(*off, &table(k)).unwrap();
+        assert!(l.dp.mapped_bytes() <= base + WINDOW, "{} bytes mapped", l.dp.mapped_bytes());
+    }
+    let dp = lb_userspace::dataplane::AyaDataplane::open(&l.pin_dir).unwrap();
+    for (k, off) in offsets.iter().enumerate() {
+        assert_eq!(dp.read_maglev(*off, 401).unwrap(), table(k), "table at slot {off}");
+    }
+    let whole = dp.read_maglev(0, slots).unwrap();
+    for (k, off) in offsets.iter().enumerate() {
+        assert_eq!(
+            whole[*off as usize..*off as usize + 401],
+            table(k)[..],
+            "table at slot {off}, read whole"
+        );
+    }
+    assert!(dp.mapped_bytes() <= base + WINDOW, "a wide read is not kept mapped");
+    assert!(dp.read_maglev(slots - 400, 401).is_err(), "past the end");
+}
+
 /// A pin this build cannot carry over is refused, naming the map: never reused blindly.
 #[test]
 fn an_incompatible_pin_is_refused_by_name() {

@@ -9,6 +9,7 @@
 //! capacities (`--max-services`, `--max-backends`), never by traffic.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex, atomic::AtomicU64},
@@ -261,10 +262,53 @@ impl AgentMetrics {
 }
 
 /// One series of a datapath metric: its labels and value.
-type Row = (Labels, u64);
+type Row = (RowLabels, u64);
 
-/// The datapath's series, and when they were read.
-type Snapshot = (Instant, Arc<Vec<Series>>);
+/// A datapath series' labels as the cache keeps them: compact (a read at 100 000 Services
+/// holds 200 000 rows, and label strings made at read time cost a kilobyte per Service
+/// until the next scrape); names and addresses are written out when a scrape encodes them.
+#[derive(Debug)]
+enum RowLabels {
+    None,
+    One(&'static str, &'static str),
+    Backend(std::net::IpAddr, u16),
+    /// A service id, and a frontend of it whose Service names it (`names`).
+    Service {
+        id: u32,
+        frontend: (std::net::IpAddr, u16, u8),
+    },
+}
+
+impl RowLabels {
+    fn encoded<'a>(
+        &self,
+        names: &'a BTreeMap<String, report::FrontendName>,
+    ) -> Vec<(&'static str, Cow<'a, str>)> {
+        match *self {
+            RowLabels::None => vec![],
+            RowLabels::One(name, value) => vec![(name, value.into())],
+            RowLabels::Backend(ip, port) => vec![("backend", format!("{ip}:{port}").into())],
+            RowLabels::Service { id, frontend } => {
+                let (ip, port, proto) = frontend;
+                let mut labels = match names.get(&report::frontend_key(ip, Some((port, proto)))) {
+                    Some(n) => vec![
+                        ("namespace", n.namespace.as_str().into()),
+                        ("service", n.service.as_str().into()),
+                        ("port", n.port.as_str().into()),
+                        ("protocol", proto_name(proto).into()),
+                    ],
+                    None => vec![],
+                };
+                labels.push(("service_id", id.to_string().into()));
+                labels
+            }
+        }
+    }
+}
+
+/// The datapath's series, the names they were read with, and when.
+type Snapshot = (Instant, Arc<(Vec<Series>, Names)>);
+type Names = Arc<BTreeMap<String, report::FrontendName>>;
 
 /// A datapath metric as read from the maps.
 struct Series {
@@ -296,13 +340,13 @@ impl Datapath {
 
     /// The series, read again when the last read is older than `DATAPATH_CACHE`. Concurrent
     /// scrapes wait for one read.
-    fn series(&self) -> Arc<Vec<Series>> {
+    fn series(&self) -> Arc<(Vec<Series>, Names)> {
         let mut cache = lock(&self.cache);
         if let Some((_, s)) = cache.as_ref().filter(|(at, _)| at.elapsed() < DATAPATH_CACHE) {
             return s.clone();
         }
         let names = lock(&self.names).clone();
-        let s = Arc::new(read_datapath(&self.pin_dir, &names));
+        let s = Arc::new((read_datapath(&self.pin_dir), names));
         *cache = Some((Instant::now(), s.clone()));
         s
     }
@@ -310,10 +354,13 @@ impl Datapath {
 
 impl Collector for Datapath {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for s in self.series().iter() {
+        let cached = self.series();
+        let (series, names) = &*cached;
+        for s in series {
             let mut metric = encoder.encode_descriptor(s.name, s.help, None, s.kind)?;
             for (labels, v) in &s.rows {
-                let one = metric.encode_family(labels)?;
+                let labels = labels.encoded(names);
+                let one = metric.encode_family(&labels)?;
                 match s.kind {
                     MetricType::Counter => ConstCounter::new(*v).encode(one)?,
                     _ => ConstGauge::new(*v as i64).encode(one)?,
@@ -324,27 +371,33 @@ impl Collector for Datapath {
     }
 }
 
-/// Reads the datapath's figures from the pinned maps; per-Service series labelled with the
-/// Service of one of the id's frontends (`names`).
-fn read_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::FrontendName>) -> Vec<Series> {
+/// Reads the datapath's figures from the pinned maps; per-Service series name a frontend
+/// of their id, to be labelled with its Service.
+fn read_datapath(pin_dir: &std::path::Path) -> Vec<Series> {
     let counter = |name, help, rows| Series { name, help, kind: MetricType::Counter, rows };
     let gauge = |name, help, rows| Series { name, help, kind: MetricType::Gauge, rows };
     let mut out = Vec::new();
     let own = crate::memory::of_process("self");
-    let resident = own.map(|m| (vec![], m.resident_bytes)).into_iter().collect();
+    let resident = own.map(|m| (RowLabels::None, m.resident_bytes)).into_iter().collect();
     out.push(gauge("lb_agent_resident_bytes", "The agent's resident memory (VmRSS)", resident));
-    let anonymous = own.map(|m| (vec![], m.anonymous_bytes)).into_iter().collect();
+    let anonymous = own.map(|m| (RowLabels::None, m.anonymous_bytes)).into_iter().collect();
     out.push(gauge(
         "lb_agent_anonymous_bytes",
         "The agent's own resident memory (RssAnon: VmRSS without the map pages it mmaps)",
         anonymous,
     ));
+    let heap = crate::memory::heap_in_use().map(|b| (RowLabels::None, b)).into_iter().collect();
+    out.push(gauge(
+        "lb_agent_heap_in_use_bytes",
+        "The agent's heap in use (allocated and not freed; RssAnon less this is the allocator's free space and overhead)",
+        heap,
+    ));
     let Ok(dp) = AyaDataplane::open(pin_dir) else { return out };
     let (mut packets, mut bytes) = (Vec::new(), Vec::new());
     for r in Reason::ALL {
         if let Ok(c) = dp.reason_counter(r) {
-            packets.push((label("reason", r.name()), c.packets));
-            bytes.push((label("reason", r.name()), c.bytes));
+            packets.push((RowLabels::One("reason", r.name()), c.packets));
+            bytes.push((RowLabels::One("reason", r.name()), c.bytes));
         }
     }
     out.push(counter("lb_packets", "Packets by datapath verdict reason", packets));
@@ -352,7 +405,7 @@ fn read_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::Fro
     let forwarded = [(XDP_FWD_REDIRECTED, "redirected"), (XDP_FWD_TX, "tx"), (XDP_FWD_TO_STACK, "to_stack")]
         .into_iter()
         .filter_map(|(slot, result)| {
-            Some((label("result", result), dp.xdp_forward_counter(slot).ok()?.packets))
+            Some((RowLabels::One("result", result), dp.xdp_forward_counter(slot).ok()?.packets))
         })
         .collect();
     out.push(counter(
@@ -363,7 +416,7 @@ fn read_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::Fro
     let routed = [(HOST_ROUTE_PEER, "peer"), (HOST_ROUTE_NEIGH, "neigh"), (HOST_ROUTE_TO_STACK, "to_stack")]
         .into_iter()
         .filter_map(|(slot, result)| {
-            Some((label("result", result), dp.host_routing_counter(slot).ok()?.packets))
+            Some((RowLabels::One("result", result), dp.host_routing_counter(slot).ok()?.packets))
         })
         .collect();
     out.push(counter(
@@ -373,7 +426,9 @@ fn read_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::Fro
     ));
     let events = [(EVENTS_SENT, "sent"), (EVENTS_LOST, "lost")]
         .into_iter()
-        .filter_map(|(slot, result)| Some((label("result", result), dp.events_counter(slot).ok()?.packets)))
+        .filter_map(|(slot, result)| {
+            Some((RowLabels::One("result", result), dp.events_counter(slot).ok()?.packets))
+        })
         .collect();
     out.push(counter(
         "lb_monitor_events",
@@ -382,38 +437,28 @@ fn read_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::Fro
     ));
     let maps = lb_common::maps::ALL
         .iter()
-        .filter_map(|name| Some((label("map", name), crate::memory::map_bytes(&pin_dir.join(name))?)))
+        .filter_map(|name| {
+            Some((RowLabels::One("map", name), crate::memory::map_bytes(&pin_dir.join(name))?))
+        })
         .collect();
     out.push(gauge("lb_map_memory_bytes", "Kernel memory of each pinned map (its fdinfo memlock)", maps));
     out.push(gauge(
         "lb_address_filter_bits",
         "Bits set in the address pre-filter (of 1048576): frontend, backend and live-flow addresses, less hash collisions",
-        vec![(vec![], u64::from(dp.address_filter_bits()))],
+        vec![(RowLabels::None, u64::from(dp.address_filter_bits()))],
     ));
     // Each service id with the Service (namespace, name, port, protocol) of a frontend of
     // it. The id stays a label: a port has one id per scope (cluster, external) and IP
     // family, so the names alone could repeat.
-    let mut ids: BTreeMap<u32, Labels> = BTreeMap::new();
+    let mut ids: BTreeMap<u32, (std::net::IpAddr, u16, u8)> = BTreeMap::new();
     for (k, v) in dp.services().unwrap_or_default() {
-        let labels = ids.entry(v.service_id).or_default();
-        if !labels.is_empty() {
-            continue;
-        }
-        if let Some(n) = names.get(&report::frontend_key(k.ip(), Some((k.port(), k.proto)))) {
-            *labels = vec![
-                ("namespace".into(), n.namespace.clone()),
-                ("service".into(), n.service.clone()),
-                ("port".into(), n.port.clone()),
-                ("protocol".into(), proto_name(k.proto).into()),
-            ];
-        }
+        ids.entry(v.service_id).or_insert((k.ip(), k.port(), k.proto));
     }
     let services = ids
         .into_iter()
-        .filter_map(|(id, mut labels)| {
+        .filter_map(|(id, frontend)| {
             let c = dp.service_counter(id).ok()?;
-            labels.push(("service_id".into(), id.to_string()));
-            Some((labels, c.packets))
+            Some((RowLabels::Service { id, frontend }, c.packets))
         })
         .collect();
     out.push(counter(
@@ -426,7 +471,7 @@ fn read_datapath(pin_dir: &std::path::Path, names: &BTreeMap<String, report::Fro
         .unwrap_or_default()
         .into_iter()
         .filter_map(|(id, b)| {
-            Some((label("backend", format!("{}:{}", b.ip(), b.port())), dp.backend_counter(id).ok()?.packets))
+            Some((RowLabels::Backend(b.ip(), b.port()), dp.backend_counter(id).ok()?.packets))
         })
         .collect();
     out.push(counter("lb_backend_packets", "Packets per backend", backends));

@@ -30,6 +30,9 @@ struct Row {
     /// mostly the pages of the maps it writes through `mmap` (the Maglev and backend
     /// arrays), which are the maps' kernel memory counted again.
     anon: u64,
+    /// What the agent's allocator has handed out and not had back (`mallinfo2`): `anon`
+    /// less this is the allocator's free space and overhead, stacks and the runtime.
+    heap_in_use: u64,
     peak: u64,
     maps_total: u64,
     maps_scaled: u64,
@@ -98,18 +101,22 @@ fn one(n: u32, bins: &Bins) -> anyhow::Result<Row> {
     let manifests = agent.work.join("manifests").to_string_lossy().into_owned();
     let t0 = agent.start(&capacities(n).0, &["--manifests", &manifests], &[])?;
     let sync_s = agent.wait_synced(n, t0, Duration::from_secs(300))?;
-    // Settled: what the agent keeps, once the parse's buffers are freed.
+    // Settled: what the agent keeps, once the parse's buffers are freed, and scraped once
+    // (as Prometheus would: the datapath's series stay cached until the next scrape).
     std::thread::sleep(Duration::from_secs(2));
+    ensure!(agent.metric("lb_agent_resident_bytes").is_some(), "no /metrics from the agent");
+    std::thread::sleep(Duration::from_millis(1100));
     let rss = agent.status_kib("VmRSS:").unwrap_or(0) * 1024;
     let anon = agent.status_kib("RssAnon:").unwrap_or(0) * 1024;
     let peak = agent.status_kib("VmHWM:").unwrap_or(0) * 1024;
+    let heap_in_use = agent.metric("lb_agent_heap_in_use_bytes").unwrap_or(0);
     let bytes = |name: &str| lb_userspace::memory::map_bytes(&agent.pin_dir.join(name)).unwrap_or(0);
     let maps_total = lb_common::maps::ALL.iter().map(|m| bytes(m)).sum();
     let maps_scaled = PER_SERVICE_MAPS.iter().map(|m| bytes(m)).sum();
     agent.stop()?;
     ensure!(rss > 0, "no VmRSS for the agent");
     let heap = heap(n, &agent.work.join("manifests"))?;
-    Ok(Row { services: n, rss, anon, peak, maps_total, maps_scaled, sync_s, heap })
+    Ok(Row { services: n, rss, anon, heap_in_use, peak, maps_total, maps_scaled, sync_s, heap })
 }
 
 pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
@@ -133,7 +140,7 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
     }
     let kb = |b: f64| b / 1000.0;
     let mut md = format!(
-        "### `cargo xtask bench memory` — {}\n\nKernel {}. The real `lb agent` on manifest files (5 000 Services each) of N Services × {ENDPOINTS} endpoints (ClusterIP, one EndpointSlice each), map capacities sized for N; resident set 2 s after the first full sync, peak = VmHWM (the parse). Map memory = fdinfo `memlock`; \"per Service\" counts the maps that grow with Services ({}), not the flow table. Cilium's Maglev alone: ~65 KB per Service.\n\n| services | agent RSS (MiB) | peak (MiB) | RSS per Service (KB) | maps total (MiB) | Service maps (MiB) | per Service (KB) | vs Cilium Maglev | first sync (s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench memory` — {}\n\nKernel {}. The real `lb agent` on manifest files (5 000 Services each) of N Services × {ENDPOINTS} endpoints (ClusterIP, one EndpointSlice each), map capacities sized for N; resident set 2 s after the first full sync and one scrape of `/metrics`, peak = VmHWM (the parse). Map memory = fdinfo `memlock`; \"per Service\" counts the maps that grow with Services ({}), not the flow table. Cilium's Maglev alone: ~65 KB per Service.\n\n| services | agent RSS (MiB) | peak (MiB) | RSS per Service (KB) | maps total (MiB) | Service maps (MiB) | per Service (KB) | vs Cilium Maglev | first sync (s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
         super::kernel(),
         PER_SERVICE_MAPS.join(", "),
@@ -154,12 +161,12 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
             r.sync_s
         );
     }
-    md.push_str("\nWhere the agent's heap goes: bytes live per Service after each stage of a first sync, counted by lb-bench's allocator running the agent's own code on the same files (the resident set adds the allocator's headers and free space, the runtime, and, file-backed, the pages of the maps the agent writes through `mmap`: kernel memory counted again; \"anonymous\" is the agent's own part).\n\n| services | source objects (KB) | Model (KB) | planner's record (KB) | sum (KB) | agent RSS (KB) | of it anonymous (KB) |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("\nWhere the agent's heap goes: bytes live per Service after each stage of a first sync, counted by lb-bench's allocator running the agent's own code on the same files (the resident set adds the allocator's headers and free space, the runtime, and, file-backed, the pages of the maps the agent writes through `mmap`: kernel memory counted again; \"anonymous\" is the agent's own part).\n\n| services | source objects (KB) | Model (KB) | planner's record (KB) | sum (KB) | agent RSS (KB) | of it anonymous (KB) | the agent's heap in use (KB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in &rows {
         let h = &r.heap;
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.services,
             kb(h.source),
             kb(h.model),
@@ -167,6 +174,7 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
             kb(h.source + h.model + h.applied),
             kb(r.rss as f64 / f64::from(r.services)),
             kb(r.anon as f64 / f64::from(r.services)),
+            kb(r.heap_in_use as f64 / f64::from(r.services)),
         );
     }
     if let Some(r) = rows.iter().max_by_key(|r| r.services) {
@@ -190,7 +198,7 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
     let j = json!({
         "kernel": super::kernel(),
         "rows": rows.iter().map(|r| json!({
-            "services": r.services, "agent_rss_bytes": r.rss, "agent_anon_bytes": r.anon, "agent_peak_bytes": r.peak,
+            "services": r.services, "agent_rss_bytes": r.rss, "agent_anon_bytes": r.anon, "agent_heap_in_use_bytes": r.heap_in_use, "agent_peak_bytes": r.peak,
             "maps_bytes": r.maps_total, "service_maps_bytes": r.maps_scaled, "first_sync_s": r.sync_s,
             "heap_per_service_bytes": {"source": r.heap.source, "model": r.heap.model, "applied": r.heap.applied},
         })).collect::<Vec<_>>(),

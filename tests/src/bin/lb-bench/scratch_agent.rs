@@ -122,6 +122,16 @@ impl ScratchAgent {
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
+    /// The value of `series` (name and labels) on the agent's `/metrics` page.
+    pub fn metric(&self, series: &str) -> Option<u64> {
+        let url = "http://127.0.0.1:10249/metrics";
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns.0, "curl", "-s", "--max-time", "5", url])
+            .output()
+            .ok()?;
+        lb_tests::lab::Lab::metric(&String::from_utf8_lossy(&out.stdout), series)
+    }
+
     /// The agent's CPU time so far (user + system), in seconds.
     pub fn cpu_seconds(&self) -> f64 {
         let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
