@@ -61,6 +61,9 @@ struct Mapping {
 }
 
 impl Mapping {
+    /// Covers nothing: for empty ranges, which read and write nothing.
+    const EMPTY: Mapping = Mapping { ptr: std::ptr::null_mut(), start: 0, bytes: 0 };
+
     fn new(map: &MapData, name: &'static str, start: usize, bytes: usize) -> Result<Self> {
         debug_assert!(start.is_multiple_of(PAGE) && bytes > 0);
         // SAFETY: a shared mapping of a BPF array fd we hold, inside the array's pages (the
@@ -101,8 +104,10 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+        if self.bytes > 0 {
+            // SAFETY: unmapping exactly what `new` mapped.
+            unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+        }
     }
 }
 
@@ -189,6 +194,10 @@ impl WindowedArray {
     /// or, for a range wider than a window, a mapping of its own.
     fn with_range<R>(&self, offset: u32, n: u32, f: impl FnOnce(&Mapping, usize) -> R) -> Result<R> {
         out_of_range(self.name, &self.geometry, offset, n)?;
+        if n == 0 {
+            // Nothing to map (and at the array's end, nothing could be).
+            return Ok(f(&Mapping::EMPTY, 0));
+        }
         let from = offset as usize * self.geometry.stride;
         let to = from + n as usize * self.geometry.stride;
         let mut window = self.window.borrow_mut();

@@ -978,6 +978,7 @@ fn maglev_tables_written_through_windows_read_back_and_stay_unmapped() {
     }
     assert!(dp.mapped_bytes() <= base + WINDOW, "a wide read is not kept mapped");
     assert!(dp.read_maglev(slots - 400, 401).is_err(), "past the end");
+    assert_eq!(dp.read_maglev(slots, 0).unwrap(), Vec::<u32>::new(), "nothing, at the end");
 }
 
 /// A pin this build cannot carry over is refused, naming the map: never reused blindly.
