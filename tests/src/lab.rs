@@ -161,6 +161,13 @@ pub fn in_ns(ns: &str, args: &[&str]) -> Command {
     c
 }
 
+/// The `/metrics` page of the agent in namespace `ns` (at its default bind address), given
+/// up after `max_secs`.
+pub fn metrics_in(ns: &str, max_secs: u32) -> anyhow::Result<String> {
+    let max = max_secs.to_string();
+    sh(&mut in_ns(ns, &["curl", "-s", "--max-time", &max, "http://127.0.0.1:10249/metrics"]))
+}
+
 /// `ip -n NS ARGS`.
 pub fn nsip(ns: &str, args: &str) -> anyhow::Result<String> {
     ip(&format!("-n {ns} {args}"))
@@ -468,10 +475,7 @@ impl Lab {
 
     /// Node `node`'s agent's `/metrics` page.
     pub fn metrics(&self, node: u8) -> anyhow::Result<String> {
-        sh(&mut in_ns(
-            &self.node_netns(node),
-            &["curl", "-s", "--max-time", "2", "http://127.0.0.1:10249/metrics"],
-        ))
+        metrics_in(&self.node_netns(node), 2)
     }
 
     /// The value of `series` (name and labels, as in the text) in a `/metrics` text.

@@ -27,8 +27,8 @@ struct Row {
     services: u32,
     rss: u64,
     /// The part of `rss` that is the agent's own (heap, stacks): the rest is file-backed,
-    /// mostly the pages of the maps it writes through `mmap` (the Maglev and backend
-    /// arrays), which are the maps' kernel memory counted again.
+    /// the map pages it has mapped (the address pre-filter, windows of the Maglev and backend
+    /// arrays it writes through `mmap`), which are the maps' kernel memory counted again.
     anon: u64,
     /// What the agent's allocator has handed out and not had back (`mallinfo2`): `anon`
     /// less this is the allocator's free space and overhead, stacks and the runtime.
@@ -161,7 +161,7 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
             r.sync_s
         );
     }
-    md.push_str("\nWhere the agent's heap goes: bytes live per Service after each stage of a first sync, counted by lb-bench's allocator running the agent's own code on the same files (the resident set adds the allocator's headers and free space, the runtime, and, file-backed, the pages of the maps the agent writes through `mmap`: kernel memory counted again; \"anonymous\" is the agent's own part).\n\n| services | source objects (KB) | Model (KB) | planner's record (KB) | sum (KB) | agent RSS (KB) | of it anonymous (KB) | the agent's heap in use (KB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("\nWhere the agent's heap goes: bytes live per Service after each stage of a first sync, counted by lb-bench's allocator running the agent's own code on the same files (the resident set adds the allocator's headers and free space, the runtime, and, file-backed, the map pages the agent has mapped (the address pre-filter, a window of the arrays it writes through `mmap`): kernel memory counted again; \"anonymous\" is the agent's own part).\n\n| services | source objects (KB) | Model (KB) | planner's record (KB) | sum (KB) | agent RSS (KB) | of it anonymous (KB) | the agent's heap in use (KB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in &rows {
         let h = &r.heap;
         let _ = writeln!(
