@@ -44,21 +44,29 @@ pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
+/// A namespace or an object's name, shared: the sources' indexes, the Model's and every
+/// `ServiceRef` of a Service hold the one allocation its source made (100 000 Services are
+/// otherwise a dozen copies of each name).
+pub type Name = Arc<str>;
+
+/// An object's key in `Cluster`: `(namespace, name)`; Nodes `("", name)`.
+pub type Key = (Name, Name);
+
 /// Everything the sources have seen, keyed by `(namespace, name)`: Services and slices in the
 /// agent's own compact form (`objects`). Objects are shared (`Arc`): a source that keeps
 /// them elsewhere too (the manifest folder, per file) holds each once, and a copy of the
 /// cluster copies no object.
 #[derive(Debug, Clone, Default)]
 pub struct Cluster {
-    pub services: BTreeMap<(String, String), Arc<Service>>,
-    pub slices: BTreeMap<(String, String), Arc<Slice>>,
+    pub services: BTreeMap<Key, Arc<Service>>,
+    pub slices: BTreeMap<Key, Arc<Slice>>,
     /// Nodes are cluster-scoped: keyed by `("", name)`.
-    pub nodes: BTreeMap<(String, String), Arc<Node>>,
+    pub nodes: BTreeMap<Key, Arc<Node>>,
 }
 
 impl Cluster {
     pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.get(&(String::new(), name.to_string())).map(|n| &**n)
+        self.nodes.get(&(Name::from(""), Name::from(name))).map(|n| &**n)
     }
 }
 
@@ -164,9 +172,9 @@ impl Family {
 /// Identifies one datapath service: a Service port in one scope and family.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
-    pub port_name: String,
+    pub namespace: Name,
+    pub name: Name,
+    pub port_name: Name,
     pub proto: u8,
     pub scope: Scope,
     pub family: Family,
@@ -264,7 +272,7 @@ pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
     let mut slices: BTreeMap<(&str, &str), Vec<&Slice>> = BTreeMap::new();
     for ((ns, _), s) in &cluster.slices {
         if let Some(svc) = s.service.as_deref() {
-            slices.entry((ns.as_str(), svc)).or_default().push(s);
+            slices.entry((&**ns, svc)).or_default().push(s);
         }
     }
     // Every Service first (their frontend claims all known), then each one settled.
@@ -276,7 +284,7 @@ pub fn desired(cluster: &Cluster, node: &NodeContext) -> Desired {
         if let Some(why) = ignored(svc) {
             one.notes.push((format!("{ns}/{name}"), format!("skipped: {why}")));
         } else if svc.skipped.is_none() {
-            let svc_slices = slices.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
+            let svc_slices = slices.get(&(&**ns, &**name)).map(Vec::as_slice).unwrap_or(&[]);
             service(&mut one, &here, ns, name, svc, svc_slices);
             claims.add(svc, &one.services);
             out.cluster_vips.extend(svc.cluster_ips.iter().copied());
@@ -426,7 +434,7 @@ fn fmt_ip(ip: IpAddr) -> String {
     if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() }
 }
 
-fn service(out: &mut Part, here: &Here, ns: &str, name: &str, svc: &Service, slices: &[&Slice]) {
+fn service(out: &mut Part, here: &Here, ns: &Name, name: &Name, svc: &Service, slices: &[&Slice]) {
     let node = here.node;
     // Mirrored slices count only for a Service without a selector: those are the only ones
     // the mirroring controller mirrors.
@@ -484,9 +492,9 @@ fn service(out: &mut Part, here: &Here, ns: &str, name: &str, svc: &Service, sli
                 let zone = here.zone;
                 let (backends, kept) = endpoints(node, zone, port, proto, family, slices, local_only);
                 let key = ServiceRef {
-                    namespace: ns.to_string(),
-                    name: name.to_string(),
-                    port_name: port.name.to_string(),
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    port_name: port.name.clone(),
                     proto,
                     scope,
                     family,
@@ -550,7 +558,7 @@ fn warn_about_slices(
         return;
     }
     for port in svc.ports.iter() {
-        let matched = slice_ports.iter().any(|p| p.name == port.name && p.protocol == port.protocol);
+        let matched = slice_ports.iter().any(|p| *p.name == *port.name && p.protocol == port.protocol);
         if !matched {
             let want = &port.name;
             notes.push((
@@ -583,7 +591,7 @@ fn endpoints(
     let mut serving_terminating = Vec::new();
     for slice in slices.iter().filter(|s| s.family == Some(family)) {
         let Some(target) = slice.ports.iter().find_map(|p| {
-            if p.name == port.name && p.protocol.number() == Some(proto) { p.port } else { None }
+            if *p.name == *port.name && p.protocol.number() == Some(proto) { p.port } else { None }
         }) else {
             continue;
         };
@@ -630,8 +638,8 @@ fn endpoints(
 pub struct Changes {
     /// Anything may have changed (first sync, a relist, this node's Node): start over.
     pub all: bool,
-    pub services: BTreeSet<(String, String)>,
-    pub slices: BTreeSet<(String, String)>,
+    pub services: BTreeSet<Key>,
+    pub slices: BTreeSet<Key>,
 }
 
 impl Changes {
@@ -650,8 +658,6 @@ impl Changes {
         self.slices.extend(other.slices);
     }
 }
-
-type Key = (String, String);
 
 /// What one update of the Model changed: the datapath services whose desired value changed,
 /// each with its value before (None: new), and the cluster VIPs that came and went. `all`:
@@ -704,7 +710,7 @@ fn addrs(s: &DesiredService) -> BTreeSet<(IpAddr, u16)> {
 }
 
 fn owner(key: &Key, slice: &Slice) -> Option<Key> {
-    Some((key.0.clone(), slice.service.as_deref()?.to_string()))
+    Some((key.0.clone(), slice.service.clone()?))
 }
 
 impl ModelState {
@@ -851,7 +857,7 @@ impl ModelState {
         let first = ServiceRef {
             namespace: key.0.clone(),
             name: key.1.clone(),
-            port_name: String::new(),
+            port_name: Name::from(""),
             proto: 0,
             scope: Scope::Cluster,
             family: Family::V4,

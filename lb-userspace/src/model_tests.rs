@@ -444,7 +444,7 @@ fn random_changes(
         for _ in 0..1 + rng.next(3) {
             if rng.next(2) == 0 {
                 let i = rng.next(8);
-                let key = ("default".to_string(), format!("s{i}"));
+                let key: Key = ("default".into(), format!("s{i}").into());
                 if rng.next(4) == 0 {
                     cluster.services.remove(&key);
                 } else {
@@ -453,7 +453,7 @@ fn random_changes(
                 changes.services.insert(key);
             } else {
                 let j = rng.next(12);
-                let key = ("default".to_string(), format!("e{j}"));
+                let key: Key = ("default".into(), format!("e{j}").into());
                 if rng.next(4) == 0 {
                     cluster.slices.remove(&key);
                 } else {
@@ -645,7 +645,7 @@ fn a_port_number_twice_in_one_service_is_programmed_once_and_reported() {
         &ep("198.18.1.1", NODE, "ready: true"),
     );
     let mut cluster = cluster_from(parse(&format!("{}---\n{yaml}", node_yaml()), false).unwrap());
-    let web = cluster.services.get_mut(&("default".to_string(), "web".to_string())).unwrap();
+    let web = cluster.services.get_mut(&("default".into(), "web".into())).unwrap();
     std::sync::Arc::make_mut(web).ports[1].port = 80;
     let node = NodeContext {
         name: NODE.into(),
@@ -660,7 +660,7 @@ fn a_port_number_twice_in_one_service_is_programmed_once_and_reported() {
         .map(|(r, _)| r)
         .collect();
     assert_eq!(with_80.len(), 1);
-    assert_eq!(with_80[0].port_name, "a");
+    assert_eq!(&*with_80[0].port_name, "a");
     assert!(
         d.notes.iter().any(|(what, why)| what == "default/web:b" && why.contains("default/web:a")),
         "{:?}",

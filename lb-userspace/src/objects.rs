@@ -73,8 +73,8 @@ pub enum Skipped {
 /// One `spec.ports` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
-    /// Empty when unnamed.
-    pub name: Box<str>,
+    /// Empty when unnamed. Shared with the `ServiceRef`s the Model makes of the port.
+    pub name: model::Name,
     pub protocol: Protocol,
     pub port: i32,
     /// Unset, zero or out of range: none.
@@ -147,7 +147,7 @@ impl Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slice {
     /// The Service it belongs to (`kubernetes.io/service-name`).
-    pub service: Option<Box<str>>,
+    pub service: Option<model::Name>,
     /// Mirrored from a hand-written Endpoints object.
     pub mirrored: bool,
     /// `addressType`; FQDN slices (none) serve no family.
@@ -283,7 +283,7 @@ impl From<&discovery::EndpointSlice> for Slice {
     fn from(s: &discovery::EndpointSlice) -> Self {
         let labels = s.metadata.labels.as_ref();
         Slice {
-            service: label(labels, model::SERVICE_NAME_LABEL).map(Box::from),
+            service: label(labels, model::SERVICE_NAME_LABEL).map(model::Name::from),
             mirrored: label(labels, model::MANAGED_BY_LABEL) == Some(model::MIRROR_CONTROLLER),
             family: match s.address_type.as_str() {
                 "IPv4" => Some(model::Family::V4),

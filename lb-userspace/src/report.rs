@@ -12,6 +12,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::Name;
+
 /// How often the report is rewritten when no sync happened (the GC figures move).
 pub const EVERY: Duration = Duration::from_secs(2);
 /// How soon after a sync the report is written again, at the soonest.
@@ -135,10 +137,10 @@ pub fn remove(pin_dir: &Path) -> std::io::Result<bool> {
 /// The Service behind a frontend, for `lb monitor` (which sees only addresses).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FrontendName {
-    pub namespace: String,
-    pub service: String,
+    pub namespace: Name,
+    pub service: Name,
     /// The Service port's name (empty for an unnamed port, or for a whole ClusterIP).
-    pub port: String,
+    pub port: Name,
 }
 
 /// Where the frontend names of the agent on `pin_dir` are, beside its report. Kept apart

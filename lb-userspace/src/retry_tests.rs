@@ -5,7 +5,7 @@ fn sref(name: &str) -> ServiceRef {
     ServiceRef {
         namespace: "default".into(),
         name: name.into(),
-        port_name: String::new(),
+        port_name: "".into(),
         proto: lb_common::abi::PROTO_TCP,
         scope: Scope::Cluster,
         family: Family::V4,

@@ -222,7 +222,7 @@ impl ApiStandIn {
         let g = self.shared.inner.lock().unwrap();
         let mut c = lb_userspace::model::Cluster::default();
         for ((kind, ns, name), v) in &g.objects {
-            let k = (ns.clone(), name.clone());
+            let k: lb_userspace::model::Key = (ns.as_str().into(), name.as_str().into());
             fn typed<T: serde::de::DeserializeOwned + lb_userspace::source::slim::Keep>(
                 v: &Value,
             ) -> std::sync::Arc<T::Kept> {

@@ -348,9 +348,9 @@ async fn the_source_keeps_only_what_the_model_reads() {
         let bare_slice: k8s_openapi::api::discovery::v1::EndpointSlice =
             serde_json::from_value(slice("web-a", "web", 9376, &["198.18.1.10", "198.18.1.11"])).unwrap();
         agent.kube().with_cluster(|c| {
-            let web = &c.services[&("default".to_string(), "web".to_string())];
+            let web = &c.services[&("default".into(), "web".into())];
             assert_eq!(**web, lb_userspace::objects::Service::from(&bare_web));
-            let s = &c.slices[&("default".to_string(), "web-a".to_string())];
+            let s = &c.slices[&("default".into(), "web-a".into())];
             assert_eq!(**s, lb_userspace::objects::Slice::from(&bare_slice));
             assert_eq!(s.service.as_deref(), Some("web"), "the service-name label is read");
             let node = c.node("node-1").expect("this node");

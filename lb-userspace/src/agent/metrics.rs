@@ -292,9 +292,9 @@ impl RowLabels {
                 let (ip, port, proto) = frontend;
                 let mut labels = match names.get(&report::frontend_key(ip, Some((port, proto)))) {
                     Some(n) => vec![
-                        ("namespace", n.namespace.as_str().into()),
-                        ("service", n.service.as_str().into()),
-                        ("port", n.port.as_str().into()),
+                        ("namespace", (*n.namespace).into()),
+                        ("service", (*n.service).into()),
+                        ("port", (*n.port).into()),
                         ("protocol", proto_name(proto).into()),
                     ],
                     None => vec![],

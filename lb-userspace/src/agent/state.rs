@@ -175,6 +175,7 @@ impl Reporter {
     /// The Service behind each frontend of `desired`, and behind each ClusterIP as a whole.
     pub fn names(&mut self, desired: &model::Desired) {
         let mut names = BTreeMap::new();
+        let no_port = model::Name::from("");
         for (sref, ds) in &desired.services {
             let name = report::FrontendName {
                 namespace: sref.namespace.clone(),
@@ -184,7 +185,7 @@ impl Reporter {
             for &(ip, port) in &ds.frontends {
                 names.insert(report::frontend_key(ip, Some((port, sref.proto))), name.clone());
                 if desired.cluster_vips.contains(&ip) {
-                    let whole = report::FrontendName { port: String::new(), ..name.clone() };
+                    let whole = report::FrontendName { port: no_port.clone(), ..name.clone() };
                     names.insert(report::frontend_key(ip, None), whole);
                 }
             }

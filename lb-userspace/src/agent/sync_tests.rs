@@ -128,10 +128,9 @@ fn a_skipped_service_is_programmed_by_the_retry_once_room_is_made() {
     };
 
     // The programmed Service is deleted: planned at once; the skipped one waits its turn.
-    src.cluster.services.remove(&("default".to_string(), gone.to_string()));
+    src.cluster.services.remove(&("default".into(), gone.into()));
     src.cluster.slices.retain(|(_, name), _| !name.starts_with(gone));
-    src.pending =
-        Some(Changes { services: [("default".to_string(), gone.to_string())].into(), ..Default::default() });
+    src.pending = Some(Changes { services: [("default".into(), gone.into())].into(), ..Default::default() });
     let deleted = turn(&mut s, &mut dp, &mut src, t0 + Duration::from_millis(1)).unwrap();
     assert!(deleted.written && !deleted.settled, "{deleted:?}");
     assert!(frontends(&dp).is_empty());
@@ -210,7 +209,7 @@ fn a_service_skipped_for_quarantined_room_is_retried_when_the_quarantine_ends() 
 
 /// web-a's slice moved to `port` (its two endpoints keep their addresses).
 fn move_port(src: &mut FakeSource, port: u16, announce: bool) {
-    let slice = src.cluster.slices.get_mut(&("default".to_string(), "web-a-1".to_string())).unwrap();
+    let slice = src.cluster.slices.get_mut(&("default".into(), "web-a-1".into())).unwrap();
     std::sync::Arc::make_mut(slice).ports[0].port = Some(port);
     let change = Changes { slices: [("default".into(), "web-a-1".into())].into(), ..Default::default() };
     if announce || src.pending.is_none() {
@@ -264,10 +263,10 @@ fn churn(limits: Limits, rounds: u32) -> (Syncer, FakeDataplane, FakeSource) {
         for _ in 0..1 + round % 5 {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let name = format!("s{}-1", (seed >> 33) % 40);
-            let slice = src.cluster.slices.get_mut(&("default".to_string(), name.clone())).unwrap();
+            let slice = src.cluster.slices.get_mut(&("default".into(), name.as_str().into())).unwrap();
             std::sync::Arc::make_mut(slice).ports[0].port =
                 Some(10_000 + (round as u16 * 7 + (seed >> 40) as u16 % 7));
-            changes.slices.insert(("default".into(), name));
+            changes.slices.insert(("default".into(), name.into()));
         }
         src.pending = Some(changes);
         turn(&mut s, &mut dp, &mut src, Instant::now()).unwrap();

@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 
 use super::slim::Keep;
 use crate::{
-    model::{Changes, Cluster},
+    model::{Changes, Cluster, Key},
     objects,
 };
 
@@ -64,26 +64,26 @@ pub struct KubeSource {
 trait Watched: Resource<DynamicType = ()> + Keep + Clone + DeserializeOwned + Debug + Send + 'static {
     const SLOT: usize;
     const NAME: &'static str;
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self::Kept>>;
+    fn map(c: &mut Cluster) -> &mut BTreeMap<Key, Arc<Self::Kept>>;
     /// Notes that the object `key` of this kind changed.
-    fn note(changes: &mut Changes, key: (String, String));
+    fn note(changes: &mut Changes, key: Key);
     /// When the change this object carries was triggered (EndpointSlices only).
     fn trigger_time(&self) -> Option<jiff::Timestamp> {
         None
     }
 }
 
-fn key(meta: &ObjectMeta) -> (String, String) {
-    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+fn key(meta: &ObjectMeta) -> Key {
+    (meta.namespace.as_deref().unwrap_or_default().into(), meta.name.as_deref().unwrap_or_default().into())
 }
 
 impl Watched for Service {
     const SLOT: usize = 0;
     const NAME: &'static str = "services";
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<objects::Service>> {
+    fn map(c: &mut Cluster) -> &mut BTreeMap<Key, Arc<objects::Service>> {
         &mut c.services
     }
-    fn note(changes: &mut Changes, key: (String, String)) {
+    fn note(changes: &mut Changes, key: Key) {
         changes.services.insert(key);
     }
 }
@@ -91,10 +91,10 @@ impl Watched for Service {
 impl Watched for EndpointSlice {
     const SLOT: usize = 1;
     const NAME: &'static str = "endpointslices";
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<objects::Slice>> {
+    fn map(c: &mut Cluster) -> &mut BTreeMap<Key, Arc<objects::Slice>> {
         &mut c.slices
     }
-    fn note(changes: &mut Changes, key: (String, String)) {
+    fn note(changes: &mut Changes, key: Key) {
         changes.slices.insert(key);
     }
     fn trigger_time(&self) -> Option<jiff::Timestamp> {
@@ -105,11 +105,11 @@ impl Watched for EndpointSlice {
 impl Watched for Node {
     const SLOT: usize = 2;
     const NAME: &'static str = "nodes";
-    fn map(c: &mut Cluster) -> &mut BTreeMap<(String, String), Arc<Self>> {
+    fn map(c: &mut Cluster) -> &mut BTreeMap<Key, Arc<Self>> {
         &mut c.nodes
     }
     /// This node's addresses feed every NodePort: everything is recomputed.
-    fn note(changes: &mut Changes, _key: (String, String)) {
+    fn note(changes: &mut Changes, _key: Key) {
         changes.all = true;
     }
 }
@@ -149,7 +149,7 @@ impl KubeSource {
         log: impl Fn(String),
     ) {
         let mut stream = watcher(api, cfg).default_backoff().boxed_local();
-        let mut buffer: BTreeMap<(String, String), Arc<K::Kept>> = BTreeMap::new();
+        let mut buffer: BTreeMap<Key, Arc<K::Kept>> = BTreeMap::new();
         while let Some(event) = stream.next().await {
             let mut s = self.store.borrow_mut();
             match event {

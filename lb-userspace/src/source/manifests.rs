@@ -23,7 +23,7 @@ use serde::Deserialize as _;
 
 use super::{saver::Saver, slim::Keep, watch::Watch};
 use crate::{
-    model::{Changes, Cluster, SERVICE_NAME_LABEL},
+    model::{Changes, Cluster, Key, Name, SERVICE_NAME_LABEL},
     objects, sorted_vec,
 };
 
@@ -65,10 +65,10 @@ impl Object {
             Object::Node(n) => ("Node", &n.metadata),
         };
         let ns = match self {
-            Object::Node(_) => String::new(),
-            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            Object::Node(_) => "",
+            _ => meta.namespace.as_deref().unwrap_or("default"),
         };
-        (kind, (ns, meta.name.clone().unwrap_or_default()))
+        (kind, (ns.into(), meta.name.as_deref().unwrap_or_default().into()))
     }
 
     /// What the agent keeps of it (`slim`).
@@ -481,7 +481,7 @@ fn is_manifest(path: &Path) -> bool {
 type Stamp = (i64, i64, u64, u64);
 
 /// An object's identity: its kind and its key in `Cluster`.
-type Id = (&'static str, (String, String));
+type Id = (&'static str, Key);
 
 /// One file's last good objects, indexed by identity.
 #[derive(Debug, Default)]
@@ -493,8 +493,21 @@ struct FileObjects {
 
 impl FileObjects {
     fn new(stamp: Stamp, objs: Vec<Object>) -> Self {
-        // A later object of the same identity in one file replaces the earlier one.
-        let ids = objs.iter().enumerate().map(|(i, o)| (o.id(), i)).collect();
+        // A later object of the same identity in one file replaces the earlier one. The
+        // objects of a file mostly share a namespace: they share its name too.
+        let mut namespace: Option<Name> = None;
+        let ids = objs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let (kind, (ns, name)) = o.id();
+                let ns = match &namespace {
+                    Some(last) if *last == ns => last.clone(),
+                    _ => namespace.insert(ns).clone(),
+                };
+                ((kind, (ns, name)), i)
+            })
+            .collect();
         FileObjects { stamp, objs: objs.iter().map(Object::kept).collect(), ids }
     }
 
@@ -1079,7 +1092,7 @@ mod tests {
         let of = |name: &str| -> Vec<(Vec<String>, usize)> {
             d.services
                 .iter()
-                .filter(|(k, _)| k.name == name)
+                .filter(|(k, _)| *k.name == *name)
                 .map(|(_, s)| {
                     (s.frontends.iter().map(|(ip, p)| format!("{ip}:{p}")).collect(), s.backends.len())
                 })
@@ -1148,9 +1161,8 @@ mod tests {
         folder.watched_by(watch.clone());
         folder.refresh().unwrap();
         assert_eq!(folder.cluster().services.len(), 50);
-        let port_of = |f: &Folder, name: &str| {
-            f.cluster().services[&("default".to_string(), name.to_string())].ports[0].port
-        };
+        let port_of =
+            |f: &Folder, name: &str| f.cluster().services[&("default".into(), name.into())].ports[0].port;
         // A rename into place; the events are read by the watch's thread: wait for it.
         std::fs::write(dir.join(".s7.tmp"), svc("s7", 81)).unwrap();
         std::fs::rename(dir.join(".s7.tmp"), dir.join("s7.yaml")).unwrap();
@@ -1197,7 +1209,7 @@ mod tests {
         folder.watched_by(Watch::start(&dir, || {}).unwrap());
         folder.refresh().unwrap();
         let port = |f: &Folder| {
-            let web = &f.cluster().services[&("default".to_string(), "web".to_string())];
+            let web = &f.cluster().services[&("default".into(), "web".into())];
             web.ports[0].port
         };
         assert_eq!(port(&folder), 80);
@@ -1372,7 +1384,7 @@ mod tests {
         assert!(!changed);
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("svc.yaml") && errors[0].to_string().contains("nope"));
-        let svc = &folder.cluster().services[&("default".to_string(), "web".to_string())];
+        let svc = &folder.cluster().services[&("default".into(), "web".into())];
         assert_eq!(svc.cluster_ips[0].to_string(), "198.19.0.10");
         // Reported once per version of the file.
         assert!(folder.refresh().unwrap().1.is_empty());
@@ -1380,7 +1392,7 @@ mod tests {
         std::fs::remove_file(&f).unwrap();
         assert!(folder.refresh().unwrap().0);
         assert!(folder.cluster().services.is_empty());
-        let web = ("default".to_string(), "web".to_string());
+        let web: Key = ("default".into(), "web".into());
         assert_eq!(folder.take_changes(), Changes { services: [web].into(), ..Default::default() });
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -1396,7 +1408,7 @@ mod tests {
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n"
             )
         };
-        let key = |n: &str| ("default".to_string(), n.to_string());
+        let key = |n: &str| -> Key { ("default".into(), n.into()) };
         std::fs::write(dir.join("a.yaml"), svc("one", "198.19.0.1") + &svc("two", "198.19.0.2")).unwrap();
         let mut folder = Folder::new(&dir);
         folder.refresh().unwrap();

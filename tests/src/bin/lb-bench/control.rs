@@ -82,7 +82,7 @@ fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
     let new_ep = (Ipv4Addr::new(198, 19, 255, 1), eps[0].1);
     eps[0] = new_ep;
     let t = Instant::now();
-    let slice_key = (NS.to_string(), format!("svc-{last}-abc"));
+    let slice_key: model::Key = (NS.into(), format!("svc-{last}-abc").into());
     c.slices.insert(slice_key.clone(), Arc::new(objects::Slice::from(&slice(last, &eps, PROTO))));
     let changes = model::Changes { slices: [slice_key].into(), ..Default::default() };
     let delta = state.update(&c, &node(), &changes);
@@ -179,7 +179,7 @@ fn scrape_while_syncing(rounds: usize) -> anyhow::Result<Scrape> {
         let mut eps = endpoints_of(last);
         eps[0] = (Ipv4Addr::new(198, 19, 255, (round % 2) as u8 + 1), eps[0].1);
         let t = Instant::now();
-        let key = (NS.to_string(), format!("svc-{last}-abc"));
+        let key: model::Key = (NS.into(), format!("svc-{last}-abc").into());
         c.slices.insert(key.clone(), Arc::new(objects::Slice::from(&slice(last, &eps, PROTO))));
         let changes = model::Changes { slices: [key].into(), ..Default::default() };
         let delta = state.update(&c, &node(), &changes);

@@ -118,11 +118,14 @@ pub fn endpoints_of(i: u32) -> Vec<(Ipv4Addr, u16)> {
 
 pub fn cluster(n: u32, proto: Proto) -> Cluster {
     let mut c = Cluster::default();
+    let ns: lb_userspace::model::Name = NS.into();
     for i in 0..n {
-        c.services
-            .insert((NS.into(), format!("svc-{i}")), Arc::new(objects::Service::from(&service(i, proto))));
+        c.services.insert(
+            (ns.clone(), format!("svc-{i}").into()),
+            Arc::new(objects::Service::from(&service(i, proto))),
+        );
         c.slices.insert(
-            (NS.into(), format!("svc-{i}-abc")),
+            (ns.clone(), format!("svc-{i}-abc").into()),
             Arc::new(objects::Slice::from(&slice(i, &endpoints_of(i), proto))),
         );
     }
