@@ -1,7 +1,7 @@
 //! A Maglev table as the agent remembers it: its distinct backend ids and, per slot, which of
-//! them the slot holds. The planner keeps one per table the maps hold (to rebuild a table
-//! with only the removed backend's share of flows moved); at 4 backends a table has 401
-//! slots, so one byte per slot instead of a 4-byte id is 1.2 KB less per Service.
+//! them the slot holds, in as few bits as their count needs. The planner keeps one per table
+//! the maps hold (to rebuild a table with only the removed backend's share of flows moved);
+//! at 4 backends a table has 401 slots: 2 bits a slot is 101 bytes, against 1.6 KB of ids.
 
 /// A table's slots as indexes into its sorted distinct backend ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,10 +12,29 @@ pub struct Table {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Slots {
-    /// Up to 256 distinct backends: an index per slot.
-    Narrow(Box<[u8]>),
+    /// Up to 256 distinct backends: an index per slot, `bits` (1, 2, 4 or 8) each, packed
+    /// from the low bits of each byte up.
+    Packed { bits: u8, len: u32, bytes: Box<[u8]> },
     /// More: the ids themselves.
     Wide(Box<[u32]>),
+}
+
+impl Slots {
+    /// `indexes` (each below `members`) packed in the fewest bits that hold `members - 1`.
+    fn packed(members: usize, len: usize, indexes: impl Iterator<Item = u8>) -> Self {
+        let bits: u8 = match members {
+            0..=2 => 1,
+            3..=4 => 2,
+            5..=16 => 4,
+            _ => 8,
+        };
+        let per_byte = usize::from(8 / bits);
+        let mut bytes = vec![0u8; len.div_ceil(per_byte)].into_boxed_slice();
+        for (i, index) in indexes.enumerate() {
+            bytes[i / per_byte] |= index << ((i % per_byte) as u8 * bits);
+        }
+        Slots::Packed { bits, len: len as u32, bytes }
+    }
 }
 
 impl Table {
@@ -29,7 +48,7 @@ impl Table {
                 0..=16 => members.iter().filter(|m| *m < id).count(),
                 _ => members.binary_search(id).unwrap_or(0),
             };
-            Slots::Narrow(ids.iter().map(|id| index(id) as u8).collect())
+            Slots::packed(members.len(), ids.len(), ids.iter().map(|id| index(id) as u8))
         } else {
             Slots::Wide(ids.into())
         };
@@ -42,14 +61,14 @@ impl Table {
         // The common case at a first sync: ids handed out in the backends' order, so each
         // position is its own rank (a plain narrowing, no lookup).
         if in_order.len() <= 256 && in_order.is_sorted_by(|a, b| a < b) {
-            let slots = Slots::Narrow(positions.iter().map(|p| *p as u8).collect());
+            let slots = Slots::packed(in_order.len(), positions.len(), positions.iter().map(|p| *p as u8));
             return Table { members: in_order.to_vec(), slots };
         }
         let members = distinct(in_order);
         let slots = if members.len() <= 256 {
             let rank: Vec<u8> =
                 in_order.iter().map(|id| members.binary_search(id).unwrap_or(0) as u8).collect();
-            Slots::Narrow(positions.iter().map(|p| rank[usize::from(*p)]).collect())
+            Slots::packed(members.len(), positions.len(), positions.iter().map(|p| rank[usize::from(*p)]))
         } else {
             Slots::Wide(positions.iter().map(|p| in_order[usize::from(*p)]).collect())
         };
@@ -58,11 +77,18 @@ impl Table {
 
     /// The backend id of each slot, in order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        let (narrow, wide) = match &self.slots {
-            Slots::Narrow(s) => (&s[..], &[][..]),
-            Slots::Wide(s) => (&[][..], &s[..]),
+        let (packed, wide) = match &self.slots {
+            Slots::Packed { bits, len, bytes } => ((*bits, *len as usize, &bytes[..]), &[][..]),
+            Slots::Wide(s) => ((8, 0, &[][..]), &s[..]),
         };
-        narrow.iter().map(|i| self.members[usize::from(*i)]).chain(wide.iter().copied())
+        let (bits, len, bytes) = packed;
+        let (per_byte, mask) = (usize::from(8 / bits), ((1u16 << bits) - 1) as u8);
+        (0..len)
+            .map(move |i| {
+                let index = (bytes[i / per_byte] >> ((i % per_byte) as u8 * bits)) & mask;
+                self.members[usize::from(index)]
+            })
+            .chain(wide.iter().copied())
     }
 
     /// The distinct backend ids, sorted.
@@ -73,7 +99,7 @@ impl Table {
     /// Slots in the table.
     pub fn len(&self) -> u32 {
         match &self.slots {
-            Slots::Narrow(s) => s.len() as u32,
+            Slots::Packed { len, .. } => *len,
             Slots::Wide(s) => s.len() as u32,
         }
     }
@@ -117,16 +143,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_table_reads_back_as_it_was_written_narrow_or_wide() {
+    fn a_table_reads_back_as_it_was_written_packed_or_wide() {
         let narrow: Vec<u32> = (0..401u32).map(|i| [7, 3, 90_000, 12][(i * 7 % 4) as usize]).collect();
         let t = Table::new(&narrow);
         assert_eq!((t.ids(), t.len(), t.members()), (narrow.clone(), 401, &[3, 7, 12, 90_000][..]));
-        assert!(matches!(t.slots, Slots::Narrow(_)));
+        assert!(matches!(t.slots, Slots::Packed { bits: 2, .. }));
         // More than a scan gathers, still narrow.
         let mid: Vec<u32> = (0..401u32).map(|i| (i * 13) % 40 * 3 + 1).collect();
         let t = Table::new(&mid);
         assert_eq!((t.ids(), t.members().len()), (mid, 40));
         assert!(t.members().is_sorted());
+        assert!(matches!(t.slots, Slots::Packed { bits: 8, .. }));
+        // Every width, and a length that leaves the last byte part full.
+        for (n, bits) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 4), (16, 4), (17, 8), (256, 8)] {
+            let ids: Vec<u32> = (0..1009u32).map(|i| (i * 7919) % n * 5 + 2).collect();
+            let t = Table::new(&ids);
+            assert_eq!((t.ids(), t.len(), t.members().len()), (ids, 1009, n as usize), "{n} members");
+            let Slots::Packed { bits: b, bytes, .. } = &t.slots else { panic!("{n}: packed") };
+            assert_eq!((*b, bytes.len()), (bits, 1009usize.div_ceil(usize::from(8 / bits))), "{n} members");
+        }
         let wide: Vec<u32> = (0..1009u32).map(|i| i % 300 * 11).collect();
         let t = Table::new(&wide);
         assert_eq!((t.ids(), t.members().len()), (wide, 300));

@@ -482,8 +482,16 @@ fn read_datapath(pin_dir: &std::path::Path) -> Vec<Series> {
 pub fn render(registry: &Registry) -> String {
     let mut s = String::new();
     let _ = prometheus_client::encoding::prometheus_text::encode(&mut s, registry);
+    // A scrape of 100 000 Services builds tens of megabytes of rows and text: its garbage
+    // is given back, or the resident set keeps it until the next large sync.
+    if s.len() > LARGE_SCRAPE {
+        crate::memory::return_freed();
+    }
     s
 }
+
+/// The text size above which a scrape gives its garbage back (`render`).
+const LARGE_SCRAPE: usize = 1 << 20;
 
 /// The `Content-Type` of `/metrics`.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;

@@ -25,6 +25,9 @@ use std::{
 /// How often the copies are brought up to date.
 pub const SAVE_EVERY: Duration = Duration::from_secs(1);
 
+/// The size of the texts of a batch after which the writer gives the memory back.
+const LARGE_BATCH: usize = 1 << 20;
+
 /// The collecting thread; dropping it writes what is still owed and waits for that.
 #[derive(Debug)]
 pub struct Saver {
@@ -49,7 +52,13 @@ impl Saver {
         let writer = std::thread::Builder::new().name("manifest-writer".into()).spawn(move || {
             lower_priority();
             for batch in batches {
+                let bytes: usize = batch.values().flatten().map(String::len).sum();
                 write(batch);
+                // The texts of a whole folder (a first sync's) are freed here, after the
+                // sync gave its own garbage back: given back too.
+                if bytes >= LARGE_BATCH {
+                    crate::memory::return_freed();
+                }
             }
         })?;
         let owed: Arc<(Mutex<Owed>, Condvar)> = Arc::default();
