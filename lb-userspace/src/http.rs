@@ -44,6 +44,34 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The largest request head read; probes send a few hundred bytes.
 const MAX_HEAD: usize = 16 * 1024;
 
+/// Bodies from this size on are `Large`.
+pub const LARGE_BODY: usize = 1 << 20;
+
+/// A large body (a scrape of 100 000 Services: tens of megabytes, and the garbage of
+/// building it): once sent, the allocator gives the memory back to the kernel (off the
+/// runtime's thread), or the resident set would keep it until the next large sync.
+struct Large(String);
+
+impl AsRef<[u8]> for Large {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl Drop for Large {
+    fn drop(&mut self) {
+        let text = std::mem::take(&mut self.0);
+        let give_back = move || {
+            drop(text);
+            crate::memory::return_freed();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(give_back)),
+            Err(_) => give_back(),
+        }
+    }
+}
+
 /// Answers one request: `GET` and `HEAD` (hyper leaves out the body) by `handler`, any
 /// other method 405 with `Allow`.
 async fn answer<H, F>(handler: &H, req: Request<Incoming>) -> hyper::Response<Full<Bytes>>
@@ -56,7 +84,9 @@ where
     } else {
         Response::text(405, "only GET and HEAD\n")
     };
-    let mut out = hyper::Response::new(Full::new(Bytes::from(r.body)));
+    let body =
+        if r.body.len() >= LARGE_BODY { Bytes::from_owner(Large(r.body)) } else { Bytes::from(r.body) };
+    let mut out = hyper::Response::new(Full::new(body));
     *out.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = out.headers_mut();
     headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static(r.content_type));
@@ -173,6 +203,33 @@ mod tests {
                 drop(idle);
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 assert!(ask(addr, "GET / HTTP/1.1\r\n\r\n").await.ends_with("body"), "served again");
+            })
+            .await;
+    }
+
+    /// A body over `LARGE_BODY` (given back to the kernel once sent) arrives whole, each time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_large_body_is_sent_whole() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = l.local_addr().unwrap();
+                let body: String = (0..LARGE_BODY + 7).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+                let served = body.clone();
+                tokio::task::spawn_local(serve(l, move |_| {
+                    let b = served.clone();
+                    async move { Response::text(200, b) }
+                }));
+                for _ in 0..2 {
+                    let got = ask(addr, "GET /metrics HTTP/1.1\r\n\r\n").await;
+                    let (head, got) = got.split_once("\r\n\r\n").expect("a head and a body");
+                    assert!(
+                        head.to_lowercase().contains(&format!("content-length: {}", body.len())),
+                        "{head}"
+                    );
+                    assert!(got == body, "the body as it was built ({} of {} bytes)", got.len(), body.len());
+                }
             })
             .await;
     }

@@ -160,9 +160,28 @@ pub fn frontend_key(ip: std::net::IpAddr, port_proto: Option<(u16, u8)>) -> Stri
     }
 }
 
+/// A frontend as the agent keeps its name: an address with a port and an `abi::PROTO_*`,
+/// or a ClusterIP as a whole (no port). The names file spells it `frontend_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Frontend {
+    pub ip: std::net::IpAddr,
+    pub port_proto: Option<(u16, u8)>,
+}
+
+/// The Service behind each frontend, as the agent keeps it (no string per key: 100 000
+/// Services have twice as many entries).
+pub type FrontendNames = BTreeMap<Frontend, FrontendName>;
+
 /// Writes the frontend names, replacing the last ones whole.
-pub fn write_names(pin_dir: &Path, names: &BTreeMap<String, FrontendName>) -> std::io::Result<()> {
-    replace(&names_path(pin_dir), &serde_json::to_vec(names)?)
+pub fn write_names(pin_dir: &Path, names: &FrontendNames) -> std::io::Result<()> {
+    /// The names keyed by `frontend_key`, written as they are spelled.
+    struct Keyed<'a>(&'a FrontendNames);
+    impl Serialize for Keyed<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().map(|(f, n)| (frontend_key(f.ip, f.port_proto), n)))
+        }
+    }
+    replace(&names_path(pin_dir), &serde_json::to_vec(&Keyed(names))?)
 }
 
 /// The frontend names the agent on `pin_dir` wrote last (none if it never did).
@@ -202,13 +221,20 @@ mod tests {
         r.syncs = 4;
         write(&pin_dir, &r).unwrap();
         assert_eq!(read(&pin_dir).unwrap().unwrap().syncs, 4);
-        let names = BTreeMap::from([(
-            frontend_key("198.19.0.10".parse().unwrap(), Some((80, lb_common::abi::PROTO_TCP))),
-            FrontendName { namespace: "default".into(), service: "web".into(), port: "http".into() },
-        )]);
+        let web = FrontendName { namespace: "default".into(), service: "web".into(), port: "http".into() };
+        let whole = FrontendName { port: "".into(), ..web.clone() };
+        let vip = "198.19.0.10".parse().unwrap();
+        let names = FrontendNames::from([
+            (Frontend { ip: vip, port_proto: Some((80, lb_common::abi::PROTO_TCP)) }, web.clone()),
+            (Frontend { ip: vip, port_proto: None }, whole.clone()),
+        ]);
         write_names(&pin_dir, &names).unwrap();
-        assert_eq!(read_names(&pin_dir), names);
-        assert!(names.contains_key("198.19.0.10:80/tcp"));
+        // Written keyed as `lb monitor` looks them up.
+        let written = read_names(&pin_dir);
+        assert_eq!(
+            written,
+            BTreeMap::from([("198.19.0.10:80/tcp".into(), web), ("198.19.0.10".into(), whole)])
+        );
         let udp = frontend_key("2001:2::1".parse().unwrap(), Some((80, lb_common::abi::PROTO_UDP)));
         assert_eq!(udp, "[2001:2::1]:80/udp");
         assert!(remove(&pin_dir).unwrap());

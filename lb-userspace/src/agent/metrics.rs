@@ -280,17 +280,14 @@ enum RowLabels {
 }
 
 impl RowLabels {
-    fn encoded<'a>(
-        &self,
-        names: &'a BTreeMap<String, report::FrontendName>,
-    ) -> Vec<(&'static str, Cow<'a, str>)> {
+    fn encoded<'a>(&self, names: &'a report::FrontendNames) -> Vec<(&'static str, Cow<'a, str>)> {
         match *self {
             RowLabels::None => vec![],
             RowLabels::One(name, value) => vec![(name, value.into())],
             RowLabels::Backend(ip, port) => vec![("backend", format!("{ip}:{port}").into())],
             RowLabels::Service { id, frontend } => {
                 let (ip, port, proto) = frontend;
-                let mut labels = match names.get(&report::frontend_key(ip, Some((port, proto)))) {
+                let mut labels = match names.get(&report::Frontend { ip, port_proto: Some((port, proto)) }) {
                     Some(n) => vec![
                         ("namespace", (*n.namespace).into()),
                         ("service", (*n.service).into()),
@@ -308,7 +305,7 @@ impl RowLabels {
 
 /// The datapath's series, the names they were read with, and when.
 type Snapshot = (Instant, Arc<(Vec<Series>, Names)>);
-type Names = Arc<BTreeMap<String, report::FrontendName>>;
+type Names = Arc<report::FrontendNames>;
 
 /// A datapath metric as read from the maps.
 struct Series {
@@ -323,7 +320,7 @@ struct Series {
 pub struct Datapath {
     pin_dir: PathBuf,
     /// The Service behind each frontend (`report::FrontendName`), set by the sync loop.
-    pub names: Arc<Mutex<Arc<BTreeMap<String, report::FrontendName>>>>,
+    pub names: Arc<Mutex<Names>>,
     cache: Arc<Mutex<Option<Snapshot>>>,
 }
 
@@ -482,16 +479,13 @@ fn read_datapath(pin_dir: &std::path::Path) -> Vec<Series> {
 pub fn render(registry: &Registry) -> String {
     let mut s = String::new();
     let _ = prometheus_client::encoding::prometheus_text::encode(&mut s, registry);
-    // A scrape of 100 000 Services builds tens of megabytes of rows and text: its garbage
-    // is given back, or the resident set keeps it until the next large sync.
-    if s.len() > LARGE_SCRAPE {
+    // A scrape of 100 000 Services builds tens of megabytes of rows: given back here, on
+    // the thread whose arena holds them (the text itself once sent: `http`).
+    if s.len() >= crate::http::LARGE_BODY {
         crate::memory::return_freed();
     }
     s
 }
-
-/// The text size above which a scrape gives its garbage back (`render`).
-const LARGE_SCRAPE: usize = 1 << 20;
 
 /// The `Content-Type` of `/metrics`.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;

@@ -136,7 +136,7 @@ pub struct Reporter {
     pin_dir: std::path::PathBuf,
     base: report::Report,
     last: Instant,
-    pub names: Arc<BTreeMap<String, report::FrontendName>>,
+    pub names: Arc<report::FrontendNames>,
     names_changed: bool,
     /// A sync changed what the report says since it was last written.
     pub dirty: bool,
@@ -183,10 +183,10 @@ impl Reporter {
                 port: sref.port_name.clone(),
             };
             for &(ip, port) in &ds.frontends {
-                names.insert(report::frontend_key(ip, Some((port, sref.proto))), name.clone());
+                names.insert(report::Frontend { ip, port_proto: Some((port, sref.proto)) }, name.clone());
                 if desired.cluster_vips.contains(&ip) {
                     let whole = report::FrontendName { port: no_port.clone(), ..name.clone() };
-                    names.insert(report::frontend_key(ip, None), whole);
+                    names.insert(report::Frontend { ip, port_proto: None }, whole);
                 }
             }
         }

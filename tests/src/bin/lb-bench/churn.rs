@@ -21,7 +21,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::{IpAddr, Ipv4Addr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -225,7 +225,7 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
     // the state folder, written by their own thread) is over before the first window.
     let copies = agent.work.join("state/manifests");
     if let Feed::Files(dir) = &feed {
-        wait_for_copies(dir, &copies, Duration::from_secs(300))?;
+        agent.wait_for_copies(dir, Duration::from_secs(300))?;
     }
     std::thread::sleep(SETTLE_AFTER_START);
     eprintln!("  ours: first sync of {n} services in {synced:.1} s");
@@ -308,24 +308,6 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
     }
     agent.stop()?;
     Ok(windows)
-}
-
-/// Waits until the agent's state folder holds a copy of every file of `dir` (the copies of
-/// 100 000 files take tens of seconds on a slow disk: they would run into the windows).
-fn wait_for_copies(dir: &Path, state: &Path, limit: Duration) -> anyhow::Result<()> {
-    let yaml_files = |d: &Path| -> usize {
-        fs::read_dir(d)
-            .map(|r| {
-                r.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "yaml")).count()
-            })
-            .unwrap_or(0)
-    };
-    let (want, t0) = (yaml_files(dir), Instant::now());
-    while yaml_files(state) < want {
-        ensure!(t0.elapsed() < limit, "the agent copied {} of {want} files in {limit:?}", yaml_files(state));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
 }
 
 fn report_window(v: Variant, w: &Window) {

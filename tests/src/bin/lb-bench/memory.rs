@@ -101,8 +101,10 @@ fn one(n: u32, bins: &Bins) -> anyhow::Result<Row> {
     let manifests = agent.work.join("manifests").to_string_lossy().into_owned();
     let t0 = agent.start(&capacities(n).0, &["--manifests", &manifests], &[])?;
     let sync_s = agent.wait_synced(n, t0, Duration::from_secs(300))?;
-    // Settled: what the agent keeps, once the parse's buffers are freed, and scraped once
-    // (as Prometheus would: the datapath's series stay cached until the next scrape).
+    // Settled: what the agent keeps, once the parse's buffers are freed and its copies of
+    // the files written to its state folder, and scraped once (as Prometheus would: the
+    // datapath's series stay cached until the next scrape).
+    agent.wait_for_copies(&agent.work.join("manifests"), Duration::from_secs(300))?;
     std::thread::sleep(Duration::from_secs(2));
     ensure!(agent.metric("lb_agent_resident_bytes").is_some(), "no /metrics from the agent");
     std::thread::sleep(Duration::from_millis(1100));

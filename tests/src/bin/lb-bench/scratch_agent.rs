@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -111,6 +111,31 @@ impl ScratchAgent {
     }
 
     /// The agent's pid (`ip netns exec` execs it: the child's pid is the agent's).
+    /// Waits until the agent's state folder holds a copy of every manifest file of `dir` (the
+    /// copies of 100 000 files take tens of seconds on a slow disk: one-time work of a start).
+    pub fn wait_for_copies(&self, dir: &Path, limit: Duration) -> anyhow::Result<()> {
+        let yaml_files = |d: &Path| -> usize {
+            fs::read_dir(d)
+                .map(|r| {
+                    r.filter_map(Result::ok)
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let state = self.work.join("state/manifests");
+        let (want, t0) = (yaml_files(dir), Instant::now());
+        while yaml_files(&state) < want {
+            ensure!(
+                t0.elapsed() < limit,
+                "the agent copied {} of {want} files in {limit:?}",
+                yaml_files(&state)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
     pub fn pid(&self) -> u32 {
         self.agent.as_ref().map(|a| a.id()).unwrap_or(0)
     }
