@@ -142,7 +142,7 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
     }
     let kb = |b: f64| b / 1000.0;
     let mut md = format!(
-        "### `cargo xtask bench memory` — {}\n\nKernel {}. The real `lb agent` on manifest files (5 000 Services each) of N Services × {ENDPOINTS} endpoints (ClusterIP, one EndpointSlice each), map capacities sized for N; resident set 2 s after the first full sync and one scrape of `/metrics`, peak = VmHWM (the parse). Map memory = fdinfo `memlock`; \"per Service\" counts the maps that grow with Services ({}), not the flow table. Cilium's Maglev alone: ~65 KB per Service.\n\n| services | agent RSS (MiB) | peak (MiB) | RSS per Service (KB) | maps total (MiB) | Service maps (MiB) | per Service (KB) | vs Cilium Maglev | first sync (s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench memory` — {}\n\nKernel {}. The real `lb agent` on manifest files (5 000 Services each) of N Services × {ENDPOINTS} endpoints (ClusterIP, one EndpointSlice each), map capacities sized for N; resident set once the first full sync is done and the agent's copies of its files are written, 1 s after one scrape of `/metrics`, peak = VmHWM (the parse). Map memory = fdinfo `memlock`; \"per Service\" counts the maps that grow with Services ({}), not the flow table. Cilium's Maglev alone: ~65 KB per Service.\n\n| services | agent RSS (MiB) | peak (MiB) | RSS per Service (KB) | maps total (MiB) | Service maps (MiB) | per Service (KB) | vs Cilium Maglev | first sync (s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
         super::kernel(),
         PER_SERVICE_MAPS.join(", "),
