@@ -45,7 +45,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_HEAD: usize = 16 * 1024;
 
 /// Bodies from this size on are `Large`.
-pub const LARGE_BODY: usize = 1 << 20;
+const LARGE_BODY: usize = 1 << 20;
 
 /// A large body (a scrape of 100 000 Services: tens of megabytes, and the garbage of
 /// building it): once sent, the allocator gives the memory back to the kernel (off the
@@ -150,17 +150,28 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let addr = l.local_addr().unwrap();
-                tokio::task::spawn_local(serve(l, |path| async move {
+                let addr = serving(|path| async move {
                     if path == "/healthz" { Response::text(200, "ok") } else { Response::text(404, "no") }
-                }));
+                })
+                .await;
                 for (path, want) in [("/healthz", "HTTP/1.1 200 OK"), ("/nope", "HTTP/1.1 404 Not Found")] {
                     let out = ask(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
                     assert!(out.starts_with(want), "{out}");
                 }
             })
             .await;
+    }
+
+    /// Serves `handler` on a loopback port from the current `LocalSet`; its address.
+    async fn serving<H, F>(handler: H) -> SocketAddr
+    where
+        H: Fn(String) -> F + 'static,
+        F: Future<Output = Response> + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::task::spawn_local(serve(l, handler));
+        addr
     }
 
     async fn ask(addr: SocketAddr, request: &str) -> String {
@@ -178,9 +189,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let addr = l.local_addr().unwrap();
-                tokio::task::spawn_local(serve(l, |_| async { Response::text(200, "body") }));
+                let addr = serving(|_| async { Response::text(200, "body") }).await;
                 let post = ask(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
                 assert!(
                     post.starts_with("HTTP/1.1 405 Method Not Allowed")
@@ -213,14 +222,13 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let addr = l.local_addr().unwrap();
                 let body: String = (0..LARGE_BODY + 7).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
                 let served = body.clone();
-                tokio::task::spawn_local(serve(l, move |_| {
+                let addr = serving(move |_| {
                     let b = served.clone();
                     async move { Response::text(200, b) }
-                }));
+                })
+                .await;
                 for _ in 0..2 {
                     let got = ask(addr, "GET /metrics HTTP/1.1\r\n\r\n").await;
                     let (head, got) = got.split_once("\r\n\r\n").expect("a head and a body");

@@ -479,11 +479,7 @@ fn read_datapath(pin_dir: &std::path::Path) -> Vec<Series> {
 pub fn render(registry: &Registry) -> String {
     let mut s = String::new();
     let _ = prometheus_client::encoding::prometheus_text::encode(&mut s, registry);
-    // A scrape of 100 000 Services builds tens of megabytes of rows: given back here, on
-    // the thread whose arena holds them (the text itself once sent: `http`).
-    if s.len() >= crate::http::LARGE_BODY {
-        crate::memory::return_freed();
-    }
+    // (A large text gives its memory, and its rows' garbage, back once sent: `http::Large`.)
     s
 }
 
