@@ -60,9 +60,9 @@ impl Object {
     /// Kind and `Cluster` key (`(namespace, name)`; Nodes `("", name)`).
     fn id(&self) -> Id {
         let (kind, meta) = match self {
-            Object::Service(s) => ("Service", &s.metadata),
-            Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
-            Object::Node(n) => ("Node", &n.metadata),
+            Object::Service(s) => (Kind::Service, &s.metadata),
+            Object::EndpointSlice(s) => (Kind::EndpointSlice, &s.metadata),
+            Object::Node(n) => (Kind::Node, &n.metadata),
         };
         let ns = match self {
             Object::Node(_) => "",
@@ -480,39 +480,121 @@ fn is_manifest(path: &Path) -> bool {
 /// What identifies a file version without reading it.
 type Stamp = (i64, i64, u64, u64);
 
-/// An object's identity: its kind and its key in `Cluster`.
-type Id = (&'static str, Key);
+/// The kinds of object a manifest may define that we use (in the order of their names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Kind {
+    EndpointSlice,
+    Node,
+    Service,
+}
 
-/// One file's last good objects, indexed by identity.
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+            Kind::Service => "Service",
+        })
+    }
+}
+
+/// An object's identity: its kind and its key in `Cluster`.
+type Id = (Kind, Key);
+
+/// One file's last good objects, sorted by identity: a sorted `Vec`, not an ordered map (a
+/// file's objects are read once and never changed, and at 100 000 Services the map's nodes
+/// cost some 60 bytes per Service more).
 #[derive(Debug, Default)]
 struct FileObjects {
     stamp: Stamp,
-    objs: Vec<Kept>,
-    ids: BTreeMap<Id, usize>,
+    objs: Vec<(Id, Kept)>,
 }
 
 impl FileObjects {
     fn new(stamp: Stamp, objs: Vec<Object>) -> Self {
-        // A later object of the same identity in one file replaces the earlier one. The
-        // objects of a file mostly share a namespace: they share its name too.
+        // The objects of a file mostly share a namespace: they share its name too.
         let mut namespace: Option<Name> = None;
-        let ids = objs
+        let mut objs: Vec<(Id, Kept)> = objs
             .iter()
-            .enumerate()
-            .map(|(i, o)| {
+            .map(|o| {
                 let (kind, (ns, name)) = o.id();
                 let ns = match &namespace {
                     Some(last) if *last == ns => last.clone(),
                     _ => namespace.insert(ns).clone(),
                 };
-                ((kind, (ns, name)), i)
+                ((kind, (ns, name)), o.kept())
             })
             .collect();
-        FileObjects { stamp, objs: objs.iter().map(Object::kept).collect(), ids }
+        // A later object of the same identity in one file replaces the earlier one (a stable
+        // sort keeps them in file order; `dedup_by` hands the later one first).
+        objs.sort_by(|a, b| a.0.cmp(&b.0));
+        objs.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(later, kept);
+            }
+            same
+        });
+        objs.shrink_to_fit();
+        FileObjects { stamp, objs }
     }
 
     fn get(&self, id: &Id) -> Option<&Kept> {
-        self.ids.get(id).map(|i| &self.objs[*i])
+        self.objs.binary_search_by(|(i, _)| i.cmp(id)).ok().map(|at| &self.objs[at].1)
+    }
+
+    fn ids(&self) -> impl Iterator<Item = &Id> {
+        self.objs.iter().map(|(id, _)| id)
+    }
+
+    fn into_ids(self) -> impl Iterator<Item = Id> {
+        self.objs.into_iter().map(|(id, _)| id)
+    }
+}
+
+/// The files defining the objects whose identity hashes to one value (`Folder::owners`), in
+/// name order: nearly always one, kept without a `Vec` (its allocation would be some 30
+/// bytes per object).
+#[derive(Debug)]
+enum Owners {
+    One(Arc<Path>),
+    Many(Vec<Arc<Path>>),
+}
+
+impl Owners {
+    fn files(&self) -> &[Arc<Path>] {
+        match self {
+            Owners::One(p) => std::slice::from_ref(p),
+            Owners::Many(v) => v,
+        }
+    }
+
+    fn insert(&mut self, file: Arc<Path>) {
+        match self {
+            Owners::One(p) if *p == file => {}
+            Owners::One(p) => {
+                let mut v = vec![p.clone()];
+                sorted_vec::insert(&mut v, file);
+                *self = Owners::Many(v);
+            }
+            Owners::Many(v) => {
+                sorted_vec::insert(v, file);
+            }
+        }
+    }
+
+    /// Removes `file`; false when no file is left.
+    fn remove(&mut self, file: &Path) -> bool {
+        match self {
+            Owners::One(p) => **p != *file,
+            Owners::Many(v) => {
+                sorted_vec::remove(v, file);
+                if let [one] = v.as_slice() {
+                    *self = Owners::One(one.clone());
+                }
+                !self.files().is_empty()
+            }
+        }
     }
 }
 
@@ -532,8 +614,14 @@ fn written_long_ago(md: &std::fs::Metadata) -> bool {
 pub struct Folder {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileObjects>,
-    /// The files defining each object (a merge looks at those, not at every file).
-    owners: BTreeMap<Id, Vec<Arc<Path>>>,
+    /// The files defining each object (a merge looks at those, not at every file), by a hash
+    /// of its identity: a second copy of every identity would cost some 90 bytes per
+    /// Service. Two identities with one hash share a set of files, and a merge asks each
+    /// file whether it defines the object, so a collision costs a lookup, never a wrong
+    /// answer.
+    owners: BTreeMap<u64, Owners>,
+    /// Seeded per process: the cluster cannot choose identities that collide.
+    owner_hash: foldhash::fast::RandomState,
     merged: Cluster,
     changes: Changes,
     warnings: Vec<String>,
@@ -691,7 +779,7 @@ impl Folder {
         }
         for path in gone {
             if let Some(f) = self.remove_file(&path) {
-                dirty.extend(f.ids.into_keys());
+                dirty.extend(f.into_ids());
             }
             self.save(&path, None);
         }
@@ -719,7 +807,7 @@ impl Folder {
                     self.warnings.extend(warnings.into_iter().map(|w| format!("{}: {w}", path.display())));
                     self.save(&path, Some(text));
                     let new = FileObjects::new(stamp, objs);
-                    for id in old.ids.keys().chain(new.ids.keys()) {
+                    for id in old.ids().chain(new.ids()) {
                         if old.get(id) != new.get(id) {
                             dirty.insert(id.clone());
                         }
@@ -729,7 +817,7 @@ impl Folder {
                 Err(e) => {
                     // Keep the objects of its last good version: this process's, or, after a
                     // restart, the copy saved on disk.
-                    if old.ids.is_empty()
+                    if old.objs.is_empty()
                         && let Some(Ok((_, objs, _))) =
                             self.saved(&path).filter(|p| p.exists()).map(|p| read_file(&p))
                     {
@@ -739,7 +827,7 @@ impl Folder {
                             objs.len()
                         ));
                         old = FileObjects::new(stamp, objs);
-                        dirty.extend(old.ids.keys().cloned());
+                        dirty.extend(old.ids().cloned());
                     }
                     // Remember the stamp so the error is reported once per version of the
                     // file.
@@ -804,23 +892,33 @@ impl Folder {
         None
     }
 
+    /// Where `owners` keeps the files defining `id`.
+    fn owner_key(&self, id: &Id) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.owner_hash, id)
+    }
+
     fn insert_file(&mut self, path: PathBuf, f: FileObjects) {
         // One path shared by the file's objects (sorted: the first file by name wins).
         let shared: Arc<Path> = path.as_path().into();
-        for id in f.ids.keys() {
-            sorted_vec::insert(self.owners.entry(id.clone()).or_default(), shared.clone());
+        for id in f.ids() {
+            match self.owners.entry(self.owner_key(id)) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(Owners::One(shared.clone()));
+                }
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut().insert(shared.clone()),
+            }
         }
         self.files.insert(path, f);
     }
 
     fn remove_file(&mut self, path: &Path) -> Option<FileObjects> {
         let f = self.files.remove(path)?;
-        for id in f.ids.keys() {
-            if let Some(owners) = self.owners.get_mut(id) {
-                sorted_vec::remove(owners, path);
-                if owners.is_empty() {
-                    self.owners.remove(id);
-                }
+        for id in f.ids() {
+            let hash = self.owner_key(id);
+            if let Some(owners) = self.owners.get_mut(&hash)
+                && !owners.remove(path)
+            {
+                self.owners.remove(&hash);
             }
         }
         Some(f)
@@ -832,9 +930,9 @@ impl Folder {
         let files = &self.files;
         let mut defined = self
             .owners
-            .get(id)
+            .get(&self.owner_key(id))
             .into_iter()
-            .flatten()
+            .flat_map(Owners::files)
             .filter_map(|p| files.get(&**p)?.get(id).map(|o| (p, o)));
         let winner = defined.next();
         for (dup, _) in defined {
@@ -844,14 +942,14 @@ impl Folder {
         }
         let key = id.1.clone();
         match (id.0, winner.map(|(_, o)| o.clone())) {
-            ("Service", o) => {
+            (Kind::Service, o) => {
                 self.changes.services.insert(key.clone());
                 match o {
                     Some(Kept::Service(s)) => self.merged.services.insert(key, s).map(|_| ()),
                     _ => self.merged.services.remove(&key).map(|_| ()),
                 };
             }
-            ("EndpointSlice", o) => {
+            (Kind::EndpointSlice, o) => {
                 self.changes.slices.insert(key.clone());
                 match o {
                     Some(Kept::Slice(s)) => self.merged.slices.insert(key, s).map(|_| ()),
@@ -1106,6 +1204,52 @@ mod tests {
         );
         // The hand-written Endpoints, mirrored.
         assert_eq!(of("legacy"), [(vec!["198.19.0.30:80".to_string()], 1)]);
+    }
+
+    /// Within one file the later of two objects with one identity wins; across files the
+    /// first file by name, then the next when it goes.
+    #[test]
+    fn duplicates_within_a_file_and_across_three_files() {
+        let dir = scratch_dir("duplicates");
+        let svc = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n"
+            )
+        };
+        std::fs::write(dir.join("b.yaml"), svc("198.19.0.1") + &svc("198.19.0.2")).unwrap();
+        std::fs::write(dir.join("c.yaml"), svc("198.19.0.3")).unwrap();
+        let mut folder = Folder::new(&dir);
+        folder.refresh().unwrap();
+        let ip = |f: &Folder| {
+            f.cluster().services.get(&("default".into(), "web".into())).map(|s| s.cluster_ips[0].to_string())
+        };
+        assert_eq!(ip(&folder).as_deref(), Some("198.19.0.2"), "the later in b.yaml");
+        assert_eq!(folder.take_warnings().len(), 1, "c.yaml reported");
+        std::fs::write(dir.join("a.yaml"), svc("198.19.0.4")).unwrap();
+        folder.refresh().unwrap();
+        assert_eq!(ip(&folder).as_deref(), Some("198.19.0.4"), "a.yaml comes first");
+        assert_eq!(folder.take_warnings().len(), 2, "b.yaml and c.yaml reported");
+        for (gone, next) in [("a.yaml", Some("198.19.0.2")), ("b.yaml", Some("198.19.0.3")), ("c.yaml", None)]
+        {
+            std::fs::remove_file(dir.join(gone)).unwrap();
+            folder.refresh().unwrap();
+            assert_eq!(ip(&folder).as_deref(), next, "{gone} removed");
+        }
+        assert!(folder.owners.is_empty(), "no file is remembered for an object no file defines");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn owners_go_from_one_to_many_and_back() {
+        let (a, b): (Arc<Path>, Arc<Path>) = (Path::new("a").into(), Path::new("b").into());
+        let mut o = Owners::One(b.clone());
+        o.insert(b.clone());
+        assert!(matches!(o, Owners::One(_)), "the same file once");
+        o.insert(a.clone());
+        assert_eq!(o.files(), [a.clone(), b.clone()], "in name order");
+        assert!(o.remove(&a) && matches!(&o, Owners::One(p) if *p == b));
+        assert!(o.remove(Path::new("c")), "a file it never had");
+        assert!(!o.remove(&b), "none left");
     }
 
     fn scratch_dir(tag: &str) -> PathBuf {
