@@ -152,12 +152,22 @@ fn execute_ops(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) ->
         };
         match written {
             Ok(()) => applied.record_all(batch),
-            // Which of a batch went in is not known: each is written again, one by one,
-            // so `applied` records exactly those the kernel took (a write is idempotent).
+            // Which of a batch went in is not known (a large one is written by two threads,
+            // so entries after the failed one may be in too): each is written again, one by
+            // one, and `applied` records exactly those the kernel took (a write is
+            // idempotent). The batch's first error stops the sync there.
             Err(_) if run > 1 => {
+                let mut first_error = None;
                 for op in batch {
-                    execute_one(dp, op)?;
-                    applied.record(op);
+                    match execute_one(dp, op) {
+                        Ok(()) => applied.record(op),
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                if let Some(e) = first_error {
+                    return Err(e);
                 }
             }
             Err(e) => return Err(e),

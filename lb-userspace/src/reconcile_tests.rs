@@ -263,6 +263,35 @@ fn sync_with(dp: &mut FakeDataplane, d: &Desired, limits: &Limits) -> Vec<(Servi
     p.failed
 }
 
+/// A batch that fails after entries past the failed one went in (two threads write a large
+/// one): what is recorded is what the maps hold, and the next sync writes only the rest.
+#[test]
+fn a_failed_batch_records_every_entry_the_kernel_took() {
+    let services = many(5, 2);
+    let refused = ServiceKey::new(IpAddr::from([198, 19, 0, 2]), 80, PROTO_TCP);
+    let mut dp = FakeDataplane { refused: Some(refused), ..Default::default() };
+    let mut applied = Applied::read(&dp).unwrap();
+    let ops = plan(&desired_of(&services), &applied, &LIMITS).complete().unwrap();
+    assert!(execute(&mut dp, &mut applied, &ops).is_err());
+    assert_eq!(dp.services.len(), 4, "the entries after the refused one are in the map");
+    assert_eq!(applied, Applied::read(&dp).unwrap(), "and recorded");
+    dp.refused = None;
+    let ops = plan(&desired_of(&services), &applied, &LIMITS).complete().unwrap();
+    // Its table again (an unused range is freed after a sync) and its frontend; nothing else.
+    assert!(
+        ops.iter().all(|op| match op {
+            MapOp::WriteMaglev { .. } => true,
+            MapOp::SetService { key, .. } => *key == refused,
+            _ => false,
+        }),
+        "{ops:?}"
+    );
+    assert!(ops.iter().any(|op| matches!(op, MapOp::SetService { .. })));
+    execute(&mut dp, &mut applied, &ops).unwrap();
+    assert_eq!(applied, Applied::read(&dp).unwrap());
+    assert_eq!(dp.services.len(), 5);
+}
+
 #[test]
 fn a_service_over_a_limit_is_skipped_and_the_others_are_applied() {
     // Each of the 5 small services takes 2 backends; "big" wants 30, over --max-backends.

@@ -1271,3 +1271,34 @@ fn each_icmp_error_type_is_translated_back_at_both_hooks() {
         assert_eq!(reason(&l, Reason::IcmpRelated), translated);
     }
 }
+
+/// A batch large enough to be written by two threads (`dataplane::hash_batch`) lands whole:
+/// every frontend and membership is in the kernel's maps with its value.
+#[test]
+fn large_batches_written_by_two_threads_land_whole() {
+    require_root!();
+    let mut l = Loaded::new();
+    let n = 100_000u32;
+    let frontends: Vec<(ServiceKey, ServiceValue)> = (0..n)
+        .map(|i| {
+            let vip = std::net::Ipv4Addr::from(0xc613_0000 + i);
+            let value = ServiceValue { service_id: i + 1, backend_count: 1, ..Default::default() };
+            (ServiceKey::new(vip.into(), 80, PROTO_TCP), value)
+        })
+        .collect();
+    l.dp.set_services(&frontends).unwrap();
+    let members: Vec<(MemberKey, MemberValue)> = (0..n)
+        .map(|i| {
+            (MemberKey { service_id: i + 1, backend_id: i % 7 + 1 }, MemberValue { generation: i, flags: 1 })
+        })
+        .collect();
+    l.dp.set_members(&members).unwrap();
+    let mut read = l.dp.services().unwrap();
+    read.sort_by_key(|(k, _)| *k);
+    let mut want = frontends.clone();
+    want.sort_by_key(|(k, _)| *k);
+    assert_eq!(read, want, "every frontend, with its value");
+    let mut read = l.dp.members().unwrap();
+    read.sort_by_key(|(k, _)| *k);
+    assert_eq!(read, members, "every membership, with its value");
+}
