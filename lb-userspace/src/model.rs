@@ -705,8 +705,11 @@ struct Held {
 }
 
 /// The distinct endpoints a datapath service uses.
-fn addrs(s: &DesiredService) -> BTreeSet<(IpAddr, u16)> {
-    s.backends.iter().chain(&s.kept).map(|b| (b.ip, b.port)).collect()
+fn addrs(s: &DesiredService) -> Vec<(IpAddr, u16)> {
+    let mut v: Vec<_> = s.backends.iter().chain(&s.kept).map(|b| (b.ip, b.port)).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn owner(key: &Key, slice: &Slice) -> Option<Key> {
@@ -808,6 +811,10 @@ impl ModelState {
         }
         self.slices_of = slices_of.into_iter().collect();
         let mut each = Vec::with_capacity(cluster.services.len());
+        // Sized ahead (a Service has a frontend at least): growing these tables rehashed
+        // and copied them several times at 100 000 Services.
+        self.claims.0.reserve(cluster.services.len());
+        self.vip_users.reserve(cluster.services.len());
         let mut next = 0;
         for (key, svc) in &cluster.services {
             // The slices of Services before this one (none exists) are passed over.
@@ -823,7 +830,13 @@ impl ModelState {
             let claims = self.claims.add(svc, &one.services);
             each.push((key, svc, one, claims));
         }
-        let (mut services, mut held) = (Vec::new(), Vec::new());
+        let (datapath_services, endpoints) = each
+            .iter()
+            .flat_map(|(_, _, one, _)| &one.services)
+            .fold((0, 0), |(n, e), (_, v)| (n + 1, e + v.backends.len() + v.kept.len()));
+        let mut services = Vec::with_capacity(datapath_services);
+        let mut held = Vec::with_capacity(each.len());
+        self.backend_users.reserve(endpoints);
         for (key, svc, mut one, claims) in each {
             self.claims.settle(&mut one.services, &mut one.notes);
             self.count_vips(&svc.cluster_ips, None);

@@ -311,7 +311,11 @@ impl<'a> Planning<'a> {
             .services
             .values()
             .fold((0, 0), |(e, f), s| (e + s.backends.len() + s.kept.len(), f + s.frontends.len()));
-        self.set_backends.reserve(endpoints);
+        // The backends come first in `writes`, which appends every other queue to theirs:
+        // room for all of them there, so no second buffer of a million ops is allocated
+        // (fresh pages cost more than the copy).
+        self.set_backends
+            .reserve(2 * endpoints + desired.services.len() + frontends + desired.cluster_vips.len());
         self.set_members.reserve(endpoints);
         self.tables.reserve(desired.services.len());
         self.set_services.reserve(frontends + desired.cluster_vips.len());
@@ -564,7 +568,7 @@ impl<'a> Planning<'a> {
             let table = match built.filter(|t| t.size == size && prev_ids.is_none()) {
                 Some(t) => {
                     let in_order: Vec<u32> = s.backends.iter().map(id_of).collect();
-                    Some(Table::from_positions(&t.positions, &in_order))
+                    Some(t.positions.renumbered(&in_order))
                 }
                 None => {
                     let members: Vec<(u32, Vec<u8>)> =
@@ -606,9 +610,9 @@ impl<'a> Planning<'a> {
     /// The writes in their order: backends, allowed ranges and tables, then the frontends
     /// that flip to them (the caller appends removals).
     fn writes(&mut self) -> Vec<MapOp> {
-        let queued = [&self.set_backends, &self.set_members, &self.allow, &self.tables, &self.set_services];
-        let mut ops = Vec::with_capacity(queued.iter().map(|q| q.len()).sum());
-        ops.append(&mut self.set_backends);
+        let rest = [&self.set_members, &self.allow, &self.tables, &self.set_services];
+        let mut ops = std::mem::take(&mut self.set_backends);
+        ops.reserve(rest.iter().map(|q| q.len()).sum());
         ops.append(&mut self.set_members);
         ops.append(&mut self.allow);
         ops.append(&mut self.tables);
