@@ -628,10 +628,11 @@ pub fn plan(desired: &Desired, applied: &Applied, limits: &Limits) -> Plan {
     for vip in &desired.cluster_vips {
         p.cluster_vip(*vip);
     }
-    let mut built = fresh_tables::build_all(desired, applied, limits.max_table).into_iter();
-    for (sref, s) in &desired.services {
-        p.add(sref, s, None, built.next().flatten());
-    }
+    fresh_tables::alongside(desired, applied, limits.max_table, |next_table| {
+        for (sref, s) in &desired.services {
+            p.add(sref, s, None, next_table());
+        }
+    });
     let mut ops = p.writes();
     ops.extend(
         applied
