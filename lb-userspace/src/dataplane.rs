@@ -100,8 +100,7 @@ fn hash_batch<K: aya::Pod + Sync, V: aya::Pod + Sync>(
     map: &'static str,
     entries: &[(K, V)],
 ) -> Result<()> {
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    if entries.len() < PARALLEL_BATCH || threads < 2 {
+    if entries.len() < PARALLEL_BATCH || crate::parallel::cpus() < 2 {
         return hash_batch_on_this_thread(fd, map, entries);
     }
     let (first, second) = entries.split_at(entries.len() / 2);

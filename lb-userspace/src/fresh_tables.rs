@@ -8,7 +8,6 @@
 
 use std::{
     io::Write,
-    num::NonZero,
     sync::{
         Condvar, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicUsize, Ordering},
@@ -22,6 +21,7 @@ use crate::{
     compact_table::Table,
     maglev,
     model::{Backend, Desired},
+    parallel,
     sorted_set::SortedSet,
 };
 
@@ -73,7 +73,7 @@ pub fn alongside<R>(
             (!known && !s.backends.is_empty()).then_some(&s.backends)
         })
         .collect();
-    let threads = std::thread::available_parallelism().map_or(1, NonZero::get);
+    let threads = parallel::cpus();
     if threads < 2 || jobs.iter().flatten().count() < PARALLEL_FROM {
         return plan(&mut || None);
     }

@@ -26,6 +26,7 @@ pub mod mmap_array;
 pub mod model;
 pub mod netlink;
 pub mod objects;
+pub mod parallel;
 pub mod pins;
 pub mod range_alloc;
 pub mod rawmap;
