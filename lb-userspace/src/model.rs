@@ -458,6 +458,8 @@ fn service(out: &mut Part, here: &Here, ns: &Name, name: &Name, svc: &Service, s
     }
 
     warn_about_slices(&mut out.notes, ns, name, svc, slices);
+    // Nearly always one datapath service a port (one scope, one family): one allocation.
+    out.services.reserve_exact(svc.ports.len());
     for port in svc.ports.iter() {
         let Some(proto) = port.protocol.number() else {
             out.notes.push((format!("{ns}/{name}:{}", port.port), "skipped: protocol not supported".into()));
@@ -587,7 +589,7 @@ fn endpoints(
     slices: &[&Slice],
     local_only: bool,
 ) -> (SortedSet<Backend>, SortedSet<Backend>) {
-    let mut ready = Vec::new();
+    let mut ready = Vec::with_capacity(slices.iter().map(|s| s.endpoints.len()).sum());
     let mut serving_terminating = Vec::new();
     for slice in slices.iter().filter(|s| s.family == Some(family)) {
         let Some(target) = slice.ports.iter().find_map(|p| {

@@ -20,10 +20,7 @@
 //!   ideal size at most), and are rebuilt from the applied table so only the removed
 //!   backend's share of flows moves (`maglev::rebuild`).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnet::IpNet;
 use lb_common::abi::*;
@@ -243,6 +240,9 @@ fn service_flags(s: &DesiredService) -> u32 {
     f
 }
 
+/// A service's memberships: each backend id once, with its flags, sorted.
+type Members = Vec<(MemberKey, u32)>;
+
 /// A plan being built, shared by `plan` (every service) and `plan_changes` (the changed ones):
 /// the writes by phase, and the ids, ranges and entries it has taken so far.
 struct Planning<'a> {
@@ -434,11 +434,7 @@ impl<'a> Planning<'a> {
 
     /// Whether `s`'s source ranges and memberships fit next to what the maps and this plan
     /// hold: the new ranges, the memberships wanted and how many of them are new.
-    fn fits(
-        &self,
-        s: &DesiredService,
-        service_id: u32,
-    ) -> Result<(u32, BTreeMap<MemberKey, u32>, u32), PlanError> {
+    fn fits(&self, s: &DesiredService, service_id: u32) -> Result<(u32, Members, u32), PlanError> {
         let (applied, limits) = (self.applied, self.limits);
         let new_ranges = s
             .source_ranges
@@ -449,7 +445,7 @@ impl<'a> Planning<'a> {
             return Err(PlanError::SourceRangesFull { need: new_ranges, capacity: limits.source_ranges });
         }
         let members = self.member_flags(s, service_id);
-        let new_members = members.keys().filter(|k| !applied.members.contains_key(k)).count() as u32;
+        let new_members = members.iter().filter(|(k, _)| !applied.members.contains_key(k)).count() as u32;
         if applied.members.len() as u32 + self.new_members + new_members > limits.members {
             return Err(PlanError::MembersFull(limits.members));
         }
@@ -490,19 +486,24 @@ impl<'a> Planning<'a> {
 
     /// The memberships service `service_id` wants: its usable backends, and its terminating
     /// ones kept for their flows.
-    fn member_flags(&self, s: &DesiredService, service_id: u32) -> BTreeMap<MemberKey, u32> {
+    /// (Sorted by key, each once: a backend both usable and kept is usable.)
+    fn member_flags(&self, s: &DesiredService, service_id: u32) -> Members {
         let usable = s.backends.iter().map(|b| (b, MEMBER_F_USABLE));
-        let mut wanted = BTreeMap::new();
-        for (b, flags) in usable.chain(s.kept.iter().map(|b| (b, 0))) {
-            let key = MemberKey { service_id, backend_id: self.backend_ids[&(b.ip, b.port)] };
-            wanted.entry(key).or_insert(flags);
-        }
+        let mut wanted: Vec<(MemberKey, u32)> = usable
+            .chain(s.kept.iter().map(|b| (b, 0)))
+            .map(|(b, flags)| {
+                (MemberKey { service_id, backend_id: self.backend_ids[&(b.ip, b.port)] }, flags)
+            })
+            .collect();
+        // Stable: the first of a key (usable before kept) stays.
+        wanted.sort_by_key(|(key, _)| *key);
+        wanted.dedup_by_key(|(key, _)| *key);
         wanted
     }
 
     /// Queues the memberships `wanted`. A new membership gets a new generation; a changed
     /// one keeps it.
-    fn members(&mut self, wanted: BTreeMap<MemberKey, u32>) {
+    fn members(&mut self, wanted: Members) {
         for (key, flags) in wanted {
             if !self.wanted_members.insert(key) {
                 continue;
