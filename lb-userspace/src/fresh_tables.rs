@@ -1,4 +1,5 @@
-//! The Maglev tables of a first sync, built on the other CPUs alongside the (sequential) plan.
+//! The Maglev tables of a first sync, built by a thread per CPU alongside the (sequential)
+//! plan.
 //!
 //! A first sync of 100 000 Services builds 100 000 tables: about two thirds of the plan's
 //! time on one CPU. A fresh table depends only on its backends' names and its size, not on the
@@ -25,11 +26,11 @@ use crate::{
     sorted_set::SortedSet,
 };
 
-/// A service's table built ahead: its size and, per slot, the position of its backend in the
-/// service's `backends` (in their set order; `Table::renumbered` gives it the ids).
+/// A service's table built ahead: per slot, the position of its backend in the service's
+/// `backends` (in their set order; `Table::renumbered` gives it the ids). Its size is its
+/// length.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FreshTable {
-    pub size: u32,
     pub positions: Table,
 }
 
@@ -203,7 +204,7 @@ fn table(backends: &SortedSet<Backend>, max_table: u32, buf: &mut Vec<u8>) -> Fr
         .collect();
     let size = maglev::table_size(backends.len(), max_table);
     let positions = maglev::fresh_positions(&names, size);
-    FreshTable { size, positions: Table::of_positions(&positions, backends.len()) }
+    FreshTable { positions: Table::of_positions(&positions, backends.len()) }
 }
 
 #[cfg(test)]
@@ -243,6 +244,6 @@ mod tests {
             work.jobs.iter().map(|j| j.map(|b| table(b, 65_537, &mut Vec::new()))).collect();
         assert_eq!(taken, expected);
         assert_eq!(taken[5], None);
-        assert_eq!(taken[7].as_ref().map(|t| t.size), Some(401));
+        assert_eq!(taken[7].as_ref().map(|t| t.positions.len()), Some(401));
     }
 }

@@ -566,7 +566,7 @@ impl<'a> Planning<'a> {
             let prev_ids = prev_table.map(Table::ids);
             let id_of = |b: &Backend| self.backend_ids[&(b.ip, b.port)];
             // None: rebuilt as the maps hold it, so it stays where it is.
-            let table = match built.filter(|t| t.size == size && prev_ids.is_none()) {
+            let table = match built.filter(|t| t.positions.len() == size && prev_ids.is_none()) {
                 Some(t) => {
                     let in_order: Vec<u32> = s.backends.iter().map(id_of).collect();
                     Some(t.positions.renumbered(&in_order))
