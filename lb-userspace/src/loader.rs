@@ -195,14 +195,34 @@ pub fn load_migrating_with_log(
         .map_err(|source| LoadError::PinDir { path: pin_dir.to_path_buf(), source })?;
     let sizes = caps.max_entries();
     let migration = crate::pins::prepare(pin_dir, &crate::pins::wanted(EBPF_OBJECT, &sizes)?)?;
+    let loaded = load_pinned(pin_dir, &sizes, log).and_then(|ebpf| {
+        migration.copy()?;
+        Ok(ebpf)
+    });
+    match loaded {
+        Ok(ebpf) => Ok((ebpf, migration)),
+        Err(e) => {
+            // The old programs still run on the old maps: their pins come back.
+            migration.abandon();
+            Err(e)
+        }
+    }
+}
+
+/// Loads the object with its maps pinned in `pin_dir`, sized `sizes`, and verifies both
+/// programs.
+fn load_pinned(
+    pin_dir: &Path,
+    sizes: &std::collections::BTreeMap<&'static str, u32>,
+    log: BpfLog,
+) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
     set_bpf_log(&mut loader, log);
-    for (name, max) in &sizes {
+    for (name, max) in sizes {
         loader.map_max_entries(name, *max);
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     load_both_programs(&mut ebpf)?;
-    migration.copy()?;
-    Ok((ebpf, migration))
+    Ok(ebpf)
 }

@@ -95,6 +95,14 @@ fn pin_layout(path: &Path) -> Result<Layout, PinError> {
     rawmap::layout(m.fd().as_fd()).map_err(|source| PinError::Io { path: path.to_path_buf(), source })
 }
 
+/// `max_entries` of map `name` pinned in `dir` (of the old pin while a migration of it is
+/// unfinished), if it is pinned there.
+pub fn pinned_max_entries(dir: &Path, name: &str) -> Option<u32> {
+    let old = old_path(dir, name);
+    let path = if old.exists() { old } else { dir.join(name) };
+    path.exists().then(|| pin_layout(&path).ok()).flatten().map(|l| l.max_entries)
+}
+
 /// How `have` becomes `want` for map `name`, or why it cannot.
 fn how(name: &str, have: &Layout, want: &Layout) -> Result<How, &'static str> {
     if REWRITTEN.contains(&name) {
@@ -221,8 +229,21 @@ impl Migration {
             How::MaglevPacked => (4, 8),
             _ => (have.key_size as usize, rawmap::value_buf_len(have)),
         };
-        let now = crate::conntrack_gc::monotonic_ns();
         let is_array = matches!(have.map_type, 2 | 6); // ARRAY, PERCPU_ARRAY
+        let too_small = || {
+            err(format!(
+                "the new map ({} entries) cannot hold the old one's entries; raise its capacity",
+                new_layout.max_entries
+            ))
+        };
+        if is_array && how == How::Copy {
+            // Batched: a grown Maglev array holds millions of set elements.
+            return copy_array(new.fd().as_fd(), (ks, vs), &keys, &values).map_err(|e| match e.raw_os_error() {
+                Some(libc::E2BIG) => too_small(),
+                _ => err(e.to_string()),
+            });
+        }
+        let now = crate::conntrack_gc::monotonic_ns();
         let mut copied = 0;
         for (key, value) in keys.chunks_exact(ks).zip(values.chunks_exact(vs)) {
             if is_array && value.iter().all(|b| *b == 0) {
@@ -237,12 +258,7 @@ impl Migration {
             match rawmap::update(new.fd().as_fd(), key, &value, flags) {
                 Ok(()) => copied += 1,
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
-                    return Err(err(format!(
-                        "the new map ({} entries) cannot hold the old one's entries; raise its capacity",
-                        new_layout.max_entries
-                    )));
-                }
+                Err(e) if e.raw_os_error() == Some(libc::E2BIG) => return Err(too_small()),
                 Err(e) => return Err(err(e.to_string())),
             }
         }
@@ -260,6 +276,39 @@ impl Migration {
         let _ = std::fs::remove_dir(self.dir.join(OLD_DIR));
         Ok(copied)
     }
+
+    /// Undoes `prepare` when the new object could not be loaded or attached: the new pins
+    /// go and the old ones come back (the old programs never left them).
+    pub fn abandon(self) {
+        for (name, _, _) in &self.maps {
+            let _ = std::fs::remove_file(self.dir.join(name));
+            let _ = std::fs::rename(old_path(&self.dir, name), self.dir.join(name));
+        }
+        let _ = std::fs::remove_dir(self.dir.join(OLD_DIR));
+    }
+}
+
+/// Writes the elements of an array's `(keys, values)` (entries of `sizes`: key and value
+/// bytes) that are not all zero into array `fd`, a batch of `COPY_BATCH` per call. Returns
+/// how many.
+fn copy_array(
+    fd: std::os::fd::BorrowedFd<'_>,
+    (ks, vs): (usize, usize),
+    keys: &[u8],
+    values: &[u8],
+) -> std::io::Result<usize> {
+    const COPY_BATCH: usize = 65_536;
+    let (mut set_keys, mut set_values) = (Vec::new(), Vec::new());
+    for (key, value) in keys.chunks_exact(ks).zip(values.chunks_exact(vs)) {
+        if value.iter().any(|b| *b != 0) {
+            set_keys.extend_from_slice(key);
+            set_values.extend_from_slice(value);
+        }
+    }
+    for (k, v) in set_keys.chunks(ks * COPY_BATCH).zip(set_values.chunks(vs * COPY_BATCH)) {
+        rawmap::update_batch(fd, ks, k, v).map_err(|(_, e)| e)?;
+    }
+    Ok(set_keys.len() / ks.max(1))
 }
 
 /// `(keys, values)` of a one-slot-per-element Maglev array (`u32` index keys, values of

@@ -226,6 +226,32 @@ impl Attachments {
         Ok(a)
     }
 
+    /// After the datapath was loaded again (`growth`): every attachment moves to `ebpf`'s
+    /// programs, each replaced atomically in its link, and the old object goes. An interface
+    /// that cannot take the new program (gone meanwhile) is logged; the next scan decides.
+    pub fn swap_in(&mut self, mut ebpf: Ebpf, cfg: &AgentConfig, status: &Shared) {
+        for iface in &cfg.xdp_ifaces {
+            match attach::attach_pinned(&mut ebpf, Hook::Xdp, iface, &cfg.pin_dir, cfg.legacy_attach) {
+                Ok((how, _holder)) => {
+                    lock(status).xdp.insert(iface.clone(), how);
+                }
+                Err(e) => log(format!("warning: XDP on {iface} keeps the old program: {e}")),
+            }
+        }
+        if self.host_cookie != 0
+            && let Some(root) = cfg.cgroup_root.as_deref()
+        {
+            self.host_cookie = attach_host_clients(&mut ebpf, root, &cfg.pin_dir).0;
+        }
+        for (name, (_, holder)) in self.tc_links.iter_mut() {
+            match attach::attach_pinned(&mut ebpf, Hook::Tc, name, &cfg.pin_dir, cfg.legacy_attach) {
+                Ok((_, new)) => *holder = new,
+                Err(e) => log(format!("warning: TC on {name} keeps the old program: {e}")),
+            }
+        }
+        self.ebpf = ebpf;
+    }
+
     /// Writes the pod source checks for the attached links (at start, after a migration).
     pub fn check_pod_sources(&mut self, cfg: &AgentConfig, dp: &mut AyaDataplane) -> anyhow::Result<()> {
         self.checked = pod_ports(cfg, &self.tc_links);

@@ -60,6 +60,7 @@ pub struct AgentMetrics {
     pub unprogrammed: Family<Labels, Gauge>,
     pub xdp_attached: Family<Labels, Gauge>,
     pub tc_attached: Gauge,
+    pub maps_grown: Counter,
     pub gc: GcMetrics,
 }
 
@@ -133,6 +134,7 @@ impl AgentMetrics {
             unprogrammed: Family::default(),
             xdp_attached: Family::default(),
             tc_attached: Gauge::default(),
+            maps_grown: Counter::default(),
             gc: GcMetrics::default(),
         }
     }
@@ -198,6 +200,11 @@ impl AgentMetrics {
             self.xdp_attached.clone(),
         );
         r.register("lb_tc_attached", "Interfaces with the TC program", self.tc_attached.clone());
+        r.register(
+            "lb_maps_grown",
+            "Times the Maglev array or the backend maps grew because Services did not fit (--max-maglev-slots, --max-backends auto)",
+            self.maps_grown.clone(),
+        );
         let gc = &self.gc;
         r.register("lb_conntrack_gc_passes", "Flow-table GC passes", gc.passes.clone());
         r.register("lb_conntrack_gc_errors", "Flow-table GC passes that failed", gc.errors.clone());

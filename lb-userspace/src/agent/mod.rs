@@ -9,6 +9,7 @@
 
 mod attachments;
 mod bpf_messages;
+pub mod growth;
 pub mod metrics;
 mod serve;
 mod state;
@@ -92,6 +93,8 @@ pub struct AgentConfig {
     pub algorithm: Algorithm,
     pub no_backend: NoBackendResponse,
     pub capacities: loader::Capacities,
+    /// Which capacities grow when full (`--max-backends`, `--max-maglev-slots` `auto`).
+    pub growable: growth::Growable,
     /// Flow life times (`--conntrack-*`).
     pub timeouts: CtTimeouts,
     /// `--conntrack-gc-interval`.
@@ -134,7 +137,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     local.block_on(&rt, run_async(cfg))
 }
 
-async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
+async fn run_async(mut cfg: AgentConfig) -> anyhow::Result<()> {
     let start = Instant::now();
     if let Some(note) = &cfg.config_note {
         log(note);
@@ -143,6 +146,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
     // Before anything is touched: the capabilities, then one agent per pin dir.
     crate::caps::check()?;
     let _pin_lock = crate::bpffs::lock_pin_dir(&cfg.pin_dir)?;
+    cfg.capacities = growth::at_start(cfg.capacities, cfg.growable, &cfg.pin_dir);
     let (mut ebpf, mut dp, applied, migration) = load(&cfg)?;
     if cfg.bpf_log != loader::BpfLog::Off {
         bpf_messages::start(&mut ebpf, cfg.bpf_log);
@@ -178,6 +182,7 @@ async fn run_async(cfg: AgentConfig) -> anyhow::Result<()> {
         mtu_floor: ReadLately::default(),
         host_addresses: ReadLately::default(),
         contested_frontends: 0,
+        growth_failed: None,
         cfg,
         dp,
         attachments,
@@ -325,6 +330,8 @@ struct Agent {
     host_addresses: ReadLately<Vec<IpAddr>>,
     /// Frontends claimed by more than one Service: they change only with Services.
     contested_frontends: usize,
+    /// When growing the maps last failed (`growth`).
+    growth_failed: Option<Instant>,
 }
 
 /// A value read from the system at most once a second.
@@ -435,6 +442,9 @@ impl Agent {
         if let Some(outcome) = outcome {
             self.last_sync = Some(began);
             self.after_sync(&outcome, began);
+            if outcome.skipped > 0 {
+                self.grow_if_full();
+            }
         }
         Ok(())
     }

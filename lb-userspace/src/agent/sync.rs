@@ -245,6 +245,16 @@ impl Syncer {
         Ok(Some(outcome))
     }
 
+    /// The datapath was loaded again with larger maps (`growth`): `applied` is what the new
+    /// maps hold, and everything is planned again against them at once.
+    pub fn reloaded(&mut self, mut applied: Applied, limits: Limits) {
+        applied.track_ranges(limits.maglev_slots);
+        self.applied = applied;
+        self.limits = limits;
+        self.retry.owe_full();
+        self.retry.no_later_than(Instant::now());
+    }
+
     fn reread(&mut self, dp: &impl Dataplane) -> Result<(), DataplaneError> {
         self.applied = Applied::read(dp)?;
         self.applied.track_ranges(self.limits.maglev_slots);

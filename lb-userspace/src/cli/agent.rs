@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::Args;
 use lb_common::abi::CtTimeouts;
 use lb_userspace::{
-    agent::{AgentConfig, Algorithm, NoBackendResponse},
+    agent::{
+        AgentConfig, Algorithm, NoBackendResponse,
+        growth::{Growable, MapSize},
+    },
     attach::Legacy,
     loader::BpfLog,
     loader::Capacities,
@@ -159,13 +162,18 @@ pub struct AgentArgs {
     /// Datapath service ids (one per Service port and protocol).
     #[arg(long, default_value_t = Capacities::default().services)]
     pub max_services: u32,
-    /// Backend ids (distinct endpoint ip:port).
-    #[arg(long, default_value_t = Capacities::default().backends)]
-    pub max_backends: u32,
+    /// Backend ids (distinct endpoint ip:port): `N`, or `auto` (262144 to start, doubled
+    /// or more whenever Services do not fit, up to 4194304; a grown size is kept across
+    /// restarts), or `auto:N` (the same from N). Growing loads the datapath again into
+    /// larger maps: seconds, no flow lost.
+    #[arg(long, default_value = "auto", value_parser = parse_backends, value_name = "N|auto|auto:N")]
+    pub max_backends: MapSize,
     /// Maglev lookup slots shared by all services (4 bytes each; a service of N backends
-    /// takes the smallest prime >= 100 x N: 401 slots, 1.6 KB, for 4 backends).
-    #[arg(long, default_value_t = Capacities::default().maglev_slots)]
-    pub max_maglev_slots: u32,
+    /// takes the smallest prime >= 100 x N: 401 slots, 1.6 KB, for 4 backends): `N`, or
+    /// `auto` (8388608 to start, about 20 000 such services, grown like `--max-backends`
+    /// up to 268435456), or `auto:N`.
+    #[arg(long, default_value = "auto", value_parser = parse_maglev_slots, value_name = "N|auto|auto:N")]
+    pub max_maglev_slots: MapSize,
     /// `loadBalancerSourceRanges` entries over all services.
     #[arg(long, default_value_t = Capacities::default().source_ranges)]
     pub max_source_ranges: u32,
@@ -199,6 +207,14 @@ pub struct AgentArgs {
     /// What `--config` did, for the log (set by `main`).
     #[arg(skip)]
     pub config_note: Option<String>,
+}
+
+fn parse_backends(s: &str) -> Result<MapSize, String> {
+    MapSize::parse(s, Capacities::default().backends)
+}
+
+fn parse_maglev_slots(s: &str) -> Result<MapSize, String> {
+    MapSize::parse(s, Capacities::default().maglev_slots)
 }
 
 /// Whether `s` is a zero duration (`0`, `0s`, `0h0m0s`): kube-proxy's "not set".
@@ -321,13 +337,17 @@ impl AgentArgs {
             capacities: Capacities {
                 frontends: self.max_frontends,
                 services: self.max_services,
-                backends: self.max_backends,
-                maglev_slots: self.max_maglev_slots,
+                backends: self.max_backends.size(),
+                maglev_slots: self.max_maglev_slots.size(),
                 flows: self.max_flows,
                 source_ranges: self.max_source_ranges,
                 affinity: self.max_affinity,
                 members: self.max_members,
                 ..Capacities::default()
+            },
+            growable: Growable {
+                backends: self.max_backends.grows(),
+                maglev_slots: self.max_maglev_slots.grows(),
             },
             timeouts: CtTimeouts {
                 tcp_syn: self.conntrack_tcp_timeout_syn,
