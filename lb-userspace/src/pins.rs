@@ -238,9 +238,11 @@ impl Migration {
         };
         if is_array && how == How::Copy {
             // Batched: a grown Maglev array holds millions of set elements.
-            return copy_array(new.fd().as_fd(), (ks, vs), &keys, &values).map_err(|e| match e.raw_os_error() {
-                Some(libc::E2BIG) => too_small(),
-                _ => err(e.to_string()),
+            return copy_array(new.fd().as_fd(), (ks, vs), &keys, &values).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::E2BIG) => too_small(),
+                    _ => err(e.to_string()),
+                }
             });
         }
         let now = crate::conntrack_gc::monotonic_ns();

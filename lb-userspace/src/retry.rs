@@ -41,6 +41,10 @@ pub struct Retry {
     seed: u64,
 }
 
+/// Services named one by one per sync in each kind of line (skipped, programmed now): a map
+/// full at 100 000 Services must not write 80 000 lines.
+const LINES_EACH: usize = 10;
+
 impl Retry {
     pub fn new() -> Self {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -130,14 +134,22 @@ impl Retry {
         } else {
             delta.services.keys().filter(|s| self.services.contains_key(*s)).cloned().collect()
         };
+        let mut programmed = 0;
         for sref in planned {
             if ok && !failed_now.contains_key(&sref) {
                 self.services.remove(&sref);
                 if self.logged.remove(&sref).is_some() {
-                    lines.push(format!("{sref}: programmed now"));
+                    programmed += 1;
+                    if programmed <= LINES_EACH {
+                        lines.push(format!("{sref}: programmed now"));
+                    }
                 }
             }
         }
+        if programmed > LINES_EACH {
+            lines.push(format!("... and {} more programmed now", programmed - LINES_EACH));
+        }
+        let mut said = 0;
         for (sref, e) in &failed_now {
             // The maps still hold the version they held before this plan. A full plan keeps
             // only the entries of the version it was given.
@@ -149,11 +161,20 @@ impl Retry {
             self.services.entry((*sref).clone()).or_insert(held);
             let repeat = matches!(self.logged.get(*sref), Some((last, at)) if last == *e && now.duration_since(*at) < LOG_EVERY);
             if !repeat {
-                lines.push(format!(
-                    "error: {sref} not programmed: {e}; the rest is applied, its maps keep what they held"
-                ));
+                said += 1;
+                if said <= LINES_EACH {
+                    lines.push(format!(
+                        "error: {sref} not programmed: {e}; the rest is applied, its maps keep what they held"
+                    ));
+                }
                 self.logged.insert((*sref).clone(), ((*e).clone(), now));
             }
+        }
+        if said > LINES_EACH {
+            lines.push(format!(
+                "error: ... and {} more not programmed (`lb status` and lb_service_unprogrammed list them all)",
+                said - LINES_EACH
+            ));
         }
         self.gone.extend(delta.backends_gone.iter().copied());
         if self.services.is_empty() {

@@ -107,3 +107,24 @@ fn a_failed_write_owes_a_full_plan_until_one_succeeds() {
     r.settle(&Desired::default(), &d, &[], true, t0);
     assert!(r.is_empty());
 }
+
+#[test]
+fn many_skipped_services_are_summed_up_after_the_first_few() {
+    let mut r = Retry::new();
+    let t0 = Instant::now();
+    let names: Vec<String> = (0..25).map(|i| format!("s{i:02}")).collect();
+    let desired =
+        Desired { services: names.iter().map(|n| (sref(n), service(80))).collect(), ..Default::default() };
+    let delta = Delta { all: true, ..Default::default() };
+    let failed: Vec<(ServiceRef, PlanError)> =
+        names.iter().map(|n| (sref(n), PlanError::MaglevFull(401))).collect();
+    let lines = r.settle(&desired, &delta, &failed, true, t0);
+    assert_eq!(lines.len(), LINES_EACH + 2, "{lines:?}");
+    assert!(lines[LINES_EACH].contains("and 15 more not programmed"), "{lines:?}");
+    assert_eq!(r.skipped_count(), 25, "every one is still owed");
+    // All fit on the next (full) plan: ten named, the rest counted.
+    let lines = r.settle(&desired, &delta, &[], true, t0 + Duration::from_secs(1));
+    assert_eq!(lines.len(), LINES_EACH + 1, "{lines:?}");
+    assert!(lines[LINES_EACH].contains("and 15 more programmed now"), "{lines:?}");
+    assert!(r.is_empty());
+}

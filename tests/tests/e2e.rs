@@ -1051,6 +1051,74 @@ fn a_service_over_a_capacity_is_skipped_and_everything_else_applied() {
     assert!(failures.is_empty(), "web failed: {failures:?}");
 }
 
+/// The Maglev array and the backend maps grow when Services do not fit (`auto`, the
+/// default; `auto:N` here so that 50 Services overflow them): an agent started at 4096 slots
+/// and 8 backend ids loads the datapath again with larger maps and programs all 50 and a
+/// Service of 10 endpoints, while a connection opened before stays on its backend and `web`
+/// serves throughout. A restart with the same flags keeps the grown maps (no migration back).
+#[test]
+fn full_maps_grow_so_every_service_fits_and_no_connection_notices() {
+    if !privileged() {
+        return;
+    }
+    let bins = Bins::beside(&std::env::current_exe().unwrap()).expect("lab binaries");
+    let mut lab = Lab::standard_topology(bins).expect("lab");
+    lab.write_manifest("nodes.yaml", &lab.node_manifests()).unwrap();
+    let flags = ["--max-maglev-slots", "auto:4096", "--max-backends", "auto:8"];
+    lab.start_agent(1, &flags).unwrap();
+    lab.start_agent(2, &[]).unwrap();
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    let client = lab.pod("client").ns.clone();
+    web_up(&lab, &client, &all, Proto::Tcp);
+    let maglev_elements = |lab: &Lab| {
+        let path = lab.pin_dir(1).join(lb_common::maps::MAGLEV);
+        let map = aya::maps::MapData::from_pin(&path).expect("maglev pin");
+        use std::os::fd::AsFd as _;
+        lb_userspace::rawmap::layout(map.fd().as_fd()).expect("layout").max_entries
+    };
+    assert_eq!(maglev_elements(&lab), 2048, "4096 slots, two to an element");
+    let mut conn = Conn::open(&client, sa(vip(), 80));
+    let mine = conn.ask().expect("first answer");
+    let asker = Asker::start(&client, sa(vip(), 80));
+    // 50 tables of 307 slots, and 10 more backends than the 8 ids.
+    lab.write_manifest("others.yaml", &fifty_services(&all, &all)).unwrap();
+    lab.write_manifest("big.yaml", &big_service(10, "ClusterIP", "", "")).unwrap();
+    let all_up = |lab: &Lab| -> anyhow::Result<bool> {
+        Ok((1..=50).all(|i| lab.has_frontend(1, IpAddr::from([198, 19, 1, i]), 80).unwrap_or(false))
+            && lab.frontend(1, IpAddr::from([198, 19, 2, 1]), 80)?.map(|v| v.backend_count) == Some(10))
+    };
+    let took = wait_for(Duration::from_secs(60), || all_up(&lab))
+        .unwrap_or_else(|e| panic!("not every Service programmed: {e}\n{}", lab.agent_log(1)));
+    println!("51 Services over full maps programmed after {took:?}");
+    for l in lab.agent_log(1).lines().filter(|l| l.contains("grow")) {
+        println!("{l}");
+    }
+    let log = lab.agent_log(1);
+    assert!(log.contains("growing the Maglev array 4096 -> "), "{log}");
+    assert!(log.contains("backend maps 8 -> "), "{log}");
+    assert!(log.contains("maps grown in"), "{log}");
+    assert!(maglev_elements(&lab) * 2 >= 50 * 307, "{log}");
+    assert!(Lab::metric(&lab.metrics(1).unwrap(), "lb_maps_grown_total").is_some_and(|n| n >= 1));
+    wait_for(LIVE, || Ok(!lab.metrics(1)?.contains("lb_service_unprogrammed{")))
+        .unwrap_or_else(|e| panic!("still reported unprogrammed: {e}\n{}", lab.agent_log(1)));
+    for _ in 0..5 {
+        assert_eq!(conn.ask().as_deref(), Some(mine.as_str()), "the open connection moved or broke");
+    }
+    reach_all(&client, sa(IpAddr::from([198, 19, 1, 50]), 80), Proto::Tcp, &["web-1", "web-2", "web-3"]);
+    // Restarted with the same flags: the grown maps are kept as they are.
+    let grown = maglev_elements(&lab);
+    lab.stop_agent(1);
+    lab.start_agent(1, &flags).unwrap();
+    assert!(all_up(&lab).unwrap(), "{}", lab.agent_log(1));
+    assert_eq!(maglev_elements(&lab), grown);
+    let log = lab.agent_log(1);
+    let restarted = &log[log.rfind("datapath loaded").expect("a second start")..];
+    assert!(!restarted.contains("migrated"), "{restarted}");
+    assert_eq!(conn.ask().as_deref(), Some(mine.as_str()), "the open connection moved or broke");
+    let (_, failures) = asker.finish();
+    assert!(failures.is_empty(), "web failed: {failures:?}");
+}
+
 /// Every kind of bad or odd input a user may leave in the folder gets its log line (named
 /// by file and field), while `web` serves throughout: rejected objects keep the rest of
 /// the folder applied, warnings leave the object applied, special files are skipped once.

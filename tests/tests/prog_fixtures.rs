@@ -893,6 +893,30 @@ fn a_raised_capacity_migrates_the_pins_with_their_flows() {
     assert!(!l.pin_dir.join("migrating").exists(), "old pins removed");
 }
 
+/// A capacity lowered below what the pins hold cannot be migrated: the load fails naming
+/// the map, and the old pins are back where they were with their entries (the programs
+/// attached to them never left them), with nothing left aside.
+#[test]
+fn a_capacity_too_small_for_the_pins_is_refused_and_the_pins_stay() {
+    require_root!();
+    let mut l = Loaded::new();
+    // A table in the upper half of the 1M-slot array.
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 1 << 19, 0);
+    let size = lb_userspace::maglev::table_size(BES4.len(), lb_common::maglev::DEFAULT_MAX_TABLE);
+    let table = l.dp.read_maglev(1 << 19, size).unwrap();
+    let smaller = lb_userspace::loader::Capacities { maglev_slots: 4096, ..Default::default() };
+    let Err(err) = lb_userspace::loader::load(&l.pin_dir, &smaller) else { panic!("shrunk") };
+    let msg = err.to_string();
+    assert!(msg.contains("lb_maglev") && msg.contains("raise its capacity"), "{msg}");
+    assert!(!l.pin_dir.join("migrating").exists(), "nothing left aside");
+    let dp = lb_userspace::dataplane::AyaDataplane::open(&l.pin_dir).unwrap();
+    assert_eq!(dp.read_maglev(1 << 19, size).unwrap(), table, "the old array is pinned again");
+    let xdp: &aya::programs::Xdp = l.ebpf.program("lb_xdp").unwrap().try_into().unwrap();
+    let spec = Spec::tcp(CLIENT4, 32300, VIP4, 80);
+    let (_, out, _) = run_timed(xdp, &spec.build());
+    assert_eq!(inspect(&out).dst, backend_ip(&BES4, svc.predict(&spec.key())));
+}
+
 /// A map of layout `def`, made outside any object: what an earlier or later release would
 /// have left pinned.
 fn map_of(def: aya_obj::maps::bpf_map_def, name: &str) -> aya::maps::MapData {

@@ -75,7 +75,8 @@ pub fn at_start(caps: Capacities, growable: Growable, pin_dir: &std::path::Path)
         c.backends = c.backends.max(pinned(maps::BACKENDS));
     }
     if growable.maglev_slots {
-        c.maglev_slots = c.maglev_slots.max(pinned(maps::MAGLEV).saturating_mul(maps::MAGLEV_SLOTS_PER_ENTRY));
+        c.maglev_slots =
+            c.maglev_slots.max(pinned(maps::MAGLEV).saturating_mul(maps::MAGLEV_SLOTS_PER_ENTRY));
     }
     c
 }
@@ -108,8 +109,9 @@ pub fn wanted<'a>(
     let slots_used: u64 = applied.tables.values().map(|t| u64::from(t.len())).sum::<u64>()
         + q.ranges.iter().map(|(_, _, len)| u64::from(*len)).sum::<u64>();
     let ids_used = (applied.backends.len() + q.backend_ids.len()) as u64;
-    let slots = grown(caps.maglev_slots, slots_used + slots_needed, short_of_slots, AUTO_MAX_MAGLEV_SLOTS, 1 << 16)
-        .filter(|_| growable.maglev_slots);
+    let slots =
+        grown(caps.maglev_slots, slots_used + slots_needed, short_of_slots, AUTO_MAX_MAGLEV_SLOTS, 1 << 16)
+            .filter(|_| growable.maglev_slots);
     let ids = grown(caps.backends, ids_used + fresh.len() as u64, short_of_ids, AUTO_MAX_BACKENDS, 1 << 10)
         .filter(|_| growable.backends);
     if slots.is_none() && ids.is_none() {
@@ -166,7 +168,7 @@ impl Agent {
                 self.growth_failed = None;
                 self.metrics.maps_grown.inc();
                 log(format!(
-                    "maps grown in {} ms ({copied} entries written meanwhile copied again); the skipped Services are planned again",
+                    "maps grown in {} ms ({copied} entries carried over); the skipped Services are planned again",
                     t0.elapsed().as_millis()
                 ));
             }
