@@ -58,6 +58,12 @@ pub enum How {
 const REWRITTEN: [&str; 5] =
     [maps::CONFIG, maps::XDP_TX_PORTS, maps::POD_PORTS, maps::EVENTS, maps::FRAGMENTS];
 
+/// Maps only the agent writes (the programs read them): nothing changes them between the
+/// first copy and the programs' swap, so they are not copied again (a grown Maglev array
+/// holds millions of elements).
+const AGENT_WRITTEN: [&str; 5] =
+    [maps::SERVICES, maps::BACKENDS, maps::MAGLEV, maps::MEMBERS, maps::SOURCE_RANGES];
+
 /// The layouts this build's object wants for its pinned maps, with `max_entries` overridden
 /// as the loader will.
 pub fn wanted(
@@ -203,9 +209,13 @@ impl Migration {
     /// Copies every old map's entries into the new pinned map; entries already there (the
     /// new programs' own) win. Returns the entries copied.
     pub fn copy(&self) -> Result<usize, PinError> {
+        self.copy_maps(|_| true)
+    }
+
+    fn copy_maps(&self, wanted: impl Fn(&str) -> bool) -> Result<usize, PinError> {
         let mut total = 0;
         for (name, how, have) in &self.maps {
-            if *how == How::Rewritten {
+            if *how == How::Rewritten || !wanted(name) {
                 continue;
             }
             total += self.copy_one(name, *how, have)?;
@@ -270,7 +280,7 @@ impl Migration {
     /// After the programs swapped to the new maps: copies what the old programs wrote in the
     /// meantime, then removes the old pins.
     pub fn finish(self) -> Result<usize, PinError> {
-        let copied = self.copy()?;
+        let copied = self.copy_maps(|name| !AGENT_WRITTEN.contains(&name))?;
         for (name, _, _) in &self.maps {
             let path = old_path(&self.dir, name);
             std::fs::remove_file(&path).map_err(|source| PinError::Io { path, source })?;

@@ -168,7 +168,7 @@ impl Agent {
                 self.growth_failed = None;
                 self.metrics.maps_grown.inc();
                 log(format!(
-                    "maps grown in {} ms ({copied} entries carried over); the skipped Services are planned again",
+                    "maps grown in {} ms ({copied} entries the programs wrote meanwhile copied again); the skipped Services are planned again",
                     t0.elapsed().as_millis()
                 ));
             }

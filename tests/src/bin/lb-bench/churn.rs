@@ -219,7 +219,7 @@ fn ours(n: u32, bins: &Bins, window: Duration, variant: Variant) -> anyhow::Resu
         (Feed::Files(dir), source)
     };
     let source: Vec<&str> = source.iter().map(String::as_str).collect();
-    let t0 = agent.start(&churn_capacities(n), &source, &[])?;
+    let t0 = agent.start(Some(&churn_capacities(n)), &source, &[])?;
     let synced = agent.wait_synced(n, t0, Duration::from_secs(300))?;
     // Steady state: the start's one-time work (the manifest source's copies of its files in
     // the state folder, written by their own thread) is over before the first window.

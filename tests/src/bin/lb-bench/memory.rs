@@ -37,11 +37,14 @@ struct Row {
     maps_total: u64,
     maps_scaled: u64,
     sync_s: f64,
+    /// With the agent's default capacities, not sized for N: how often its maps grew.
+    defaults: Option<usize>,
     heap: Heap,
 }
 
 /// Where the agent's heap goes, in bytes live per Service: the same stages as `lb agent
 /// --manifests`, run in this process with its allocator counting.
+#[derive(Default)]
 struct Heap {
     /// The manifest folder's objects and indexes.
     source: f64,
@@ -92,14 +95,16 @@ fn manifest(from: u32, to: u32) -> anyhow::Result<String> {
     Ok(s)
 }
 
-fn one(n: u32, bins: &Bins) -> anyhow::Result<Row> {
+/// The agent on `n` Services, with capacities sized for them (`sized`) or its defaults.
+fn one(n: u32, bins: &Bins, sized: bool) -> anyhow::Result<Row> {
     let mut agent = ScratchAgent::prepare("mem", bins)?;
     for from in (0..n).step_by(PER_FILE as usize) {
         let file = agent.work.join(format!("manifests/services-{from}.yaml"));
         fs::write(file, manifest(from, (from + PER_FILE).min(n))?)?;
     }
     let manifests = agent.work.join("manifests").to_string_lossy().into_owned();
-    let t0 = agent.start(&capacities(n).0, &["--manifests", &manifests], &[])?;
+    let caps = capacities(n).0;
+    let t0 = agent.start(sized.then_some(&caps), &["--manifests", &manifests], &[])?;
     let sync_s = agent.wait_synced(n, t0, Duration::from_secs(300))?;
     // Settled: what the agent keeps, once the parse's buffers are freed and its copies of
     // the files written to its state folder, and scraped once (as Prometheus would: the
@@ -115,10 +120,16 @@ fn one(n: u32, bins: &Bins) -> anyhow::Result<Row> {
     let bytes = |name: &str| lb_userspace::memory::map_bytes(&agent.pin_dir.join(name)).unwrap_or(0);
     let maps_total = lb_common::maps::ALL.iter().map(|m| bytes(m)).sum();
     let maps_scaled = PER_SERVICE_MAPS.iter().map(|m| bytes(m)).sum();
+    let log = agent.log();
+    for line in log.lines().filter(|l| l.contains("grow")) {
+        eprintln!("  agent: {line}");
+    }
+    let grown = log.matches("maps grown in").count();
     agent.stop()?;
     ensure!(rss > 0, "no VmRSS for the agent");
-    let heap = heap(n, &agent.work.join("manifests"))?;
-    Ok(Row { services: n, rss, anon, heap_in_use, peak, maps_total, maps_scaled, sync_s, heap })
+    let heap = if sized { heap(n, &agent.work.join("manifests"))? } else { Heap::default() };
+    let defaults = (!sized).then_some(grown);
+    Ok(Row { services: n, rss, anon, heap_in_use, peak, maps_total, maps_scaled, sync_s, defaults, heap })
 }
 
 pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
@@ -127,9 +138,12 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
     }
     let bins = Bins::beside(&std::env::current_exe()?)?;
     let mut rows = Vec::new();
-    for &n in sweep {
-        eprintln!("bench memory: {n} services × {ENDPOINTS} endpoints ...");
-        let r = one(n, &bins)?;
+    // The largest count once more with no capacity flag: the defaults must hold it.
+    let largest = sweep.iter().max().map(|n| (*n, false));
+    for (n, sized) in sweep.iter().map(|n| (*n, true)).chain(largest) {
+        let with = if sized { "capacities sized for them" } else { "the agent's default capacities" };
+        eprintln!("bench memory: {n} services × {ENDPOINTS} endpoints, {with} ...");
+        let r = one(n, &bins, sized)?;
         eprintln!(
             "  agent {:.1} MiB resident ({:.1} MiB peak), maps {:.1} MiB ({:.1} MiB scale with Services), synced in {:.1} s",
             r.rss as f64 / 1048576.0,
@@ -149,10 +163,14 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
     );
     for r in &rows {
         let n = f64::from(r.services);
+        let label = match r.defaults {
+            None => r.services.to_string(),
+            Some(grown) => format!("{} (defaults: maps grew {grown}×)", r.services),
+        };
         let _ = writeln!(
             md,
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.1} |",
-            r.services,
+            label,
             r.rss as f64 / 1048576.0,
             r.peak as f64 / 1048576.0,
             kb(r.rss as f64 / n),
@@ -164,7 +182,7 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
         );
     }
     md.push_str("\nWhere the agent's heap goes: bytes live per Service after each stage of a first sync, counted by lb-bench's allocator running the agent's own code on the same files (the resident set adds the allocator's headers and free space, the runtime, and, file-backed, the map pages the agent has mapped (the address pre-filter, a window of the arrays it writes through `mmap`): kernel memory counted again; \"anonymous\" is the agent's own part).\n\n| services | source objects (KB) | Model (KB) | planner's record (KB) | sum (KB) | agent RSS (KB) | of it anonymous (KB) | the agent's heap in use (KB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for r in &rows {
+    for r in rows.iter().filter(|r| r.defaults.is_none()) {
         let h = &r.heap;
         let _ = writeln!(
             md,
@@ -179,7 +197,7 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
             kb(r.heap_in_use as f64 / f64::from(r.services)),
         );
     }
-    if let Some(r) = rows.iter().max_by_key(|r| r.services) {
+    if let Some(r) = rows.iter().filter(|r| r.defaults.is_none()).max_by_key(|r| r.services) {
         let n = f64::from(r.services);
         let (maps, rss) = (r.maps_scaled as f64 / n, r.rss as f64 / n);
         let _ = writeln!(
@@ -194,6 +212,17 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
             if rss <= GOAL_RSS_BYTES { "met" } else { "missed" },
         );
     }
+    if let Some(r) = rows.iter().find(|r| r.defaults.is_some()) {
+        let _ = writeln!(
+            md,
+            "Goal: the default capacities hold {} Services → every one programmed {:.1} s after start, the Maglev and backend maps grown {}× on the way ({:.1} MiB of Service maps, {:.1} KB per Service), met.",
+            r.services,
+            r.sync_s,
+            r.defaults.unwrap_or(0),
+            r.maps_scaled as f64 / 1048576.0,
+            kb(r.maps_scaled as f64 / f64::from(r.services)),
+        );
+    }
     println!("{md}");
     fs::create_dir_all(&out)?;
     fs::write(out.join("memory.md"), &md)?;
@@ -202,6 +231,7 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32]) -> anyhow::Result<()> {
         "rows": rows.iter().map(|r| json!({
             "services": r.services, "agent_rss_bytes": r.rss, "agent_anon_bytes": r.anon, "agent_heap_in_use_bytes": r.heap_in_use, "agent_peak_bytes": r.peak,
             "maps_bytes": r.maps_total, "service_maps_bytes": r.maps_scaled, "first_sync_s": r.sync_s,
+            "default_capacities": r.defaults.is_some(), "maps_grown": r.defaults,
             "heap_per_service_bytes": {"source": r.heap.source, "model": r.heap.model, "applied": r.heap.applied},
         })).collect::<Vec<_>>(),
     });

@@ -64,17 +64,25 @@ impl ScratchAgent {
         Ok(())
     }
 
-    /// Starts the agent (node `bench`, capacities `caps`) with `source` (its `--manifests`
-    /// or `--kubeconfig`) and `extra` flags; returns when it started.
-    pub fn start(&mut self, caps: &Capacities, source: &[&str], extra: &[&str]) -> anyhow::Result<Instant> {
+    /// Starts the agent (node `bench`, capacities `caps`, else the agent's defaults) with
+    /// `source` (its `--manifests` or `--kubeconfig`) and `extra` flags; returns when it
+    /// started.
+    pub fn start(
+        &mut self,
+        caps: Option<&Capacities>,
+        source: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Instant> {
         let log = fs::File::create(self.work.join("agent.log"))?;
-        let flags = [
-            ("--max-frontends", caps.frontends),
-            ("--max-services", caps.services),
-            ("--max-backends", caps.backends),
-            ("--max-maglev-slots", caps.maglev_slots),
-            ("--max-members", caps.members),
-        ];
+        let flags = caps.map(|caps| {
+            [
+                ("--max-frontends", caps.frontends),
+                ("--max-services", caps.services),
+                ("--max-backends", caps.backends),
+                ("--max-maglev-slots", caps.maglev_slots),
+                ("--max-members", caps.members),
+            ]
+        });
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns.0])
             .arg(&self.lb)
@@ -83,7 +91,7 @@ impl ScratchAgent {
             .arg("agent");
         cmd.args(source).arg("--state-dir").arg(self.work.join("state"));
         cmd.args(["--cgroup-root", "off", "--node-name", "bench"]).args(extra);
-        for (flag, v) in flags {
+        for (flag, v) in flags.into_iter().flatten() {
             cmd.arg(flag).arg(v.to_string());
         }
         let t0 = Instant::now();
@@ -95,10 +103,10 @@ impl ScratchAgent {
         fs::read_to_string(self.work.join("agent.log")).unwrap_or_default()
     }
 
-    /// Waits (up to `limit`) for the agent's log to say it synced `n` services; the time
-    /// since `t0`.
+    /// Waits (up to `limit`) for the agent's log to say it synced `n` services, every one
+    /// programmed; the time since `t0`.
     pub fn wait_synced(&mut self, n: u32, t0: Instant, limit: Duration) -> anyhow::Result<f64> {
-        let want = format!("synced: {n} services");
+        let want = format!("synced: {n} services (0 not programmed)");
         loop {
             let text = self.log();
             if text.contains(&want) {
