@@ -15,7 +15,7 @@ use std::{
 
 use lb_common::abi::Addr;
 
-use crate::{fast_hash, reconcile::Applied};
+use crate::reconcile::Applied;
 
 /// Beyond the time an address left: a packet that read the old entries just before may
 /// still be creating its flow; a pass must begin after it has.
@@ -37,7 +37,7 @@ pub fn named(applied: &Applied) -> BTreeSet<Addr> {
 impl Retention {
     /// The maps now name `now_named`; `listed` were listed since the last call (some may
     /// have come and gone in between).
-    pub fn synced(&mut self, now_named: BTreeSet<Addr>, listed: &fast_hash::Set<Addr>, now: Instant) {
+    pub fn synced(&mut self, now_named: BTreeSet<Addr>, listed: &[Addr], now: Instant) {
         for gone in self.named.iter().chain(listed).filter(|a| !now_named.contains(*a)) {
             self.left.insert(*gone, now);
         }
@@ -73,9 +73,9 @@ mod tests {
     fn an_address_leaves_only_after_a_later_pass_finds_no_flow_on_it() {
         let t0 = Instant::now();
         let mut r = Retention::default();
-        r.synced([a(1), a(2), a(3)].into(), &[a(1), a(2), a(3)].into_iter().collect(), t0);
+        r.synced([a(1), a(2), a(3)].into(), &[a(1), a(2), a(3)], t0);
         // 4 came and went between two looks.
-        r.synced([a(1)].into(), &[a(4)].into_iter().collect(), t0 + Duration::from_secs(10));
+        r.synced([a(1)].into(), &[a(4)], t0 + Duration::from_secs(10));
         // A pass that began before the margin was over: nothing goes yet.
         let keep = r.after_pass(&[], t0 + Duration::from_secs(10) + MARGIN / 2);
         assert_eq!(keep, [a(1), a(2), a(3), a(4)].into());
@@ -88,7 +88,7 @@ mod tests {
         // Flows on addresses no entry ever named (a port clash, say) keep them listed too.
         assert_eq!(r.after_pass(&[a(9)], t0 + Duration::from_secs(30)), [a(1), a(9)].into());
         // An address that comes back is named again, whatever the passes find.
-        r.synced([a(1), a(3)].into(), &[a(3)].into_iter().collect(), t0 + Duration::from_secs(40));
+        r.synced([a(1), a(3)].into(), &[a(3)], t0 + Duration::from_secs(40));
         assert_eq!(r.after_pass(&[], t0 + Duration::from_secs(50)), [a(1), a(3)].into());
     }
 }

@@ -15,7 +15,6 @@ use std::os::fd::AsFd as _;
 
 use crate::{
     compact_table::Table,
-    fast_hash,
     mmap_array::{MmapArray, WindowedArray},
 };
 use ipnet::IpNet;
@@ -186,7 +185,33 @@ pub struct AyaDataplane {
     services_fd: MapData,
     members_fd: MapData,
     /// Addresses listed since `take_listed` (a full sync lists hundreds of thousands).
-    listed: fast_hash::Set<Addr>,
+    listed: Listed,
+}
+
+/// Addresses listed since they were last taken, appended as they come: a full sync of
+/// 100 000 Services lists half a million, and a hash insert each took ~50 ms of it. Repeats
+/// are dropped only once the list has grown well past its distinct count (a sort), so its
+/// memory stays bounded under a stream of syncs.
+#[derive(Default)]
+struct Listed {
+    addrs: Vec<Addr>,
+    distinct: usize,
+}
+
+impl Listed {
+    fn push(&mut self, addr: Addr) {
+        self.addrs.push(addr);
+        if self.addrs.len() >= (4 * self.distinct).max(1 << 20) {
+            self.addrs.sort_unstable();
+            self.addrs.dedup();
+            self.distinct = self.addrs.len();
+        }
+    }
+
+    fn take(&mut self) -> Vec<Addr> {
+        self.distinct = 0;
+        std::mem::take(&mut self.addrs)
+    }
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<MapData> {
@@ -243,7 +268,7 @@ impl AyaDataplane {
                 .map_err(map_err(maps::SOCK_REV))?,
             services_fd: open(pin_dir, maps::SERVICES)?,
             members_fd: open(pin_dir, maps::MEMBERS)?,
-            listed: fast_hash::Set::default(),
+            listed: Listed::default(),
         })
     }
 
@@ -255,7 +280,7 @@ impl AyaDataplane {
     /// Sets `addr`'s bit in the address pre-filter (`lb_common::addr_filter`): done before any
     /// entry naming it is written, so the datapath never filters out a packet it must handle.
     pub fn list_address(&mut self, addr: &Addr) {
-        self.listed.insert(*addr);
+        self.listed.push(*addr);
         let (word, bit) = lb_common::addr_filter::slot(addr);
         let cur: u64 = self.addr_filter.read(word);
         if cur & bit == 0 {
@@ -288,9 +313,9 @@ impl AyaDataplane {
         self.addr_filter.read::<u64>(word) & bit != 0
     }
 
-    /// The addresses listed since the last call.
-    pub fn take_listed(&mut self) -> fast_hash::Set<Addr> {
-        std::mem::take(&mut self.listed)
+    /// The addresses listed since the last call (some maybe more than once).
+    pub fn take_listed(&mut self) -> Vec<Addr> {
+        self.listed.take()
     }
 
     /// Bytes of the maps mapped into this process now: the address pre-filter, and at most a

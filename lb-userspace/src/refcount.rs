@@ -6,17 +6,20 @@ use crate::fast_hash;
 
 /// A map of user counts: ordered (`BTreeMap`) or hashed (`fast_hash::Map`).
 pub trait Counts<K> {
+    /// One more user: one lookup, the key inserted if new. Returns the count.
+    fn increment(&mut self, key: K) -> u32;
     fn count_mut(&mut self, key: &K) -> Option<&mut u32>;
-    fn insert_count(&mut self, key: K, n: u32);
     fn remove_count(&mut self, key: &K);
 }
 
 impl<K: Ord> Counts<K> for BTreeMap<K, u32> {
+    fn increment(&mut self, key: K) -> u32 {
+        let n = self.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    }
     fn count_mut(&mut self, key: &K) -> Option<&mut u32> {
         self.get_mut(key)
-    }
-    fn insert_count(&mut self, key: K, n: u32) {
-        self.insert(key, n);
     }
     fn remove_count(&mut self, key: &K) {
         self.remove(key);
@@ -24,11 +27,13 @@ impl<K: Ord> Counts<K> for BTreeMap<K, u32> {
 }
 
 impl<K: Hash + Eq> Counts<K> for fast_hash::Map<K, u32> {
+    fn increment(&mut self, key: K) -> u32 {
+        let n = self.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    }
     fn count_mut(&mut self, key: &K) -> Option<&mut u32> {
         self.get_mut(key)
-    }
-    fn insert_count(&mut self, key: K, n: u32) {
-        self.insert(key, n);
     }
     fn remove_count(&mut self, key: &K) {
         self.remove(key);
@@ -38,14 +43,13 @@ impl<K: Hash + Eq> Counts<K> for fast_hash::Map<K, u32> {
 /// One more (`up`) or one fewer user of `key`; returns how many it has left (0: the key is
 /// gone from the map).
 pub fn bump<K>(map: &mut impl Counts<K>, key: K, up: bool) -> u32 {
+    if up {
+        return map.increment(key);
+    }
     let left = match map.count_mut(&key) {
         Some(n) => {
-            *n = if up { *n + 1 } else { *n - 1 };
+            *n -= 1;
             *n
-        }
-        None if up => {
-            map.insert_count(key, 1);
-            return 1;
         }
         None => return 0,
     };
