@@ -336,14 +336,62 @@ impl Claim {
     }
 }
 
+/// A frontend's claims in order: the first inline (nearly always the only one: 100 000
+/// frontends of one claim each are no allocation each), the others, in a conflict, in a
+/// sorted `Vec`.
+#[derive(Debug, PartialEq, Eq)]
+struct Claimants {
+    first: Claim,
+    rest: Vec<Claim>,
+}
+
+impl Claimants {
+    fn insert(&mut self, c: Claim) {
+        if c < self.first {
+            let was_first = std::mem::replace(&mut self.first, c);
+            sorted_vec::insert(&mut self.rest, was_first);
+        } else if c != self.first {
+            sorted_vec::insert(&mut self.rest, c);
+        }
+    }
+
+    /// Keeps the claims `keep` holds; false when none is left.
+    fn retain(&mut self, keep: impl Fn(&Claim) -> bool) -> bool {
+        self.rest.retain(&keep);
+        if !keep(&self.first) {
+            if self.rest.is_empty() {
+                return false;
+            }
+            self.first = self.rest.remove(0);
+        }
+        true
+    }
+
+    fn contested(&self) -> bool {
+        !self.rest.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Claim> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+}
+
 /// Every frontend's claimants. Two Services (or two ports of one) that claim the same
 /// frontend do not take it from each other: the first claim has it, the others are notes
 /// for it and reported, and removing or changing one of them never touches the frontend of
-/// the one that has it. (A frontend has one claimant but in a conflict: a sorted `Vec`.)
+/// the one that has it.
 #[derive(Debug, Default)]
-struct Claims(fast_hash::Map<Frontend, Vec<Claim>>);
+struct Claims {
+    by_frontend: fast_hash::Map<Frontend, Claimants>,
+    /// Frontends with more than one claim.
+    contested: usize,
+}
 
 impl Claims {
+    fn reserve(&mut self, frontends: usize) {
+        self.by_frontend.reserve(frontends);
+    }
+
     fn claims(svc: &Service, services: &[(ServiceRef, DesiredService)]) -> Vec<(Frontend, Claim)> {
         let mut out = Vec::new();
         for (r, v) in services {
@@ -363,7 +411,16 @@ impl Claims {
         let claims = Self::claims(svc, services);
         let frontends = claims.iter().map(|(fe, _)| *fe).collect();
         for (fe, c) in claims {
-            sorted_vec::insert(self.0.entry(fe).or_default(), c);
+            match self.by_frontend.entry(fe) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let was = e.get().contested();
+                    e.get_mut().insert(c);
+                    self.contested += usize::from(!was && e.get().contested());
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Claimants { first: c, rest: Vec::new() });
+                }
+            }
         }
         frontends
     }
@@ -371,10 +428,12 @@ impl Claims {
     /// Drops Service `key`'s claims on `frontends`.
     fn remove(&mut self, key: &Key, frontends: &[Frontend]) {
         for fe in frontends {
-            if let Some(set) = self.0.get_mut(fe) {
-                set.retain(|c| !c.of(key));
-                if set.is_empty() {
-                    self.0.remove(fe);
+            if let Some(set) = self.by_frontend.get_mut(fe) {
+                let was = set.contested();
+                let left = set.retain(|c| !c.of(key));
+                self.contested -= usize::from(was && !(left && set.contested()));
+                if !left {
+                    self.by_frontend.remove(fe);
                 }
             }
         }
@@ -383,17 +442,20 @@ impl Claims {
     /// Keeps in `services` only the frontends each one has first claim on; notes the others
     /// in `notes`. A datapath service left without a frontend goes.
     fn settle(&self, services: &mut Vec<(ServiceRef, DesiredService)>, notes: &mut Vec<(String, String)>) {
-        for (r, v) in services.iter_mut() {
-            // Nearly always every frontend has one claim, this Service's own (added before it
-            // is settled): nothing to compare, nothing to remove.
+        // Nearly always no frontend has two claims: nothing to look up.
+        for (r, v) in services.iter_mut().filter(|_| self.contested > 0) {
             let uncontested = |(ip, port): &(IpAddr, u16)| {
-                self.0.get(&(*ip, *port, r.proto)).is_none_or(|c| c.len() == 1 || c[0].sref == *r)
+                self.by_frontend
+                    .get(&(*ip, *port, r.proto))
+                    .is_none_or(|c| !c.contested() || c.first.sref == *r)
             };
             if v.frontends.iter().all(uncontested) {
                 continue;
             }
             v.frontends.retain(|(ip, port)| {
-                let Some(first) = self.0.get(&(*ip, *port, r.proto)).and_then(|s| s.first()) else { return true };
+                let Some(first) = self.by_frontend.get(&(*ip, *port, r.proto)).map(|s| &s.first) else {
+                    return true;
+                };
                 if first.sref == *r {
                     return true;
                 }
@@ -418,15 +480,15 @@ impl Claims {
     /// The Services claiming any of `frontends`.
     fn claimants(&self, frontends: impl Iterator<Item = Frontend>) -> BTreeSet<Key> {
         frontends
-            .filter_map(|fe| self.0.get(&fe))
-            .flatten()
+            .filter_map(|fe| self.by_frontend.get(&fe))
+            .flat_map(Claimants::iter)
             .map(|c| (c.sref.namespace.clone(), c.sref.name.clone()))
             .collect()
     }
 
     /// Frontends with more than one claimant.
     pub fn contested(&self) -> usize {
-        self.0.values().filter(|s| s.len() > 1).count()
+        self.contested
     }
 }
 
@@ -815,7 +877,7 @@ impl ModelState {
         let mut each = Vec::with_capacity(cluster.services.len());
         // Sized ahead (a Service has a frontend at least): growing these tables rehashed
         // and copied them several times at 100 000 Services.
-        self.claims.0.reserve(cluster.services.len());
+        self.claims.reserve(cluster.services.len());
         self.vip_users.reserve(cluster.services.len());
         let mut next = 0;
         for (key, svc) in &cluster.services {

@@ -564,7 +564,8 @@ fn incremental_model_equals_the_full_model_after_every_change() {
 fn assert_same_state(a: &ModelState, b: &ModelState, step: usize) {
     assert_eq!(a.desired, b.desired, "step {step}: desired");
     assert_eq!(a.held, b.held, "step {step}: claims and VIPs per Service");
-    assert_eq!(a.claims.0, b.claims.0, "step {step}: claims");
+    assert_eq!(a.claims.by_frontend, b.claims.by_frontend, "step {step}: claims");
+    assert_eq!(a.claims.contested, b.claims.contested, "step {step}: contested frontends");
     assert_eq!(a.slice_owner, b.slice_owner, "step {step}: slice owners");
     // (An incremental update may leave a Service with no slice left an empty list.)
     let listed = |m: &BTreeMap<Key, Vec<Key>>| {
