@@ -75,7 +75,11 @@ impl Table {
             && self.members.iter().enumerate().all(|(i, p)| *p as usize == i)
             && in_order.is_sorted_by(|a, b| a < b);
         if ranks_kept {
-            return Table { members: in_order.to_vec(), slots: self.slots };
+            // In place: the table was built on another thread, and freeing its members here
+            // (another allocator arena) cost more than the copy.
+            let mut t = self;
+            t.members.copy_from_slice(in_order);
+            return t;
         }
         let ids: Vec<u32> = self.iter().map(|p| in_order[p as usize]).collect();
         Table::new(&ids)

@@ -188,6 +188,19 @@ fn execute_one(dp: &mut impl Dataplane, op: &MapOp) -> Result<(), DataplaneError
     }
 }
 
+/// The memberships service `service_id` wants: its usable backends, and its terminating
+/// ones kept for their flows (`ids`: those of `s.backends` then `s.kept`, in order).
+/// (Sorted by key, each once: a backend both usable and kept is usable.)
+fn member_flags(s: &DesiredService, ids: &[u32], service_id: u32) -> Members {
+    let flags = std::iter::repeat_n(MEMBER_F_USABLE, s.backends.len()).chain(std::iter::repeat(0));
+    let mut wanted: Vec<(MemberKey, u32)> =
+        ids.iter().zip(flags).map(|(id, flags)| (MemberKey { service_id, backend_id: *id }, flags)).collect();
+    // Stable: the first of a key (usable before kept) stays.
+    wanted.sort_by_key(|(key, _)| *key);
+    wanted.dedup_by_key(|(key, _)| *key);
+    wanted
+}
+
 /// Whether `op` goes in one batch with `first`: both set frontends, backends or members.
 fn same_batch(op: &MapOp, first: &MapOp) -> bool {
     matches!(
@@ -336,7 +349,9 @@ impl<'a> Planning<'a> {
     ) {
         let queued = self.set_backends.len();
         let mut fresh = Vec::new();
-        let result = self.backends(s, &mut fresh).and_then(|()| self.service(sref.proto, s, built));
+        let mut ids = Vec::with_capacity(s.backends.len() + s.kept.len());
+        let result =
+            self.backends(s, &mut fresh, &mut ids).and_then(|()| self.service(sref.proto, s, &ids, built));
         if let Err(e) = result {
             // `service` fails before queueing anything; `backends` only queues backend writes.
             self.set_backends.truncate(queued);
@@ -354,11 +369,19 @@ impl<'a> Planning<'a> {
     }
 
     /// Gives every endpoint of `s` a backend id: the one the maps hold for its `ip:port`,
-    /// else a free one. `fresh` gets the addresses that had none in this plan yet.
-    fn backends(&mut self, s: &DesiredService, fresh: &mut Vec<(IpAddr, u16)>) -> Result<(), PlanError> {
+    /// else a free one. `fresh` gets the addresses that had none in this plan yet, `ids` the
+    /// id of each of `s.backends` then each of `s.kept`, in order (looked up once: a first
+    /// sync's half million lookups in a table of that size each missed the cache).
+    fn backends(
+        &mut self,
+        s: &DesiredService,
+        fresh: &mut Vec<(IpAddr, u16)>,
+        ids: &mut Vec<u32>,
+    ) -> Result<(), PlanError> {
         for b in s.backends.iter().chain(&s.kept) {
             let addr = (b.ip, b.port);
-            if self.backend_ids.contains_key(&addr) {
+            if let Some(id) = self.backend_ids.get(&addr) {
+                ids.push(*id);
                 continue;
             }
             let id = match self.applied.index.by_addr.get(&addr) {
@@ -369,6 +392,7 @@ impl<'a> Planning<'a> {
                     .ok_or(PlanError::BackendsFull(self.limits.backends))?,
             };
             self.backend_ids.insert(addr, id);
+            ids.push(id);
             fresh.push(addr);
             let value = BackendValue::new(b.ip, b.port, backend_flags(b));
             if self.applied.backends.get(&id) != Some(&value) {
@@ -380,8 +404,15 @@ impl<'a> Planning<'a> {
 
     /// Plans service `s` (its backends already have ids): its id — that of the first of its
     /// frontends already applied and not claimed yet, else a free one —, its table, source
-    /// ranges and frontend entries. Every check comes before the first write is queued.
-    fn service(&mut self, proto: u8, s: &DesiredService, built: Option<FreshTable>) -> Result<(), PlanError> {
+    /// ranges and frontend entries (`ids`: as `backends` gave them). Every check comes before
+    /// the first write is queued.
+    fn service(
+        &mut self,
+        proto: u8,
+        s: &DesiredService,
+        ids: &[u32],
+        built: Option<FreshTable>,
+    ) -> Result<(), PlanError> {
         let (applied, limits) = (self.applied, self.limits);
         let keys: Vec<ServiceKey> =
             s.frontends.iter().map(|(ip, port)| ServiceKey::new(*ip, *port, proto)).collect();
@@ -401,8 +432,8 @@ impl<'a> Planning<'a> {
                 .ok_or(PlanError::ServicesFull(limits.services))?,
         };
         let checked = self
-            .fits(s, service_id)
-            .and_then(|counts| Ok((counts, self.service_value(s, service_id, previous, built)?)));
+            .fits(s, ids, service_id)
+            .and_then(|counts| Ok((counts, self.service_value(s, ids, service_id, previous, built)?)));
         let ((new_ranges, members, new_members), value) = match checked {
             Ok(v) => v,
             Err(e) => {
@@ -434,7 +465,12 @@ impl<'a> Planning<'a> {
 
     /// Whether `s`'s source ranges and memberships fit next to what the maps and this plan
     /// hold: the new ranges, the memberships wanted and how many of them are new.
-    fn fits(&self, s: &DesiredService, service_id: u32) -> Result<(u32, Members, u32), PlanError> {
+    fn fits(
+        &self,
+        s: &DesiredService,
+        ids: &[u32],
+        service_id: u32,
+    ) -> Result<(u32, Members, u32), PlanError> {
         let (applied, limits) = (self.applied, self.limits);
         let new_ranges = s
             .source_ranges
@@ -444,7 +480,7 @@ impl<'a> Planning<'a> {
         if applied.source_ranges.len() as u32 + self.new_ranges + new_ranges > limits.source_ranges {
             return Err(PlanError::SourceRangesFull { need: new_ranges, capacity: limits.source_ranges });
         }
-        let members = self.member_flags(s, service_id);
+        let members = member_flags(s, ids, service_id);
         let new_members = members.iter().filter(|(k, _)| !applied.members.contains_key(k)).count() as u32;
         if applied.members.len() as u32 + self.new_members + new_members > limits.members {
             return Err(PlanError::MembersFull(limits.members));
@@ -482,23 +518,6 @@ impl<'a> Planning<'a> {
                 self.kept_backend_ids.extend(t.members().iter().copied());
             }
         }
-    }
-
-    /// The memberships service `service_id` wants: its usable backends, and its terminating
-    /// ones kept for their flows.
-    /// (Sorted by key, each once: a backend both usable and kept is usable.)
-    fn member_flags(&self, s: &DesiredService, service_id: u32) -> Members {
-        let usable = s.backends.iter().map(|b| (b, MEMBER_F_USABLE));
-        let mut wanted: Vec<(MemberKey, u32)> = usable
-            .chain(s.kept.iter().map(|b| (b, 0)))
-            .map(|(b, flags)| {
-                (MemberKey { service_id, backend_id: self.backend_ids[&(b.ip, b.port)] }, flags)
-            })
-            .collect();
-        // Stable: the first of a key (usable before kept) stays.
-        wanted.sort_by_key(|(key, _)| *key);
-        wanted.dedup_by_key(|(key, _)| *key);
-        wanted
     }
 
     /// Queues the memberships `wanted`. A new membership gets a new generation; a changed
@@ -545,12 +564,15 @@ impl<'a> Planning<'a> {
     fn service_value(
         &mut self,
         s: &DesiredService,
+        all_ids: &[u32],
         service_id: u32,
         previous: Option<&ServiceValue>,
         built: Option<FreshTable>,
     ) -> Result<ServiceValue, PlanError> {
         let (applied, limits) = (self.applied, self.limits);
-        let mut ids: Vec<u32> = s.backends.iter().map(|b| self.backend_ids[&(b.ip, b.port)]).collect();
+        // The usable backends' ids, in `s.backends`' order.
+        let in_order = &all_ids[..s.backends.len()];
+        let mut ids = in_order.to_vec();
         ids.sort_unstable();
         let size = table_size(ids.len(), previous.map_or(0, |v| v.maglev_size), limits.max_table);
         let prev_table =
@@ -564,16 +586,12 @@ impl<'a> Planning<'a> {
             0
         } else {
             let prev_ids = prev_table.map(Table::ids);
-            let id_of = |b: &Backend| self.backend_ids[&(b.ip, b.port)];
             // None: rebuilt as the maps hold it, so it stays where it is.
             let table = match built.filter(|t| t.positions.len() == size && prev_ids.is_none()) {
-                Some(t) => {
-                    let in_order: Vec<u32> = s.backends.iter().map(id_of).collect();
-                    Some(t.positions.renumbered(&in_order))
-                }
+                Some(t) => Some(t.positions.renumbered(in_order)),
                 None => {
                     let members: Vec<(u32, Vec<u8>)> =
-                        s.backends.iter().map(|b| (id_of(b), fresh_tables::name(b))).collect();
+                        s.backends.iter().zip(in_order).map(|(b, id)| (*id, fresh_tables::name(b))).collect();
                     let rebuilt = maglev::rebuild(prev_ids.as_deref(), &members, size);
                     (prev_ids.as_ref() != Some(&rebuilt)).then(|| Table::new(&rebuilt))
                 }
