@@ -106,7 +106,7 @@ fn pin_layout(path: &Path) -> Result<Layout, PinError> {
 pub fn pinned_max_entries(dir: &Path, name: &str) -> Option<u32> {
     let old = old_path(dir, name);
     let path = if old.exists() { old } else { dir.join(name) };
-    path.exists().then(|| pin_layout(&path).ok()).flatten().map(|l| l.max_entries)
+    pin_layout(&path).ok().map(|l| l.max_entries)
 }
 
 /// How `have` becomes `want` for map `name`, or why it cannot.

@@ -9,8 +9,6 @@
 
 use std::{collections::HashSet, net::IpAddr, time::Instant};
 
-use anyhow::Context as _;
-
 use super::{Agent, log};
 use crate::{
     loader::{BpfLog, Capacities},
@@ -92,6 +90,9 @@ pub fn wanted<'a>(
     applied: &Applied,
     skipped: impl Iterator<Item = (&'a ServiceRef, &'a PlanError)>,
 ) -> Option<Capacities> {
+    if !growable.backends && !growable.maglev_slots {
+        return None;
+    }
     let (mut short_of_slots, mut short_of_ids) = (false, false);
     let (mut slots_needed, mut fresh) = (0u64, HashSet::<(IpAddr, u16)>::new());
     for (sref, e) in skipped {
@@ -192,11 +193,19 @@ impl Agent {
             super::bpf_messages::start(&mut ebpf, cfg.bpf_log);
         }
         self.attachments.swap_in(ebpf, &cfg, &self.status);
-        let copied = migration.finish().context("finishing the pinned-map migration")?;
+        // The new programs run on the new maps from here: so does the agent, whatever the
+        // last copy does.
         self.dp = dp;
         self.cfg = cfg;
         self.syncer.reloaded(applied, Limits::of(&caps));
-        Ok(copied)
+        match migration.finish() {
+            Ok(copied) => Ok(copied),
+            Err(e) => {
+                // The old pins stay aside; the next start copies them again.
+                log(format!("warning: finishing the pinned-map migration: {e}"));
+                Ok(0)
+            }
+        }
     }
 }
 

@@ -148,6 +148,11 @@ async fn run_async(mut cfg: AgentConfig) -> anyhow::Result<()> {
     let _pin_lock = crate::bpffs::lock_pin_dir(&cfg.pin_dir)?;
     cfg.capacities = growth::at_start(cfg.capacities, cfg.growable, &cfg.pin_dir);
     let (mut ebpf, mut dp, applied, migration) = load(&cfg)?;
+    // Before any program of this build runs: a new filter (a first start, an upgrade) must
+    // list what the pinned maps already name. (A reload to grow maps keeps the filter's
+    // map, bits and all: it is not done again then.)
+    attachments::list_pinned_addresses(&mut dp, &applied, &cfg.pin_dir)
+        .context("filling the address pre-filter")?;
     if cfg.bpf_log != loader::BpfLog::Off {
         bpf_messages::start(&mut ebpf, cfg.bpf_log);
     }
@@ -235,12 +240,8 @@ fn load(cfg: &AgentConfig) -> anyhow::Result<(aya::Ebpf, AyaDataplane, Applied, 
             migration.describe().join(", ")
         ));
     }
-    let mut dp = AyaDataplane::open(&cfg.pin_dir)?;
+    let dp = AyaDataplane::open(&cfg.pin_dir)?;
     let applied = Applied::read(&dp)?;
-    // Before any program of this build runs: a new filter (a first start, an upgrade) must
-    // list what the pinned maps already name.
-    attachments::list_pinned_addresses(&mut dp, &applied, &cfg.pin_dir)
-        .context("filling the address pre-filter")?;
     let verified: Vec<String> = loader::verified_instructions(&ebpf)
         .iter()
         .filter_map(|(name, n)| Some(format!("{name} {}", (*n)?)))
