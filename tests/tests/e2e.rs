@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::harness::privileged;
 use lb_tests::lab::{
     self, Answer, Bins, EXT_IP, Lab, POD_PORT, POD_PORT_ALT, Pod, curl, in_netns, node_ip, sa, slice_yaml,
     tcp_ask, udp_ask, wait_for,
@@ -520,11 +519,7 @@ fn jiff_free_rfc3339(secs: u64) -> String {
 fn kube_source_programs_the_datapath_and_a_lost_api_server_keeps_it() {
     use lb_tests::api::Kind;
     use serde_json::json;
-    if !privileged() {
-        return;
-    }
-    let bins = Bins::beside(&std::env::current_exe().unwrap()).expect("lab binaries");
-    let mut lab = Lab::standard_topology(bins).expect("lab");
+    let Some(mut lab) = lab_without_agents() else { return };
     let api = api_in_nodes(&lab);
     for n in 1..=2u8 {
         api.apply(Kind::Node, json!({"metadata": {"name": format!("node-{n}")},
@@ -1058,11 +1053,7 @@ fn a_service_over_a_capacity_is_skipped_and_everything_else_applied() {
 /// serves throughout. A restart with the same flags keeps the grown maps (no migration back).
 #[test]
 fn full_maps_grow_so_every_service_fits_and_no_connection_notices() {
-    if !privileged() {
-        return;
-    }
-    let bins = Bins::beside(&std::env::current_exe().unwrap()).expect("lab binaries");
-    let mut lab = Lab::standard_topology(bins).expect("lab");
+    let Some(mut lab) = lab_without_agents() else { return };
     lab.write_manifest("nodes.yaml", &lab.node_manifests()).unwrap();
     let flags = ["--max-maglev-slots", "auto:4096", "--max-backends", "auto:8"];
     lab.start_agent(1, &flags).unwrap();

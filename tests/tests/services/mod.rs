@@ -29,6 +29,15 @@ pub fn lab() -> Option<Lab> {
     Some(Lab::standard(bins).expect("standard lab"))
 }
 
+/// The standard lab's namespaces and pods with no agent yet (a test starts them its way).
+pub fn lab_without_agents() -> Option<Lab> {
+    if !privileged() {
+        return None;
+    }
+    let bins = Bins::beside(&std::env::current_exe().unwrap()).expect("lab binaries");
+    Some(Lab::standard_topology(bins).expect("lab"))
+}
+
 pub fn vip() -> IpAddr {
     VIP.parse().unwrap()
 }
