@@ -13,11 +13,18 @@
 //!
 //! Either way the TTL drops by one, as the stack's forwarding would. Opt-in: these packets
 //! skip the node's netfilter.
+//!
+//! Packets `lb_xdp` translated on a node interface (a remote backend's reply to a local pod,
+//! an outside client's request to a local backend) take the same shortcut: when XDP leaves
+//! such a packet to the stack, it marks it in the packet's metadata (`mark`), and
+//! `lb_tc_uplink`, at TC ingress of the same interface, sends the marked ones on from here
+//! (`marked`). Only our XDP program writes that metadata, and the stack ignores it; a driver
+//! without XDP metadata leaves the packet unmarked, to take the stack as before.
 
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
-    helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
-    programs::TcContext,
+    helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_meta},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::abi::*;
 
@@ -57,6 +64,39 @@ pub fn translated(ctx: &TcContext) -> Option<i32> {
     };
     count(slot, bytes);
     verdict.map(|_| TC_ACT_REDIRECT)
+}
+
+/// The metadata `mark` leaves in front of a packet ("LBhr").
+const MARK: u32 = 0x4c42_6872;
+const MARK_LEN: usize = core::mem::size_of::<u32>();
+
+/// At XDP: a packet translated there and left to the stack is marked for `lb_tc_uplink`, with
+/// host routing on. A driver that keeps no metadata refuses the room: the packet goes
+/// unmarked.
+#[inline(always)]
+pub fn mark(ctx: &XdpContext) {
+    if crate::select::config_flags() & CFG_F_HOST_ROUTING == 0 {
+        return;
+    }
+    // SAFETY: helper call with our context; it moves only `data_meta`.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(MARK_LEN as i32)) } != 0 {
+        return;
+    }
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    if meta + MARK_LEN > data {
+        return;
+    }
+    // SAFETY: the 4 bytes of metadata checked above.
+    unsafe { (meta as *mut u32).write_unaligned(MARK) };
+}
+
+/// At TC: whether our XDP program marked this packet (`mark`).
+#[inline(always)]
+pub fn marked(ctx: &TcContext) -> bool {
+    // SAFETY: reading our own skb's packet pointers.
+    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    // SAFETY: the 4 bytes of metadata checked first.
+    meta + MARK_LEN <= data && unsafe { (meta as *const u32).read_unaligned() } == MARK
 }
 
 enum Via {

@@ -1,6 +1,7 @@
 //! Entry points of the datapath. `lb_xdp` runs on node interfaces (external clients, replies
 //! from remote backends), `lb_tc_pod` on the host side of pod interfaces (pod clients,
-//! replies from local backends). Both run the same decision (`datapath::process`); this file
+//! replies from local backends), `lb_tc_uplink` at TC ingress of the node interfaces with
+//! host routing on (what `lb_xdp` translated goes on to its next hop, `host_route`). Both run the same decision (`datapath::process`); this file
 //! only maps verdicts to each hook's return codes, in one place. The `lb_connect*`,
 //! `lb_sendmsg*`, `lb_recvmsg*` and `lb_getpeername*` programs serve the node's own sockets
 //! at connect time (`sock`).
@@ -48,7 +49,10 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let mut ctx = ctx;
     match datapath::process(&mut ctx) {
         (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply | Reason::FragmentFollowed) => {
-            forward::translated(&ctx).unwrap_or(xdp_action::XDP_PASS)
+            forward::translated(&ctx).unwrap_or_else(|| {
+                host_route::mark(&ctx);
+                xdp_action::XDP_PASS
+            })
         }
         (Action::Pass, _) => xdp_action::XDP_PASS,
         (Action::Drop, _) => xdp_action::XDP_DROP,
@@ -80,6 +84,16 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
     }
+}
+
+/// Packets `lb_xdp` translated and marked (`host_route::mark`) go to their next hop like
+/// `lb_tc_pod`'s; everything else takes the stack.
+#[classifier]
+pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
+    if !host_route::marked(&ctx) {
+        return TC_ACT_UNSPEC;
+    }
+    host_route::translated(&ctx).unwrap_or(TC_ACT_UNSPEC)
 }
 
 // Connect-time load balancing for the node's own sockets (`sock`).

@@ -11,8 +11,11 @@
 //! * netlink XDP (kernels before 5.9, or `--netlink-attach xdp`): the attachment belongs to
 //!   the interface; the next agent replaces our program in place (`xdp_netlink`).
 //! * a clsact filter (kernels before 6.6, or `--netlink-attach tc`): at priority
-//!   `CLSACT_PRIORITY` and handle `CLSACT_HANDLE`, which the next agent replaces in place; the
-//!   link aya hands back is forgotten, so dropping it does not detach.
+//!   `CLSACT_PRIORITY` and the hook's handle (`Hook::clsact_handle`), which the next agent
+//!   replaces in place; the link aya hands back is forgotten, so dropping it does not detach.
+//!
+//! TC has two hooks: `lb_tc_pod` on pod interfaces (`Hook::Tc`) and, with host routing,
+//! `lb_tc_uplink` on the XDP interfaces (`Hook::Uplink`); both take the same paths.
 //!
 //! An agent that finds our program attached in another mode than it would choose keeps
 //! traffic flowing: a netlink XDP program of ours is replaced in place (the mode stays), and
@@ -37,13 +40,12 @@ use aya::{
 };
 
 use crate::{
-    loader::{TC_PROGRAM, XDP_PROGRAM},
+    loader::{TC_PROGRAM, UPLINK_PROGRAM, XDP_PROGRAM},
     xdp_netlink,
 };
 
-/// Where our clsact filter sits ("LB"), so that the next agent finds and replaces it.
+/// Where our clsact filters sit ("LB"), so that the next agent finds and replaces them.
 pub const CLSACT_PRIORITY: u16 = 0x4c42;
-pub const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -96,7 +98,10 @@ impl Attached {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     Xdp,
+    /// `lb_tc_pod` on pod interfaces.
     Tc,
+    /// `lb_tc_uplink` on the XDP interfaces (host routing of what XDP translated).
+    Uplink,
 }
 
 impl Hook {
@@ -104,7 +109,18 @@ impl Hook {
         match self {
             Hook::Xdp => "xdp",
             Hook::Tc => "tc",
+            Hook::Uplink => "uplink",
         }
+    }
+
+    /// The program a TC hook runs.
+    fn tc_program(self) -> &'static str {
+        if self == Hook::Uplink { UPLINK_PROGRAM } else { TC_PROGRAM }
+    }
+
+    /// Each TC hook's clsact filter has a handle of its own: an interface may carry both.
+    fn clsact_handle(self) -> TcHandle {
+        TcHandle::new(0, if self == Hook::Uplink { 2 } else { 1 })
     }
 }
 
@@ -128,8 +144,8 @@ pub enum Holder {
     Pinned(PathBuf),
     /// Our program attached through netlink, with its mode flags.
     NetlinkXdp { ifindex: u32, flags: u32 },
-    /// Our clsact filter on `iface`.
-    Clsact(String),
+    /// Our clsact filter of `hook` on `iface`.
+    Clsact { iface: String, hook: Hook },
 }
 
 impl Holder {
@@ -145,7 +161,7 @@ impl Holder {
                     let _ = xdp_netlink::set(ifindex, None, flags);
                 }
             }
-            Holder::Clsact(iface) => remove_clsact(&iface),
+            Holder::Clsact { iface, hook } => remove_clsact(&iface, hook),
         }
     }
 }
@@ -172,14 +188,14 @@ pub fn attach_pinned(
             }
             xdp_netlink_attach(ebpf, iface)
         }
-        Hook::Tc => {
+        Hook::Tc | Hook::Uplink => {
             if !legacy.clsact
-                && let Some(done) = tcx_pinned(ebpf, iface, &path)?
+                && let Some(done) = tcx_pinned(ebpf, hook, iface, &path)?
             {
-                remove_clsact(iface);
+                remove_clsact(iface, hook);
                 return Ok(done);
             }
-            let done = clsact_attach(ebpf, iface)?;
+            let done = clsact_attach(ebpf, hook, iface)?;
             // A tcx link of ours from before goes once the filter is in.
             drop(take_over(&path));
             Ok(done)
@@ -292,12 +308,18 @@ fn xdp_netlink_attach(ebpf: &mut Ebpf, iface: &str) -> Result<(Attached, Holder)
 }
 
 /// TC through a pinned tcx link; `None` when this kernel has no tcx.
-fn tcx_pinned(ebpf: &mut Ebpf, iface: &str, path: &Path) -> Result<Option<(Attached, Holder)>, AttachError> {
+fn tcx_pinned(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    iface: &str,
+    path: &Path,
+) -> Result<Option<(Attached, Holder)>, AttachError> {
+    let program = hook.tc_program();
     let replaced = take_over(path).and_then(|fd| SchedClassifierLink::try_from(fd).ok()).and_then(|link| {
-        let prog: &mut SchedClassifier = ebpf.program_mut(TC_PROGRAM)?.try_into().ok()?;
+        let prog: &mut SchedClassifier = ebpf.program_mut(program)?.try_into().ok()?;
         prog.attach_to_link(link).ok()
     });
-    let prog = tc_program(ebpf, iface)?;
+    let prog = tc_program(ebpf, program, iface)?;
     let (how, id) = match replaced {
         Some(id) => (Attached::Replaced, id),
         None => match prog.attach(iface, TcAttachType::Ingress) {
@@ -305,48 +327,57 @@ fn tcx_pinned(ebpf: &mut Ebpf, iface: &str, path: &Path) -> Result<Option<(Attac
             Err(_) => return Ok(None),
         },
     };
-    let link = prog.take_link(id).map_err(program_err(TC_PROGRAM, iface))?;
-    let fd = FdLink::try_from(link).map_err(link_err(TC_PROGRAM, iface))?;
-    fd.pin(path).map_err(link_err(TC_PROGRAM, iface))?;
+    let link = prog.take_link(id).map_err(program_err(program, iface))?;
+    let fd = FdLink::try_from(link).map_err(link_err(program, iface))?;
+    fd.pin(path).map_err(link_err(program, iface))?;
     Ok(Some((how, Holder::Pinned(path.to_path_buf()))))
 }
 
-fn tc_program<'a>(ebpf: &'a mut Ebpf, iface: &str) -> Result<&'a mut SchedClassifier, AttachError> {
-    ebpf.program_mut(TC_PROGRAM)
-        .ok_or(AttachError::Missing(TC_PROGRAM))?
+fn tc_program<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+    iface: &str,
+) -> Result<&'a mut SchedClassifier, AttachError> {
+    ebpf.program_mut(program)
+        .ok_or(AttachError::Missing(program))?
         .try_into()
-        .map_err(program_err(TC_PROGRAM, iface))
+        .map_err(program_err(program, iface))
 }
 
-/// Our clsact filter on `iface`: an earlier agent's replaced in place, else a new one.
-fn clsact_attach(ebpf: &mut Ebpf, iface: &str) -> Result<(Attached, Holder), AttachError> {
+/// Our clsact filter of `hook` on `iface`: an earlier agent's replaced in place, else a new
+/// one.
+fn clsact_attach(ebpf: &mut Ebpf, hook: Hook, iface: &str) -> Result<(Attached, Holder), AttachError> {
     // "Exists" is fine.
     let _ = qdisc_add_clsact(iface);
-    let prog = tc_program(ebpf, iface)?;
-    let ours =
-        SchedClassifierLink::attached(iface, TcAttachType::Ingress, CLSACT_PRIORITY, CLSACT_HANDLE, None)
-            .map_err(link_err(TC_PROGRAM, iface))?;
+    let (program, handle) = (hook.tc_program(), hook.clsact_handle());
+    let prog = tc_program(ebpf, program, iface)?;
+    let ours = SchedClassifierLink::attached(iface, TcAttachType::Ingress, CLSACT_PRIORITY, handle, None)
+        .map_err(link_err(program, iface))?;
     let (how, id) = match prog.attach_to_link(ours) {
         Ok(id) => (Attached::Replaced, id),
         Err(_) => {
-            let options = NlOptions { priority: CLSACT_PRIORITY, handle: CLSACT_HANDLE, classid: None };
+            let options = NlOptions { priority: CLSACT_PRIORITY, handle, classid: None };
             let id = prog
                 .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(options))
-                .map_err(program_err(TC_PROGRAM, iface))?;
+                .map_err(program_err(program, iface))?;
             (Attached::TcClsact, id)
         }
     };
     // Dropping the link would remove the filter: it is to stay when the agent exits.
-    let link = prog.take_link(id).map_err(program_err(TC_PROGRAM, iface))?;
+    let link = prog.take_link(id).map_err(program_err(program, iface))?;
     std::mem::forget(link);
-    Ok((how, Holder::Clsact(iface.to_string())))
+    Ok((how, Holder::Clsact { iface: iface.to_string(), hook }))
 }
 
-/// Removes our clsact filter from `iface`, if there is one.
-fn remove_clsact(iface: &str) {
-    if let Ok(link) =
-        SchedClassifierLink::attached(iface, TcAttachType::Ingress, CLSACT_PRIORITY, CLSACT_HANDLE, None)
-    {
+/// Removes our clsact filter of `hook` from `iface`, if there is one.
+fn remove_clsact(iface: &str, hook: Hook) {
+    if let Ok(link) = SchedClassifierLink::attached(
+        iface,
+        TcAttachType::Ingress,
+        CLSACT_PRIORITY,
+        hook.clsact_handle(),
+        None,
+    ) {
         // Dropping it detaches it (an error when there is none, ignored).
         drop(link);
     }
@@ -384,8 +415,10 @@ pub fn cleanup(pin_dir: &Path) -> std::io::Result<Cleaned> {
         {
             out.netlink_xdp.push(name.clone());
         }
-        // Every filter running our program, by its name (an error when there is none).
-        if aya::programs::tc::qdisc_detach_program(&name, TcAttachType::Ingress, TC_PROGRAM).is_ok() {
+        // Every filter running one of our programs, by its name (an error when there is none).
+        let detached = [TC_PROGRAM, UPLINK_PROGRAM]
+            .map(|p| aya::programs::tc::qdisc_detach_program(&name, TcAttachType::Ingress, p).is_ok());
+        if detached.contains(&true) {
             out.clsact.push(name);
         }
     }
@@ -394,6 +427,15 @@ pub fn cleanup(pin_dir: &Path) -> std::io::Result<Cleaned> {
         out.pin_dir = true;
     }
     Ok(out)
+}
+
+/// Takes `hook` off `iface` wherever an earlier agent left it (its link pin, its clsact
+/// filter): for the uplink program once host routing is turned off.
+pub fn detach(hook: Hook, iface: &str, pin_dir: &Path) {
+    drop(take_over(&link_pin_path(pin_dir, hook, iface)));
+    if hook != Hook::Xdp {
+        remove_clsact(iface, hook);
+    }
 }
 
 /// The link pinned at `path`, if one is there. The pin is removed at once: the link is

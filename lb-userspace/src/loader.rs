@@ -25,6 +25,8 @@ pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc_pod";
+/// At TC ingress of the XDP interfaces, with host routing on (`lb-ebpf/src/host_route.rs`).
+pub const UPLINK_PROGRAM: &str = "lb_tc_uplink";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 const BPF_FS_ROOT: &str = "/sys/fs/bpf";
@@ -145,21 +147,28 @@ pub fn set_bpf_log(loader: &mut EbpfLoader<'_>, log: BpfLog) {
 
 /// Loads the XDP and the TC program on two threads: the verifier takes seconds over each of
 /// them (about 3 s apiece on a small VM), and an agent that restarts applies no change
-/// until both are in.
+/// until both are in. The uplink program, a few instructions, goes with the TC one.
 fn load_both_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     let prog_err = |name| move |source| LoadError::Program { name, source };
-    let (mut xdp, mut tc) = (None, None);
+    let (mut xdp, mut tc, mut uplink) = (None, None, None);
     for (name, program) in ebpf.programs_mut() {
         match name {
             XDP_PROGRAM => xdp = Some(<&mut Xdp>::try_from(program).map_err(prog_err(XDP_PROGRAM))?),
             TC_PROGRAM => tc = Some(<&mut SchedClassifier>::try_from(program).map_err(prog_err(TC_PROGRAM))?),
+            UPLINK_PROGRAM => {
+                uplink = Some(<&mut SchedClassifier>::try_from(program).map_err(prog_err(UPLINK_PROGRAM))?)
+            }
             _ => {}
         }
     }
     let xdp = xdp.ok_or(LoadError::MissingProgram(XDP_PROGRAM))?;
     let tc = tc.ok_or(LoadError::MissingProgram(TC_PROGRAM))?;
+    let uplink = uplink.ok_or(LoadError::MissingProgram(UPLINK_PROGRAM))?;
     std::thread::scope(|s| {
-        let tc_loaded = s.spawn(|| tc.load().map_err(prog_err(TC_PROGRAM)));
+        let tc_loaded = s.spawn(|| {
+            tc.load().map_err(prog_err(TC_PROGRAM))?;
+            uplink.load().map_err(prog_err(UPLINK_PROGRAM))
+        });
         let xdp_loaded = xdp.load().map_err(prog_err(XDP_PROGRAM));
         let tc_loaded = tc_loaded.join().expect("the TC program's loader thread panicked");
         xdp_loaded.and(tc_loaded)

@@ -645,13 +645,15 @@ fn xdp_forward_sends_remote_backend_traffic_from_xdp() {
 }
 
 /// TC host routing (on by default): a pod's requests to a ClusterIP and the local backends'
-/// replies leave TC straight for their next hop, past the node's netfilter. With
-/// `--host-routing=false`, node-1's FORWARD chain counts the client's packets to the backends
-/// and web-1/web-2's replies; with it on, the same traffic (TCP and UDP, to the local web-1
-/// and web-2 and the remote web-3) reaches every backend with the client's address kept, the
-/// chain counts none of it, and the host-routing counters show peer redirects (local pods)
-/// and neighbour redirects (web-3 through the underlay). A packet the FIB has no next hop
-/// for falls back to the stack and is counted so.
+/// replies leave TC straight for their next hop, past the node's netfilter, and so do the
+/// remote backend's replies, translated by XDP on node-1's eth0 and sent on by the uplink
+/// program at its TC ingress. With `--host-routing=false`, node-1's FORWARD chain counts the
+/// client's packets to the backends and every backend's replies (web-1/web-2's, and web-3's
+/// with the VIP as source once translated); with it on, the same traffic (TCP and UDP, to the
+/// local web-1 and web-2 and the remote web-3) reaches every backend with the client's
+/// address kept, the chain counts none of it, and the host-routing counters show peer
+/// redirects (into the client and the local pods) and neighbour redirects (web-3 through the
+/// underlay). A packet the FIB has no next hop for falls back to the stack and is counted so.
 #[test]
 fn host_routing_delivers_pod_traffic_past_the_nodes_stack() {
     use lb_common::abi::{HOST_ROUTE_NEIGH, HOST_ROUTE_PEER, HOST_ROUTE_TO_STACK};
@@ -665,10 +667,12 @@ fn host_routing_delivers_pod_traffic_past_the_nodes_stack() {
         let args: Vec<&str> = args.split_whitespace().collect();
         lab::sh(&mut lab::in_ns(&node1, &[&["iptables", "-w"], &args[..]].concat())).unwrap()
     };
-    let local = format!("{},{}", lab.pod("web-1").ip, lab.pod("web-2").ip);
+    // The replies' sources as node-1 forwards them: the local pods', and the VIP (web-3's
+    // replies, translated at XDP).
+    let repliers = format!("{},{},{}", lab.pod("web-1").ip, lab.pod("web-2").ip, vip());
     iptables(&format!("-I FORWARD -s {client} -j ACCEPT"));
-    iptables(&format!("-I FORWARD -s {local} -d {client} -j ACCEPT"));
-    // Packets counted by the two rules (the second is two rules, one per source).
+    iptables(&format!("-I FORWARD -s {repliers} -d {client} -j ACCEPT"));
+    // Packets counted by the two rules (the second is three rules, one per source).
     let forwarded = || -> u64 {
         iptables("-nvxL FORWARD")
             .lines()
@@ -694,12 +698,22 @@ fn host_routing_delivers_pod_traffic_past_the_nodes_stack() {
     exercise();
     let through_stack = forwarded() - before;
     assert!(through_stack > 0, "without host routing the node forwards the pod's packets");
+    let vip_replies = || -> u64 {
+        iptables("-nvxL FORWARD")
+            .lines()
+            .filter(|l| l.contains(&client) && l.contains(&vip().to_string()))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(vip_replies() > 0, "without host routing web-3's translated replies take the stack");
 
     for node in [1, 2] {
         lab.stop_agent(node);
         lab.start_agent(node, &[]).unwrap();
     }
     assert!(lab.agent_log(1).contains("TC host routing on"), "{}", lab.agent_log(1));
+    let listed = wait_for(Duration::from_secs(5), || Ok(status(&lab, 1).2.contains("tc-uplink")));
+    assert!(listed.is_ok(), "the uplink program is listed on eth0: {}", status(&lab, 1).2);
     let counter =
         |slot| AyaDataplane::open(&lab.pin_dir(1)).unwrap().host_routing_counter(slot).unwrap().packets;
     let (peer0, neigh0) = (counter(HOST_ROUTE_PEER), counter(HOST_ROUTE_NEIGH));
@@ -707,8 +721,9 @@ fn host_routing_delivers_pod_traffic_past_the_nodes_stack() {
     exercise();
     let (peer, neigh) = (counter(HOST_ROUTE_PEER) - peer0, counter(HOST_ROUTE_NEIGH) - neigh0);
     assert_eq!(forwarded() - before, 0, "host-routed packets never reach the FORWARD chain");
-    // Each answer of web-1/web-2 took at least a request and a reply; each of web-3's a request.
-    assert!(peer >= 8, "peer redirects {peer}");
+    // Each answer of web-1/web-2 took at least a request and a reply; each of web-3's a request
+    // (out of the underlay) and a reply (into the client, from the uplink program).
+    assert!(peer >= 10, "peer redirects {peer}");
     assert!(neigh >= 2, "neighbour redirects {neigh}");
 
     // A backend the FIB has no next hop for (an unreachable route) is left to the stack,

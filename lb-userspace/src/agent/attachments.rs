@@ -130,6 +130,26 @@ pub fn attach_host_clients(
     }
 }
 
+/// With host routing, the uplink program on every XDP interface: what XDP translated and
+/// left to the stack goes on to its next hop from TC (`lb-ebpf/src/host_route.rs`). Without,
+/// an earlier agent's is taken off. A failure costs only the shortcut: logged.
+pub fn attach_uplinks(ebpf: &mut Ebpf, cfg: &AgentConfig, status: &Shared) {
+    for iface in &cfg.xdp_ifaces {
+        if !cfg.host_routing {
+            attach::detach(Hook::Uplink, iface, &cfg.pin_dir);
+            continue;
+        }
+        match attach::attach_pinned(ebpf, Hook::Uplink, iface, &cfg.pin_dir, cfg.legacy_attach) {
+            Ok((how, _holder)) => {
+                lock(status).uplink.insert(iface.clone(), how);
+            }
+            Err(e) => log(format!(
+                "warning: {e}; what XDP translates on {iface} takes the node's stack (no host routing)"
+            )),
+        }
+    }
+}
+
 /// Pins left by an earlier agent for interfaces this one will not serve (gone, or no longer
 /// named by the flags): removing them detaches those programs.
 pub fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns) {
@@ -140,6 +160,7 @@ pub fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns) {
         let keep = match name.split_once('-') {
             Some(("xdp", iface)) => cfg.xdp_ifaces.iter().any(|i| i == iface),
             Some(("tc", iface)) => tc.matches(iface) && present.contains_key(iface),
+            Some(("uplink", iface)) => cfg.host_routing && cfg.xdp_ifaces.iter().any(|i| i == iface),
             Some(("sock", _)) => cfg.cgroup_root.is_some(),
             _ => true,
         };
@@ -198,9 +219,10 @@ impl Attachments {
         if cfg.xdp_forward {
             log(format!("XDP forwarding on, out of {}", cfg.xdp_ifaces.join(", ")));
         }
+        attach_uplinks(&mut ebpf, cfg, status);
         if cfg.host_routing {
             log(
-                "TC host routing on: translated pod traffic goes straight to its next hop, past the node's netfilter",
+                "TC host routing on: translated pod traffic, and what XDP translated, goes straight to its next hop, past the node's netfilter",
             );
         }
         let links_changed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -238,6 +260,7 @@ impl Attachments {
                 Err(e) => log(format!("warning: XDP on {iface} keeps the old program: {e}")),
             }
         }
+        attach_uplinks(&mut ebpf, cfg, status);
         if self.host_cookie != 0
             && let Some(root) = cfg.cgroup_root.as_deref()
         {

@@ -31,6 +31,8 @@ pub struct Status {
     /// The cgroup2 hierarchy the connect-time programs are attached to, if they are.
     pub sock_cgroup: Option<std::path::PathBuf>,
     pub tc: BTreeMap<String, (u32, Attached)>,
+    /// The uplink program on the XDP interfaces (host routing of what XDP translated).
+    pub uplink: BTreeMap<String, Attached>,
     /// Frontends claimed by more than one Service (or port): one has it, the others are
     /// reported in the log.
     pub contested_frontends: usize,
@@ -53,6 +55,7 @@ impl Status {
             xdp: BTreeMap::new(),
             sock_cgroup: None,
             tc: BTreeMap::new(),
+            uplink: BTreeMap::new(),
             contested_frontends: 0,
             unprogrammed: Vec::new(),
             last_sync: None,
@@ -223,8 +226,10 @@ impl Reporter {
             r.source.errors = st.source_errors;
             let xdp = st.xdp.iter().map(|(i, how)| (i, "xdp", how));
             let tc = st.tc.iter().map(|(i, (_, how))| (i, "tc", how));
+            let uplink = st.uplink.iter().map(|(i, how)| (i, "tc-uplink", how));
             r.attachments = xdp
                 .chain(tc)
+                .chain(uplink)
                 .map(|(i, hook, how)| report::Attachment {
                     interface: i.clone(),
                     hook: hook.into(),
