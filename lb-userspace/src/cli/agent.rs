@@ -45,10 +45,12 @@ pub struct AgentArgs {
     /// TC host routing (on; `--host-routing=false` turns it off): a packet the TC program
     /// translated (a pod's request to a Service, a local backend's reply) goes straight to
     /// its next hop: into a local backend pod with `bpf_redirect_peer`, to a remote one out
-    /// of the FIB's egress interface with `bpf_redirect_neigh`. Such packets skip the node's
-    /// routing, netfilter (no iptables rule or conntrack entry sees them) and qdisc. Packets
-    /// the FIB cannot resolve (no route, a local address, over the MTU) take the stack,
-    /// counted as `host-route-to-stack` in `lb stats`.
+    /// of the FIB's egress interface with `bpf_redirect_neigh`. So does what the XDP program
+    /// translated and left to the stack (a remote backend's reply to a local pod, an outside
+    /// client's request to a local backend), from a small TC program on the XDP interfaces.
+    /// Such packets skip the node's routing, netfilter (no iptables rule or conntrack entry
+    /// sees them) and qdisc. Packets the FIB cannot resolve (no route, a local address, over
+    /// the MTU) take the stack, counted as `host-route-to-stack` in `lb stats`.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub host_routing: bool,
     /// Pod-facing interface name or glob (`lxc*`) for the TC program (ClusterIP for pods,
