@@ -1326,3 +1326,35 @@ fn large_batches_written_by_two_threads_land_whole() {
     read.sort_by_key(|(k, _)| *k);
     assert_eq!(read, members, "every membership, with its value");
 }
+
+/// Host routing of what XDP translates: with `CFG_F_HOST_ROUTING`, a packet `lb_xdp`
+/// translated and passes to the stack carries the 4-byte mark in its metadata for
+/// `lb_tc_uplink` (BPF_PROG_TEST_RUN hands the metadata back in front of the frame), the
+/// frame itself byte-exact as without; a packet that is not ours, or host routing off, gets
+/// none. At TC, a packet without the mark passes the uplink program untouched.
+#[test]
+fn host_routing_marks_what_xdp_translates_for_the_uplink_program() {
+    require_root!();
+    let mut l = Loaded::new();
+    let svc = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    let mark = 0x4c42_6872u32.to_ne_bytes();
+    let syn = Spec::tcp(CLIENT4, 41100, VIP4, 80);
+    expect_dnat(&l, &svc, &BES4, &syn, false);
+    l.dp.set_config(&Config { flags: CFG_F_HOST_ROUTING, ..Config::default() }).unwrap();
+    let syn = Spec::tcp(CLIENT4, 41101, VIP4, 80);
+    let (rc, out) = l.run_xdp(&syn.build());
+    assert_eq!(rc, XDP_PASS);
+    assert_eq!(out[..4], mark, "the mark in front of the frame");
+    let id = svc.predict(&syn.key());
+    let be = BES4.iter().find(|b| b.id == id).unwrap();
+    assert_eq!(
+        out[4..],
+        Spec { dst: ip(be.ip), dport: be.port, ..syn.clone() }.build()[..],
+        "translated as without"
+    );
+    let miss = Spec::tcp(CLIENT4, 41100, "198.18.0.1", 80).build();
+    assert_eq!(l.run_xdp(&miss), (XDP_PASS, miss.clone()), "not ours: no mark");
+    let uplink: &aya::programs::SchedClassifier =
+        l.ebpf.program(lb_userspace::loader::UPLINK_PROGRAM).unwrap().try_into().unwrap();
+    assert_eq!(try_run(uplink, &miss).unwrap(), (TC_ACT_UNSPEC, miss.clone()), "unmarked: the stack's");
+}
