@@ -928,6 +928,11 @@ impl ModelState {
         self.backend_users.contains_key(addr)
     }
 
+    /// How many endpoints datapath services use (as backends or kept).
+    pub fn backends_in_use(&self) -> usize {
+        self.backend_users.len()
+    }
+
     /// The datapath services of Service `key`: they sort together (`ServiceRef` orders by
     /// namespace and name first), so no index of them is kept.
     fn refs_of(&self, key: &Key) -> Vec<ServiceRef> {

@@ -1125,6 +1125,31 @@ fn full_maps_grow_so_every_service_fits_and_no_connection_notices() {
     assert!(failures.is_empty(), "web failed: {failures:?}");
 }
 
+/// An agent started over a folder whose Services outgrow its maps (`auto:N`) grows them
+/// before its first plan, counted from the Model: one growth, no Service ever skipped (every
+/// sync line says `0 not programmed`), all 51 programmed.
+#[test]
+fn an_agent_started_over_more_services_than_its_maps_hold_grows_them_before_planning() {
+    let Some(mut lab) = lab_without_agents() else { return };
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    lab.write_manifest("nodes.yaml", &lab.node_manifests()).unwrap();
+    lab.write_manifest("others.yaml", &fifty_services(&all, &all)).unwrap();
+    lab.write_manifest("big.yaml", &big_service(10, "ClusterIP", "", "")).unwrap();
+    lab.start_agent(1, &["--max-maglev-slots", "auto:4096", "--max-backends", "auto:8"]).unwrap();
+    let all_up = || -> anyhow::Result<bool> {
+        Ok((1..=50).all(|i| lab.has_frontend(1, IpAddr::from([198, 19, 1, i]), 80).unwrap_or(false))
+            && lab.frontend(1, IpAddr::from([198, 19, 2, 1]), 80)?.map(|v| v.backend_count) == Some(10))
+    };
+    wait_for(Duration::from_secs(60), all_up)
+        .unwrap_or_else(|e| panic!("not every Service programmed: {e}\n{}", lab.agent_log(1)));
+    let log = lab.agent_log(1);
+    assert!(log.contains("counted before the plan"), "{log}");
+    assert_eq!(log.matches("maps grown in").count(), 1, "{log}");
+    assert!(!log.contains("did not fit"), "{log}");
+    let synced: Vec<&str> = log.lines().filter(|l| l.contains("synced:")).collect();
+    assert!(!synced.is_empty() && synced.iter().all(|l| l.contains("(0 not programmed)")), "{log}");
+}
+
 /// Every kind of bad or odd input a user may leave in the folder gets its log line (named
 /// by file and field), while `web` serves throughout: rejected objects keep the rest of
 /// the folder applied, warnings leave the object applied, special files are skipped once.

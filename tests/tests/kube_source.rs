@@ -94,7 +94,11 @@ impl Agent {
             &mut self.dp,
             &mut self.src,
             &node(),
-            lb_userspace::agent::sync::Hooks { config_for: |_: &[_]| Config::default(), names: |_: &_| {} },
+            lb_userspace::agent::sync::Hooks {
+                config_for: |_: &[_]| Config::default(),
+                names: |_: &_| {},
+                outgrown: lb_userspace::agent::sync::never_outgrown,
+            },
             false,
             Instant::now(),
         );

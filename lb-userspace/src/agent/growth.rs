@@ -1,15 +1,18 @@
 //! Maps that grow when full (`--max-backends` and `--max-maglev-slots` `auto`, the
 //! defaults). The kernel preallocates the Maglev array and the backend arrays whole, so
 //! sizing them for the largest cluster would cost every node ~200 MB whatever it runs. They
-//! start at their default size instead; when a sync skips Services because one of them is
+//! start at their default size instead; when a full plan (the first sync of a large
+//! cluster) needs more than they hold, or a sync skips Services because one of them is
 //! full, the agent loads the datapath again with it larger, as an upgrade does (`pins`):
 //! the entries are copied into the new maps, the programs swap atomically into their links,
-//! what the old programs wrote meanwhile is copied again, and the skipped Services are
-//! planned once more. The flow table is not touched, so no connection notices.
+//! what the old programs wrote meanwhile is copied again, and the Services are planned once
+//! more. The flow table is not touched, so no connection notices. Growing before the first
+//! plan saves writing the Services that fit only to plan them all again (at 100 000
+//! Services on the default sizes, seconds and the second plan's peak memory).
 
 use std::{collections::HashSet, net::IpAddr, time::Instant};
 
-use super::{Agent, log};
+use super::{Agent, log, sync::Needs};
 use crate::{
     loader::{BpfLog, Capacities},
     maglev,
@@ -125,6 +128,23 @@ pub fn wanted<'a>(
     })
 }
 
+/// The capacities a full plan of `needs` wants, if a growable map is too small for it. None:
+/// they fit (or cannot grow): the plan goes ahead, and what does not fit is skipped.
+pub fn before_plan(caps: &Capacities, growable: Growable, needs: &Needs) -> Option<Capacities> {
+    let slots = grown(caps.maglev_slots, needs.maglev_slots, false, AUTO_MAX_MAGLEV_SLOTS, 1 << 16)
+        .filter(|_| growable.maglev_slots);
+    let ids =
+        grown(caps.backends, needs.backends, false, AUTO_MAX_BACKENDS, 1 << 10).filter(|_| growable.backends);
+    if slots.is_none() && ids.is_none() {
+        return None;
+    }
+    Some(Capacities {
+        maglev_slots: slots.unwrap_or(caps.maglev_slots),
+        backends: ids.unwrap_or(caps.backends),
+        ..*caps
+    })
+}
+
 /// A map of `size` that must hold `want` (or was found `short`, its room held back or cut
 /// up): its new size, a multiple of `align` up to `ceiling`; None if it need not or cannot
 /// grow.
@@ -141,17 +161,28 @@ fn grown(size: u32, want: u64, short: bool, ceiling: u32, align: u32) -> Option<
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Agent {
+    /// Whether growing is held off: it failed less than `RETRY_AFTER` ago.
+    pub(super) fn growth_held_off(&self) -> bool {
+        self.growth_failed.is_some_and(|t| t.elapsed() < RETRY_AFTER)
+    }
+
     /// After a sync that skipped Services: grows the maps that kept them out, if they may.
     pub(super) fn grow_if_full(&mut self) {
-        if self.growth_failed.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
+        if self.growth_held_off() {
             return;
         }
         let caps = self.cfg.capacities;
         let (desired, applied) = (self.syncer.desired(), self.syncer.applied());
-        let Some(want) = wanted(&caps, self.cfg.growable, desired, applied, self.syncer.retry().skipped())
-        else {
-            return;
-        };
+        if let Some(want) = wanted(&caps, self.cfg.growable, desired, applied, self.syncer.retry().skipped())
+        {
+            self.grow(want, "Services did not fit");
+        }
+    }
+
+    /// Loads the datapath again with the maps at `want`'s sizes (`why` for the log); a
+    /// failure leaves the old maps serving and holds growth off for `RETRY_AFTER`.
+    pub(super) fn grow(&mut self, want: Capacities, why: &str) {
+        let caps = self.cfg.capacities;
         let mut what = Vec::new();
         if want.maglev_slots != caps.maglev_slots {
             what.push(format!("Maglev array {} -> {} slots", caps.maglev_slots, want.maglev_slots));
@@ -160,7 +191,7 @@ impl Agent {
             what.push(format!("backend maps {} -> {} entries", caps.backends, want.backends));
         }
         log(format!(
-            "growing the {}: Services did not fit; loading the datapath again with the larger maps (flows and entries kept)",
+            "growing the {}: {why}; loading the datapath again with the larger maps (flows and entries kept)",
             what.join(", ")
         ));
         let t0 = Instant::now();
@@ -169,7 +200,7 @@ impl Agent {
                 self.growth_failed = None;
                 self.metrics.maps_grown.inc();
                 log(format!(
-                    "maps grown in {} ms ({copied} entries the programs wrote meanwhile copied again); the skipped Services are planned again",
+                    "maps grown in {} ms ({copied} entries the programs wrote meanwhile copied again); the Services are planned again",
                     t0.elapsed().as_millis()
                 ));
             }
@@ -221,6 +252,23 @@ mod tests {
         assert!(MapSize::parse("auto64", 7).is_err());
         assert!(MapSize::parse("auto:", 7).is_err());
         assert!(MapSize::parse("big", 7).is_err());
+    }
+
+    /// Before a full plan: a growable map smaller than the need grows to it plus an eighth
+    /// (or double); a map that holds it, or a fixed one, stays.
+    #[test]
+    fn a_full_plan_grows_only_the_growable_maps_it_outgrows() {
+        let caps = Capacities { maglev_slots: 8 << 20, backends: 1 << 18, ..Capacities::default() };
+        let both = Growable { backends: true, maglev_slots: true };
+        let needs = Needs { maglev_slots: 40 << 20, backends: 100_000 };
+        let want = before_plan(&caps, both, &needs).expect("the Maglev array is short");
+        assert_eq!((want.maglev_slots, want.backends), (45 << 20, 1 << 18));
+        let fixed = Growable { backends: true, maglev_slots: false };
+        assert_eq!(before_plan(&caps, fixed, &needs), None);
+        let fits = Needs { maglev_slots: 8 << 20, backends: 1 << 18 };
+        assert_eq!(before_plan(&caps, both, &fits), None);
+        let ids = before_plan(&caps, both, &Needs { backends: 400_000, ..fits }).unwrap();
+        assert_eq!((ids.maglev_slots, ids.backends), (8 << 20, 524_288));
     }
 
     #[test]

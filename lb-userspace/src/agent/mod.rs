@@ -431,6 +431,7 @@ impl Agent {
             c.mtu_floor = mtu_floor;
             c
         };
+        let (caps, growable, held_off) = (self.cfg.capacities, self.cfg.growable, self.growth_held_off());
         let began = Instant::now();
         let (reporter, datapath) = (&mut self.reporter, &self.datapath);
         let names = |desired: &crate::model::Desired| {
@@ -438,8 +439,17 @@ impl Agent {
             reporter.flush_names();
             *lock(&datapath.names) = reporter.names.clone();
         };
-        let hooks = sync::Hooks { config_for, names };
+        // A full plan that needs larger maps waits for them (`growth`).
+        let mut grow_first = None;
+        let outgrown = |needs: &sync::Needs| {
+            grow_first = growth::before_plan(&caps, growable, needs).filter(|_| !held_off);
+            grow_first.is_some()
+        };
+        let hooks = sync::Hooks { config_for, names, outgrown };
         let outcome = self.syncer.sync(&mut self.dp, &mut self.source, &node, hooks, resync, began)?;
+        if let Some(want) = grow_first {
+            self.grow(want, "the Services need more room than they have (counted before the plan)");
+        }
         if let Some(outcome) = outcome {
             self.last_sync = Some(began);
             self.after_sync(&outcome, began);

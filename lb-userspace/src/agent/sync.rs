@@ -68,10 +68,45 @@ pub struct Syncer {
 /// What a sync asks of its caller: `config_for` makes the datapath configuration from the
 /// node's addresses; `names` hears the desired state before any map is written when
 /// frontends came, went or moved, so whoever names a packet's Service (`lb monitor`) knows
-/// it before the first packet.
-pub struct Hooks<C, N> {
+/// it before the first packet; `outgrown` hears, before a full plan, what the desired
+/// state needs of the maps that may grow, and says whether the caller grows them first
+/// (the plan then waits for it: everything is planned again against the larger maps).
+pub struct Hooks<C, N, G> {
     pub config_for: C,
     pub names: N,
+    pub outgrown: G,
+}
+
+/// What the desired state needs of the two maps that may grow (`growth`): Maglev slots, a
+/// table per datapath service, and backend ids, one per endpoint in use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub maglev_slots: u64,
+    pub backends: u64,
+}
+
+impl Needs {
+    fn of(model: &model::ModelState) -> Needs {
+        // Table sizes by backend count: the same few counts recur over thousands of Services.
+        let mut sizes: Vec<Option<u32>> = Vec::new();
+        let mut size = |n: usize| {
+            if sizes.len() <= n {
+                sizes.resize(n + 1, None);
+            }
+            *sizes[n]
+                .get_or_insert_with(|| crate::maglev::table_size(n, lb_common::maglev::DEFAULT_MAX_TABLE))
+        };
+        let services = model.desired().services.values();
+        Needs {
+            maglev_slots: services.map(|s| u64::from(size(s.backends.len()))).sum(),
+            backends: model.backends_in_use() as u64,
+        }
+    }
+}
+
+/// Hooks without a growth check, for callers whose maps have a fixed size.
+pub fn never_outgrown(_: &Needs) -> bool {
+    false
 }
 
 impl Syncer {
@@ -114,20 +149,21 @@ impl Syncer {
     /// `dp`; `resync` re-plans everything against the maps as they are; `hooks` say what the
     /// caller adds. None: nothing to do. A failed map write is an outcome (retried in full);
     /// failing to read the maps back is an error.
-    pub fn sync<D: Dataplane, S: ChangeSource, C, N>(
+    pub fn sync<D: Dataplane, S: ChangeSource, C, N, G>(
         &mut self,
         dp: &mut D,
         source: &mut S,
         node: &NodeContext,
-        hooks: Hooks<C, N>,
+        hooks: Hooks<C, N, G>,
         resync: bool,
         now: Instant,
     ) -> Result<Option<Outcome>, DataplaneError>
     where
         C: FnOnce(&[IpAddr]) -> Config,
         N: FnOnce(&model::Desired),
+        G: FnOnce(&Needs) -> bool,
     {
-        let Hooks { config_for, names } = hooks;
+        let Hooks { config_for, names, outgrown } = hooks;
         let due = self.retry.due(now);
         let mut changes = match source.changed() {
             Some(c) => c,
@@ -157,6 +193,14 @@ impl Syncer {
         });
         let model = &self.model;
         self.retry.prepare(&mut delta, due, |a| model.uses_backend(a));
+        // A full plan into maps too small for it (the first sync of a large cluster) would
+        // write the Services that fit only to plan them all again once the maps grew: the
+        // caller grows them first, and the Model's state is planned in full after that.
+        if delta.all && outgrown(&Needs::of(&self.model)) {
+            self.retry.owe_full();
+            self.retry.no_later_than(now);
+            return Ok(None);
+        }
         let desired = self.model.desired();
         let want = config_for(&node_addresses);
         self.config_owed = false;

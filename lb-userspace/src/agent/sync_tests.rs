@@ -9,9 +9,12 @@ use crate::{
     source::manifests::{cluster_from, parse},
 };
 
-/// A sync's hooks that write `config` and ignore the names.
-fn hooks(config: Config) -> Hooks<impl FnOnce(&[IpAddr]) -> Config, impl FnOnce(&crate::model::Desired)> {
-    Hooks { config_for: move |_: &[IpAddr]| config, names: |_: &crate::model::Desired| {} }
+type NoNames = fn(&crate::model::Desired);
+type Outgrown = fn(&Needs) -> bool;
+
+/// A sync's hooks that write `config`, ignore the names and never grow the maps.
+fn hooks(config: Config) -> Hooks<impl FnOnce(&[IpAddr]) -> Config, NoNames, Outgrown> {
+    Hooks { config_for: move |_: &[IpAddr]| config, names: |_| {}, outgrown: never_outgrown }
 }
 
 /// Objects the test edits, and the changes it announces.
@@ -107,6 +110,31 @@ fn a_failed_write_is_retried_in_full_after_a_backoff_and_recovers() {
     assert!(s.retry().is_empty());
     // Settled: no further turns.
     assert_eq!(turn(&mut s, &mut dp, &mut src, t0 + Duration::from_secs(60)), None);
+}
+
+/// A full plan whose needs the caller says outgrow the maps writes nothing and owes itself
+/// at once: the caller grows the maps, and the next turn (with nothing new from the source)
+/// plans everything. The hook hears the needs: two tables of two backends, four endpoints.
+#[test]
+fn a_full_plan_that_outgrows_the_maps_waits_for_them_to_grow() {
+    let mut dp = FakeDataplane::default();
+    let mut src = two_services();
+    let mut s = Syncer::new(Applied::read(&dp).unwrap(), limits());
+    let t0 = Instant::now();
+    let mut heard = None;
+    let outgrown = |n: &Needs| {
+        heard = Some(*n);
+        true
+    };
+    let hooks = Hooks { config_for: |_: &[IpAddr]| Config::default(), names: |_: &_| {}, outgrown };
+    let waited = s.sync(&mut dp, &mut src, &node(), hooks, false, t0).unwrap();
+    assert_eq!(waited, None, "nothing planned");
+    let table = crate::maglev::table_size(2, lb_common::maglev::DEFAULT_MAX_TABLE);
+    assert_eq!(heard, Some(Needs { maglev_slots: 2 * u64::from(table), backends: 4 }));
+    assert!(dp.services.is_empty() && dp.backends.is_empty(), "nothing written");
+    let then = turn(&mut s, &mut dp, &mut src, t0).expect("the full plan is owed at once");
+    assert!(then.ok() && then.settled, "{then:?}");
+    assert_eq!(frontends(&dp), ["198.19.0.1:80", "198.19.0.2:80"]);
 }
 
 /// A plan that cannot place a Service (a map at its capacity) applies the rest, and the
