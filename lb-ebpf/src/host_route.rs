@@ -14,11 +14,14 @@
 //! Either way the TTL drops by one, as the stack's forwarding would. Opt-in: these packets
 //! skip the node's netfilter.
 //!
-//! Packets `lb_xdp` translated on a node interface (a remote backend's reply to a local pod,
-//! an outside client's request to a local backend) take the same shortcut: when XDP leaves
-//! such a packet to the stack, it marks it in the packet's metadata (`mark`), and
-//! `lb_tc_uplink`, at TC ingress of the same interface, sends the marked ones on from here
-//! (`marked`). Only our XDP program writes that metadata, and the stack ignores it; a driver
+//! Packets `lb_xdp` translated on a node interface for a local pod (a remote backend's reply
+//! to a pod client, an outside client's request to a local backend) take the same shortcut
+//! into the pod: when XDP leaves such a packet to the stack, it marks it in the packet's
+//! metadata (`mark`), and `lb_tc_uplink`, at TC ingress of the same interface, sends the
+//! marked ones on from here (`marked`). Only into a pod (`Hop::PodOnly`): a packet headed
+//! back out to the network is left to the stack, whose forwarding applies the route's MTU
+//! (the skb check here sees only the device's; at XDP, `--xdp-forward` is the shortcut for
+//! those). Only our XDP program writes that metadata, and the stack ignores it; a driver
 //! without XDP metadata leaves the packet unmarked, to take the stack as before.
 
 use aya_ebpf::{
@@ -47,16 +50,25 @@ fn count(slot: u32, bytes: u64) {
     }
 }
 
+/// Where a hook may send a packet from TC.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Into a local pod, or out towards any next hop (`lb_tc_pod`).
+    Any,
+    /// Into a local pod only (`lb_tc_uplink`).
+    PodOnly,
+}
+
 /// Sends a translated packet to its next hop: the TC verdict, or None to let it take the
 /// stack. Not inlined: called from the entry point once `process` has returned, so its frame
 /// (the 64-byte FIB block) is not added to the decision's chain, which is at the stack limit.
 #[inline(never)]
-pub fn translated(ctx: &TcContext) -> Option<i32> {
+pub fn translated(ctx: &TcContext, hop: Hop) -> Option<i32> {
     if crate::select::config_flags() & CFG_F_HOST_ROUTING == 0 {
         return None;
     }
     let bytes = ctx.len() as u64;
-    let verdict = route(ctx);
+    let verdict = route(ctx, hop);
     let slot = match verdict {
         Some(Via::Peer) => HOST_ROUTE_PEER,
         Some(Via::Neigh) => HOST_ROUTE_NEIGH,
@@ -105,7 +117,7 @@ enum Via {
 }
 
 #[inline(always)]
-fn route(ctx: &TcContext) -> Option<Via> {
+fn route(ctx: &TcContext, hop: Hop) -> Option<Via> {
     // SAFETY: all-zero `FibParams` are valid (integers).
     let mut p = core::mem::MaybeUninit::uninit();
     let p: &mut FibParams = unsafe { crate::zero::zeroed(&mut p) };
@@ -127,6 +139,9 @@ fn route(ctx: &TcContext) -> Option<Via> {
         return None;
     }
     let peer = rc == BPF_FIB_LKUP_RET_SUCCESS && POD_PORTS.get_ptr(&p.ifindex).is_some();
+    if !peer && hop == Hop::PodOnly {
+        return None;
+    }
     let data = ctx.data();
     if !decrement_ttl(data, ctx.data_end(), p.family) {
         return None;

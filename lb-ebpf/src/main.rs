@@ -72,7 +72,7 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     }
     match datapath::process(&mut ctx) {
         (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply | Reason::FragmentFollowed) => {
-            host_route::translated(&ctx).unwrap_or(TC_ACT_UNSPEC)
+            host_route::translated(&ctx, host_route::Hop::Any).unwrap_or(TC_ACT_UNSPEC)
         }
         // UNSPEC (tcx: "next"): let other programs on the hook see the packet too.
         (Action::Pass, _) => TC_ACT_UNSPEC,
@@ -86,14 +86,14 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     }
 }
 
-/// Packets `lb_xdp` translated and marked (`host_route::mark`) go to their next hop like
-/// `lb_tc_pod`'s; everything else takes the stack.
+/// Packets `lb_xdp` translated and marked (`host_route::mark`) for a local pod go straight
+/// into it, like `lb_tc_pod`'s; everything else takes the stack.
 #[classifier]
 pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
     if !host_route::marked(&ctx) {
         return TC_ACT_UNSPEC;
     }
-    host_route::translated(&ctx).unwrap_or(TC_ACT_UNSPEC)
+    host_route::translated(&ctx, host_route::Hop::PodOnly).unwrap_or(TC_ACT_UNSPEC)
 }
 
 // Connect-time load balancing for the node's own sockets (`sock`).

@@ -46,8 +46,10 @@ pub struct AgentArgs {
     /// translated (a pod's request to a Service, a local backend's reply) goes straight to
     /// its next hop: into a local backend pod with `bpf_redirect_peer`, to a remote one out
     /// of the FIB's egress interface with `bpf_redirect_neigh`. So does what the XDP program
-    /// translated and left to the stack (a remote backend's reply to a local pod, an outside
-    /// client's request to a local backend), from a small TC program on the XDP interfaces.
+    /// translated for a local pod (a remote backend's reply to a pod client, an outside
+    /// client's request to a local backend), from a small TC program on the XDP interfaces
+    /// (what XDP translated for a next hop outside the node takes the stack, which applies
+    /// the route's MTU, or `--xdp-forward`).
     /// Such packets skip the node's routing, netfilter (no iptables rule or conntrack entry
     /// sees them) and qdisc. Packets the FIB cannot resolve (no route, a local address, over
     /// the MTU) take the stack, counted as `host-route-to-stack` in `lb stats`.
