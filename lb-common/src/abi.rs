@@ -240,18 +240,22 @@ pub const XDP_FWD_SLOTS: u32 = 3;
 /// going through the node's routing and netfilter.
 pub const CFG_F_HOST_ROUTING: u32 = 1 << 3;
 
-/// Slots of `lb_stats_host_routing`: what became of packets `lb_tc_pod` translated while
-/// host routing is on.
+/// Slots of `lb_stats_host_routing`: what became of packets `lb_tc_pod` translated (or
+/// `lb_tc_uplink` found marked by `lb_xdp`) while host routing is on.
 /// Straight into a local pod's namespace (`bpf_redirect_peer`).
 pub const HOST_ROUTE_PEER: u32 = 0;
 /// Out of the FIB's egress interface, the kernel resolving the neighbour
 /// (`bpf_redirect_neigh`): a remote backend, or a local pod whose neighbour entry is not
 /// resolved yet.
 pub const HOST_ROUTE_NEIGH: u32 = 1;
-/// The FIB had no next hop to give (no route, local address, MTU, forwarding off): handed to
-/// the stack, which resolves it or answers.
+/// The FIB had no next hop to give (no route, local address, MTU, forwarding off), or, for a
+/// packet XDP translated, the next hop is outside the node: handed to the stack, which
+/// resolves it or answers.
 pub const HOST_ROUTE_TO_STACK: u32 = 2;
-pub const HOST_ROUTE_SLOTS: u32 = 3;
+/// Translated at XDP, but the driver keeps no metadata for the mark (`bpf_xdp_adjust_meta`
+/// refused): the packet takes the stack unmarked.
+pub const HOST_ROUTE_NO_METADATA: u32 = 3;
+pub const HOST_ROUTE_SLOTS: u32 = 4;
 
 /// Flow life times per state, seconds (kube-proxy's `--conntrack-*` flags; `ct::pair_timeout`
 /// says which applies).

@@ -84,18 +84,17 @@ const MARK_LEN: usize = core::mem::size_of::<u32>();
 
 /// At XDP: a packet translated there and left to the stack is marked for `lb_tc_uplink`, with
 /// host routing on. A driver that keeps no metadata refuses the room: the packet goes
-/// unmarked.
+/// unmarked, counted (`HOST_ROUTE_NO_METADATA`).
 #[inline(always)]
 pub fn mark(ctx: &XdpContext) {
     if crate::select::config_flags() & CFG_F_HOST_ROUTING == 0 {
         return;
     }
     // SAFETY: helper call with our context; it moves only `data_meta`.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(MARK_LEN as i32)) } != 0 {
-        return;
-    }
+    let room = unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(MARK_LEN as i32)) } == 0;
     let (meta, data) = (ctx.metadata(), ctx.data());
-    if meta + MARK_LEN > data {
+    if !room || meta + MARK_LEN > data {
+        count(HOST_ROUTE_NO_METADATA, (ctx.data_end() - data) as u64);
         return;
     }
     // SAFETY: the 4 bytes of metadata checked above.

@@ -1354,6 +1354,8 @@ fn host_routing_marks_what_xdp_translates_for_the_uplink_program() {
     );
     let miss = Spec::tcp(CLIENT4, 41100, "198.18.0.1", 80).build();
     assert_eq!(l.run_xdp(&miss), (XDP_PASS, miss.clone()), "not ours: no mark");
+    let no_meta = l.dp.host_routing_counter(HOST_ROUTE_NO_METADATA).unwrap().packets;
+    assert_eq!(no_meta, 0, "the test run keeps metadata: nothing counted as unmarked");
     let uplink: &aya::programs::SchedClassifier =
         l.ebpf.program(lb_userspace::loader::UPLINK_PROGRAM).unwrap().try_into().unwrap();
     assert_eq!(try_run(uplink, &miss).unwrap(), (TC_ACT_UNSPEC, miss.clone()), "unmarked: the stack's");

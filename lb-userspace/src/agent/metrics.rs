@@ -417,15 +417,20 @@ fn read_datapath(pin_dir: &std::path::Path) -> Vec<Series> {
         "Translated packets at XDP under --xdp-forward, by what became of them",
         forwarded,
     ));
-    let routed = [(HOST_ROUTE_PEER, "peer"), (HOST_ROUTE_NEIGH, "neigh"), (HOST_ROUTE_TO_STACK, "to_stack")]
-        .into_iter()
-        .filter_map(|(slot, result)| {
-            Some((RowLabels::One("result", result), dp.host_routing_counter(slot).ok()?.packets))
-        })
-        .collect();
+    let routed = [
+        (HOST_ROUTE_PEER, "peer"),
+        (HOST_ROUTE_NEIGH, "neigh"),
+        (HOST_ROUTE_TO_STACK, "to_stack"),
+        (HOST_ROUTE_NO_METADATA, "no_metadata"),
+    ]
+    .into_iter()
+    .filter_map(|(slot, result)| {
+        Some((RowLabels::One("result", result), dp.host_routing_counter(slot).ok()?.packets))
+    })
+    .collect();
     out.push(counter(
         "lb_host_routing_packets",
-        "Translated packets at TC under --host-routing, by what became of them",
+        "Translated packets under --host-routing (at TC, and those XDP left to the stack), by what became of them",
         routed,
     ));
     let events = [(EVENTS_SENT, "sent"), (EVENTS_LOST, "lost")]

@@ -217,6 +217,7 @@ pub fn run(cmd: Inspect, pin_dir: &Path, json: bool) -> anyhow::Result<()> {
                 (HOST_ROUTE_PEER, "host-route-peer"),
                 (HOST_ROUTE_NEIGH, "host-route-neigh"),
                 (HOST_ROUTE_TO_STACK, "host-route-to-stack"),
+                (HOST_ROUTE_NO_METADATA, "host-route-no-metadata"),
             ] {
                 rows.push((name, dp.host_routing_counter(slot)?));
             }
