@@ -1,8 +1,9 @@
 //! Entry points of the datapath. `lb_xdp` runs on node interfaces (external clients, replies
 //! from remote backends), `lb_tc_pod` on the host side of pod interfaces (pod clients,
 //! replies from local backends), `lb_tc_uplink` at TC ingress of the node interfaces with
-//! host routing on (what `lb_xdp` translated goes on to its next hop, `host_route`). Both run the same decision (`datapath::process`); this file
-//! only maps verdicts to each hook's return codes, in one place. The `lb_connect*`,
+//! host routing on (what `lb_xdp` translated for a local pod goes straight into it,
+//! `host_route`). `lb_xdp` and `lb_tc_pod` run the same decision (`datapath::process`); this
+//! file only maps verdicts to each hook's return codes, in one place. The `lb_connect*`,
 //! `lb_sendmsg*`, `lb_recvmsg*` and `lb_getpeername*` programs serve the node's own sockets
 //! at connect time (`sock`).
 #![no_std]
