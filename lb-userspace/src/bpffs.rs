@@ -15,6 +15,9 @@ use std::{
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// The standard mount point, the only one mounted on demand.
+pub const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
 /// Where lock files go: /run on any systemd or container host, else the temp dir.
 fn lock_dir() -> PathBuf {
     let run = Path::new("/run");

@@ -29,8 +29,6 @@ pub const TC_PROGRAM: &str = "lb_tc_pod";
 pub const UPLINK_PROGRAM: &str = "lb_tc_uplink";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
-const BPF_FS_ROOT: &str = "/sys/fs/bpf";
-
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("pin dir {0}: its parent is not a bpf filesystem (mount one: `mount -t bpf bpf {1}`)")]
@@ -196,7 +194,7 @@ pub fn load_migrating_with_log(
     if !bpffs::is_bpffs(&parent) && !bpffs::is_bpffs(pin_dir) {
         // The standard place is mounted on demand (once, whoever races us), like systemd
         // or Cilium do.
-        if parent != Path::new(BPF_FS_ROOT) || !bpffs::ensure_mounted(&parent) {
+        if parent != Path::new(bpffs::BPF_FS_ROOT) || !bpffs::ensure_mounted(&parent) {
             return Err(LoadError::NotBpffs(pin_dir.to_path_buf(), parent));
         }
     }

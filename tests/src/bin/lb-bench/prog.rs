@@ -93,8 +93,15 @@ impl Drop for Variant {
 const BACKENDS: u32 = 4;
 
 pub fn load(object: &[u8], tag: &str, caps: &loader::Capacities) -> anyhow::Result<Variant> {
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}-{tag}", std::process::id()));
-    fs::create_dir_all(&pin_dir)?;
+    let root = Path::new(lb_userspace::bpffs::BPF_FS_ROOT);
+    // Mounted on demand, as the agent does: a fresh boot may not have it yet.
+    ensure!(
+        lb_userspace::bpffs::ensure_mounted(root),
+        "no bpffs at {} and mounting one failed",
+        root.display()
+    );
+    let pin_dir = root.join(format!("lb-bench-{}-{tag}", std::process::id()));
+    fs::create_dir_all(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
     let mut l = EbpfLoader::new();
     l.default_map_pin_directory(&pin_dir);
     // As the agent loads it by default (--bpf-log off): no message code.
