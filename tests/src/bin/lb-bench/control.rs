@@ -212,7 +212,7 @@ fn scrape_while_syncing(rounds: usize) -> anyhow::Result<Scrape> {
     Ok(Scrape { flows, scrape_ms, sync_alone_ms: median(alone), sync_scraped_ms: median(scraped) })
 }
 
-pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Result<()> {
+pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32, iptables_max: u32) -> anyhow::Result<()> {
     if !privileged() {
         bail!("bench control needs root");
     }
@@ -232,17 +232,22 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Re
         let gone = eps[0];
         eps[0] = (Ipv4Addr::new(198, 19, 255, 1), gone.1);
 
-        scratch.reset();
-        let f = work.join("iptables.rules");
-        fs::write(&f, iptables_rules(n, PROTO))?;
-        let ipt_full = scratch.time("iptables-restore", &[], &f, limit)?;
-        let ipt_change = if ipt_full.is_some() {
-            fs::write(&f, iptables_change(last, &eps, gone, PROTO))?;
-            scratch.time("iptables-restore", &["--noflush"], &f, limit)?
+        let (ipt_full, ipt_change) = if n <= iptables_max {
+            scratch.reset();
+            let f = work.join("iptables.rules");
+            fs::write(&f, iptables_rules(n, PROTO))?;
+            let full = scratch.time("iptables-restore", &[], &f, limit)?;
+            let change = if full.is_some() {
+                fs::write(&f, iptables_change(last, &eps, gone, PROTO))?;
+                scratch.time("iptables-restore", &["--noflush"], &f, limit)?
+            } else {
+                None
+            };
+            eprintln!("  iptables-restore: full {full:?}, change {change:?}");
+            (full, change)
         } else {
-            None
+            (None, None)
         };
-        eprintln!("  iptables-restore: full {:?}, change {:?}", ipt_full, ipt_change);
 
         let (nft_full, nft_change) = if n <= nft_max {
             scratch.reset();
@@ -300,12 +305,12 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32) -> anyhow::Re
             "| {} | {:.0} | {} | {} | {} | {} | {:.2} | {} | {} |",
             r.services,
             r.ours_full_ms,
-            cell(r.ipt_full_ms, r.services, u32::MAX),
+            cell(r.ipt_full_ms, r.services, iptables_max),
             cell(r.nft_full_ms, r.services, nft_max),
             ratio(r.ipt_full_ms),
             ratio(r.nft_full_ms),
             r.ours_change_ms,
-            cell(r.ipt_change_ms, r.services, u32::MAX),
+            cell(r.ipt_change_ms, r.services, iptables_max),
             cell(r.nft_change_ms, r.services, nft_max),
         );
     }

@@ -91,6 +91,9 @@ enum Cmd {
         /// nft -f is run up to this many services (it is slow: ~100 s at 10k here).
         #[arg(long, default_value_t = 10_000)]
         nft_max: u32,
+        /// iptables-restore is run up to this many services (0: ours alone, e.g. to profile it).
+        #[arg(long, default_value_t = u32::MAX)]
+        iptables_max: u32,
     },
     /// Established flows through a forwarding node: ours vs iptables vs nftables vs plain
     /// forwarding, delivered packets/s and CPU ns per packet.
@@ -182,7 +185,7 @@ fn main() -> anyhow::Result<()> {
             };
             memory::run(quick, out, &sweep)
         }
-        Cmd::Control { quick, out, services, nft_max } => {
+        Cmd::Control { quick, out, services, nft_max, iptables_max } => {
             let sweep = if !services.is_empty() {
                 services
             } else if quick {
@@ -190,7 +193,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 vec![1_000, 10_000, 30_000, 100_000]
             };
-            control::run(quick, out, &sweep, nft_max)
+            control::run(quick, out, &sweep, nft_max, iptables_max)
         }
     }
 }
