@@ -42,6 +42,10 @@ pub enum Which {
         /// Run nft -f up to this many services (default 10000; it takes minutes beyond).
         #[arg(long)]
         nft_max: Option<u32>,
+        /// Run iptables-restore up to this many services (default: all; 0 times ours
+        /// alone, e.g. under a profiler).
+        #[arg(long)]
+        iptables_max: Option<u32>,
     },
     /// Established flows through a forwarding node: delivered packets/s and CPU ns per
     /// packet, ours vs iptables vs nftables vs plain forwarding (trafgen), and the native
@@ -231,7 +235,13 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         }
         Which::Throughput { quick } => bench("throughput", quick, None, None),
         Which::Newflows { quick, services, nft_max } => bench("newflows", quick, services, nft_max),
-        Which::Control { quick, services, nft_max } => bench("control", quick, services, nft_max),
+        Which::Control { quick, services, nft_max, iptables_max } => {
+            let mut cmd = bench_cmd("control", quick, services, nft_max);
+            if let Some(n) = iptables_max {
+                cmd.arg("--iptables-max").arg(n.to_string());
+            }
+            run_cmd(&mut cmd)
+        }
         Which::Latency { quick, services, nft_max } => {
             build_lab_binaries()?;
             bench("latency", quick, services, nft_max)
@@ -261,7 +271,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             run(Which::Conntrack { quick })?;
             run(Which::Throughput { quick })?;
             run(Which::Newflows { quick, services: None, nft_max: None })?;
-            run(Which::Control { quick, services: None, nft_max: None })?;
+            run(Which::Control { quick, services: None, nft_max: None, iptables_max: None })?;
             run(Which::Latency { quick, services: None, nft_max: None })?;
             run(Which::Connrate { quick })?;
             run(Which::Podpath { quick })?;
