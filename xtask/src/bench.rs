@@ -216,14 +216,7 @@ fn baseline_object(rev: &str) -> anyhow::Result<std::path::PathBuf> {
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Prog { quick, services, baseline } => {
-            let mut cmd = bench_bin();
-            cmd.arg("prog").arg("--out").arg(root().join("target/bench"));
-            if quick {
-                cmd.arg("--quick");
-            }
-            if let Some(s) = services {
-                cmd.arg("--services").arg(s);
-            }
+            let mut cmd = bench_cmd("prog", quick, services, None);
             if let Some(rev) = baseline {
                 cmd.arg("--baseline-object").arg(baseline_object(&rev)?).arg("--baseline-name").arg(rev);
             }
