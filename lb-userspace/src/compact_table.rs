@@ -101,6 +101,20 @@ impl Table {
             .chain(wide.iter().copied())
     }
 
+    /// The backend id of each slot, into `out` (cleared first): as `iter`, a byte of packed
+    /// slots at a time through a small lookup table, which a first sync of 100 000 tables
+    /// (40 million slots) writes in a fraction of the slot-by-slot time.
+    pub fn ids_into(&self, out: &mut Vec<u32>) {
+        out.clear();
+        match &self.slots {
+            Slots::Packed { bits: 1, len, bytes } => unpack::<1>(&self.members, bytes, *len, out),
+            Slots::Packed { bits: 2, len, bytes } => unpack::<2>(&self.members, bytes, *len, out),
+            Slots::Packed { bits: 4, len, bytes } => unpack::<4>(&self.members, bytes, *len, out),
+            Slots::Packed { len, bytes, .. } => unpack::<8>(&self.members, bytes, *len, out),
+            Slots::Wide(s) => out.extend_from_slice(s),
+        }
+    }
+
     /// The distinct backend ids, sorted.
     pub fn members(&self) -> &[u32] {
         &self.members
@@ -129,6 +143,23 @@ impl Table {
 fn per_byte(bits: u8) -> (u32, usize) {
     let log = 3 - bits.trailing_zeros();
     (log, 1 << log)
+}
+
+/// Slots packed `BITS` a slot (`Slots::Packed`) as the ids of `members`, appended to `out`.
+fn unpack<const BITS: usize>(members: &[u32], bytes: &[u8], len: u32, out: &mut Vec<u32>) {
+    let per_byte = 8 / BITS;
+    let mask = (1usize << BITS) - 1;
+    // Every index a slot can hold has an entry: no bounds check in the loop.
+    let mut lut = [0u32; 256];
+    lut[..members.len()].copy_from_slice(members);
+    let lut = &lut[..=mask];
+    out.resize(bytes.len() * per_byte, 0);
+    for (chunk, byte) in out.chunks_exact_mut(per_byte).zip(bytes) {
+        for (k, slot) in chunk.iter_mut().enumerate() {
+            *slot = lut[(usize::from(*byte) >> (k * BITS)) & mask];
+        }
+    }
+    out.truncate(len as usize);
 }
 
 /// The distinct ids of `ids`, sorted. Most tables have a handful among hundreds of slots:
@@ -175,13 +206,19 @@ mod tests {
         for (n, bits) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 4), (16, 4), (17, 8), (256, 8)] {
             let ids: Vec<u32> = (0..1009u32).map(|i| (i * 7919) % n * 5 + 2).collect();
             let t = Table::new(&ids);
+            let mut unpacked = vec![1, 2, 3];
+            t.ids_into(&mut unpacked);
+            assert_eq!(unpacked, ids, "{n} members, unpacked by byte");
             assert_eq!((t.ids(), t.len(), t.members().len()), (ids, 1009, n as usize), "{n} members");
             let Slots::Packed { bits: b, bytes, .. } = &t.slots else { panic!("{n}: packed") };
             assert_eq!((*b, bytes.len()), (bits, 1009usize.div_ceil(usize::from(8 / bits))), "{n} members");
         }
         let wide: Vec<u32> = (0..1009u32).map(|i| i % 300 * 11).collect();
         let t = Table::new(&wide);
-        assert_eq!((t.ids(), t.members().len()), (wide, 300));
+        assert_eq!((t.ids(), t.members().len()), (wide.clone(), 300));
+        let mut unpacked = Vec::new();
+        t.ids_into(&mut unpacked);
+        assert_eq!(unpacked, wide);
         assert!(matches!(t.slots, Slots::Wide(_)));
         assert!(Table::new(&[]).is_empty());
         // Built from positions: the same table as from its ids.

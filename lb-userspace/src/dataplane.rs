@@ -186,6 +186,8 @@ pub struct AyaDataplane {
     members_fd: MapData,
     /// Addresses listed since `take_listed` (a full sync lists hundreds of thousands).
     listed: Listed,
+    /// A table's slots unpacked on their way to the Maglev array, kept between writes.
+    unpacked: Vec<u32>,
 }
 
 /// Addresses listed since they were last taken, appended as they come: a full sync of
@@ -269,12 +271,8 @@ impl AyaDataplane {
             services_fd: open(pin_dir, maps::SERVICES)?,
             members_fd: open(pin_dir, maps::MEMBERS)?,
             listed: Listed::default(),
+            unpacked: Vec::new(),
         })
-    }
-
-    /// Writes `len` slots of the Maglev array from `offset`, after checking they fit.
-    fn write_slots(&mut self, offset: u32, len: u32, ids: impl Iterator<Item = u32>) -> Result<()> {
-        self.maglev.write_run(offset, len, ids)
     }
 
     /// Sets `addr`'s bit in the address pre-filter (`lb_common::addr_filter`): done before any
@@ -505,11 +503,12 @@ impl Dataplane for AyaDataplane {
     }
 
     fn write_maglev(&mut self, offset: u32, ids: &[u32]) -> Result<()> {
-        self.write_slots(offset, ids.len() as u32, ids.iter().copied())
+        self.maglev.write_slice(offset, ids)
     }
 
     fn write_table(&mut self, offset: u32, table: &Table) -> Result<()> {
-        self.write_slots(offset, table.len(), table.iter())
+        table.ids_into(&mut self.unpacked);
+        self.maglev.write_slice(offset, &self.unpacked)
     }
 
     fn set_config(&mut self, config: &Config) -> Result<()> {

@@ -102,6 +102,25 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// `values` copied to array byte `at` on (covered by this mapping).
+    fn copy_from<T: Copy>(&self, at: usize, values: &[T]) {
+        if values.is_empty() {
+            return;
+        }
+        debug_assert!(self.covers(at, at + size_of_val(values)));
+        // SAFETY: inside the mapping (the caller checked the range); T is a plain value type
+        // and the kernel's memory never overlaps ours.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                values.as_ptr().cast::<u8>(),
+                self.ptr.add(at - self.start),
+                size_of_val(values),
+            )
+        }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         if self.bytes > 0 {
@@ -240,6 +259,18 @@ impl WindowedArray {
                 f(offset + k, m.read(at + k as usize * stride));
             }
         })
+    }
+
+    /// Writes `values` from `offset`: one copy when the values lie side by side (the Maglev
+    /// array's slots), value by value otherwise. (A plain copy may write a value in parts:
+    /// fine for the Maglev array, whose tables are written to ranges no reader uses yet —
+    /// `reconcile` never rewrites one in place.)
+    pub fn write_slice<T: Copy>(&mut self, offset: u32, values: &[T]) -> Result<()> {
+        let stride = self.geometry.stride;
+        if stride != size_of::<T>() {
+            return self.write_run(offset, values.len() as u32, values.iter().copied());
+        }
+        self.with_range(offset, values.len() as u32, |m, at| m.copy_from(at, values))
     }
 
     /// Writes `values` (exactly `n` of them) from `offset`.
