@@ -826,13 +826,6 @@ impl Usage {
     }
 }
 
-/// A Service to compute in a rebuild, with its slices (a run of the slices by owner).
-type Job<'a> = (&'a Key, &'a Service, &'a [(Key, &'a Key, &'a Slice)]);
-
-/// From this many Services a rebuild computes their parts on two threads (in tests from
-/// two, so that the Model's tests, which compare a rebuild with `desired`, cover it).
-const PARALLEL_PARTS: usize = if cfg!(test) { 2 } else { 4096 };
-
 /// What one Service contributes, computed on its own.
 enum Computed {
     Part(Part),
@@ -843,7 +836,7 @@ enum Computed {
 }
 
 /// Service `key`'s datapath services, health checks and notes as computed on their own
-/// (before frontend claims are settled): pure, so rebuilds compute many at once.
+/// (before frontend claims are settled).
 fn compute_part(here: &Here, key: &Key, svc: &Service, slices: &[&Slice]) -> Computed {
     let (ns, name) = key;
     if let Some(why) = ignored(svc) {
@@ -964,8 +957,8 @@ impl ModelState {
         node: &NodeContext,
         owned: &[(Key, &Key, &Slice)],
     ) -> Delta {
-        // Each Service with its slices (a run of `owned`).
-        let mut jobs = Vec::with_capacity(cluster.services.len());
+        let here = Here { node, node_ips: &self.desired.node_ips, zone: self.desired.node_zone.as_deref() };
+        let (mut kept, mut parts) = (Vec::with_capacity(cluster.services.len()), Vec::new());
         let mut next = 0;
         for (key, svc) in &cluster.services {
             // The slices of Services before this one (none exists) are passed over.
@@ -976,14 +969,10 @@ impl ModelState {
             while owned.get(next).is_some_and(|(owner, _, _)| owner == key) {
                 next += 1;
             }
-            jobs.push((key, &**svc, &owned[from..next]));
-        }
-        let computed = self.parts_on_every_cpu(node, &jobs);
-        let (mut kept, mut parts) = (Vec::with_capacity(jobs.len()), Vec::with_capacity(jobs.len()));
-        for ((key, svc, _), part) in jobs.into_iter().zip(computed) {
-            match part {
+            let slices: Vec<&Slice> = owned[from..next].iter().map(|(_, _, s)| *s).collect();
+            match compute_part(&here, key, svc, &slices) {
                 Computed::Part(one) => {
-                    kept.push((key, svc));
+                    kept.push((key, &**svc));
                     parts.push(one);
                 }
                 Computed::Noted(note) => {
@@ -1103,33 +1092,6 @@ impl ModelState {
             }
             Computed::Skipped => None,
         }
-    }
-
-    /// `compute_part` of each job (a Service and its slices by owner), in order: the jobs
-    /// split between this thread and another (pure work, a third of the Model's time at
-    /// 100 000 Services on one CPU).
-    fn parts_on_every_cpu(&self, node: &NodeContext, jobs: &[Job]) -> Vec<Computed> {
-        let here = Here { node, node_ips: &self.desired.node_ips, zone: self.desired.node_zone.as_deref() };
-        let run = |jobs: &[Job]| -> Vec<Computed> {
-            let mut slices = Vec::new();
-            jobs.iter()
-                .map(|(key, svc, owned)| {
-                    slices.clear();
-                    slices.extend(owned.iter().map(|(_, _, s)| *s));
-                    compute_part(&here, key, svc, &slices)
-                })
-                .collect()
-        };
-        if jobs.len() < PARALLEL_PARTS || crate::parallel::cpus() < 2 {
-            return run(jobs);
-        }
-        let (first, second) = jobs.split_at(jobs.len() / 2);
-        std::thread::scope(|scope| {
-            let other = scope.spawn(|| run(second));
-            let mut parts = run(first);
-            parts.append(&mut join(other));
-            parts
-        })
     }
 
     /// One more user of each of `vips`; a VIP that had none is desired now (and noted in
