@@ -102,6 +102,10 @@ impl Mapping {
     }
 }
 
+// SAFETY: a mapping is memory this process owns (shared with the kernel, which is the
+// point); handing it to another thread moves no access the borrow rules do not govern.
+unsafe impl Send for Mapping {}
+
 impl Mapping {
     /// `values` copied to array byte `at` on (covered by this mapping).
     fn copy_from<T: Copy>(&self, at: usize, values: &[T]) {
@@ -201,6 +205,11 @@ impl WindowedArray {
 
     pub fn is_empty(&self) -> bool {
         self.geometry.len == 0
+    }
+
+    /// Unmaps the window (until the next access).
+    pub fn unmap(&mut self) {
+        *self.window.get_mut() = None;
     }
 
     /// Bytes mapped now (between accesses at most `WINDOW`).

@@ -793,37 +793,33 @@ fn slice_indexes(owned: &[(Key, &Key, &Slice)]) -> (BTreeMap<Key, Key>, BTreeMap
     (slice_owner, slices_of.into_iter().collect())
 }
 
-/// The users of each cluster VIP and of each endpoint, as `count_vips` and
-/// `count_endpoints` count them a Service at a time (a datapath service left without a
-/// frontend counts for nothing: `Claims::settle` drops it).
-struct Usage {
-    vip_users: fast_hash::Map<IpAddr, u32>,
-    cluster_vips: BTreeSet<IpAddr>,
-    backend_users: fast_hash::Map<(IpAddr, u16), u32>,
+/// The users of each cluster VIP (as `count_vips` counts them a Service at a time), and the
+/// set of those VIPs.
+fn vip_usage(services: &[(&Key, &Service)]) -> (fast_hash::Map<IpAddr, u32>, BTreeSet<IpAddr>) {
+    let mut users = fast_hash::Map::default();
+    users.reserve(services.len());
+    for (_, svc) in services {
+        for ip in &svc.cluster_ips {
+            *users.entry(*ip).or_insert(0) += 1;
+        }
+    }
+    let mut vips: Vec<IpAddr> = users.keys().copied().collect();
+    vips.sort_unstable();
+    (users, vips.into_iter().collect())
 }
 
-impl Usage {
-    fn of(services: &[(&Key, &Service)], parts: &[Part]) -> Self {
-        let mut vip_users = fast_hash::Map::default();
-        vip_users.reserve(services.len());
-        for (_, svc) in services {
-            for ip in &svc.cluster_ips {
-                *vip_users.entry(*ip).or_insert(0) += 1;
-            }
+/// The users of each endpoint, as `count_endpoints` counts them a datapath service at a time
+/// (one left without a frontend counts for nothing: `Claims::settle` drops it).
+fn endpoint_usage(parts: &[Part]) -> fast_hash::Map<(IpAddr, u16), u32> {
+    let services = parts.iter().flat_map(|one| &one.services).filter(|(_, v)| !v.frontends.is_empty());
+    let mut users = fast_hash::Map::default();
+    users.reserve(services.clone().map(|(_, v)| v.backends.len() + v.kept.len()).sum());
+    for (_, v) in services {
+        for a in addrs(v) {
+            *users.entry(a).or_insert(0) += 1;
         }
-        let mut vips: Vec<IpAddr> = vip_users.keys().copied().collect();
-        vips.sort_unstable();
-        let datapath_services =
-            parts.iter().flat_map(|one| &one.services).filter(|(_, v)| !v.frontends.is_empty());
-        let mut backend_users = fast_hash::Map::default();
-        backend_users.reserve(datapath_services.clone().map(|(_, v)| v.backends.len() + v.kept.len()).sum());
-        for (_, v) in datapath_services {
-            for a in addrs(v) {
-                *backend_users.entry(a).or_insert(0) += 1;
-            }
-        }
-        Usage { vip_users, cluster_vips: vips.into_iter().collect(), backend_users }
     }
+    users
 }
 
 /// What one Service contributes, computed on its own.
@@ -984,20 +980,19 @@ impl ModelState {
         // Sized ahead (a Service has a frontend at least): growing this table rehashed and
         // copied it several times at 100 000 Services.
         self.claims.reserve(kept.len());
-        // Every frontend claimed while another CPU counts the users of each VIP and endpoint
-        // (a third of the rest on one CPU: a cache miss each), as if no frontend were
-        // contested: nearly always so, and counted again below otherwise.
-        let (claims, usage) = std::thread::scope(|scope| {
-            let usage = scope.spawn(|| Usage::of(&kept, &parts));
+        // Every frontend claimed, then the users of each VIP counted, while another CPU counts
+        // the users of each endpoint (a cache miss each: a third of the rest on one CPU), as
+        // if no frontend were contested: nearly always so, and counted again below otherwise.
+        let (claims, endpoint_users) = std::thread::scope(|scope| {
+            let endpoint_users = scope.spawn(|| endpoint_usage(&parts));
             let claims: Vec<Vec<Frontend>> =
                 kept.iter().zip(&parts).map(|((_, svc), one)| self.claims.add(svc, &one.services)).collect();
-            (claims, join(usage))
+            (self.vip_users, self.desired.cluster_vips) = vip_usage(&kept);
+            (claims, join(endpoint_users))
         });
-        self.vip_users = usage.vip_users;
-        self.desired.cluster_vips = usage.cluster_vips;
         let recount = self.claims.contested() > 0;
         if !recount {
-            self.backend_users = usage.backend_users;
+            self.backend_users = endpoint_users;
         }
         let datapath_services = parts.iter().map(|one| one.services.len()).sum();
         let mut services = Vec::with_capacity(datapath_services);

@@ -145,6 +145,16 @@ fn execute_ops(dp: &mut impl Dataplane, applied: &mut Applied, ops: &[MapOp]) ->
                 MapOp::SetMember { key, value } => Some((*key, *value)),
                 _ => None,
             })),
+            MapOp::WriteMaglev { .. } if run > 1 => {
+                let tables: Vec<(u32, &Table)> = batch
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::WriteMaglev { offset, table } => Some((*offset, table)),
+                        _ => None,
+                    })
+                    .collect();
+                dp.write_tables(&tables)
+            }
             op => execute_one(dp, op),
         };
         match written {
@@ -208,6 +218,7 @@ fn same_batch(op: &MapOp, first: &MapOp) -> bool {
         (MapOp::SetService { .. }, MapOp::SetService { .. })
             | (MapOp::SetBackend { .. }, MapOp::SetBackend { .. })
             | (MapOp::SetMember { .. }, MapOp::SetMember { .. })
+            | (MapOp::WriteMaglev { .. }, MapOp::WriteMaglev { .. })
     )
 }
 

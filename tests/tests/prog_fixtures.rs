@@ -1005,6 +1005,26 @@ fn maglev_tables_written_through_windows_read_back_and_stay_unmapped() {
     assert_eq!(dp.read_maglev(slots, 0).unwrap(), Vec::<u32>::new(), "nothing, at the end");
 }
 
+/// A first sync's run of tables, written by two threads through windows of their own (packed
+/// tables of 1 to 5 backends, as the planner keeps them), reads back slot for slot, and
+/// leaves one window mapped, where the run ended.
+#[test]
+fn a_large_run_of_tables_written_by_two_threads_reads_back() {
+    use lb_userspace::{compact_table::Table, mmap_array::WINDOW};
+    require_root!();
+    let mut l = Loaded::new();
+    let base = l.dp.mapped_bytes();
+    let ids = |k: u32| -> Vec<u32> { (0..101u32).map(|i| 1 + k * 8 + (i * 7 + k) % (1 + k % 5)).collect() };
+    let tables: Vec<(u32, Table)> = (0..6000u32).map(|k| (k * 101, Table::new(&ids(k)))).collect();
+    let run: Vec<(u32, &Table)> = tables.iter().map(|(offset, table)| (*offset, table)).collect();
+    l.dp.write_tables(&run).unwrap();
+    assert!(l.dp.mapped_bytes() <= base + WINDOW, "{} bytes mapped", l.dp.mapped_bytes());
+    let whole = l.dp.read_maglev(0, 6000 * 101).unwrap();
+    for k in 0..6000u32 {
+        assert_eq!(whole[(k * 101) as usize..][..101], ids(k)[..], "table {k}");
+    }
+}
+
 /// A pin this build cannot carry over is refused, naming the map: never reused blindly.
 #[test]
 fn an_incompatible_pin_is_refused_by_name() {
