@@ -100,13 +100,7 @@ impl Mapping {
         // SAFETY: as in `read`; the mapping is shared with the kernel, which is the point.
         unsafe { self.ptr.add(at - self.start).cast::<T>().write_unaligned(v) }
     }
-}
 
-// SAFETY: a mapping is memory this process owns (shared with the kernel, which is the
-// point); handing it to another thread moves no access the borrow rules do not govern.
-unsafe impl Send for Mapping {}
-
-impl Mapping {
     /// `values` copied to array byte `at` on (covered by this mapping).
     fn copy_from<T: Copy>(&self, at: usize, values: &[T]) {
         if values.is_empty() {
@@ -124,6 +118,10 @@ impl Mapping {
         }
     }
 }
+
+// SAFETY: a mapping is memory this process owns (shared with the kernel, which is the
+// point); handing it to another thread moves no access the borrow rules do not govern.
+unsafe impl Send for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
@@ -270,26 +268,12 @@ impl WindowedArray {
         })
     }
 
-    /// Writes `values` from `offset`: one copy when the values lie side by side (the Maglev
-    /// array's slots), value by value otherwise. (A plain copy may write a value in parts:
+    /// Writes `values` from `offset`, in one copy: for arrays addressed by values that lie
+    /// side by side (the Maglev array's slots). (A plain copy may write a value in parts:
     /// fine for the Maglev array, whose tables are written to ranges no reader uses yet —
     /// `reconcile` never rewrites one in place.)
     pub fn write_slice<T: Copy>(&mut self, offset: u32, values: &[T]) -> Result<()> {
-        let stride = self.geometry.stride;
-        if stride != size_of::<T>() {
-            return self.write_run(offset, values.len() as u32, values.iter().copied());
-        }
+        assert_eq!(self.geometry.stride, size_of::<T>(), "{}: values not side by side", self.name);
         self.with_range(offset, values.len() as u32, |m, at| m.copy_from(at, values))
-    }
-
-    /// Writes `values` (exactly `n` of them) from `offset`.
-    pub fn write_run<T: Copy>(&mut self, offset: u32, n: u32, values: impl Iterator<Item = T>) -> Result<()> {
-        debug_assert!(size_of::<T>() <= self.geometry.stride);
-        let stride = self.geometry.stride;
-        self.with_range(offset, n, |m, at| {
-            for (k, v) in values.take(n as usize).enumerate() {
-                m.write(at + k * stride, v);
-            }
-        })
     }
 }

@@ -800,7 +800,7 @@ fn vip_usage(services: &[(&Key, &Service)]) -> (fast_hash::Map<IpAddr, u32>, BTr
     users.reserve(services.len());
     for (_, svc) in services {
         for ip in &svc.cluster_ips {
-            *users.entry(*ip).or_insert(0) += 1;
+            bump(&mut users, *ip, true);
         }
     }
     let mut vips: Vec<IpAddr> = users.keys().copied().collect();
@@ -816,7 +816,7 @@ fn endpoint_usage(parts: &[Part]) -> fast_hash::Map<(IpAddr, u16), u32> {
     users.reserve(services.clone().map(|(_, v)| v.backends.len() + v.kept.len()).sum());
     for (_, v) in services {
         for a in addrs(v) {
-            *users.entry(a).or_insert(0) += 1;
+            bump(&mut users, a, true);
         }
     }
     users
