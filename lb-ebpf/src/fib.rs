@@ -86,8 +86,8 @@ pub fn params_from_frame(data: usize, end: usize, p: &mut FibParams, with_len: b
                 if with_len {
                     p.tot_len = u16::from_be(*(ip.add(4) as *const u16)) + 40;
                 }
-                p.src = read_words(ip.add(8));
-                p.dst = read_words(ip.add(24));
+                p.src = crate::parse::load_addr(ip.add(8).cast());
+                p.dst = crate::parse::load_addr(ip.add(24).cast());
             }
         }
         _ => return None,
@@ -134,20 +134,6 @@ pub unsafe fn set_macs(data: usize, p: &FibParams) {
         write_mac(data as *mut u8, &p.dmac);
         write_mac((data + 6) as *mut u8, &p.smac);
     }
-}
-
-// Word by word: a whole-array copy between the packet and the stack (which LLVM cannot
-// prove apart) becomes a call to the byte-at-a-time `memmove`.
-
-/// Reads an IPv6 address at `p`.
-///
-/// # Safety
-/// 16 readable bytes at `p`.
-#[inline(always)]
-unsafe fn read_words(p: *const u8) -> [u32; 4] {
-    let w = p as *const u32;
-    // SAFETY: the caller's 16 bytes; unaligned packet reads are allowed (see parse.rs).
-    unsafe { [*w, *w.add(1), *w.add(2), *w.add(3)] }
 }
 
 /// Writes a MAC address at `p`.

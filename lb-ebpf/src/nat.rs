@@ -18,7 +18,7 @@ use lb_common::{
     verdict::Reason,
 };
 
-use crate::parse::{FRAG_LATER, Headers, ptr_at};
+use crate::parse::{FRAG_LATER, Headers, load_addr, ptr_at, store_addr};
 
 const REWRITE: Reason = Reason::RewriteFailed;
 const CSUM: Reason = Reason::ChecksumFailed;
@@ -122,26 +122,27 @@ impl Packet for XdpContext {
     fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), Reason> {
         let (data, end) = (Packet::data(self), Packet::data_end(self));
         let old_addr: Addr;
-        // SAFETY (all derefs below): pointers come from ptr_at, bounds-checked.
+        // SAFETY (all derefs below): pointers come from ptr_at, bounds-checked. Plain word
+        // loads and stores, as `parse::read`: an unaligned one takes a byte at a time.
         unsafe {
             if h.v6 {
                 let a = ptr_at::<Addr>(data, end, addr_off(h, side)).ok_or(REWRITE)?;
-                old_addr = a.read_unaligned();
-                a.write_unaligned(*addr);
+                old_addr = load_addr(a);
+                store_addr(a, addr);
             } else {
                 let a = ptr_at::<u32>(data, end, addr_off(h, side)).ok_or(REWRITE)?;
-                let old = a.read_unaligned();
+                let old = a.read();
                 old_addr = lb_common::abi::v4_mapped(old);
-                a.write_unaligned(addr[3]);
+                a.write(addr[3]);
                 let c = ptr_at::<u16>(data, end, h.l3_off + 10).ok_or(REWRITE)?;
-                c.write_unaligned(csum::update32(c.read_unaligned(), old, addr[3]));
+                c.write(csum::update32(c.read(), old, addr[3]));
             }
             let p = ptr_at::<u16>(data, end, port_off(h, side)).ok_or(REWRITE)?;
-            let old_port = p.read_unaligned();
-            p.write_unaligned(port);
+            let old_port = p.read();
+            p.write(port);
             let c = ptr_at::<u16>(data, end, h.l4_csum_off()).ok_or(REWRITE)?;
             let udp = h.proto == PROTO_UDP;
-            c.write_unaligned(csum::l4_rewrite(c.read_unaligned(), &old_addr, addr, old_port, port, udp));
+            c.write(csum::l4_rewrite(c.read(), &old_addr, addr, old_port, port, udp));
         }
         Ok(())
     }
@@ -149,18 +150,18 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn rewrite_l3(&mut self, h: &Headers, side: Side, addr: &Addr) -> Result<(), Reason> {
         let (data, end) = (Packet::data(self), Packet::data_end(self));
-        // SAFETY: bounds-checked pointers.
+        // SAFETY: bounds-checked pointers (plain word access, as in `rewrite`).
         unsafe {
             if h.v6 {
                 let a = ptr_at::<Addr>(data, end, addr_off(h, side)).ok_or(REWRITE)?;
-                a.write_unaligned(*addr);
+                store_addr(a, addr);
                 return Ok(());
             }
             let a = ptr_at::<u32>(data, end, addr_off(h, side)).ok_or(REWRITE)?;
-            let old = a.read_unaligned();
-            a.write_unaligned(addr[3]);
+            let old = a.read();
+            a.write(addr[3]);
             let c = ptr_at::<u16>(data, end, h.l3_off + 10).ok_or(REWRITE)?;
-            c.write_unaligned(csum::update32(c.read_unaligned(), old, addr[3]));
+            c.write(csum::update32(c.read(), old, addr[3]));
         }
         Ok(())
     }

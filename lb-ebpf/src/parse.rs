@@ -144,6 +144,35 @@ pub fn read<T: Copy>(data: usize, end: usize, off: usize) -> Option<T> {
     ptr_at::<T>(data, end, off).map(|p| unsafe { p.read() })
 }
 
+/// Loads the IPv6 address at packet pointer `p`, a word at a time: a whole-array copy out of
+/// the packet becomes a call to the byte-at-a-time `memmove` (see `zero`).
+///
+/// # Safety
+/// 16 bounds-checked bytes at `p` (unaligned packet access: see `read`).
+#[inline(always)]
+pub unsafe fn load_addr(p: *const Addr) -> Addr {
+    let w = p as *const u32;
+    // SAFETY: the caller's 16 bytes.
+    unsafe { [w.read(), w.add(1).read(), w.add(2).read(), w.add(3).read()] }
+}
+
+/// Stores `a` at packet pointer `p` a word at a time, each word read volatile (else LLVM
+/// merges the four into a `memmove` call).
+///
+/// # Safety
+/// 16 bounds-checked writable bytes at `p`.
+#[inline(always)]
+pub unsafe fn store_addr(p: *mut Addr, a: &Addr) {
+    let w = p as *mut u32;
+    // SAFETY: the caller's 16 bytes; `a` is a valid reference.
+    unsafe {
+        w.write(core::ptr::read_volatile(&a[0]));
+        w.add(1).write(core::ptr::read_volatile(&a[1]));
+        w.add(2).write(core::ptr::read_volatile(&a[2]));
+        w.add(3).write(core::ptr::read_volatile(&a[3]));
+    }
+}
+
 /// Parses the headers into `h` (in place: no copies of the struct on the BPF stack), or
 /// returns the verdict for a packet that is not ours or is malformed.
 #[inline(always)]

@@ -21,7 +21,7 @@ use lb_common::{
 use crate::{
     conntrack,
     nat::Packet,
-    parse::{Ipv4Hdr, Ipv6Hdr, ptr_at, read},
+    parse::{Ipv4Hdr, Ipv6Hdr, load_addr, ptr_at, read, store_addr},
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -150,39 +150,26 @@ fn locate(data: usize, end: usize, w: &mut Work) -> Option<Error> {
     }
 }
 
-/// Reads an IPv6 address from the packet into `to` word by word (volatile: a 16-byte copy
-/// from the packet would become a `memmove` call).
+/// Reads an IPv6 address from the packet into `to` (`parse::load_addr`).
 #[inline(always)]
 fn read_addr(data: usize, end: usize, off: usize, to: &mut Addr) -> Option<()> {
-    let p = ptr_at::<Addr>(data, end, off)? as *const u32;
+    let p = ptr_at::<Addr>(data, end, off)?;
     // SAFETY: bounds-checked above for all 16 bytes.
-    unsafe {
-        to[0] = p.read_volatile();
-        to[1] = p.add(1).read_volatile();
-        to[2] = p.add(2).read_volatile();
-        to[3] = p.add(3).read_volatile();
-    }
+    *to = unsafe { load_addr(p) };
     Some(())
 }
 
-/// Writes an address into the packet word by word, each read volatile: a 16-byte copy from
-/// the scratch slot into the packet would become a `memmove` call.
+/// Writes an address into the packet (`parse::store_addr` for IPv6).
 #[inline(always)]
 fn write_addr(data: usize, end: usize, off: usize, v6: bool, a: &Addr) -> Option<()> {
-    // SAFETY: valid references.
-    let word = |i: usize| unsafe { core::ptr::read_volatile(&a[i]) };
     if v6 {
-        let p = ptr_at::<Addr>(data, end, off)? as *mut u32;
+        let p = ptr_at::<Addr>(data, end, off)?;
         // SAFETY: bounds-checked above for all 16 bytes.
-        unsafe {
-            p.write_unaligned(word(0));
-            p.add(1).write_unaligned(word(1));
-            p.add(2).write_unaligned(word(2));
-            p.add(3).write_unaligned(word(3));
-        }
+        unsafe { store_addr(p, a) };
         Some(())
     } else {
-        write(data, end, off, word(3))
+        // SAFETY: a valid reference; volatile, as `store_addr` reads.
+        write(data, end, off, unsafe { core::ptr::read_volatile(&a[3]) })
     }
 }
 
