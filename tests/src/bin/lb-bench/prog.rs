@@ -69,6 +69,8 @@ struct Costs {
     hit: f64,
     new: f64,
     miss: f64,
+    /// A flow hit of the IPv6 Service.
+    hit6: f64,
 }
 
 struct Row {
@@ -130,7 +132,21 @@ fn program(ebpf: &mut Ebpf, services: u32, target: u32) -> anyhow::Result<()> {
         }
     }
     // Two slots to an element; a baseline from before that holds one.
-    let table = maglev::build(&named, m);
+    // The IPv6 Service's backends and table, after the IPv4 one's (an even offset: two
+    // slots to an element).
+    let named6: Vec<(u32, Vec<u8>)> =
+        (1..=BACKENDS).map(|i| (BACKENDS + i, format!("[{}]:9376", backend6(i)).into_bytes())).collect();
+    {
+        let mut b: Array<_, BackendValue> =
+            Array::try_from(ebpf.map_mut("lb_backends").context("lb_backends")?)?;
+        for i in 1..=BACKENDS {
+            b.set(BACKENDS + i, BackendValue::new(ip(&backend6(i)), 9376, BE_F_PRESENT), 0)?;
+        }
+    }
+    let offset6 = m.next_multiple_of(2);
+    let mut table = maglev::build(&named, m);
+    table.resize(offset6 as usize, 0);
+    table.extend(maglev::build(&named6, m));
     let two = Array::<_, [u32; 2]>::try_from(ebpf.map_mut("lb_maglev").context("lb_maglev")?);
     if let Ok(mut t) = two {
         for (i, pair) in table.chunks(2).enumerate() {
@@ -144,9 +160,11 @@ fn program(ebpf: &mut Ebpf, services: u32, target: u32) -> anyhow::Result<()> {
     }
     if let Some(map) = ebpf.map_mut("lb_members") {
         let mut mm: HashMap<_, MemberKey, MemberValue> = HashMap::try_from(map)?;
-        for (id, _) in &named {
-            let v = MemberValue { generation: *id, flags: MEMBER_F_USABLE };
-            mm.insert(MemberKey { service_id: target + 1, backend_id: *id }, v, 0)?;
+        for (service_id, named) in [(target + 1, &named), (SERVICE6_ID, &named6)] {
+            for (id, _) in named {
+                let v = MemberValue { generation: *id, flags: MEMBER_F_USABLE };
+                mm.insert(MemberKey { service_id, backend_id: *id }, v, 0)?;
+            }
         }
     }
     // The agent calibrates the flow clock; an object with another Config layout (a
@@ -158,8 +176,9 @@ fn program(ebpf: &mut Ebpf, services: u32, target: u32) -> anyhow::Result<()> {
         c.set(0, Config { tick_ns, tick_j0, tick_t0, ..Config::default() }, 0)?;
     }
     // The address pre-filter: every VIP and backend listed, as the agent's dataplane does.
-    let vips = (0..services).map(|s| ip(&vip(s)));
-    list_addresses(ebpf, vips.chain((1..=BACKENDS).map(|i| ip(&format!("198.18.1.{i}")))))?;
+    let vips = (0..services).map(|s| ip(&vip(s))).chain([ip(VIP6)]);
+    let backends = (1..=BACKENDS).flat_map(|i| [ip(&format!("198.18.1.{i}")), ip(&backend6(i))]);
+    list_addresses(ebpf, vips.chain(backends))?;
     let mut sv: HashMap<_, ServiceKey, ServiceValue> =
         HashMap::try_from(ebpf.map_mut("lb_services").context("lb_services")?)?;
     for s in 0..services {
@@ -173,7 +192,26 @@ fn program(ebpf: &mut Ebpf, services: u32, target: u32) -> anyhow::Result<()> {
         };
         sv.insert(ServiceKey::new(ip(&vip(s)), port(s), PROTO_TCP), value, 0)?;
     }
+    let value = ServiceValue {
+        service_id: SERVICE6_ID,
+        backend_count: BACKENDS,
+        maglev_offset: offset6,
+        maglev_size: m,
+        flags: 0,
+        affinity_timeout: 0,
+    };
+    sv.insert(ServiceKey::new(ip(VIP6), 80, PROTO_TCP), value, 0)?;
     Ok(())
+}
+
+/// One IPv6 Service beside the IPv4 ones, for the IPv6 flow hit.
+const VIP6: &str = "2001:2::10";
+const CLIENT6: &str = "2001:2::100";
+/// Past any IPv4 service's id (at most 100 000 here).
+const SERVICE6_ID: u32 = 1 << 20;
+
+fn backend6(i: u32) -> String {
+    format!("2001:2:1::{i}")
 }
 
 /// Sets the address pre-filter bits of `addrs`, where the object has a filter (a baseline
@@ -201,7 +239,7 @@ const BLOCK: u32 = 500;
 /// from the warm-up client opened.
 fn prepare(object: &[u8], tag: &str, services: u32, calls: u32) -> anyhow::Result<Variant> {
     let caps =
-        loader::Capacities { frontends: services.max(1024), flows: 2 * calls + 4096, ..Default::default() };
+        loader::Capacities { frontends: services.max(1024) + 1, flows: 2 * calls + 4096, ..Default::default() };
     let t = Instant::now();
     let mut v = load(object, tag, &caps)?;
     program(&mut v.ebpf, services, services - 1)?;
@@ -211,6 +249,12 @@ fn prepare(object: &[u8], tag: &str, services: u32, calls: u32) -> anyhow::Resul
     ensure!(
         run_timed(prog, &Spec::tcp("198.18.100.1", 40000, &dst, dport).build()).0 == XDP_PASS,
         "{tag}: warm-up SYN not passed"
+    );
+    let (rc, out, _) = run_timed(prog, &Spec::tcp(CLIENT6, 40000, VIP6, 80).build());
+    let to = inspect(&out).dst;
+    ensure!(
+        rc == XDP_PASS && (1..=BACKENDS).any(|i| to == ip(&backend6(i))),
+        "{tag}: IPv6 warm-up SYN not translated (return code {rc}, to {to})"
     );
     Ok(v)
 }
@@ -258,6 +302,8 @@ fn measure(
     let with_empty: Vec<&Xdp> = progs.iter().copied().chain([empty]).collect();
     let mut hit = alternating(&with_empty, calls, &mut |_| ack.clone())?;
     let empty_ns = hit.pop().unwrap_or(0.0);
+    let ack6 = Spec::tcp(CLIENT6, 40000, VIP6, 80).flags(TCP_ACK).build();
+    let hit6 = alternating(&progs, calls, &mut |_| ack6.clone())?;
     // A fresh 5-tuple on every call: source address and port both vary.
     let new = alternating(&progs, calls, &mut |i| {
         let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + (i / 50_000));
@@ -265,7 +311,7 @@ fn measure(
     })?;
     let miss_pkt = Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).build();
     let miss = alternating(&progs, calls, &mut |_| miss_pkt.clone())?;
-    let costs = |i: usize| Costs { hit: hit[i], new: new[i], miss: miss[i] };
+    let costs = |i: usize| Costs { hit: hit[i], new: new[i], miss: miss[i], hit6: hit6[i] };
     Ok((empty_ns, costs(0), base.is_some().then(|| costs(1))))
 }
 
@@ -338,7 +384,8 @@ pub fn run(
     println!("{md}");
     fs::create_dir_all(&out)?;
     fs::write(out.join("prog.md"), &md)?;
-    let costs = |c: &Costs| json!({"hit_ns": c.hit, "new_flow_ns": c.new, "miss_ns": c.miss});
+    let costs =
+        |c: &Costs| json!({"hit_ns": c.hit, "new_flow_ns": c.new, "miss_ns": c.miss, "hit_ipv6_ns": c.hit6});
     let j = json!({
         "kernel": crate::kernel(),
         "calls": calls,
@@ -408,6 +455,25 @@ fn report(rows: &[Row], quick: bool, calls: u32, baseline: Option<&str>) -> Stri
         flat(|c| c.hit),
         flat(|c| c.new),
         flat(|c| c.miss)
+    ));
+    let hit6 = rows
+        .iter()
+        .map(|r| {
+            let ours = net(r.ours.hit6, r.empty);
+            match r.baseline {
+                Some(b) => format!(
+                    "{}: {ours:.0} ns against {:.0} ({:.2}×)",
+                    r.services,
+                    net(b.hit6, r.empty),
+                    ours / net(b.hit6, r.empty)
+                ),
+                None => format!("{}: {ours:.0} ns", r.services),
+            }
+        })
+        .collect::<Vec<_>>();
+    md.push_str(&format!(
+        "IPv6 flow hit (one IPv6 Service beside the IPv4 ones), net, by service count: {}.\n",
+        hit6.join("; ")
     ));
     if baseline.is_some() {
         let mean = |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).sum::<f64>() / rows.len() as f64;
