@@ -4,7 +4,9 @@
 //! program timed the same way, in alternating turns (DESIGN.md §7): one run per call
 //! (repeat = 1, since with repeat > 1 the kernel re-runs the already rewritten packet), many
 //! calls, median of the kernel-reported durations, every return code checked,
-//! `kernel.bpf_stats_enabled` off and restored. Both objects are loaded and programmed the same way, through their maps by name
+//! `kernel.bpf_stats_enabled` off and restored. Flatness compares each row with ours at one
+//! service timed in the same turns (rows are minutes apart, and this VM's speed drifts).
+//! Both objects are loaded and programmed the same way, through their maps by name
 //! (services, backends, Maglev, and memberships where the object has them), so a baseline
 //! with another flow-table layout is timed fairly.
 
@@ -78,6 +80,8 @@ struct Row {
     empty: f64,
     ours: Costs,
     baseline: Option<Costs>,
+    /// Ours with one service, timed in the same turns as this row.
+    one_service: Costs,
 }
 
 /// A loaded object with its maps pinned in a private directory (removed on drop).
@@ -235,11 +239,10 @@ pub fn list_addresses(ebpf: &mut Ebpf, addrs: impl Iterator<Item = std::net::IpA
 /// program alike.
 const BLOCK: u32 = 500;
 
-/// An object loaded and programmed for `services` services, its measured frontend's flow
-/// from the warm-up client opened.
-fn prepare(object: &[u8], tag: &str, services: u32, calls: u32) -> anyhow::Result<Variant> {
-    let caps =
-        loader::Capacities { frontends: services.max(1024) + 1, flows: 2 * calls + 4096, ..Default::default() };
+/// An object loaded and programmed for `services` services with room for `flows` entries,
+/// its measured frontend's flow from the warm-up client opened.
+fn prepare(object: &[u8], tag: &str, services: u32, flows: u32) -> anyhow::Result<Variant> {
+    let caps = loader::Capacities { frontends: services.max(1024) + 1, flows, ..Default::default() };
     let t = Instant::now();
     let mut v = load(object, tag, &caps)?;
     program(&mut v.ebpf, services, services - 1)?;
@@ -261,15 +264,19 @@ fn prepare(object: &[u8], tag: &str, services: u32, calls: u32) -> anyhow::Resul
 
 /// Times `calls` single runs of each program, in turns of `BLOCK` calls (so the programs
 /// compared share the VM's good and bad moments), the packet of call `i` from `make(i)`;
-/// the median of each.
-fn alternating(progs: &[&Xdp], calls: u32, make: &mut dyn FnMut(u32) -> Vec<u8>) -> anyhow::Result<Vec<f64>> {
+/// the median of each. `make(p, i)`: the packet of call `i` of program `p`.
+fn alternating(
+    progs: &[&Xdp],
+    calls: u32,
+    make: &mut dyn FnMut(usize, u32) -> Vec<u8>,
+) -> anyhow::Result<Vec<f64>> {
     let mut d: Vec<Vec<u64>> = progs.iter().map(|_| Vec::with_capacity(calls as usize)).collect();
     let mut start = 0;
     while start < calls {
         let end = (start + BLOCK).min(calls);
-        for (prog, d) in progs.iter().zip(&mut d) {
+        for (p, (prog, d)) in progs.iter().zip(&mut d).enumerate() {
             for i in start..end {
-                let (rc, _, ns) = run_timed(*prog, &make(i));
+                let (rc, _, ns) = run_timed(*prog, &make(p, i));
                 ensure!(rc == XDP_PASS, "call {i}: return code {rc}, expected {XDP_PASS}");
                 d.push(ns);
             }
@@ -279,16 +286,23 @@ fn alternating(progs: &[&Xdp], calls: u32, make: &mut dyn FnMut(u32) -> Vec<u8>)
     Ok(d.into_iter().map(median).collect())
 }
 
-/// Ours, the baseline (if any) and the empty program at `services` services, each path timed
-/// for all of them in alternating turns.
-fn measure(
-    baseline: Option<&[u8]>,
-    empty: &Xdp,
-    services: u32,
-    calls: u32,
-) -> anyhow::Result<(f64, Costs, Option<Costs>)> {
-    let ours = prepare(loader::EBPF_OBJECT, "ours", services, calls)?;
-    let base = baseline.map(|obj| prepare(obj, "baseline", services, calls)).transpose()?;
+/// What one row measured, each path timed for all programs in alternating turns.
+struct Measured {
+    empty: f64,
+    ours: Costs,
+    baseline: Option<Costs>,
+    /// Ours with one service in the same turns, its flow table as large: flatness compares
+    /// programs that shared the VM's moments, not rows taken a minute apart.
+    one_service: Costs,
+}
+
+/// Ours and the baseline (if any) at `services` services, ours with one service (the
+/// flatness reference: same flow table, same turns) and the empty program.
+fn measure(baseline: Option<&[u8]>, empty: &Xdp, services: u32, calls: u32) -> anyhow::Result<Measured> {
+    let flows = 2 * calls + 4096;
+    let ours = prepare(loader::EBPF_OBJECT, "ours", services, flows)?;
+    let base = baseline.map(|obj| prepare(obj, "baseline", services, flows)).transpose()?;
+    let one = prepare(loader::EBPF_OBJECT, "ours-1", 1, flows)?;
     fn xdp(v: &Variant) -> anyhow::Result<&Xdp> {
         Ok(v.ebpf.program(loader::XDP_PROGRAM).context("lb_xdp")?.try_into()?)
     }
@@ -296,23 +310,40 @@ fn measure(
     if let Some(b) = &base {
         progs.push(xdp(b)?);
     }
-    let (dst, dport) = (vip(services - 1), port(services - 1));
-    let ack = Spec::tcp("198.18.100.1", 40000, &dst, dport).flags(TCP_ACK).build();
+    // The reference's frontend is the first service; the others' the last.
+    let reference_at = progs.len();
+    progs.push(xdp(&one)?);
+    let frontend = |p: usize| {
+        let s = if p == reference_at { 0 } else { services - 1 };
+        (vip(s), port(s))
+    };
+    let acks: Vec<Vec<u8>> = (0..progs.len())
+        .map(|p| {
+            let (dst, dport) = frontend(p);
+            Spec::tcp("198.18.100.1", 40000, &dst, dport).flags(TCP_ACK).build()
+        })
+        .collect();
     // The empty program takes its turns beside the hits.
     let with_empty: Vec<&Xdp> = progs.iter().copied().chain([empty]).collect();
-    let mut hit = alternating(&with_empty, calls, &mut |_| ack.clone())?;
+    let mut hit = alternating(&with_empty, calls, &mut |p, _| acks[p.min(acks.len() - 1)].clone())?;
     let empty_ns = hit.pop().unwrap_or(0.0);
     let ack6 = Spec::tcp(CLIENT6, 40000, VIP6, 80).flags(TCP_ACK).build();
-    let hit6 = alternating(&progs, calls, &mut |_| ack6.clone())?;
+    let hit6 = alternating(&progs, calls, &mut |_, _| ack6.clone())?;
     // A fresh 5-tuple on every call: source address and port both vary.
-    let new = alternating(&progs, calls, &mut |i| {
+    let new = alternating(&progs, calls, &mut |p, i| {
         let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + (i / 50_000));
+        let (dst, dport) = frontend(p);
         Spec::tcp(&src.to_string(), 10_000 + (i % 50_000) as u16, &dst, dport).build()
     })?;
     let miss_pkt = Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).build();
-    let miss = alternating(&progs, calls, &mut |_| miss_pkt.clone())?;
+    let miss = alternating(&progs, calls, &mut |_, _| miss_pkt.clone())?;
     let costs = |i: usize| Costs { hit: hit[i], new: new[i], miss: miss[i], hit6: hit6[i] };
-    Ok((empty_ns, costs(0), base.is_some().then(|| costs(1))))
+    Ok(Measured {
+        empty: empty_ns,
+        ours: costs(0),
+        baseline: base.is_some().then(|| costs(1)),
+        one_service: costs(reference_at),
+    })
 }
 
 /// Net of the empty program, at least 1 ns (a ratio needs a positive denominator).
@@ -345,8 +376,8 @@ pub fn run(
     let mut rows = Vec::new();
     for &n in sweep.iter().filter(|n| **n > 0) {
         eprintln!("bench prog: {n} services, {calls} calls per case ...");
-        let (empty, ours, baseline) =
-            measure(base_object.as_ref().map(|(_, obj)| obj.as_slice()), empty, n, calls)?;
+        let m = measure(base_object.as_ref().map(|(_, obj)| obj.as_slice()), empty, n, calls)?;
+        let (empty, ours, baseline) = (m.empty, m.ours, m.baseline);
         eprintln!(
             "  ours: hit {:.0} ns, new flow {:.0} ns, miss {:.0} ns; empty {:.0} ns{}",
             ours.hit,
@@ -358,13 +389,13 @@ pub fn run(
                 b.hit, b.new, b.miss
             ))
         );
-        rows.push(Row { services: n, empty, ours, baseline });
+        rows.push(Row { services: n, empty, ours, baseline, one_service: m.one_service });
     }
     eprintln!("bench prog: the pod source check on the TC new-flow path ...");
     let check = crate::source_check::measure(calls)?;
     eprintln!("bench prog: the reject path with and without a monitor ...");
     let (unwatched, watched) = crate::monitor_cost::measure(calls)?;
-    let floor = alternating(&[empty], calls, &mut |_| {
+    let floor = alternating(&[empty], calls, &mut |_, _| {
         Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).flags(TCP_ACK).build()
     })?[0];
     let mut md = report(&rows, quick, calls, baseline.as_ref().map(|(n, _)| n.as_str()));
@@ -393,6 +424,7 @@ pub fn run(
         "reject_ns": {"no_monitor": unwatched, "monitor": watched, "empty": floor},
         "rows": rows.iter().map(|r| json!({
             "services": r.services, "empty_ns": r.empty, "ours": costs(&r.ours),
+            "ours_one_service": costs(&r.one_service),
             "baseline": r.baseline.as_ref().map(costs),
         })).collect::<Vec<_>>(),
     });
@@ -447,10 +479,10 @@ fn report(rows: &[Row], quick: bool, calls: u32, baseline: Option<&str>) -> Stri
         }
         md.push('\n');
     }
-    let (first, last) = (&rows[0], rows.last().unwrap());
-    let flat = |f: fn(&Costs) -> f64| f(&last.ours) / f(&first.ours);
+    let last = rows.last().unwrap();
+    let flat = |f: fn(&Costs) -> f64| f(&last.ours) / f(&last.one_service);
     md.push_str(&format!(
-        "\nScaling, cost at {} services / cost at 1 (goal ≤ 1.15): hit {:.2}, new flow {:.2}, miss {:.2}.\n",
+        "\nScaling, cost at {} services / cost at 1 service, the two timed in the same turns (goal ≤ 1.15): hit {:.2}, new flow {:.2}, miss {:.2}.\n",
         last.services,
         flat(|c| c.hit),
         flat(|c| c.new),
