@@ -110,6 +110,7 @@ fn translate_known<P: Packet>(
     if P::POD_FACING { translate(pkt, h, side, v, bytes) } else { translate_here(pkt, h, side, v, bytes) }
 }
 
+/// The body of `translate`, inlined where it is called.
 #[inline(always)]
 fn translate_here<P: Packet>(
     pkt: &mut P,
