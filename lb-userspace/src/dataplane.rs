@@ -121,11 +121,27 @@ fn hash_batch<K: aya::Pod + Sync, V: aya::Pod + Sync>(
         return hash_batch_on_this_thread(fd, map, entries);
     }
     let (first, second) = entries.split_at(entries.len() / 2);
+    on_two_threads(
+        map,
+        "batch writer",
+        || hash_batch_on_this_thread(fd, map, first),
+        || hash_batch_on_this_thread(fd, map, second),
+    )
+}
+
+/// Runs `here` on this thread and `there` on a scoped second one; `here`'s error first. A
+/// panic of the second thread is a write error of `map` naming `what`.
+fn on_two_threads(
+    map: &'static str,
+    what: &str,
+    here: impl FnOnce() -> Result<()>,
+    there: impl FnOnce() -> Result<()> + Send,
+) -> Result<()> {
     std::thread::scope(|scope| {
-        let other = scope.spawn(|| hash_batch_on_this_thread(fd, map, second));
-        let here = hash_batch_on_this_thread(fd, map, first);
+        let other = scope.spawn(there);
+        let here = here();
         let there = other.join().unwrap_or_else(|_| {
-            Err(DataplaneError::Write { map, source: std::io::Error::other("batch writer panicked") })
+            Err(DataplaneError::Write { map, source: std::io::Error::other(format!("{what} panicked")) })
         });
         here.and(there)
     })
@@ -549,17 +565,12 @@ impl Dataplane for AyaDataplane {
         // This thread takes the second half: its window stays where the next tables go.
         let (first, second) = tables.split_at(tables.len() / 2);
         let (beside, mut beside_buffer) = (&mut self.maglev_beside, Vec::new());
-        let written = std::thread::scope(|scope| {
-            let other = scope.spawn(move || write_all(beside, &mut beside_buffer, first));
-            let here = write_all(&mut self.maglev, &mut self.unpacked, second);
-            let there = other.join().unwrap_or_else(|_| {
-                Err(DataplaneError::Write {
-                    map: maps::MAGLEV,
-                    source: std::io::Error::other("table writer panicked"),
-                })
-            });
-            here.and(there)
-        });
+        let written = on_two_threads(
+            maps::MAGLEV,
+            "table writer",
+            || write_all(&mut self.maglev, &mut self.unpacked, second),
+            move || write_all(beside, &mut beside_buffer, first),
+        );
         self.maglev_beside.unmap();
         written
     }

@@ -80,7 +80,8 @@ struct Row {
     empty: f64,
     ours: Costs,
     baseline: Option<Costs>,
-    /// Ours with one service, timed in the same turns as this row.
+    /// Ours with one service in the same turns, its flow table as large: flatness compares
+    /// programs that shared the VM's moments, not rows taken a minute apart.
     one_service: Costs,
 }
 
@@ -286,19 +287,10 @@ fn alternating(
     Ok(d.into_iter().map(median).collect())
 }
 
-/// What one row measured, each path timed for all programs in alternating turns.
-struct Measured {
-    empty: f64,
-    ours: Costs,
-    baseline: Option<Costs>,
-    /// Ours with one service in the same turns, its flow table as large: flatness compares
-    /// programs that shared the VM's moments, not rows taken a minute apart.
-    one_service: Costs,
-}
-
 /// Ours and the baseline (if any) at `services` services, ours with one service (the
-/// flatness reference: same flow table, same turns) and the empty program.
-fn measure(baseline: Option<&[u8]>, empty: &Xdp, services: u32, calls: u32) -> anyhow::Result<Measured> {
+/// flatness reference: same flow table, same turns) and the empty program, each path timed
+/// for all of them in alternating turns.
+fn measure(baseline: Option<&[u8]>, empty: &Xdp, services: u32, calls: u32) -> anyhow::Result<Row> {
     let flows = 2 * calls + 4096;
     let ours = prepare(loader::EBPF_OBJECT, "ours", services, flows)?;
     let base = baseline.map(|obj| prepare(obj, "baseline", services, flows)).transpose()?;
@@ -317,15 +309,15 @@ fn measure(baseline: Option<&[u8]>, empty: &Xdp, services: u32, calls: u32) -> a
         let s = if p == reference_at { 0 } else { services - 1 };
         (vip(s), port(s))
     };
-    let acks: Vec<Vec<u8>> = (0..progs.len())
+    // The empty program takes its turns beside the hits.
+    let with_empty: Vec<&Xdp> = progs.iter().copied().chain([empty]).collect();
+    let acks: Vec<Vec<u8>> = (0..with_empty.len())
         .map(|p| {
             let (dst, dport) = frontend(p);
             Spec::tcp("198.18.100.1", 40000, &dst, dport).flags(TCP_ACK).build()
         })
         .collect();
-    // The empty program takes its turns beside the hits.
-    let with_empty: Vec<&Xdp> = progs.iter().copied().chain([empty]).collect();
-    let mut hit = alternating(&with_empty, calls, &mut |p, _| acks[p.min(acks.len() - 1)].clone())?;
+    let mut hit = alternating(&with_empty, calls, &mut |p, _| acks[p].clone())?;
     let empty_ns = hit.pop().unwrap_or(0.0);
     let ack6 = Spec::tcp(CLIENT6, 40000, VIP6, 80).flags(TCP_ACK).build();
     let hit6 = alternating(&progs, calls, &mut |_, _| ack6.clone())?;
@@ -338,7 +330,8 @@ fn measure(baseline: Option<&[u8]>, empty: &Xdp, services: u32, calls: u32) -> a
     let miss_pkt = Spec::tcp("198.18.100.1", 40000, "198.18.0.1", 80).build();
     let miss = alternating(&progs, calls, &mut |_, _| miss_pkt.clone())?;
     let costs = |i: usize| Costs { hit: hit[i], new: new[i], miss: miss[i], hit6: hit6[i] };
-    Ok(Measured {
+    Ok(Row {
+        services,
         empty: empty_ns,
         ours: costs(0),
         baseline: base.is_some().then(|| costs(1)),
@@ -376,8 +369,8 @@ pub fn run(
     let mut rows = Vec::new();
     for &n in sweep.iter().filter(|n| **n > 0) {
         eprintln!("bench prog: {n} services, {calls} calls per case ...");
-        let m = measure(base_object.as_ref().map(|(_, obj)| obj.as_slice()), empty, n, calls)?;
-        let (empty, ours, baseline) = (m.empty, m.ours, m.baseline);
+        let row = measure(base_object.as_ref().map(|(_, obj)| obj.as_slice()), empty, n, calls)?;
+        let (empty, ours, baseline) = (row.empty, row.ours, row.baseline);
         eprintln!(
             "  ours: hit {:.0} ns, new flow {:.0} ns, miss {:.0} ns; empty {:.0} ns{}",
             ours.hit,
@@ -389,7 +382,7 @@ pub fn run(
                 b.hit, b.new, b.miss
             ))
         );
-        rows.push(Row { services: n, empty, ours, baseline, one_service: m.one_service });
+        rows.push(row);
     }
     eprintln!("bench prog: the pod source check on the TC new-flow path ...");
     let check = crate::source_check::measure(calls)?;
