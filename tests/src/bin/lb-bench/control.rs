@@ -223,6 +223,15 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32, iptables_max:
     // Ours is a second or less, on a VM whose speed drifts by up to a quarter from minute to
     // minute: the median of a few runs, each in a datapath of its own, with every run shown.
     let reps = if quick { 3 } else { 5 };
+    // First, while the machine is quiet: a namespace of 100 000 iptables rules is still
+    // being freed by the kernel for seconds after the baselines (a 1.4× "delay" of a few
+    // microseconds read once there).
+    eprintln!("bench control: /metrics at a full flow table ...");
+    let scrape = scrape_while_syncing(if quick { 100 } else { 500 })?;
+    eprintln!(
+        "  scrape {:.1} ms at {} flows; one-endpoint sync {:.3} ms alone, {:.3} ms under scrapes",
+        scrape.scrape_ms, scrape.flows, scrape.sync_alone_ms, scrape.sync_scraped_ms
+    );
     let scratch = Scratch::new("ctl")?;
     let work = std::env::temp_dir().join(format!("lb-bench-control-{}", std::process::id()));
     fs::create_dir_all(&work)?;
@@ -297,12 +306,6 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32, iptables_max:
     }
     let _ = fs::remove_dir_all(&work);
     drop(scratch);
-    eprintln!("bench control: /metrics at a full flow table ...");
-    let scrape = scrape_while_syncing(if quick { 100 } else { 500 })?;
-    eprintln!(
-        "  scrape {:.1} ms at {} flows; one-endpoint sync {:.3} ms alone, {:.3} ms under scrapes",
-        scrape.scrape_ms, scrape.flows, scrape.sync_alone_ms, scrape.sync_scraped_ms
-    );
 
     let cell = |v: Option<f64>, n: u32, max: u32| match v {
         Some(v) => format!("{v:.0}"),
