@@ -142,7 +142,7 @@ fn positions(previous: Option<(&[u32], &[u32])>, names: &[&[u8]], size: u32) -> 
     // stepped by adds and compares instead of a division per probe (skip < m). Four tries are
     // looked at per step, each one add from the first, so they do not wait on each other:
     // most tries are made near the end of the fill, where a backend passes many taken slots
-    // (about 6.6 tries per slot at 4 backends). 12-15 % less time per table than one try per
+    // (about 6.6 tries per slot at 4 backends). 15-20 % less time per table than one try per
     // step, with the same result (tested against the paper's definition).
     let add = |p: u64, k: u64| if p + k >= m { p + k - m } else { p + k };
     'fill: while filled < size as usize {
