@@ -33,7 +33,8 @@ pub enum Which {
     /// Control plane: full sync of N services × 4 endpoints and one endpoint change, ours vs
     /// iptables-restore vs nft -f of kube-proxy-shaped rules; Maglev disruption.
     Control {
-        /// 1k, 10k, 30k services (else also 100k) and a 2-minute cap per baseline step.
+        /// 1k, 10k, 30k services (else also 100k), ours timed 3 times a row (else 5; the
+        /// median is reported) and a 2-minute cap per baseline step.
         #[arg(long)]
         quick: bool,
         /// Service counts to sweep, comma-separated.

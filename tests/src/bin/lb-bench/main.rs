@@ -80,7 +80,8 @@ enum Cmd {
     /// Full sync and one-endpoint change: ours vs iptables-restore vs nft -f; Maglev
     /// disruption.
     Control {
-        /// Smaller sweep (1k, 10k, 30k) and a 2-minute cap per baseline step.
+        /// Smaller sweep (1k, 10k, 30k), ours timed 3 times a row instead of 5 (the median is
+        /// reported), and a 2-minute cap per baseline step.
         #[arg(long)]
         quick: bool,
         #[arg(long, default_value = "target/bench")]
