@@ -55,6 +55,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The middle value of `v` (the upper one of an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Our side: full sync into a loaded datapath, then one endpoint change timed to the first
 /// new flow that lands on the new endpoint.
 fn ours(n: u32) -> anyhow::Result<(f64, f64, f64)> {
@@ -190,10 +196,6 @@ fn scrape_while_syncing(rounds: usize) -> anyhow::Result<Scrape> {
         reconcile::execute(&mut l.dp, &mut applied, &ops)?;
         Ok(ms(t.elapsed()))
     };
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let alone = (0..rounds).map(&mut one_change).collect::<anyhow::Result<Vec<f64>>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     let scraper = {
@@ -247,13 +249,9 @@ pub fn run(quick: bool, out: PathBuf, sweep: &[u32], nft_max: u32, iptables_max:
             runs.push((full, model, change));
         }
         let ours_full_runs_ms: Vec<f64> = runs.iter().map(|r| r.0).collect();
-        let median = |pick: fn(&(f64, f64, f64)) -> f64| {
-            let mut v: Vec<f64> = runs.iter().map(pick).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+        let median_of = |pick: fn(&(f64, f64, f64)) -> f64| median(runs.iter().map(pick).collect());
         let (ours_full_ms, ours_model_ms, ours_change_ms) =
-            (median(|r| r.0), median(|r| r.1), median(|r| r.2));
+            (median_of(|r| r.0), median_of(|r| r.1), median_of(|r| r.2));
         let last = n - 1;
         let mut eps = endpoints_of(last);
         let gone = eps[0];
