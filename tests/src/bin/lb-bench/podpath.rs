@@ -6,6 +6,10 @@
 //! so a slow spell of the VM falls on all of them alike):
 //!
 //! * direct: pod to pod, nothing loaded (the floor);
+//! * direct with an empty XDP program on both nodes' underlay interface: the floor for any
+//!   XDP datapath in this lab, where the underlay is a veth (a veth hands a cloned or
+//!   non-linear skb — every TCP segment a local socket sends — to XDP only after copying it
+//!   into a page of its own);
 //! * iptables, nftables: kube-proxy's rules for the same Services on the client's node;
 //! * ours through the stack (`--host-routing=false`) and with TC host routing.
 //!
@@ -37,6 +41,7 @@ const GOAL_RR_VS_DIRECT: f64 = 0.98;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Variant {
     Direct,
+    DirectEmptyXdp,
     Iptables,
     Nftables,
     OursStack,
@@ -44,12 +49,19 @@ enum Variant {
 }
 
 impl Variant {
-    const ALL: [Variant; 5] =
-        [Variant::Direct, Variant::Iptables, Variant::Nftables, Variant::OursStack, Variant::OursHostRouting];
+    const ALL: [Variant; 6] = [
+        Variant::Direct,
+        Variant::DirectEmptyXdp,
+        Variant::Iptables,
+        Variant::Nftables,
+        Variant::OursStack,
+        Variant::OursHostRouting,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Variant::Direct => "direct pod → pod",
+            Variant::DirectEmptyXdp => "direct, empty XDP on the underlay",
             Variant::Iptables => "iptables (kube-proxy)",
             Variant::Nftables => "nftables (kube-proxy)",
             Variant::OursStack => "ours, through the stack",
@@ -60,6 +72,7 @@ impl Variant {
     fn key(self) -> &'static str {
         match self {
             Variant::Direct => "direct",
+            Variant::DirectEmptyXdp => "direct_empty_xdp",
             Variant::Iptables => "iptables",
             Variant::Nftables => "nftables",
             Variant::OursStack => "ours_stack",
@@ -165,7 +178,7 @@ impl Drop for Servers {
 }
 
 /// One measurement: what moved and the machine's CPU time for it.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Cell {
     /// Stream: bytes received per second.
     stream_bps: f64,
@@ -175,6 +188,16 @@ struct Cell {
     rr_per_s: f64,
     /// Request/response: CPU µs per round trip.
     rr_cpu_us: f64,
+    /// Request/response: round trips per second in each round's slice.
+    rr_slices: Vec<f64>,
+}
+
+/// The median over rounds of `a`'s rate ÷ `b`'s in the same round: the two ran one slice
+/// apart, so the VM's moods fall on both.
+fn paired_ratio(a: &Cell, b: &Cell) -> f64 {
+    let mut r: Vec<f64> = a.rr_slices.iter().zip(&b.rr_slices).map(|(x, y)| x / y.max(1e-9)).collect();
+    r.sort_by(f64::total_cmp);
+    if r.is_empty() { a.rr_per_s / b.rr_per_s.max(1e-9) } else { r[r.len() / 2] }
 }
 
 fn stream(ns: &str, to: SocketAddr, secs: u32) -> anyhow::Result<(f64, f64)> {
@@ -192,67 +215,134 @@ fn stream(ns: &str, to: SocketAddr, secs: u32) -> anyhow::Result<(f64, f64)> {
     Ok((bytes / seconds, cpu as f64 / bytes))
 }
 
-fn request_response(ns: &str, to: SocketAddr, d: Duration) -> anyhow::Result<(f64, f64)> {
-    let cpu0 = busy_ns()?;
-    let (n, elapsed) = in_netns(ns, move || -> anyhow::Result<(u64, f64)> {
-        let s = TcpStream::connect_timeout(&to, Duration::from_secs(1))
+/// Request/response slices run in turns: each variant and backend gets `SLICE` of round
+/// trips on its own connection, then the next; round after round, the order rotating. On
+/// this VM the rate moved by a third between 2-second runs; slices this short put every
+/// variant into the same moments, so the VM's moods cancel out of the ratios.
+const SLICE: Duration = Duration::from_millis(100);
+
+/// One kept-open request/response connection (2-byte request, one-line answer) and what
+/// its slices added up to.
+struct RrConn {
+    to: SocketAddr,
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+    line: String,
+    round_trips: u64,
+    seconds: f64,
+    cpu_ns: u64,
+    /// Round trips per second in each slice.
+    rates: Vec<f64>,
+}
+
+impl RrConn {
+    /// Connects from network namespace `ns` (the socket stays in it, whichever thread uses it).
+    fn open(ns: &str, to: SocketAddr) -> anyhow::Result<RrConn> {
+        let s = in_netns(ns, move || TcpStream::connect_timeout(&to, Duration::from_secs(1)))?
             .with_context(|| format!("connect {to}"))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(1)))?;
-        let mut w = s.try_clone()?;
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        let t = Instant::now();
-        let mut n = 0u64;
-        while t.elapsed() < d {
-            w.write_all(b"x\n")?;
-            line.clear();
-            r.read_line(&mut line)?;
-            ensure!(!line.is_empty(), "connection to {to} closed");
-            n += 1;
-        }
-        Ok((n, t.elapsed().as_secs_f64()))
-    })??;
-    let cpu = busy_ns()? - cpu0;
-    Ok((n as f64 / elapsed, cpu as f64 / n as f64 / 1000.0))
-}
+        let w = s.try_clone()?;
+        Ok(RrConn {
+            to,
+            w,
+            r: BufReader::new(s),
+            line: String::new(),
+            round_trips: 0,
+            seconds: 0.0,
+            cpu_ns: 0,
+            rates: Vec::new(),
+        })
+    }
 
-impl Cell {
-    /// The better of two runs, per measurement (the VM's noise only ever slows a run down).
-    fn best(self, o: Cell) -> Cell {
-        let mut c = self;
-        if o.stream_bps > c.stream_bps {
-            (c.stream_bps, c.stream_cpu_ns_per_byte) = (o.stream_bps, o.stream_cpu_ns_per_byte);
+    /// Round trips for `d`, with the machine's CPU time over them.
+    fn slice(&mut self, d: Duration) -> anyhow::Result<()> {
+        let cpu0 = busy_ns()?;
+        let t = Instant::now();
+        let n0 = self.round_trips;
+        while t.elapsed() < d {
+            self.w.write_all(b"x\n")?;
+            self.line.clear();
+            self.r.read_line(&mut self.line)?;
+            ensure!(!self.line.is_empty(), "connection to {} closed", self.to);
+            self.round_trips += 1;
         }
-        if o.rr_per_s > c.rr_per_s {
-            (c.rr_per_s, c.rr_cpu_us) = (o.rr_per_s, o.rr_cpu_us);
-        }
-        c
+        let seconds = t.elapsed().as_secs_f64();
+        self.seconds += seconds;
+        self.rates.push((self.round_trips - n0) as f64 / seconds);
+        self.cpu_ns += busy_ns()? - cpu0;
+        Ok(())
+    }
+
+    /// Round trips per second and CPU µs per round trip over every slice.
+    fn totals(&self) -> (f64, f64) {
+        let n = self.round_trips.max(1) as f64;
+        (self.round_trips as f64 / self.seconds.max(1e-9), self.cpu_ns as f64 / n / 1000.0)
     }
 }
 
-/// One run of both measurements for a variant and backend.
-fn cell(lab: &Lab, v: Variant, b: Backend, secs: u32) -> anyhow::Result<Cell> {
-    let ns = lab.pod("client").ns.clone();
-    let target = |port: u16| -> SocketAddr {
-        if v == Variant::Direct {
-            sa(lab.pod(b.pod()).ip, port)
-        } else {
-            let i = service_index(b, port);
-            sa(vip(i), svc_port(i))
+/// Request/response through every lab, `per_pair` for each variant and backend in all, in
+/// `SLICE`s taking turns, into each one's cell.
+fn request_response(
+    labs: &[(Variant, Servers, Lab)],
+    per_pair: Duration,
+    cells: &mut [(Variant, Backend, Cell)],
+) -> anyhow::Result<()> {
+    let mut conns = Vec::new();
+    for (v, _, lab) in labs {
+        for b in [Backend::Local, Backend::Remote] {
+            conns.push((*v, b, RrConn::open(&lab.pod("client").ns, target(lab, *v, b, POD_PORT))?));
         }
-    };
-    let (stream_bps, stream_cpu_ns_per_byte) = stream(&ns, target(STREAM_PORT), secs)?;
-    let (rr_per_s, rr_cpu_us) = request_response(&ns, target(POD_PORT), Duration::from_secs(secs.into()))?;
-    let c = Cell { stream_bps, stream_cpu_ns_per_byte, rr_per_s, rr_cpu_us };
+    }
+    let rounds = (per_pair.as_millis() / SLICE.as_millis()).max(1) as usize;
+    for round in 0..rounds {
+        for k in 0..conns.len() {
+            let i = (round + k) % conns.len();
+            conns[i].2.slice(SLICE)?;
+        }
+    }
+    for (v, b, conn) in conns {
+        let (rate, cpu) = conn.totals();
+        eprintln!("  {} / {}: request/response {rate:.0}/s at {cpu:.1} CPU µs each", v.name(), b.name());
+        if let Some((_, _, c)) = cells.iter_mut().find(|(cv, cb, _)| *cv == v && *cb == b) {
+            (c.rr_per_s, c.rr_cpu_us, c.rr_slices) = (rate, cpu, conn.rates);
+        }
+    }
+    Ok(())
+}
+
+/// Where variant `v`'s client connects for `b`'s server on `port`: the pod itself (direct)
+/// or the Service.
+fn target(lab: &Lab, v: Variant, b: Backend, port: u16) -> SocketAddr {
+    if matches!(v, Variant::Direct | Variant::DirectEmptyXdp) {
+        sa(lab.pod(b.pod()).ip, port)
+    } else {
+        let i = service_index(b, port);
+        sa(vip(i), svc_port(i))
+    }
+}
+
+impl Cell {
+    /// Keeps the better of this stream run and `o` (the VM's noise only ever slows a run
+    /// down).
+    fn keep_better_stream(&mut self, o: &Cell) {
+        if o.stream_bps > self.stream_bps {
+            (self.stream_bps, self.stream_cpu_ns_per_byte) = (o.stream_bps, o.stream_cpu_ns_per_byte);
+        }
+    }
+}
+
+/// One stream run for a variant and backend.
+fn cell(lab: &Lab, v: Variant, b: Backend, secs: u32) -> anyhow::Result<Cell> {
+    let (stream_bps, stream_cpu_ns_per_byte) =
+        stream(&lab.pod("client").ns, target(lab, v, b, STREAM_PORT), secs)?;
+    let c = Cell { stream_bps, stream_cpu_ns_per_byte, ..Cell::default() };
     eprintln!(
-        "  {} / {}: stream {:.2} Gbit/s at {:.3} CPU ns/byte; request/response {:.0}/s at {:.1} CPU µs each",
+        "  {} / {}: stream {:.2} Gbit/s at {:.3} CPU ns/byte",
         v.name(),
         b.name(),
         c.stream_bps * 8e-9,
         c.stream_cpu_ns_per_byte,
-        c.rr_per_s,
-        c.rr_cpu_us
     );
     Ok(c)
 }
@@ -263,6 +353,19 @@ fn lab_for(v: Variant, bins: &Bins, work: &std::path::Path) -> anyhow::Result<La
     let node1 = lab.node_netns(1);
     match v {
         Variant::Direct => {}
+        Variant::DirectEmptyXdp => {
+            let pass = work.join("xdp-pass.o");
+            fs::write(&pass, lb_userspace::loader::EMPTY_OBJECT)?;
+            for n in [1, 2] {
+                let obj = pass.display();
+                sh(in_ns(&lab.node_netns(n), &["ip", "link", "set", "dev", "eth0", "xdpdrv", "obj"]).args([
+                    &obj.to_string(),
+                    "sec",
+                    "xdp",
+                ]))
+                .context("attaching the empty XDP program")?;
+            }
+        }
         Variant::Iptables => {
             let f = work.join("podpath.iptables");
             fs::write(&f, iptables_rules_for(service_set(&lab).into_iter(), Proto::Tcp))?;
@@ -293,6 +396,8 @@ pub fn run(quick: bool, out: PathBuf) -> anyhow::Result<()> {
     ensure!(privileged(), "this benchmark needs root");
     let bins = Bins::beside(&std::env::current_exe()?)?;
     let (secs, reps) = if quick { (2, 3) } else { (5, 5) };
+    // Request/response per variant and backend, in slices: 40 rounds when quick.
+    let rr_secs = if quick { 4 } else { 10 };
     let work = std::env::temp_dir().join(format!("lb-bench-podpath-{}", std::process::id()));
     fs::create_dir_all(&work)?;
     let mut cells: Vec<(Variant, Backend, Cell)> = Vec::new();
@@ -311,38 +416,44 @@ pub fn run(quick: bool, out: PathBuf) -> anyhow::Result<()> {
                 for b in [Backend::Local, Backend::Remote] {
                     let c = cell(lab, *v, b, secs)?;
                     match cells.iter_mut().find(|(cv, cb, _)| cv == v && *cb == b) {
-                        Some((_, _, best)) => *best = best.best(c),
+                        Some((_, _, best)) => best.keep_better_stream(&c),
                         None => cells.push((*v, b, c)),
                     }
                 }
             }
         }
+        eprintln!(
+            "bench podpath: request/response, {} ms slices taking turns, {rr_secs} s per variant and backend ...",
+            SLICE.as_millis()
+        );
+        request_response(&labs, Duration::from_secs(rr_secs.into()), &mut cells)?;
         Ok(())
     })();
     let _ = fs::remove_dir_all(&work);
     result?;
-    report(quick, &out, secs, reps, &cells)
+    report(quick, &out, (secs, reps, rr_secs), &cells)
 }
 
 fn report(
     quick: bool,
     out: &std::path::Path,
-    secs: u32,
-    reps: u32,
+    (secs, reps, rr_secs): (u32, u32, u32),
     cells: &[(Variant, Backend, Cell)],
 ) -> anyhow::Result<()> {
-    let get = |v: Variant, b: Backend| cells.iter().find(|(cv, cb, _)| *cv == v && *cb == b).map(|c| c.2);
+    let get = |v: Variant, b: Backend| cells.iter().find(|(cv, cb, _)| *cv == v && *cb == b).map(|c| &c.2);
     let mut md = format!(
-        "### `cargo xtask bench podpath` — {}\n\nKernel {}. Two-node lab: a client pod → ClusterIP → a backend pod on the same node (local) or the other node (remote, through the underlay). Stream: iperf3, {secs} s; request/response: 2-byte request, one-line answer, one TCP connection, {secs} s; the better of {reps} runs, the variants taking turns (each round runs every variant once). CPU: the whole machine's busy time during the run (all of client, backend, both nodes' stacks). Each variant in a lab of its own, all up at once; iptables and nftables are kube-proxy's rules for the same Services on the client's node.\n\n| variant | backend | stream (Gbit/s) | CPU ns per byte | request/response (/s) | CPU µs per request | CPU/byte vs iptables | req/resp vs direct |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+        "### `cargo xtask bench podpath` — {}\n\nKernel {}. Two-node lab: a client pod → ClusterIP → a backend pod on the same node (local) or the other node (remote, through the underlay). Stream: iperf3, {secs} s, the better of {reps} runs, the variants taking turns (each round runs every variant once). Request/response: 2-byte request, one-line answer, on one TCP connection per variant and backend kept open, in {slice} ms slices taking turns (each round every connection once, the order rotating), {rr_secs} s per connection in all; the \"vs\" columns for request/response are the median over rounds of the two rates in the same round. CPU: the whole machine's busy time during the run (all of client, backend, both nodes' stacks). Each variant in a lab of its own, all up at once; iptables and nftables are kube-proxy's rules for the same Services on the client's node.\n\n| variant | backend | stream (Gbit/s) | CPU ns per byte | request/response (/s) | CPU µs per request | CPU/byte vs iptables | req/resp vs direct | req/resp vs direct with empty XDP |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
         if quick { "quick" } else { "full" },
-        super::kernel()
+        super::kernel(),
+        slice = SLICE.as_millis(),
     );
     for (v, b, c) in cells {
         let ipt = get(Variant::Iptables, *b).map(|i| i.stream_cpu_ns_per_byte / c.stream_cpu_ns_per_byte);
-        let direct = get(Variant::Direct, *b).map(|d| c.rr_per_s / d.rr_per_s);
+        let direct = get(Variant::Direct, *b).map(|d| paired_ratio(c, d));
+        let floor = get(Variant::DirectEmptyXdp, *b).map(|d| paired_ratio(c, d));
         let _ = writeln!(
             md,
-            "| {} | {} | {:.2} | {:.3} | {:.0} | {:.1} | {} | {} |",
+            "| {} | {} | {:.2} | {:.3} | {:.0} | {:.1} | {} | {} | {} |",
             v.name(),
             b.name(),
             c.stream_bps * 8e-9,
@@ -351,6 +462,7 @@ fn report(
             c.rr_cpu_us,
             ipt.map(|r| format!("{r:.2}×")).unwrap_or_default(),
             direct.map(|r| format!("{r:.2}×")).unwrap_or_default(),
+            floor.map(|r| format!("{r:.2}×")).unwrap_or_default(),
         );
     }
     md.push_str("\nGoals (ours with host routing): ");
@@ -359,10 +471,13 @@ fn report(
             (get(Variant::OursHostRouting, b), get(Variant::Iptables, b), get(Variant::Direct, b))
         {
             let cpu = i.stream_cpu_ns_per_byte / o.stream_cpu_ns_per_byte;
-            let rr = o.rr_per_s / d.rr_per_s;
+            let rr = paired_ratio(o, d);
+            let floor = get(Variant::DirectEmptyXdp, b)
+                .map(|f| format!(" (against direct with the empty XDP program: {:.2}×)", paired_ratio(o, f)))
+                .unwrap_or_default();
             let _ = write!(
                 md,
-                "{}: CPU per byte ≥ {GOAL_CPU_PER_BYTE}× better than iptables → {cpu:.2}× ({}); request/response ≥ {GOAL_RR_VS_DIRECT}× direct → {rr:.2}× ({}). ",
+                "{}: CPU per byte ≥ {GOAL_CPU_PER_BYTE}× better than iptables → {cpu:.2}× ({}); request/response ≥ {GOAL_RR_VS_DIRECT}× direct → {rr:.2}× ({}){floor}. ",
                 b.name(),
                 if cpu >= GOAL_CPU_PER_BYTE { "met" } else { "missed" },
                 if rr >= GOAL_RR_VS_DIRECT { "met" } else { "missed" },
@@ -377,10 +492,12 @@ fn report(
         "kernel": super::kernel(),
         "seconds": secs,
         "reps": reps,
+        "rr_seconds": rr_secs,
+        "rr_slice_ms": SLICE.as_millis() as u64,
         "cells": cells.iter().map(|(v, b, c)| json!({
             "variant": v.key(), "backend": b.name(),
             "stream_bytes_per_s": c.stream_bps, "stream_cpu_ns_per_byte": c.stream_cpu_ns_per_byte,
-            "rr_per_s": c.rr_per_s, "rr_cpu_us": c.rr_cpu_us,
+            "rr_per_s": c.rr_per_s, "rr_cpu_us": c.rr_cpu_us, "rr_slices_per_s": c.rr_slices,
         })).collect::<Vec<_>>(),
     });
     fs::write(out.join("podpath.json"), serde_json::to_string_pretty(&j)?)?;
