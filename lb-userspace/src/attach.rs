@@ -14,8 +14,9 @@
 //!   `CLSACT_PRIORITY` and the hook's handle (`Hook::clsact_handle`), which the next agent
 //!   replaces in place; the link aya hands back is forgotten, so dropping it does not detach.
 //!
-//! TC has two hooks: `lb_tc_pod` on pod interfaces (`Hook::Tc`) and, with host routing,
-//! `lb_tc_uplink` on the XDP interfaces (`Hook::Uplink`); both take the same paths.
+//! TC has three hooks: `lb_tc_pod` on pod interfaces (`Hook::Tc`), with host routing
+//! `lb_tc_uplink` on the XDP interfaces (`Hook::Uplink`), and with `--node-hook tc` `lb_tc_pod`
+//! on the node interfaces instead of XDP (`Hook::NodeTc`); all take the same paths.
 //!
 //! An agent that finds our program attached in another mode than it would choose keeps
 //! traffic flowing: a netlink XDP program of ours is replaced in place (the mode stays), and
@@ -102,6 +103,8 @@ pub enum Hook {
     Tc,
     /// `lb_tc_uplink` on the XDP interfaces (host routing of what XDP translated).
     Uplink,
+    /// `lb_tc_pod` on the node interfaces in place of XDP (`--node-hook tc`).
+    NodeTc,
 }
 
 impl Hook {
@@ -110,6 +113,7 @@ impl Hook {
             Hook::Xdp => "xdp",
             Hook::Tc => "tc",
             Hook::Uplink => "uplink",
+            Hook::NodeTc => "nodetc",
         }
     }
 
@@ -120,7 +124,14 @@ impl Hook {
 
     /// Each TC hook's clsact filter has a handle of its own: an interface may carry both.
     fn clsact_handle(self) -> TcHandle {
-        TcHandle::new(0, if self == Hook::Uplink { 2 } else { 1 })
+        TcHandle::new(
+            0,
+            match self {
+                Hook::Uplink => 2,
+                Hook::NodeTc => 3,
+                Hook::Xdp | Hook::Tc => 1,
+            },
+        )
     }
 }
 
@@ -188,7 +199,7 @@ pub fn attach_pinned(
             }
             xdp_netlink_attach(ebpf, iface)
         }
-        Hook::Tc | Hook::Uplink => {
+        Hook::Tc | Hook::Uplink | Hook::NodeTc => {
             if !legacy.clsact
                 && let Some(done) = tcx_pinned(ebpf, hook, iface, &path)?
             {
@@ -429,12 +440,17 @@ pub fn cleanup(pin_dir: &Path) -> std::io::Result<Cleaned> {
     Ok(out)
 }
 
-/// Takes `hook` off `iface` wherever an earlier agent left it (its link pin, its clsact
-/// filter): for the uplink program once host routing is turned off.
+/// Takes `hook` off `iface` wherever an earlier agent left it (its link pin, its netlink XDP
+/// program or clsact filter): the uplink program once host routing is turned off, the node
+/// interface's XDP or TC program once `--node-hook` changed.
 pub fn detach(hook: Hook, iface: &str, pin_dir: &Path) {
     drop(take_over(&link_pin_path(pin_dir, hook, iface)));
     if hook != Hook::Xdp {
         remove_clsact(iface, hook);
+    } else if let Some(ifindex) = crate::links::interfaces().get(iface).copied()
+        && let Some(flags) = ours(ifindex)
+    {
+        let _ = xdp_netlink::set(ifindex, None, flags);
     }
 }
 

@@ -740,6 +740,54 @@ fn host_routing_delivers_pod_traffic_past_the_nodes_stack() {
     assert!(counter(HOST_ROUTE_TO_STACK) > to_stack0, "the unroutable packet was counted as to-stack");
 }
 
+/// `--node-hook tc`: no XDP on the node interfaces; the TC program at their ingress serves
+/// what XDP would: NodePort traffic to local and remote backends (TCP and UDP, the remote
+/// one source-NATed) and the remote backend's replies to a pod's ClusterIP requests, with
+/// host routing. `lb status` lists it as `tc-node`. Back on `--node-hook xdp`, XDP is in
+/// and the TC program is off the interface again.
+#[test]
+fn node_hook_tc_serves_the_node_interfaces_without_xdp() {
+    let Some(mut lab) = lab() else { return };
+    let node1 = lab.node_netns(1);
+    let ip_link = |ns: &str| lab::sh(&mut lab::in_ns(ns, &["ip", "-d", "link", "show", "eth0"])).unwrap();
+    let node_tc_pin = lab.pin_dir(1).join("links/nodetc-eth0");
+    for node in [1, 2] {
+        lab.stop_agent(node);
+        lab.start_agent(node, &["--node-hook", "tc"]).unwrap();
+    }
+    assert!(lab.agent_log(1).contains("TC (--node-hook tc) attached to eth0"), "{}", lab.agent_log(1));
+    assert!(!ip_link(&node1).contains("xdp"), "no XDP left on eth0: {}", ip_link(&node1));
+    assert!(node_tc_pin.exists(), "the TC link is pinned");
+    let listed = wait_for(Duration::from_secs(5), || Ok(status(&lab, 1).2.contains("tc-node")));
+    assert!(listed.is_ok(), "listed as tc-node: {}", status(&lab, 1).2);
+    let all = pods(&lab, &["web-1", "web-2", "web-3"]);
+    apply(&lab, &(web("NodePort", "") + &web_slice(&ready(&all))), "service up", || {
+        lab.has_frontend(1, IpAddr::V4(node_ip(1)), 30080).unwrap_or(false)
+            && lab.has_frontend(1, vip(), 80).unwrap_or(false)
+    });
+    let ext = lab.ext_ns();
+    for p in [Proto::Tcp, Proto::Udp] {
+        let (seen, clients) = reach_all(&ext, sa(node_ip(1), 30080), p, &["web-1", "web-2", "web-3"]);
+        assert_eq!(seen.len(), 3, "{p:?}: {seen:?}");
+        // web-1/web-2 are local and see the client; web-3 sees node-1, which source-NATed.
+        assert_eq!(clients, BTreeSet::from([EXT_IP.to_string(), node_ip(1).to_string()]), "{p:?}");
+    }
+    assert!(matches!(curl(&ext, &format!("http://{}:30080/", node_ip(1))), Answer::Reply(..)));
+    let ns = lab.pod("client").ns.clone();
+    for p in [Proto::Tcp, Proto::Udp] {
+        let (seen, clients) = reach_all(&ns, sa(vip(), 80), p, &["web-1", "web-2", "web-3"]);
+        assert_eq!(seen.len(), 3, "{p:?}: {seen:?}");
+        assert_eq!(clients, BTreeSet::from([lab.pod("client").ip.to_string()]), "{p:?}");
+    }
+    lab.stop_agent(1);
+    lab.start_agent(1, &[]).unwrap();
+    assert!(ip_link(&node1).contains("xdp"), "XDP back on eth0: {}", ip_link(&node1));
+    assert!(!node_tc_pin.exists(), "the TC link is gone with its pin");
+    assert!(!status(&lab, 1).2.contains("tc-node"), "{}", status(&lab, 1).2);
+    let (seen, _) = reach_all(&ext, sa(node_ip(1), 30080), Proto::Tcp, &["web-1", "web-2", "web-3"]);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
 /// One agent per pin dir: a second `lb agent` on node-1's pin dir exits at once, naming the
 /// running agent's pid, and the first one keeps serving.
 #[test]

@@ -130,12 +130,37 @@ pub fn attach_host_clients(
     }
 }
 
+/// The datapath on node interface `iface`: XDP, or with `--node-hook tc` the TC program at
+/// its ingress. What an earlier agent attached in the other way is taken off once this is in
+/// (so the interface is never without one).
+fn attach_node(
+    ebpf: &mut Ebpf,
+    cfg: &AgentConfig,
+    iface: &str,
+) -> Result<attach::Attached, attach::AttachError> {
+    let (hook, other) = if cfg.node_tc { (Hook::NodeTc, Hook::Xdp) } else { (Hook::Xdp, Hook::NodeTc) };
+    let (how, _holder) = attach::attach_pinned(ebpf, hook, iface, &cfg.pin_dir, cfg.legacy_attach)?;
+    attach::detach(other, iface, &cfg.pin_dir);
+    Ok(how)
+}
+
+/// Records node interface `iface`'s attachment for `lb status` (and, for XDP, `/metrics`).
+fn note_node(status: &Shared, cfg: &AgentConfig, iface: &str, how: attach::Attached) {
+    let mut st = lock(status);
+    if cfg.node_tc {
+        st.node_tc.insert(iface.to_string(), how)
+    } else {
+        st.xdp.insert(iface.to_string(), how)
+    };
+}
+
 /// With host routing, the uplink program on every XDP interface: what XDP translated and
 /// left to the stack goes on to its next hop from TC (`lb-ebpf/src/host_route.rs`). Without,
 /// an earlier agent's is taken off. A failure costs only the shortcut: logged.
 pub fn attach_uplinks(ebpf: &mut Ebpf, cfg: &AgentConfig, status: &Shared) {
     for iface in &cfg.xdp_ifaces {
-        if !cfg.host_routing {
+        // With the TC program on the node interface, it routes what it translated itself.
+        if !cfg.host_routing || cfg.node_tc {
             attach::detach(Hook::Uplink, iface, &cfg.pin_dir);
             continue;
         }
@@ -158,9 +183,12 @@ pub fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns) {
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let keep = match name.split_once('-') {
-            Some(("xdp", iface)) => cfg.xdp_ifaces.iter().any(|i| i == iface),
+            Some(("xdp", iface)) => !cfg.node_tc && cfg.xdp_ifaces.iter().any(|i| i == iface),
+            Some(("nodetc", iface)) => cfg.node_tc && cfg.xdp_ifaces.iter().any(|i| i == iface),
             Some(("tc", iface)) => tc.matches(iface) && present.contains_key(iface),
-            Some(("uplink", iface)) => cfg.host_routing && cfg.xdp_ifaces.iter().any(|i| i == iface),
+            Some(("uplink", iface)) => {
+                cfg.host_routing && !cfg.node_tc && cfg.xdp_ifaces.iter().any(|i| i == iface)
+            }
             Some(("sock", _)) => cfg.cgroup_root.is_some(),
             _ => true,
         };
@@ -200,13 +228,13 @@ impl Attachments {
         let tc_patterns = links::Patterns::new(&cfg.tc_ifaces).context("--tc-iface")?;
         let present = links::interfaces();
         for iface in &cfg.xdp_ifaces {
-            let (how, _holder) =
-                attach::attach_pinned(&mut ebpf, Hook::Xdp, iface, &cfg.pin_dir, cfg.legacy_attach)?;
+            let how = attach_node(&mut ebpf, cfg, iface)?;
             if let Err(e) = attach::accept_local(iface) {
                 log(format!("warning: {iface}: cannot set accept_local ({e}); SNAT replies may be dropped"));
             }
-            log(format!("XDP attached to {iface} ({how:?})"));
-            lock(status).xdp.insert(iface.clone(), how);
+            let hook = if cfg.node_tc { "TC (--node-hook tc)" } else { "XDP" };
+            log(format!("{hook} attached to {iface} ({how:?})"));
+            note_node(status, cfg, iface, how);
         }
         // Forwarding at XDP may send only out of our own XDP interfaces; without
         // --xdp-forward the map is emptied so a previous agent's ports do not linger.
@@ -253,11 +281,9 @@ impl Attachments {
     /// that cannot take the new program (gone meanwhile) is logged; the next scan decides.
     pub fn swap_in(&mut self, mut ebpf: Ebpf, cfg: &AgentConfig, status: &Shared) {
         for iface in &cfg.xdp_ifaces {
-            match attach::attach_pinned(&mut ebpf, Hook::Xdp, iface, &cfg.pin_dir, cfg.legacy_attach) {
-                Ok((how, _holder)) => {
-                    lock(status).xdp.insert(iface.clone(), how);
-                }
-                Err(e) => log(format!("warning: XDP on {iface} keeps the old program: {e}")),
+            match attach_node(&mut ebpf, cfg, iface) {
+                Ok(how) => note_node(status, cfg, iface, how),
+                Err(e) => log(format!("warning: {iface} keeps the old program: {e}")),
             }
         }
         attach_uplinks(&mut ebpf, cfg, status);

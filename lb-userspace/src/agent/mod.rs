@@ -75,6 +75,8 @@ pub struct AgentConfig {
     pub xdp_ifaces: Vec<String>,
     /// Forward translated packets at XDP (`CFG_F_XDP_FORWARD`) out of `xdp_ifaces`.
     pub xdp_forward: bool,
+    /// `--node-hook tc`: `xdp_ifaces` run the TC program at ingress instead of XDP.
+    pub node_tc: bool,
     /// `CFG_F_HOST_ROUTING`: translated packets leave TC for their next hop.
     pub host_routing: bool,
     pub tc_ifaces: Vec<String>,
@@ -131,6 +133,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(!(cfg.node_tc && cfg.xdp_forward), "--xdp-forward needs --node-hook xdp");
     logging::init(cfg.log_format, cfg.bpf_log);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();

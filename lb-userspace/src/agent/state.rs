@@ -33,6 +33,8 @@ pub struct Status {
     pub tc: BTreeMap<String, (u32, Attached)>,
     /// The uplink program on the XDP interfaces (host routing of what XDP translated).
     pub uplink: BTreeMap<String, Attached>,
+    /// The TC program on the node interfaces in place of XDP (`--node-hook tc`).
+    pub node_tc: BTreeMap<String, Attached>,
     /// Frontends claimed by more than one Service (or port): one has it, the others are
     /// reported in the log.
     pub contested_frontends: usize,
@@ -56,6 +58,7 @@ impl Status {
             sock_cgroup: None,
             tc: BTreeMap::new(),
             uplink: BTreeMap::new(),
+            node_tc: BTreeMap::new(),
             contested_frontends: 0,
             unprogrammed: Vec::new(),
             last_sync: None,
@@ -227,9 +230,11 @@ impl Reporter {
             let xdp = st.xdp.iter().map(|(i, how)| (i, "xdp", how));
             let tc = st.tc.iter().map(|(i, (_, how))| (i, "tc", how));
             let uplink = st.uplink.iter().map(|(i, how)| (i, "tc-uplink", how));
+            let node_tc = st.node_tc.iter().map(|(i, how)| (i, "tc-node", how));
             r.attachments = xdp
                 .chain(tc)
                 .chain(uplink)
+                .chain(node_tc)
                 .map(|(i, hook, how)| report::Attachment {
                     interface: i.clone(),
                     hook: hook.into(),

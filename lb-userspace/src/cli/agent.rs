@@ -42,6 +42,16 @@ pub struct AgentArgs {
     /// yet (no neighbour entry, local, MTU) still go up the stack.
     #[arg(long)]
     pub xdp_forward: bool,
+    /// Where the node interfaces (`--xdp-iface`) run the datapath: `xdp`, before the node's
+    /// stack allocates anything; or `tc`, the TC program pod interfaces run, at their ingress
+    /// instead. `tc` is for interfaces without native XDP, where generic XDP copies and
+    /// linearizes large packets, and for veth node interfaces (kind and other Docker-based
+    /// nodes), where XDP receives every TCP segment a local socket sent only after copying
+    /// it. With `tc` there is no `--xdp-forward`, no answer to a translated packet too big
+    /// for its path (the stack's own "fragmentation needed" names the backend, which the
+    /// client cannot match), and unanswerable traffic costs an skb before it is dropped.
+    #[arg(long, value_enum, default_value_t = NodeHook::Xdp)]
+    pub node_hook: NodeHook,
     /// TC host routing (on; `--host-routing=false` turns it off): a packet the TC program
     /// translated (a pod's request to a Service, a local backend's reply) goes straight to
     /// its next hop: into a local backend pod with `bpf_redirect_peer`, to a remote one out
@@ -309,6 +319,13 @@ pub enum SourceCheck {
     Off,
 }
 
+/// `--node-hook`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeHook {
+    Xdp,
+    Tc,
+}
+
 /// A hook `--netlink-attach` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum NetlinkHook {
@@ -324,6 +341,7 @@ impl AgentArgs {
             node_name: self.node_name,
             xdp_ifaces: self.xdp_ifaces,
             xdp_forward: self.xdp_forward,
+            node_tc: self.node_hook == NodeHook::Tc,
             host_routing: self.host_routing,
             tc_ifaces: self.tc_ifaces,
             pod_source_check: self.pod_source_check == SourceCheck::Strict,

@@ -11,7 +11,9 @@
 //!   non-linear skb — every TCP segment a local socket sends — to XDP only after copying it
 //!   into a page of its own);
 //! * iptables, nftables: kube-proxy's rules for the same Services on the client's node;
-//! * ours through the stack (`--host-routing=false`) and with TC host routing.
+//! * ours through the stack (`--host-routing=false`) and with TC host routing;
+//! * ours with TC host routing and the TC program on the node interfaces instead of XDP
+//!   (`--node-hook tc`), which spares the underlay veth its copy for XDP.
 //!
 //! Goals (issue 15): CPU per byte ≥ 1.5× better than iptables, request/response ≥ 0.98× direct.
 
@@ -46,16 +48,18 @@ enum Variant {
     Nftables,
     OursStack,
     OursHostRouting,
+    OursNodeTc,
 }
 
 impl Variant {
-    const ALL: [Variant; 6] = [
+    const ALL: [Variant; 7] = [
         Variant::Direct,
         Variant::DirectEmptyXdp,
         Variant::Iptables,
         Variant::Nftables,
         Variant::OursStack,
         Variant::OursHostRouting,
+        Variant::OursNodeTc,
     ];
 
     fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Variant {
             Variant::Nftables => "nftables (kube-proxy)",
             Variant::OursStack => "ours, through the stack",
             Variant::OursHostRouting => "ours, host routing",
+            Variant::OursNodeTc => "ours, host routing, node hook at TC",
         }
     }
 
@@ -77,6 +82,7 @@ impl Variant {
             Variant::Nftables => "nftables",
             Variant::OursStack => "ours_stack",
             Variant::OursHostRouting => "ours_host_routing",
+            Variant::OursNodeTc => "ours_node_tc",
         }
     }
 }
@@ -377,13 +383,16 @@ fn lab_for(v: Variant, bins: &Bins, work: &std::path::Path) -> anyhow::Result<La
             fs::write(&f, nft_rules_for(service_set(&lab).into_iter(), Proto::Tcp))?;
             sh(in_ns(&node1, &["nft", "-f"]).arg(&f)).context("nft -f")?;
         }
-        Variant::OursStack | Variant::OursHostRouting => {
+        Variant::OursStack | Variant::OursHostRouting | Variant::OursNodeTc => {
             lab.write_manifest("nodes.yaml", &lab.node_manifests())?;
             lab.write_manifest("podpath.yaml", &manifests(&lab))?;
-            let flag =
-                if v == Variant::OursHostRouting { "--host-routing=true" } else { "--host-routing=false" };
-            lab.start_agent(1, &[flag])?;
-            lab.start_agent(2, &[flag])?;
+            let flags: &[&str] = match v {
+                Variant::OursStack => &["--host-routing=false"],
+                Variant::OursNodeTc => &["--host-routing=true", "--node-hook", "tc"],
+                _ => &["--host-routing=true"],
+            };
+            lab.start_agent(1, flags)?;
+            lab.start_agent(2, flags)?;
             for (i, _, _) in services() {
                 wait_for(Duration::from_secs(5), || lab.has_frontend(1, IpAddr::V4(vip(i)), svc_port(i)))?;
             }
@@ -396,8 +405,8 @@ pub fn run(quick: bool, out: PathBuf) -> anyhow::Result<()> {
     ensure!(privileged(), "this benchmark needs root");
     let bins = Bins::beside(&std::env::current_exe()?)?;
     let (secs, reps) = if quick { (2, 3) } else { (5, 5) };
-    // Request/response per variant and backend, in slices: 40 rounds when quick.
-    let rr_secs = if quick { 4 } else { 10 };
+    // Request/response per variant and backend, in slices: 60 rounds when quick.
+    let rr_secs = if quick { 6 } else { 12 };
     let work = std::env::temp_dir().join(format!("lb-bench-podpath-{}", std::process::id()));
     fs::create_dir_all(&work)?;
     let mut cells: Vec<(Variant, Backend, Cell)> = Vec::new();
@@ -465,24 +474,32 @@ fn report(
             floor.map(|r| format!("{r:.2}×")).unwrap_or_default(),
         );
     }
-    md.push_str("\nGoals (ours with host routing): ");
-    for b in [Backend::Local, Backend::Remote] {
-        if let (Some(o), Some(i), Some(d)) =
-            (get(Variant::OursHostRouting, b), get(Variant::Iptables, b), get(Variant::Direct, b))
-        {
-            let cpu = i.stream_cpu_ns_per_byte / o.stream_cpu_ns_per_byte;
-            let rr = paired_ratio(o, d);
-            let floor = get(Variant::DirectEmptyXdp, b)
-                .map(|f| format!(" (against direct with the empty XDP program: {:.2}×)", paired_ratio(o, f)))
-                .unwrap_or_default();
-            let _ = write!(
-                md,
-                "{}: CPU per byte ≥ {GOAL_CPU_PER_BYTE}× better than iptables → {cpu:.2}× ({}); request/response ≥ {GOAL_RR_VS_DIRECT}× direct → {rr:.2}× ({}){floor}. ",
-                b.name(),
-                if cpu >= GOAL_CPU_PER_BYTE { "met" } else { "missed" },
-                if rr >= GOAL_RR_VS_DIRECT { "met" } else { "missed" },
-            );
+    for (ours, label) in [
+        (Variant::OursHostRouting, "ours with host routing"),
+        (Variant::OursNodeTc, "ours with host routing and `--node-hook tc`"),
+    ] {
+        let _ = write!(md, "\nGoals ({label}): ");
+        for b in [Backend::Local, Backend::Remote] {
+            if let (Some(o), Some(i), Some(d)) =
+                (get(ours, b), get(Variant::Iptables, b), get(Variant::Direct, b))
+            {
+                let cpu = i.stream_cpu_ns_per_byte / o.stream_cpu_ns_per_byte;
+                let rr = paired_ratio(o, d);
+                let floor = get(Variant::DirectEmptyXdp, b)
+                    .map(|f| {
+                        format!(" (against direct with the empty XDP program: {:.2}×)", paired_ratio(o, f))
+                    })
+                    .unwrap_or_default();
+                let _ = write!(
+                    md,
+                    "{}: CPU per byte ≥ {GOAL_CPU_PER_BYTE}× better than iptables → {cpu:.2}× ({}); request/response ≥ {GOAL_RR_VS_DIRECT}× direct → {rr:.2}× ({}){floor}. ",
+                    b.name(),
+                    if cpu >= GOAL_CPU_PER_BYTE { "met" } else { "missed" },
+                    if rr >= GOAL_RR_VS_DIRECT { "met" } else { "missed" },
+                );
+            }
         }
+        md.push('\n');
     }
     md.push('\n');
     println!("{md}");
