@@ -3,7 +3,8 @@
 //! connection (lb-serve), with the machine's CPU time over each run. Variants, each in a lab
 //! of its own so no variant's hooks reach another's (the labs are all up at once, in their
 //! own namespaces, and the variants take turns: round after round, each variant runs once,
-//! so a slow spell of the VM falls on all of them alike):
+//! so a slow spell of the VM falls on all of them alike; request/response in 100 ms slices,
+//! `SLICE`, on connections kept open):
 //!
 //! * direct: pod to pod, nothing loaded (the floor);
 //! * direct with an empty XDP program on both nodes' underlay interface: the floor for any
