@@ -256,6 +256,16 @@ impl Lab {
         self.save()
     }
 
+    /// The lab's pass-everything XDP object (the empty program), written into its state
+    /// folder on first use: for `ip link set ... xdpdrv obj`.
+    pub fn xdp_pass_object(&self) -> anyhow::Result<PathBuf> {
+        let pass = self.state.dir.join("xdp-pass.o");
+        if !pass.exists() {
+            fs::write(&pass, lb_userspace::loader::EMPTY_OBJECT)?;
+        }
+        Ok(pass)
+    }
+
     /// A veth from `ns` (as eth0 with `addr`/24 and `addr6`/64) into the switch's bridge.
     fn underlay_port(&self, ns: &str, tag: &str, addr: Ipv4Addr, addr6: Ipv6Addr) -> anyhow::Result<()> {
         let sw = self.ns_name("sw");
@@ -266,10 +276,7 @@ impl Lab {
         // veth only takes such frames reliably when it runs an XDP program itself (with GRO
         // alone most were lost here): a pass-everything program, as a real switch port needs
         // none of this.
-        let pass = self.state.dir.join("xdp-pass.o");
-        if !pass.exists() {
-            fs::write(&pass, lb_userspace::loader::EMPTY_OBJECT)?;
-        }
+        let pass = self.xdp_pass_object()?;
         nsip(&sw, &format!("link set dev {peer} xdpdrv obj {} sec xdp", pass.display()))?;
         nsip(ns, &format!("addr add {addr}/24 dev eth0"))?;
         // No duplicate address detection: the address is usable at once, as the lab's own.

@@ -56,7 +56,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The middle value of `v` (the upper one of an even count).
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

@@ -202,9 +202,8 @@ struct Cell {
 /// The median over rounds of `a`'s rate ÷ `b`'s in the same round: the two ran one slice
 /// apart, so the VM's moods fall on both.
 fn paired_ratio(a: &Cell, b: &Cell) -> f64 {
-    let mut r: Vec<f64> = a.rr_slices.iter().zip(&b.rr_slices).map(|(x, y)| x / y.max(1e-9)).collect();
-    r.sort_by(f64::total_cmp);
-    if r.is_empty() { a.rr_per_s / b.rr_per_s.max(1e-9) } else { r[r.len() / 2] }
+    let r: Vec<f64> = a.rr_slices.iter().zip(&b.rr_slices).map(|(x, y)| x / y.max(1e-9)).collect();
+    if r.is_empty() { a.rr_per_s / b.rr_per_s.max(1e-9) } else { crate::control::median(r) }
 }
 
 fn stream(ns: &str, to: SocketAddr, secs: u32) -> anyhow::Result<(f64, f64)> {
@@ -361,16 +360,10 @@ fn lab_for(v: Variant, bins: &Bins, work: &std::path::Path) -> anyhow::Result<La
     match v {
         Variant::Direct => {}
         Variant::DirectEmptyXdp => {
-            let pass = work.join("xdp-pass.o");
-            fs::write(&pass, lb_userspace::loader::EMPTY_OBJECT)?;
+            let pass = lab.xdp_pass_object()?.display().to_string();
             for n in [1, 2] {
-                let obj = pass.display();
-                sh(in_ns(&lab.node_netns(n), &["ip", "link", "set", "dev", "eth0", "xdpdrv", "obj"]).args([
-                    &obj.to_string(),
-                    "sec",
-                    "xdp",
-                ]))
-                .context("attaching the empty XDP program")?;
+                let attach = ["ip", "link", "set", "dev", "eth0", "xdpdrv", "obj", &pass, "sec", "xdp"];
+                sh(&mut in_ns(&lab.node_netns(n), &attach)).context("attaching the empty XDP program")?;
             }
         }
         Variant::Iptables => {
