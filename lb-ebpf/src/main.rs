@@ -2,7 +2,8 @@
 //! from remote backends), `lb_tc_pod` on the host side of pod interfaces (pod clients,
 //! replies from local backends), `lb_tc_uplink` at TC ingress of the node interfaces with
 //! host routing on (what `lb_xdp` translated for a local pod goes straight into it,
-//! `host_route`). `lb_xdp` and `lb_tc_pod` run the same decision (`datapath::process`); this
+//! `host_route`), `lb_tc_node` on the node interfaces in place of `lb_xdp` with `--node-hook
+//! tc`. `lb_xdp` and the TC programs run the same decision (`datapath::process`); this
 //! file only maps verdicts to each hook's return codes, in one place. The `lb_connect*`,
 //! `lb_sendmsg*`, `lb_recvmsg*` and `lb_getpeername*` programs serve the node's own sockets
 //! at connect time (`sock`).
@@ -48,7 +49,7 @@ use lb_common::verdict::{Action, Reason};
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let mut ctx = ctx;
-    match datapath::process(&mut ctx) {
+    match datapath::process::<_, true>(&mut ctx) {
         (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply | Reason::FragmentFollowed) => {
             forward::translated(&ctx).unwrap_or_else(|| {
                 host_route::mark(&ctx);
@@ -64,14 +65,29 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// Headers we may touch must be in the linear part of the skb for direct access.
 const TC_PULL_LEN: u32 = 128;
 
+/// Pod interfaces (traffic leaving pods).
 #[classifier]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
+    tc::<false>(ctx)
+}
+
+/// The node interfaces with `--node-hook tc`, in place of `lb_xdp`: `lb_tc_pod` plus the
+/// answer to a translated packet too big for its path (`pmtu`), which external clients
+/// behind a smaller path need. Its own program, loaded only when asked for: the check
+/// doubles what the verifier walks.
+#[classifier]
+pub fn lb_tc_node(ctx: TcContext) -> i32 {
+    tc::<true>(ctx)
+}
+
+#[inline(always)]
+fn tc<const ANSWER_TOO_BIG: bool>(ctx: TcContext) -> i32 {
     let mut ctx = ctx;
     let want = if ctx.len() < TC_PULL_LEN { ctx.len() } else { TC_PULL_LEN };
     if ctx.data_end() - ctx.data() < want as usize {
         let _ = ctx.pull_data(want);
     }
-    match datapath::process(&mut ctx) {
+    match datapath::process::<_, ANSWER_TOO_BIG>(&mut ctx) {
         (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply | Reason::FragmentFollowed) => {
             host_route::translated(&ctx, host_route::Hop::Any).unwrap_or(TC_ACT_UNSPEC)
         }

@@ -60,6 +60,9 @@ pub trait Packet {
     fn data_end(&self) -> usize;
     /// Length of the whole packet (for byte counters).
     fn len(&self) -> u32;
+    /// The payload size of each segment the packet stands for when it is a GSO (or GRO)
+    /// packet, else 0: what the path MTU applies to.
+    fn gso_size(&self) -> u32;
     /// Rewrites address and port on one side, checksums included.
     /// The error says which step failed (`RewriteFailed`, `ChecksumFailed`).
     fn rewrite(&mut self, h: &Headers, side: Side, addr: &Addr, port: u16) -> Result<(), Reason>;
@@ -116,6 +119,11 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn len(&self) -> u32 {
         (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        0
     }
 
     #[inline(always)]
@@ -232,6 +240,12 @@ impl Packet for TcContext {
     #[inline(always)]
     fn len(&self) -> u32 {
         TcContext::len(self)
+    }
+
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        // SAFETY: the program's own skb; a plain field.
+        unsafe { (*self.skb.skb).gso_size }
     }
 
     #[inline(always)]

@@ -190,6 +190,11 @@ fn port_unreachable<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), Reason> {
     let l2 = h.l3_off;
     let quote = h.l4_off - h.l3_off + 8; // original IP header + 8 bytes of UDP
     let room: usize = if h.v6 { 40 + 8 } else { 20 + 8 };
+    if pkt.gso_size() != 0 {
+        // A GSO packet (TC) is cut first, which makes it a plain one: the kernel grows only
+        // GSO packets whose type it knows how to resegment.
+        pkt.truncate((l2 + room + quote) as u32)?;
+    }
     pkt.grow_after_l2(l2, room as u32)?;
     pkt.truncate((l2 + room + quote) as u32)?;
     let (data, end) = (pkt.data(), pkt.data_end());
@@ -244,6 +249,11 @@ pub fn too_big<P: Packet>(pkt: &mut P, h: &Headers, mtu: u16) -> Result<(), Reas
     let l3_len = h.l4_off - h.l3_off;
     let quote = l3_len + 8;
     let room: usize = if h.v6 { 40 + 8 } else { 20 + 8 };
+    if pkt.gso_size() != 0 {
+        // A GSO packet (TC) is cut first, which makes it a plain one: the kernel grows only
+        // GSO packets whose type it knows how to resegment.
+        pkt.truncate((l2 + room + quote) as u32)?;
+    }
     pkt.grow_after_l2(l2, room as u32)?;
     pkt.truncate((l2 + room + quote) as u32)?;
     let (data, end) = (pkt.data(), pkt.data_end());

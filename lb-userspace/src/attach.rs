@@ -41,7 +41,7 @@ use aya::{
 };
 
 use crate::{
-    loader::{TC_PROGRAM, UPLINK_PROGRAM, XDP_PROGRAM},
+    loader::{NODE_TC_PROGRAM, TC_PROGRAM, UPLINK_PROGRAM, XDP_PROGRAM},
     xdp_netlink,
 };
 
@@ -62,6 +62,8 @@ pub enum AttachError {
     Link { program: &'static str, iface: String, reason: String },
     #[error("program {0} missing (was the object loaded?)")]
     Missing(&'static str),
+    #[error("loading {NODE_TC_PROGRAM} for {iface}: {source}")]
+    LoadNodeTc { iface: String, source: Box<crate::loader::LoadError> },
 }
 
 /// How a program ended up attached.
@@ -119,7 +121,11 @@ impl Hook {
 
     /// The program a TC hook runs.
     fn tc_program(self) -> &'static str {
-        if self == Hook::Uplink { UPLINK_PROGRAM } else { TC_PROGRAM }
+        match self {
+            Hook::Uplink => UPLINK_PROGRAM,
+            Hook::NodeTc => NODE_TC_PROGRAM,
+            Hook::Tc | Hook::Xdp => TC_PROGRAM,
+        }
     }
 
     /// Each TC hook's clsact filter has a handle of its own: an interface may carry both.
@@ -200,6 +206,12 @@ pub fn attach_pinned(
             xdp_netlink_attach(ebpf, iface)
         }
         Hook::Tc | Hook::Uplink | Hook::NodeTc => {
+            if hook == Hook::NodeTc {
+                crate::loader::load_node_tc(ebpf).map_err(|source| AttachError::LoadNodeTc {
+                    iface: iface.into(),
+                    source: Box::new(source),
+                })?;
+            }
             if !legacy.clsact
                 && let Some(done) = tcx_pinned(ebpf, hook, iface, &path)?
             {
@@ -427,7 +439,7 @@ pub fn cleanup(pin_dir: &Path) -> std::io::Result<Cleaned> {
             out.netlink_xdp.push(name.clone());
         }
         // Every filter running one of our programs, by its name (an error when there is none).
-        let detached = [TC_PROGRAM, UPLINK_PROGRAM]
+        let detached = [TC_PROGRAM, UPLINK_PROGRAM, NODE_TC_PROGRAM]
             .map(|p| aya::programs::tc::qdisc_detach_program(&name, TcAttachType::Ingress, p).is_ok());
         if detached.contains(&true) {
             out.clsact.push(name);

@@ -25,6 +25,9 @@ pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc_pod";
+/// `lb_tc_pod` with the too-big answer, for the node interfaces with `--node-hook tc`;
+/// loaded only then (`load_node_tc`): it doubles what the verifier walks.
+pub const NODE_TC_PROGRAM: &str = "lb_tc_node";
 /// At TC ingress of the XDP interfaces, with host routing on (`lb-ebpf/src/host_route.rs`).
 pub const UPLINK_PROGRAM: &str = "lb_tc_uplink";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -173,15 +176,35 @@ fn load_both_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     })
 }
 
+/// Loads `lb_tc_node` into the kernel unless it is already: only an agent with `--node-hook
+/// tc` needs it, and its verification takes as long as the other two programs'.
+pub fn load_node_tc(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let prog_err = |source| LoadError::Program { name: NODE_TC_PROGRAM, source };
+    let program = ebpf.program_mut(NODE_TC_PROGRAM).ok_or(LoadError::MissingProgram(NODE_TC_PROGRAM))?;
+    let tc = <&mut SchedClassifier>::try_from(program).map_err(prog_err)?;
+    if tc.fd().is_ok() {
+        return Ok(());
+    }
+    tc.load().map_err(prog_err)
+}
+
 /// The kernel's limit on instructions the verifier walks for one program.
 pub const VERIFIER_BUDGET: u32 = 1_000_000;
 
-/// How many instructions the verifier walked for the XDP and the TC program (kernels from
-/// 5.16 say): the headroom left under `VERIFIER_BUDGET` for the next feature.
-pub fn verified_instructions(ebpf: &Ebpf) -> [(&'static str, Option<u32>); 2] {
+/// How many instructions the verifier walked for each big program loaded (kernels from
+/// 5.16 say; `lb_tc_node` only once loaded): the headroom left under `VERIFIER_BUDGET` for
+/// the next feature.
+pub fn verified_instructions(ebpf: &Ebpf) -> Vec<(&'static str, Option<u32>)> {
     let count =
         |name| ebpf.program(name).and_then(|p| p.info().ok()).and_then(|i| i.verified_instruction_count());
-    [(XDP_PROGRAM, count(XDP_PROGRAM)), (TC_PROGRAM, count(TC_PROGRAM))]
+    let loaded = |name| {
+        ebpf.program(name).and_then(|p| <&SchedClassifier>::try_from(p).ok()).is_some_and(|p| p.fd().is_ok())
+    };
+    let mut out = vec![(XDP_PROGRAM, count(XDP_PROGRAM)), (TC_PROGRAM, count(TC_PROGRAM))];
+    if loaded(NODE_TC_PROGRAM) {
+        out.push((NODE_TC_PROGRAM, count(NODE_TC_PROGRAM)));
+    }
+    out
 }
 
 /// `load_migrating`, with the datapath's debug messages at `log`.

@@ -2038,35 +2038,60 @@ fn the_agent_runs_with_the_daemonsets_capabilities_and_names_a_missing_one() {
 #[test]
 fn a_nodeport_upload_to_a_remote_backend_across_a_smaller_mtu_completes() {
     let Some(lab) = lab() else { return };
-    // The path node-1 -> node-2 gets a smaller MTU (1400) than the clients' links (1500).
-    // Locked: the kernel's forwarding honours a route MTU either way, but its FIB helper for
-    // programs only a locked one (or the device's MTU, as a real underlay would have).
+    narrow_the_path_to_node_2(&lab);
+    upload_across_a_smaller_mtu(&lab, "XDP");
+}
+
+/// The same with the TC program on the node interfaces (`--node-hook tc`: `lb_tc_node`).
+#[test]
+fn with_node_hook_tc_a_nodeport_upload_across_a_smaller_mtu_completes() {
+    let Some(mut lab) = lab() else { return };
+    narrow_the_path_to_node_2(&lab);
+    lab.stop_agent(1);
+    lab.start_agent(1, &["--node-hook", "tc"]).unwrap();
+    assert!(lab.agent_log(1).contains("lb_tc_node loaded"), "{}", lab.agent_log(1));
+    upload_across_a_smaller_mtu(&lab, "TC");
+}
+
+/// Gives node-1's path to node-2 a smaller MTU (1400) than the clients' links (1500).
+/// Locked: the kernel's forwarding honours a route MTU either way, but its FIB helper for
+/// programs only a locked one (or the device's MTU, as a real underlay would have).
+fn narrow_the_path_to_node_2(lab: &Lab) {
     let node1 = lab.node_netns(1);
     lab::sh(&mut lab::in_ns(
         &node1,
         &["ip", "route", "replace", "198.18.2.0/24", "via", &node_ip(2).to_string(), "mtu", "lock", "1400"],
     ))
     .unwrap();
+}
+
+/// A 1 MiB upload from the external client through node-1's NodePort to web-3 on node-2,
+/// across the narrowed path: it completes because `hook` (the node interface's program)
+/// answers the client's too-big segments.
+fn upload_across_a_smaller_mtu(lab: &Lab, hook: &str) {
     let web3 = lab.pod("web-3").clone();
-    apply(&lab, &(web("NodePort", "") + &web_slice(&[(&web3, READY)])), "service up", || {
+    apply(lab, &(web("NodePort", "") + &web_slice(&[(&web3, READY)])), "service up", || {
         matches!(tcp_ask(&lab.ext_ns(), sa(node_ip(1), 30080), ASK), Answer::Reply(..))
     });
     let answered = || lab.counted(1, lb_common::verdict::Reason::FragNeeded).unwrap();
     let before = answered();
-    // 1 MiB as one line from the external client through node-1's NodePort, source-NATed to
-    // web-3 on node-2; web-3 answers once it has the whole line. Full-size segments exceed
-    // the route: node-1's stack would send its "fragmentation needed" to the translated
-    // source, itself, and the upload would hang (frag_needed stays 0 without `pmtu`). The
-    // XDP program answers the client instead, which lowers its segment size.
+    // 1 MiB as one line, source-NATed to web-3; web-3 answers once it has the whole line.
+    // Full-size segments exceed the route: node-1's stack would send its "fragmentation
+    // needed" to the translated source, itself, and the upload would hang (frag_needed stays
+    // 0 without `pmtu`). The program answers the client instead, which lowers its segment
+    // size.
     let to = sa(node_ip(1), 30080);
     let (answer, took) = upload_a_mebibyte(&lab.ext_ns(), to).unwrap_or_else(|e| {
         panic!(
-            "the upload did not complete: {e} ({} answers)\nnode-1 agent:\n{}",
+            "the upload did not complete ({hook}): {e} ({} answers)\nnode-1 agent:\n{}",
             answered() - before,
             lab.agent_log(1)
         )
     });
-    println!("1 MiB upload across the 1400-byte path: {took:?}, {} frag-needed answers", answered() - before);
+    println!(
+        "1 MiB upload across the 1400-byte path ({hook}): {took:?}, {} frag-needed answers",
+        answered() - before
+    );
     assert!(answer.starts_with("web-3 "), "{answer:?}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(answered() > before, "no fragmentation-needed answer counted");

@@ -1111,13 +1111,12 @@ impl Drop for FibNetns {
     }
 }
 
-#[test]
-fn a_translated_packet_too_big_for_its_route_is_answered_quoting_it_as_it_arrived() {
-    require_root!();
-    // Backends behind a route with a (locked) 1400-byte MTU, forwarding on: what the FIB
-    // helper needs to answer FRAG_NEEDED.
+/// A namespace whose backends sit behind a route with a (locked) 1400-byte MTU, forwarding
+/// on (what the FIB helper needs to answer FRAG_NEEDED), and a datapath in it with an IPv4
+/// and an IPv6 Service there and `Config::mtu_floor` 1300; `body` runs in it.
+fn behind_a_1400_byte_route(tag: &str, body: impl FnOnce(&mut Loaded) + Send + 'static) {
     let ns = FibNetns::new(
-        "pmtu",
+        tag,
         &[
             "link add d0 type veth peer name d1",
             "link set d0 up",
@@ -1133,7 +1132,7 @@ fn a_translated_packet_too_big_for_its_route_is_answered_quoting_it_as_it_arrive
             .unwrap();
         assert!(out.status.success(), "{key}");
     }
-    // BPF_PROG_TEST_RUN runs XDP on the calling thread's namespace's loopback.
+    // BPF_PROG_TEST_RUN runs the programs on the calling thread's namespace's loopback.
     lb_tests::lab::in_netns(&ns.0, || {
         let mut l = Loaded::new();
         program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &[Be { id: 1, ip: "198.18.2.10", port: 9376 }], 0, 0);
@@ -1146,7 +1145,32 @@ fn a_translated_packet_too_big_for_its_route_is_answered_quoting_it_as_it_arrive
             0,
         );
         l.dp.set_config(&Config { mtu_floor: 1300, ..Config::default() }).unwrap();
-        for (client, vip, v6) in [(CLIENT4, VIP4, false), (CLIENT6, VIP6, true)] {
+        body(&mut l);
+    })
+    .unwrap();
+}
+
+/// Checks that `out` is the too-big answer (ICMP type 3 code 4 / ICMPv6 type 2, MTU 1400)
+/// from `vip` to `client`, quoting `input`'s IP header and 8 bytes of TCP as they arrived.
+fn assert_too_big_answer(out: &[u8], input: &[u8], client: &str, vip: &str) {
+    let v6 = ip(vip).is_ipv6();
+    let seen = inspect(out);
+    let want = if v6 { (2, 0) } else { (3, 4) };
+    assert_eq!((seen.src, seen.dst, seen.icmp), (ip(vip), ip(client), Some(want)));
+    // The route's MTU in the last 16 bits of the header (IPv6: of the 32-bit field).
+    assert_eq!(u16::from_be_bytes([seen.l4[6], seen.l4[7]]), 1400);
+    assert_eq!(&seen.l4[4..6], &[0, 0]);
+    // The quote: the IP header and 8 bytes of TCP exactly as the client sent them (the
+    // packet had been translated before it turned out too big).
+    let l3 = if v6 { 40 } else { 20 };
+    assert_eq!(&seen.l4[8..], &input[14..14 + l3 + 8]);
+}
+
+#[test]
+fn a_translated_packet_too_big_for_its_route_is_answered_quoting_it_as_it_arrived() {
+    require_root!();
+    behind_a_1400_byte_route("pmtu", |l| {
+        for (client, vip) in [(CLIENT4, VIP4), (CLIENT6, VIP6)] {
             let syn = Spec::tcp(client, 40000, vip, 80);
             assert_eq!(l.run_xdp(&syn.build()).0, XDP_PASS, "the SYN is small: translated");
             // A full-size segment with DF (IPv6: always): too big for the 1400-byte route.
@@ -1156,21 +1180,12 @@ fn a_translated_packet_too_big_for_its_route_is_answered_quoting_it_as_it_arrive
             let input = big.build();
             let (rc, out) = l.run_xdp(&input);
             assert_eq!(rc, XDP_TX, "answered, not passed");
-            let seen = inspect(&out);
-            let want = if v6 { (2, 0) } else { (3, 4) };
-            assert_eq!((seen.src, seen.dst, seen.icmp), (ip(vip), ip(client), Some(want)));
-            // The route's MTU in the last 16 bits of the header (IPv6: of the 32-bit field).
-            assert_eq!(u16::from_be_bytes([seen.l4[6], seen.l4[7]]), 1400);
-            assert_eq!(&seen.l4[4..6], &[0, 0]);
-            // The quote: the IP header and 8 bytes of TCP exactly as the client sent them
-            // (the packet had been translated before it turned out too big).
-            let l3 = if v6 { 40 } else { 20 };
-            assert_eq!(&seen.l4[8..], &input[14..14 + l3 + 8]);
+            assert_too_big_answer(&out, &input, client, vip);
             // Smaller ones still pass, translated.
             let small = Spec::tcp(client, 40000, vip, 80).flags(TCP_ACK).payload(&[1; 1000]);
             assert_eq!(l.run_xdp(&small.build()).0, XDP_PASS);
         }
-        assert_eq!(reason(&l, Reason::FragNeeded), 2);
+        assert_eq!(reason(l, Reason::FragNeeded), 2);
         // Without DF an IPv4 packet is the stack's to fragment: passed.
         let mut no_df = Spec::tcp(CLIENT4, 40000, VIP4, 80).flags(TCP_ACK).payload(&[0x5a; 1400]);
         no_df.seq = 2401;
@@ -1180,9 +1195,51 @@ fn a_translated_packet_too_big_for_its_route_is_answered_quoting_it_as_it_arrive
         let mut big = Spec::tcp(CLIENT4, 40000, VIP4, 80).flags(TCP_ACK).payload(&[0x5a; 1400]);
         big.frag = 0x4000;
         assert_eq!(l.run_xdp(&big.build()).0, XDP_PASS);
-        assert_eq!(reason(&l, Reason::FragNeeded), 2);
-    })
-    .unwrap();
+        assert_eq!(reason(l, Reason::FragNeeded), 2);
+    });
+}
+
+/// The same on the node interfaces with `--node-hook tc` (`lb_tc_node`), where a packet may
+/// stand for many segments (GRO on the node interface, GSO from a local socket): what must
+/// fit the route is one segment, as in the stack's forwarding check. `lb_tc_pod` (pods, whose
+/// MTU the CNI sets to fit) leaves it to the stack.
+#[test]
+fn at_tc_on_node_interfaces_a_packet_too_big_for_its_route_is_answered_and_a_gso_packet_is_judged_by_its_segments()
+ {
+    require_root!();
+    behind_a_1400_byte_route("pmtutc", |l| {
+        l.load_node_tc();
+        for (client, vip) in [(CLIENT4, VIP4), (CLIENT6, VIP6)] {
+            let syn = Spec::tcp(client, 40002, vip, 80);
+            assert_eq!(l.run_tc_node(&syn.build(), 0, 0).0, TC_ACT_UNSPEC, "the SYN is small: translated");
+            let segment = |seq: u32, payload: usize| {
+                let mut s = Spec::tcp(client, 40002, vip, 80).flags(TCP_ACK).payload(&vec![0x5a; payload]);
+                s.frag = 0x4000;
+                s.seq = seq;
+                s.build()
+            };
+            // One 1400-byte payload: too big; answered back out of the interface it came in on.
+            let input = segment(1001, 1400);
+            let (rc, out) = l.run_tc_node(&input, 0, 0);
+            assert_eq!(rc, TC_ACT_REDIRECT, "answered, not passed");
+            assert_too_big_answer(&out, &input, client, vip);
+            // The pod interfaces' program passes it on, translated.
+            assert_eq!(l.run_tc(&input).0, TC_ACT_UNSPEC, "lb_tc_pod leaves it to the stack");
+            // Two segments of 1300 bytes in one GSO packet (2 600 bytes): each fits the
+            // 1400-byte route, so it is translated and passed, not answered.
+            let (rc, out) = l.run_tc_node(&segment(2401, 2600), 1300, 2);
+            assert_eq!(rc, TC_ACT_UNSPEC, "segments that fit: passed");
+            assert_eq!(inspect(&out).icmp, None, "still the TCP segment");
+            // A single packet of the same 2 600 bytes is too big; so are two segments of 1380
+            // bytes (1 420 and 1 440 bytes of IP each).
+            assert_eq!(l.run_tc_node(&segment(5001, 2600), 0, 0).0, TC_ACT_REDIRECT);
+            let input = segment(7601, 2760);
+            let (rc, out) = l.run_tc_node(&input, 1380, 2);
+            assert_eq!(rc, TC_ACT_REDIRECT);
+            assert_too_big_answer(&out, &input, client, vip);
+        }
+        assert_eq!(reason(l, Reason::FragNeeded), 6);
+    });
 }
 
 /// An ICMP error from `router` to `to` quoting the first 28 (IPv4) / 48 (IPv6) bytes of IP
@@ -1255,12 +1312,18 @@ fn icmp_errors_about_translated_flows_are_translated_back_for_their_sender() {
 }
 
 /// The verifier walks every path of each program, up to `VERIFIER_BUDGET` instructions; a
-/// change that crosses it cannot load at all. Both programs keep a tenth of the budget free,
+/// change that crosses it cannot load at all. The big programs keep a tenth of the budget free,
 /// so the next change learns it is close here, with the figures, not from a failed load.
 #[test]
-fn both_programs_verify_with_a_tenth_of_the_budget_to_spare() {
+fn the_programs_verify_with_a_tenth_of_the_budget_to_spare() {
     require_root!();
-    let l = Loaded::new();
+    let mut l = Loaded::new();
+    l.load_node_tc();
+    assert_eq!(
+        lb_userspace::loader::verified_instructions(&l.ebpf).len(),
+        3,
+        "lb_xdp, lb_tc_pod, lb_tc_node"
+    );
     let limit = lb_userspace::loader::VERIFIER_BUDGET / 10 * 9;
     for (name, walked) in lb_userspace::loader::verified_instructions(&l.ebpf) {
         let walked = walked.expect("this kernel (6.18) reports verified instructions");

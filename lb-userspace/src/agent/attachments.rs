@@ -144,6 +144,26 @@ fn attach_node(
     Ok(how)
 }
 
+/// Loads `lb_tc_node` for `--node-hook tc` (the agent loads it only then), saying how long
+/// the verifier took and how much of its budget the program uses.
+fn load_node_tc(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let started = std::time::Instant::now();
+    crate::loader::load_node_tc(ebpf).context("--node-hook tc")?;
+    let walked = crate::loader::verified_instructions(ebpf)
+        .into_iter()
+        .find_map(|(name, n)| (name == crate::loader::NODE_TC_PROGRAM).then_some(n)?)
+        .map_or(String::new(), |n| {
+            format!(", {n} instructions verified of {}", crate::loader::VERIFIER_BUDGET)
+        });
+    log(format!(
+        "{} loaded for --node-hook tc in {:.1} s{walked}",
+        crate::loader::NODE_TC_PROGRAM,
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
 /// Records node interface `iface`'s attachment for `lb status` (and, for XDP, `/metrics`).
 fn note_node(status: &Shared, cfg: &AgentConfig, iface: &str, how: attach::Attached) {
     let mut st = lock(status);
@@ -227,6 +247,9 @@ impl Attachments {
         use anyhow::Context as _;
         let tc_patterns = links::Patterns::new(&cfg.tc_ifaces).context("--tc-iface")?;
         let present = links::interfaces();
+        if cfg.node_tc && !cfg.xdp_ifaces.is_empty() {
+            load_node_tc(&mut ebpf)?;
+        }
         for iface in &cfg.xdp_ifaces {
             let how = attach_node(&mut ebpf, cfg, iface)?;
             if let Err(e) = attach::accept_local(iface) {
