@@ -15,8 +15,9 @@
 //!   replaces in place; the link aya hands back is forgotten, so dropping it does not detach.
 //!
 //! TC has three hooks: `lb_tc_pod` on pod interfaces (`Hook::Tc`), with host routing
-//! `lb_tc_uplink` on the XDP interfaces (`Hook::Uplink`), and with `--node-hook tc` `lb_tc_pod`
-//! on the node interfaces instead of XDP (`Hook::NodeTc`); all take the same paths.
+//! `lb_tc_uplink` on the XDP interfaces (`Hook::Uplink`), and with `--node-hook tc`
+//! `lb_tc_node` (`lb_tc_pod` plus the too-big answer) on the node interfaces instead of XDP
+//! (`Hook::NodeTc`); all take the same paths.
 //!
 //! An agent that finds our program attached in another mode than it would choose keeps
 //! traffic flowing: a netlink XDP program of ours is replaced in place (the mode stays), and
@@ -105,7 +106,7 @@ pub enum Hook {
     Tc,
     /// `lb_tc_uplink` on the XDP interfaces (host routing of what XDP translated).
     Uplink,
-    /// `lb_tc_pod` on the node interfaces in place of XDP (`--node-hook tc`).
+    /// `lb_tc_node` on the node interfaces in place of XDP (`--node-hook tc`).
     NodeTc,
 }
 

@@ -43,13 +43,13 @@ pub struct AgentArgs {
     #[arg(long)]
     pub xdp_forward: bool,
     /// Where the node interfaces (`--xdp-iface`) run the datapath: `xdp`, before the node's
-    /// stack allocates anything; or `tc`, the TC program pod interfaces run, at their ingress
-    /// instead. `tc` is for interfaces without native XDP, where generic XDP copies and
-    /// linearizes large packets, and for veth node interfaces (kind and other Docker-based
-    /// nodes), where XDP receives every TCP segment a local socket sent only after copying
-    /// it. With `tc` there is no `--xdp-forward`, no answer to a translated packet too big
-    /// for its path (the stack's own "fragmentation needed" names the backend, which the
-    /// client cannot match), and unanswerable traffic costs an skb before it is dropped.
+    /// stack allocates anything; or `tc`, the TC program pod interfaces run, plus XDP's
+    /// "fragmentation needed" answer (`lb_tc_node`, loaded only then, which adds a few
+    /// seconds to the start), at their ingress instead. `tc` is for interfaces without native
+    /// XDP, where generic XDP copies and linearizes large packets, and for veth node
+    /// interfaces (kind and other Docker-based nodes), where XDP receives every TCP segment a
+    /// local socket sent only after copying it. With `tc` there is no `--xdp-forward`, and
+    /// unanswerable traffic costs an skb before it is dropped.
     #[arg(long, value_enum, default_value_t = NodeHook::Xdp)]
     pub node_hook: NodeHook,
     /// TC host routing (on; `--host-routing=false` turns it off): a packet the TC program
