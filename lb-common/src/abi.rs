@@ -454,7 +454,10 @@ pub const EVENT_REJECT: u8 = 2;
 pub const EVENT_NEW_FLOW: u8 = 3;
 /// `Event::hook`.
 pub const HOOK_XDP: u8 = 1;
+/// TC on a pod interface (`lb_tc_pod`).
 pub const HOOK_TC: u8 = 2;
+/// TC on a node interface (`lb_tc_node`, `--node-hook tc`).
+pub const HOOK_TC_NODE: u8 = 3;
 
 /// One datapath event in `lb_events` (ring buffer), for `lb monitor`: the packet's headers
 /// as they arrived and the verdict's reason.

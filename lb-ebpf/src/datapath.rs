@@ -18,12 +18,13 @@ use crate::{
     related, select, stats, zero,
 };
 
-/// `ANSWER_TOO_BIG`: whether a translated packet too big for its route is answered here
-/// (`pmtu`). On at XDP and in `lb_tc_node`; off in `lb_tc_pod`, where it would double the
-/// instructions the verifier walks (371 000 → 815 000 measured) for pods whose MTU, set by
-/// their CNI, fits the node's paths.
+/// `NODE_IFACE`: the program runs on a node interface (`lb_xdp`, `lb_tc_node`), where a
+/// translated packet too big for its route is answered here (`pmtu`), and `lb monitor` names
+/// the TC hook `tc-node`. Off in `lb_tc_pod`: the check would double the instructions the
+/// verifier walks (371 000 → 815 000 measured) for pods, whose MTU, set by their CNI, fits
+/// the node's paths.
 #[inline(always)]
-pub fn process<P: Packet, const ANSWER_TOO_BIG: bool>(pkt: &mut P) -> Outcome {
+pub fn process<P: Packet, const NODE_IFACE: bool>(pkt: &mut P) -> Outcome {
     let bytes = pkt.len();
     // SAFETY: all-zero `Headers` are valid (integers, bools, addresses).
     let mut h = core::mem::MaybeUninit::uninit();
@@ -37,7 +38,7 @@ pub fn process<P: Packet, const ANSWER_TOO_BIG: bool>(pkt: &mut P) -> Outcome {
         // limit.
         Ok(()) => match handle(pkt, h, bytes) {
             (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply)
-                if ANSWER_TOO_BIG && pmtu::over_floor(pkt, h) && pmtu::exceeded(pkt, h) =>
+                if NODE_IFACE && pmtu::over_floor(pkt, h) && pmtu::exceeded(pkt, h) =>
             {
                 unpack(pmtu::answer(pkt, h))
             }
@@ -52,7 +53,8 @@ pub fn process<P: Packet, const ANSWER_TOO_BIG: bool>(pkt: &mut P) -> Outcome {
         Err(out) => out,
     };
     stats::reason(out.1, bytes);
-    events::verdict(pkt, h, out, bytes);
+    let hook = if NODE_IFACE && P::HOOK == HOOK_TC { HOOK_TC_NODE } else { P::HOOK };
+    events::verdict(pkt, h, out, bytes, hook);
     out
 }
 

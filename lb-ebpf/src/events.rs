@@ -20,16 +20,16 @@ use crate::{
 };
 
 /// Reports a drop or a rejection (`out`) of packet `h`, or a new flow (sampled), if a
-/// monitor wants it.
+/// monitor wants it; `hook` is `Event::hook`.
 #[inline(always)]
-pub fn verdict<P: Packet>(pkt: &P, h: &Headers, out: (Action, Reason), bytes: u32) {
+pub fn verdict<P: Packet>(pkt: &P, h: &Headers, out: (Action, Reason), bytes: u32, hook: u8) {
     let kind = match out {
         (Action::Drop, _) => EVENT_DROP,
         (Action::Bounce, _) => EVENT_REJECT,
         (Action::Pass, Reason::NewFlow) => EVENT_NEW_FLOW,
         (Action::Pass, _) => return,
     };
-    emit(h, (kind as u32) << 8 | out.1 as u32, pkt.ifindex(), P::HOOK as u32, bytes);
+    emit(h, (kind as u32) << 8 | out.1 as u32, pkt.ifindex(), hook as u32, bytes);
 }
 
 /// Not inlined: its frame stays off the packet paths' stack, and the drop paths share it.

@@ -81,13 +81,13 @@ pub fn lb_tc_node(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn tc<const ANSWER_TOO_BIG: bool>(ctx: TcContext) -> i32 {
+fn tc<const NODE_IFACE: bool>(ctx: TcContext) -> i32 {
     let mut ctx = ctx;
     let want = if ctx.len() < TC_PULL_LEN { ctx.len() } else { TC_PULL_LEN };
     if ctx.data_end() - ctx.data() < want as usize {
         let _ = ctx.pull_data(want);
     }
-    match datapath::process::<_, ANSWER_TOO_BIG>(&mut ctx) {
+    match datapath::process::<_, NODE_IFACE>(&mut ctx) {
         (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply | Reason::FragmentFollowed) => {
             host_route::translated(&ctx, host_route::Hop::Any).unwrap_or(TC_ACT_UNSPEC)
         }

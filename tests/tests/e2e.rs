@@ -773,6 +773,11 @@ fn node_hook_tc_serves_the_node_interfaces_without_xdp() {
         assert_eq!(clients, BTreeSet::from([EXT_IP.to_string(), node_ip(1).to_string()]), "{p:?}");
     }
     assert!(matches!(curl(&ext, &format!("http://{}:30080/", node_ip(1))), Answer::Reply(..)));
+    // `lb monitor` names the hook: TC on a node interface.
+    let e = first_new_flow_event(&lab, || {
+        let _ = tcp_ask(&ext, sa(node_ip(1), 30080), ASK);
+    });
+    assert_eq!((e["interface"].as_str(), e["hook"].as_str()), (Some("eth0"), Some("tc-node")), "{e}");
     let ns = lab.pod("client").ns.clone();
     for p in [Proto::Tcp, Proto::Udp] {
         let (seen, clients) = reach_all(&ns, sa(vip(), 80), p, &["web-1", "web-2", "web-3"]);
@@ -786,6 +791,25 @@ fn node_hook_tc_serves_the_node_interfaces_without_xdp() {
     assert!(!status(&lab, 1).2.contains("tc-node"), "{}", status(&lab, 1).2);
     let (seen, _) = reach_all(&ext, sa(node_ip(1), 30080), Proto::Tcp, &["web-1", "web-2", "web-3"]);
     assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+/// The first new-flow event `lb monitor -o json` shows on node-1 while `traffic` runs.
+fn first_new_flow_event(lab: &Lab, traffic: impl Fn()) -> serde_json::Value {
+    use std::io::BufRead as _;
+    let (lb, pin_dir) = (lab.state.bins.lb.to_string_lossy().into_owned(), lab.pin_dir(1));
+    let args = [&lb, "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json", "--type", "new-flow"];
+    let mut monitor = lab::in_ns(&lab.node_netns(1), &[&args[..], &["--count", "1"]].concat())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It says so once its lease is set.
+    let mut said = String::new();
+    std::io::BufReader::new(monitor.stderr.take().unwrap()).read_line(&mut said).unwrap();
+    assert!(said.contains("monitor:"), "{said}");
+    traffic();
+    let out = wait_child(&mut monitor, Duration::from_secs(10));
+    serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out:?}"))
 }
 
 /// One agent per pin dir: a second `lb agent` on node-1's pin dir exits at once, naming the

@@ -167,7 +167,7 @@ pub fn run(args: MonitorArgs, pin_dir: &Path, json: bool) -> anyhow::Result<()> 
                 println!("{}", serde_json::to_string(&s)?);
             } else {
                 println!(
-                    "{} {:<14} {:<3} {:<8} {:<24} {:<4} {} -> {}{}{} ({} bytes)",
+                    "{} {:<14} {:<7} {:<8} {:<24} {:<4} {} -> {}{}{} ({} bytes)",
                     s.time,
                     s.interface,
                     s.hook,
@@ -232,7 +232,11 @@ fn show(e: &Event, ifaces: &BTreeMap<u32, String>, service: Option<&FrontendName
     Shown {
         time: wall_clock(e.time_ns),
         interface: ifaces.get(&e.ifindex).cloned().unwrap_or_else(|| format!("if{}", e.ifindex)),
-        hook: if e.hook == HOOK_XDP { "xdp" } else { "tc" },
+        hook: match e.hook {
+            HOOK_XDP => "xdp",
+            HOOK_TC_NODE => "tc-node",
+            _ => "tc",
+        },
         kind: [Kind::Drop, Kind::Reject, Kind::NewFlow]
             .into_iter()
             .find(|k| k.event() == e.kind)
