@@ -793,20 +793,27 @@ fn node_hook_tc_serves_the_node_interfaces_without_xdp() {
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
 
-/// The first new-flow event `lb monitor -o json` shows on node-1 while `traffic` runs.
-fn first_new_flow_event(lab: &Lab, traffic: impl Fn()) -> serde_json::Value {
+/// `lb monitor -o json` with `extra` on node-1, once it has said (on stderr, which then
+/// closes for us) that its lease is set.
+fn start_monitor(lab: &Lab, extra: &[&str]) -> std::process::Child {
     use std::io::BufRead as _;
     let (lb, pin_dir) = (lab.state.bins.lb.to_string_lossy().into_owned(), lab.pin_dir(1));
-    let args = [&lb, "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json", "--type", "new-flow"];
-    let mut monitor = lab::in_ns(&lab.node_netns(1), &[&args[..], &["--count", "1"]].concat())
+    let mut args = vec![lb.as_str(), "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json"];
+    args.extend_from_slice(extra);
+    let mut child = lab::in_ns(&lab.node_netns(1), &args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // It says so once its lease is set.
     let mut said = String::new();
-    std::io::BufReader::new(monitor.stderr.take().unwrap()).read_line(&mut said).unwrap();
+    std::io::BufReader::new(child.stderr.take().unwrap()).read_line(&mut said).unwrap();
     assert!(said.contains("monitor:"), "{said}");
+    child
+}
+
+/// The first new-flow event `lb monitor -o json` shows on node-1 while `traffic` runs.
+fn first_new_flow_event(lab: &Lab, traffic: impl Fn()) -> serde_json::Value {
+    let mut monitor = start_monitor(lab, &["--type", "new-flow", "--count", "1"]);
     traffic();
     let out = wait_child(&mut monitor, Duration::from_secs(10));
     serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out:?}"))
@@ -1626,7 +1633,6 @@ fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fil
 /// addresses and Service. Without a monitor the datapath writes no event, also once one has exited.
 #[test]
 fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a_reader() {
-    use std::io::BufRead as _;
     let Some(lab) = lab() else { return };
     let all = pods(&lab, &["web-1", "web-2", "web-3"]);
     let (client, client_ip, client_if) = {
@@ -1643,19 +1649,8 @@ fn monitor_shows_drops_and_rejects_with_their_reason_and_costs_nothing_without_a
     assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
     assert_eq!(sent(), before, "an event written with no monitor running");
 
-    let (lb, pin_dir) = (lab.state.bins.lb.to_string_lossy().into_owned(), lab.pin_dir(1));
-    let mut monitor = lab::in_ns(
-        &lab.node_netns(1),
-        &[&lb, "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json", "--count", "5"],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    // It says so once its lease is set.
-    let mut said = String::new();
-    std::io::BufReader::new(monitor.stderr.take().unwrap()).read_line(&mut said).unwrap();
-    assert!(said.contains("monitor:"), "{said}");
+    let pin_dir = lab.pin_dir(1);
+    let mut monitor = start_monitor(&lab, &["--count", "5"]);
     assert_eq!(tcp_ask(&client, sa(vip(), 81), ASK), Answer::Refused);
     assert_eq!(udp_ask(&client, sa(vip(), 81), 0, ASK), Answer::Refused);
     let w3 = lab.pod("web-3").clone();
@@ -2266,25 +2261,11 @@ fn bpf_log_debug_brings_the_datapaths_refusals_into_the_agent_log() {
 /// bounds a fair sampler misses once in millions of runs).
 #[test]
 fn monitor_shows_new_flows_with_their_backend_one_in_the_sample() {
-    use std::io::BufRead as _;
     let Some(lab) = lab() else { return };
     let all = pods(&lab, &["web-1", "web-2", "web-3"]);
     let client = lab.pod("client").ns.clone();
     web_up(&lab, &client, &all, Proto::Udp);
-    let (lb, pin_dir) = (lab.state.bins.lb.to_string_lossy().into_owned(), lab.pin_dir(1));
-    let monitor = |extra: &[&str]| {
-        let mut args = vec![lb.as_str(), "--pin-dir", pin_dir.to_str().unwrap(), "monitor", "-o", "json"];
-        args.extend_from_slice(extra);
-        let mut child = lab::in_ns(&lab.node_netns(1), &args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut said = String::new();
-        std::io::BufReader::new(child.stderr.take().unwrap()).read_line(&mut said).unwrap();
-        assert!(said.contains("new-flow"), "{said}");
-        child
-    };
+    let monitor = |extra: &[&str]| start_monitor(&lab, extra);
     let mut every = monitor(&["--type", "new-flow", "--count", "3"]);
     let mut answered = Vec::new();
     for _ in 0..3 {
