@@ -41,7 +41,7 @@ const IP_DF: u16 = 0x4000;
 #[inline(always)]
 pub fn over_floor<P: Packet>(pkt: &P, h: &Headers) -> bool {
     let floor = select::config_ref().map_or(0, |c| c.mtu_floor);
-    floor != 0 && forwarded_len(pkt, h.l3_off, h.l4_off, MAX_L4_HEADER) > floor
+    floor != 0 && forwarded_len(pkt, h, MAX_L4_HEADER) > floor
 }
 
 /// The longest TCP header (data offset 15).
@@ -52,13 +52,13 @@ const MAX_L4_HEADER: u32 = 60;
 /// stack counts it (`skb_gso_validate_network_len`). Without this, every large send of a
 /// pod's TCP socket (tens of kilobytes in one skb) would read as too big.
 #[inline(always)]
-fn forwarded_len<P: Packet>(pkt: &P, l3_off: usize, l4_off: usize, l4_header: u32) -> u32 {
-    let whole = pkt.len().saturating_sub(l3_off as u32);
+fn forwarded_len<P: Packet>(pkt: &P, h: &Headers, l4_header: u32) -> u32 {
+    let whole = pkt.len().saturating_sub(h.l3_off as u32);
     let gso = pkt.gso_size();
     if gso == 0 {
         return whole;
     }
-    let segment = (l4_off - l3_off) as u32 + l4_header + gso;
+    let segment = (h.l4_off - h.l3_off) as u32 + l4_header + gso;
     if segment < whole { segment } else { whole }
 }
 
@@ -66,17 +66,16 @@ fn forwarded_len<P: Packet>(pkt: &P, l3_off: usize, l4_off: usize, l4_header: u3
 /// scratch slot for `answer`.
 #[inline(never)]
 pub fn exceeded<P: Packet>(pkt: &P, h: &Headers) -> bool {
-    let (l3_off, l4_off) = (h.l3_off, h.l4_off);
     let l4_header = if pkt.gso_size() == 0 {
         0
     } else if h.proto == PROTO_TCP {
         // The data offset: the header's length in 32-bit words. Two bytes read: for one,
         // LLVM's bounds check takes a form the verifier does not follow.
-        read::<[u8; 2]>(pkt.data(), pkt.data_end(), l4_off + 12).map_or(20, |b| u32::from(b[0] >> 4) * 4)
+        read::<[u8; 2]>(pkt.data(), pkt.data_end(), h.l4_off + 12).map_or(20, |b| u32::from(b[0] >> 4) * 4)
     } else {
         8
     };
-    let len = forwarded_len(pkt, l3_off, l4_off, l4_header);
+    let len = forwarded_len(pkt, h, l4_header);
     let (data, end) = (pkt.data(), pkt.data_end());
     // In the scratch slot, not on the stack.
     let Some(s) = conntrack::scratch() else { return false };
@@ -91,7 +90,7 @@ pub fn exceeded<P: Packet>(pkt: &P, h: &Headers) -> bool {
     p.ifindex = pkt.ifindex();
     // The addresses as translated: read back from the packet.
     if h.v6 {
-        let (Some(src), Some(dst)) = (read(data, end, l3_off + 8), read(data, end, l3_off + 24)) else {
+        let (Some(src), Some(dst)) = (read(data, end, h.l3_off + 8), read(data, end, h.l3_off + 24)) else {
             return false;
         };
         p.family = AF_INET6;
@@ -99,8 +98,8 @@ pub fn exceeded<P: Packet>(pkt: &P, h: &Headers) -> bool {
         p.dst = dst;
     } else {
         // Without DF the stack fragments it.
-        let frag: u16 = read(data, end, l3_off + 6).unwrap_or(0);
-        let (Some(src), Some(dst)) = (read::<u32>(data, end, l3_off + 12), read(data, end, l3_off + 16))
+        let frag: u16 = read(data, end, h.l3_off + 6).unwrap_or(0);
+        let (Some(src), Some(dst)) = (read::<u32>(data, end, h.l3_off + 12), read(data, end, h.l3_off + 16))
         else {
             return false;
         };

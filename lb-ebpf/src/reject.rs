@@ -99,6 +99,19 @@ fn sum_packet(data: usize, end: usize, off: usize, len: usize) -> Result<u32, Re
     Ok(acc)
 }
 
+/// Reshapes the packet for an ICMP answer: `room` bytes (the new IP and ICMP headers) right
+/// after the `l2`-byte link header, then the first `quote` bytes of the original IP packet.
+#[inline(always)]
+fn make_room<P: Packet>(pkt: &mut P, l2: usize, room: usize, quote: usize) -> Result<(), Reason> {
+    if pkt.gso_size() != 0 {
+        // A GSO packet (TC) is cut first, which makes it a plain one: the kernel grows only
+        // GSO packets whose type it knows how to resegment.
+        pkt.truncate((l2 + room + quote) as u32)?;
+    }
+    pkt.grow_after_l2(l2, room as u32)?;
+    pkt.truncate((l2 + room + quote) as u32)
+}
+
 #[inline(always)]
 fn swap_macs(data: usize, end: usize) -> Result<(), Reason> {
     let dst: [u8; 6] = read(data, end, 0).ok_or(FAIL)?;
@@ -190,13 +203,7 @@ fn port_unreachable<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), Reason> {
     let l2 = h.l3_off;
     let quote = h.l4_off - h.l3_off + 8; // original IP header + 8 bytes of UDP
     let room: usize = if h.v6 { 40 + 8 } else { 20 + 8 };
-    if pkt.gso_size() != 0 {
-        // A GSO packet (TC) is cut first, which makes it a plain one: the kernel grows only
-        // GSO packets whose type it knows how to resegment.
-        pkt.truncate((l2 + room + quote) as u32)?;
-    }
-    pkt.grow_after_l2(l2, room as u32)?;
-    pkt.truncate((l2 + room + quote) as u32)?;
+    make_room(pkt, l2, room, quote)?;
     let (data, end) = (pkt.data(), pkt.data_end());
     swap_macs(data, end)?;
     let icmp_off = l2 + room - 8;
@@ -249,13 +256,7 @@ pub fn too_big<P: Packet>(pkt: &mut P, h: &Headers, mtu: u16) -> Result<(), Reas
     let l3_len = h.l4_off - h.l3_off;
     let quote = l3_len + 8;
     let room: usize = if h.v6 { 40 + 8 } else { 20 + 8 };
-    if pkt.gso_size() != 0 {
-        // A GSO packet (TC) is cut first, which makes it a plain one: the kernel grows only
-        // GSO packets whose type it knows how to resegment.
-        pkt.truncate((l2 + room + quote) as u32)?;
-    }
-    pkt.grow_after_l2(l2, room as u32)?;
-    pkt.truncate((l2 + room + quote) as u32)?;
+    make_room(pkt, l2, room, quote)?;
     let (data, end) = (pkt.data(), pkt.data_end());
     swap_macs(data, end)?;
     let icmp_off = l2 + room - 8;

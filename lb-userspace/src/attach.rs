@@ -63,8 +63,6 @@ pub enum AttachError {
     Link { program: &'static str, iface: String, reason: String },
     #[error("program {0} missing (was the object loaded?)")]
     Missing(&'static str),
-    #[error("loading {NODE_TC_PROGRAM} for {iface}: {source}")]
-    LoadNodeTc { iface: String, source: Box<crate::loader::LoadError> },
 }
 
 /// How a program ended up attached.
@@ -207,12 +205,6 @@ pub fn attach_pinned(
             xdp_netlink_attach(ebpf, iface)
         }
         Hook::Tc | Hook::Uplink | Hook::NodeTc => {
-            if hook == Hook::NodeTc {
-                crate::loader::load_node_tc(ebpf).map_err(|source| AttachError::LoadNodeTc {
-                    iface: iface.into(),
-                    source: Box::new(source),
-                })?;
-            }
             if !legacy.clsact
                 && let Some(done) = tcx_pinned(ebpf, hook, iface, &path)?
             {

@@ -195,14 +195,12 @@ pub const VERIFIER_BUDGET: u32 = 1_000_000;
 /// 5.16 say; `lb_tc_node` only once loaded): the headroom left under `VERIFIER_BUDGET` for
 /// the next feature.
 pub fn verified_instructions(ebpf: &Ebpf) -> Vec<(&'static str, Option<u32>)> {
-    let count =
-        |name| ebpf.program(name).and_then(|p| p.info().ok()).and_then(|i| i.verified_instruction_count());
-    let loaded = |name| {
-        ebpf.program(name).and_then(|p| <&SchedClassifier>::try_from(p).ok()).is_some_and(|p| p.fd().is_ok())
-    };
+    // A program's info is there once it is loaded.
+    let info = |name| ebpf.program(name).and_then(|p| p.info().ok());
+    let count = |name| info(name).and_then(|i| i.verified_instruction_count());
     let mut out = vec![(XDP_PROGRAM, count(XDP_PROGRAM)), (TC_PROGRAM, count(TC_PROGRAM))];
-    if loaded(NODE_TC_PROGRAM) {
-        out.push((NODE_TC_PROGRAM, count(NODE_TC_PROGRAM)));
+    if let Some(node) = info(NODE_TC_PROGRAM) {
+        out.push((NODE_TC_PROGRAM, node.verified_instruction_count()));
     }
     out
 }

@@ -94,15 +94,7 @@ impl Loaded {
 
     /// Runs `lb_tc_pod` once on `pkt` arriving on interface `ifindex`: the return code.
     pub fn run_tc_on(&self, pkt: &[u8], ifindex: u32) -> u32 {
-        let mut out = vec![0u8; pkt.len() + 256];
-        let ctx = skb_ctx(ifindex);
-        let opts = TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::new()
-        };
-        self.tc().test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+        run_with_skb(self.tc(), pkt, &skb_ctx(ifindex)).0
     }
 
     /// Loads `lb_tc_node` (`--node-hook tc`'s program), which the agent loads only when asked.
@@ -114,22 +106,27 @@ impl Loaded {
     /// `segments` segments of `gso_size` payload bytes each (`__sk_buff`'s `gso_segs` at byte
     /// 164, `gso_size` at 176), `gso_size` 0 for a plain one: (return code, output bytes).
     pub fn run_tc_node(&self, pkt: &[u8], gso_size: u32, segments: u32) -> (u32, Vec<u8>) {
-        let mut ctx = [0u8; 192];
+        let mut ctx = skb_ctx(0);
         ctx[164..168].copy_from_slice(&segments.to_ne_bytes());
         ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
-        let mut out = vec![0u8; pkt.len() + 256];
         let node: &SchedClassifier = self.ebpf.program(loader::NODE_TC_PROGRAM).unwrap().try_into().unwrap();
-        let r = node
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        run_with_skb(node, pkt, &ctx)
     }
+}
+
+/// A TC program once on `pkt` with the `struct __sk_buff` test context `ctx`: (return code,
+/// output bytes).
+fn run_with_skb(prog: &SchedClassifier, pkt: &[u8], ctx: &[u8; 192]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; pkt.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ctx_in: Some(ctx),
+        ..TestRunOptions::new()
+    };
+    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
 }
 
 /// A `struct __sk_buff` test context naming `ifindex` (its field at byte 40), the rest zero:
