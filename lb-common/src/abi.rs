@@ -458,6 +458,8 @@ pub const HOOK_XDP: u8 = 1;
 pub const HOOK_TC: u8 = 2;
 /// TC on a node interface (`lb_tc_node`, `--node-hook tc`).
 pub const HOOK_TC_NODE: u8 = 3;
+/// TC egress (`lb_tc_egress`): replies the node's own stack sends.
+pub const HOOK_TC_EGRESS: u8 = 4;
 
 /// One datapath event in `lb_events` (ring buffer), for `lb monitor`: the packet's headers
 /// as they arrived and the verdict's reason.

@@ -58,6 +58,58 @@ pub fn process<P: Packet, const NODE_IFACE: bool>(pkt: &mut P) -> Outcome {
     out
 }
 
+/// At TC egress (`lb_tc_egress`): a packet the node's own stack sends, in reply to a flow
+/// translated at ingress to a backend at one of the node's addresses (a hostNetwork pod,
+/// as the API server behind `kubernetes.default` is on a control-plane node). Such a reply
+/// passes no ingress hook of ours: its source goes back to the frontend here, as netfilter's
+/// conntrack does on output for kube-proxy. So do the later fragments of such a reply and an
+/// ICMP error the stack sends about such a flow. Everything else (forwarded packets, the
+/// node's other traffic) passes untouched and uncounted.
+#[inline(always)]
+pub fn stack_reply<P: Packet>(pkt: &mut P) -> Action {
+    let bytes = pkt.len();
+    // SAFETY: all-zero `Headers` are valid (integers, bools, addresses).
+    let mut h = core::mem::MaybeUninit::uninit();
+    let h: &mut Headers = unsafe { zero::zeroed(&mut h) };
+    let out = match parse(pkt.data(), pkt.data_end(), h) {
+        // A reply's source is a backend address, listed in the pre-filter.
+        Ok(()) if !listed(&h.src) => return Action::Pass,
+        Ok(()) if h.frag == FRAG_LATER => unpack(later_fragment(pkt, h, bytes)),
+        Ok(()) => unpack(stack_reply_flow(pkt, h, bytes)),
+        Err((Action::Pass, Reason::NotTcpUdp)) if listed(&h.src) => unpack(related::translate(pkt)),
+        Err(_) => return Action::Pass,
+    };
+    if out.0 == Action::Pass
+        && !matches!(out.1, Reason::Reply | Reason::FragmentFollowed | Reason::IcmpRelated)
+    {
+        return Action::Pass;
+    }
+    stats::reason(out.1, bytes);
+    events::verdict(pkt, h, out, bytes, HOOK_TC_EGRESS);
+    out.0
+}
+
+/// `stack_reply` for a TCP segment or UDP datagram: translated if it is the reply direction
+/// of a flow, else `(Pass, NoFrontend)`. Not inlined: the flow value stays out of the entry
+/// function's frame.
+#[inline(never)]
+fn stack_reply_flow<P: Packet>(pkt: &mut P, h: &Headers, bytes: u32) -> u32 {
+    let Some(s) = conntrack::scratch() else { return pack(Action::Drop, Reason::MapError) };
+    // SAFETY: this CPU's scratch slot, used by this packet only.
+    let (key, v) = unsafe { (&mut (*s).key, &mut (*s).flow) };
+    *key = conntrack::flow_key(h);
+    match conntrack::lookup(key, v) {
+        Some(p) if v.direction == FLOW_REPLY => {
+            conntrack::touch(key, p, v, h, conntrack::now());
+            match translate(pkt, h, Side::Src, v, bytes) {
+                Ok(()) => pack(Action::Pass, Reason::Reply),
+                Err(r) => pack(Action::Drop, r),
+            }
+        }
+        _ => pack(Action::Pass, Reason::NoFrontend),
+    }
+}
+
 /// Whether neither address of the packet is listed in the address pre-filter
 /// (`lb_common::addr_filter`). A failed read counts as listed: the full lookups decide.
 /// Inlined: a BPF-to-BPF call costs ~10 ns where returns go through a mitigation thunk

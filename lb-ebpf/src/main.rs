@@ -3,7 +3,8 @@
 //! replies from local backends), `lb_tc_uplink` at TC ingress of the node interfaces with
 //! host routing on (what `lb_xdp` translated for a local pod goes straight into it,
 //! `host_route`), `lb_tc_node` on the node interfaces in place of `lb_xdp` with `--node-hook
-//! tc`. `lb_xdp` and the TC programs run the same decision (`datapath::process`); this
+//! tc`, `lb_tc_egress` at TC egress of both kinds of interface (replies the node's own stack
+//! sends for a backend at one of its addresses). `lb_xdp` and the TC programs run the same decision (`datapath::process`); this
 //! file only maps verdicts to each hook's return codes, in one place. The `lb_connect*`,
 //! `lb_sendmsg*`, `lb_recvmsg*` and `lb_getpeername*` programs serve the node's own sockets
 //! at connect time (`sock`).
@@ -65,6 +66,14 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// Headers we may touch must be in the linear part of the skb for direct access.
 const TC_PULL_LEN: u32 = 128;
 
+#[inline(always)]
+fn pull_headers(ctx: &mut TcContext) {
+    let want = if ctx.len() < TC_PULL_LEN { ctx.len() } else { TC_PULL_LEN };
+    if ctx.data_end() - ctx.data() < want as usize {
+        let _ = ctx.pull_data(want);
+    }
+}
+
 /// Pod interfaces (traffic leaving pods).
 #[classifier]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
@@ -83,10 +92,7 @@ pub fn lb_tc_node(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn tc<const NODE_IFACE: bool>(ctx: TcContext) -> i32 {
     let mut ctx = ctx;
-    let want = if ctx.len() < TC_PULL_LEN { ctx.len() } else { TC_PULL_LEN };
-    if ctx.data_end() - ctx.data() < want as usize {
-        let _ = ctx.pull_data(want);
-    }
+    pull_headers(&mut ctx);
     match datapath::process::<_, NODE_IFACE>(&mut ctx) {
         (Action::Pass, Reason::NewFlow | Reason::FlowHit | Reason::Reply | Reason::FragmentFollowed) => {
             host_route::translated(&ctx, host_route::Hop::Any).unwrap_or(TC_ACT_UNSPEC)
@@ -111,6 +117,24 @@ pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     host_route::translated(&ctx, host_route::Hop::PodOnly).unwrap_or(TC_ACT_UNSPEC)
+}
+
+/// TC egress of the pod and node interfaces: replies the node's own stack sends for flows
+/// translated to a backend at one of its addresses (`datapath::stack_reply`). Only packets
+/// the node originated: a forwarded packet came in through an interface (and our ingress
+/// hooks) and leaves at once.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    // SAFETY: the program's own skb; a plain field.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return TC_ACT_UNSPEC;
+    }
+    let mut ctx = ctx;
+    pull_headers(&mut ctx);
+    match datapath::stack_reply(&mut ctx) {
+        Action::Drop => TC_ACT_SHOT,
+        _ => TC_ACT_UNSPEC,
+    }
 }
 
 // Connect-time load balancing for the node's own sockets (`sock`).

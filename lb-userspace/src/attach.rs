@@ -14,10 +14,11 @@
 //!   `CLSACT_PRIORITY` and the hook's handle (`Hook::clsact_handle`), which the next agent
 //!   replaces in place; the link aya hands back is forgotten, so dropping it does not detach.
 //!
-//! TC has three hooks: `lb_tc_pod` on pod interfaces (`Hook::Tc`), with host routing
-//! `lb_tc_uplink` on the XDP interfaces (`Hook::Uplink`), and with `--node-hook tc`
+//! TC has four hooks: `lb_tc_pod` on pod interfaces (`Hook::Tc`), with host routing
+//! `lb_tc_uplink` on the XDP interfaces (`Hook::Uplink`), with `--node-hook tc`
 //! `lb_tc_node` (`lb_tc_pod` plus the too-big answer) on the node interfaces instead of XDP
-//! (`Hook::NodeTc`); all take the same paths.
+//! (`Hook::NodeTc`), all three at ingress, and `lb_tc_egress` at the egress of both kinds
+//! (`Hook::Egress`); all take the same paths.
 //!
 //! An agent that finds our program attached in another mode than it would choose keeps
 //! traffic flowing: a netlink XDP program of ours is replaced in place (the mode stays), and
@@ -42,7 +43,7 @@ use aya::{
 };
 
 use crate::{
-    loader::{NODE_TC_PROGRAM, TC_PROGRAM, UPLINK_PROGRAM, XDP_PROGRAM},
+    loader::{EGRESS_PROGRAM, NODE_TC_PROGRAM, TC_PROGRAM, UPLINK_PROGRAM, XDP_PROGRAM},
     xdp_netlink,
 };
 
@@ -106,6 +107,9 @@ pub enum Hook {
     Uplink,
     /// `lb_tc_node` on the node interfaces in place of XDP (`--node-hook tc`).
     NodeTc,
+    /// `lb_tc_egress` at TC egress of pod and node interfaces (replies of the node's own
+    /// stack).
+    Egress,
 }
 
 impl Hook {
@@ -115,6 +119,7 @@ impl Hook {
             Hook::Tc => "tc",
             Hook::Uplink => "uplink",
             Hook::NodeTc => "nodetc",
+            Hook::Egress => "egress",
         }
     }
 
@@ -123,8 +128,13 @@ impl Hook {
         match self {
             Hook::Uplink => UPLINK_PROGRAM,
             Hook::NodeTc => NODE_TC_PROGRAM,
+            Hook::Egress => EGRESS_PROGRAM,
             Hook::Tc | Hook::Xdp => TC_PROGRAM,
         }
+    }
+
+    fn tc_direction(self) -> TcAttachType {
+        if self == Hook::Egress { TcAttachType::Egress } else { TcAttachType::Ingress }
     }
 
     /// Each TC hook's clsact filter has a handle of its own: an interface may carry both.
@@ -134,6 +144,7 @@ impl Hook {
             match self {
                 Hook::Uplink => 2,
                 Hook::NodeTc => 3,
+                Hook::Egress => 4,
                 Hook::Xdp | Hook::Tc => 1,
             },
         )
@@ -204,7 +215,7 @@ pub fn attach_pinned(
             }
             xdp_netlink_attach(ebpf, iface)
         }
-        Hook::Tc | Hook::Uplink | Hook::NodeTc => {
+        Hook::Tc | Hook::Uplink | Hook::NodeTc | Hook::Egress => {
             if !legacy.clsact
                 && let Some(done) = tcx_pinned(ebpf, hook, iface, &path)?
             {
@@ -338,7 +349,7 @@ fn tcx_pinned(
     let prog = tc_program(ebpf, program, iface)?;
     let (how, id) = match replaced {
         Some(id) => (Attached::Replaced, id),
-        None => match prog.attach(iface, TcAttachType::Ingress) {
+        None => match prog.attach(iface, hook.tc_direction()) {
             Ok(id) => (Attached::Tcx, id),
             Err(_) => return Ok(None),
         },
@@ -367,14 +378,14 @@ fn clsact_attach(ebpf: &mut Ebpf, hook: Hook, iface: &str) -> Result<(Attached, 
     let _ = qdisc_add_clsact(iface);
     let (program, handle) = (hook.tc_program(), hook.clsact_handle());
     let prog = tc_program(ebpf, program, iface)?;
-    let ours = SchedClassifierLink::attached(iface, TcAttachType::Ingress, CLSACT_PRIORITY, handle, None)
+    let ours = SchedClassifierLink::attached(iface, hook.tc_direction(), CLSACT_PRIORITY, handle, None)
         .map_err(link_err(program, iface))?;
     let (how, id) = match prog.attach_to_link(ours) {
         Ok(id) => (Attached::Replaced, id),
         Err(_) => {
             let options = NlOptions { priority: CLSACT_PRIORITY, handle, classid: None };
             let id = prog
-                .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(options))
+                .attach_with_options(iface, hook.tc_direction(), TcAttachOptions::Netlink(options))
                 .map_err(program_err(program, iface))?;
             (Attached::TcClsact, id)
         }
@@ -387,13 +398,9 @@ fn clsact_attach(ebpf: &mut Ebpf, hook: Hook, iface: &str) -> Result<(Attached, 
 
 /// Removes our clsact filter of `hook` from `iface`, if there is one.
 fn remove_clsact(iface: &str, hook: Hook) {
-    if let Ok(link) = SchedClassifierLink::attached(
-        iface,
-        TcAttachType::Ingress,
-        CLSACT_PRIORITY,
-        hook.clsact_handle(),
-        None,
-    ) {
+    if let Ok(link) =
+        SchedClassifierLink::attached(iface, hook.tc_direction(), CLSACT_PRIORITY, hook.clsact_handle(), None)
+    {
         // Dropping it detaches it (an error when there is none, ignored).
         drop(link);
     }
@@ -432,8 +439,13 @@ pub fn cleanup(pin_dir: &Path) -> std::io::Result<Cleaned> {
             out.netlink_xdp.push(name.clone());
         }
         // Every filter running one of our programs, by its name (an error when there is none).
-        let detached = [TC_PROGRAM, UPLINK_PROGRAM, NODE_TC_PROGRAM]
-            .map(|p| aya::programs::tc::qdisc_detach_program(&name, TcAttachType::Ingress, p).is_ok());
+        let detached = [
+            (TcAttachType::Ingress, TC_PROGRAM),
+            (TcAttachType::Ingress, UPLINK_PROGRAM),
+            (TcAttachType::Ingress, NODE_TC_PROGRAM),
+            (TcAttachType::Egress, EGRESS_PROGRAM),
+        ]
+        .map(|(at, p)| aya::programs::tc::qdisc_detach_program(&name, at, p).is_ok());
         if detached.contains(&true) {
             out.clsact.push(name);
         }

@@ -30,6 +30,9 @@ pub const TC_PROGRAM: &str = "lb_tc_pod";
 pub const NODE_TC_PROGRAM: &str = "lb_tc_node";
 /// At TC ingress of the XDP interfaces, with host routing on (`lb-ebpf/src/host_route.rs`).
 pub const UPLINK_PROGRAM: &str = "lb_tc_uplink";
+/// At TC egress of the pod and node interfaces: replies of the node's own stack for a
+/// backend at one of its addresses (`lb-ebpf/src/datapath.rs`, `stack_reply`).
+pub const EGRESS_PROGRAM: &str = "lb_tc_egress";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 #[derive(Debug, thiserror::Error)]
@@ -148,32 +151,40 @@ pub fn set_bpf_log(loader: &mut EbpfLoader<'_>, log: BpfLog) {
 
 /// Loads the XDP and the TC program on two threads: the verifier takes seconds over each of
 /// them (about 3 s apiece on a small VM), and an agent that restarts applies no change
-/// until both are in. The uplink program, a few instructions, goes with the TC one.
+/// until both are in. The uplink and egress programs, far smaller, go with the TC one.
 fn load_both_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     let prog_err = |name| move |source| LoadError::Program { name, source };
-    let (mut xdp, mut tc, mut uplink) = (None, None, None);
+    let (mut xdp, mut tc, mut uplink, mut egress) = (None, None, None, None);
     for (name, program) in ebpf.programs_mut() {
         match name {
             XDP_PROGRAM => xdp = Some(<&mut Xdp>::try_from(program).map_err(prog_err(XDP_PROGRAM))?),
-            TC_PROGRAM => tc = Some(<&mut SchedClassifier>::try_from(program).map_err(prog_err(TC_PROGRAM))?),
-            UPLINK_PROGRAM => {
-                uplink = Some(<&mut SchedClassifier>::try_from(program).map_err(prog_err(UPLINK_PROGRAM))?)
-            }
+            TC_PROGRAM => tc = Some(classifier(program, TC_PROGRAM)?),
+            UPLINK_PROGRAM => uplink = Some(classifier(program, UPLINK_PROGRAM)?),
+            EGRESS_PROGRAM => egress = Some(classifier(program, EGRESS_PROGRAM)?),
             _ => {}
         }
     }
     let xdp = xdp.ok_or(LoadError::MissingProgram(XDP_PROGRAM))?;
     let tc = tc.ok_or(LoadError::MissingProgram(TC_PROGRAM))?;
     let uplink = uplink.ok_or(LoadError::MissingProgram(UPLINK_PROGRAM))?;
+    let egress = egress.ok_or(LoadError::MissingProgram(EGRESS_PROGRAM))?;
     std::thread::scope(|s| {
         let tc_loaded = s.spawn(|| {
             tc.load().map_err(prog_err(TC_PROGRAM))?;
-            uplink.load().map_err(prog_err(UPLINK_PROGRAM))
+            uplink.load().map_err(prog_err(UPLINK_PROGRAM))?;
+            egress.load().map_err(prog_err(EGRESS_PROGRAM))
         });
         let xdp_loaded = xdp.load().map_err(prog_err(XDP_PROGRAM));
         let tc_loaded = tc_loaded.join().expect("the TC program's loader thread panicked");
         xdp_loaded.and(tc_loaded)
     })
+}
+
+fn classifier<'a>(
+    program: &'a mut aya::programs::Program,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    program.try_into().map_err(|source| LoadError::Program { name, source })
 }
 
 /// Loads `lb_tc_node` into the kernel unless it is already: only an agent with `--node-hook
@@ -198,7 +209,11 @@ pub fn verified_instructions(ebpf: &Ebpf) -> Vec<(&'static str, Option<u32>)> {
     // A program's info is there once it is loaded.
     let info = |name| ebpf.program(name).and_then(|p| p.info().ok());
     let count = |name| info(name).and_then(|i| i.verified_instruction_count());
-    let mut out = vec![(XDP_PROGRAM, count(XDP_PROGRAM)), (TC_PROGRAM, count(TC_PROGRAM))];
+    let mut out = vec![
+        (XDP_PROGRAM, count(XDP_PROGRAM)),
+        (TC_PROGRAM, count(TC_PROGRAM)),
+        (EGRESS_PROGRAM, count(EGRESS_PROGRAM)),
+    ];
     if let Some(node) = info(NODE_TC_PROGRAM) {
         out.push((NODE_TC_PROGRAM, node.verified_instruction_count()));
     }

@@ -97,6 +97,13 @@ impl Loaded {
         run_with_skb(self.tc(), pkt, &skb_ctx(ifindex)).0
     }
 
+    /// Runs `lb_tc_egress` once on `pkt`, as a packet the node's own stack sends: (return
+    /// code, output bytes).
+    pub fn run_egress(&self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let egress: &SchedClassifier = self.ebpf.program(loader::EGRESS_PROGRAM).unwrap().try_into().unwrap();
+        run(egress, pkt)
+    }
+
     /// Loads `lb_tc_node` (`--node-hook tc`'s program), which the agent loads only when asked.
     pub fn load_node_tc(&mut self) {
         loader::load_node_tc(&mut self.ebpf).expect("load lb_tc_node");

@@ -109,6 +109,9 @@ pub struct Pod {
     pub host_if: String,
     /// The server's pid (none for client pods).
     pub server: Option<u32>,
+    /// A hostNetwork pod: it runs in its node's namespace, at the node's address.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -318,27 +321,70 @@ impl Lab {
         nsip(&ns, &format!("route add default via {gw} dev eth0"))?;
         nsip(&ns, &format!("-6 route add {gw6} dev eth0"))?;
         nsip(&ns, &format!("-6 route add default via {gw6} dev eth0"))?;
-        let mut pod =
-            Pod { name: name.into(), node, ip: addr, ip6: addr6, ns: ns.clone(), host_if, server: None };
+        let mut pod = Pod {
+            name: name.into(),
+            node,
+            ip: addr,
+            ip6: addr6,
+            ns: ns.clone(),
+            host_if,
+            server: None,
+            host_network: false,
+        };
         if let Some(ports) = serve {
-            let mut cmd = in_ns(&ns, &[self.state.bins.serve.to_str().unwrap(), "--name", name]);
-            for p in ports {
-                cmd.args(["--port", &p.to_string()]);
-            }
-            let log = fs::File::create(self.state.dir.join(format!("pod-{name}.log")))?;
-            let child = cmd.stdout(Stdio::null()).stderr(log).spawn().context("starting lb-serve")?;
-            pod.server = Some(child.id());
-            self.children.insert(child.id(), child);
+            pod.server = Some(self.serve(&pod, ports, &[])?);
         }
         self.state.pods.push(pod.clone());
         self.save()?;
-        if serve.is_some() {
-            wait_for(Duration::from_secs(5), || {
-                sh(&mut in_ns(&ns, &["ss", "-Hltn"])).map(|o| o.contains(&format!(":{}", serve.unwrap()[0])))
-            })
-            .with_context(|| format!("pod {name}: server did not start"))?;
+        if let Some(ports) = serve {
+            self.wait_serving(&pod, ports[0])?;
         }
         Ok(pod)
+    }
+
+    /// Adds a hostNetwork pod on `node`: `lb-serve` in the node's namespace, answering on
+    /// `ports` at the node's addresses (an endpoint at 198.18.0.`node`).
+    pub fn add_host_pod(&mut self, node: u8, name: &str, ports: &[u16]) -> anyhow::Result<Pod> {
+        let mut pod = Pod {
+            name: name.into(),
+            node,
+            ip: node_ip(node),
+            ip6: node_ip6(node),
+            ns: self.node_ns(node),
+            host_if: String::new(),
+            server: None,
+            host_network: true,
+        };
+        let addresses = [IpAddr::V4(pod.ip), IpAddr::V6(pod.ip6)];
+        pod.server = Some(self.serve(&pod, ports, &addresses)?);
+        self.state.pods.push(pod.clone());
+        self.save()?;
+        self.wait_serving(&pod, ports[0])?;
+        Ok(pod)
+    }
+
+    /// Starts `lb-serve` for `pod` in its namespace: on `addresses` only, or on all.
+    fn serve(&mut self, pod: &Pod, ports: &[u16], addresses: &[IpAddr]) -> anyhow::Result<u32> {
+        let mut cmd = in_ns(&pod.ns, &[self.state.bins.serve.to_str().unwrap(), "--name", &pod.name]);
+        for p in ports {
+            cmd.args(["--port", &p.to_string()]);
+        }
+        for a in addresses {
+            cmd.args(["--address", &a.to_string()]);
+        }
+        let log = fs::File::create(self.state.dir.join(format!("pod-{}.log", pod.name)))?;
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().context("starting lb-serve")?;
+        let pid = child.id();
+        self.children.insert(pid, child);
+        Ok(pid)
+    }
+
+    fn wait_serving(&self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        wait_for(Duration::from_secs(5), || {
+            sh(&mut in_ns(&pod.ns, &["ss", "-Hltn"])).map(|o| o.contains(&format!(":{port}")))
+        })
+        .with_context(|| format!("pod {}: server did not start", pod.name))?;
+        Ok(())
     }
 
     /// Removes a pod (its server, namespace and veth).
@@ -347,6 +393,9 @@ impl Lab {
         let pod = self.state.pods.remove(i);
         if let Some(pid) = pod.server {
             self.stop(pid);
+        }
+        if pod.host_network {
+            return self.save();
         }
         ip(&format!("netns del {}", pod.ns))?;
         self.state.namespaces.retain(|n| *n != pod.ns);
@@ -418,7 +467,9 @@ impl Lab {
         self.children.insert(pid, child);
         self.state.agents.push(Agent { node, pid, log: log_path.clone(), pin_dir });
         self.save()?;
-        wait_for(Duration::from_secs(20), || {
+        // Loading takes 7-12 s on the lab's 2-CPU VM, more with `--node-hook tc` (a third big
+        // program) and while other tests load theirs.
+        wait_for(Duration::from_secs(60), || {
             if let Some(c) = self.children.get_mut(&pid)
                 && let Ok(Some(status)) = c.try_wait()
             {

@@ -740,6 +740,50 @@ fn host_routing_delivers_pod_traffic_past_the_nodes_stack() {
     assert!(counter(HOST_ROUTE_TO_STACK) > to_stack0, "the unroutable packet was counted as to-stack");
 }
 
+/// Endpoints at a node's own address, as hostNetwork pods have (the API server behind
+/// `kubernetes.default` on a control-plane node): scenarios 16 and 40. A pod on that node, a
+/// pod on the other node, an outside client through either node's NodePort, and the node
+/// itself all reach it, TCP and UDP, answered from the address they asked. The answers to a
+/// pod on the node and to its own NodePort leave the node's stack past every ingress hook:
+/// the egress program translates them (before it, they came from 198.18.0.1:10180, which no
+/// socket of the client's matches).
+#[test]
+fn a_backend_at_the_nodes_own_address_serves_pods_nodeports_and_the_node() {
+    const HOST_VIP: &str = "198.19.0.20";
+    const HOST_PORT: u16 = 10180;
+    let Some(mut lab) = lab() else { return };
+    let host = lab.add_host_pod(1, "host-1", &[HOST_PORT]).unwrap();
+    let vip: IpAddr = HOST_VIP.parse().unwrap();
+    let spec = format!(
+        "  type: NodePort\n  clusterIP: {HOST_VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {HOST_PORT}, nodePort: 30180}}\n  - {{name: udp, port: 80, protocol: UDP, targetPort: {HOST_PORT}, nodePort: 30180}}\n"
+    );
+    let ports = [("http", HOST_PORT, "TCP"), ("udp", HOST_PORT, "UDP")];
+    let yaml = service("host", &spec, "") + &slice_yaml("host-1", "host", &ports, &[(&host, READY)]);
+    apply(&lab, &yaml, "service up", || {
+        lab.has_frontend(1, vip, 80).unwrap_or(false) && lab.has_frontend(2, vip, 80).unwrap_or(false)
+    });
+    let replies = lab.counted(1, lb_common::verdict::Reason::Reply).unwrap();
+    let askers = [
+        ("a pod on node-1", lab.pod("client").ns.clone(), sa(vip, 80)),
+        ("a pod on node-2", lab.pod("client-2").ns.clone(), sa(vip, 80)),
+        ("outside, NodePort on node-1", lab.ext_ns(), sa(node_ip(1), 30180)),
+        ("outside, NodePort on node-2", lab.ext_ns(), sa(node_ip(2), 30180)),
+        ("node-1 itself", lab.node_netns(1), sa(vip, 80)),
+    ];
+    for (who, ns, to) in &askers {
+        for p in [Proto::Tcp, Proto::Udp] {
+            match ask(ns, *to, p) {
+                Answer::Reply(name, _) => assert_eq!(name, "host-1", "{who}, {p:?}"),
+                other => panic!("{who}, {p:?} to {to}: {other:?}\nnode-1 agent:\n{}", lab.agent_log(1)),
+            }
+        }
+    }
+    assert!(
+        lab.counted(1, lb_common::verdict::Reason::Reply).unwrap() > replies,
+        "node-1 counted the replies"
+    );
+}
+
 /// `--node-hook tc`: no XDP on the node interfaces; the TC program at their ingress serves
 /// what XDP would: NodePort traffic to local and remote backends (TCP and UDP, the remote
 /// one source-NATed) and the remote backend's replies to a pod's ClusterIP requests, with
@@ -1555,6 +1599,7 @@ fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fil
         r["attachments"].as_array().unwrap().iter().any(|a| a["interface"] == iface && a["hook"] == hook)
     };
     assert!(attached("eth0", "xdp") && attached(&client_if, "tc"), "{:#}", r["attachments"]);
+    assert!(attached("eth0", "tc-egress") && attached(&client_if, "tc-egress"), "{:#}", r["attachments"]);
     assert!(r["last_sync"]["at"].is_string() && r["last_sync"]["duration_ms"].is_f64(), "{r:#}");
     assert!(r["syncs"].as_u64().unwrap() >= 2, "{r:#}");
     let map = |name: &str| s["maps"].as_array().unwrap().iter().find(|m| m["name"] == name).cloned().unwrap();

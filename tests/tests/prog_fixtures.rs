@@ -140,6 +140,37 @@ fn reply_from_backend_leaves_with_vip_source_v6_udp() {
     assert_eq!(out, Spec { src: ip(VIP6), sport: 53, ..answer.clone() }.build());
 }
 
+/// `lb_tc_egress`: the node's own stack answers for a backend at one of the node's addresses
+/// (a hostNetwork pod), and that answer passes no ingress hook. It leaves with the
+/// frontend's address, byte-exact, TCP and IPv6 UDP, counted as a reply. A packet of no flow
+/// of ours and a flow's forward direction pass untouched and uncounted.
+#[test]
+fn egress_restores_the_frontend_on_answers_of_the_nodes_own_stack() {
+    require_root!();
+    let mut l = Loaded::new();
+    let s4 = program(&mut l.dp, 1, (VIP4, 80, PROTO_TCP), &BES4, 0, 0);
+    let s6 = program(&mut l.dp, 2, (VIP6, 53, PROTO_UDP), &BES6, 1000, 0);
+    let syn = Spec::tcp(CLIENT4, 42000, VIP4, 80);
+    let q = Spec::udp(CLIENT6, 3333, VIP6, 53);
+    let id4 = expect_dnat(&l, &s4, &BES4, &syn, true);
+    let id6 = expect_dnat(&l, &s6, &BES6, &q, true);
+    let be = |bes: &[Be], id: u32| bes.iter().find(|b| b.id == id).unwrap().ip;
+    let synack = Spec::tcp(be(&BES4, id4), 9376, CLIENT4, 42000).flags(TCP_SYN | TCP_ACK);
+    let answer = Spec::udp(be(&BES6, id6), 9376, CLIENT6, 3333).payload(b"answer");
+    for (reply, (vip, port)) in [(&synack, (VIP4, 80)), (&answer, (VIP6, 53))] {
+        let (rc, out) = l.run_egress(&reply.build());
+        assert_eq!(rc, TC_ACT_UNSPEC);
+        assert_eq!(out, Spec { src: ip(vip), sport: port, ..reply.clone() }.build(), "{reply:?}");
+    }
+    assert_eq!(reason(&l, Reason::Reply), 2);
+    let untouched = [Spec { dport: 42001, ..synack.clone() }.build(), syn.flags(TCP_ACK).build()];
+    for pkt in untouched {
+        assert_eq!(l.run_egress(&pkt), (TC_ACT_UNSPEC, pkt.clone()));
+    }
+    assert_eq!(reason(&l, Reason::Reply), 2);
+    assert_eq!(reason(&l, Reason::NoFrontend), 0, "what is not ours is not counted");
+}
+
 #[test]
 fn arp_passes_untouched() {
     require_root!();
@@ -1321,8 +1352,8 @@ fn the_programs_verify_with_a_tenth_of_the_budget_to_spare() {
     l.load_node_tc();
     assert_eq!(
         lb_userspace::loader::verified_instructions(&l.ebpf).len(),
-        3,
-        "lb_xdp, lb_tc_pod, lb_tc_node"
+        4,
+        "lb_xdp, lb_tc_pod, lb_tc_egress, lb_tc_node"
     );
     let limit = lb_userspace::loader::VERIFIER_BUDGET / 10 * 9;
     for (name, walked) in lb_userspace::loader::verified_instructions(&l.ebpf) {

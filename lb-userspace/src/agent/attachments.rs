@@ -1,5 +1,6 @@
 //! What the programs are attached to: XDP on the named interfaces, TC on every matching
-//! one as links come and go, and the connect-time programs on the node's cgroup2 root.
+//! one as links come and go, the egress program on both, and the connect-time programs on
+//! the node's cgroup2 root.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -39,10 +40,7 @@ pub fn list_pinned_addresses(
 /// The pod interfaces whose sources the TC program checks: every attached one, with its
 /// bridge (or itself) and the addresses host routes send out of it (its pod's, with a
 /// veth-per-pod CNI); none with `--pod-source-check off`.
-pub fn pod_ports(
-    cfg: &AgentConfig,
-    tc_links: &BTreeMap<String, (u32, attach::Holder)>,
-) -> BTreeMap<u32, PodPort> {
+pub fn pod_ports(cfg: &AgentConfig, tc_links: &BTreeMap<String, PodLink>) -> BTreeMap<u32, PodPort> {
     if !cfg.pod_source_check {
         return BTreeMap::new();
     }
@@ -50,7 +48,7 @@ pub fn pod_ports(
     let routes = routes::host_routes();
     tc_links
         .iter()
-        .map(|(name, (ifindex, _))| {
+        .map(|(name, (ifindex, ..))| {
             let also = links::master(name).and_then(|m| all.get(&m).copied()).unwrap_or(*ifindex);
             // One address per family first: a dual-stack pod's two.
             let mine: Vec<IpAddr> = routes.iter().filter(|(i, _)| i == name).map(|(_, a)| *a).collect();
@@ -71,22 +69,33 @@ pub fn log_pod_ports(ports: &BTreeMap<u32, PodPort>) {
     ));
 }
 
-/// Attaches the TC program to matching interfaces that appeared, and forgets gone ones.
+/// A pod interface's attachments: the TC program at ingress and, once attached, the egress
+/// program.
+pub type PodLink = (u32, attach::Holder, Option<attach::Holder>);
+
+/// Attaches the TC program (and the egress one) to matching interfaces that appeared, and
+/// forgets gone ones.
 pub fn sync_links(
     ebpf: &mut Ebpf,
     cfg: &AgentConfig,
     patterns: &links::Patterns,
-    tc_links: &mut BTreeMap<String, (u32, attach::Holder)>,
+    tc_links: &mut BTreeMap<String, PodLink>,
     status: &Shared,
 ) {
     let want = patterns.select(&links::interfaces());
     let stale: Vec<String> =
-        tc_links.iter().filter(|(n, (idx, _))| want.get(*n) != Some(idx)).map(|(n, _)| n.clone()).collect();
+        tc_links.iter().filter(|(n, (idx, ..))| want.get(*n) != Some(idx)).map(|(n, _)| n.clone()).collect();
     for name in stale {
-        if let Some((_, holder)) = tc_links.remove(&name) {
+        if let Some((_, holder, egress)) = tc_links.remove(&name) {
             holder.release();
+            if let Some(egress) = egress {
+                egress.release();
+            }
         }
-        lock(status).tc.remove(&name);
+        let mut st = lock(status);
+        st.tc.remove(&name);
+        st.egress.remove(&name);
+        drop(st);
         log(format!("TC detached from {name} (link gone)"));
     }
     for (name, idx) in want {
@@ -96,12 +105,30 @@ pub fn sync_links(
         match attach::attach_pinned(ebpf, Hook::Tc, &name, &cfg.pin_dir, cfg.legacy_attach) {
             Ok((how, holder)) => {
                 let _ = attach::accept_local(&name);
-                tc_links.insert(name.clone(), (idx, holder));
+                let egress = attach_egress(ebpf, cfg, &name, status);
+                tc_links.insert(name.clone(), (idx, holder, egress));
                 lock(status).tc.insert(name.clone(), (idx, how));
                 log(format!("TC attached to {name} ({how:?})"));
             }
             // The link may have vanished between listing and attaching; the next scan decides.
             Err(e) => log(format!("warning: {e}")),
+        }
+    }
+}
+
+/// The egress program on `iface` (`lb_tc_egress`): replies the node's own stack sends for a
+/// backend at one of its addresses. A failure costs only those: logged.
+fn attach_egress(ebpf: &mut Ebpf, cfg: &AgentConfig, iface: &str, status: &Shared) -> Option<attach::Holder> {
+    match attach::attach_pinned(ebpf, Hook::Egress, iface, &cfg.pin_dir, cfg.legacy_attach) {
+        Ok((how, holder)) => {
+            lock(status).egress.insert(iface.to_string(), how);
+            Some(holder)
+        }
+        Err(e) => {
+            log(format!(
+                "warning: {e}; replies the node sends out of {iface} for a backend at its own address keep that address"
+            ));
+            None
         }
     }
 }
@@ -209,6 +236,10 @@ pub fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns) {
             Some(("uplink", iface)) => {
                 cfg.host_routing && !cfg.node_tc && cfg.xdp_ifaces.iter().any(|i| i == iface)
             }
+            Some(("egress", iface)) => {
+                cfg.xdp_ifaces.iter().any(|i| i == iface)
+                    || (tc.matches(iface) && present.contains_key(iface))
+            }
             Some(("sock", _)) => cfg.cgroup_root.is_some(),
             _ => true,
         };
@@ -223,7 +254,7 @@ pub fn remove_stale_link_pins(cfg: &AgentConfig, tc: &links::Patterns) {
 pub struct Attachments {
     pub ebpf: Ebpf,
     tc_patterns: links::Patterns,
-    tc_links: BTreeMap<String, (u32, attach::Holder)>,
+    tc_links: BTreeMap<String, PodLink>,
     /// The pod ports the source check covers, as last written.
     checked: BTreeMap<u32, PodPort>,
     /// Set by netlink link events.
@@ -235,8 +266,8 @@ pub struct Attachments {
 
 impl Attachments {
     /// Attaches everything at start: XDP to `--xdp-iface`, the connect-time programs, TC to
-    /// the matching links (and, with them, every program of this build is in), then the
-    /// pod source checks. Link events call `wake`.
+    /// the matching links (and, with them, every program of this build is in), the egress
+    /// program to both, then the pod source checks. Link events call `wake`.
     pub fn start(
         mut ebpf: Ebpf,
         cfg: &AgentConfig,
@@ -258,6 +289,7 @@ impl Attachments {
             let hook = if cfg.node_tc { "TC (--node-hook tc)" } else { "XDP" };
             log(format!("{hook} attached to {iface} ({how:?})"));
             note_node(status, cfg, iface, how);
+            attach_egress(&mut ebpf, cfg, iface, status);
         }
         // Forwarding at XDP may send only out of our own XDP interfaces; without
         // --xdp-forward the map is emptied so a previous agent's ports do not linger.
@@ -308,6 +340,7 @@ impl Attachments {
                 Ok(how) => note_node(status, cfg, iface, how),
                 Err(e) => log(format!("warning: {iface} keeps the old program: {e}")),
             }
+            attach_egress(&mut ebpf, cfg, iface, status);
         }
         attach_uplinks(&mut ebpf, cfg, status);
         if self.host_cookie != 0
@@ -315,11 +348,12 @@ impl Attachments {
         {
             self.host_cookie = attach_host_clients(&mut ebpf, root, &cfg.pin_dir).0;
         }
-        for (name, (_, holder)) in self.tc_links.iter_mut() {
+        for (name, (_, holder, egress)) in self.tc_links.iter_mut() {
             match attach::attach_pinned(&mut ebpf, Hook::Tc, name, &cfg.pin_dir, cfg.legacy_attach) {
                 Ok((_, new)) => *holder = new,
                 Err(e) => log(format!("warning: TC on {name} keeps the old program: {e}")),
             }
+            *egress = attach_egress(&mut ebpf, cfg, name, status).or(egress.take());
         }
         self.ebpf = ebpf;
     }

@@ -35,6 +35,8 @@ pub struct Status {
     pub uplink: BTreeMap<String, Attached>,
     /// The TC program on the node interfaces in place of XDP (`--node-hook tc`).
     pub node_tc: BTreeMap<String, Attached>,
+    /// The egress program on pod and node interfaces (replies of the node's own stack).
+    pub egress: BTreeMap<String, Attached>,
     /// Frontends claimed by more than one Service (or port): one has it, the others are
     /// reported in the log.
     pub contested_frontends: usize,
@@ -59,6 +61,7 @@ impl Status {
             tc: BTreeMap::new(),
             uplink: BTreeMap::new(),
             node_tc: BTreeMap::new(),
+            egress: BTreeMap::new(),
             contested_frontends: 0,
             unprogrammed: Vec::new(),
             last_sync: None,
@@ -231,10 +234,12 @@ impl Reporter {
             let tc = st.tc.iter().map(|(i, (_, how))| (i, "tc", how));
             let uplink = st.uplink.iter().map(|(i, how)| (i, "tc-uplink", how));
             let node_tc = st.node_tc.iter().map(|(i, how)| (i, "tc-node", how));
+            let egress = st.egress.iter().map(|(i, how)| (i, "tc-egress", how));
             r.attachments = xdp
                 .chain(tc)
                 .chain(uplink)
                 .chain(node_tc)
+                .chain(egress)
                 .map(|(i, hook, how)| report::Attachment {
                     interface: i.clone(),
                     hook: hook.into(),

@@ -167,7 +167,7 @@ pub fn run(args: MonitorArgs, pin_dir: &Path, json: bool) -> anyhow::Result<()> 
                 println!("{}", serde_json::to_string(&s)?);
             } else {
                 println!(
-                    "{} {:<14} {:<7} {:<8} {:<24} {:<4} {} -> {}{}{} ({} bytes)",
+                    "{} {:<14} {:<9} {:<8} {:<24} {:<4} {} -> {}{}{} ({} bytes)",
                     s.time,
                     s.interface,
                     s.hook,
@@ -235,6 +235,7 @@ fn show(e: &Event, ifaces: &BTreeMap<u32, String>, service: Option<&FrontendName
         hook: match e.hook {
             HOOK_XDP => "xdp",
             HOOK_TC_NODE => "tc-node",
+            HOOK_TC_EGRESS => "tc-egress",
             _ => "tc",
         },
         kind: [Kind::Drop, Kind::Reject, Kind::NewFlow]

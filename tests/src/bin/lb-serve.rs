@@ -24,6 +24,10 @@ struct Args {
     /// TCP and UDP port to serve (repeatable).
     #[arg(long = "port", required = true)]
     ports: Vec<u16>,
+    /// Serve on this address only (repeatable), instead of every address of the namespace:
+    /// then a UDP answer leaves from the address asked, as on a node with many addresses.
+    #[arg(long = "address")]
+    addresses: Vec<IpAddr>,
 }
 
 fn http(
@@ -92,7 +96,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut threads = Vec::new();
     let v6 = std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| !t.trim().is_empty());
-    let families: &[IpAddr] = if v6 {
+    let families: &[IpAddr] = if !args.addresses.is_empty() {
+        &args.addresses
+    } else if v6 {
         &[IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
     } else {
         &[IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
