@@ -782,6 +782,25 @@ fn a_backend_at_the_nodes_own_address_serves_pods_nodeports_and_the_node() {
         lab.counted(1, lb_common::verdict::Reason::Reply).unwrap() > replies,
         "node-1 counted the replies"
     );
+    // The egress program runs only where a backend is at the node's own address.
+    let on_node_1 = egress_hooks(&lab, 1);
+    assert!(on_node_1.contains("eth0") && on_node_1.contains("lbp-client"), "{on_node_1:?}");
+    assert_eq!(egress_hooks(&lab, 2), BTreeSet::new(), "none on node-2");
+    assert!(lab.agent_log(1).contains("lb_tc_egress attached at TC egress"), "{}", lab.agent_log(1));
+    // A restarted agent keeps it (its first sync writes no backend): open flows to that
+    // backend go on.
+    let mut conn = Conn::open(&lab.pod("client").ns, sa(vip, 80));
+    lab.stop_agent(1);
+    lab.start_agent(1, &[]).unwrap();
+    assert_eq!(egress_hooks(&lab, 1), on_node_1);
+    assert_eq!(conn.ask().as_deref(), Some("host-1"), "the open connection still answers");
+}
+
+/// The interfaces `lb status` lists with the egress program on `node`.
+fn egress_hooks(lab: &Lab, node: u8) -> BTreeSet<String> {
+    let (_, s, _) = status(lab, node);
+    let all = s["report"]["attachments"].as_array().cloned().unwrap_or_default();
+    all.iter().filter(|a| a["hook"] == "tc-egress").map(|a| a["interface"].as_str().unwrap().into()).collect()
 }
 
 /// `--node-hook tc`: no XDP on the node interfaces; the TC program at their ingress serves
@@ -1599,7 +1618,6 @@ fn status_shows_the_agent_its_attachments_last_sync_skipped_services_and_map_fil
         r["attachments"].as_array().unwrap().iter().any(|a| a["interface"] == iface && a["hook"] == hook)
     };
     assert!(attached("eth0", "xdp") && attached(&client_if, "tc"), "{:#}", r["attachments"]);
-    assert!(attached("eth0", "tc-egress") && attached(&client_if, "tc-egress"), "{:#}", r["attachments"]);
     assert!(r["last_sync"]["at"].is_string() && r["last_sync"]["duration_ms"].is_f64(), "{r:#}");
     assert!(r["syncs"].as_u64().unwrap() >= 2, "{r:#}");
     let map = |name: &str| s["maps"].as_array().unwrap().iter().find(|m| m["name"] == name).cloned().unwrap();

@@ -98,6 +98,7 @@ impl Agent {
                 config_for: |_: &[_]| Config::default(),
                 names: |_: &_| {},
                 outgrown: lb_userspace::agent::sync::never_outgrown,
+                own_backend: None::<fn()>,
             },
             false,
             Instant::now(),

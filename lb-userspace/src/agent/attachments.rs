@@ -80,6 +80,7 @@ pub fn sync_links(
     cfg: &AgentConfig,
     patterns: &links::Patterns,
     tc_links: &mut BTreeMap<String, PodLink>,
+    egress: bool,
     status: &Shared,
 ) {
     let want = patterns.select(&links::interfaces());
@@ -105,7 +106,7 @@ pub fn sync_links(
         match attach::attach_pinned(ebpf, Hook::Tc, &name, &cfg.pin_dir, cfg.legacy_attach) {
             Ok((how, holder)) => {
                 let _ = attach::accept_local(&name);
-                let egress = attach_egress(ebpf, cfg, &name, status);
+                let egress = if egress { attach_egress(ebpf, cfg, &name, status) } else { None };
                 tc_links.insert(name.clone(), (idx, holder, egress));
                 lock(status).tc.insert(name.clone(), (idx, how));
                 log(format!("TC attached to {name} ({how:?})"));
@@ -114,6 +115,12 @@ pub fn sync_links(
             Err(e) => log(format!("warning: {e}")),
         }
     }
+}
+
+/// Whether an earlier agent attached the egress program: it stays on.
+fn egress_pinned(cfg: &AgentConfig) -> bool {
+    let Ok(dir) = std::fs::read_dir(cfg.pin_dir.join("links")) else { return false };
+    dir.flatten().any(|e| e.file_name().to_string_lossy().starts_with("egress-"))
 }
 
 /// The egress program on `iface` (`lb_tc_egress`): replies the node's own stack sends for a
@@ -262,6 +269,8 @@ pub struct Attachments {
     last_scan: std::time::Instant,
     /// The network namespace cookie the connect-time programs act in (0: not attached).
     pub host_cookie: u64,
+    /// The egress program is on (`enable_egress`).
+    egress: bool,
 }
 
 impl Attachments {
@@ -278,6 +287,7 @@ impl Attachments {
         use anyhow::Context as _;
         let tc_patterns = links::Patterns::new(&cfg.tc_ifaces).context("--tc-iface")?;
         let present = links::interfaces();
+        let egress = egress_pinned(cfg);
         if cfg.node_tc && !cfg.xdp_ifaces.is_empty() {
             load_node_tc(&mut ebpf)?;
         }
@@ -289,7 +299,9 @@ impl Attachments {
             let hook = if cfg.node_tc { "TC (--node-hook tc)" } else { "XDP" };
             log(format!("{hook} attached to {iface} ({how:?})"));
             note_node(status, cfg, iface, how);
-            attach_egress(&mut ebpf, cfg, iface, status);
+            if egress {
+                attach_egress(&mut ebpf, cfg, iface, status);
+            }
         }
         // Forwarding at XDP may send only out of our own XDP interfaces; without
         // --xdp-forward the map is emptied so a previous agent's ports do not linger.
@@ -326,8 +338,9 @@ impl Attachments {
             links_changed,
             last_scan: std::time::Instant::now(),
             host_cookie,
+            egress,
         };
-        sync_links(&mut a.ebpf, cfg, &a.tc_patterns, &mut a.tc_links, status);
+        sync_links(&mut a.ebpf, cfg, &a.tc_patterns, &mut a.tc_links, egress, status);
         Ok(a)
     }
 
@@ -340,7 +353,9 @@ impl Attachments {
                 Ok(how) => note_node(status, cfg, iface, how),
                 Err(e) => log(format!("warning: {iface} keeps the old program: {e}")),
             }
-            attach_egress(&mut ebpf, cfg, iface, status);
+            if self.egress {
+                attach_egress(&mut ebpf, cfg, iface, status);
+            }
         }
         attach_uplinks(&mut ebpf, cfg, status);
         if self.host_cookie != 0
@@ -353,9 +368,38 @@ impl Attachments {
                 Ok((_, new)) => *holder = new,
                 Err(e) => log(format!("warning: TC on {name} keeps the old program: {e}")),
             }
-            *egress = attach_egress(&mut ebpf, cfg, name, status).or(egress.take());
+            if self.egress {
+                *egress = attach_egress(&mut ebpf, cfg, name, status).or(egress.take());
+            }
         }
         self.ebpf = ebpf;
+    }
+
+    /// Whether the egress program is on.
+    pub fn egress_on(&self) -> bool {
+        self.egress
+    }
+
+    /// Puts the egress program on every node and pod interface, once a backend is at one of
+    /// the node's own addresses (a hostNetwork pod): its replies leave the node's own stack,
+    /// past every ingress hook. Off until then, so other nodes' packets never run it. It
+    /// stays on (and the next agent keeps it) while flows to such a backend may be open.
+    pub fn enable_egress(&mut self, cfg: &AgentConfig, status: &Shared) {
+        if self.egress {
+            return;
+        }
+        self.egress = true;
+        for iface in &cfg.xdp_ifaces {
+            attach_egress(&mut self.ebpf, cfg, iface, status);
+        }
+        for (name, (_, _, egress)) in self.tc_links.iter_mut() {
+            *egress = attach_egress(&mut self.ebpf, cfg, name, status);
+        }
+        log(format!(
+            "{} attached at TC egress of {} interfaces: a backend is at one of this node's addresses, whose replies leave its own stack",
+            crate::loader::EGRESS_PROGRAM,
+            lock(status).egress.len()
+        ));
     }
 
     /// Writes the pod source checks for the attached links (at start, after a migration).
@@ -375,7 +419,7 @@ impl Attachments {
             return;
         }
         self.last_scan = std::time::Instant::now();
-        sync_links(&mut self.ebpf, cfg, &self.tc_patterns, &mut self.tc_links, status);
+        sync_links(&mut self.ebpf, cfg, &self.tc_patterns, &mut self.tc_links, self.egress, status);
         let want = pod_ports(cfg, &self.tc_links);
         if want != self.checked {
             match dp.set_pod_ports(&want) {

@@ -448,7 +448,11 @@ impl Agent {
             grow_first = growth::before_plan(&caps, growable, needs).filter(|_| !held_off);
             grow_first.is_some()
         };
-        let hooks = sync::Hooks { config_for, names, outgrown };
+        // A backend at one of the node's addresses: the egress program goes on before the
+        // plan's writes, so its first reply is translated.
+        let (attachments, status) = (&mut self.attachments, &self.status);
+        let own_backend = (!attachments.egress_on()).then_some(|| attachments.enable_egress(cfg, status));
+        let hooks = sync::Hooks { config_for, names, outgrown, own_backend };
         let outcome = self.syncer.sync(&mut self.dp, &mut self.source, &node, hooks, resync, began)?;
         if let Some(want) = grow_first {
             self.grow(want, "the Services need more room than they have (counted before the plan)");

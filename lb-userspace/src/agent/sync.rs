@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::abi::Config;
+use lb_common::abi::{Addr, Config, addr_from_ip};
 
 use super::log;
 use crate::{
@@ -70,11 +70,21 @@ pub struct Syncer {
 /// frontends came, went or moved, so whoever names a packet's Service (`lb monitor`) knows
 /// it before the first packet; `outgrown` hears, before a full plan, what the desired
 /// state needs of the maps that may grow, and says whether the caller grows them first
-/// (the plan then waits for it: everything is planned again against the larger maps).
-pub struct Hooks<C, N, G> {
+/// (the plan then waits for it: everything is planned again against the larger maps);
+/// `own_backend`, if given, hears before any map is written that the plan writes a backend
+/// at one of the node's own addresses (a hostNetwork pod), whose replies leave the node's
+/// own stack.
+pub struct Hooks<C, N, G, O> {
     pub config_for: C,
     pub names: N,
     pub outgrown: G,
+    pub own_backend: Option<O>,
+}
+
+/// Whether `ops` write a backend at one of `own` (the node's addresses).
+fn writes_own_backend(ops: &[reconcile::MapOp], own: &[IpAddr]) -> bool {
+    let own: Vec<Addr> = own.iter().map(|a| addr_from_ip(*a)).collect();
+    ops.iter().any(|op| matches!(op, reconcile::MapOp::SetBackend { value, .. } if own.contains(&value.addr)))
 }
 
 /// What the desired state needs of the two maps that may grow (`growth`): Maglev slots, a
@@ -149,12 +159,12 @@ impl Syncer {
     /// `dp`; `resync` re-plans everything against the maps as they are; `hooks` say what the
     /// caller adds. None: nothing to do. A failed map write is an outcome (retried in full);
     /// failing to read the maps back is an error.
-    pub fn sync<D: Dataplane, S: ChangeSource, C, N, G>(
+    pub fn sync<D: Dataplane, S: ChangeSource, C, N, G, O>(
         &mut self,
         dp: &mut D,
         source: &mut S,
         node: &NodeContext,
-        hooks: Hooks<C, N, G>,
+        hooks: Hooks<C, N, G, O>,
         resync: bool,
         now: Instant,
     ) -> Result<Option<Outcome>, DataplaneError>
@@ -162,8 +172,9 @@ impl Syncer {
         C: FnOnce(&[IpAddr]) -> Config,
         N: FnOnce(&model::Desired),
         G: FnOnce(&Needs) -> bool,
+        O: FnOnce(),
     {
-        let Hooks { config_for, names, outgrown } = hooks;
+        let Hooks { config_for, names, outgrown, own_backend } = hooks;
         let due = self.retry.due(now);
         let mut changes = match source.changed() {
             Some(c) => c,
@@ -220,6 +231,11 @@ impl Syncer {
             });
         if frontends_touched {
             names(desired);
+        }
+        if let Some(own_backend) = own_backend
+            && writes_own_backend(&plan.ops, &node.fallback_addresses)
+        {
+            own_backend();
         }
         let result = reconcile::execute(dp, &mut self.applied, &plan.ops);
         let took = t0.elapsed();

@@ -11,10 +11,17 @@ use crate::{
 
 type NoNames = fn(&crate::model::Desired);
 type Outgrown = fn(&Needs) -> bool;
+type NoOwnBackend = fn();
 
-/// A sync's hooks that write `config`, ignore the names and never grow the maps.
-fn hooks(config: Config) -> Hooks<impl FnOnce(&[IpAddr]) -> Config, NoNames, Outgrown> {
-    Hooks { config_for: move |_: &[IpAddr]| config, names: |_| {}, outgrown: never_outgrown }
+/// A sync's hooks that write `config`, ignore the names, never grow the maps and do not
+/// ask about backends at the node's addresses.
+fn hooks(config: Config) -> Hooks<impl FnOnce(&[IpAddr]) -> Config, NoNames, Outgrown, NoOwnBackend> {
+    Hooks {
+        config_for: move |_: &[IpAddr]| config,
+        names: |_| {},
+        outgrown: never_outgrown,
+        own_backend: None,
+    }
 }
 
 /// Objects the test edits, and the changes it announces.
@@ -126,7 +133,12 @@ fn a_full_plan_that_outgrows_the_maps_waits_for_them_to_grow() {
         heard = Some(*n);
         true
     };
-    let hooks = Hooks { config_for: |_: &[IpAddr]| Config::default(), names: |_: &_| {}, outgrown };
+    let hooks = Hooks {
+        config_for: |_: &[IpAddr]| Config::default(),
+        names: |_: &_| {},
+        outgrown,
+        own_backend: None::<NoOwnBackend>,
+    };
     let waited = s.sync(&mut dp, &mut src, &node(), hooks, false, t0).unwrap();
     assert_eq!(waited, None, "nothing planned");
     let table = crate::maglev::table_size(2, lb_common::maglev::DEFAULT_MAX_TABLE);
@@ -333,4 +345,30 @@ fn services_skipped_under_churn_catch_up_and_leave_no_backend_behind() {
     assert!(s.retry().is_empty(), "{} still skipped", s.retry().skipped_count());
     let ports: BTreeSet<u16> = dp.backends.values().map(|b| b.port()).collect();
     assert_eq!(dp.backends.len(), 80, "two per Service: {} ports", ports.len());
+}
+
+/// A backend at one of the node's addresses (a hostNetwork pod) is announced (before the
+/// plan's writes: the agent attaches the egress program then, so the first reply is
+/// translated); Services without one are not.
+#[test]
+fn a_backend_at_the_nodes_own_address_is_announced_before_it_is_written() {
+    let sync_with = |yaml: String| {
+        let mut dp = FakeDataplane::default();
+        let cluster = cluster_from(parse(&yaml, false).expect("test YAML parses"));
+        let mut src = FakeSource { cluster, pending: Some(Changes::everything()) };
+        let mut s = Syncer::new(Applied::read(&dp).unwrap(), limits());
+        let mut heard = false;
+        let own_backend = || heard = true;
+        let hooks = Hooks {
+            config_for: |_: &[IpAddr]| Config::default(),
+            names: |_: &_| {},
+            outgrown: never_outgrown,
+            own_backend: Some(own_backend),
+        };
+        s.sync(&mut dp, &mut src, &node(), hooks, false, Instant::now()).unwrap();
+        assert_eq!(dp.backends.len(), 2, "both backends written");
+        heard
+    };
+    assert!(sync_with(service("api", "198.19.0.1", ["198.18.0.1", "198.18.0.2"])));
+    assert!(!sync_with(service("web", "198.19.0.1", ["198.18.1.10", "198.18.1.11"])));
 }

@@ -66,10 +66,10 @@ pub struct AgentArgs {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub host_routing: bool,
     /// Pod-facing interface name or glob (`lxc*`) for the TC program (ClusterIP for pods,
-    /// replies from local backends). Globs follow links as they appear. Repeatable. These
-    /// and the `--xdp-iface` interfaces also run the egress program: the replies the node's
-    /// own stack sends for a backend at one of its addresses (hostNetwork pods) leave with
-    /// the Service's address.
+    /// replies from local backends). Globs follow links as they appear. Repeatable. Once a
+    /// backend is at one of the node's own addresses (hostNetwork pods), these and the
+    /// `--xdp-iface` interfaces also run the egress program: the replies the node's own
+    /// stack sends for it leave with the Service's address.
     #[arg(long = "tc-iface", value_name = "IFACE|GLOB")]
     pub tc_ifaces: Vec<String>,
     /// Check that a packet from a pod interface which would create or change flow state
