@@ -76,7 +76,9 @@ pub fn stack_reply<P: Packet>(pkt: &mut P) -> Action {
         Ok(()) if !listed(&h.src) => return Action::Pass,
         Ok(()) if h.frag == FRAG_LATER => unpack(later_fragment(pkt, h, bytes)),
         Ok(()) => unpack(stack_reply_flow(pkt, h, bytes)),
-        Err((Action::Pass, Reason::NotTcpUdp)) if listed(&h.src) => unpack(related::translate(pkt)),
+        // The parse stops before the addresses here; the node sends few ICMP messages, and
+        // `related` passes any that is not an error about one of our flows.
+        Err((Action::Pass, Reason::NotTcpUdp)) => unpack(related::translate(pkt)),
         Err(_) => return Action::Pass,
     };
     if out.0 == Action::Pass

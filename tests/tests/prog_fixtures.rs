@@ -163,6 +163,17 @@ fn egress_restores_the_frontend_on_answers_of_the_nodes_own_stack() {
         assert_eq!(out, Spec { src: ip(vip), sport: port, ..reply.clone() }.build(), "{reply:?}");
     }
     assert_eq!(reason(&l, Reason::Reply), 2);
+    // The node's port unreachable about the UDP query as it arrived (to the backend): about
+    // the query as the client sent it (the socket matches the quote), as `related` does at
+    // every hook.
+    let arrived = Spec { dst: answer.src, dport: 9376, ..q.clone() }.build();
+    let err = icmp_error(&answer.src.to_string(), CLIENT6, (1, 4), 0, &arrived);
+    let (rc, out) = l.run_egress(&err);
+    assert_eq!(rc, TC_ACT_UNSPEC);
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.dst, seen.icmp), (answer.src, ip(CLIENT6), Some((1, 4))));
+    assert_eq!(&seen.l4[8..], &q.build()[14..14 + 48], "the quote as the client sent it");
+    assert_eq!(reason(&l, Reason::IcmpRelated), 1);
     let untouched = [Spec { dport: 42001, ..synack.clone() }.build(), syn.flags(TCP_ACK).build()];
     for pkt in untouched {
         assert_eq!(l.run_egress(&pkt), (TC_ACT_UNSPEC, pkt.clone()));
