@@ -4,8 +4,9 @@
 //! host routing on (what `lb_xdp` translated for a local pod goes straight into it,
 //! `host_route`), `lb_tc_node` on the node interfaces in place of `lb_xdp` with `--node-hook
 //! tc`, `lb_tc_egress` at TC egress of both kinds of interface (replies the node's own stack
-//! sends for a backend at one of its addresses). `lb_xdp` and the TC programs run the same decision (`datapath::process`); this
-//! file only maps verdicts to each hook's return codes, in one place. The `lb_connect*`,
+//! sends for a backend at one of its addresses). `lb_xdp` and the TC programs run the same
+//! decision (`datapath::process`); this file only maps verdicts to each hook's return codes,
+//! in one place. The `lb_connect*`,
 //! `lb_sendmsg*`, `lb_recvmsg*` and `lb_getpeername*` programs serve the node's own sockets
 //! at connect time (`sock`).
 #![no_std]

@@ -276,7 +276,7 @@ pub struct Attachments {
 impl Attachments {
     /// Attaches everything at start: XDP to `--xdp-iface`, the connect-time programs, TC to
     /// the matching links (and, with them, every program of this build is in), the egress
-    /// program to both, then the pod source checks. Link events call `wake`.
+    /// program to both if an earlier agent had it on, then the pod source checks. Link events call `wake`.
     pub fn start(
         mut ebpf: Ebpf,
         cfg: &AgentConfig,
@@ -287,7 +287,6 @@ impl Attachments {
         use anyhow::Context as _;
         let tc_patterns = links::Patterns::new(&cfg.tc_ifaces).context("--tc-iface")?;
         let present = links::interfaces();
-        let egress = egress_pinned(cfg);
         if cfg.node_tc && !cfg.xdp_ifaces.is_empty() {
             load_node_tc(&mut ebpf)?;
         }
@@ -299,9 +298,6 @@ impl Attachments {
             let hook = if cfg.node_tc { "TC (--node-hook tc)" } else { "XDP" };
             log(format!("{hook} attached to {iface} ({how:?})"));
             note_node(status, cfg, iface, how);
-            if egress {
-                attach_egress(&mut ebpf, cfg, iface, status);
-            }
         }
         // Forwarding at XDP may send only out of our own XDP interfaces; without
         // --xdp-forward the map is emptied so a previous agent's ports do not linger.
@@ -338,9 +334,12 @@ impl Attachments {
             links_changed,
             last_scan: std::time::Instant::now(),
             host_cookie,
-            egress,
+            egress: false,
         };
-        sync_links(&mut a.ebpf, cfg, &a.tc_patterns, &mut a.tc_links, egress, status);
+        sync_links(&mut a.ebpf, cfg, &a.tc_patterns, &mut a.tc_links, false, status);
+        if egress_pinned(cfg) {
+            a.enable_egress(cfg, status, "an earlier agent had it on");
+        }
         Ok(a)
     }
 
@@ -384,7 +383,8 @@ impl Attachments {
     /// the node's own addresses (a hostNetwork pod): its replies leave the node's own stack,
     /// past every ingress hook. Off until then, so other nodes' packets never run it. It
     /// stays on (and the next agent keeps it) while flows to such a backend may be open.
-    pub fn enable_egress(&mut self, cfg: &AgentConfig, status: &Shared) {
+    /// `why` goes to the log.
+    pub fn enable_egress(&mut self, cfg: &AgentConfig, status: &Shared, why: &str) {
         if self.egress {
             return;
         }
@@ -396,7 +396,7 @@ impl Attachments {
             *egress = attach_egress(&mut self.ebpf, cfg, name, status);
         }
         log(format!(
-            "{} attached at TC egress of {} interfaces: a backend is at one of this node's addresses, whose replies leave its own stack",
+            "{} attached at TC egress of {} interfaces: {why}",
             crate::loader::EGRESS_PROGRAM,
             lock(status).egress.len()
         ));

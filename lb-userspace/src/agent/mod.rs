@@ -451,7 +451,10 @@ impl Agent {
         // A backend at one of the node's addresses: the egress program goes on before the
         // plan's writes, so its first reply is translated.
         let (attachments, status) = (&mut self.attachments, &self.status);
-        let own_backend = (!attachments.egress_on()).then_some(|| attachments.enable_egress(cfg, status));
+        let own_backend = (!attachments.egress_on()).then_some(|| {
+            let why = "a backend is at one of this node's addresses, whose replies leave its own stack";
+            attachments.enable_egress(cfg, status, why)
+        });
         let hooks = sync::Hooks { config_for, names, outgrown, own_backend };
         let outcome = self.syncer.sync(&mut self.dp, &mut self.source, &node, hooks, resync, began)?;
         if let Some(want) = grow_first {
